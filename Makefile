@@ -1,0 +1,39 @@
+# The commands a person types. Each target creates .venv and installs on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/demo
+
+.PHONY: install test demo bench bench-gpu lint format clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+demo: $(STAMP)
+	$(PY) -m experiments.demo_interop --workdir=$(WORKDIR)
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench_model --out=bench_results/bench_model.json
+
+bench-gpu: $(STAMP)
+	$(PY) -m experiments.bench_gpu --out=bench_results/bench_gpu.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxlab kernels_pallas configs experiments tests
+	$(VENV)/bin/ruff format --check jaxlab kernels_pallas configs experiments tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format jaxlab kernels_pallas configs experiments tests
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache bench_results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

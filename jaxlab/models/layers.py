@@ -1,0 +1,126 @@
+"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    *,
+    dtype: jnp.dtype,
+    std: float | None = None,
+    value: float | None = None,
+) -> nnx.Param:
+    """A parameter carrying its logical axis names (``logical_axes`` metadata).
+
+    ``std`` draws a truncated-free normal, ``value`` fills a constant; exactly one is given.
+    """
+    assert len(shape) == len(axes), (shape, axes)
+    if value is not None:
+        init = jnp.full(shape, value, dtype)
+    else:
+        init = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(init, logical_axes=axes)
+
+
+def logical_axes(state: nnx.State) -> nnx.State:
+    """The ``logical_axes`` tuple of every parameter in ``state`` (same tree structure)."""
+    return jax.tree.map(
+        lambda v: v.get_metadata().get("logical_axes"),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale``, normalised in float32 as Llama does."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, (dim,), ("embed",), dtype=param_dtype, value=1.0)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(x.dtype) * normed.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling, as Hugging Face's ``rope_parameters``.
+
+    Attributes:
+      type: ``"linear"`` (positions divided by ``factor``) or ``"llama3"`` (Llama 3.1: long
+        wavelengths divided by ``factor``, short ones kept, a smooth ramp between).
+      factor: the scaling factor.
+      low_freq_factor: llama3 only.
+      high_freq_factor: llama3 only.
+      original_max_position_embeddings: llama3 only; the pretraining context length.
+    """
+
+    type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"rope_scaling.type must be one of {ROPE_SCALING_TYPES}, got {self.type!r}"
+            )
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                "rope_scaling: high_freq_factor must exceed low_freq_factor, got "
+                f"{self.high_freq_factor} <= {self.low_freq_factor}"
+            )
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float64 NumPy, computed once at trace time)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    return np.where(
+        wavelen < high_freq_wavelen,
+        inv_freq,
+        np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, smoothed),
+    )
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates ``x: [batch, seq, heads, head_dim]`` by ``positions: [batch, seq]``.
+
+    Uses the half-split layout (dimension ``i`` pairs with ``i + head_dim/2``) of Hugging Face
+    checkpoints, so their q/k projections load without permutation.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)

@@ -1,0 +1,376 @@
+"""Llama-family decoder (Llama 2, Llama 3, Mistral-style) in Flax NNX.
+
+Pre-norm blocks: ``x + attn(rmsnorm(x))`` then ``x + mlp(rmsnorm(x))`` with grouped-query
+attention, rotary position embeddings (optionally ``linear``/``llama3`` scaled), a SwiGLU MLP, and a
+tied or untied output head. Parameters are stored in ``param_dtype`` and cast to ``dtype`` for
+compute; logits are returned in float32. Every parameter carries logical axis names
+(``vocab, embed, heads, kv_heads, head_dim, mlp``) that ``jaxlab.train.sharding`` maps to a mesh.
+
+Calling conventions:
+  * ``model(tokens)`` -> logits ``[batch, seq, vocab]`` (causal, positions ``arange(seq)``);
+  * ``model(tokens, positions=..., segment_ids=...)`` for packed sequences;
+  * ``model(tokens, positions=..., cache=cache)`` -> ``(logits, cache)`` for decoding, where
+    ``cache`` comes from :func:`init_cache` and row ``b``'s tokens are written at cache slots
+    ``positions[b]`` (contiguous).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlab import ops
+from jaxlab.models.layers import RMSNorm, RopeScaling, apply_rope, param, rope_inv_freq
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of a Llama-family decoder.
+
+    Attributes:
+      vocab_size: number of token ids.
+      hidden_size: model width (``embed``).
+      intermediate_size: SwiGLU hidden width (``mlp``).
+      num_layers: number of blocks.
+      num_heads: query heads.
+      num_kv_heads: key/value heads; ``num_heads`` must be a multiple (GQA; equal = MHA).
+      head_dim: per-head width; default ``hidden_size // num_heads``.
+      rms_norm_eps: RMSNorm epsilon.
+      rope_theta: RoPE base.
+      rope_scaling: optional frequency scaling (``linear`` or ``llama3``).
+      tie_embeddings: output head shares the embedding matrix.
+      attention_bias: biases on the q/k/v projections (not on the output projection).
+      mlp_bias: biases on the three MLP projections.
+      sliding_window: if set, each token attends to at most this many positions (Mistral).
+      max_seq_len: longest sequence the model accepts (``max_position_embeddings``).
+      initializer_range: std of the normal initialiser of weight matrices.
+      param_dtype: storage dtype of parameters.
+      dtype: compute dtype of activations.
+      attention_impl: name of a :mod:`jaxlab.ops.attention` implementation.
+      bos_token_id: beginning-of-sequence id, kept for checkpoint round trips.
+      eos_token_id: end-of-sequence id(s), kept for checkpoint round trips.
+      name: registry name.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    max_seq_len: int = 2048
+    initializer_range: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    attention_impl: str = "xla"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    name: str = "llama"
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None and self.num_heads > 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_seq_len",
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TransformerConfig.{field} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TransformerConfig.num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"TransformerConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(
+                    f"TransformerConfig.{field} must be one of {tuple(DTYPES)}, "
+                    f"got {getattr(self, field)!r}"
+                )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(
+                f"TransformerConfig.sliding_window must be >= 1 or None, got {self.sliding_window}"
+            )
+        if self.attention_impl not in ops.available_impls():
+            raise ValueError(
+                f"TransformerConfig.attention_impl must be one of {ops.available_impls()}, "
+                f"got {self.attention_impl!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        """Builds a config from a mapping (e.g. an ``ml_collections.ConfigDict``).
+
+        Unknown keys are an error rather than silently ignored.
+        """
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TransformerConfig: unknown fields {unknown}; known: {sorted(known)}")
+        if values.get("rope_scaling") is not None and not isinstance(
+            values["rope_scaling"], RopeScaling
+        ):
+            values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        return DTYPES[self.param_dtype]
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer for every cache slot.
+
+    Attributes:
+      k: [batch, max_len, kv_heads, head_dim]
+      v: [batch, max_len, kv_heads, head_dim]
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+KVCache = tuple[LayerCache, ...]
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty (zero) cache for ``batch`` rows of up to ``max_len`` positions."""
+    if max_len > config.max_seq_len:
+        raise ValueError(
+            f"init_cache: max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}"
+        )
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = config.compute_dtype if dtype is None else dtype
+    return tuple(
+        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        for _ in range(config.num_layers)
+    )
+
+
+def _write_rows(buffer: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
+    """Writes ``update[b]`` into ``buffer[b]`` at slot ``starts[b]`` along axis 0 of each row."""
+    return jax.vmap(lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, 0))(
+        buffer, update, starts
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pd, std = c.storage_dtype, c.initializer_range
+        self.q_proj = param(rngs, (c.hidden_size, c.num_heads, c.head_dim),
+                            ("embed", "heads", "head_dim"), dtype=pd, std=std)  # fmt: skip
+        self.k_proj = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
+                            ("embed", "kv_heads", "head_dim"), dtype=pd, std=std)  # fmt: skip
+        self.v_proj = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
+                            ("embed", "kv_heads", "head_dim"), dtype=pd, std=std)  # fmt: skip
+        self.o_proj = param(rngs, (c.num_heads, c.head_dim, c.hidden_size),
+                            ("heads", "head_dim", "embed"), dtype=pd, std=std)  # fmt: skip
+        if c.attention_bias:
+            self.q_bias = param(rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"),
+                                dtype=pd, value=0.0)  # fmt: skip
+            self.k_bias = param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
+                                dtype=pd, value=0.0)  # fmt: skip
+            self.v_bias = param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
+                                dtype=pd, value=0.0)  # fmt: skip
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        cache: LayerCache | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        c = self.config
+        dt = x.dtype
+
+        def project(name):
+            y = jnp.einsum("bse,ehd->bshd", x, getattr(self, f"{name}_proj").value.astype(dt))
+            if c.attention_bias:
+                y = y + getattr(self, f"{name}_bias").value.astype(dt)
+            return y
+
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        q = apply_rope(project("q"), positions, inv_freq)
+        k = apply_rope(project("k"), positions, inv_freq)
+        v = project("v")
+        if cache is None:
+            kv_positions, kv_segments = positions, segment_ids
+        else:
+            # Row b's new tokens occupy slots positions[b, 0] .. positions[b, 0] + seq - 1.
+            starts = positions[:, 0]
+            cache = LayerCache(_write_rows(cache.k, k.astype(cache.k.dtype), starts),
+                               _write_rows(cache.v, v.astype(cache.v.dtype), starts))  # fmt: skip
+            k, v = cache.k.astype(dt), cache.v.astype(dt)
+            kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+            kv_segments = None
+        out = ops.attention(
+            q,
+            k,
+            v,
+            q_positions=positions,
+            kv_positions=kv_positions,
+            causal=True,
+            sliding_window=c.sliding_window,
+            q_segment_ids=segment_ids if kv_segments is not None else None,
+            kv_segment_ids=kv_segments,
+            impl=c.attention_impl,
+        )
+        return jnp.einsum("bshd,hde->bse", out, self.o_proj.value.astype(dt)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+        c = config
+        self.use_bias = c.mlp_bias
+        pd, std = c.storage_dtype, c.initializer_range
+        self.gate_proj = param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"),
+                               dtype=pd, std=std)  # fmt: skip
+        self.up_proj = param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"),
+                             dtype=pd, std=std)  # fmt: skip
+        self.down_proj = param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"),
+                               dtype=pd, std=std)  # fmt: skip
+        if c.mlp_bias:
+            self.gate_bias = param(rngs, (c.intermediate_size,), ("mlp",), dtype=pd, value=0.0)
+            self.up_bias = param(rngs, (c.intermediate_size,), ("mlp",), dtype=pd, value=0.0)
+            self.down_bias = param(rngs, (c.hidden_size,), ("embed",), dtype=pd, value=0.0)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+
+        def linear(name, inputs):
+            y = inputs @ getattr(self, f"{name}_proj").value.astype(dt)
+            if self.use_bias:
+                y = y + getattr(self, f"{name}_bias").value.astype(dt)
+            return y
+
+        return linear("down", jax.nn.silu(linear("gate", x)) * linear("up", x))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+        c = config
+        norm = dict(eps=c.rms_norm_eps, param_dtype=c.storage_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(c.hidden_size, **norm)
+        self.attn = Attention(c, rngs)
+        self.post_attention_norm = RMSNorm(c.hidden_size, **norm)
+        self.mlp = MLP(c, rngs)
+
+    def __call__(self, x, positions, segment_ids, cache):
+        h, cache = self.attn(self.input_norm(x), positions, segment_ids, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_norm(x)), cache
+
+
+class Transformer(nnx.Module):
+    """The decoder. See the module docstring for calling conventions."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                           dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+        self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype,
+                                  rngs=rngs)  # fmt: skip
+        if not c.tie_embeddings:
+            self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                                 dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Runs the decoder.
+
+        Args:
+          tokens: [batch, seq] int token ids.
+          positions: [batch, seq] int positions; default ``arange(seq)`` per row. With a cache,
+            each row's positions must be contiguous (they are also the cache slots written).
+          segment_ids: [batch, seq] ints; tokens attend only within their segment (packing).
+            Not used with a cache.
+          cache: per-layer keys/values from :func:`init_cache`; if given, the updated cache is
+            returned with the logits.
+
+        Returns:
+          logits [batch, seq, vocab] float32, and the new cache when ``cache`` was given.
+        """
+        c = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"Transformer: tokens must be [batch, seq], got shape {tokens.shape}")
+        batch, seq = tokens.shape
+        if cache is None and seq > c.max_seq_len:
+            raise ValueError(
+                f"Transformer: sequence length {seq} exceeds max_seq_len={c.max_seq_len}"
+            )
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if positions.shape != tokens.shape:
+            raise ValueError(
+                f"Transformer: positions shape {positions.shape} must equal tokens shape "
+                f"{tokens.shape}"
+            )
+        if cache is not None and segment_ids is not None:
+            raise ValueError("Transformer: segment_ids are not supported together with a cache")
+        if cache is not None and len(cache) != c.num_layers:
+            raise ValueError(
+                f"Transformer: cache has {len(cache)} layers, the model has {c.num_layers}"
+            )
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(c.compute_dtype)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, segment_ids, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        x = self.final_norm(x)
+        if c.tie_embeddings:
+            head = self.embed.value.astype(x.dtype).T
+        else:
+            head = self.lm_head.value.astype(x.dtype)
+        logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits
+        return logits, tuple(new_cache)

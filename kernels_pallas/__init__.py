@@ -1,0 +1,1 @@
+"""Pallas GPU/TPU kernels. This package imports jax only, never jaxlab."""
