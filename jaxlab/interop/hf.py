@@ -225,6 +225,8 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
                 table.append(_Entry(p + f"self_attn.{name}_proj.bias",
                                     (*layer, "attn", f"{name}_bias"), (heads * D,),
                                     *head_bias(heads)))  # fmt: skip
+            table.append(_Entry(p + "self_attn.o_proj.bias", (*layer, "attn", "o_bias"), (E,),
+                                same, same))  # fmt: skip
         if c.mlp_bias:
             for name, size in (("gate", I), ("up", I), ("down", E)):
                 table.append(_Entry(p + f"mlp.{name}_proj.bias", (*layer, "mlp", f"{name}_bias"),

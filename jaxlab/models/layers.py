@@ -53,7 +53,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value.astype(x.dtype) * normed.astype(x.dtype)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ class TransformerConfig:
       rope_theta: RoPE base.
       rope_scaling: optional frequency scaling (``linear`` or ``llama3``).
       tie_embeddings: output head shares the embedding matrix.
-      attention_bias: biases on the q/k/v projections (not on the output projection).
+      attention_bias: biases on the q/k/v and output projections (as Hugging Face Llama).
       mlp_bias: biases on the three MLP projections.
       sliding_window: if set, each token attends to at most this many positions (Mistral).
       max_seq_len: longest sequence the model accepts (``max_position_embeddings``).
@@ -211,6 +211,7 @@ class Attention(nnx.Module):
                                 dtype=pd, value=0.0)  # fmt: skip
             self.v_bias = param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
                                 dtype=pd, value=0.0)  # fmt: skip
+            self.o_bias = param(rngs, (c.hidden_size,), ("embed",), dtype=pd, value=0.0)
 
     def __call__(
         self,
@@ -223,9 +224,9 @@ class Attention(nnx.Module):
         dt = x.dtype
 
         def project(name):
-            y = jnp.einsum("bse,ehd->bshd", x, getattr(self, f"{name}_proj").value.astype(dt))
+            y = jnp.einsum("bse,ehd->bshd", x, getattr(self, f"{name}_proj")[...].astype(dt))
             if c.attention_bias:
-                y = y + getattr(self, f"{name}_bias").value.astype(dt)
+                y = y + getattr(self, f"{name}_bias")[...].astype(dt)
             return y
 
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
@@ -254,7 +255,10 @@ class Attention(nnx.Module):
             kv_segment_ids=kv_segments,
             impl=c.attention_impl,
         )
-        return jnp.einsum("bshd,hde->bse", out, self.o_proj.value.astype(dt)), cache
+        out = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dt))
+        if c.attention_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, cache
 
 
 class MLP(nnx.Module):
@@ -279,9 +283,9 @@ class MLP(nnx.Module):
         dt = x.dtype
 
         def linear(name, inputs):
-            y = inputs @ getattr(self, f"{name}_proj").value.astype(dt)
+            y = inputs @ getattr(self, f"{name}_proj")[...].astype(dt)
             if self.use_bias:
-                y = y + getattr(self, f"{name}_bias").value.astype(dt)
+                y = y + getattr(self, f"{name}_bias")[...].astype(dt)
             return y
 
         return linear("down", jax.nn.silu(linear("gate", x)) * linear("up", x))
@@ -360,16 +364,16 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"Transformer: cache has {len(cache)} layers, the model has {c.num_layers}"
             )
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(c.compute_dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, segment_ids, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         x = self.final_norm(x)
         if c.tie_embeddings:
-            head = self.embed.value.astype(x.dtype).T
+            head = self.embed[...].astype(x.dtype).T
         else:
-            head = self.lm_head.value.astype(x.dtype)
+            head = self.lm_head[...].astype(x.dtype)
         logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
         if cache is None:
             return logits

@@ -1,0 +1,14 @@
+"""Decoding with KV caches and sampling."""
+
+from jaxlab.infer.decode import GenerateOutput, decode_step, generate, prefill
+from jaxlab.infer.sampling import SamplingConfig, filter_logits, sample
+
+__all__ = [
+    "GenerateOutput",
+    "SamplingConfig",
+    "decode_step",
+    "filter_logits",
+    "generate",
+    "prefill",
+    "sample",
+]

@@ -1,0 +1,71 @@
+"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus), composable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token from logits.
+
+    Attributes:
+      temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+      top_k: if set, sample only among the ``top_k`` most likely tokens.
+      top_p: if set, sample only from the smallest set of most likely tokens whose probability
+        reaches ``top_p`` (applied after temperature and top-k).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"SamplingConfig.top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1] or None, got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Applies temperature, top-k and top-p to ``logits: [batch, vocab]``; removed tokens get -inf."""
+    logits = logits.astype(jnp.float32) / config.temperature
+    if config.top_k is not None and config.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if config.top_p is not None and config.top_p < 1:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep a token while the mass of strictly more likely tokens is below top_p.
+        keep = mass_before < config.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, _NEG_INF, logits)
+    return logits
+
+
+def sample(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Picks one token per row.
+
+    Args:
+      logits: [batch, vocab] float.
+      rng: PRNG key (unused when greedy).
+      config: the sampling rule.
+
+    Returns:
+      [batch] int32 token ids.
+    """
+    if config.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, filter_logits(logits, config), axis=-1).astype(jnp.int32)

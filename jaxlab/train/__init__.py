@@ -1,0 +1,1 @@
+"""Training engine: sharding, steps, loop, checkpoints."""

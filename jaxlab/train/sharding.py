@@ -1,0 +1,103 @@
+"""Device mesh and logical-axis sharding rules.
+
+Model code names only logical axes (``batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab,
+state``); a rules table maps each to zero or more mesh axes of the fixed mesh
+``('data', 'fsdp', 'tensor')``. One CPU gives a 1x1x1 mesh and runs the same code as a pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlab.models.layers import logical_axes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis, tuple of mesh axes, or None (replicated).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("state", None),
+)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ``('data', 'fsdp', 'tensor')`` mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got {sizes}")
+    for name, size in sizes.items():
+        if size != -1 and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"make_mesh: mesh.{name} must be a positive int or -1, got {size!r}")
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if fill:
+        if len(devices) % known:
+            raise ValueError(
+                f"make_mesh: {len(devices)} devices are not divisible by the fixed axes {sizes}"
+            )
+        sizes[fill[0]] = len(devices) // known
+    if int(np.prod(list(sizes.values()))) != len(devices):
+        raise ValueError(
+            f"make_mesh: mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
+            f"{len(devices)} are available"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_RULES,
+) -> PartitionSpec:
+    """Mesh partitioning of an array with logical ``axes`` and ``shape``.
+
+    A mesh axis is used at most once per array (first logical axis wins), and a dimension whose
+    size is not divisible by its mesh axes stays replicated, so tiny test models shard too.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        if mesh_axes and size % int(np.prod([mesh.shape[a] for a in mesh_axes])) == 0:
+            used.update(mesh_axes)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
+    """``NamedSharding`` for every variable of an NNX state, from its ``logical_axes`` metadata.
+
+    Variables without logical axes are replicated.
+    """
+    axes = logical_axes(state)
+    return jax.tree.map(
+        lambda var, ax: NamedSharding(
+            mesh,
+            logical_to_spec(ax, var.shape, mesh, rules) if ax else PartitionSpec(),
+        ),
+        nnx.to_pure_dict(state),
+        nnx.to_pure_dict(axes),
+        is_leaf=lambda x: x is None or isinstance(x, tuple),
+    )
