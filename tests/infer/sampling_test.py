@@ -1,0 +1,76 @@
+"""Sampling rules against their closed-form distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.infer import SamplingConfig, sample
+
+LOGITS = np.log(np.array([0.05, 0.30, 0.10, 0.25, 0.02, 0.28]))
+
+
+def _expected(config: SamplingConfig) -> np.ndarray:
+    """The distribution each rule defines, computed directly in float64."""
+    p = np.exp(LOGITS / config.temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, dtype=bool)
+    if config.top_k is not None:
+        keep[order[: config.top_k]] = True
+    else:
+        keep[:] = True
+    p = np.where(keep, p, 0)
+    p /= p.sum()
+    if config.top_p is not None:
+        nucleus = np.zeros_like(keep)
+        mass = 0.0
+        for i in np.argsort(-p):
+            if mass >= config.top_p or p[i] == 0:
+                break
+            nucleus[i] = True
+            mass += p[i]
+        p = np.where(nucleus, p, 0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(temperature=1.0),
+        SamplingConfig(temperature=0.5),
+        SamplingConfig(temperature=1.0, top_k=3),
+        SamplingConfig(temperature=1.0, top_p=0.6),
+        SamplingConfig(temperature=2.0, top_k=4, top_p=0.7),
+    ],
+)
+def test_empirical_distribution_matches_closed_form(config):
+    n = 40_000
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, LOGITS.size))
+    draws = np.asarray(jax.jit(lambda k: sample(logits, k, config))(jax.random.PRNGKey(0)))
+    freq = np.bincount(draws, minlength=LOGITS.size) / n
+    expected = _expected(config)
+    assert (freq[expected == 0] == 0).all()
+    # 4.5 standard errors of a binomial proportion.
+    np.testing.assert_array_less(np.abs(freq - expected), 4.5 * np.sqrt(0.25 / n) + 1e-12)
+
+
+def test_greedy_is_argmax():
+    logits = jax.random.normal(jax.random.PRNGKey(1), (5, 50))
+    np.testing.assert_array_equal(
+        sample(logits, jax.random.PRNGKey(0), SamplingConfig()), np.argmax(logits, axis=-1)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_bad_sampling_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)

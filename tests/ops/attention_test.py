@@ -1,0 +1,118 @@
+"""jaxlab.ops.attention against a float64 NumPy reference written from the definition."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import ops
+
+
+def reference_attention(q, k, v, q_pos, kv_pos, *, causal, window=None, q_seg=None, kv_seg=None):
+    """softmax(q k^T / sqrt(d) + mask) v, one (batch, head) at a time in float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, q_len, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            kh = h // groups
+            logits = q[b, :, h] @ k[b, :, kh].T / np.sqrt(dim)
+            visible = np.ones_like(logits, dtype=bool)
+            for i in range(q_len):
+                for j in range(k.shape[1]):
+                    if causal and kv_pos[b, j] > q_pos[b, i]:
+                        visible[i, j] = False
+                    if window is not None and kv_pos[b, j] <= q_pos[b, i] - window:
+                        visible[i, j] = False
+                    if q_seg is not None and q_seg[b, i] != kv_seg[b, j]:
+                        visible[i, j] = False
+            logits = np.where(visible, logits, -np.inf)
+            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+            weights /= weights.sum(axis=1, keepdims=True)
+            out[b, :, h] = weights @ v[b, :, kh]
+    return out
+
+
+def _inputs(rng, batch, q_len, kv_len, heads, kv_heads, dim):
+    q = rng.standard_normal((batch, q_len, heads, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_len, kv_heads, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_len, kv_heads, dim)).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("window", [None, 3])
+def test_causal_gqa_matches_reference(heads, kv_heads, window):
+    rng = np.random.default_rng(heads * 10 + kv_heads)
+    q, k, v = _inputs(rng, 2, 11, 11, heads, kv_heads, 8)
+    pos = np.broadcast_to(np.arange(11), (2, 11))
+    out = ops.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), sliding_window=window)
+    ref = reference_attention(q, k, v, pos, pos, causal=True, window=window)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+
+
+def test_positions_define_causality_not_indices():
+    """Shuffled keys with their positions give the same output as ordered keys."""
+    rng = np.random.default_rng(1)
+    q, k, v = _inputs(rng, 2, 7, 9, 4, 2, 8)
+    q_pos = np.stack([rng.permutation(9)[:7] for _ in range(2)])
+    kv_pos = np.stack([rng.permutation(9) for _ in range(2)])
+    out = ops.attention(
+        *(jnp.asarray(x) for x in (q, k, v)),
+        q_positions=jnp.asarray(q_pos),
+        kv_positions=jnp.asarray(kv_pos),
+    )
+    ref = reference_attention(q, k, v, q_pos, kv_pos, causal=True)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+
+
+def test_segments_block_cross_document_attention():
+    rng = np.random.default_rng(2)
+    q, k, v = _inputs(rng, 2, 12, 12, 4, 2, 8)
+    seg = np.sort(rng.integers(0, 3, (2, 12)), axis=1)
+    pos = np.broadcast_to(np.arange(12), (2, 12))
+    out = ops.attention(
+        *(jnp.asarray(x) for x in (q, k, v)),
+        q_segment_ids=jnp.asarray(seg),
+        kv_segment_ids=jnp.asarray(seg),
+    )
+    ref = reference_attention(q, k, v, pos, pos, causal=True, q_seg=seg, kv_seg=seg)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+
+
+def test_non_causal():
+    rng = np.random.default_rng(3)
+    q, k, v = _inputs(rng, 1, 5, 7, 2, 1, 4)
+    pos_q, pos_k = np.broadcast_to(np.arange(5), (1, 5)), np.broadcast_to(np.arange(7), (1, 7))
+    out = ops.attention(*(jnp.asarray(x) for x in (q, k, v)), causal=False)
+    ref = reference_attention(q, k, v, pos_q, pos_k, causal=False)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+
+
+def test_bfloat16_inputs_close_to_float64():
+    rng = np.random.default_rng(4)
+    q, k, v = _inputs(rng, 2, 16, 16, 4, 2, 16)
+    pos = np.broadcast_to(np.arange(16), (2, 16))
+    out = ops.attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    ref = reference_attention(q, k, v, pos, pos, causal=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(q=(2, 5, 3, 8), k=(2, 5, 2, 8)), "heads=3 must be a multiple of kv_heads=2"),
+        (dict(q=(2, 5, 4, 8), k=(2, 5, 2, 4)), r"k\.shape=\(2, 5, 2, 4\)"),
+        (dict(q=(2, 5, 4), k=(2, 5, 2, 8)), "rank 4"),
+        (dict(impl="nope"), "impl='nope'"),
+        (dict(sliding_window=0), "sliding_window must be >= 1"),
+        (dict(q_segment_ids=np.zeros((2, 5), np.int32)), "both q_segment_ids and kv_segment_ids"),
+    ],
+)
+def test_bad_input_is_named(kwargs, message):
+    q_shape = kwargs.pop("q", (2, 5, 4, 8))
+    k_shape = kwargs.pop("k", (2, 5, 2, 8))
+    q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
+    with pytest.raises(ValueError, match=message):
+        ops.attention(q, k, k, **kwargs)
