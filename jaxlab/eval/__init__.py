@@ -1,0 +1,1 @@
+"""Evaluation: metrics, harnesses, reports and plots."""

@@ -1,0 +1,24 @@
+"""Matplotlib (Agg) plots saved as PNG next to the metrics."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def scatter_agreement(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str,
+                      path: str) -> None:  # fmt: skip
+    """Scatter of two implementations' values against each other, with the diagonal."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(x, y, s=2, alpha=0.4)
+    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,20 @@
+"""End-to-end smoke runs of the experiment entrypoints in a temporary workdir."""
+
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_demo_interop_runs_and_writes_report(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.demo_interop", f"--workdir={tmp_path}",
+         "--config.max_new_tokens=8", "--config.num_samples=2"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "jaxlab vs transformers" in report
+    assert (tmp_path / "logits_agreement.png").stat().st_size > 1000
+    assert (tmp_path / "hf_checkpoint" / "config.json").exists()
