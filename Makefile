@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: install test demo bench bench-gpu lint format clean
+.PHONY: install test demo bench lint format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,6 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_model --out=bench_results/bench_model.json
-
-bench-gpu: $(STAMP)
-	$(PY) -m experiments.bench_gpu --out=bench_results/bench_gpu.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxlab kernels_pallas configs experiments tests

@@ -69,4 +69,4 @@ def make_hf_model(name: str, seed: int = 0, vocab_size: int = 97):
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()

@@ -34,9 +34,7 @@ class GenerateOutput(NamedTuple):
     lengths: jax.Array
 
 
-def prefill(
-    model: Transformer, tokens: jax.Array, cache: KVCache
-) -> tuple[jax.Array, KVCache]:
+def prefill(model: Transformer, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Runs ``tokens: [batch, seq]`` at positions ``0..seq-1`` and fills the cache.
 
     Returns:
@@ -86,7 +84,7 @@ def generate(
     prompt_lengths: jax.Array | Sequence[int] | None = None,
     *,
     max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | None = None,
     rng: jax.Array | None = None,
     stop_tokens: Sequence[int] | None = None,
     pad_id: int = 0,
@@ -98,7 +96,7 @@ def generate(
       prompts: [batch, prompt_len] int ids, right-padded.
       prompt_lengths: [batch] true lengths; default all ``prompt_len``.
       max_new_tokens: tokens to generate per row (fewer if a row stops).
-      sampling: greedy by default.
+      sampling: the sampling rule; default greedy.
       rng: PRNG key for sampling; default ``PRNGKey(0)``.
       stop_tokens: ids that end a row (the stop token is emitted); default the model config's
         ``eos_token_id``. Pass ``()`` to never stop early.
@@ -119,7 +117,7 @@ def generate(
         jnp.asarray(prompt_lengths, jnp.int32),
         jax.random.PRNGKey(0) if rng is None else rng,
         max_new_tokens=max_new_tokens,
-        sampling=sampling,
+        sampling=sampling or SamplingConfig(),
         stop_tokens=tuple(int(t) for t in stop_tokens),
         pad_id=pad_id,
     )

@@ -39,7 +39,7 @@ class SamplingConfig:
 
 
 def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
-    """Applies temperature, top-k and top-p to ``logits: [batch, vocab]``; removed tokens get -inf."""
+    """Applies temperature, top-k, top-p to ``logits: [batch, vocab]``; dropped tokens get -inf."""
     logits = logits.astype(jnp.float32) / config.temperature
     if config.top_k is not None and config.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]

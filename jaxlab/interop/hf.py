@@ -33,7 +33,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 _IGNORED_CONFIG_KEYS = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "initializer_range", "pad_token_id", "attention_dropout", "pretraining_tp", "output_attentions",
-    "output_hidden_states", "return_dict", "_name_or_path", "tokenizer_class", "_attn_implementation_autoset",
+    "output_hidden_states", "return_dict", "_name_or_path", "tokenizer_class",
+    "_attn_implementation_autoset",
 }  # fmt: skip
 _CONFIG_KEYS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -184,7 +185,7 @@ class _Entry:
 
 
 def _weight_table(c: TransformerConfig) -> list[_Entry]:
-    E, H, K, D, I, V = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+    E, H, K, D, M, V = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                         c.intermediate_size, c.vocab_size)  # fmt: skip
     same = lambda x: x
     table = [_Entry("model.embed_tokens.weight", ("embed",), (V, E), same, same),
@@ -213,11 +214,11 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
                    *in_proj(K)),
             _Entry(p + "self_attn.o_proj.weight", (*layer, "attn", "o_proj"), (E, H * D),
                    *out_proj),
-            _Entry(p + "mlp.gate_proj.weight", (*layer, "mlp", "gate_proj"), (I, E),
+            _Entry(p + "mlp.gate_proj.weight", (*layer, "mlp", "gate_proj"), (M, E),
                    jnp.transpose, jnp.transpose),
-            _Entry(p + "mlp.up_proj.weight", (*layer, "mlp", "up_proj"), (I, E),
+            _Entry(p + "mlp.up_proj.weight", (*layer, "mlp", "up_proj"), (M, E),
                    jnp.transpose, jnp.transpose),
-            _Entry(p + "mlp.down_proj.weight", (*layer, "mlp", "down_proj"), (E, I),
+            _Entry(p + "mlp.down_proj.weight", (*layer, "mlp", "down_proj"), (E, M),
                    jnp.transpose, jnp.transpose),
         ]  # fmt: skip
         if c.attention_bias:
@@ -228,7 +229,7 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
             table.append(_Entry(p + "self_attn.o_proj.bias", (*layer, "attn", "o_bias"), (E,),
                                 same, same))  # fmt: skip
         if c.mlp_bias:
-            for name, size in (("gate", I), ("up", I), ("down", E)):
+            for name, size in (("gate", M), ("up", M), ("down", E)):
                 table.append(_Entry(p + f"mlp.{name}_proj.bias", (*layer, "mlp", f"{name}_bias"),
                                     (size,), same, same))  # fmt: skip
     return table
@@ -294,7 +295,9 @@ def load_hf_llama(
     expected = {e.hf_key for e in table}
     missing = sorted(expected - set(files))
     if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:10]}{' ...' * (len(missing) > 10)}")
+        raise CheckpointError(
+            f"{path}: missing tensors {missing[:10]}{' ...' * (len(missing) > 10)}"
+        )
     unexpected = sorted(
         k for k in set(files) - expected if not k.endswith(_IGNORED_WEIGHT_SUFFIXES)
     )

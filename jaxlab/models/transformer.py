@@ -109,7 +109,9 @@ class TransformerConfig:
                 f"num_kv_heads={self.num_kv_heads}"
             )
         if self.head_dim % 2:
-            raise ValueError(f"TransformerConfig.head_dim must be even for RoPE, got {self.head_dim}")
+            raise ValueError(
+                f"TransformerConfig.head_dim must be even for RoPE, got {self.head_dim}"
+            )
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(

@@ -41,7 +41,9 @@ def test_cached_logits_equal_full_forward_at_every_position(models):
     positions = prompt_lens.copy()
     while (positions < seq_lens).any():
         feed = tokens[np.arange(batch), np.minimum(positions, total - 1)]
-        logits, cache = step(jnp.asarray(feed), jnp.asarray(np.minimum(positions, total - 1)), cache)
+        logits, cache = step(
+            jnp.asarray(feed), jnp.asarray(np.minimum(positions, total - 1)), cache
+        )
         for b in np.flatnonzero(positions < seq_lens):
             cached[b, positions[b]] = np.asarray(logits[b])
         positions += 1

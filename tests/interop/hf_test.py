@@ -73,7 +73,7 @@ def test_bfloat16_load(tmp_path):
     hf_model = make_hf_model("gqa_untied", seed=4)
     hf_model.save_pretrained(str(tmp_path))
     model = load_hf_llama(str(tmp_path), dtype="bfloat16")
-    assert model.embed.value.dtype == jnp.bfloat16
+    assert model.embed[...].dtype == jnp.bfloat16
     tokens = _tokens(seed=5)
     ours = np.asarray(model(jnp.asarray(tokens)))
     ref = hf_logits(hf_model, tokens)
