@@ -18,3 +18,18 @@ def test_demo_interop_runs_and_writes_report(tmp_path):
     assert "jaxlab vs transformers" in report
     assert (tmp_path / "logits_agreement.png").stat().st_size > 1000
     assert (tmp_path / "hf_checkpoint" / "config.json").exists()
+
+
+def test_bench_model_quick_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_model", "--quick", f"--out={out}"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| decode b=1 |" in result.stdout
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["greedy_tokens"]["b=1"]["identical"] is True
+    assert {row["name"] for row in data["rows"]} >= {"decode b=1", "prefill b=1"}

@@ -1,7 +1,7 @@
 """Decoding with KV caches and sampling."""
 
 from jaxlab.infer.decode import GenerateOutput, decode_step, generate, prefill
-from jaxlab.infer.sampling import SamplingConfig, filter_logits, sample
+from jaxlab.infer.sampling import SamplingConfig, filter_logits, greedy, sample
 
 __all__ = [
     "GenerateOutput",
@@ -9,6 +9,7 @@ __all__ = [
     "decode_step",
     "filter_logits",
     "generate",
+    "greedy",
     "prefill",
     "sample",
 ]

@@ -56,11 +56,12 @@ def test_empirical_distribution_matches_closed_form(config):
     np.testing.assert_array_less(np.abs(freq - expected), 4.5 * np.sqrt(0.25 / n) + 1e-12)
 
 
-def test_greedy_is_argmax():
-    logits = jax.random.normal(jax.random.PRNGKey(1), (5, 50))
-    np.testing.assert_array_equal(
-        sample(logits, jax.random.PRNGKey(0), SamplingConfig()), np.argmax(logits, axis=-1)
-    )
+def test_greedy_is_numpy_argmax_with_ties_and_nan():
+    logits = np.array(jax.random.normal(jax.random.PRNGKey(1), (6, 50)))
+    logits[1, [7, 30]] = logits[1].max() + 1.0  # tie: the first index wins
+    logits[2, 11] = np.nan  # NaN wins, as in NumPy
+    got = sample(jnp.asarray(logits), jax.random.PRNGKey(0), SamplingConfig())
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
 
 
 @pytest.mark.parametrize(
