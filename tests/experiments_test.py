@@ -1,5 +1,6 @@
 """End-to-end smoke runs of the experiment entrypoints in a temporary workdir."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -28,7 +29,6 @@ def test_bench_model_quick_writes_json(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| decode b=1 |" in result.stdout
-    import json
 
     data = json.loads(out.read_text())
     assert data["greedy_tokens"]["b=1"]["identical"] is True
