@@ -1,0 +1,310 @@
+"""Packed, mixed, checkpointable language-modelling batches.
+
+Flow: document sources -> grain ``MapDataset`` (shuffled, repeated, tokenized lazily) ->
+concatenate-then-split packing per source -> weighted mixture of sources -> global batches.
+
+Packing. Each source's documents (bos + text + eos) are concatenated in shuffled order and cut
+into windows of ``seq_len + 1`` tokens that advance by ``seq_len``, so no token is dropped and
+every position has a target. Within a window, each document fragment gets its own segment id
+(1, 2, ...) and positions restart at 0; ``loss_mask`` is 0 where the target belongs to another
+document, so neither attention nor loss crosses a document boundary.
+
+Mixture. Every packed example holds exactly ``seq_len`` tokens, so a source's share of
+*examples* equals its share of *tokens*: token-share weights are used as example rates as they
+are, with no conversion by mean document length (which a document-level mixture would need).
+Sources are interleaved by smooth weighted round robin (each step adds the weights to per-source
+credits and takes the source with the largest credit), so after ``n`` examples every source's
+count is within one of ``n * weight``: shares are exact at any horizon, not only in expectation.
+Weights can be changed while running (:meth:`DataIterator.set_weights`; DoGE needs this).
+
+State. ``get_state()`` returns a small JSON-able dict (per-source document index and offset,
+the credits and weights); ``set_state`` resumes at exactly the next example.
+
+Processes. Every process computes the same global batch (cheap for text) and the train loop places
+only its addressable rows on its devices, so results do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxlab.data import sources
+from jaxlab.data.tokenizers import Tokenizer
+
+EXAMPLE_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "domain")
+
+
+class PackedStream:
+    """Concatenate-then-split packing of one document source (see the module docstring)."""
+
+    def __init__(
+        self,
+        documents: Sequence[str],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        if len(documents) == 0:
+            raise ValueError(f"PackedStream: source {getattr(documents, 'name', '')!r} is empty")
+        if seq_len < 1:
+            raise ValueError(f"PackedStream: seq_len must be >= 1, got {seq_len}")
+        dataset = grain.MapDataset.source(documents)
+        if shuffle:
+            dataset = dataset.shuffle(seed=seed)  # a fresh permutation every epoch
+        self._documents = dataset.repeat().map(
+            lambda text: np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), np.int32)
+        )
+        self.seq_len = seq_len
+        self.doc_index = 0  # document holding the next example's first token
+        self.offset = 0  # position of that token within the document
+        self._recent: dict[int, np.ndarray] = {}  # documents of the current window
+
+    def _tokens(self, index: int) -> np.ndarray:
+        if index not in self._recent:
+            if len(self._recent) >= 16:
+                self._recent.pop(min(self._recent))
+            self._recent[index] = self._documents[index]
+        return self._recent[index]
+
+    def next_example(self) -> dict[str, np.ndarray]:
+        window = self.seq_len + 1
+        tokens = np.empty(window, np.int32)
+        segments = np.empty(window, np.int32)
+        positions = np.empty(window, np.int32)
+        filled, doc, offset, segment = 0, self.doc_index, self.offset, 1
+        while filled < window:
+            piece = self._tokens(doc)[offset : offset + window - filled]
+            n = len(piece)
+            tokens[filled : filled + n] = piece
+            segments[filled : filled + n] = segment
+            positions[filled : filled + n] = np.arange(n)
+            filled += n
+            if filled < window:
+                doc, offset, segment = doc + 1, 0, segment + 1
+        # Advance by seq_len: the window's last token starts the next example.
+        advance, doc, offset = self.seq_len, self.doc_index, self.offset
+        while advance > 0:
+            left = len(self._tokens(doc)) - offset
+            if advance < left:
+                offset += advance
+                advance = 0
+            else:
+                advance -= left
+                doc, offset = doc + 1, 0
+        self.doc_index, self.offset = doc, offset
+        return dict(
+            inputs=tokens[:-1],
+            targets=tokens[1:],
+            loss_mask=(segments[:-1] == segments[1:]).astype(np.int32),
+            segment_ids=segments[:-1],
+            positions=positions[:-1],
+        )
+
+    def get_state(self) -> dict[str, int]:
+        return {"doc_index": int(self.doc_index), "offset": int(self.offset)}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.doc_index, self.offset = int(state["doc_index"]), int(state["offset"])
+
+
+def _check_weights(weights: Sequence[float], num_sources: int) -> np.ndarray:
+    w = np.asarray(weights, np.float64)
+    if w.shape != (num_sources,) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(
+            f"mixture weights must be {num_sources} finite non-negative numbers with a positive "
+            f"sum, got {list(weights)}"
+        )
+    return w / w.sum()
+
+
+class DataIterator:
+    """Global batches ``{key: [batch, seq_len]}`` from a weighted mixture of packed streams.
+
+    Examples carry ``domain``: the index of the source they came from.
+    """
+
+    def __init__(
+        self,
+        streams: Sequence[PackedStream],
+        batch_size: int,
+        weights: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"DataIterator: batch_size must be >= 1, got {batch_size}")
+        self.streams = list(streams)
+        self.batch_size = batch_size
+        self.names = list(names) if names is not None else [str(i) for i in range(len(streams))]
+        self.weights = _check_weights(
+            [1.0] * len(streams) if weights is None else weights, len(streams)
+        )
+        self.credits = np.zeros(len(streams))
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """New token shares (normalised); the interleaving restarts from them."""
+        self.weights = _check_weights(weights, len(self.streams))
+        self.credits = np.zeros(len(self.streams))
+
+    def _next_source(self) -> int:
+        self.credits += self.weights
+        source = int(np.argmax(self.credits))
+        self.credits[source] -= 1.0
+        return source
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples = []
+        for _ in range(self.batch_size):
+            source = self._next_source()
+            example = self.streams[source].next_example()
+            example["domain"] = np.full_like(example["inputs"], source)
+            examples.append(example)
+        return {k: np.stack([e[k] for e in examples]) for k in EXAMPLE_KEYS}
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "streams": [s.get_state() for s in self.streams],
+            "credits": self.credits.tolist(),
+            "weights": self.weights.tolist(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["streams"]) != len(self.streams):
+            raise ValueError(
+                f"DataIterator.set_state: state has {len(state['streams'])} sources, "
+                f"the pipeline {len(self.streams)}"
+            )
+        for stream, s in zip(self.streams, state["streams"], strict=True):
+            stream.set_state(s)
+        self.credits = np.asarray(state["credits"], np.float64)
+        self.weights = np.asarray(state["weights"], np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# From a config: sources named by spec strings.
+
+SOURCE_KINDS = ("embedded", "text", "jsonl", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One mixture component: its name and its train/validation documents."""
+
+    name: str
+    train: Sequence[str]
+    validation: Sequence[str]
+
+
+def resolve_source(spec: str, *, text_field: str = "text", validation_fraction: float = 0.05,
+                   tfds_data_dir: str | None = None) -> list[Component]:  # fmt: skip
+    """Components named by ``spec``.
+
+    Specs: ``embedded`` (the whole standard-library corpus as one component),
+    ``embedded:DOMAIN`` (one domain), ``embedded:*`` (every domain, one component each),
+    ``text:GLOB``, ``jsonl:GLOB``, ``tfds:NAME_OR_DIR``.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data source {spec!r}: kind must be one of {SOURCE_KINDS}")
+    vf = dict(validation_fraction=validation_fraction)
+    if kind == "embedded":
+        domains = None if arg in ("", "*") else [arg]
+        train = sources.embedded_corpus("train", domains=domains, **vf)
+        valid = sources.embedded_corpus("validation", domains=domains, **vf)
+        if arg == "*":
+            return [Component(d, train[d], valid[d]) for d in train]
+        if arg == "":
+            return [Component("embedded", _concat(train.values()), _concat(valid.values()))]
+        return [Component(arg, train[arg], valid[arg])]
+    if not arg:
+        raise ValueError(f"data source {spec!r}: needs an argument, as in '{kind}:PATH'")
+    if kind == "text":
+        return [Component(arg, sources.text_files(arg, "train", **vf),
+                          sources.text_files(arg, "validation", **vf))]  # fmt: skip
+    if kind == "jsonl":
+        read = lambda split: sources.jsonl_documents(arg, split, text_field=text_field, **vf)
+        return [Component(arg, read("train"), read("validation"))]
+    from jaxlab.data import tfds_text  # imported here: TFDS is slow to import
+
+    read = lambda split: tfds_text.tfds_text_source(
+        arg, split, data_dir=tfds_data_dir, text_field=text_field
+    )
+    return [Component(arg, read("train"), read("validation"))]
+
+
+def _concat(parts) -> sources.Documents:
+    parts = list(parts)
+    if all(isinstance(p, sources.FileDocuments) for p in parts):
+        return sources.FileDocuments([path for p in parts for path in p.paths], "embedded")
+    return sources.ListDocuments([doc for p in parts for doc in p], "concat")
+
+
+def _size(documents: Sequence[str]) -> int:
+    if isinstance(documents, sources.FileDocuments):
+        return sum(documents.sizes())
+    return sum(len(d) for d in documents)
+
+
+def build_components(data_config) -> list[Component]:
+    comps: list[Component] = []
+    for spec in data_config.sources:
+        comps += resolve_source(
+            spec,
+            text_field=data_config.text_field,
+            validation_fraction=data_config.validation_fraction,
+            tfds_data_dir=data_config.tfds_data_dir or None,
+        )
+    names = [c.name for c in comps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.data.sources: components repeat: {names}")
+    return comps
+
+
+def mixture_weights(data_config, components: Sequence[Component]) -> list[float]:
+    """``config.data.weights`` (token shares), or natural proportions by size when empty."""
+    if not data_config.weights:
+        return [float(_size(c.train)) for c in components]
+    if len(data_config.weights) != len(components):
+        raise ValueError(
+            f"config.data.weights has {len(data_config.weights)} entries for "
+            f"{len(components)} components {[c.name for c in components]}"
+        )
+    return [float(w) for w in data_config.weights]
+
+
+def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                   components: Sequence[Component] | None = None) -> DataIterator:  # fmt: skip
+    """The training batches described by ``config.data``."""
+    components = build_components(data_config) if components is None else components
+    streams = [
+        PackedStream(c.train, tokenizer, seq_len, seed=data_config.seed + i)
+        for i, c in enumerate(components)
+    ]
+    return DataIterator(
+        streams,
+        batch_size,
+        weights=mixture_weights(data_config, components),
+        names=[c.name for c in components],
+    )
+
+
+def eval_batches(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                 num_batches: int, components: Sequence[Component] | None = None
+                 ) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """A fixed list of held-out batches: the validation documents of all components, in order."""
+    components = build_components(data_config) if components is None else components
+    valid = [c.validation for c in components if len(c.validation)]
+    if not valid:
+        raise ValueError("eval_batches: no component has validation documents")
+    stream = PackedStream(_concat(valid), tokenizer, seq_len, shuffle=False)
+    iterator = DataIterator([stream], batch_size)
+    return [next(iterator) for _ in range(num_batches)]

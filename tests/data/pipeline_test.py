@@ -1,0 +1,132 @@
+"""Packing, mixing and resuming of the language-modelling pipeline."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxlab.data import pipeline
+from jaxlab.data.sources import ListDocuments
+from jaxlab.data.tokenizers import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def _random_docs(seed, n, max_len=300, name="docs"):
+    rng = np.random.default_rng(seed)
+    alphabet = list("abcdefghij \n") + ["é", "ü", "→"]
+    return ListDocuments(
+        ["".join(rng.choice(alphabet, rng.integers(0, max_len))) for _ in range(n)], name
+    )
+
+
+def test_packing_reconstructs_the_token_stream():
+    docs = _random_docs(0, 40)
+    stream = pipeline.PackedStream(docs, TOK, seq_len=37, shuffle=False)
+    examples = [stream.next_example() for _ in range(60)]
+    got = np.concatenate([e["inputs"] for e in examples] + [examples[-1]["targets"][-1:]])
+    expected = np.concatenate([TOK.encode(d, add_bos=True, add_eos=True) for d in list(docs) * 3])[
+        : len(got)
+    ]
+    np.testing.assert_array_equal(got, expected)
+    for e in examples:
+        np.testing.assert_array_equal(e["targets"][:-1], e["inputs"][1:])
+
+
+def test_segments_positions_and_loss_mask_follow_document_boundaries():
+    stream = pipeline.PackedStream(_random_docs(1, 30, max_len=40), TOK, seq_len=64, shuffle=False)
+    for _ in range(20):
+        e = stream.next_example()
+        # A target that starts a new document (bos) is not predicted from the previous one.
+        np.testing.assert_array_equal(e["loss_mask"], (e["targets"] != TOK.bos_id).astype(int))
+        starts = e["inputs"] == TOK.bos_id
+        # Segment ids increase exactly at document starts (after the first token).
+        np.testing.assert_array_equal(np.diff(e["segment_ids"]), starts[1:].astype(int))
+        # Positions restart at every new segment and count up otherwise.
+        new_segment = np.concatenate([[True], np.diff(e["segment_ids"]) > 0])
+        expected = np.zeros(64, int)
+        for t in range(1, 64):
+            expected[t] = 0 if new_segment[t] else expected[t - 1] + 1
+        np.testing.assert_array_equal(e["positions"], expected)
+
+
+def _shares(iterator, num_tokens):
+    counts = np.zeros(len(iterator.streams))
+    seen = 0
+    while seen < num_tokens:
+        batch = next(iterator)
+        for source in range(len(counts)):
+            counts[source] += (batch["domain"] == source).sum()
+        seen += batch["domain"].size
+    return counts / counts.sum()
+
+
+def test_mixture_token_shares_before_and_after_a_weight_change():
+    streams = [
+        pipeline.PackedStream(_random_docs(s, 50, max_len=50 + 400 * s), TOK, seq_len=128, seed=s)
+        for s in range(3)
+    ]
+    iterator = pipeline.DataIterator(streams, batch_size=8, weights=[5, 3, 2])
+    np.testing.assert_allclose(_shares(iterator, 100_000), [0.5, 0.3, 0.2], atol=0.01)
+    iterator.set_weights([0.1, 0.1, 0.8])
+    np.testing.assert_allclose(_shares(iterator, 100_000), [0.1, 0.1, 0.8], atol=0.01)
+
+
+def test_resume_from_state_gives_the_same_batches():
+    def make():
+        streams = [
+            pipeline.PackedStream(_random_docs(s, 20), TOK, seq_len=50, seed=s) for s in range(2)
+        ]
+        return pipeline.DataIterator(streams, batch_size=4, weights=[0.7, 0.3])
+
+    a = make()
+    for _ in range(7):
+        next(a)
+    a.set_weights([0.4, 0.6])
+    next(a)
+    state = a.get_state()
+    expected = [next(a) for _ in range(5)]
+    b = make()
+    b.set_state(state)
+    for want in expected:
+        got = next(b)
+        for key in pipeline.EXAMPLE_KEYS:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_shuffle_is_deterministic_and_reshuffles_each_epoch():
+    docs = ListDocuments([f"doc {i}" for i in range(10)], "numbers")
+
+    def first_tokens(seed):
+        stream = pipeline.PackedStream(docs, TOK, seq_len=7, seed=seed)
+        return np.concatenate([stream.next_example()["inputs"] for _ in range(40)])
+
+    np.testing.assert_array_equal(first_tokens(3), first_tokens(3))
+    assert not np.array_equal(first_tokens(3), first_tokens(4))
+    text = TOK.decode(first_tokens(3))
+    epochs = [text[i * 50 : (i + 1) * 50] for i in range(2)]  # 10 docs x 5 chars per epoch
+    assert sorted(epochs[0].split("doc ")) == sorted(epochs[1].split("doc "))
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("weights", [[1, -1], [0, 0], [1, float("nan")], [1, 2, 3]])
+def test_bad_weights_are_named(weights):
+    streams = [pipeline.PackedStream(_random_docs(s, 5), TOK, seq_len=8) for s in range(2)]
+    with pytest.raises(ValueError, match="mixture weights must be 2 finite non-negative"):
+        pipeline.DataIterator(streams, batch_size=2, weights=weights)
+
+
+def test_embedded_components_and_natural_weights():
+    config = ml_collections.ConfigDict(
+        dict(sources=("embedded:json", "embedded:email"), weights=(), text_field="text",
+             validation_fraction=0.05, tfds_data_dir="", seed=0)
+    )  # fmt: skip
+    comps = pipeline.build_components(config)
+    assert [c.name for c in comps] == ["json", "email"]
+    weights = pipeline.mixture_weights(config, comps)
+    sizes = [sum(len(doc.encode()) for doc in c.train) for c in comps]
+    np.testing.assert_allclose(np.array(weights) / sum(weights), np.array(sizes) / sum(sizes),
+                               rtol=0.02)  # fmt: skip
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pipeline.resolve_source("s3:bucket")
+    with pytest.raises(ValueError, match="unknown domains"):
+        pipeline.resolve_source("embedded:no_such_package")
