@@ -101,3 +101,57 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
         nnx.to_pure_dict(axes),
         is_leaf=lambda x: x is None or isinstance(x, tuple),
     )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a ``[batch, ...]`` array split over the ``data`` and ``fsdp`` axes."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch_to_devices(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host-side global batch, each process transferring only its addressable rows."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+        for k, v in batch.items()
+    }
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process run (``jax.distributed.initialize``) when one is described.
+
+    Arguments left as None are read from ``JAXLAB_COORDINATOR_ADDRESS``, ``JAXLAB_NUM_PROCESSES``
+    and ``JAXLAB_PROCESS_ID``; with no coordinator at all this is a single-process run and nothing
+    happens (on managed TPU/GPU clusters, pass ``coordinator_address="auto"`` to let JAX detect
+    the cluster).
+    """
+    import os
+
+    coordinator_address = coordinator_address or os.environ.get("JAXLAB_COORDINATOR_ADDRESS")
+    if not coordinator_address:
+        return
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+        return
+    num_processes = num_processes or int(os.environ.get("JAXLAB_NUM_PROCESSES", "0"))
+    if process_id is None and "JAXLAB_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAXLAB_PROCESS_ID"])
+    if num_processes < 1 or process_id is None or not 0 <= process_id < num_processes:
+        raise ValueError(
+            "initialize_distributed: a coordinator needs num_processes >= 1 and "
+            f"0 <= process_id < num_processes, got num_processes={num_processes}, "
+            f"process_id={process_id}"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )

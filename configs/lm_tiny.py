@@ -1,0 +1,87 @@
+"""A tiny byte-level Llama trained on the embedded standard-library corpus (minutes on a CPU).
+
+Usage:
+  python -m experiments.train_lm --config=configs/lm_tiny.py --workdir=runs/lm_tiny
+  python -m experiments.train_lm --config=configs/lm_tiny.py --workdir=runs/x \
+      --config.num_steps=50 --config.mesh.data=4 --config.mesh.tensor=2
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Random seed of the parameter initialisation.
+    config.seed = 0
+    # Optimizer updates in the run (also the learning-rate schedule's horizon).
+    config.num_steps = 600
+    # Sequences per update (global, over all processes); split into accum_steps micro-batches.
+    config.batch_size = 16
+    config.accum_steps = 1
+    # Tokens per packed sequence.
+    config.seq_len = 256
+    # Held-out evaluation every N steps, over eval_batches batches.
+    config.eval_every = 200
+    config.eval_batches = 8
+    # Checkpoint every N steps, keeping the newest keep_checkpoints.
+    config.checkpoint_every = 200
+    config.keep_checkpoints = 3
+    # Training metrics are fetched from the device and logged every N steps.
+    config.log_every = 10
+
+    # The model (jaxlab.models.build); vocab_size 0 = the tokenizer's.
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="llama",
+            vocab_size=0,
+            hidden_size=256,
+            intermediate_size=688,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=4,
+            max_seq_len=1024,
+            rope_theta=10000.0,
+            initializer_range=0.02,
+            tie_embeddings=True,
+            param_dtype="float32",
+            dtype="float32",
+            attention_impl="xla",
+        )
+    )
+
+    # Data: mixture components by spec (see jaxlab.data.pipeline.resolve_source), token-share
+    # weights (empty = natural proportions), tokenizer ("byte", or a path).
+    config.data = ml_collections.ConfigDict(
+        dict(
+            sources=("embedded",),
+            weights=(),
+            tokenizer="byte",
+            text_field="text",
+            tfds_data_dir="",
+            validation_fraction=0.05,
+            seed=0,
+        )
+    )
+
+    # Optimizer (jaxlab.optim registry) and learning-rate schedule.
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=2e-3,
+            warmup_steps=50,
+            schedule="cosine",
+            final_lr_fraction=0.1,
+            decay_steps=0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            clip_norm=1.0,
+        )
+    )
+
+    # Parallelism: mesh axis sizes (-1 = the remaining devices) and logical-axis rules
+    # (empty = jaxlab.train.sharding.DEFAULT_RULES).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.logical_axis_rules = ()
+    return config

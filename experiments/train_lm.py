@@ -1,0 +1,43 @@
+"""Train a language model: ``python -m experiments.train_lm --config=configs/lm_tiny.py
+--workdir=DIR [--config.field=value ...]``.
+
+Restarting with the same workdir resumes from its newest checkpoint. Multi-process runs pass
+``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or the JAXLAB_* environment
+variables; ``--coordinator_address=auto`` on managed clusters).
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxlab.train import loop, sharding
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, or 'auto'.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)  # fmt: skip
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep library INFO lines out of the progress bar
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: "
+              f"{jax.local_device_count()} local devices of {jax.device_count()}")  # fmt: skip
+    summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if "eval" in summary:
+        print(f"final eval: {summary['eval']}")
+
+
+if __name__ == "__main__":
+    jax.config.config_with_absl()
+    app.run(main)

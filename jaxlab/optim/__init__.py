@@ -1,0 +1,114 @@
+"""Optimizers as optax transformations, chosen by name from ``config.optim``.
+
+``build_optimizer(config.optim, total_steps)`` returns
+``chain(clip_by_global_norm, <optimizer with a warm-up/decay learning-rate schedule>)``.
+Weight decay applies to matrices only (not to norm scales or biases). Later modules register
+their optimizers (e.g. AdEMAMix) with :func:`register_optimizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from jaxlab.optim.schedules import warmup_decay_schedule
+
+OptimizerFactory = Callable[[Any, optax.Schedule], optax.GradientTransformation]
+_REGISTRY: dict[str, OptimizerFactory] = {}
+
+
+def register_optimizer(name: str, factory: OptimizerFactory) -> None:
+    """``factory(optim_config, learning_rate_schedule) -> GradientTransformation``."""
+    _REGISTRY[name] = factory
+
+
+def available_optimizers() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def decay_mask(params) -> Any:
+    """True for parameters that get weight decay: those with two or more dimensions."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _get(config, name, default):
+    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+
+
+register_optimizer(
+    "adamw",
+    lambda c, lr: optax.adamw(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.999),
+                              eps=_get(c, "eps", 1e-8), weight_decay=_get(c, "weight_decay", 0.0),
+                              mask=decay_mask),
+)  # fmt: skip
+register_optimizer(
+    "adam",
+    lambda c, lr: optax.adam(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.999),
+                             eps=_get(c, "eps", 1e-8)),
+)  # fmt: skip
+register_optimizer(
+    "sgd",
+    lambda c, lr: optax.sgd(lr, momentum=_get(c, "momentum", 0.0) or None,
+                            nesterov=_get(c, "nesterov", False)),
+)  # fmt: skip
+register_optimizer(
+    "lion",
+    lambda c, lr: optax.lion(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.99),
+                             weight_decay=_get(c, "weight_decay", 0.0), mask=decay_mask),
+)  # fmt: skip
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+    """The schedule described by ``config.optim`` (see :func:`warmup_decay_schedule`)."""
+    try:
+        return warmup_decay_schedule(
+            config.learning_rate,
+            total_steps=total_steps,
+            warmup_steps=_get(config, "warmup_steps", 0),
+            decay=_get(config, "schedule", "cosine"),
+            final_fraction=_get(config, "final_lr_fraction", 0.1),
+            decay_steps=_get(config, "decay_steps", None) or None,
+        )
+    except ValueError as e:  # name the config section the values came from
+        raise ValueError(f"config.optim: {e}") from None
+
+
+def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer named ``config.name``, with its schedule and gradient clipping.
+
+    Args:
+      config: ``config.optim``: ``name``, ``learning_rate`` and optional ``warmup_steps``,
+        ``schedule``, ``final_lr_fraction``, ``decay_steps``, ``clip_norm`` (0 = off),
+        ``weight_decay``, ``b1``, ``b2``, ``eps``, ``momentum``, ``nesterov``.
+      total_steps: training steps, the schedule's horizon.
+    """
+    name = config.name
+    if name not in _REGISTRY:
+        raise ValueError(f"config.optim.name={name!r} is not one of {available_optimizers()}")
+    lr = config.learning_rate
+    if not isinstance(lr, int | float) or not lr > 0:
+        raise ValueError(f"config.optim.learning_rate must be a positive number, got {lr!r}")
+    clip = _get(config, "clip_norm", 0.0)
+    if clip < 0:
+        raise ValueError(f"config.optim.clip_norm must be >= 0 (0 = off), got {clip}")
+    if _get(config, "weight_decay", 0.0) < 0:
+        raise ValueError(
+            f"config.optim.weight_decay must be >= 0, got {_get(config, 'weight_decay', 0.0)}"
+        )
+    optimizer = _REGISTRY[name](config, learning_rate_schedule(config, total_steps))
+    if clip > 0:
+        return optax.chain(optax.clip_by_global_norm(clip), optimizer)
+    return optimizer
+
+
+__all__ = [
+    "available_optimizers",
+    "build_optimizer",
+    "decay_mask",
+    "learning_rate_schedule",
+    "register_optimizer",
+    "warmup_decay_schedule",
+]

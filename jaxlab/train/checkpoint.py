@@ -1,0 +1,75 @@
+"""Orbax checkpoints of the train state, the data-iterator state and the config.
+
+Each checkpoint is a step directory holding ``state`` (arrays, restored with the shardings of an
+abstract target), ``data`` (the pipeline's JSON state) and ``config`` (JSON). Orbax writes into a
+temporary directory and renames it when complete, so an interrupted save never shadows the last
+good checkpoint; the newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves and restores ``(state, data_state, config)`` under ``directory``."""
+
+    def __init__(self, directory: str, *, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
+            ),
+            item_names=("state", "data", "config"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """Restores checkpoint ``step`` onto the shardings of ``abstract_state``."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["data"], restored["config"]
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree of arrays, as orbax restore targets."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )

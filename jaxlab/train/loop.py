@@ -1,0 +1,282 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Builds the mesh, data, model and optimizer from ``config``; resumes from the newest checkpoint in
+``workdir/checkpoints`` if there is one (exactly: parameters, optimizer, step and data position);
+then trains with a progress bar, writes metrics as JSON lines to ``workdir/metrics.jsonl``,
+evaluates held-out loss and perplexity every ``config.eval_every`` steps, checkpoints every
+``config.checkpoint_every`` steps (keeping ``config.keep_checkpoints``), and plots the loss curve
+to ``workdir/loss.png``. A non-finite loss stops the run before anything is saved, naming the step
+and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from jaxlab import models, optim
+from jaxlab.data import pipeline
+from jaxlab.data.tokenizers import Tokenizer, load_tokenizer
+from jaxlab.train import sharding
+from jaxlab.train.checkpoint import Checkpointer
+from jaxlab.train.step import TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything ``train_and_evaluate`` builds from a config, before any step runs."""
+
+    config: Any
+    mesh: jax.sharding.Mesh
+    tokenizer: Tokenizer
+    model_config: models.TransformerConfig
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: TrainState
+    abstract_state: TrainState
+
+
+def validate_config(config) -> None:
+    """Errors that name the field for values no run could use."""
+    for field in ("num_steps", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
+        value = config[field]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{field} must be a positive int, got {value!r}")
+    for field in ("eval_batches", "keep_checkpoints", "accum_steps", "log_every"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field} must be >= 1, got {config[field]!r}")
+    if config.batch_size % config.accum_steps:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be divisible by "
+            f"config.accum_steps={config.accum_steps}"
+        )
+
+
+def _model_config(config, tokenizer: Tokenizer) -> models.TransformerConfig:
+    values = config.model.to_dict()
+    if not values.get("vocab_size"):
+        values["vocab_size"] = tokenizer.vocab_size
+    if values["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size})"
+        )
+    model_config = models.TransformerConfig.from_dict(values)
+    if config.seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="
+            f"{model_config.max_seq_len}"
+        )
+    return model_config
+
+
+def build_experiment(config) -> Experiment:
+    """Mesh, tokenizer, model structure, optimizer and shardings (nothing allocated)."""
+    validate_config(config)
+    mesh = sharding.make_mesh(**config.mesh.to_dict())
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (config.batch_size // config.accum_steps) % rows:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} (per accumulation step "
+            f"{config.batch_size // config.accum_steps}) must be divisible by the mesh's "
+            f"data x fsdp = {rows}"
+        )
+    tokenizer = load_tokenizer(config.data.tokenizer or None)
+    model_config = _model_config(config, tokenizer)
+    abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    rules = tuple(tuple(rule) for rule in config.logical_axis_rules) or sharding.DEFAULT_RULES
+    param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
+    schedule = optim.learning_rate_schedule(config.optim, config.num_steps)
+    optimizer = optim.build_optimizer(config.optim, config.num_steps)
+    pure_params = nnx.to_pure_dict(abstract_params)
+    abstract_opt = jax.eval_shape(optimizer.init, pure_params)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract_opt,
+        param_shardings,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+    shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), pure_params, abstract_opt)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return Experiment(config, mesh, tokenizer, model_config, graphdef, optimizer, schedule,
+                      shardings, abstract)  # fmt: skip
+
+
+def init_state(exp: Experiment) -> TrainState:
+    """Fresh parameters (``config.seed``) and optimizer state, created already sharded."""
+
+    def init():
+        model = models.build(exp.model_config, nnx.Rngs(exp.config.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params))
+
+    return jax.jit(init, out_shardings=exp.state_shardings)()
+
+
+class _MetricsWriter:
+    """JSON lines in ``path``, written by process 0 only."""
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        self.enabled = jax.process_index() == 0
+        if self.enabled and os.path.exists(path):
+            # Lines from beyond the checkpoint we resume from would be logged twice.
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def evaluate(exp: Experiment, params, eval_data, eval_step) -> dict[str, float]:
+    loss_sum, tokens = 0.0, 0.0
+    for batch in eval_data:
+        out = eval_step(params, sharding.global_batch_to_devices(batch, exp.mesh))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
+
+    Args:
+      config: the experiment ConfigDict (see ``configs/lm_tiny.py``).
+      workdir: directory for checkpoints, metrics, plots.
+      stop_at: stop after this step (as if interrupted; the schedule still spans
+        ``config.num_steps``). Checkpoints the stop step.
+
+    Returns:
+      The last train and eval metrics, and the first eval (before any training, if this run
+      started from scratch).
+    """
+    exp = build_experiment(config)
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    components = pipeline.build_components(config.data)
+    data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
+                                   components)  # fmt: skip
+    eval_data = pipeline.eval_batches(config.data, exp.tokenizer, config.seq_len,
+                                      config.batch_size, config.eval_batches, components)  # fmt: skip
+
+    start = checkpointer.latest_step()
+    if start is None:
+        state, start = init_state(exp), 0
+    else:
+        state, data_state, _ = checkpointer.restore(start, exp.abstract_state)
+        data.set_state(data_state)
+    metrics_writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
+    config_json = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+
+    train_step = jax.jit(
+        make_train_step(exp.graphdef, exp.optimizer, accum_steps=config.accum_steps,
+                        learning_rate=exp.schedule),
+        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
+        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
+        donate_argnums=0,
+    )  # fmt: skip
+    eval_step = jax.jit(
+        make_eval_step(exp.graphdef),
+        in_shardings=(exp.state_shardings.params, sharding.batch_sharding(exp.mesh)),
+        out_shardings=sharding.replicated(exp.mesh),
+    )
+
+    summary: dict[str, Any] = {"start_step": start}
+    if start == 0:
+        first = evaluate(exp, state.params, eval_data, eval_step)
+        metrics_writer.write({"step": 0, **first})
+        summary["initial_eval"] = first
+    last_saved = start if start > 0 else None
+    end = min(config.num_steps, stop_at) if stop_at is not None else config.num_steps
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    window_tokens, window_start = 0.0, time.perf_counter()
+
+    def flush(step: int) -> dict[str, float]:
+        """Fetches pending metrics; raises on a non-finite loss before anything is saved."""
+        nonlocal window_tokens, window_start
+        fetched = [(s, jax.device_get(m)) for s, m in pending]
+        pending.clear()
+        for s, m in fetched:
+            if not np.isfinite(m["loss"]):
+                where = (
+                    f"the last good checkpoint is step {last_saved} in {checkpointer.path(last_saved)}"
+                    if last_saved is not None
+                    else "no checkpoint was saved yet"
+                )
+                raise NonFiniteLossError(f"training loss is {m['loss']} at step {s}; {where}")
+        elapsed = time.perf_counter() - window_start
+        tokens = sum(float(m["tokens"]) for _, m in fetched)
+        window_tokens, window_start = 0.0, time.perf_counter()
+        last = {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
+        for s, m in fetched:
+            metrics_writer.write({"step": s, **{k: float(v) for k, v in m.items()}})
+        if fetched and elapsed > 0:
+            last["tokens_per_s"] = tokens / elapsed
+        return last
+
+    progress = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                    disable=jax.process_index() != 0)  # fmt: skip
+    last_train: dict[str, float] = {}
+    for step in range(start + 1, end + 1):
+        batch = sharding.global_batch_to_devices(next(data), exp.mesh)
+        state, metrics = train_step(state, batch)
+        pending.append((step, metrics))
+        progress.update(1)
+        should_eval = step % config.eval_every == 0 or step == end
+        should_save = step % config.checkpoint_every == 0 or step == end
+        if step % config.log_every == 0 or should_eval or should_save:
+            last_train = flush(step) or last_train
+            progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}",
+                                 tok_s=f"{last_train.get('tokens_per_s', 0):,.0f}")  # fmt: skip
+        if should_eval:
+            result = evaluate(exp, state.params, eval_data, eval_step)
+            metrics_writer.write({"step": step, **result})
+            summary["eval"] = result
+            progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}, "
+                           f"perplexity {result['eval_perplexity']:.3f}")  # fmt: skip
+        if should_save:
+            checkpointer.save(step, state, data.get_state(), config_json)
+            last_saved = step
+    progress.close()
+    checkpointer.close()
+    summary.update(train=last_train, step=end, state=state, experiment=exp)
+    if jax.process_index() == 0:
+        from jaxlab.eval.plots import plot_loss_curve
+
+        plot_loss_curve(read_metrics(workdir), os.path.join(workdir, "loss.png"))
+    return summary
