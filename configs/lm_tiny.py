@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Parallelism: mesh axis sizes (-1 = the remaining devices) and logical-axis rules
-    # (empty = jaxlab.train.sharding.DEFAULT_RULES).
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Parallelism: mesh axis sizes (-1 = the remaining devices; num_devices 0 = all devices) and
+    # logical-axis rules (empty = jaxlab.train.sharding.DEFAULT_RULES).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
     config.logical_axis_rules = ()
     return config

@@ -287,7 +287,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 split == "validation" and self._validation_fraction == 0.0
             ):
                 hint = (
-                    "the validation_inputs hold no documents"
+                    f"the {'inputs' if split == 'train' else 'validation_inputs'} hold no documents"
                     if self._validation_inputs is not None
                     else f"{total} documents with validation_fraction="
                     f"{self._validation_fraction}; change validation_fraction or pass "

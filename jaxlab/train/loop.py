@@ -89,7 +89,10 @@ def _model_config(config, tokenizer: Tokenizer) -> models.TransformerConfig:
 def build_experiment(config) -> Experiment:
     """Mesh, tokenizer, model structure, optimizer and shardings (nothing allocated)."""
     validate_config(config)
-    mesh = sharding.make_mesh(**config.mesh.to_dict())
+    try:
+        mesh = sharding.make_mesh(**config.mesh.to_dict())
+    except ValueError as e:
+        raise ValueError(f"config.mesh: {e}") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if (config.batch_size // config.accum_steps) % rows:
         raise ValueError(

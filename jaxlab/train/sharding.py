@@ -33,10 +33,25 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    num_devices: int = 0,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """A ``('data', 'fsdp', 'tensor')`` mesh; one size may be -1 to take the remaining devices."""
+    """A ``('data', 'fsdp', 'tensor')`` mesh; one size may be -1 to take the remaining devices.
+
+    Args:
+      data, fsdp, tensor: axis sizes; their product must equal the number of devices used.
+      num_devices: use only the first ``num_devices`` devices (0 = all); for single-process runs.
+      devices: the devices to use instead of ``jax.devices()``.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    if num_devices < 0 or num_devices > len(devices):
+        raise ValueError(
+            f"make_mesh: num_devices must be in [0, {len(devices)}], got {num_devices}"
+        )
+    devices = devices[:num_devices] if num_devices else devices
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:

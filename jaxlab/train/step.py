@@ -86,7 +86,9 @@ def make_train_step(
     grad_of_sums = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
-        batch = {k: batch[k] for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+        batch = {
+            k: batch[k] for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+        }
 
         def accumulate(carry, micro):
             loss_sum, count, grads = carry
@@ -106,7 +108,7 @@ def make_train_step(
         metrics = {
             "loss": loss_sum / denominator,
             "tokens": count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state.step)

@@ -1,0 +1,23 @@
+"""Llama-2 70B (grouped-query attention) on a pod: 8-way tensor parallel inside a host, FSDP
+across hosts.
+
+Usage: as configs/llama2_7b.py, with --config=configs/llama2_70b.py.
+"""
+
+from configs import llama2_7b
+
+
+def get_config():
+    config = llama2_7b.get_config()
+    config.num_steps = 23_000
+    config.batch_size = 512
+    config.model.update(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+    )
+    config.optim.update(learning_rate=1.5e-4)
+    config.mesh.update(data=1, fsdp=-1, tensor=8)
+    return config

@@ -1,0 +1,26 @@
+"""Llama-3 8B (128k vocabulary, grouped-query attention, rope theta 5e5) on a pod:
+FSDP across devices with 2-way tensor parallelism.
+
+Usage: as configs/llama2_7b.py, with --config=configs/llama3_8b.py and a Llama-3
+tokenizer.json as --config.data.tokenizer.
+"""
+
+from configs import llama2_7b
+
+
+def get_config():
+    config = llama2_7b.get_config()
+    config.seq_len = 8192
+    config.batch_size = 512
+    config.model.update(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+    )
+    config.mesh.update(data=1, fsdp=-1, tensor=2)
+    return config

@@ -1,0 +1,135 @@
+"""The training loop: exact resume, sharded equivalence, non-finite losses, config errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import lm_tiny
+from jaxlab.train import loop
+from jaxlab.train import step as step_lib
+
+
+def tiny_config(**overrides):
+    config = lm_tiny.get_config()
+    config.num_steps = 8
+    config.batch_size = 8
+    config.seq_len = 32
+    config.eval_every = 4
+    config.eval_batches = 2
+    config.checkpoint_every = 4
+    config.log_every = 2
+    config.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_seq_len=64)  # fmt: skip
+    config.data.sources = ("embedded:json", "embedded:email")
+    config.optim.update(warmup_steps=2, learning_rate=3e-3)
+    config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in loop.read_metrics(str(workdir)) if "loss" in r}
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    full = loop.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
+    first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "split"), stop_at=4)
+    assert first["step"] == 4
+    resumed = loop.train_and_evaluate(tiny_config(), str(tmp_path / "split"))
+    assert resumed["start_step"] == 4
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+    assert len(losses(tmp_path / "full")) == 8
+    for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "mesh", [dict(data=4, fsdp=1, tensor=2), dict(data=2, fsdp=2, tensor=2), dict(fsdp=8)]
+)
+def test_sharded_training_follows_single_device(tmp_path, mesh):
+    single = loop.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "one"))
+    mesh_overrides = {
+        f"mesh.{k}": v for k, v in {"data": 1, "fsdp": 1, "tensor": 1, **mesh}.items()
+    }
+    sharded = loop.train_and_evaluate(
+        tiny_config(num_steps=6, **{"mesh.num_devices": 0}, **mesh_overrides),
+        str(tmp_path / "eight"),
+    )
+    assert sharded["experiment"].mesh.size == 8
+    params = sharded["state"].params
+    assert len(params["layers"][0]["mlp"]["up_proj"].sharding.device_set) == 8
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
+    np.testing.assert_allclose(sharded["eval"]["eval_loss"], single["eval"]["eval_loss"], rtol=2e-5)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    loop.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / "full"))
+    loop.train_and_evaluate(tiny_config(num_steps=4, accum_steps=4), str(tmp_path / "accum"))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "accum")
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
+    make = step_lib.make_train_step
+
+    def poisoned(*args, **kwargs):
+        train_step = make(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new_state, metrics = train_step(state, batch)
+            metrics["loss"] = jnp.where(state.step >= 5, jnp.nan, metrics["loss"])
+            return new_state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 6; the last good "
+                       r"checkpoint is step 4 in .*checkpoints/4"):  # fmt: skip
+        loop.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    monkeypatch.undo()
+    resumed = loop.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert resumed["start_step"] == 4 and resumed["step"] == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optim.learning_rate": -1e-3}, r"config.optim.learning_rate must be a positive"),
+        ({"mesh.data": 3, "mesh.num_devices": 0}, r"config.mesh: make_mesh: mesh .* needs 3"),
+        ({"mesh.data": 3, "mesh.tensor": -1, "mesh.num_devices": 0}, r"config.mesh: .*divisible"),
+        ({"seq_len": 128}, r"config.seq_len=128 exceeds config.model.max_seq_len=64"),
+        (
+            {"batch_size": 6, "accum_steps": 4},
+            r"config.batch_size=6 must be divisible by "
+            r"config.accum_steps=4",
+        ),  # fmt: skip
+        ({"optim.name": "adamax"}, r"config.optim.name='adamax' is not one of"),
+        ({"model.num_kv_heads": 3}, r"num_heads=4 must be a multiple of num_kv_heads=3"),
+        ({"optim.warmup_steps": 100}, r"config.optim: schedule warmup_steps"),
+        ({"num_steps": 0}, r"config.num_steps must be a positive int"),
+    ],
+)
+def test_bad_config_values_are_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+
+
+def test_metrics_and_config_are_written(tmp_path):
+    loop.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path))
+    records = loop.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 4]
+    assert json.loads((tmp_path / "config.json").read_text())["seq_len"] == 32
