@@ -191,8 +191,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     components = pipeline.build_components(config.data)
     data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
                                    components)  # fmt: skip
-    eval_data = pipeline.eval_batches(config.data, exp.tokenizer, config.seq_len,
-                                      config.batch_size, config.eval_batches, components)  # fmt: skip
+    eval_data = pipeline.eval_batches(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, config.eval_batches,
+        components,
+    )  # fmt: skip
 
     start = checkpointer.latest_step()
     if start is None:
@@ -237,7 +239,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         for s, m in fetched:
             if not np.isfinite(m["loss"]):
                 where = (
-                    f"the last good checkpoint is step {last_saved} in {checkpointer.path(last_saved)}"
+                    f"the last good checkpoint is step {last_saved} in "
+                    f"{checkpointer.path(last_saved)}"
                     if last_saved is not None
                     else "no checkpoint was saved yet"
                 )
