@@ -8,24 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import lm_tiny
+from configs import lm_smoke
 from jaxlab.train import loop
 from jaxlab.train import step as step_lib
 
 
 def tiny_config(**overrides):
-    config = lm_tiny.get_config()
-    config.num_steps = 8
-    config.batch_size = 8
-    config.seq_len = 32
-    config.eval_every = 4
-    config.eval_batches = 2
-    config.checkpoint_every = 4
-    config.log_every = 2
-    config.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_seq_len=64)  # fmt: skip
-    config.data.sources = ("embedded:json", "embedded:email")
-    config.optim.update(warmup_steps=2, learning_rate=3e-3)
+    config = lm_smoke.get_config()
     config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
     for key, value in overrides.items():
         target = config
