@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) -m experiments.demo_interop --workdir=$(WORKDIR)
+	$(PY) -m experiments.demo_lm --workdir=$(WORKDIR)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_model --out=bench_results/bench_model.json

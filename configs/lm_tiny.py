@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 16
     config.accum_steps = 1
     # Tokens per packed sequence.
-    config.seq_len = 256
+    config.seq_len = 128
     # Held-out evaluation every N steps, over eval_batches batches.
     config.eval_every = 200
     config.eval_batches = 8

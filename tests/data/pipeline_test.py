@@ -130,3 +130,23 @@ def test_embedded_components_and_natural_weights():
         pipeline.resolve_source("s3:bucket")
     with pytest.raises(ValueError, match="unknown domains"):
         pipeline.resolve_source("embedded:no_such_package")
+
+
+def test_tfds_and_jsonl_sources_feed_the_pipeline(tmp_path):
+    from jaxlab.data.tfds_text import build_text_dataset
+
+    texts = [f"record {i}: " + "é" * (i % 7) for i in range(60)]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join('{"text": "%s"}' % t for t in texts), encoding="utf-8")
+    dataset_dir = build_text_dataset(str(jsonl), str(tmp_path / "tfds"), validation_fraction=0.2)
+    config = ml_collections.ConfigDict(
+        dict(sources=(f"tfds:{dataset_dir}", f"jsonl:{jsonl}"), weights=(0.5, 0.5),
+             text_field="text", validation_fraction=0.2, tfds_data_dir="", seed=0)
+    )  # fmt: skip
+    comps = pipeline.build_components(config)
+    assert sorted(list(comps[0].train) + list(comps[0].validation)) == sorted(texts)
+    assert sorted(list(comps[1].train) + list(comps[1].validation)) == sorted(texts)
+    batch = next(pipeline.train_iterator(config, TOK, seq_len=16, batch_size=4, components=comps))
+    assert sorted(set(batch["domain"][:, 0].tolist())) == [0, 1]
+    text = TOK.decode(batch["inputs"].ravel())
+    assert "record" in text
