@@ -50,6 +50,7 @@ class PackedStream:
         *,
         seed: int = 0,
         shuffle: bool = True,
+        one_window_per_document: bool = False,
     ):
         if len(documents) == 0:
             raise ValueError(f"PackedStream: source {getattr(documents, 'name', '')!r} is empty")
@@ -62,6 +63,8 @@ class PackedStream:
             lambda text: np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), np.int32)
         )
         self.seq_len = seq_len
+        # Evaluation sets take one window per document, so a few batches span many documents.
+        self.one_window_per_document = one_window_per_document
         self.doc_index = 0  # document holding the next example's first token
         self.offset = 0  # position of that token within the document
         self._recent: dict[int, np.ndarray] = {}  # documents of the current window
@@ -88,6 +91,9 @@ class PackedStream:
             filled += n
             if filled < window:
                 doc, offset, segment = doc + 1, 0, segment + 1
+        if self.one_window_per_document:
+            self.doc_index, self.offset = doc + 1, 0
+            return self._example(tokens, segments, positions)
         # Advance by seq_len: the window's last token starts the next example.
         advance, doc, offset = self.seq_len, self.doc_index, self.offset
         while advance > 0:
@@ -99,6 +105,10 @@ class PackedStream:
                 advance -= left
                 doc, offset = doc + 1, 0
         self.doc_index, self.offset = doc, offset
+        return self._example(tokens, segments, positions)
+
+    @staticmethod
+    def _example(tokens, segments, positions) -> dict[str, np.ndarray]:
         return dict(
             inputs=tokens[:-1],
             targets=tokens[1:],
@@ -300,11 +310,13 @@ def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: 
 def eval_batches(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                  num_batches: int, components: Sequence[Component] | None = None
                  ) -> list[dict[str, np.ndarray]]:  # fmt: skip
-    """A fixed list of held-out batches: the validation documents of all components, in order."""
+    """A fixed list of held-out batches: one window from each of the components' validation
+    documents, in a fixed shuffled order (documents repeat only if there are too few)."""
     components = build_components(data_config) if components is None else components
     valid = [c.validation for c in components if len(c.validation)]
     if not valid:
         raise ValueError("eval_batches: no component has validation documents")
-    stream = PackedStream(_concat(valid), tokenizer, seq_len, shuffle=False)
+    stream = PackedStream(_concat(valid), tokenizer, seq_len, seed=data_config.seed,
+                          one_window_per_document=True)  # fmt: skip
     iterator = DataIterator([stream], batch_size)
     return [next(iterator) for _ in range(num_batches)]

@@ -150,3 +150,24 @@ def test_tfds_and_jsonl_sources_feed_the_pipeline(tmp_path):
     assert sorted(set(batch["domain"][:, 0].tolist())) == [0, 1]
     text = TOK.decode(batch["inputs"].ravel())
     assert "record" in text
+
+
+def test_eval_stream_takes_one_window_per_document():
+    docs = _random_docs(5, 30, max_len=400)
+    stream = pipeline.PackedStream(docs, TOK, seq_len=16, shuffle=False,
+                                   one_window_per_document=True)  # fmt: skip
+    seen = []
+    for _ in range(10):
+        e = stream.next_example()
+        assert e["inputs"][0] == TOK.bos_id
+        seen.append(TOK.decode(e["inputs"]))
+    # Each window starts a new document: long documents are not continued.
+    expected_start = 0
+    for text in seen:
+        doc = docs[expected_start]
+        assert text.startswith(doc[: min(len(doc), 5)])
+        consumed = len(TOK.encode(doc, add_bos=True, add_eos=True))
+        expected_start += 1
+        while consumed < 17:
+            consumed += len(TOK.encode(docs[expected_start], add_bos=True, add_eos=True))
+            expected_start += 1
