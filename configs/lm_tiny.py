@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.seq_len = 128
     # Held-out evaluation every N steps, over eval_batches batches.
     config.eval_every = 200
-    config.eval_batches = 8
+    config.eval_batches = 4
     # Checkpoint every N steps, keeping the newest keep_checkpoints.
     config.checkpoint_every = 200
     config.keep_checkpoints = 3
@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     # Data: mixture components by spec (see jaxlab.data.pipeline.resolve_source), token-share
-    # weights (empty = natural proportions), tokenizer ("byte", or a path).
+    # weights (empty = natural proportions), tokenizer ("byte", or a path), documents packed
+    # side by side per source (0 = batch_size).
     config.data = ml_collections.ConfigDict(
         dict(
             sources=("embedded",),
@@ -60,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
             tfds_data_dir="",
             validation_fraction=0.05,
             seed=0,
+            lanes=0,
         )
     )
 
@@ -67,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict(
         dict(
             name="adamw",
-            learning_rate=2e-3,
+            learning_rate=4e-3,
             warmup_steps=50,
             schedule="cosine",
             final_lr_fraction=0.1,

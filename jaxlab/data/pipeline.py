@@ -17,8 +17,8 @@ credits and takes the source with the largest credit), so after ``n`` examples e
 count is within one of ``n * weight``: shares are exact at any horizon, not only in expectation.
 Weights can be changed while running (:meth:`DataIterator.set_weights`; DoGE needs this).
 
-State. ``get_state()`` returns a small JSON-able dict (per-source document index and offset,
-the credits and weights); ``set_state`` resumes at exactly the next example.
+State. ``get_state()`` returns a small JSON-able dict (per-source cursors: document index and
+offset per lane; the credits and weights); ``set_state`` resumes at exactly the next example.
 
 Processes. Every process computes the same global batch (cheap for text) and the train loop places
 only its addressable rows on its devices, so results do not depend on the number of processes.
@@ -40,7 +40,13 @@ EXAMPLE_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "d
 
 
 class PackedStream:
-    """Concatenate-then-split packing of one document source (see the module docstring)."""
+    """Concatenate-then-split packing of one document source (see the module docstring).
+
+    With ``lanes > 1`` the stream keeps that many independent cursors and takes examples from
+    them in turn: lane ``j`` reads documents ``j, j + lanes, j + 2 * lanes, ...`` of the shuffled
+    order. A batch of ``lanes`` consecutive examples then spans ``lanes`` different documents
+    instead of the few consecutive windows of one long document.
+    """
 
     def __init__(
         self,
@@ -50,12 +56,15 @@ class PackedStream:
         *,
         seed: int = 0,
         shuffle: bool = True,
+        lanes: int = 1,
         one_window_per_document: bool = False,
     ):
         if len(documents) == 0:
             raise ValueError(f"PackedStream: source {getattr(documents, 'name', '')!r} is empty")
         if seq_len < 1:
             raise ValueError(f"PackedStream: seq_len must be >= 1, got {seq_len}")
+        if lanes < 1:
+            raise ValueError(f"PackedStream: lanes must be >= 1, got {lanes}")
         dataset = grain.MapDataset.source(documents)
         if shuffle:
             dataset = dataset.shuffle(seed=seed)  # a fresh permutation every epoch
@@ -63,48 +72,53 @@ class PackedStream:
             lambda text: np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), np.int32)
         )
         self.seq_len = seq_len
+        self.lanes = lanes
         # Evaluation sets take one window per document, so a few batches span many documents.
         self.one_window_per_document = one_window_per_document
-        self.doc_index = 0  # document holding the next example's first token
-        self.offset = 0  # position of that token within the document
+        # Per lane: (k, offset) = the next token is at ``offset`` in the lane's k-th document.
+        self.cursors = [(0, 0)] * lanes
+        self.next_lane = 0
         self._recent: dict[int, np.ndarray] = {}  # documents of the current window
 
-    def _tokens(self, index: int) -> np.ndarray:
+    def _tokens(self, lane: int, k: int) -> np.ndarray:
+        index = lane + self.lanes * k
         if index not in self._recent:
-            if len(self._recent) >= 16:
-                self._recent.pop(min(self._recent))
+            if len(self._recent) >= 16 + self.lanes:
+                self._recent.pop(next(iter(self._recent)))
             self._recent[index] = self._documents[index]
         return self._recent[index]
 
     def next_example(self) -> dict[str, np.ndarray]:
+        lane = self.next_lane
+        self.next_lane = (lane + 1) % self.lanes
         window = self.seq_len + 1
         tokens = np.empty(window, np.int32)
         segments = np.empty(window, np.int32)
         positions = np.empty(window, np.int32)
-        filled, doc, offset, segment = 0, self.doc_index, self.offset, 1
+        (k, offset), filled, segment = self.cursors[lane], 0, 1
         while filled < window:
-            piece = self._tokens(doc)[offset : offset + window - filled]
+            piece = self._tokens(lane, k)[offset : offset + window - filled]
             n = len(piece)
             tokens[filled : filled + n] = piece
             segments[filled : filled + n] = segment
             positions[filled : filled + n] = np.arange(n)
             filled += n
             if filled < window:
-                doc, offset, segment = doc + 1, 0, segment + 1
+                k, offset, segment = k + 1, 0, segment + 1
         if self.one_window_per_document:
-            self.doc_index, self.offset = doc + 1, 0
+            self.cursors[lane] = (k + 1, 0)
             return self._example(tokens, segments, positions)
-        # Advance by seq_len: the window's last token starts the next example.
-        advance, doc, offset = self.seq_len, self.doc_index, self.offset
+        # Advance by seq_len: the window's last token starts the lane's next example.
+        advance, (k, offset) = self.seq_len, self.cursors[lane]
         while advance > 0:
-            left = len(self._tokens(doc)) - offset
+            left = len(self._tokens(lane, k)) - offset
             if advance < left:
                 offset += advance
                 advance = 0
             else:
                 advance -= left
-                doc, offset = doc + 1, 0
-        self.doc_index, self.offset = doc, offset
+                k, offset = k + 1, 0
+        self.cursors[lane] = (k, offset)
         return self._example(tokens, segments, positions)
 
     @staticmethod
@@ -117,11 +131,17 @@ class PackedStream:
             positions=positions[:-1],
         )
 
-    def get_state(self) -> dict[str, int]:
-        return {"doc_index": int(self.doc_index), "offset": int(self.offset)}
+    def get_state(self) -> dict[str, Any]:
+        return {"next_lane": self.next_lane, "cursors": [list(c) for c in self.cursors]}
 
-    def set_state(self, state: dict[str, int]) -> None:
-        self.doc_index, self.offset = int(state["doc_index"]), int(state["offset"])
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["cursors"]) != self.lanes:
+            raise ValueError(
+                f"PackedStream.set_state: state has {len(state['cursors'])} lanes, the stream "
+                f"{self.lanes}"
+            )
+        self.next_lane = int(state["next_lane"])
+        self.cursors = [(int(k), int(offset)) for k, offset in state["cursors"]]
 
 
 def _check_weights(weights: Sequence[float], num_sources: int) -> np.ndarray:
@@ -293,10 +313,14 @@ def mixture_weights(data_config, components: Sequence[Component]) -> list[float]
 
 def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                    components: Sequence[Component] | None = None) -> DataIterator:  # fmt: skip
-    """The training batches described by ``config.data``."""
+    """The training batches described by ``config.data``.
+
+    Each source packs ``config.data.lanes`` documents side by side (0 = ``batch_size``).
+    """
     components = build_components(data_config) if components is None else components
+    lanes = data_config.get("lanes", 0) or batch_size
     streams = [
-        PackedStream(c.train, tokenizer, seq_len, seed=data_config.seed + i)
+        PackedStream(c.train, tokenizer, seq_len, seed=data_config.seed + i, lanes=lanes)
         for i, c in enumerate(components)
     ]
     return DataIterator(

@@ -171,3 +171,19 @@ def test_eval_stream_takes_one_window_per_document():
         while consumed < 17:
             consumed += len(TOK.encode(docs[expected_start], add_bos=True, add_eos=True))
             expected_start += 1
+
+
+def test_lanes_pack_interleaved_documents_side_by_side():
+    docs = _random_docs(6, 24)
+    stream = pipeline.PackedStream(docs, TOK, seq_len=20, shuffle=False, lanes=3)
+    examples = [stream.next_example() for _ in range(45)]
+    for lane in range(3):
+        mine = examples[lane::3]
+        got = np.concatenate([e["inputs"] for e in mine] + [mine[-1]["targets"][-1:]])
+        lane_docs = [docs[i] for i in range(lane, 24, 3)] * 2
+        expected = np.concatenate([TOK.encode(d, add_bos=True, add_eos=True) for d in lane_docs])
+        np.testing.assert_array_equal(got, expected[: len(got)])
+    state = stream.get_state()
+    again = pipeline.PackedStream(docs, TOK, seq_len=20, shuffle=False, lanes=3)
+    again.set_state(state)
+    np.testing.assert_array_equal(again.next_example()["inputs"], stream.next_example()["inputs"])
