@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_model --out=bench_results/bench_model.json
+	$(PY) -m experiments.bench_train --out=bench_results/bench_train.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxlab kernels_pallas configs experiments tests

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,6 +38,7 @@ import transformers
 from absl import app, flags
 from flax import nnx
 
+from experiments.benchmarking import environment, time_calls
 from jaxlab.infer import generate
 from jaxlab.interop.hf import load_hf_llama
 
@@ -105,62 +103,6 @@ def make_hf_model(model_kwargs: dict[str, Any], seed: int = 0) -> transformers.L
             noise = torch.randn(p.shape, generator=generator)
             p.copy_(WEIGHT_STD * noise if p.ndim > 1 else 1.0 + 0.1 * noise)
     return model.eval()
-
-
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], Any]:
-    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` timed; returns times and last output.
-
-    ``fn`` must block until its result is ready.
-    """
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, out
-
-
-def cpu_busy_fraction(interval_s: float = 1.0) -> float | None:
-    """Fraction of all CPUs' time spent busy over ``interval_s`` (Linux ``/proc/stat``), or None."""
-
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval_s)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    total = total1 - total0
-    return None if total <= 0 else 1.0 - (idle1 - idle0) / total
-
-
-def environment() -> dict[str, Any]:
-    return dict(
-        python=sys.version.split()[0],
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        jax=jax.__version__,
-        jax_backend=jax.default_backend(),
-        jax_devices=[str(d) for d in jax.devices()],
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        jax_default_matmul_precision=str(jax.config.jax_default_matmul_precision),
-        torch=torch.__version__,
-        torch_threads=torch.get_num_threads(),
-        torch_interop_threads=torch.get_num_interop_threads(),
-        transformers=transformers.__version__,
-        flax=getattr(sys.modules.get("flax"), "__version__", "?"),
-        load_average_at_start=os.getloadavg(),
-        cpu_busy_before_run=cpu_busy_fraction(),
-    )
 
 
 def main(argv):

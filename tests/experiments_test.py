@@ -35,6 +35,17 @@ def test_bench_model_quick_writes_json(tmp_path):
     assert {row["name"] for row in data["rows"]} >= {"decode b=1", "prefill b=1"}
 
 
+def test_bench_train_quick_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_train", "--quick", f"--out={out}"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| train step" in result.stdout
+    assert json.loads(out.read_text())["quick"] is True
+
+
 def test_demo_lm_smoke_reports_perplexities(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.demo_lm", f"--workdir={tmp_path}",

@@ -1,5 +1,7 @@
 """Packing, mixing and resuming of the language-modelling pipeline."""
 
+import json
+
 import ml_collections
 import numpy as np
 import pytest
@@ -137,7 +139,7 @@ def test_tfds_and_jsonl_sources_feed_the_pipeline(tmp_path):
 
     texts = [f"record {i}: " + "é" * (i % 7) for i in range(60)]
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("\n".join('{"text": "%s"}' % t for t in texts), encoding="utf-8")
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in texts), encoding="utf-8")
     dataset_dir = build_text_dataset(str(jsonl), str(tmp_path / "tfds"), validation_fraction=0.2)
     config = ml_collections.ConfigDict(
         dict(sources=(f"tfds:{dataset_dir}", f"jsonl:{jsonl}"), weights=(0.5, 0.5),

@@ -1,0 +1,536 @@
+r"""CPU train-step throughput and peak memory of a tiny Llama: jaxlab vs transformers + PyTorch.
+
+The model is ``configs/lm_tiny.py``'s: hidden 256, SwiGLU 688, 4 layers, 8 query / 4 key-value
+heads, the byte tokenizer's vocabulary (259), tied embeddings, float32. A random
+``transformers.LlamaForCausalLM`` (its own initialisation, seed 0) is written with
+``save_pretrained`` and both sides start from those weights: PyTorch reads them with
+``from_pretrained``, jaxlab with :func:`jaxlab.interop.hf.load_hf_llama` (parameters taken as
+``nnx.to_pure_dict(nnx.state(model, nnx.Param))``). One training step on a batch of
+lm_tiny's shape (``[16, 128]``) of random byte tokens, next-token cross-entropy averaged over all
+positions, AdamW (lr 1e-3 constant, b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on matrices
+only) after clipping the gradient's global norm to 1.0:
+
+* transformers: ``model(inputs).logits`` -> ``F.cross_entropy`` -> ``backward`` ->
+  ``torch.nn.utils.clip_grad_norm_`` -> ``torch.optim.AdamW.step``;
+* jaxlab: :func:`jaxlab.train.step.make_train_step` with the optimizer, shardings and abstract
+  state of :func:`jaxlab.train.loop.build_experiment` (lm_tiny's config with the optimizer above),
+  jitted as the training loop does (explicit in/out shardings, the state donated); the batch is
+  the dict the step expects (``loss_mask`` and ``segment_ids`` all ones, ``positions`` arange).
+
+Each side runs in its own subprocess (this program re-invoked with ``--side``) so that its peak
+resident memory is its own; the parent only prepares the weights and batches and collects the JSON
+each side writes. The peak is the process's ``VmHWM`` (``/proc/self/status``), not ``ru_maxrss``:
+on Linux ``ru_maxrss`` survives ``execve``, so a child starts at its parent's RSS at the fork.
+
+Per side: ``--loss_steps`` steps on fixed batches whose losses are recorded (they are also the
+warm-up; jaxlab's step is compiled ahead of them with ``lower().compile()``, timed apart), then the
+median of ``--repeats`` timed steps, then (``--breakdown``) the parts of the step alone:
+forward+loss, forward+backward, and clip+optimizer update. The losses of both sides over the same
+batches from the same weights should agree to float rounding; their largest absolute difference is
+printed, not asserted.
+
+``--quick`` is a smoke run: 2 layers, a ``[4, 64]`` batch, 1 repeat.
+
+Usage::
+
+  python -m experiments.bench_train [--out=bench_results/bench_train.json] [--repeats=5] [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+from absl import app, flags
+from flax import nnx
+
+from configs import lm_tiny
+from experiments.benchmarking import (
+    cpu_busy_fraction,
+    environment,
+    memory_snapshot,
+    time_calls,
+    timed_median,
+)
+from jaxlab.data.tokenizers import load_tokenizer
+from jaxlab.interop.hf import load_hf_llama
+from jaxlab.train import sharding
+from jaxlab.train.loop import build_experiment
+from jaxlab.train.step import TrainState, loss_sums, make_train_step
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "bench_results/bench_train.json", "Where to write the JSON.")
+flags.DEFINE_integer("repeats", 5, "Timed steps per measurement (median reported).")
+flags.DEFINE_bool("quick", False, "Tiny smoke run: smaller model and shapes, 1 repeat.")
+_LOSS_STEPS = flags.DEFINE_integer("loss_steps", 3, "Steps whose losses are compared.")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", True, "Also time forward, forward+backward and the optimizer update alone."
+)
+_SIDE = flags.DEFINE_enum(
+    "side", "", ["", "torch", "jaxlab"], "Internal: measure one side (in a subprocess)."
+)
+_SIDE_DIR = flags.DEFINE_string(
+    "side_dir", "", "Internal: directory with the weights and batches, and for the side's JSON."
+)
+
+# The optimizer both sides use (jaxlab: config.optim fields of build_optimizer).
+OPTIM = dict(
+    name="adamw",
+    learning_rate=1e-3,
+    warmup_steps=0,
+    schedule="constant",
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.1,
+    clip_norm=1.0,
+)
+_TINY = lm_tiny.get_config()
+FULL = dict(batch=_TINY.batch_size, seq_len=_TINY.seq_len, num_layers=None)  # None: lm_tiny's
+QUICK = dict(batch=4, seq_len=64, num_layers=2)
+
+
+def experiment_config(setup: dict[str, Any]):
+    """lm_tiny's config with the benchmark's batch, optimizer and (quick) depth."""
+    config = lm_tiny.get_config()
+    config.batch_size = setup["batch"]
+    config.seq_len = setup["seq_len"]
+    if setup["num_layers"] is not None:
+        config.model.num_layers = setup["num_layers"]
+    config.optim.update(OPTIM)
+    return config
+
+
+def hf_config(config) -> transformers.LlamaConfig:
+    """The ``LlamaConfig`` of ``config.model`` (vocabulary from the config's tokenizer)."""
+    m = config.model
+    vocab = m.vocab_size or load_tokenizer(config.data.tokenizer or None).vocab_size
+    return transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_seq_len,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=1e-5,  # TransformerConfig's default; lm_tiny does not set it
+        initializer_range=m.initializer_range,
+        tie_word_embeddings=m.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One side, in its own process.
+
+
+def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
+    torch.set_num_threads(os.cpu_count())
+    import torch.nn.functional as F
+
+    memory = {"after_imports": memory_snapshot()}
+    model = transformers.LlamaForCausalLM.from_pretrained(side_dir, dtype=torch.float32)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": OPTIM["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=OPTIM["learning_rate"],
+        betas=(OPTIM["b1"], OPTIM["b2"]),
+        eps=OPTIM["eps"],
+    )
+    tokens = np.load(os.path.join(side_dir, "batches.npy"))
+    batches = [
+        (torch.as_tensor(t[:, :-1]).long(), torch.as_tensor(t[:, 1:]).long()) for t in tokens
+    ]
+    vocab = model.config.vocab_size
+    memory["after_load"] = memory_snapshot()
+
+    def forward_loss(inputs, targets):
+        logits = model(input_ids=inputs, use_cache=False).logits
+        return F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1))
+
+    def step(i: int) -> float:
+        inputs, targets = batches[i % len(batches)]
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_loss(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, OPTIM["clip_norm"])
+        optimizer.step()
+        return loss.item()
+
+    losses, loss_step_s = [], []
+    for i in range(len(batches)):
+        start = time.perf_counter()
+        losses.append(step(i))
+        loss_step_s.append(time.perf_counter() - start)
+    memory["after_first_steps"] = memory_snapshot()
+    counter = iter(range(10**9))
+    step_times, _ = time_calls(lambda: step(next(counter)), repeats, warmup=0)
+    memory["after_timed_steps"] = memory_snapshot()
+    result = dict(
+        losses=losses,
+        first_step_s=loss_step_s[0],
+        loss_step_s=loss_step_s,
+        step_s=step_times,
+        step_median_s=statistics.median(step_times),
+        memory_mib=memory,
+        attn_implementation=model.config._attn_implementation,
+        torch_threads=torch.get_num_threads(),
+        adamw=dict(
+            {k: str(v) for k, v in optimizer.defaults.items() if k != "weight_decay"},
+            weight_decay_by_group=[g["weight_decay"] for g in optimizer.param_groups],
+            params_by_group=[len(g["params"]) for g in optimizer.param_groups],
+        ),
+    )
+    if breakdown:
+        inputs, targets = batches[0]
+
+        def fwd():
+            with torch.no_grad():
+                return forward_loss(inputs, targets).item()
+
+        def fwd_bwd():
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_loss(inputs, targets)
+            loss.backward()
+            return loss.item()
+
+        def update():
+            torch.nn.utils.clip_grad_norm_(params, OPTIM["clip_norm"])
+            optimizer.step()
+
+        result["breakdown_median_s"] = dict(
+            forward_loss=timed_median(fwd, repeats),
+            forward_backward=timed_median(fwd_bwd, repeats),
+            clip_and_update=timed_median(update, repeats),
+        )
+    return result
+
+
+def run_jaxlab(side_dir: str, setup: dict[str, Any], repeats: int, breakdown: bool):
+    memory = {"after_imports": memory_snapshot()}
+    exp = build_experiment(experiment_config(setup))
+    model = load_hf_llama(side_dir, dtype="float32")
+    graphdef, _ = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    del model
+    shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+    expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), exp.abstract_state.params)
+    if shapes != expected:
+        raise RuntimeError(
+            "the loaded Hugging Face model's parameters do not match lm_tiny's model: "
+            f"{shapes} vs {expected}"
+        )
+    optimizer = exp.optimizer
+    state = jax.jit(
+        lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+        out_shardings=exp.state_shardings,
+    )(params)
+    del params
+    train_step = jax.jit(
+        make_train_step(graphdef, optimizer, learning_rate=exp.schedule),
+        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
+        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
+        donate_argnums=0,
+    )
+    tokens = np.load(os.path.join(side_dir, "batches.npy"))
+    batches = []
+    for t in tokens:
+        batch, seq = t.shape[0], t.shape[1] - 1
+        host = dict(
+            inputs=t[:, :-1].astype(np.int32),
+            targets=t[:, 1:].astype(np.int32),
+            loss_mask=np.ones((batch, seq), np.int32),
+            segment_ids=np.ones((batch, seq), np.int32),
+            positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        )
+        batches.append(jax.block_until_ready(sharding.global_batch_to_devices(host, exp.mesh)))
+    memory["after_load"] = memory_snapshot()
+    start = time.perf_counter()
+    compiled_step = train_step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    memory["after_compile"] = memory_snapshot()
+    try:  # XLA's buffer sizes for the step (temp: activations and scratch, one allocation)
+        stats = compiled_step.memory_analysis()
+        xla_memory = {
+            k: getattr(stats, f"{k}_size_in_bytes") / 2**20
+            for k in ("argument", "output", "alias", "temp", "generated_code")
+        }
+    except (AttributeError, NotImplementedError):
+        xla_memory = None
+
+    def step(i: int):
+        nonlocal state
+        state, metrics = compiled_step(state, batches[i % len(batches)])
+        return jax.block_until_ready((state, metrics))[1]
+
+    losses, loss_step_s = [], []
+    for i in range(len(batches)):
+        start = time.perf_counter()
+        losses.append(float(step(i)["loss"]))
+        loss_step_s.append(time.perf_counter() - start)
+    memory["after_first_steps"] = memory_snapshot()
+    counter = iter(range(10**9))
+    step_times, _ = time_calls(lambda: step(next(counter)), repeats, warmup=0)
+    memory["after_timed_steps"] = memory_snapshot()
+    result = dict(
+        losses=losses,
+        first_step_s=loss_step_s[0],
+        loss_step_s=loss_step_s,
+        step_s=step_times,
+        step_median_s=statistics.median(step_times),
+        memory_mib=memory,
+        compile_s=compile_s,
+        xla_memory_mib=xla_memory,
+        mesh=dict(exp.mesh.shape),
+        devices=[str(d) for d in jax.devices()],
+    )
+    if breakdown:
+        batch = batches[0]
+        fwd = jax.jit(lambda p, b: loss_sums(graphdef, p, b))
+        grad = jax.jit(jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True))
+
+        @jax.jit
+        def update(grads, opt_state, params):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = state.params, state.opt_state
+        (_, _), grads = jax.block_until_ready(grad(params, batch))
+        result["breakdown_median_s"] = dict(
+            forward_loss=timed_median(lambda: jax.block_until_ready(fwd(params, batch)), repeats),
+            forward_backward=timed_median(
+                lambda: jax.block_until_ready(grad(params, batch)), repeats
+            ),
+            clip_and_update=timed_median(
+                lambda: jax.block_until_ready(update(grads, opt_state, params)), repeats
+            ),
+        )
+    return result
+
+
+def run_side(side: str, side_dir: str, setup: dict[str, Any], repeats: int) -> None:
+    load_start = os.getloadavg()
+    busy = cpu_busy_fraction(0.5)
+    start = time.perf_counter()
+    if side == "torch":
+        result = run_torch(side_dir, repeats, _BREAKDOWN.value)
+    else:
+        result = run_jaxlab(side_dir, setup, repeats, _BREAKDOWN.value)
+    result.update(
+        side=side,
+        wall_s=time.perf_counter() - start,
+        load_average_at_start=load_start,
+        load_average_at_end=os.getloadavg(),
+        cpu_busy_before=busy,
+    )
+    with open(os.path.join(side_dir, f"{side}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The parent: prepare, run both sides, report.
+
+
+def spawn_side(side: str, side_dir: str, repeats: int) -> dict[str, Any]:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.bench_train",
+        f"--side={side}",
+        f"--side_dir={side_dir}",
+        f"--repeats={repeats}",
+        f"--loss_steps={_LOSS_STEPS.value}",
+        f"--quick={str(FLAGS.quick).lower()}",
+        f"--breakdown={str(_BREAKDOWN.value).lower()}",
+    ]
+    print(f"running {side} side ...", flush=True)
+    subprocess.run(command, cwd=repo, check=True)
+    with open(os.path.join(side_dir, f"{side}.json")) as f:
+        return json.load(f)
+
+
+def main(argv):
+    del argv
+    transformers.utils.logging.disable_progress_bar()
+    setup = QUICK if FLAGS.quick else FULL
+    repeats = 1 if FLAGS.quick else FLAGS.repeats
+    if _SIDE.value:
+        run_side(_SIDE.value, _SIDE_DIR.value, setup, repeats)
+        return
+
+    wall_start = time.perf_counter()
+    env = environment()
+    busy = env["cpu_busy_before_run"]
+    if busy is not None and busy > 0.2:
+        print(
+            f"WARNING: the CPUs were {busy:.0%} busy in the second before the run: another "
+            "process is using them and the timings will be distorted."
+        )
+    config = experiment_config(setup)
+    batch, seq = setup["batch"], setup["seq_len"]
+    tokens_per_step = batch * seq
+    print(
+        f"jax {env['jax']} backend {env['jax_backend']}, torch {env['torch']} "
+        f"(threads = cpu_count {env['cpu_count']}), transformers {env['transformers']}; "
+        f"batch [{batch}, {seq}], {config.model.num_layers} layers; repeats {repeats}"
+        f"{' (quick)' if FLAGS.quick else ''}; load average {env['load_average_at_start']}",
+        flush=True,
+    )
+
+    hf = hf_config(config)
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(hf)
+    rng = np.random.default_rng(0)
+    token_batches = rng.integers(0, hf.vocab_size, (_LOSS_STEPS.value, batch, seq + 1))
+    with tempfile.TemporaryDirectory() as side_dir:
+        hf_model.save_pretrained(side_dir)
+        del hf_model
+        np.save(os.path.join(side_dir, "batches.npy"), token_batches.astype(np.int32))
+        sides = {s: spawn_side(s, side_dir, repeats) for s in ("torch", "jaxlab")}
+    pt, jx = sides["torch"], sides["jaxlab"]
+
+    pt_tps = tokens_per_step / pt["step_median_s"]
+    jx_tps = tokens_per_step / jx["step_median_s"]
+    loss_diffs = [abs(a - b) for a, b in zip(pt["losses"], jx["losses"], strict=True)]
+    max_loss_diff = max(loss_diffs)
+
+    def mib(side: str, stage: str, key: str = "peak_mib") -> float:
+        return sides[side]["memory_mib"][stage][key]
+
+    peak = {s: mib(s, "after_timed_steps") for s in sides}
+    # The peak right after the imports is their RSS (nothing has been freed yet).
+    increase = {s: peak[s] - mib(s, "after_imports") for s in sides}
+    name = f"train step b={batch} s={seq}"
+    print()
+    print(
+        f"One AdamW training step (forward, backward, clip, update) on [{batch}, {seq}] tokens, "
+        f"float32, CPU; tok/s = {tokens_per_step}/step time, median of {repeats}. "
+        "Peak RSS: high-water mark (VmHWM) of each side's own process up to the end of the timed "
+        "steps; increase = over its RSS after imports (both sides import torch, transformers and "
+        "jax)."
+    )
+    print()
+    print("| row | transformers tok/s | jaxlab tok/s | ratio (jaxlab/transformers) |")
+    print("|---|---:|---:|---:|")
+    print(f"| {name} | {pt_tps:,.0f} | {jx_tps:,.0f} | {jx_tps / pt_tps:.2f}x |")
+    print()
+    print("| row | transformers MiB | jaxlab MiB | ratio (jaxlab/transformers) |")
+    print("|---|---:|---:|---:|")
+    print(
+        f"| peak RSS, {name} | {peak['torch']:,.0f} | {peak['jaxlab']:,.0f} | "
+        f"{peak['jaxlab'] / peak['torch']:.2f}x |"
+    )
+    print(
+        f"| peak RSS increase over imports, {name} | {increase['torch']:,.0f} | "
+        f"{increase['jaxlab']:,.0f} | {increase['jaxlab'] / increase['torch']:.2f}x |"
+    )
+    print()
+    for s in sides:
+        stages = ", ".join(
+            f"{stage.removeprefix('after_').replace('_', ' ')} {m['peak_mib']:,.0f}"
+            for stage, m in sides[s]["memory_mib"].items()
+        )
+        print(
+            f"{s} peak RSS MiB after: {stages}; RSS at the end of the timed steps "
+            f"{mib(s, 'after_timed_steps', 'current_mib'):,.0f}"
+        )
+    if jx.get("xla_memory_mib"):
+        x = jx["xla_memory_mib"]
+        print(
+            f"jaxlab compiled step, XLA buffers MiB: temp {x['temp']:,.0f}, arguments "
+            f"{x['argument']:,.0f}, outputs {x['output']:,.0f} (aliased {x['alias']:,.0f})"
+        )
+    print()
+    print(
+        f"step time: transformers {pt['step_median_s'] * 1e3:.0f} ms, jaxlab "
+        f"{jx['step_median_s'] * 1e3:.0f} ms; first step transformers {pt['first_step_s']:.2f} s, "
+        f"jaxlab {jx['first_step_s']:.2f} s after {jx['compile_s']:.2f} s of compilation"
+    )
+    print(
+        "losses of the first steps (same weights and batches): transformers "
+        f"{[round(v, 6) for v in pt['losses']]}, jaxlab {[round(v, 6) for v in jx['losses']]}; "
+        f"max |difference| {max_loss_diff:.3g}"
+    )
+    if _BREAKDOWN.value:
+        print()
+        print(
+            "| part of the step | transformers ms | jaxlab ms | time ratio (jaxlab/transformers) |"
+        )
+        print("|---|---:|---:|---:|")
+        parts = [
+            ("full step", pt["step_median_s"], jx["step_median_s"]),
+            *(
+                (k.replace("_", " "), pt["breakdown_median_s"][k], jx["breakdown_median_s"][k])
+                for k in ("forward_loss", "forward_backward", "clip_and_update")
+            ),
+        ]
+        for part, a, b in parts:
+            print(f"| {part} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}x |")
+    for s, r in sides.items():
+        if r["cpu_busy_before"] is not None and r["cpu_busy_before"] > 0.2:
+            print(
+                f"WARNING: the CPUs were {r['cpu_busy_before']:.0%} busy just before the {s} side "
+                "ran; its timings are likely distorted."
+            )
+
+    wall = time.perf_counter() - wall_start
+    env["load_average_at_end"] = os.getloadavg()
+    result = dict(
+        quick=FLAGS.quick,
+        repeats=repeats,
+        model=dict(hf.to_diff_dict(), dtype="float32"),
+        setup=dict(setup, tokens_per_step=tokens_per_step, loss_steps=_LOSS_STEPS.value),
+        optimizer=OPTIM,
+        rows=[
+            dict(
+                name=name,
+                transformers_tok_s=pt_tps,
+                jaxlab_tok_s=jx_tps,
+                ratio=jx_tps / pt_tps,
+                transformers_median_s=pt["step_median_s"],
+                jaxlab_median_s=jx["step_median_s"],
+            )
+        ],
+        memory=dict(
+            peak_rss_mib=peak,
+            peak_rss_increase_mib=increase,
+            ratio_peak=peak["jaxlab"] / peak["torch"],
+            ratio_increase=increase["jaxlab"] / increase["torch"],
+        ),
+        losses=dict(transformers=pt["losses"], jaxlab=jx["losses"], max_abs_diff=max_loss_diff),
+        sides=sides,
+        environment=env,
+        wall_s=wall,
+    )
+    out_dir = os.path.dirname(FLAGS.out)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {FLAGS.out} (total {wall:.1f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)

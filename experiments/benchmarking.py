@@ -1,0 +1,125 @@
+"""Helpers shared by the benchmarks: timing, machine state and memory. Defines no flags."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], Any]:
+    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` timed; returns times and last output.
+
+    ``fn`` must block until its result is ready.
+    """
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def cpu_busy_fraction(interval_s: float = 1.0) -> float | None:
+    """Fraction of all CPUs' time spent busy over ``interval_s`` (Linux ``/proc/stat``), or None."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return None if total <= 0 else 1.0 - (idle1 - idle0) / total
+
+
+def _torch_environment() -> dict[str, Any]:
+    if "torch" not in sys.modules:
+        return {}
+    import torch
+    import transformers
+
+    return dict(
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+        transformers=transformers.__version__,
+    )
+
+
+def environment() -> dict[str, Any]:
+    return dict(
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        jax=jax.__version__,
+        jax_backend=jax.default_backend(),
+        jax_devices=[str(d) for d in jax.devices()],
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        jax_default_matmul_precision=str(jax.config.jax_default_matmul_precision),
+        flax=getattr(sys.modules.get("flax"), "__version__", "?"),
+        **_torch_environment(),
+        load_average_at_start=os.getloadavg(),
+        cpu_busy_before_run=cpu_busy_fraction(),
+    )
+
+
+def _proc_status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in MiB, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def ru_maxrss_mib() -> float:
+    """``getrusage(RUSAGE_SELF).ru_maxrss`` in MiB (Linux reports KiB).
+
+    On Linux it survives ``execve``: a freshly spawned child starts at its parent's RSS at the
+    fork, so it overstates the peak of a child smaller than its parent.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak resident set size so far, in MiB.
+
+    ``VmHWM`` (the high-water mark of this process's address space, which starts afresh at
+    ``execve``); ``ru_maxrss`` where ``/proc`` is missing.
+    """
+    hwm = _proc_status_mib("VmHWM")
+    return ru_maxrss_mib() if hwm is None else hwm
+
+
+def memory_snapshot() -> dict[str, float | None]:
+    return dict(
+        peak_mib=peak_rss_mib(),
+        current_mib=_proc_status_mib("VmRSS"),
+        ru_maxrss_mib=ru_maxrss_mib(),
+    )
+
+
+def timed_median(fn: Callable[[], Any], repeats: int) -> float:
+    times, _ = time_calls(fn, repeats)
+    return statistics.median(times)
