@@ -14,6 +14,13 @@ from typing import Any
 import jax
 import optax
 
+from jaxlab.optim.ademamix import (
+    ScaleByAdemamixState,
+    ademamix,
+    alpha_schedule,
+    beta3_schedule,
+    scale_by_ademamix,
+)
 from jaxlab.optim.schedules import warmup_decay_schedule
 
 OptimizerFactory = Callable[[Any, optax.Schedule], optax.GradientTransformation]
@@ -61,6 +68,25 @@ register_optimizer(
 )  # fmt: skip
 
 
+def _ademamix_from_config(c, lr):
+    """AdEMAMix with the paper's alpha/beta3 warm-ups over ``warmup_alpha_b3`` steps (0 = off)."""
+    b1, warmup = _get(c, "b1", 0.9), _get(c, "warmup_alpha_b3", 0)
+    return ademamix(
+        lr,
+        b1=b1,
+        b2=_get(c, "b2", 0.999),
+        b3=beta3_schedule(b1, _get(c, "b3", 0.9999), warmup),
+        alpha=alpha_schedule(_get(c, "alpha", 5.0), warmup),
+        eps=_get(c, "eps", 1e-8),
+        weight_decay=_get(c, "weight_decay", 0.0),
+        mask=decay_mask,
+        mu_dtype=_get(c, "mu_dtype", None) or None,
+    )
+
+
+register_optimizer("ademamix", _ademamix_from_config)
+
+
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     """The schedule described by ``config.optim`` (see :func:`warmup_decay_schedule`)."""
     try:
@@ -82,7 +108,8 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     Args:
       config: ``config.optim``: ``name``, ``learning_rate`` and optional ``warmup_steps``,
         ``schedule``, ``final_lr_fraction``, ``decay_steps``, ``clip_norm`` (0 = off),
-        ``weight_decay``, ``b1``, ``b2``, ``eps``, ``momentum``, ``nesterov``.
+        ``weight_decay``, ``b1``, ``b2``, ``eps``, ``momentum``, ``nesterov``; for ``ademamix``
+        also ``b3``, ``alpha``, ``warmup_alpha_b3`` and ``mu_dtype``.
       total_steps: training steps, the schedule's horizon.
     """
     name = config.name
@@ -105,6 +132,11 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 
 
 __all__ = [
+    "ScaleByAdemamixState",
+    "ademamix",
+    "alpha_schedule",
+    "beta3_schedule",
+    "scale_by_ademamix",
     "available_optimizers",
     "build_optimizer",
     "decay_mask",

@@ -1,0 +1,236 @@
+r"""AdEMAMix: Adam with a second, slow EMA of gradients mixed into the update.
+
+Pagliardini, Ablin, Grangier, *The AdEMAMix Optimizer: Better, Faster, Older* (ICLR 2025),
+https://arxiv.org/abs/2409.03137, Algorithm 1. With gradient :math:`g_t` at step
+:math:`t = 1, 2, \dots`:
+
+.. math::
+
+    m_1 &\leftarrow \beta_1 m_1 + (1 - \beta_1) g_t, \qquad
+    m_2 \leftarrow \beta_3(t) m_2 + (1 - \beta_3(t)) g_t, \qquad
+    \nu \leftarrow \beta_2 \nu + (1 - \beta_2) g_t^2 \\
+    u_t &= \frac{m_1 / (1 - \beta_1^t) + \alpha(t)\, m_2}
+               {\sqrt{\nu / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+
+and :func:`ademamix` applies ``-lr(t) * (u_t + weight_decay * params)``. The slow EMA :math:`m_2`
+has no bias correction, on purpose: it should fill slowly. ``alpha = 0`` is AdamW.
+
+Differences from ``optax.contrib.ademamix`` (whose update equation this matches):
+
+* the paper's warm-up schedulers ship here (:func:`alpha_schedule`, :func:`beta3_schedule`);
+  without them a large ``b3`` diverges early. Both are finite at ``warmup_steps = 0``;
+* ``mu_dtype`` keeps *both* EMAs in that dtype across steps (they are computed in float32 and
+  cast back), while the second moment keeps the parameters' dtype unless ``nu_dtype`` is given;
+* ``b1 = 0`` drops the fast EMA entirely (``m1`` is ``None``: no leaf), so the state is as large
+  as AdamW's;
+* one step counter. Step convention: schedules are evaluated at the 0-based count of updates
+  applied so far (before incrementing), as optax.contrib does; bias corrections use the 1-based
+  count. ``optax.MultiSteps`` therefore advances the schedules once per real update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+ScalarOrSchedule = float | jax.Array | optax.Schedule
+
+
+class ScaleByAdemamixState(NamedTuple):
+    """State of :func:`scale_by_ademamix`.
+
+    Attributes:
+      count: number of updates applied so far, shape=(), dtype=int32.
+      m1: fast EMA of the gradients (``mu_dtype``), or None when ``b1 == 0``.
+      m2: slow EMA of the gradients (``mu_dtype``).
+      nu: EMA of the squared gradients (``nu_dtype``, default the parameters' dtype).
+    """
+
+    count: jax.Array
+    m1: Any
+    m2: Any
+    nu: Any
+
+
+def _value(x: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    return x(count) if callable(x) else x
+
+
+def alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
+    """Linear warm-up of the mixing coefficient: ``min(step * alpha / warmup_steps, alpha)``.
+
+    ``warmup_steps = 0`` gives the constant ``alpha``.
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"alpha_schedule: warmup_steps must be >= 0, got {warmup_steps}")
+
+    def schedule(step):
+        if warmup_steps == 0:
+            return jnp.asarray(alpha, jnp.float32)
+        return jnp.minimum(jnp.asarray(step, jnp.float32) * alpha / warmup_steps, alpha)
+
+    return schedule
+
+
+def _half_life(beta: float) -> float:
+    """Steps after which an EMA with decay ``beta`` holds half its mass: ln(0.5)/ln(beta) - 1.
+
+    Computed in float64 once (ln(beta) near 1 loses digits in float32); ``beta = 0`` gives -1.
+    """
+    return -1.0 if beta == 0 else math.log(0.5) / math.log(beta) - 1.0
+
+
+def beta3_schedule(beta_start: float, beta_end: float, warmup_steps: int) -> optax.Schedule:
+    """The paper's half-life-linear warm-up of ``b3`` from ``beta_start`` to ``beta_end``.
+
+    The half-life ``f(beta) = ln(0.5)/ln(beta) - 1`` grows linearly: with
+    ``mu = min(step / warmup_steps, 1)``,
+    ``beta3(step) = f^-1((1 - mu) f(beta_start) + mu f(beta_end))`` with
+    ``f^-1(tau) = 0.5^(1/(tau+1))``, which in closed form is
+    ``exp(ln(beta_start) ln(beta_end) / ((1 - mu) ln(beta_end) + mu ln(beta_start)))``.
+    Written through half-lives it stays finite for ``beta_start = 0``; ``warmup_steps = 0`` gives
+    the constant ``beta_end``. The paper uses ``beta_start = b1``.
+    """
+    if not 0 <= beta_start <= beta_end < 1:
+        raise ValueError(
+            "beta3_schedule: need 0 <= beta_start <= beta_end < 1, got "
+            f"beta_start={beta_start}, beta_end={beta_end}"
+        )
+    if warmup_steps < 0:
+        raise ValueError(f"beta3_schedule: warmup_steps must be >= 0, got {warmup_steps}")
+    start, end = _half_life(beta_start), _half_life(beta_end)
+
+    def schedule(step):
+        if warmup_steps == 0:
+            return jnp.asarray(beta_end, jnp.float32)
+        mu = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+        tau = (1.0 - mu) * start + mu * end
+        return jnp.minimum(jnp.power(0.5, 1.0 / (tau + 1.0)), beta_end)
+
+    return schedule
+
+
+def scale_by_ademamix(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Scales updates by the AdEMAMix rule (see the module docstring).
+
+    Args:
+      b1: decay of the fast EMA; 0 drops the fast EMA buffer (``m1 = g``).
+      b2: decay of the second-moment EMA.
+      b3: decay of the slow EMA, a float or a schedule (see :func:`beta3_schedule`).
+      alpha: weight of the slow EMA, a float or a schedule (see :func:`alpha_schedule`).
+      eps: added to the denominator outside the square root.
+      eps_root: added inside the square root.
+      mu_dtype: storage dtype of both EMAs (e.g. ``jnp.bfloat16``); default the parameters'.
+      nu_dtype: storage dtype of the second moment; default the parameters'.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleByAdemamixState`.
+    """
+    for name, value in (("b1", b1), ("b2", b2)):
+        if isinstance(value, int | float) and not 0 <= value < 1:
+            raise ValueError(f"scale_by_ademamix: {name} must be in [0, 1), got {value}")
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
+
+    def zeros(params, dtype):
+        return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype), params)
+
+    def init_fn(params):
+        # Under optax.inject_hyperparams, b1 arrives as a concrete array here.
+        drop_m1 = not isinstance(b1, jax.core.Tracer) and b1 == 0
+        return ScaleByAdemamixState(
+            count=jnp.zeros([], jnp.int32),
+            m1=None if drop_m1 else zeros(params, mu_dtype),
+            m2=zeros(params, mu_dtype),
+            nu=zeros(params, nu_dtype),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        c_b3 = _value(b3, state.count)
+        c_alpha = _value(alpha, state.count)
+        count = numerics.safe_int32_increment(state.count)
+        t = count.astype(jnp.float32)
+        m1_correction = 1.0 - b1**t
+        nu_correction = 1.0 - b2**t
+
+        def leaf(g, m1, m2, nu):
+            g32 = g.astype(jnp.float32)
+            m2_new = c_b3 * m2.astype(jnp.float32) + (1.0 - c_b3) * g32
+            nu_new = b2 * nu.astype(jnp.float32) + (1.0 - b2) * g32 * g32
+            if m1 is None:
+                m1_new, fast = None, g32
+            else:
+                m1_new = b1 * m1.astype(jnp.float32) + (1.0 - b1) * g32
+                fast = m1_new / m1_correction
+            u = (fast + c_alpha * m2_new) / (jnp.sqrt(nu_new / nu_correction + eps_root) + eps)
+            return (
+                u.astype(g.dtype),
+                None if m1 is None else m1_new.astype(m1.dtype),
+                m2_new.astype(m2.dtype),
+                nu_new.astype(nu.dtype),
+            )
+
+        m1_tree = state.m1 if state.m1 is not None else jax.tree.map(lambda _: None, updates)
+        out = jax.tree.map(leaf, updates, m1_tree, state.m2, state.nu,
+                           is_leaf=lambda x: x is None)  # fmt: skip
+        pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)  # noqa: E731
+        new_updates, m1, m2, nu = pick(0), pick(1), pick(2), pick(3)
+        return new_updates, ScaleByAdemamixState(count, None if state.m1 is None else m1, m2, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ademamix(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """AdEMAMix as an optax chain: the core, decoupled weight decay, then the learning rate.
+
+    Args:
+      learning_rate: a float or a schedule.
+      b1, b2, b3, alpha, eps, eps_root, mu_dtype, nu_dtype: see :func:`scale_by_ademamix`.
+      weight_decay: decoupled weight decay, multiplied by the learning rate (as AdamW).
+      mask: pytree (or function of the params) selecting the parameters that get weight decay.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np, optax
+      >>> from jaxlab.optim import ademamix, alpha_schedule, beta3_schedule
+      >>> tx = ademamix(1e-1, b3=beta3_schedule(0.9, 0.999, 100), alpha=alpha_schedule(5.0, 100))
+      >>> x = jnp.array([1.0, -2.0]); state = tx.init(x)
+      >>> for _ in range(3):
+      ...     g = 2 * x
+      ...     updates, state = tx.update(g, state, x)
+      ...     x = optax.apply_updates(x, updates)
+      >>> print(np.round(np.asarray(x), 3))
+      [ 0.699 -1.698]
+    """
+    return optax.chain(
+        scale_by_ademamix(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root,
+                          mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )  # fmt: skip
