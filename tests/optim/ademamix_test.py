@@ -1,5 +1,7 @@
 """AdEMAMix against optax.contrib, a float64 NumPy Algorithm 1, AdamW and closed forms."""
 
+import doctest
+import importlib
 import math
 
 import jax
@@ -199,9 +201,7 @@ def test_registry_wires_the_schedulers_from_config():
 
 
 def test_docstring_example_runs():
-    import doctest
-
-    from jaxlab.optim import ademamix as module
-
+    # The package re-exports the function ademamix, which shadows the module attribute.
+    module = importlib.import_module("jaxlab.optim.ademamix")
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
