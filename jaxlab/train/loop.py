@@ -138,6 +138,23 @@ def init_state(exp: Experiment) -> TrainState:
     return jax.jit(init, out_shardings=exp.state_shardings)()
 
 
+def compile_steps(exp: Experiment):
+    """The jitted train step (state donated) and eval step, with the experiment's shardings."""
+    train_step = jax.jit(
+        make_train_step(exp.graphdef, exp.optimizer, accum_steps=exp.config.accum_steps,
+                        learning_rate=exp.schedule),
+        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
+        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
+        donate_argnums=0,
+    )  # fmt: skip
+    eval_step = jax.jit(
+        make_eval_step(exp.graphdef),
+        in_shardings=(exp.state_shardings.params, sharding.batch_sharding(exp.mesh)),
+        out_shardings=sharding.replicated(exp.mesh),
+    )
+    return train_step, eval_step
+
+
 class _MetricsWriter:
     """JSON lines in ``path``, written by process 0 only."""
 
@@ -208,18 +225,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
 
-    train_step = jax.jit(
-        make_train_step(exp.graphdef, exp.optimizer, accum_steps=config.accum_steps,
-                        learning_rate=exp.schedule),
-        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
-        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
-        donate_argnums=0,
-    )  # fmt: skip
-    eval_step = jax.jit(
-        make_eval_step(exp.graphdef),
-        in_shardings=(exp.state_shardings.params, sharding.batch_sharding(exp.mesh)),
-        out_shardings=sharding.replicated(exp.mesh),
-    )
+    train_step, eval_step = compile_steps(exp)
 
     summary: dict[str, Any] = {"start_step": start}
     if start == 0:

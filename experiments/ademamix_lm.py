@@ -1,0 +1,194 @@
+"""AdEMAMix against AdamW on the tiny LM: a learning-rate sweep and the forgetting experiment.
+
+1. Sweep: ``configs/ademamix_lm.py`` trained with AdamW and with AdEMAMix (same steps, batches and
+   token budget) at each learning rate of ``--lrs``; the best final held-out loss of each is
+   compared and both best runs' curves are plotted (``sweep.png``).
+2. Forgetting (the paper's Fig. 4): at the best learning rates, one held-out batch is shown once,
+   at step ``--inject_step`` in place of the regular batch; its loss is then tracked for the
+   rest of training next to the loss of a second held-out batch that is never trained on
+   (``forgetting.png``). The gap between the two measures what the model still remembers.
+
+Writes ``REPORT.md`` in ``--workdir``.
+
+  python -m experiments.ademamix_lm --workdir=runs/ademamix_vs_adamw
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import matplotlib
+import numpy as np
+from absl import app, flags, logging
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from configs import ademamix_lm  # noqa: E402
+from jaxlab.data import pipeline  # noqa: E402
+from jaxlab.train import loop, sharding  # noqa: E402
+
+flags.DEFINE_string("workdir", "runs/ademamix_vs_adamw", "Output directory.")
+flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Learning rates swept for both optimizers.")
+flags.DEFINE_integer("num_steps", 0, "Steps per run (0 = the config's).")
+flags.DEFINE_integer("inject_step", 0, "Step at which the probe batch is trained on (0 = half).")
+flags.DEFINE_integer("probe_every", 5, "Steps between probe evaluations after the injection.")
+FLAGS = flags.FLAGS
+
+OPTIMIZERS = ("adamw", "ademamix")
+
+
+def make_config(optimizer: str, lr: float, num_steps: int):
+    config = ademamix_lm.get_config()
+    if num_steps:
+        config.num_steps = num_steps
+        config.checkpoint_every = num_steps
+        config.eval_every = max(num_steps // 5, 1)
+        config.optim.warmup_alpha_b3 = num_steps
+        config.optim.warmup_steps = min(config.optim.warmup_steps, num_steps // 10)
+    config.optim.name = optimizer
+    config.optim.learning_rate = lr
+    return config
+
+
+def sweep(workdir: str, lrs: list[float], num_steps: int) -> dict:
+    results = {}
+    for optimizer in OPTIMIZERS:
+        for lr in lrs:
+            run = os.path.join(workdir, f"{optimizer}_lr{lr:g}")
+            print(f"--- {optimizer}, lr {lr:g}: {run}")
+            summary = loop.train_and_evaluate(make_config(optimizer, lr, num_steps), run)
+            results[(optimizer, lr)] = dict(run=run, eval_loss=summary["eval"]["eval_loss"])
+    return results
+
+
+def forgetting(optimizer: str, lr: float, num_steps: int, inject_step: int, probe_every: int):
+    """Probe and reference held-out losses over training, the probe trained on once."""
+    config = make_config(optimizer, lr, num_steps)
+    exp = loop.build_experiment(config)
+    state = loop.init_state(exp)
+    train_step, eval_step = loop.compile_steps(exp)
+    components = pipeline.build_components(config.data)
+    data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
+                                   components)  # fmt: skip
+    probe, reference = pipeline.eval_batches(config.data, exp.tokenizer, config.seq_len,
+                                             config.batch_size, 2, components)  # fmt: skip
+    on_device = lambda batch: sharding.global_batch_to_devices(batch, exp.mesh)  # noqa: E731
+    probe_d, reference_d = on_device(probe), on_device(reference)
+
+    def loss(batch):
+        out = eval_step(state.params, batch)
+        return float(out["loss_sum"]) / float(out["tokens"])
+
+    record = []
+    for step in range(1, num_steps + 1):
+        batch = next(data)  # drawn every step, so both optimizers see the same other batches
+        if step == inject_step:
+            batch = probe
+        state, _ = train_step(state, on_device(batch))
+        near = step >= inject_step - 5 * probe_every
+        if step == inject_step - 1 or step == inject_step or (near and step % probe_every == 0):
+            record.append((step, loss(probe_d), loss(reference_d)))
+    return record
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    workdir = FLAGS.workdir
+    os.makedirs(workdir, exist_ok=True)
+    lrs = [float(x) for x in FLAGS.lrs]
+    num_steps = FLAGS.num_steps or ademamix_lm.get_config().num_steps
+    inject = FLAGS.inject_step or num_steps // 2
+
+    results = sweep(workdir, lrs, num_steps)
+    best = {
+        o: min((r for (opt, _), r in results.items() if opt == o), key=lambda r: r["eval_loss"])
+        for o in OPTIMIZERS
+    }
+    best_lr = {o: next(lr for (opt, lr), r in results.items() if r is best[o]) for o in OPTIMIZERS}
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for optimizer in OPTIMIZERS:
+        records = loop.read_metrics(best[optimizer]["run"])
+        steps = np.array([r["step"] for r in records if "loss" in r])
+        train = np.array([r["loss"] for r in records if "loss" in r])
+        smooth = np.convolve(train, np.ones(20) / 20, mode="valid")
+        line = ax.plot(steps[19:], smooth, label=f"{optimizer} train (lr {best_lr[optimizer]:g})")
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        ax.plot(*zip(*evals, strict=True), "o--", color=line[0].get_color(),
+                label=f"{optimizer} held-out")  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_ylim(top=3.5)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "sweep.png"), dpi=120)
+    plt.close(fig)
+
+    print(f"--- forgetting: probe batch trained on once at step {inject}")
+    curves = {o: forgetting(o, best_lr[o], num_steps, inject, FLAGS.probe_every)
+              for o in OPTIMIZERS}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for optimizer, record in curves.items():
+        steps, probe, ref = map(np.array, zip(*record, strict=True))
+        line = ax.plot(steps, probe, label=f"{optimizer}: injected batch")
+        ax.plot(steps, ref, ":", color=line[0].get_color(), label=f"{optimizer}: never-seen batch")
+    ax.axvline(inject, color="gray", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "forgetting.png"), dpi=120)
+    plt.close(fig)
+
+    def gap_summary(record):
+        by_step = {s: (p, r) for s, p, r in record}
+        before = by_step[inject - 1][1] - by_step[inject - 1][0]
+        after = by_step[inject][1] - by_step[inject][0]
+        final = record[-1][2] - record[-1][1]
+        half = next((s - inject for s, p, r in record if s > inject and r - p <= before +
+                     (after - before) / 2), None)  # fmt: skip
+        return before, after, final, half
+
+    lines = [
+        "# AdEMAMix vs AdamW on the tiny LM",
+        "",
+        f"`configs/ademamix_lm.py`: {num_steps} steps x {ademamix_lm.get_config().batch_size} x "
+        f"{ademamix_lm.get_config().seq_len} bytes of the embedded corpus, same batches for both; "
+        "AdEMAMix with beta3 0.999, alpha 8, both warmed up over the whole run.",
+        "",
+        "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for optimizer in OPTIMIZERS:
+        cells = [f"{results[(optimizer, lr)]['eval_loss']:.4f}" for lr in lrs]
+        lines.append(f"| {optimizer} held-out loss | " + " | ".join(cells) + " |")
+    lines += ["", "![sweep](sweep.png)", "", f"## Forgetting (batch injected at step {inject})", "",
+              "Gap = loss of the never-seen batch minus loss of the injected batch.", "",
+              "| optimizer | gap before | gap right after | gap at the end | steps to lose half |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    summary = {}
+    for optimizer, record in curves.items():
+        before, after, final, half = gap_summary(record)
+        summary[optimizer] = dict(before=before, after=after, final=final, half_steps=half)
+        lines.append(f"| {optimizer} | {before:.4f} | {after:.4f} | {final:.4f} | "
+                     f"{'not within the run' if half is None else half} |")  # fmt: skip
+    lines += ["", "![forgetting](forgetting.png)"]
+    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(dict(sweep={f"{o}@{lr:g}": r["eval_loss"] for (o, lr), r in results.items()},
+                       best_lr=best_lr, forgetting=summary,
+                       curves={o: c for o, c in curves.items()}), f, indent=2)  # fmt: skip
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    jax.config.config_with_absl()
+    app.run(main)
