@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -67,3 +69,29 @@ def test_train_lm_rejects_a_misspelled_override(tmp_path):
     assert result.returncode != 0
     assert "num_stepz" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ademamix_experiment_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.ademamix_lm", f"--workdir={tmp_path}",
+         "--num_steps=12", "--lrs=3e-3", "--probe_every=2"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["sweep"]) == {"adamw@0.003", "ademamix@0.003"}
+    assert (tmp_path / "forgetting.png").stat().st_size > 1000
+    assert "steps to lose half" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_bench_optim_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_optim", "--quick", f"--out={out}"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    # State sizes are exact: AdEMAMix keeps 3 buffers per parameter, 2 with b1 = 0 (as AdamW).
+    assert rows["jaxlab ademamix"]["state_ratio"] == pytest.approx(1.5, rel=1e-3)
+    assert rows["jaxlab ademamix b1=0"]["state_ratio"] == pytest.approx(1.0, rel=1e-3)
