@@ -1,7 +1,7 @@
 """Llama-2 7B pretraining or continued pretraining on a pod (FSDP over every device).
 
 Usage (one process per host; the data and tokenizer are yours):
-  python -m experiments.train_lm --config=configs/llama2_7b.py --workdir=gs://... \
+  python -m experiments.train_lm --config=configs/llama2_7b.py --workdir=runs/llama2_7b \
       --coordinator_address=auto --config.data.sources="('jsonl:/data/*.jsonl',)" \
       --config.data.tokenizer=/path/to/tokenizer.model
 """

@@ -14,7 +14,8 @@ Mixture. Every packed example holds exactly ``seq_len`` tokens, so a source's sh
 are, with no conversion by mean document length (which a document-level mixture would need).
 Sources are interleaved by smooth weighted round robin (each step adds the weights to per-source
 credits and takes the source with the largest credit), so after ``n`` examples every source's
-count is within one of ``n * weight``: shares are exact at any horizon, not only in expectation.
+count stays within a few examples of ``n * weight``: shares have no sampling noise at any
+horizon.
 Weights can be changed while running (:meth:`DataIterator.set_weights`; DoGE needs this).
 
 State. ``get_state()`` returns a small JSON-able dict (per-source cursors: document index and
@@ -268,7 +269,11 @@ def resolve_source(spec: str, *, text_field: str = "text", validation_fraction: 
     read = lambda split: tfds_text.tfds_text_source(
         arg, split, data_dir=tfds_data_dir, text_field=text_field
     )
-    return [Component(arg, read("train"), read("validation"))]
+    try:
+        validation = read("validation")
+    except ValueError:  # a dataset built without a held-out split
+        validation = sources.ListDocuments([], f"{arg} (no validation split)")
+    return [Component(arg, read("train"), validation)]
 
 
 def _concat(parts) -> sources.Documents:

@@ -34,15 +34,17 @@ class GenerateOutput(NamedTuple):
     lengths: jax.Array
 
 
-def prefill(model: Transformer, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def prefill(
+    model: Transformer, tokens: jax.Array, cache: KVCache, logits_at: jax.Array | None = None
+) -> tuple[jax.Array, KVCache]:
     """Runs ``tokens: [batch, seq]`` at positions ``0..seq-1`` and fills the cache.
 
     Returns:
-      logits [batch, seq, vocab] and the cache.
+      logits [batch, seq, vocab] (or [batch, 1, vocab] at ``logits_at: [batch]``) and the cache.
     """
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    return model(tokens, positions=positions, cache=cache)
+    return model(tokens, positions=positions, cache=cache, logits_at=logits_at)
 
 
 def decode_step(
@@ -67,6 +69,13 @@ def _validate(model, prompts, prompt_lengths, max_new_tokens):
     if lengths.min() < 1 or lengths.max() > prompt_len:
         raise ValueError(
             f"generate: prompt_lengths must lie in [1, {prompt_len}], got {lengths.tolist()}"
+        )
+    ids = np.asarray(prompts)
+    vocab = model.config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(
+            f"generate: prompt token ids must lie in [0, {vocab}), got min {ids.min()} and "
+            f"max {ids.max()}"
         )
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -133,8 +142,8 @@ def _generate(
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompts.shape
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = prefill(model, prompts, cache)
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits, cache = prefill(model, prompts, cache, logits_at=prompt_lengths - 1)
+    last = logits[:, 0]
     rng, key = jax.random.split(rng)
     first = sample(last, key, sampling)
     stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxlab import ops
 from jaxlab.models.layers import RMSNorm, RopeScaling, apply_rope, param, rope_inv_freq
+from jaxlab.models.partitioning import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -330,6 +331,7 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        logits_at: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Runs the decoder.
 
@@ -341,9 +343,12 @@ class Transformer(nnx.Module):
             Not used with a cache.
           cache: per-layer keys/values from :func:`init_cache`; if given, the updated cache is
             returned with the logits.
+          logits_at: [batch] int; if given, logits only at that position of each row (e.g. the
+            last prompt token), which skips the vocabulary projection everywhere else.
 
         Returns:
-          logits [batch, seq, vocab] float32, and the new cache when ``cache`` was given.
+          logits [batch, seq, vocab] float32 ([batch, 1, vocab] with ``logits_at``), and the new
+          cache when ``cache`` was given.
         """
         c = self.config
         if tokens.ndim != 2:
@@ -366,17 +371,23 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"Transformer: cache has {len(cache)} layers, the model has {c.num_layers}"
             )
+        residual_axes = ("batch", "seq", "embed")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
+        x = constrain(x, residual_axes)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, segment_ids, None if cache is None else cache[i])
+            x = constrain(x, residual_axes)
             new_cache.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
         if c.tie_embeddings:
             head = self.embed[...].astype(x.dtype).T
         else:
             head = self.lm_head[...].astype(x.dtype)
         logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
         if cache is None:
             return logits
         return logits, tuple(new_cache)

@@ -8,6 +8,7 @@ their optimizers (e.g. AdEMAMix) with :func:`register_optimizer`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +38,17 @@ def available_optimizers() -> tuple[str, ...]:
 
 
 def decay_mask(params) -> Any:
-    """True for parameters that get weight decay: those with two or more dimensions."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for parameters that get weight decay: matrices, not biases or norm scales.
+
+    A parameter is decayed if it has two or more dimensions and its name does not end in
+    ``bias`` (attention biases are stored as ``[heads, head_dim]``).
+    """
+
+    def decays(path, p):
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", ""))) if path else ""
+        return p.ndim >= 2 and not name.endswith("bias")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def _get(config, name, default):
@@ -116,8 +126,8 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     if name not in _REGISTRY:
         raise ValueError(f"config.optim.name={name!r} is not one of {available_optimizers()}")
     lr = config.learning_rate
-    if not isinstance(lr, int | float) or not lr > 0:
-        raise ValueError(f"config.optim.learning_rate must be a positive number, got {lr!r}")
+    if not isinstance(lr, int | float) or not 0 < lr < math.inf:
+        raise ValueError(f"config.optim.learning_rate must be a finite positive number, got {lr!r}")
     clip = _get(config, "clip_norm", 0.0)
     if clip < 0:
         raise ValueError(f"config.optim.clip_norm must be >= 0 (0 = off), got {clip}")

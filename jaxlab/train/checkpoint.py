@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -20,7 +19,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3):
         if keep < 1:
-            raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
+            raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -65,11 +64,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a tree of arrays, as orbax restore targets."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )

@@ -5,8 +5,8 @@ Builds the mesh, data, model and optimizer from ``config``; resumes from the new
 then trains with a progress bar, writes metrics as JSON lines to ``workdir/metrics.jsonl``,
 evaluates held-out loss and perplexity every ``config.eval_every`` steps, checkpoints every
 ``config.checkpoint_every`` steps (keeping ``config.keep_checkpoints``), and plots the loss curve
-to ``workdir/loss.png``. A non-finite loss stops the run before anything is saved, naming the step
-and the last good checkpoint.
+to ``workdir/loss.png``. A non-finite loss, gradient norm or parameter norm stops the run before
+anything from that step is saved, naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import queue
+import threading
 import time
 from typing import Any
 
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
@@ -30,7 +33,7 @@ from jaxlab.data import pipeline
 from jaxlab.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlab.train import sharding
 from jaxlab.train.checkpoint import Checkpointer
-from jaxlab.train.step import TrainState, make_eval_step, make_train_step
+from jaxlab.train.step import MODEL_INPUTS, TrainState, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,6 +53,7 @@ class Experiment:
     schedule: optax.Schedule
     state_shardings: TrainState
     abstract_state: TrainState
+    rules: tuple
 
 
 def validate_config(config) -> None:
@@ -124,7 +128,7 @@ def build_experiment(config) -> Experiment:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     return Experiment(config, mesh, tokenizer, model_config, graphdef, optimizer, schedule,
-                      shardings, abstract)  # fmt: skip
+                      shardings, abstract, rules)  # fmt: skip
 
 
 def init_state(exp: Experiment) -> TrainState:
@@ -142,17 +146,28 @@ def compile_steps(exp: Experiment):
     """The jitted train step (state donated) and eval step, with the experiment's shardings."""
     train_step = jax.jit(
         make_train_step(exp.graphdef, exp.optimizer, accum_steps=exp.config.accum_steps,
-                        learning_rate=exp.schedule),
+                        learning_rate=exp.schedule, mesh=exp.mesh, rules=exp.rules),
         in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
     )  # fmt: skip
     eval_step = jax.jit(
-        make_eval_step(exp.graphdef),
+        make_eval_step(exp.graphdef, mesh=exp.mesh, rules=exp.rules),
         in_shardings=(exp.state_shardings.params, sharding.batch_sharding(exp.mesh)),
         out_shardings=sharding.replicated(exp.mesh),
     )
     return train_step, eval_step
+
+
+def _parse_lines(lines) -> list[dict[str, Any]]:
+    """Metrics records; a line torn by a crash mid-write is skipped."""
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logging.warning("skipping an unreadable metrics line: %r", line[:200])
+    return records
 
 
 class _MetricsWriter:
@@ -162,11 +177,12 @@ class _MetricsWriter:
         self.path = path
         self.enabled = jax.process_index() == 0
         if self.enabled and os.path.exists(path):
-            # Lines from beyond the checkpoint we resume from would be logged twice.
+            # Records past the checkpoint we resume from (all of them for a fresh start) would
+            # otherwise be logged twice.
             with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                kept = [r for r in _parse_lines(f) if resume_step > 0 and r["step"] <= resume_step]
             with open(path, "w") as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -176,17 +192,61 @@ class _MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return _parse_lines(f)
+
+
+def _on_devices(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    return sharding.global_batch_to_devices({k: batch[k] for k in MODEL_INPUTS}, mesh)
 
 
 def evaluate(exp: Experiment, params, eval_data, eval_step) -> dict[str, float]:
     loss_sum, tokens = 0.0, 0.0
     for batch in eval_data:
-        out = eval_step(params, sharding.global_batch_to_devices(batch, exp.mesh))
+        out = eval_step(params, _on_devices(batch, exp.mesh))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
     loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+class _Prefetcher:
+    """Builds the next batches on a background thread while the devices train.
+
+    Each batch comes with the iterator state *after* it, so a checkpoint stores the position of
+    the batches consumed, not of those merely prefetched.
+    """
+
+    def __init__(self, iterator: pipeline.DataIterator, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.state = iterator.get_state()
+
+        def produce():
+            try:
+                while not self._stop.is_set():
+                    item = (next(iterator), iterator.get_state())
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+            except BaseException as e:  # surfaced in the training thread
+                self._queue.put(e)
+
+        self._thread = threading.Thread(target=produce, daemon=True, name="jaxlab-data")
+        self._thread.start()
+
+    def next(self) -> dict[str, np.ndarray]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self.state = item
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
@@ -194,13 +254,17 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
 
     Args:
       config: the experiment ConfigDict (see ``configs/lm_tiny.py``).
-      workdir: directory for checkpoints, metrics, plots.
+      workdir: local directory for checkpoints, metrics, plots.
       stop_at: stop after this step (as if interrupted; the schedule still spans
         ``config.num_steps``). Checkpoints the stop step.
 
     Returns:
-      The last train and eval metrics, and the first eval (before any training, if this run
-      started from scratch).
+      The last train and eval metrics, the first eval (before any training, if this run started
+      from scratch), the final state and the :class:`Experiment`.
+
+    Raises:
+      NonFiniteLossError: the loss, the gradient or the updated parameters stopped being finite;
+        nothing from that step on was saved.
     """
     exp = build_experiment(config)
     os.makedirs(workdir, exist_ok=True)
@@ -221,12 +285,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         data.set_state(data_state)
     metrics_writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
     config_json = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
+    lead = jax.process_index() == 0
+    if lead:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
 
     train_step, eval_step = compile_steps(exp)
-
     summary: dict[str, Any] = {"start_step": start}
     if start == 0:
         first = evaluate(exp, state.params, eval_data, eval_step)
@@ -235,59 +299,66 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     last_saved = start if start > 0 else None
     end = min(config.num_steps, stop_at) if stop_at is not None else config.num_steps
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    window_tokens, window_start = 0.0, time.perf_counter()
+    window_start = time.perf_counter()
 
-    def flush(step: int) -> dict[str, float]:
-        """Fetches pending metrics; raises on a non-finite loss before anything is saved."""
-        nonlocal window_tokens, window_start
-        fetched = [(s, jax.device_get(m)) for s, m in pending]
+    def flush() -> dict[str, float]:
+        """Fetches and writes pending metrics; raises at the first non-finite step."""
+        nonlocal window_start
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
         pending.clear()
         for s, m in fetched:
-            if not np.isfinite(m["loss"]):
+            bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
+            if bad:
                 where = (
                     f"the last good checkpoint is step {last_saved} in "
                     f"{checkpointer.path(last_saved)}"
                     if last_saved is not None
                     else "no checkpoint was saved yet"
                 )
-                raise NonFiniteLossError(f"training loss is {m['loss']} at step {s}; {where}")
+                raise NonFiniteLossError(
+                    f"training {' and '.join(bad)} is {m[bad[0]]} at step {s}; {where}"
+                )
+            metrics_writer.write({"step": s, **m})
         elapsed = time.perf_counter() - window_start
-        tokens = sum(float(m["tokens"]) for _, m in fetched)
-        window_tokens, window_start = 0.0, time.perf_counter()
-        last = {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
-        for s, m in fetched:
-            metrics_writer.write({"step": s, **{k: float(v) for k, v in m.items()}})
-        if fetched and elapsed > 0:
-            last["tokens_per_s"] = tokens / elapsed
+        if not fetched:
+            return {}
+        last = dict(fetched[-1][1])
+        last["tokens_per_s"] = sum(m["tokens"] for _, m in fetched) / max(elapsed, 1e-9)
         return last
 
     progress = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                    disable=jax.process_index() != 0)  # fmt: skip
+                    disable=not lead)  # fmt: skip
+    prefetcher = _Prefetcher(data)
     last_train: dict[str, float] = {}
-    for step in range(start + 1, end + 1):
-        batch = sharding.global_batch_to_devices(next(data), exp.mesh)
-        state, metrics = train_step(state, batch)
-        pending.append((step, metrics))
-        progress.update(1)
-        should_eval = step % config.eval_every == 0 or step == end
-        should_save = step % config.checkpoint_every == 0 or step == end
-        if step % config.log_every == 0 or should_eval or should_save:
-            last_train = flush(step) or last_train
-            progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}",
-                                 tok_s=f"{last_train.get('tokens_per_s', 0):,.0f}")  # fmt: skip
-        if should_eval:
-            result = evaluate(exp, state.params, eval_data, eval_step)
-            metrics_writer.write({"step": step, **result})
-            summary["eval"] = result
-            progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}, "
-                           f"perplexity {result['eval_perplexity']:.3f}")  # fmt: skip
-        if should_save:
-            checkpointer.save(step, state, data.get_state(), config_json)
-            last_saved = step
-    progress.close()
-    checkpointer.close()
+    try:
+        for step in range(start + 1, end + 1):
+            state, metrics = train_step(state, _on_devices(prefetcher.next(), exp.mesh))
+            pending.append((step, metrics))
+            progress.update(1)
+            should_eval = step % config.eval_every == 0 or step == end
+            should_save = step % config.checkpoint_every == 0 or step == end
+            if step % config.log_every == 0 or should_eval or should_save:
+                last_train = flush() or last_train
+                progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}",
+                                     tok_s=f"{last_train.get('tokens_per_s', 0):,.0f}")  # fmt: skip
+            if should_eval:
+                result = evaluate(exp, state.params, eval_data, eval_step)
+                metrics_writer.write({"step": step, **result})
+                summary["eval"] = result
+                if lead:
+                    progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}, "
+                                   f"perplexity {result['eval_perplexity']:.3f}")  # fmt: skip
+            if should_save:
+                checkpointer.save(step, state, prefetcher.state, config_json)
+                last_saved = step
+            if should_eval or should_save:
+                window_start = time.perf_counter()  # throughput counts training time only
+    finally:
+        prefetcher.close()
+        progress.close()
+        checkpointer.close()
     summary.update(train=last_train, step=end, state=state, experiment=exp)
-    if jax.process_index() == 0:
+    if lead:
         from jaxlab.eval.plots import plot_loss_curve
 
         plot_loss_curve(read_metrics(workdir), os.path.join(workdir, "loss.png"))

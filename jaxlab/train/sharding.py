@@ -1,8 +1,8 @@
 """Device mesh and logical-axis sharding rules.
 
-Model code names only logical axes (``batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab,
-state``); a rules table maps each to zero or more mesh axes of the fixed mesh
-``('data', 'fsdp', 'tensor')``. One CPU gives a 1x1x1 mesh and runs the same code as a pod.
+Model code names only logical axes; the rules that map them to the fixed mesh
+``('data', 'fsdp', 'tensor')`` live in :mod:`jaxlab.models.partitioning`. One CPU gives a 1x1x1
+mesh and runs the same code as a pod.
 """
 
 from __future__ import annotations
@@ -15,21 +15,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlab.models.layers import logical_axes
+from jaxlab.models.partitioning import DEFAULT_RULES, logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-# logical axis -> mesh axis, tuple of mesh axes, or None (replicated).
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("seq", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("state", None),
-)
 
 
 def make_mesh(
@@ -73,32 +61,6 @@ def make_mesh(
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
-
-
-def logical_to_spec(
-    axes: Sequence[str | None],
-    shape: Sequence[int],
-    mesh: Mesh,
-    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_RULES,
-) -> PartitionSpec:
-    """Mesh partitioning of an array with logical ``axes`` and ``shape``.
-
-    A mesh axis is used at most once per array (first logical axis wins), and a dimension whose
-    size is not divisible by its mesh axes stays replicated, so tiny test models shard too.
-    """
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(axes, shape, strict=True):
-        target = table.get(name) if name is not None else None
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
-        if mesh_axes and size % int(np.prod([mesh.shape[a] for a in mesh_axes])) == 0:
-            used.update(mesh_axes)
-            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-        else:
-            spec.append(None)
-    return PartitionSpec(*spec)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):

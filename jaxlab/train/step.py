@@ -11,6 +11,7 @@ summation order), however the masked tokens fall across micro-batches.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,8 +19,28 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlab.models.partitioning import DEFAULT_RULES, Rules, activation_sharding
 
 Batch = dict[str, jax.Array]
+# The batch entries the model and loss read (``domain`` and other extras stay on the host).
+MODEL_INPUTS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def activation_sharding_during_trace(mesh: Mesh | None, rules: Rules):
+    """Decorator: trace ``fn`` inside :func:`activation_sharding`, so its jitted form keeps the
+    activation constraints whoever calls it."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with activation_sharding(mesh, rules):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
 
 
 class TrainState(NamedTuple):
@@ -59,12 +80,16 @@ def loss_sums(graphdef: nnx.GraphDef, params, batch: Batch) -> tuple[jax.Array, 
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
+    """``[batch, ...] -> [accum_steps, batch / accum_steps, ...]``, micro-batch ``i`` taking rows
+    ``i, i + accum_steps, ...``: every device keeps contributing its own rows to each micro-batch
+    (contiguous blocks would put each micro-batch on a fraction of the devices)."""
+
     def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(
                 f"batch size {x.shape[0]} is not divisible by accum_steps={accum_steps}"
             )
-        return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+        return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(split, batch)
 
@@ -75,11 +100,14 @@ def make_train_step(
     *,
     accum_steps: int = 1,
     learning_rate: optax.Schedule | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure ``(state, batch) -> (state, metrics)`` step.
 
     Metrics: ``loss`` (mean over target tokens), ``tokens``, ``grad_norm`` (before clipping),
-    and ``learning_rate`` if a schedule is given.
+    ``param_norm`` (after the update), and ``learning_rate`` if a schedule is given. With a
+    ``mesh``, activations are pinned to the logical-axis ``rules`` (batch over data x fsdp).
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -109,6 +137,7 @@ def make_train_step(
             "loss": loss_sum / denominator,
             "tokens": count,
             "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
         }
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state.step)
@@ -117,9 +146,12 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+    graphdef: nnx.GraphDef, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """``(params, batch) -> {"loss_sum", "tokens"}``; sum over batches, then divide."""
 
+    @activation_sharding_during_trace(mesh, rules)
     def eval_step(params, batch: Batch):
         loss_sum, count = loss_sums(graphdef, params, batch)
         return {"loss_sum": loss_sum, "tokens": count}

@@ -126,10 +126,16 @@ def test_generation_compiles_once_per_shape(models):
         (dict(prompt_lengths=[1]), r"prompt_lengths must be \[2\]"),
         (dict(max_new_tokens=200), "exceeds the model's max_seq_len=128"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (
+            dict(prompts=[[1, 2, 3, 97], [0, 0, 0, 0]]),
+            r"ids must lie in \[0, 97\), got min 0 and max 97",
+        ),
+        (dict(prompts=[[1, 2, 3, -5], [0, 0, 0, 0]]), r"got min -5"),
     ],
 )
 def test_bad_generate_arguments(models, kwargs, message):
     _, model = models
     kwargs = {"max_new_tokens": 4, **kwargs}
+    prompts = jnp.asarray(kwargs.pop("prompts", np.zeros((2, 4), np.int32)))
     with pytest.raises(ValueError, match=message):
-        generate(model, jnp.zeros((2, 4), jnp.int32), **kwargs)
+        generate(model, prompts, **kwargs)

@@ -86,7 +86,7 @@ def test_every_registered_optimizer_descends_a_quadratic(name):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(learning_rate=-1.0), r"config.optim.learning_rate must be a positive number"),
+        (dict(learning_rate=-1.0), r"config.optim.learning_rate must be a finite positive number"),
         (dict(name="adagrad9"), r"config.optim.name='adagrad9' is not one of"),
         (dict(clip_norm=-1.0), r"config.optim.clip_norm must be >= 0"),
         (dict(weight_decay=-0.1), r"config.optim.weight_decay must be >= 0"),
@@ -96,3 +96,20 @@ def test_every_registered_optimizer_descends_a_quadratic(name):
 def test_bad_optimizer_config_is_named(changes, message):
     with pytest.raises(ValueError, match=message):
         optim.build_optimizer(_config(**changes), 10)
+
+
+def test_decay_mask_skips_biases_and_norms_of_a_real_model():
+    from flax import nnx
+
+    from jaxlab import models
+
+    model = models.build(
+        dict(name="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+             num_heads=4, num_kv_heads=2, attention_bias=True, mlp_bias=True),
+        nnx.Rngs(0),
+    )  # fmt: skip
+    mask = optim.decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    attn, mlp = mask["layers"][0]["attn"], mask["layers"][0]["mlp"]
+    assert attn["q_proj"] and attn["o_proj"] and mlp["up_proj"] and mask["embed"]
+    assert not any([attn["q_bias"], attn["k_bias"], attn["o_bias"], mlp["up_bias"],
+                    mask["final_norm"]["scale"]])  # fmt: skip

@@ -63,9 +63,11 @@ def test_sharded_training_follows_single_device(tmp_path, mesh):
     np.testing.assert_allclose(sharded["eval"]["eval_loss"], single["eval"]["eval_loss"], rtol=2e-5)
 
 
-def test_gradient_accumulation_matches_full_batch(tmp_path):
+@pytest.mark.parametrize("mesh", [{}, {"mesh.data": 2, "mesh.tensor": 2, "mesh.num_devices": 4}])
+def test_gradient_accumulation_matches_full_batch(tmp_path, mesh):
     loop.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / "full"))
-    loop.train_and_evaluate(tiny_config(num_steps=4, accum_steps=4), str(tmp_path / "accum"))
+    loop.train_and_evaluate(tiny_config(num_steps=4, accum_steps=4, **mesh),
+                            str(tmp_path / "accum"))  # fmt: skip
     a, b = losses(tmp_path / "full"), losses(tmp_path / "accum")
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
 
@@ -96,7 +98,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"optim.learning_rate": -1e-3}, r"config.optim.learning_rate must be a positive"),
+        ({"optim.learning_rate": -1e-3}, r"config.optim.learning_rate must be a finite positive"),
         ({"mesh.data": 3, "mesh.num_devices": 0}, r"config.mesh: make_mesh: mesh .* needs 3"),
         ({"mesh.data": 3, "mesh.tensor": -1, "mesh.num_devices": 0}, r"config.mesh: .*divisible"),
         ({"seq_len": 128}, r"config.seq_len=128 exceeds config.model.max_seq_len=64"),
@@ -122,3 +124,23 @@ def test_metrics_and_config_are_written(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 4]
     assert json.loads((tmp_path / "config.json").read_text())["seq_len"] == 32
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path):
+    # A finite but absurd learning rate: the first update overflows the parameter norm.
+    config = tiny_config(**{"optim.learning_rate": 1e38, "optim.warmup_steps": 0,
+                            "optim.clip_norm": 0.0, "checkpoint_every": 1})  # fmt: skip
+    with pytest.raises(loop.NonFiniteLossError, match=r"param_norm is inf at step 1; no "
+                       r"checkpoint was saved yet"):  # fmt: skip
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_rerun_keeps_one_record_per_step_and_skips_a_torn_line(tmp_path):
+    (tmp_path).mkdir(exist_ok=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 9.0}\n{"step": 1, "lo')
+    loop.train_and_evaluate(tiny_config(num_steps=2, eval_every=2), str(tmp_path))
+    records = loop.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2]
+    assert records[0]["eval_loss"] != 9.0
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
