@@ -31,7 +31,9 @@ from jaxlab.data import pipeline  # noqa: E402
 from jaxlab.train import loop, sharding  # noqa: E402
 
 flags.DEFINE_string("workdir", "runs/ademamix_vs_adamw", "Output directory.")
-flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Learning rates swept for both optimizers.")
+flags.DEFINE_list(
+    "lrs", ["2.5e-4", "5e-4", "1e-3", "2e-3"], "Learning rates swept for both optimizers."
+)
 flags.DEFINE_integer("num_steps", 0, "Steps per run (0 = the config's).")
 flags.DEFINE_integer("inject_step", 0, "Step at which the probe batch is trained on (0 = half).")
 flags.DEFINE_integer("probe_every", 5, "Steps between probe evaluations after the injection.")

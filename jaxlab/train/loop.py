@@ -357,6 +357,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         prefetcher.close()
         progress.close()
         checkpointer.close()
+    if "eval" not in summary:  # nothing left to train (a finished run): report where it stands
+        summary["eval"] = evaluate(exp, state.params, eval_data, eval_step)
     summary.update(train=last_train, step=end, state=state, experiment=exp)
     if lead:
         from jaxlab.eval.plots import plot_loss_curve
