@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -38,7 +37,7 @@ import transformers
 from absl import app, flags
 from flax import nnx
 
-from experiments.benchmarking import environment, time_calls
+from experiments.benchmarking import environment, time_calls, write_json
 from jaxlab.infer import generate
 from jaxlab.interop.hf import load_hf_llama
 
@@ -316,11 +315,7 @@ def main(argv):
         environment=env,
         wall_s=wall,
     )
-    out_dir = os.path.dirname(_OUT.value)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(_OUT.value, result)
     print(f"wrote {_OUT.value} (total {wall:.1f} s)")
 
 

@@ -11,8 +11,6 @@ arrays per parameter (g, m, v, p in; m, v, p out), AdEMAMix 9 (plus the slow EMA
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
 
@@ -21,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from experiments.benchmarking import environment
+from experiments.benchmarking import environment, write_json
 from jaxlab.optim import ademamix
 
 flags.DEFINE_string("out", "bench_results/bench_optim.json", "Where to write the JSON.")
@@ -123,10 +121,7 @@ def main(argv):
         f"\njaxlab ademamix faster than optax.contrib.ademamix: "
         f"{'yes' if ours < contrib else 'no'} ({ours:.1f} vs {contrib:.1f} ms)"
     )
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(dict(parameters=n, repeats=repeats, rows=rows, environment=environment()), f,
-                  indent=2)  # fmt: skip
+    write_json(FLAGS.out, dict(parameters=n, repeats=repeats, rows=rows, environment=environment()))
     print(f"wrote {FLAGS.out}")
 
 

@@ -61,8 +61,9 @@ from experiments.benchmarking import (
     cpu_busy_fraction,
     environment,
     memory_snapshot,
-    time_calls,
+    time_steps,
     timed_median,
+    write_json,
 )
 from jaxlab.data.tokenizers import load_tokenizer
 from jaxlab.interop.hf import load_hf_llama
@@ -178,15 +179,9 @@ def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
         optimizer.step()
         return loss.item()
 
-    losses, loss_step_s = [], []
-    for i in range(len(batches)):
-        start = time.perf_counter()
-        losses.append(step(i))
-        loss_step_s.append(time.perf_counter() - start)
-    memory["after_first_steps"] = memory_snapshot()
-    counter = iter(range(10**9))
-    step_times, _ = time_calls(lambda: step(next(counter)), repeats, warmup=0)
-    memory["after_timed_steps"] = memory_snapshot()
+    losses, loss_step_s, step_times, memory["after_first_steps"], memory["after_timed_steps"] = (
+        time_steps(step, len(batches), repeats)
+    )
     result = dict(
         losses=losses,
         first_step_s=loss_step_s[0],
@@ -284,15 +279,10 @@ def run_jaxlab(side_dir: str, setup: dict[str, Any], repeats: int, breakdown: bo
         state, metrics = compiled_step(state, batches[i % len(batches)])
         return jax.block_until_ready((state, metrics))[1]
 
-    losses, loss_step_s = [], []
-    for i in range(len(batches)):
-        start = time.perf_counter()
-        losses.append(float(step(i)["loss"]))
-        loss_step_s.append(time.perf_counter() - start)
-    memory["after_first_steps"] = memory_snapshot()
-    counter = iter(range(10**9))
-    step_times, _ = time_calls(lambda: step(next(counter)), repeats, warmup=0)
-    memory["after_timed_steps"] = memory_snapshot()
+    outputs, loss_step_s, step_times, memory["after_first_steps"], memory["after_timed_steps"] = (
+        time_steps(step, len(batches), repeats)
+    )
+    losses = [float(out["loss"]) for out in outputs]
     result = dict(
         losses=losses,
         first_step_s=loss_step_s[0],
@@ -524,11 +514,7 @@ def main(argv):
         environment=env,
         wall_s=wall,
     )
-    out_dir = os.path.dirname(FLAGS.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(FLAGS.out, result)
     print(f"wrote {FLAGS.out} (total {wall:.1f} s)")
 
 

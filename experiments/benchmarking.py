@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -123,3 +124,29 @@ def memory_snapshot() -> dict[str, float | None]:
 def timed_median(fn: Callable[[], Any], repeats: int) -> float:
     times, _ = time_calls(fn, repeats)
     return statistics.median(times)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    """Writes a benchmark's results, creating the directory."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def time_steps(step: Callable[[int], Any], num_first: int, repeats: int):
+    """Runs ``step(i)`` for the first ``num_first`` indices one by one (their outputs and times
+    are returned; the first includes any warm-up), then ``repeats`` timed steps.
+
+    Returns:
+      (outputs of the first steps, their times in s, the timed steps' times in s, memory
+      snapshots after the first steps and after the timed ones).
+    """
+    outputs, first_times = [], []
+    for i in range(num_first):
+        start = time.perf_counter()
+        outputs.append(step(i))
+        first_times.append(time.perf_counter() - start)
+    after_first = memory_snapshot()
+    counter = iter(range(num_first, 10**9))
+    times, _ = time_calls(lambda: step(next(counter)), repeats, warmup=0)
+    return outputs, first_times, times, after_first, memory_snapshot()
