@@ -344,6 +344,11 @@ def save_hf_llama(
         ``model.safetensors.index.json``.
     """
     config: TransformerConfig = model.config
+    if config.dwa is not None:
+        raise CheckpointError(
+            "save_hf_llama: a DenseFormer (config.dwa set) has depth-weighted averages that no "
+            "Hugging Face Llama/Mistral architecture can hold"
+        )
     dtype = dtype or config.param_dtype
     if dtype not in DTYPES:
         raise ValueError(f"save_hf_llama: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab import ops
+from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
 from jaxlab.models.layers import RMSNorm, RopeScaling, apply_rope, param, rope_inv_freq
 from jaxlab.models.partitioning import constrain
 
@@ -56,6 +57,8 @@ class TransformerConfig:
       attention_impl: name of a :mod:`jaxlab.ops.attention` implementation.
       bos_token_id: beginning-of-sequence id, kept for checkpoint round trips.
       eos_token_id: end-of-sequence id(s), kept for checkpoint round trips.
+      dwa: if set, a DenseFormer: depth-weighted averages between blocks
+        (:mod:`jaxlab.models.denseformer`).
       name: registry name.
     """
 
@@ -80,6 +83,7 @@ class TransformerConfig:
     attention_impl: str = "xla"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    dwa: DWAConfig | None = None
     name: str = "llama"
 
     def __post_init__(self):
@@ -91,6 +95,8 @@ class TransformerConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.dwa is not None and not isinstance(self.dwa, DWAConfig):
+            object.__setattr__(self, "dwa", DWAConfig(**dict(self.dwa)))
         for field in (
             "vocab_size",
             "hidden_size",
@@ -323,6 +329,8 @@ class Transformer(nnx.Module):
         if not c.tie_embeddings:
             self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
                                  dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+        if c.dwa is not None:
+            self.dwa = DepthWeightedAverages(c.num_layers, c.dwa, param_dtype=c.storage_dtype)
 
     def __call__(
         self,
@@ -374,11 +382,23 @@ class Transformer(nnx.Module):
         residual_axes = ("batch", "seq", "embed")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         x = constrain(x, residual_axes)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, segment_ids, None if cache is None else cache[i])
-            x = constrain(x, residual_axes)
-            new_cache.append(layer_cache)
+        new_cache: list[LayerCache | None] = [None] * c.num_layers
+
+        def block(i):
+            def run(y):
+                out, new_cache[i] = self.layers[i](
+                    y, positions, segment_ids, None if cache is None else cache[i]
+                )
+                return constrain(out, residual_axes)
+
+            return run
+
+        blocks = [block(i) for i in range(c.num_layers)]
+        if c.dwa is not None:
+            x = self.dwa(x, blocks)
+        else:
+            for run in blocks:
+                x = run(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)

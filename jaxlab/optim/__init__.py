@@ -8,6 +8,7 @@ their optimizers (e.g. AdEMAMix) with :func:`register_optimizer`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -37,18 +38,26 @@ def available_optimizers() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def decay_mask(params) -> Any:
+def decay_mask(params, *, decay_dwa: bool = False) -> Any:
     """True for parameters that get weight decay: matrices, not biases or norm scales.
 
     A parameter is decayed if it has two or more dimensions and its name does not end in
-    ``bias`` (attention biases are stored as ``[heads, head_dim]``).
+    ``bias`` (attention biases are stored as ``[heads, head_dim]``). DenseFormer's
+    depth-weighted-average weights (under ``dwa``) are decayed only if ``decay_dwa``.
     """
 
     def decays(path, p):
-        name = str(getattr(path[-1], "key", getattr(path[-1], "name", ""))) if path else ""
-        return p.ndim >= 2 and not name.endswith("bias")
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        if "dwa" in names:
+            return decay_dwa
+        return p.ndim >= 2 and not (names and names[-1].endswith("bias"))
 
     return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _decay_mask(config):
+    """The weight-decay mask a config asks for (``dwa_weight_decay``, default off)."""
+    return functools.partial(decay_mask, decay_dwa=bool(_get(config, "dwa_weight_decay", False)))
 
 
 def _get(config, name, default):
@@ -59,7 +68,7 @@ register_optimizer(
     "adamw",
     lambda c, lr: optax.adamw(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.999),
                               eps=_get(c, "eps", 1e-8), weight_decay=_get(c, "weight_decay", 0.0),
-                              mask=decay_mask),
+                              mask=_decay_mask(c)),
 )  # fmt: skip
 register_optimizer(
     "adam",
@@ -74,7 +83,7 @@ register_optimizer(
 register_optimizer(
     "lion",
     lambda c, lr: optax.lion(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.99),
-                             weight_decay=_get(c, "weight_decay", 0.0), mask=decay_mask),
+                             weight_decay=_get(c, "weight_decay", 0.0), mask=_decay_mask(c)),
 )  # fmt: skip
 
 
@@ -89,7 +98,7 @@ def _ademamix_from_config(c, lr):
         alpha=alpha_schedule(_get(c, "alpha", 5.0), warmup),
         eps=_get(c, "eps", 1e-8),
         weight_decay=_get(c, "weight_decay", 0.0),
-        mask=decay_mask,
+        mask=_decay_mask(c),
         mu_dtype=_get(c, "mu_dtype", None) or None,
     )
 

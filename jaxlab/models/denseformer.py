@@ -1,0 +1,128 @@
+"""DenseFormer: a depth-weighted average (DWA) of earlier representations after each block.
+
+Pagliardini, Mohtashami, Fleuret, Jaggi, *DenseFormer: Enhancing Information Flow in Transformers
+via Depth Weighted Averaging* (NeurIPS 2024), https://arxiv.org/abs/2402.02622, Sec. 3.
+
+With ``X_0`` the embedding output and ``X_i = B_i(Y_{i-1})`` the output of block ``i``
+(``Y_0 = X_0``), the input of the next block is
+
+    Y_i = sum_{j <= i, j = i (mod k)} alpha_{i,j} X_j   if i = 0 (mod p),   else   Y_i = X_i,
+
+with dilation ``k`` and period ``p`` (a ``k x p`` DenseFormer; ``1 x 1`` is the full form). The
+weights start at the identity (``alpha_{i,i} = 1``, all others 0), so an untrained DenseFormer is
+exactly the Transformer with the same blocks. This follows the paper and the authors' package
+(``denseformer/denseformer.py``); their experiment code groups blocks differently.
+
+Storage: representations are written into one preallocated buffer per residue class mod ``k``,
+holding only those some later DWA reads (a prefix of each class), and each DWA is a single
+contraction over a static prefix of its buffer; nothing is re-concatenated per block.
+
+Optimisation: the weights are 1-D, so ``jaxlab.optim.decay_mask`` leaves them out of weight decay
+unless ``config.optim.dwa_weight_decay`` is set. (The authors' training code does decay them.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class DWAConfig:
+    """A ``dilation x period`` DenseFormer.
+
+    Attributes:
+      dilation: ``k``: a DWA averages only representations at its own index mod ``k``.
+      period: ``p``: a DWA follows only every ``p``-th block.
+    """
+
+    dilation: int = 1
+    period: int = 1
+
+    def __post_init__(self):
+        for name in ("dilation", "period"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"dwa.{name} must be a positive int, got {value!r}")
+
+
+def dwa_positions(num_layers: int, config: DWAConfig) -> list[int]:
+    """Blocks (1-based) followed by a DWA."""
+    return [i for i in range(1, num_layers + 1) if i % config.period == 0]
+
+
+def dwa_inputs(i: int, config: DWAConfig) -> list[int]:
+    """Representations ``j`` averaged by the DWA after block ``i``: ``j <= i``, ``j = i mod k``."""
+    return list(range(i % config.dilation, i + 1, config.dilation))
+
+
+class DepthWeightedAverages(nnx.Module):
+    """The DWA weights of a ``num_layers``-block model and the dense forward pass over blocks."""
+
+    def __init__(self, num_layers: int, config: DWAConfig, *, param_dtype=jnp.float32):
+        self.num_layers = num_layers
+        self.config = config
+        weights = []
+        for i in dwa_positions(num_layers, config):
+            n = len(dwa_inputs(i, config))
+            weights.append(
+                nnx.Param(jnp.zeros((n,), param_dtype).at[-1].set(1.0), logical_axes=(None,))
+            )
+        self.weights = nnx.List(weights)
+
+    def buffer_slots(self) -> dict[int, int]:
+        """How many representations each residue class mod ``k`` must keep (only classes read
+        by some DWA, and only up to its last DWA)."""
+        slots: dict[int, int] = {}
+        for i in dwa_positions(self.num_layers, self.config):
+            slots[i % self.config.dilation] = i // self.config.dilation + 1
+        return slots
+
+    def __call__(self, x0: jax.Array, blocks: Sequence[Callable[[jax.Array], jax.Array]]):
+        """Runs ``blocks`` (each ``[..., embed] -> [..., embed]``) with DWAs between them.
+
+        Args:
+          x0: the embedding output ``X_0``, any shape ``[..., embed]``.
+          blocks: ``num_layers`` functions, block ``i`` mapping ``Y_{i-1}`` to ``X_i``.
+
+        Returns:
+          ``Y_L`` (the input of the final norm).
+        """
+        if len(blocks) != self.num_layers:
+            raise ValueError(f"DWA: got {len(blocks)} blocks for {self.num_layers} layers")
+        k = self.config.dilation
+        slots = self.buffer_slots()
+        buffers = {r: jnp.zeros((n, *x0.shape), x0.dtype) for r, n in slots.items()}
+
+        def store(j, x):
+            r = j % k
+            if r in buffers and j // k < slots[r]:
+                buffers[r] = buffers[r].at[j // k].set(x)
+
+        store(0, x0)
+        y, dwa_index = x0, 0
+        for i, block in enumerate(blocks, start=1):
+            x = block(y)
+            store(i, x)
+            if i % self.config.period == 0:
+                alpha = self.weights[dwa_index][...].astype(jnp.float32)
+                dwa_index += 1
+                stack = buffers[i % k][: i // k + 1]
+                y = jnp.einsum("j,j...->...", alpha, stack.astype(jnp.float32)).astype(x.dtype)
+            else:
+                y = x
+        return y
+
+    def weight_matrix(self) -> np.ndarray:
+        """``[num DWAs, num_layers + 1]`` with ``alpha_{i,j}`` at row of DWA ``i``, column ``j``;
+        NaN where a DWA does not read ``X_j`` (for plotting the paper's heatmap)."""
+        positions = dwa_positions(self.num_layers, self.config)
+        matrix = np.full((len(positions), self.num_layers + 1), np.nan)
+        for row, (i, w) in enumerate(zip(positions, self.weights, strict=True)):
+            matrix[row, dwa_inputs(i, self.config)] = np.asarray(w[...], np.float64)
+        return matrix
