@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
             param_dtype="float32",
             dtype="float32",
             attention_impl="xla",
+            # DenseFormer depth-weighted averages, e.g. {"dilation": 1, "period": 1}; None = off.
+            dwa=None,
         )
     )
 

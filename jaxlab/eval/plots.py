@@ -40,3 +40,22 @@ def plot_loss_curve(records: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_dwa_weights(matrix: np.ndarray, title: str, path: str) -> None:
+    """Heatmap of DenseFormer weights: row = DWA after block i, column = representation j
+    (0 = embedding); blank where a DWA does not read that representation."""
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * matrix.shape[1], 1 + 0.6 * matrix.shape[0]))
+    limit = float(np.nanmax(np.abs(matrix)))
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu_r", vmin=-limit, vmax=limit)
+    for (r, c), v in np.ndenumerate(matrix):
+        if not np.isnan(v):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("representation j (0 = embedding)")
+    ax.set_ylabel("DWA (row k: after its block)")
+    ax.set_xticks(range(matrix.shape[1]))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -144,3 +144,17 @@ def test_rerun_keeps_one_record_per_step_and_skips_a_torn_line(tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2]
     assert records[0]["eval_loss"] != 9.0
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+def test_denseformer_trains_sharded_like_single_device(tmp_path):
+    dwa = {"model.dwa": {"dilation": 1, "period": 1}}
+    loop.train_and_evaluate(tiny_config(num_steps=4, **dwa), str(tmp_path / "one"))
+    sharded = loop.train_and_evaluate(
+        tiny_config(num_steps=4, **dwa, **{"mesh.data": 4, "mesh.tensor": 2,
+                                           "mesh.num_devices": 0}),
+        str(tmp_path / "eight"),
+    )  # fmt: skip
+    weights = sharded["state"].params["dwa"]["weights"]
+    assert not np.allclose(np.asarray(weights[1]), [0, 0, 1])  # the DWA weights trained
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
