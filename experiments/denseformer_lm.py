@@ -119,7 +119,8 @@ def main(argv):
             for n, r in results.items()
         ),  # fmt: skip
         "",
-        f"{dense} decodes at {speedup:.2f}x the speed of {deep}; held-out loss {results[dense]['eval_loss']:.4f} vs "
+        f"{dense} decodes at {speedup:.2f}x the speed of {deep}; held-out loss "
+        f"{results[dense]['eval_loss']:.4f} vs "
         f"{results[deep]['eval_loss']:.4f}.",
         "",
         "![DWA weights 1x1](dwa_weights_1x1.png) ![DWA weights 2x2](dwa_weights_2x2.png)",
