@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_model --out=bench_results/bench_model.json
 	$(PY) -m experiments.bench_train --out=bench_results/bench_train.json
 	$(PY) -m experiments.bench_optim --out=bench_results/bench_optim.json
+	$(PY) -m experiments.bench_denseformer --out=bench_results/bench_denseformer.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxlab kernels_pallas configs experiments tests

@@ -95,3 +95,15 @@ def test_bench_optim_quick(tmp_path):
     # State sizes are exact: AdEMAMix keeps 3 buffers per parameter, 2 with b1 = 0 (as AdamW).
     assert rows["jaxlab ademamix"]["state_ratio"] == pytest.approx(1.5, rel=1e-3)
     assert rows["jaxlab ademamix b1=0"]["state_ratio"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_bench_denseformer_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_denseformer", "--quick", f"--out={out}"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads(out.read_text())["rows_ms"]) == {
+        "Transformer", "DenseFormer 1x1", "DenseFormer 2x2"
+    }  # fmt: skip
