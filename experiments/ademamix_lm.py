@@ -4,9 +4,10 @@
    token budget) at each learning rate of ``--lrs``; the best final held-out loss of each is
    compared and both best runs' curves are plotted (``sweep.png``).
 2. Forgetting (the paper's Fig. 4): at the best learning rates, one held-out batch is shown once,
-   at step ``--inject_step`` in place of the regular batch; its loss is then tracked for the
-   rest of training next to the loss of a second held-out batch that is never trained on
-   (``forgetting.png``). The gap between the two measures what the model still remembers.
+   at step ``--inject_step`` in place of the regular batch, and its loss is tracked for the rest
+   of training. A control run, identical but without the injection, gives the loss the batch
+   would have had; the difference (control minus injected) is what the model still remembers of
+   it (``forgetting.png``).
 
 Writes ``REPORT.md`` in ``--workdir``.
 
@@ -29,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from configs import ademamix_lm  # noqa: E402
 from jaxlab.data import pipeline  # noqa: E402
 from jaxlab.train import loop, sharding  # noqa: E402
+from jaxlab.train.step import MODEL_INPUTS  # noqa: E402
 
 flags.DEFINE_string("workdir", "runs/ademamix_vs_adamw", "Output directory.")
 flags.DEFINE_list(
@@ -66,8 +68,9 @@ def sweep(workdir: str, lrs: list[float], num_steps: int) -> dict:
     return results
 
 
-def forgetting(optimizer: str, lr: float, num_steps: int, inject_step: int, probe_every: int):
-    """Probe and reference held-out losses over training, the probe trained on once."""
+def probe_losses(optimizer, lr, num_steps, inject_step: int | None, watch_from: int, every: int):
+    """Loss of a held-out probe batch from ``watch_from`` on, the probe trained on once at
+    ``inject_step`` (None: never; the control run)."""
     config = make_config(optimizer, lr, num_steps)
     exp = loop.build_experiment(config)
     state = loop.init_state(exp)
@@ -75,25 +78,28 @@ def forgetting(optimizer: str, lr: float, num_steps: int, inject_step: int, prob
     components = pipeline.build_components(config.data)
     data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
                                    components)  # fmt: skip
-    probe, reference = pipeline.eval_batches(config.data, exp.tokenizer, config.seq_len,
-                                             config.batch_size, 2, components)  # fmt: skip
-    on_device = lambda batch: sharding.global_batch_to_devices(batch, exp.mesh)  # noqa: E731
-    probe_d, reference_d = on_device(probe), on_device(reference)
-
-    def loss(batch):
-        out = eval_step(state.params, batch)
-        return float(out["loss_sum"]) / float(out["tokens"])
-
+    (probe,) = pipeline.eval_batches(config.data, exp.tokenizer, config.seq_len,
+                                     config.batch_size, 1, components)  # fmt: skip
+    on_device = lambda batch: sharding.global_batch_to_devices(  # noqa: E731
+        {k: batch[k] for k in MODEL_INPUTS}, exp.mesh
+    )
+    probe_d = on_device(probe)
     record = []
     for step in range(1, num_steps + 1):
-        batch = next(data)  # drawn every step, so both optimizers see the same other batches
-        if step == inject_step:
-            batch = probe
-        state, _ = train_step(state, on_device(batch))
-        near = step >= inject_step - 5 * probe_every
-        if step == inject_step - 1 or step == inject_step or (near and step % probe_every == 0):
-            record.append((step, loss(probe_d), loss(reference_d)))
+        batch = next(data)  # drawn every step, so all runs see the same other batches
+        state, _ = train_step(state, on_device(probe if step == inject_step else batch))
+        if step >= watch_from and (step % every == 0 or step in (watch_from, watch_from + 1)):
+            out = eval_step(state.params, probe_d)
+            record.append((step, float(out["loss_sum"]) / float(out["tokens"])))
     return record
+
+
+def forgetting(optimizer: str, lr: float, num_steps: int, inject_step: int, every: int):
+    """``[(step, control loss, injected loss)]`` of the probe batch from just before injection."""
+    watch = inject_step - 1
+    injected = probe_losses(optimizer, lr, num_steps, inject_step, watch, every)
+    control = probe_losses(optimizer, lr, num_steps, None, watch, every)
+    return [(s, c, i) for (s, i), (_, c) in zip(injected, control, strict=True)]
 
 
 def main(argv):
@@ -135,28 +141,29 @@ def main(argv):
     print(f"--- forgetting: probe batch trained on once at step {inject}")
     curves = {o: forgetting(o, best_lr[o], num_steps, inject, FLAGS.probe_every)
               for o in OPTIMIZERS}  # fmt: skip
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
     for optimizer, record in curves.items():
-        steps, probe, ref = map(np.array, zip(*record, strict=True))
-        line = ax.plot(steps, probe, label=f"{optimizer}: injected batch")
-        ax.plot(steps, ref, ":", color=line[0].get_color(), label=f"{optimizer}: never-seen batch")
-    ax.axvline(inject, color="gray", linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/byte)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        steps, control, injected = map(np.array, zip(*record, strict=True))
+        line = top.plot(steps, injected, label=f"{optimizer}: shown once at step {inject}")
+        top.plot(steps, control, ":", color=line[0].get_color(), label=f"{optimizer}: never shown")
+        bottom.plot(steps, control - injected, color=line[0].get_color(), label=optimizer)
+    for ax in (top, bottom):
+        ax.axvline(inject, color="gray", linewidth=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    top.set_ylabel("loss of the probe batch")
+    bottom.set_ylabel("remembered (control - injected)")
+    bottom.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "forgetting.png"), dpi=120)
     plt.close(fig)
 
-    def gap_summary(record):
-        by_step = {s: (p, r) for s, p, r in record}
-        before = by_step[inject - 1][1] - by_step[inject - 1][0]
-        after = by_step[inject][1] - by_step[inject][0]
-        final = record[-1][2] - record[-1][1]
-        half = next((s - inject for s, p, r in record if s > inject and r - p <= before +
-                     (after - before) / 2), None)  # fmt: skip
-        return before, after, final, half
+    def memory_summary(record):
+        remembered = {s: c - i for s, c, i in record}
+        after = remembered[inject]
+        half = next((s - inject for s, r in remembered.items() if s > inject and r <= after / 2),
+                    None)  # fmt: skip
+        return remembered[inject - 1], after, record[-1][1] - record[-1][2], half
 
     lines = [
         "# AdEMAMix vs AdamW on the tiny LM",
@@ -172,12 +179,13 @@ def main(argv):
         cells = [f"{results[(optimizer, lr)]['eval_loss']:.4f}" for lr in lrs]
         lines.append(f"| {optimizer} held-out loss | " + " | ".join(cells) + " |")
     lines += ["", "![sweep](sweep.png)", "", f"## Forgetting (batch injected at step {inject})", "",
-              "Gap = loss of the never-seen batch minus loss of the injected batch.", "",
-              "| optimizer | gap before | gap right after | gap at the end | steps to lose half |",
+              "Remembered = probe loss in the control run (never shown) minus in the run that",
+              "showed it once; 0 before the injection by construction.", "",
+              "| optimizer | remembered before | right after | at the end | steps to lose half |",
               "|---|---|---|---|---|"]  # fmt: skip
     summary = {}
     for optimizer, record in curves.items():
-        before, after, final, half = gap_summary(record)
+        before, after, final, half = memory_summary(record)
         summary[optimizer] = dict(before=before, after=after, final=final, half_steps=half)
         lines.append(f"| {optimizer} | {before:.4f} | {after:.4f} | {final:.4f} | "
                      f"{'not within the run' if half is None else half} |")  # fmt: skip
