@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
             attention_impl="xla",
             # DenseFormer depth-weighted averages, e.g. {"dilation": 1, "period": 1}; None = off.
             dwa=None,
+            # Recompute block activations in the backward pass (gradient checkpointing).
+            remat=False,
         )
     )
 

@@ -59,6 +59,8 @@ class TransformerConfig:
       eos_token_id: end-of-sequence id(s), kept for checkpoint round trips.
       dwa: if set, a DenseFormer: depth-weighted averages between blocks
         (:mod:`jaxlab.models.denseformer`).
+      remat: recompute each block's activations in the backward pass (gradient checkpointing)
+        instead of storing them.
       name: registry name.
     """
 
@@ -84,6 +86,7 @@ class TransformerConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     dwa: DWAConfig | None = None
+    remat: bool = False
     name: str = "llama"
 
     def __post_init__(self):
@@ -384,10 +387,16 @@ class Transformer(nnx.Module):
         x = constrain(x, residual_axes)
         new_cache: list[LayerCache | None] = [None] * c.num_layers
 
+        def call_layer(layer, y, layer_cache):
+            return layer(y, positions, segment_ids, layer_cache)
+
+        if c.remat:
+            call_layer = nnx.remat(call_layer)
+
         def block(i):
             def run(y):
-                out, new_cache[i] = self.layers[i](
-                    y, positions, segment_ids, None if cache is None else cache[i]
+                out, new_cache[i] = call_layer(
+                    self.layers[i], y, None if cache is None else cache[i]
                 )
                 return constrain(out, residual_axes)
 

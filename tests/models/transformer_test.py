@@ -97,3 +97,20 @@ def test_sharded_forward_equals_single_device(tmp_path, mesh_shape):
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-4)
     np.testing.assert_allclose(single, hf_logits(hf_model, np.asarray(tokens)), atol=1e-4)
+
+
+def test_remat_gives_the_same_gradients_and_recomputes():
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 96, (2, 8)))
+
+    def grads_and_jaxpr(remat, dwa):
+        config = TransformerConfig(**TINY, remat=remat, dwa=dwa)
+        graphdef, params = nnx.split(models.build(config, nnx.Rngs(0)), nnx.Param)
+        loss = lambda p: nnx.merge(graphdef, p)(tokens).mean()  # noqa: E731
+        return jax.grad(loss)(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    for dwa in (None, {"dilation": 1, "period": 1}):
+        plain, plain_jaxpr = grads_and_jaxpr(False, dwa)
+        remat, remat_jaxpr = grads_and_jaxpr(True, dwa)
+        assert "remat" in remat_jaxpr and "remat" not in plain_jaxpr
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
