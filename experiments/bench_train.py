@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,15 +178,11 @@ def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
         optimizer.step()
         return loss.item()
 
-    losses, loss_step_s, step_times, memory["after_first_steps"], memory["after_timed_steps"] = (
-        time_steps(step, len(batches), repeats)
-    )
+    losses, timing = time_steps(step, len(batches), repeats)
+    memory.update(timing.pop("memory"))
     result = dict(
         losses=losses,
-        first_step_s=loss_step_s[0],
-        loss_step_s=loss_step_s,
-        step_s=step_times,
-        step_median_s=statistics.median(step_times),
+        **timing,
         memory_mib=memory,
         attn_implementation=model.config._attn_implementation,
         torch_threads=torch.get_num_threads(),
@@ -279,16 +274,11 @@ def run_jaxlab(side_dir: str, setup: dict[str, Any], repeats: int, breakdown: bo
         state, metrics = compiled_step(state, batches[i % len(batches)])
         return jax.block_until_ready((state, metrics))[1]
 
-    outputs, loss_step_s, step_times, memory["after_first_steps"], memory["after_timed_steps"] = (
-        time_steps(step, len(batches), repeats)
-    )
-    losses = [float(out["loss"]) for out in outputs]
+    outputs, timing = time_steps(step, len(batches), repeats)
+    memory.update(timing.pop("memory"))
     result = dict(
-        losses=losses,
-        first_step_s=loss_step_s[0],
-        loss_step_s=loss_step_s,
-        step_s=step_times,
-        step_median_s=statistics.median(step_times),
+        losses=[float(out["loss"]) for out in outputs],
+        **timing,
         memory_mib=memory,
         compile_s=compile_s,
         xla_memory_mib=xla_memory,

@@ -138,8 +138,8 @@ def time_steps(step: Callable[[int], Any], num_first: int, repeats: int):
     are returned; the first includes any warm-up), then ``repeats`` timed steps.
 
     Returns:
-      (outputs of the first steps, their times in s, the timed steps' times in s, memory
-      snapshots after the first steps and after the timed ones).
+      (outputs of the first steps, a dict of timings in s: ``first_step_s``, ``loss_step_s``,
+      ``step_s``, ``step_median_s``, and ``memory``: snapshots after the first and timed steps).
     """
     outputs, first_times = [], []
     for i in range(num_first):
@@ -149,4 +149,10 @@ def time_steps(step: Callable[[int], Any], num_first: int, repeats: int):
     after_first = memory_snapshot()
     counter = iter(range(num_first, 10**9))
     times, _ = time_calls(lambda: step(next(counter)), repeats, warmup=0)
-    return outputs, first_times, times, after_first, memory_snapshot()
+    return outputs, dict(
+        first_step_s=first_times[0],
+        loss_step_s=first_times,
+        step_s=times,
+        step_median_s=statistics.median(times),
+        memory=dict(after_first_steps=after_first, after_timed_steps=memory_snapshot()),
+    )

@@ -10,12 +10,21 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_demo_interop_runs_and_writes_report(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.demo_interop", f"--workdir={tmp_path}",
-         "--config.max_new_tokens=8", "--config.num_samples=2"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs ``python -m module args`` from the repository root, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+        cwd=REPO,
     )  # fmt: skip
+
+
+def test_demo_interop_runs_and_writes_report(tmp_path):
+    result = run_module(
+        "experiments.demo_interop",
+        f"--workdir={tmp_path}",
+        "--config.max_new_tokens=8",
+        "--config.num_samples=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
     assert "jaxlab vs transformers" in report
@@ -25,10 +34,7 @@ def test_demo_interop_runs_and_writes_report(tmp_path):
 
 def test_bench_model_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_model", "--quick", f"--out={out}"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_module("experiments.bench_model", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| decode b=1 |" in result.stdout
 
@@ -39,21 +45,16 @@ def test_bench_model_quick_writes_json(tmp_path):
 
 def test_bench_train_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_train", "--quick", f"--out={out}"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_module("experiments.bench_train", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| train step" in result.stdout
     assert json.loads(out.read_text())["quick"] is True
 
 
 def test_demo_lm_smoke_reports_perplexities(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.demo_lm", f"--workdir={tmp_path}",
-         "--config=configs/lm_smoke.py"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_module(
+        "experiments.demo_lm", f"--workdir={tmp_path}", "--config=configs/lm_smoke.py"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
     assert "unigram baseline" in report and "after training (step 8)" in report
@@ -61,22 +62,25 @@ def test_demo_lm_smoke_reports_perplexities(tmp_path):
 
 
 def test_train_lm_rejects_a_misspelled_override(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.train_lm", "--config=configs/lm_smoke.py",
-         f"--workdir={tmp_path}", "--config.num_stepz=3"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_module(
+        "experiments.train_lm",
+        "--config=configs/lm_smoke.py",
+        f"--workdir={tmp_path}",
+        "--config.num_stepz=3",
+    )
     assert result.returncode != 0
     assert "num_stepz" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_ademamix_experiment_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.ademamix_lm", f"--workdir={tmp_path}",
-         "--num_steps=12", "--lrs=3e-3", "--probe_every=2"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_module(
+        "experiments.ademamix_lm",
+        f"--workdir={tmp_path}",
+        "--num_steps=12",
+        "--lrs=3e-3",
+        "--probe_every=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["sweep"]) == {"adamw@0.003", "ademamix@0.003"}
@@ -86,10 +90,7 @@ def test_ademamix_experiment_smoke(tmp_path):
 
 def test_bench_optim_quick(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_optim", "--quick", f"--out={out}"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_module("experiments.bench_optim", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     # State sizes are exact: AdEMAMix keeps 3 buffers per parameter, 2 with b1 = 0 (as AdamW).
@@ -99,10 +100,7 @@ def test_bench_optim_quick(tmp_path):
 
 def test_bench_denseformer_quick(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_denseformer", "--quick", f"--out={out}"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    result = run_module("experiments.bench_denseformer", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads(out.read_text())["rows_ms"]) == {
         "Transformer", "DenseFormer 1x1", "DenseFormer 2x2"
