@@ -124,8 +124,11 @@ def main(argv):
         records = loop.read_metrics(best[optimizer]["run"])
         steps = np.array([r["step"] for r in records if "loss" in r])
         train = np.array([r["loss"] for r in records if "loss" in r])
-        smooth = np.convolve(train, np.ones(20) / 20, mode="valid")
-        line = ax.plot(steps[19:], smooth, label=f"{optimizer} train (lr {best_lr[optimizer]:g})")
+        window = min(20, len(train))
+        smooth = np.convolve(train, np.ones(window) / window, mode="valid")
+        line = ax.plot(
+            steps[window - 1 :], smooth, label=f"{optimizer} train (lr {best_lr[optimizer]:g})"
+        )
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         ax.plot(*zip(*evals, strict=True), "o--", color=line[0].get_color(),
                 label=f"{optimizer} held-out")  # fmt: skip
