@@ -24,6 +24,7 @@ from flax import nnx
 from configs import denseformer_lm
 from jaxlab.eval.plots import plot_dwa_weights
 from jaxlab.infer import generate
+from jaxlab.models.denseformer import DWAConfig, dwa_positions
 from jaxlab.train import loop
 
 flags.DEFINE_string("workdir", "runs/denseformer_depth", "Output directory.")
@@ -99,7 +100,8 @@ def main(argv):
             results[name]["dwa_weights"] = np.where(np.isnan(matrix), None, matrix).tolist()
             tag = f"{dwa['dilation']}x{dwa['period']}"
             plot_dwa_weights(matrix, f"learned DWA weights, {tag} DenseFormer, L={layers}",
-                             os.path.join(workdir, f"dwa_weights_{tag}.png"))  # fmt: skip
+                             os.path.join(workdir, f"dwa_weights_{tag}.png"),
+                             dwa_positions(layers, DWAConfig(**dwa)))  # fmt: skip
 
     names = list(results)
     dense, deep = names[1], names[3]

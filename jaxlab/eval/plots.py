@@ -42,18 +42,22 @@ def plot_loss_curve(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_dwa_weights(matrix: np.ndarray, title: str, path: str) -> None:
-    """Heatmap of DenseFormer weights: row = DWA after block i, column = representation j
-    (0 = embedding); blank where a DWA does not read that representation."""
+def plot_dwa_weights(
+    matrix: np.ndarray, title: str, path: str, blocks: list[int] | None = None
+) -> None:
+    """Heatmap of DenseFormer weights: row = the DWA after block ``blocks[row]``, column =
+    representation j (0 = embedding); blank where a DWA does not read that representation."""
     fig, ax = plt.subplots(figsize=(1 + 0.6 * matrix.shape[1], 1 + 0.6 * matrix.shape[0]))
     limit = float(np.nanmax(np.abs(matrix)))
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu_r", vmin=-limit, vmax=limit)
     for (r, c), v in np.ndenumerate(matrix):
         if not np.isnan(v):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            color = "white" if abs(v) > 0.6 * limit else "black"
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
     ax.set_xlabel("representation j (0 = embedding)")
-    ax.set_ylabel("DWA (row k: after its block)")
+    ax.set_ylabel("DWA after block")
     ax.set_xticks(range(matrix.shape[1]))
+    ax.set_yticks(range(matrix.shape[0]), blocks or range(1, matrix.shape[0] + 1))
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
