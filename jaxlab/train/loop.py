@@ -320,6 +320,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                 )
             metrics_writer.write({"step": s, **m})
         elapsed = time.perf_counter() - window_start
+        window_start = time.perf_counter()
         if not fetched:
             return {}
         last = dict(fetched[-1][1])
