@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo bench bench-gpu lint format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_train --out=bench_results/bench_train.json
 	$(PY) -m experiments.bench_optim --out=bench_results/bench_optim.json
 	$(PY) -m experiments.bench_denseformer --out=bench_results/bench_denseformer.json
+
+# On a lent GPU machine, which has no network: its own python3 already holds jax[cuda], absl and
+# numpy, so this target installs nothing and runs from the source tree.
+GPU_PYTHON ?= python3
+bench-gpu:
+	PYTHONPATH=. $(GPU_PYTHON) -m experiments.bench_gpu --out=bench_results/bench_gpu.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxlab kernels_pallas configs experiments tests

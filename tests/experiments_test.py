@@ -105,3 +105,15 @@ def test_bench_denseformer_quick(tmp_path):
     assert set(json.loads(out.read_text())["rows_ms"]) == {
         "Transformer", "DenseFormer 1x1", "DenseFormer 2x2"
     }  # fmt: skip
+
+
+def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_module("experiments.bench_gpu", "--allow_cpu", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"jaxlab xla", "jax.nn.dot_product_attention",
+                                         "jax pallas mha"}  # fmt: skip
+    assert max(r["max_abs_err_out"] for r in rows) < 1e-4
+    refused = run_module("experiments.bench_gpu", f"--out={out}")
+    assert refused.returncode != 0 and "needs an accelerator" in refused.stderr
