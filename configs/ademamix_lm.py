@@ -13,10 +13,7 @@ from configs import lm_tiny
 
 def get_config():
     config = lm_tiny.get_config()
-    config.num_steps = 500
     config.seq_len = 64
-    config.eval_every = 100
-    config.checkpoint_every = 500
     config.optim.update(
         name="ademamix",
         learning_rate=2e-3,
@@ -29,6 +26,6 @@ def get_config():
     # AdEMAMix only: slow-EMA decay, mixing weight, their warm-up (steps; 0 = off), EMA dtype.
     config.optim.b3 = 0.999
     config.optim.alpha = 8.0
-    config.optim.warmup_alpha_b3 = config.num_steps
+    config.optim.warmup_alpha_b3 = 0  # set to the run's length by with_num_steps
     config.optim.mu_dtype = ""
-    return config
+    return lm_tiny.with_num_steps(config, 500)

@@ -11,11 +11,8 @@ from configs import lm_tiny
 
 
 def get_config():
-    config = lm_tiny.get_config()
-    config.num_steps = 500
+    config = lm_tiny.with_num_steps(lm_tiny.get_config(), 500)
     config.seq_len = 64
-    config.eval_every = 100
-    config.checkpoint_every = 500
     config.optim.learning_rate = 1e-3
     config.model.num_layers = 4
     config.model.dwa = ml_collections.ConfigDict(dict(dilation=1, period=1))

@@ -91,3 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
     config.logical_axis_rules = ()
     return config
+
+
+def with_num_steps(config: ml_collections.ConfigDict, num_steps: int) -> ml_collections.ConfigDict:
+    """Rescales a run to ``num_steps``: evaluate 5 times, checkpoint at the end, warm-ups no longer
+    than a tenth of the run (AdEMAMix's alpha/beta3 warm-up spans the whole run)."""
+    config.num_steps = config.checkpoint_every = num_steps
+    config.eval_every = max(num_steps // 5, 1)
+    config.optim.warmup_steps = min(config.optim.warmup_steps, num_steps // 10)
+    if "warmup_alpha_b3" in config.optim:
+        config.optim.warmup_alpha_b3 = num_steps
+    return config

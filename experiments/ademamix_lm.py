@@ -27,7 +27,7 @@ from absl import app, flags, logging
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from configs import ademamix_lm  # noqa: E402
+from configs import ademamix_lm, lm_tiny  # noqa: E402
 from jaxlab.data import pipeline  # noqa: E402
 from jaxlab.train import loop, sharding  # noqa: E402
 from jaxlab.train.step import MODEL_INPUTS  # noqa: E402
@@ -47,11 +47,7 @@ OPTIMIZERS = ("adamw", "ademamix")
 def make_config(optimizer: str, lr: float, num_steps: int):
     config = ademamix_lm.get_config()
     if num_steps:
-        config.num_steps = num_steps
-        config.checkpoint_every = num_steps
-        config.eval_every = max(num_steps // 5, 1)
-        config.optim.warmup_alpha_b3 = num_steps
-        config.optim.warmup_steps = min(config.optim.warmup_steps, num_steps // 10)
+        lm_tiny.with_num_steps(config, num_steps)
     config.optim.name = optimizer
     config.optim.learning_rate = lr
     return config

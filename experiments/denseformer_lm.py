@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from configs import denseformer_lm
+from configs import denseformer_lm, lm_tiny
 from jaxlab.eval.plots import plot_dwa_weights
 from jaxlab.infer import generate
 from jaxlab.models.denseformer import DWAConfig, dwa_positions
@@ -52,9 +52,7 @@ def make_config(depth: int, dwa: dict | None, num_steps: int):
     config.model.num_layers = depth
     config.model.dwa = None if dwa is None else ml_collections.ConfigDict(dwa)
     if num_steps:
-        config.num_steps = config.checkpoint_every = num_steps
-        config.eval_every = max(num_steps // 5, 1)
-        config.optim.warmup_steps = min(config.optim.warmup_steps, num_steps // 10)
+        lm_tiny.with_num_steps(config, num_steps)
     return config
 
 
