@@ -79,7 +79,7 @@ class DepthWeightedAverages(nnx.Module):
             )
         self.weights = nnx.List(weights)
 
-    def buffer_slots(self) -> dict[int, int]:
+    def kept_counts(self) -> dict[int, int]:
         """How many representations each residue class mod ``k`` must keep (only classes read
         by some DWA, and only up to its last DWA)."""
         slots: dict[int, int] = {}
@@ -100,7 +100,7 @@ class DepthWeightedAverages(nnx.Module):
         if len(blocks) != self.num_layers:
             raise ValueError(f"DWA: got {len(blocks)} blocks for {self.num_layers} layers")
         k = self.config.dilation
-        slots = self.buffer_slots()
+        slots = self.kept_counts()
         kept: dict[int, list[jax.Array]] = {r: [] for r in slots}
 
         def keep(j, x):
