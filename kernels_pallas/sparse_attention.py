@@ -502,6 +502,25 @@ def _check_rows(name, arg, x, shape, kind):
         raise ValueError(f"{name}: {arg} must be integer bucket ids, got dtype {x.dtype}")
 
 
+def check_qk_arguments(q, k, v, q_keep, k_keep):
+    """Raises ValueError naming the argument when shapes or dtypes do not fit."""
+    name = "qk_sparse_attention"
+    _check_qkv(name, q, k, v)
+    _check_rows(name, "q_keep", q_keep, q.shape[:3], "bool")
+    _check_rows(name, "k_keep", k_keep, k.shape[:3], "bool")
+
+
+def check_hash_arguments(q, k, v, q_buckets, k_buckets):
+    """As :func:`check_qk_arguments`; also rejects negative bucket ids when they are concrete."""
+    name = "hash_sparse_attention"
+    _check_qkv(name, q, k, v)
+    _check_rows(name, "q_buckets", q_buckets, q.shape[:3], "int")
+    _check_rows(name, "k_buckets", k_buckets, k.shape[:3], "int")
+    for arg, x in (("q_buckets", q_buckets), ("k_buckets", k_buckets)):
+        if not isinstance(x, jax.core.Tracer) and x.size and int(jnp.min(x)) < 0:
+            raise ValueError(f"{name}: {arg} must be >= 0, got a minimum of {int(jnp.min(x))}")
+
+
 def _resolve(q, sm_scale, block_sizes, interpret):
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
@@ -543,10 +562,7 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, block_sizes=N
       [batch, seq, heads, head_dim]; query ``i`` attends to key ``j`` iff ``q_keep[i]``,
       ``k_keep[j]`` and ``j <= i``; other rows are exactly 0.
     """
-    name = "qk_sparse_attention"
-    _check_qkv(name, q, k, v)
-    _check_rows(name, "q_keep", q_keep, q.shape[:3], "bool")
-    _check_rows(name, "k_keep", k_keep, k.shape[:3], "bool")
+    check_qk_arguments(q, k, v, q_keep, k_keep)
     sm_scale, block_sizes, interpret = _resolve(q, sm_scale, block_sizes, interpret)
     return _qk_sparse(q, k, v, q_keep, k_keep, sm_scale=sm_scale, block_sizes=block_sizes,
                       interpret=interpret)  # fmt: skip
@@ -582,13 +598,7 @@ def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, block
       [batch, seq, heads, head_dim]; query ``i`` attends to key ``j`` iff the buckets are equal
       and ``j <= i``; a row with no such key is 0.
     """
-    name = "hash_sparse_attention"
-    _check_qkv(name, q, k, v)
-    _check_rows(name, "q_buckets", q_buckets, q.shape[:3], "int")
-    _check_rows(name, "k_buckets", k_buckets, k.shape[:3], "int")
-    for arg, x in (("q_buckets", q_buckets), ("k_buckets", k_buckets)):
-        if not isinstance(x, jax.core.Tracer) and x.size and int(jnp.min(x)) < 0:
-            raise ValueError(f"{name}: {arg} must be >= 0, got a minimum of {int(jnp.min(x))}")
+    check_hash_arguments(q, k, v, q_buckets, k_buckets)
     sm_scale, block_sizes, interpret = _resolve(q, sm_scale, block_sizes, interpret)
     return _hash_sparse(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale,
                         block_sizes=block_sizes, interpret=interpret)  # fmt: skip

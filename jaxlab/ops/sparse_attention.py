@@ -1,0 +1,170 @@
+"""Dynamic sparse causal attention: QK-dropping and hash buckets, Pallas or XLA.
+
+Same signatures and meaning as :mod:`kernels_pallas.sparse_attention` (read its docstring for the
+masks), plus ``impl``: ``'pallas'`` runs the Triton kernels (interpret mode on CPU), ``'xla'`` the
+paths below, ``'auto'`` Pallas on GPU and XLA elsewhere (the kernels have no TPU lowering yet).
+
+The XLA paths keep static shapes, so they save work only through static size hints, and stay exact
+when a hint is too small by falling back (``lax.cond``) to the full-size computation:
+
+* QK: compact kept tokens to the front (stable sort), then dense masked attention on the first
+  ``capacity = (q_capacity, k_capacity)`` rows; without a hint the compacted length is ``seq``.
+* Hash: sort by bucket (stable), then each query tile of ``block`` rows attends to a window of
+  ``window`` key tiles starting at the first key of its smallest bucket; without a hint the window
+  is the whole sequence. :func:`hash_window` suggests a window for a number of buckets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas import sparse_attention as kernels
+
+IMPLS = ("auto", "xla", "pallas")
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+def _resolve_impl(name: str, impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
+    """Dense masked attention of reordered rows; *_pos/*_bkt: [batch, rows, heads or kv_heads]."""
+    groups = qs.shape[2] // ks.shape[2]
+    rep = lambda x: jnp.repeat(x, groups, axis=2).transpose(0, 2, 1)  # noqa: E731
+    mask = q_pos.transpose(0, 2, 1)[..., :, None] >= rep(k_pos)[..., None, :]
+    if q_bkt is not None:
+        mask &= q_bkt.transpose(0, 2, 1)[..., :, None] == rep(k_bkt)[..., None, :]
+    return kernels.masked_attention_reference(qs, ks, vs, mask, sm_scale)
+
+
+def _take_rows(x, idx):
+    """x: [batch, seq, hh, ...], idx: [batch, rows, hh] -> [batch, rows, hh, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=1)
+
+
+def _unsort(out, order):
+    """Output rows back to original positions; rows past ``out``'s length (not computed) are 0."""
+    rank = jnp.argsort(order, axis=1)
+    rows = out.shape[1]
+    got = _take_rows(out, jnp.minimum(rank, rows - 1))
+    return jnp.where((rank < rows)[..., None], got, 0).astype(out.dtype)
+
+
+def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, capacity=None):
+    """XLA QK-sparse attention: compaction then dense attention on ``capacity`` rows."""
+    seq = q.shape[1]
+    q_order, q_kept = kernels.compact_order(q_keep)
+    k_order, k_kept = kernels.compact_order(k_keep)
+
+    def run(q_rows, k_rows):
+        qo, ko = q_order[:, :q_rows], k_order[:, :k_rows]
+        q_pos = jnp.where(q_kept[:, :q_rows], qo, -1)
+        k_pos = jnp.where(k_kept[:, :k_rows], ko, _BIG)
+        out = _masked(_take_rows(q, qo), _take_rows(k, ko), _take_rows(v, ko), q_pos, k_pos,
+                      None, None, sm_scale)  # fmt: skip
+        return _unsort(out, q_order)
+
+    if capacity is None or tuple(capacity) == (seq, seq):
+        return run(seq, seq)
+    q_rows, k_rows = (min(int(c), seq) for c in capacity)
+    fits = (jnp.max(jnp.sum(q_keep, axis=1)) <= q_rows) & (jnp.max(jnp.sum(k_keep, axis=1)) <= k_rows)
+    return lax.cond(fits, lambda: run(q_rows, k_rows), lambda: run(seq, seq))
+
+
+def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0) -> int:
+    """Key tiles per query tile that cover buckets up to ``slack`` times their mean size."""
+    tiles = math.ceil(slack * seq / (num_buckets * block)) + 1
+    return min(tiles, math.ceil(seq / block))
+
+
+def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, block=128, window=None):
+    """XLA hash-sparse attention: sort by bucket, query tiles attend to windows of key tiles."""
+    batch, seq, heads, _ = q.shape
+    groups = heads // k.shape[2]
+    block = min(block, seq)
+    padded = -(-seq // block) * block
+    tiles = padded // block
+    q_order, q_sorted = kernels.bucket_order(q_buckets)
+    k_order, k_sorted = kernels.bucket_order(k_buckets)
+    pad = lambda x, value: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)), constant_values=value)  # noqa: E731
+    # Keys per query head (GQA), sorted by bucket; padding sorts last and matches nothing.
+    head_of = jnp.arange(heads) // groups
+    ks, vs = _take_rows(k, k_order)[:, :, head_of], _take_rows(v, k_order)[:, :, head_of]
+    ks = jnp.pad(ks, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
+    vs = jnp.pad(vs, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
+    k_pos, k_bkt = pad(k_order[:, :, head_of], _BIG), pad(k_sorted[:, :, head_of], _BIG)
+    qs = jnp.pad(_take_rows(q, q_order), ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
+    q_pos, q_bkt = pad(q_order, -1), pad(q_sorted, -1)
+
+    tile_rows = lambda x: x.reshape(batch, tiles, block, *x.shape[2:])  # noqa: E731
+    valid = tile_rows(q_pos >= 0)
+    bmin = jnp.min(jnp.where(valid, tile_rows(q_bkt), _BIG), axis=2)  # [batch, tiles, heads]
+    bmax = jnp.max(jnp.where(valid, tile_rows(q_bkt), -1), axis=2)
+    # First and one-past-last key of each query tile's bucket range, in tiles.
+    first = jnp.sum(k_bkt[:, None] < bmin[:, :, None], axis=2) // block
+    last = -(-jnp.sum(k_bkt[:, None] <= bmax[:, :, None], axis=2) // block)
+
+    def run(width):
+        start = jnp.clip(first, 0, tiles - width)  # [batch, q_tiles, heads]
+        rows = start[..., None] * block + jnp.arange(width * block)  # [b, qt, h, width*block]
+        rows = rows.transpose(0, 1, 3, 2)  # [b, qt, width*block, h]
+        gather = lambda x: jnp.take_along_axis(  # noqa: E731
+            x[:, None], rows.reshape(rows.shape + (1,) * (x.ndim - 3)), axis=2
+        )
+        kw, vw, kpw, kbw = gather(ks), gather(vs), gather(k_pos), gather(k_bkt)
+        qt = lambda x: tile_rows(x)  # noqa: E731
+        mask = ((qt(q_pos).transpose(0, 1, 3, 2)[..., :, None] >= kpw.transpose(0, 1, 3, 2)[..., None, :])
+                & (qt(q_bkt).transpose(0, 1, 3, 2)[..., :, None]
+                   == kbw.transpose(0, 1, 3, 2)[..., None, :]))  # fmt: skip
+        fold = lambda x: x.reshape(batch * tiles, *x.shape[2:])  # noqa: E731
+        out = kernels.masked_attention_reference(
+            fold(qt(qs)), fold(kw), fold(vw), fold(mask), sm_scale
+        )
+        return _unsort(out.reshape(batch, padded, heads, -1)[:, :seq], q_order)
+
+    if window is None or window >= tiles:
+        return run(tiles)
+    fits = jnp.all(last - first <= window)
+    return lax.cond(fits, lambda: run(window), lambda: run(tiles))
+
+
+def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, impl="auto", block_sizes=None,
+                        interpret=None, capacity=None):  # fmt: skip
+    """QK-sparse causal attention (see :func:`kernels_pallas.sparse_attention.qk_sparse_attention`).
+
+    Args:
+      capacity: XLA only: static (q_rows, k_rows) bounds on kept tokens per (batch, head).
+    """
+    name = "qk_sparse_attention"
+    if _resolve_impl(name, impl) == "pallas":
+        return kernels.qk_sparse_attention(q, k, v, q_keep, k_keep, sm_scale=sm_scale,
+                                           block_sizes=block_sizes, interpret=interpret)  # fmt: skip
+    kernels.check_qk_arguments(q, k, v, q_keep, k_keep)
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return qk_sparse_xla(q, k, v, q_keep, k_keep, sm_scale=sm_scale, capacity=capacity)
+
+
+def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, impl="auto",
+                          block_sizes=None, interpret=None, window=None, block=128):  # fmt: skip
+    """Hash-sparse causal attention (see :func:`kernels_pallas.sparse_attention.hash_sparse_attention`).
+
+    Args:
+      window, block: XLA only: key tiles of ``block`` rows per query tile (:func:`hash_window`).
+    """
+    name = "hash_sparse_attention"
+    if _resolve_impl(name, impl) == "pallas":
+        return kernels.hash_sparse_attention(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale,
+                                             block_sizes=block_sizes, interpret=interpret)  # fmt: skip
+    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets)
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return hash_sparse_xla(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale, block=block,
+                           window=window)  # fmt: skip
