@@ -27,8 +27,8 @@ Kernels (Triton lowering, one program per tile, loops inside; no atomics):
 
 Matmuls accumulate in float32 for every input dtype; outputs have the input dtype. Head dims are
 zero-padded to a power of two (>= 16), sequences to a multiple of the tiles. TPU is not supported by
-these kernels (they use Triton pointer loads and in-kernel loops over data-dependent lists; Mosaic TPU
-would need scalar prefetch): ``jaxlab.ops`` runs the XLA path there.
+these kernels (they use Triton pointer loads and in-kernel loops over data-dependent lists;
+Mosaic TPU would need scalar prefetch): ``jaxlab.ops`` runs the XLA path there.
 """
 
 from __future__ import annotations
@@ -105,22 +105,29 @@ def _group_heads(x, heads):
     return jnp.repeat(x, heads // x.shape[2], axis=2)
 
 
-def qk_sparse_attention_reference(q, k, v, q_keep, k_keep, sm_scale=None):
+def _causal(seq, segment_ids):
+    """[batch or 1, 1, seq, seq] causal mask, within segments when segment_ids is given."""
+    causal = (jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None])[None, None]
+    if segment_ids is not None:
+        causal = causal & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return causal
+
+
+def qk_sparse_attention_reference(q, k, v, q_keep, k_keep, sm_scale=None, segment_ids=None):
     """Dense masked QK-sparse attention (same arguments as :func:`qk_sparse_attention`)."""
-    seq = q.shape[1]
-    causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]
+    causal = _causal(q.shape[1], segment_ids)
     kk = _group_heads(k_keep, q.shape[2])
     mask = (q_keep.transpose(0, 2, 1)[:, :, :, None] & kk.transpose(0, 2, 1)[:, :, None, :]
             & causal)  # fmt: skip
     return masked_attention_reference(q, k, v, mask, sm_scale)
 
 
-def hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets, sm_scale=None):
+def hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets, sm_scale=None,
+                                    segment_ids=None):  # fmt: skip
     """Dense masked hash-sparse attention (same arguments as :func:`hash_sparse_attention`)."""
-    seq = q.shape[1]
-    causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]
+    causal = _causal(q.shape[1], segment_ids)
     kb = _group_heads(k_buckets, q.shape[2])
-    mask = (q_buckets.transpose(0, 2, 1)[:, :, :, None] == kb.transpose(0, 2, 1)[:, :, None, :])
+    mask = q_buckets.transpose(0, 2, 1)[:, :, :, None] == kb.transpose(0, 2, 1)[:, :, None, :]
     return masked_attention_reference(q, k, v, mask & causal, sm_scale)
 
 
@@ -201,27 +208,30 @@ def _forward_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_
     block_q, head_dim = q.shape
 
     def body(t, carry):
-        acc, m, l = carry
+        acc, row_max, row_sum = carry
         keys = pl.ds(kv_tiles_ref[t] * block_k, block_k)
         kb = kb_ref[keys] if use_buckets else None
         s, mask = _logits_and_mask(q, k_ref[keys, :], qp, kp_ref[keys], qb, kb, scale)
         s = jnp.where(mask, s, _MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        correction = jnp.exp2(m - m_new)
+        m_new = jnp.maximum(row_max, jnp.max(s, axis=1))
+        correction = jnp.exp2(row_max - m_new)
         # The where matters while every key so far was masked (m_new is still the mask value).
         p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
         v = v_ref[keys, :]
         acc = correction[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
                                                   preferred_element_type=jnp.float32)  # fmt: skip
-        return acc, m_new, correction * l + jnp.sum(p, axis=1)
+        return acc, m_new, correction * row_sum + jnp.sum(p, axis=1)
 
-    init = (jnp.zeros((block_q, head_dim), jnp.float32),
-            jnp.full((block_q,), _MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))  # fmt: skip
-    acc, m, l = lax.fori_loop(0, kv_count_ref[pl.program_id(2)], body, init)
-    seen = l > 0
-    safe_l = jnp.where(seen, l, 1.0)
+    init = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    acc, row_max, row_sum = lax.fori_loop(0, kv_count_ref[pl.program_id(2)], body, init)
+    seen = row_sum > 0
+    safe_l = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log2(safe_l), 0.0)
+    lse_ref[...] = jnp.where(seen, row_max + jnp.log2(safe_l), 0.0)
 
 
 def _dq_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref,
@@ -328,8 +338,10 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
         grid=(batch, heads, nq),
         in_specs=in_specs,
         out_specs=[q_block, row(bq)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],  # fmt: skip
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
+        ],  # fmt: skip
         compiler_params=_compiler_params(static),
         interpret=static.interpret,
         name="sparse_flash_attention_fwd",
@@ -365,8 +377,9 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
         in_specs += [row(bq), kv_row]
         args += [q_bkt, k_bkt]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, sm_scale=static.sm_scale, block_k=bk,
-                          use_buckets=use_buckets),  # fmt: skip
+        functools.partial(
+            _dq_kernel, scale=scale, sm_scale=static.sm_scale, block_k=bk, use_buckets=use_buckets
+        ),  # fmt: skip
         grid=(batch, heads, nq),
         in_specs=in_specs,
         out_specs=q_block,
@@ -390,8 +403,14 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
         in_specs += [group_rows, k_row]
         args += [q_bkt, k_bkt]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, sm_scale=static.sm_scale, block_q=bq,
-                          groups=groups, use_buckets=use_buckets),  # fmt: skip
+        functools.partial(
+            _dkv_kernel,
+            scale=scale,
+            sm_scale=static.sm_scale,
+            block_q=bq,
+            groups=groups,
+            use_buckets=use_buckets,
+        ),  # fmt: skip
         grid=(batch, kv_heads, nk),
         in_specs=in_specs,
         out_specs=[k_block, k_block],
@@ -482,8 +501,10 @@ def _check_qkv(name, q, k, v):
                          f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}")  # fmt: skip
     batch, seq, heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[1] != seq or k.shape[3] != head_dim:
-        raise ValueError(f"{name}: k and v must both be [batch={batch}, seq={seq}, kv_heads, "
-                         f"head_dim={head_dim}], got k.shape={k.shape}, v.shape={v.shape}")  # fmt: skip
+        raise ValueError(
+            f"{name}: k and v must both be [batch={batch}, seq={seq}, kv_heads, "
+            f"head_dim={head_dim}], got k.shape={k.shape}, v.shape={v.shape}"
+        )
     if heads % k.shape[2]:
         raise ValueError(f"{name}: heads={heads} (q.shape[2]) must be a multiple of "
                          f"kv_heads={k.shape[2]} (k.shape[2])")  # fmt: skip
@@ -502,15 +523,30 @@ def _check_rows(name, arg, x, shape, kind):
         raise ValueError(f"{name}: {arg} must be integer bucket ids, got dtype {x.dtype}")
 
 
-def check_qk_arguments(q, k, v, q_keep, k_keep):
+def _check_segments(name, segment_ids, q):
+    if segment_ids is None:
+        return
+    if segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"{name}: segment_ids must be integers of shape {q.shape[:2]} "
+            f"[batch, seq], got {segment_ids.dtype}{list(segment_ids.shape)}"
+        )
+    if not isinstance(segment_ids, jax.core.Tracer) and segment_ids.size:
+        if int(jnp.min(segment_ids)) < 0:
+            raise ValueError(f"{name}: segment_ids must be >= 0, got a minimum of "
+                             f"{int(jnp.min(segment_ids))}")  # fmt: skip
+
+
+def check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids=None):
     """Raises ValueError naming the argument when shapes or dtypes do not fit."""
     name = "qk_sparse_attention"
     _check_qkv(name, q, k, v)
     _check_rows(name, "q_keep", q_keep, q.shape[:3], "bool")
     _check_rows(name, "k_keep", k_keep, k.shape[:3], "bool")
+    _check_segments(name, segment_ids, q)
 
 
-def check_hash_arguments(q, k, v, q_buckets, k_buckets):
+def check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids=None):
     """As :func:`check_qk_arguments`; also rejects negative bucket ids when they are concrete."""
     name = "hash_sparse_attention"
     _check_qkv(name, q, k, v)
@@ -519,6 +555,7 @@ def check_hash_arguments(q, k, v, q_buckets, k_buckets):
     for arg, x in (("q_buckets", q_buckets), ("k_buckets", k_buckets)):
         if not isinstance(x, jax.core.Tracer) and x.size and int(jnp.min(x)) < 0:
             raise ValueError(f"{name}: {arg} must be >= 0, got a minimum of {int(jnp.min(x))}")
+    _check_segments(name, segment_ids, q)
 
 
 def _resolve(q, sm_scale, block_sizes, interpret):
@@ -541,20 +578,28 @@ def _to_rows(x):
 def _reordered(q, k, v, q_order, k_order, q_pos, k_pos, q_bkt, k_bkt, static_args):
     """Runs the core on rows permuted by q_order/k_order and puts the output back in place."""
     qs, ks, vs = _gather_rows(q, q_order), _gather_rows(k, k_order), _gather_rows(v, k_order)
-    out = index_masked_attention(qs, ks, vs, _to_rows(q_pos), _to_rows(k_pos),
-                                 None if q_bkt is None else _to_rows(q_bkt),
-                                 None if k_bkt is None else _to_rows(k_bkt), **static_args)  # fmt: skip
+    out = index_masked_attention(
+        qs,
+        ks,
+        vs,
+        _to_rows(q_pos),
+        _to_rows(k_pos),
+        None if q_bkt is None else _to_rows(q_bkt),
+        None if k_bkt is None else _to_rows(k_bkt),
+        **static_args,
+    )
     inverse = jnp.argsort(q_order, axis=1)
     return _gather_rows(out, inverse)
 
 
-def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, block_sizes=None,
-                        interpret=None):  # fmt: skip
+def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None,
+                        block_sizes=None, interpret=None):  # fmt: skip
     """Causal attention with dropped queries and keys, skipping the dropped work.
 
     Args:
       q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
       q_keep: [batch, seq, heads] bool; k_keep: [batch, seq, kv_heads] bool.
+      segment_ids: optional [batch, seq] ints (packed documents): attend only within a segment.
       sm_scale: logit scale, default ``head_dim ** -0.5``.
       block_sizes: :class:`BlockSizes`; interpret: run the kernels in interpret mode (None = on
         CPU).
@@ -562,10 +607,10 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, block_sizes=N
       [batch, seq, heads, head_dim]; query ``i`` attends to key ``j`` iff ``q_keep[i]``,
       ``k_keep[j]`` and ``j <= i``; other rows are exactly 0.
     """
-    check_qk_arguments(q, k, v, q_keep, k_keep)
+    check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
     sm_scale, block_sizes, interpret = _resolve(q, sm_scale, block_sizes, interpret)
-    return _qk_sparse(q, k, v, q_keep, k_keep, sm_scale=sm_scale, block_sizes=block_sizes,
-                      interpret=interpret)  # fmt: skip
+    return _qk_sparse(q, k, v, q_keep, k_keep, segment_ids, sm_scale=sm_scale,
+                      block_sizes=block_sizes, interpret=interpret)  # fmt: skip
 
 
 def compact_order(keep):
@@ -577,31 +622,46 @@ def compact_order(keep):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
-def _qk_sparse(q, k, v, q_keep, k_keep, *, sm_scale, block_sizes, interpret):
+def _qk_sparse(q, k, v, q_keep, k_keep, segment_ids, *, sm_scale, block_sizes, interpret):
     q_order, q_kept = compact_order(q_keep)
     k_order, k_kept = compact_order(k_keep)
     q_pos = jnp.where(q_kept, q_order, _PAD_Q_POS)
     k_pos = jnp.where(k_kept, k_order, _PAD_K_POS)
+    # Segments ride in the kernels' bucket channel: equal ids are required either way.
+    q_seg = k_seg = None
+    if segment_ids is not None:
+        q_seg = jnp.take_along_axis(segment_ids[:, :, None], q_order, axis=1)
+        k_seg = jnp.take_along_axis(segment_ids[:, :, None], k_order, axis=1)
     static_args = dict(sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
-    return _reordered(q, k, v, q_order, k_order, q_pos, k_pos, None, None, static_args)
+    return _reordered(q, k, v, q_order, k_order, q_pos, k_pos, q_seg, k_seg, static_args)
 
 
-def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, block_sizes=None,
-                          interpret=None):  # fmt: skip
+def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, segment_ids=None, sm_scale=None,
+                          block_sizes=None, interpret=None):  # fmt: skip
     """Causal attention within hash buckets, skipping the tiles of other buckets.
 
     Args:
       q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
       q_buckets: [batch, seq, heads] int; k_buckets: [batch, seq, kv_heads] int; ids >= 0.
+      segment_ids: optional [batch, seq] ints >= 0 (packed documents): attend only within one.
       sm_scale, block_sizes, interpret: as :func:`qk_sparse_attention`.
     Returns:
       [batch, seq, heads, head_dim]; query ``i`` attends to key ``j`` iff the buckets are equal
       and ``j <= i``; a row with no such key is 0.
     """
-    check_hash_arguments(q, k, v, q_buckets, k_buckets)
+    check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
     sm_scale, block_sizes, interpret = _resolve(q, sm_scale, block_sizes, interpret)
-    return _hash_sparse(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale,
+    return _hash_sparse(q, k, v, q_buckets, k_buckets, segment_ids, sm_scale=sm_scale,
                         block_sizes=block_sizes, interpret=interpret)  # fmt: skip
+
+
+def segmented_buckets(q_buckets, k_buckets, segment_ids):
+    """One id per (segment, bucket) pair, so that sorting groups documents, then buckets."""
+    if segment_ids is None:
+        return q_buckets, k_buckets
+    width = jnp.maximum(jnp.max(q_buckets), jnp.max(k_buckets)).astype(jnp.int32) + 1
+    seg = segment_ids.astype(jnp.int32)[:, :, None] * width
+    return seg + q_buckets.astype(jnp.int32), seg + k_buckets.astype(jnp.int32)
 
 
 def bucket_order(buckets):
@@ -611,7 +671,9 @@ def bucket_order(buckets):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
-def _hash_sparse(q, k, v, q_buckets, k_buckets, *, sm_scale, block_sizes, interpret):
+def _hash_sparse(q, k, v, q_buckets, k_buckets, segment_ids, *, sm_scale, block_sizes,
+                 interpret):  # fmt: skip
+    q_buckets, k_buckets = segmented_buckets(q_buckets, k_buckets, segment_ids)
     q_order, q_sorted = bucket_order(q_buckets)
     k_order, k_sorted = bucket_order(k_buckets)
     static_args = dict(sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)

@@ -59,7 +59,7 @@ def _unsort(out, order):
     return jnp.where((rank < rows)[..., None], got, 0).astype(out.dtype)
 
 
-def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, capacity=None):
+def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capacity=None):
     """XLA QK-sparse attention: compaction then dense attention on ``capacity`` rows."""
     seq = q.shape[1]
     q_order, q_kept = kernels.compact_order(q_keep)
@@ -69,14 +69,22 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, capacity=None):
         qo, ko = q_order[:, :q_rows], k_order[:, :k_rows]
         q_pos = jnp.where(q_kept[:, :q_rows], qo, -1)
         k_pos = jnp.where(k_kept[:, :k_rows], ko, _BIG)
+        q_seg = k_seg = None
+        if segment_ids is not None:
+            q_seg, k_seg = (
+                _take_rows(segment_ids[:, :, None], qo),
+                _take_rows(segment_ids[:, :, None], ko),
+            )
         out = _masked(_take_rows(q, qo), _take_rows(k, ko), _take_rows(v, ko), q_pos, k_pos,
-                      None, None, sm_scale)  # fmt: skip
+                      q_seg, k_seg, sm_scale)  # fmt: skip
         return _unsort(out, q_order)
 
     if capacity is None or tuple(capacity) == (seq, seq):
         return run(seq, seq)
     q_rows, k_rows = (min(int(c), seq) for c in capacity)
-    fits = (jnp.max(jnp.sum(q_keep, axis=1)) <= q_rows) & (jnp.max(jnp.sum(k_keep, axis=1)) <= k_rows)
+    fits = (jnp.max(jnp.sum(q_keep, axis=1)) <= q_rows) & (
+        jnp.max(jnp.sum(k_keep, axis=1)) <= k_rows
+    )
     return lax.cond(fits, lambda: run(q_rows, k_rows), lambda: run(seq, seq))
 
 
@@ -86,13 +94,15 @@ def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0
     return min(tiles, math.ceil(seq / block))
 
 
-def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, block=128, window=None):
+def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None, block=128,
+                    window=None):  # fmt: skip
     """XLA hash-sparse attention: sort by bucket, query tiles attend to windows of key tiles."""
     batch, seq, heads, _ = q.shape
     groups = heads // k.shape[2]
     block = min(block, seq)
     padded = -(-seq // block) * block
     tiles = padded // block
+    q_buckets, k_buckets = kernels.segmented_buckets(q_buckets, k_buckets, segment_ids)
     q_order, q_sorted = kernels.bucket_order(q_buckets)
     k_order, k_sorted = kernels.bucket_order(k_buckets)
     pad = lambda x, value: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)), constant_values=value)  # noqa: E731
@@ -122,9 +132,9 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, block=128, windo
         )
         kw, vw, kpw, kbw = gather(ks), gather(vs), gather(k_pos), gather(k_bkt)
         qt = lambda x: tile_rows(x)  # noqa: E731
-        mask = ((qt(q_pos).transpose(0, 1, 3, 2)[..., :, None] >= kpw.transpose(0, 1, 3, 2)[..., None, :])
-                & (qt(q_bkt).transpose(0, 1, 3, 2)[..., :, None]
-                   == kbw.transpose(0, 1, 3, 2)[..., None, :]))  # fmt: skip
+        rows_q = lambda x: qt(x).transpose(0, 1, 3, 2)[..., :, None]  # noqa: E731
+        cols_k = lambda x: x.transpose(0, 1, 3, 2)[..., None, :]  # noqa: E731
+        mask = (rows_q(q_pos) >= cols_k(kpw)) & (rows_q(q_bkt) == cols_k(kbw))
         fold = lambda x: x.reshape(batch * tiles, *x.shape[2:])  # noqa: E731
         out = kernels.masked_attention_reference(
             fold(qt(qs)), fold(kw), fold(vw), fold(mask), sm_scale
@@ -137,34 +147,46 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, block=128, windo
     return lax.cond(fits, lambda: run(window), lambda: run(tiles))
 
 
-def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, impl="auto", block_sizes=None,
-                        interpret=None, capacity=None):  # fmt: skip
-    """QK-sparse causal attention (see :func:`kernels_pallas.sparse_attention.qk_sparse_attention`).
+def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None, impl="auto",
+                        block_sizes=None, interpret=None, capacity=None):  # fmt: skip
+    """QK-sparse causal attention (as ``kernels_pallas.sparse_attention.qk_sparse_attention``).
 
     Args:
       capacity: XLA only: static (q_rows, k_rows) bounds on kept tokens per (batch, head).
     """
     name = "qk_sparse_attention"
     if _resolve_impl(name, impl) == "pallas":
-        return kernels.qk_sparse_attention(q, k, v, q_keep, k_keep, sm_scale=sm_scale,
-                                           block_sizes=block_sizes, interpret=interpret)  # fmt: skip
-    kernels.check_qk_arguments(q, k, v, q_keep, k_keep)
+        return kernels.qk_sparse_attention(q, k, v, q_keep, k_keep, segment_ids=segment_ids,
+                                           sm_scale=sm_scale, block_sizes=block_sizes,
+                                           interpret=interpret)  # fmt: skip
+    kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return qk_sparse_xla(q, k, v, q_keep, k_keep, sm_scale=sm_scale, capacity=capacity)
+    return qk_sparse_xla(q, k, v, q_keep, k_keep, sm_scale=sm_scale, segment_ids=segment_ids,
+                         capacity=capacity)  # fmt: skip
 
 
-def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, impl="auto",
-                          block_sizes=None, interpret=None, window=None, block=128):  # fmt: skip
-    """Hash-sparse causal attention (see :func:`kernels_pallas.sparse_attention.hash_sparse_attention`).
+def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, segment_ids=None, sm_scale=None,
+                          impl="auto", block_sizes=None, interpret=None, window=None,
+                          block=128):  # fmt: skip
+    """Hash-sparse causal attention (as ``kernels_pallas.sparse_attention.hash_sparse_attention``).
 
     Args:
       window, block: XLA only: key tiles of ``block`` rows per query tile (:func:`hash_window`).
     """
     name = "hash_sparse_attention"
     if _resolve_impl(name, impl) == "pallas":
-        return kernels.hash_sparse_attention(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale,
-                                             block_sizes=block_sizes, interpret=interpret)  # fmt: skip
-    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets)
+        return kernels.hash_sparse_attention(
+            q,
+            k,
+            v,
+            q_buckets,
+            k_buckets,
+            segment_ids=segment_ids,
+            sm_scale=sm_scale,
+            block_sizes=block_sizes,
+            interpret=interpret,
+        )
+    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return hash_sparse_xla(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale, block=block,
-                           window=window)  # fmt: skip
+    return hash_sparse_xla(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale,
+                           segment_ids=segment_ids, block=block, window=window)  # fmt: skip

@@ -95,7 +95,8 @@ def test_qk_sparse_forward_and_gradients_match_float64_reference(shape):
     np.testing.assert_allclose(out, dense_reference(q, k, v, mask), atol=2e-5)
     assert np.all(out.transpose(0, 2, 1, 3)[~mask.any(-1)] == 0.0)  # exactly 0, not just small
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    for got, want in zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct)):
+    pairs = zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True)
+    for got, want in pairs:
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
 
 
@@ -114,7 +115,8 @@ def test_hash_sparse_forward_and_gradients_match_float64_reference(shape):
     np.testing.assert_allclose(out, dense_reference(q, k, v, mask), atol=2e-5)
     assert np.all(out.transpose(0, 2, 1, 3)[~mask.any(-1)] == 0.0)
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    for got, want in zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct)):
+    pairs = zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True)
+    for got, want in pairs:
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
 
 
@@ -131,9 +133,12 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     np.testing.assert_allclose(np.asarray(out, np.float64), dense_reference(q, k, v, mask),
                                atol=3e-2)  # fmt: skip
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    for got, want in zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct)):
+    pairs = zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True)
+    for got, want in pairs:
         assert got.dtype == dtype
-        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=3e-2 * max(1, np.abs(want).max()))
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64), want, atol=3e-2 * max(1, np.abs(want).max())
+        )
 
 
 def test_one_bucket_is_dense_causal_attention_and_all_kept_likewise():
@@ -241,3 +246,28 @@ def test_forward_and_backward_lower_to_triton_for_cuda(kind, dtype, dim):
                    "sparse_flash_attention_dkv"):  # fmt: skip
         assert kernel in text
     assert text.count("__gpu$xla.gpu.triton") >= 3
+
+
+def segment_mask(segment_ids):
+    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+def test_packed_segments_restrict_attention_to_each_document(kind):
+    rng, (q, k, v) = make_inputs(11, 2, 90, 4, 2, 32)
+    segment_ids = np.cumsum(rng.random((2, 90)) < 0.05, axis=1).astype(np.int32)
+    if kind == "qk":
+        a = rng.random((2, 90, 4)) < 0.6
+        b = rng.random((2, 90, 2)) < 0.6
+        mask = qk_mask(a, b, 4) & segment_mask(segment_ids)
+        fn = sa.qk_sparse_attention
+    else:
+        a = rng.integers(0, 3, (2, 90, 4), dtype=np.int32)
+        b = rng.integers(0, 3, (2, 90, 2), dtype=np.int32)
+        mask = hash_mask(a, b, 4) & segment_mask(segment_ids)
+        fn = sa.hash_sparse_attention
+    out = fn(q, k, v, jnp.asarray(a), jnp.asarray(b), segment_ids=jnp.asarray(segment_ids),
+             block_sizes=SMALL)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out), dense_reference(q, k, v, mask), atol=2e-5)
+    with pytest.raises(ValueError, match=r"segment_ids must be integers of shape \(2, 90\)"):
+        fn(q, k, v, jnp.asarray(a), jnp.asarray(b), segment_ids=jnp.zeros((2, 91), jnp.int32))

@@ -32,7 +32,7 @@ def test_qk_sparse_xla_matches_reference_with_and_without_capacity(capacity):
     assert np.all(out.transpose(0, 2, 1, 3)[~mask.any(-1)] == 0.0)
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     got = jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-    for g, want in zip(got, reference_grads(q, k, v, mask, ct)):
+    for g, want in zip(got, reference_grads(q, k, v, mask, ct), strict=True):
         np.testing.assert_allclose(np.asarray(g), want, atol=5e-5)
 
 
@@ -51,7 +51,7 @@ def test_hash_sparse_xla_matches_reference_for_any_window(window, block):
                                atol=2e-5)  # fmt: skip
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     got = jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-    for g, want in zip(got, reference_grads(q, k, v, mask, ct)):
+    for g, want in zip(got, reference_grads(q, k, v, mask, ct), strict=True):
         np.testing.assert_allclose(np.asarray(g), want, atol=5e-5)
 
 
@@ -73,3 +73,22 @@ def test_impls_agree_and_bad_impl_is_named():
 def test_hash_window_covers_mean_bucket_with_slack():
     assert ops.hash_window(8192, 8, 128) == 17  # 2 * 1024 rows / 128 + 1
     assert ops.hash_window(256, 1, 128) == 2  # never more than the whole sequence
+
+
+def test_xla_paths_respect_packed_segments():
+    rng, (q, k, v) = make_inputs(12, 2, 100, 4, 2, 16)
+    segment_ids = np.cumsum(rng.random((2, 100)) < 0.05, axis=1).astype(np.int32)
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    q_keep, k_keep = rng.random((2, 100, 4)) < 0.5, rng.random((2, 100, 2)) < 0.5
+    out = ops.qk_sparse_attention(q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep),
+                                  segment_ids=jnp.asarray(segment_ids), impl="xla",
+                                  capacity=(80, 80))  # fmt: skip
+    want = dense_reference(q, k, v, qk_mask(q_keep, k_keep, 4) & same)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)
+    qb = rng.integers(0, 4, (2, 100, 4), dtype=np.int32)
+    kb = rng.integers(0, 4, (2, 100, 2), dtype=np.int32)
+    out = ops.hash_sparse_attention(q, k, v, jnp.asarray(qb), jnp.asarray(kb),
+                                    segment_ids=jnp.asarray(segment_ids), impl="xla", block=16,
+                                    window=3)  # fmt: skip
+    want = dense_reference(q, k, v, hash_mask(qb, kb, 4) & same)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)
