@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
             attention_impl="xla",
             # DenseFormer depth-weighted averages, e.g. {"dilation": 1, "period": 1}; None = off.
             dwa=None,
+            # Dynamic sparse attention, e.g. {"kind": "hash", "num_buckets": 8} or
+            # {"kind": "qk", "keep_rate": 0.5} (jaxlab.models.sparse_attention); None = dense.
+            sparse_attention=None,
             # Recompute block activations in the backward pass (gradient checkpointing).
             remat=False,
         )

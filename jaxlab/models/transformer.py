@@ -27,6 +27,12 @@ from jaxlab import ops
 from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
 from jaxlab.models.layers import RMSNorm, RopeScaling, apply_rope, param, rope_inv_freq
 from jaxlab.models.partitioning import constrain
+from jaxlab.models.sparse_attention import (
+    SparseAttentionConfig,
+    sparse_attention,
+    sparse_attention_mask,
+)
+from kernels_pallas.sparse_attention import masked_attention_reference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,6 +65,8 @@ class TransformerConfig:
       eos_token_id: end-of-sequence id(s), kept for checkpoint round trips.
       dwa: if set, a DenseFormer: depth-weighted averages between blocks
         (:mod:`jaxlab.models.denseformer`).
+      sparse_attention: if set, dynamic sparse attention (hash buckets or query/key dropping,
+        :mod:`jaxlab.models.sparse_attention`) replaces dense attention in every layer.
       remat: recompute each block's activations in the backward pass (gradient checkpointing)
         instead of storing them.
       name: registry name.
@@ -86,6 +94,7 @@ class TransformerConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     dwa: DWAConfig | None = None
+    sparse_attention: SparseAttentionConfig | None = None
     remat: bool = False
     name: str = "llama"
 
@@ -100,6 +109,9 @@ class TransformerConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.dwa is not None and not isinstance(self.dwa, DWAConfig):
             object.__setattr__(self, "dwa", DWAConfig(**dict(self.dwa)))
+        sparse = self.sparse_attention
+        if sparse is not None and not isinstance(sparse, SparseAttentionConfig):
+            object.__setattr__(self, "sparse_attention", SparseAttentionConfig(**dict(sparse)))
         for field in (
             "vocab_size",
             "hidden_size",
@@ -131,6 +143,11 @@ class TransformerConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(
                 f"TransformerConfig.sliding_window must be >= 1 or None, got {self.sliding_window}"
+            )
+        if self.sparse_attention is not None and self.sliding_window is not None:
+            raise ValueError(
+                "TransformerConfig: sparse_attention and sliding_window cannot be combined, got "
+                f"sliding_window={self.sliding_window}"
             )
         if self.attention_impl not in ops.available_impls():
             raise ValueError(
@@ -204,9 +221,10 @@ def _write_rows(buffer: jax.Array, update: jax.Array, starts: jax.Array) -> jax.
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs, layer: int = 0):
         c = config
         self.config = c
+        self.layer = layer  # seeds the sparse-attention hashes of this layer
         pd, std = c.storage_dtype, c.initializer_range
         self.q_proj = param(rngs, (c.hidden_size, c.num_heads, c.head_dim),
                             ("embed", "heads", "head_dim"), dtype=pd, std=std)  # fmt: skip
@@ -255,7 +273,22 @@ class Attention(nnx.Module):
             k, v = cache.k.astype(dt), cache.v.astype(dt)
             kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
             kv_segments = None
-        out = ops.attention(
+        sparse = c.sparse_attention
+        if sparse is not None and cache is None:
+            out = sparse_attention(sparse, self.layer, q, k, v, positions, segment_ids)
+        elif sparse is not None:
+            mask = sparse_attention_mask(sparse, self.layer, q, k, positions, kv_positions)
+            out = masked_attention_reference(q, k, v, mask)
+        else:
+            out = self._dense(q, k, v, positions, kv_positions, segment_ids, kv_segments)
+        out = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dt))
+        if c.attention_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, cache
+
+    def _dense(self, q, k, v, positions, kv_positions, segment_ids, kv_segments):
+        c = self.config
+        return ops.attention(
             q,
             k,
             v,
@@ -267,10 +300,6 @@ class Attention(nnx.Module):
             kv_segment_ids=kv_segments,
             impl=c.attention_impl,
         )
-        out = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dt))
-        if c.attention_bias:
-            out = out + self.o_bias[...].astype(dt)
-        return out, cache
 
 
 class MLP(nnx.Module):
@@ -304,11 +333,11 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs, layer: int = 0):
         c = config
         norm = dict(eps=c.rms_norm_eps, param_dtype=c.storage_dtype, rngs=rngs)
         self.input_norm = RMSNorm(c.hidden_size, **norm)
-        self.attn = Attention(c, rngs)
+        self.attn = Attention(c, rngs, layer)
         self.post_attention_norm = RMSNorm(c.hidden_size, **norm)
         self.mlp = MLP(c, rngs)
 
@@ -326,7 +355,7 @@ class Transformer(nnx.Module):
         self.config = c
         self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
                            dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
-        self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+        self.layers = nnx.List([Block(c, rngs, i) for i in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype,
                                   rngs=rngs)  # fmt: skip
         if not c.tie_embeddings:
