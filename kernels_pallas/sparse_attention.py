@@ -39,6 +39,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -523,6 +524,15 @@ def _check_rows(name, arg, x, shape, kind):
         raise ValueError(f"{name}: {arg} must be integer bucket ids, got dtype {x.dtype}")
 
 
+def _check_nonnegative(name, arg, x):
+    """Checks concrete ids (traced ones cannot be inspected without a host sync)."""
+    if isinstance(x, jax.core.Tracer) or not x.size:
+        return
+    smallest = int(np.min(np.asarray(x)))
+    if smallest < 0:
+        raise ValueError(f"{name}: {arg} must be >= 0, got a minimum of {smallest}")
+
+
 def _check_segments(name, segment_ids, q):
     if segment_ids is None:
         return
@@ -531,10 +541,7 @@ def _check_segments(name, segment_ids, q):
             f"{name}: segment_ids must be integers of shape {q.shape[:2]} "
             f"[batch, seq], got {segment_ids.dtype}{list(segment_ids.shape)}"
         )
-    if not isinstance(segment_ids, jax.core.Tracer) and segment_ids.size:
-        if int(jnp.min(segment_ids)) < 0:
-            raise ValueError(f"{name}: segment_ids must be >= 0, got a minimum of "
-                             f"{int(jnp.min(segment_ids))}")  # fmt: skip
+    _check_nonnegative(name, "segment_ids", segment_ids)
 
 
 def check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids=None):
@@ -553,8 +560,7 @@ def check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids=None):
     _check_rows(name, "q_buckets", q_buckets, q.shape[:3], "int")
     _check_rows(name, "k_buckets", k_buckets, k.shape[:3], "int")
     for arg, x in (("q_buckets", q_buckets), ("k_buckets", k_buckets)):
-        if not isinstance(x, jax.core.Tracer) and x.size and int(jnp.min(x)) < 0:
-            raise ValueError(f"{name}: {arg} must be >= 0, got a minimum of {int(jnp.min(x))}")
+        _check_nonnegative(name, arg, x)
     _check_segments(name, segment_ids, q)
 
 
