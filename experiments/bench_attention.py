@@ -18,16 +18,22 @@ GPU: ``make bench-gpu``.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from experiments.benchmarking import environment, write_json
+from experiments.benchmarking import (
+    allowed_pairs,
+    environment,
+    sparse_inputs,
+    sparsity_sweep,
+    write_json,
+)
 from jaxlab import ops
 
 flags.DEFINE_string("out", "bench_results/bench_attention.json", "Where to write the JSON.")
@@ -35,59 +41,29 @@ flags.DEFINE_integer("repeats", 3, "Timed rounds (median reported).")
 flags.DEFINE_bool("quick", False, "Smoke run: one short sequence, one repeat.")
 FLAGS = flags.FLAGS
 
-HASH_BUCKETS = (2, 8, 32)
-QK_DROP_RATES = (0.2, 0.5, 0.8)
-
-
-def sparsity_sweep(hash_buckets=HASH_BUCKETS, drop_rates=QK_DROP_RATES):
-    """[(label, kind, level)]: hash with ``level`` buckets, qk with drop rate ``level``."""
-    return ([(f"hash nb={n}", "hash", n) for n in hash_buckets]
-            + [(f"qk drop={p:.1f}", "qk", p) for p in drop_rates])  # fmt: skip
-
-
-def sparse_inputs(kind: str, level, batch: int, seq: int, heads: int, kv_heads: int, seed=0):
-    """Random bucket ids (uniform over ``level`` buckets) or keep masks (drop rate ``level``)."""
-    rng = np.random.default_rng(seed)
-    if kind == "hash":
-        return (rng.integers(0, level, (batch, seq, heads), dtype=np.int32),
-                rng.integers(0, level, (batch, seq, kv_heads), dtype=np.int32))  # fmt: skip
-    return (rng.random((batch, seq, heads)) >= level, rng.random((batch, seq, kv_heads)) >= level)
-
-
-def allowed_pairs(kind: str, a: np.ndarray, b: np.ndarray) -> int:
-    """Number of allowed causal (query, key) pairs over all rows and heads."""
-    batch, seq, heads = a.shape
-    groups = heads // b.shape[2]
-    total = 0
-    for bi in range(batch):
-        for h in range(heads):
-            qa, kb = a[bi, :, h], b[bi, :, h // groups]
-            if kind == "qk":
-                total += int(np.sum(qa * np.cumsum(kb)))
-            else:
-                counts = np.zeros(max(qa.max(), kb.max()) + 1, np.int64)
-                for i in range(seq):  # keys j <= i in query i's bucket
-                    counts[kb[i]] += 1
-                    total += counts[qa[i]]
-    return total
-
 
 def sparse_fn(kind: str, a, b, seq: int, level, impl: str = "xla"):
-    """The sparse attention under test, closed over its masks/buckets and static hints."""
-    a, b = jnp.asarray(a), jnp.asarray(b)
+    """``fn(q, k, v, a, b)``: the sparse attention under test with its static size hints.
+
+    The masks/buckets are arguments, not closed-over constants: XLA would otherwise constant-fold
+    the gathers they index, which takes minutes to compile.
+    """
     if kind == "hash":
         block = min(128, seq)
         window = ops.hash_window(seq, level, block) if impl == "xla" else None
-        return lambda q, k, v: ops.hash_sparse_attention(q, k, v, a, b, impl=impl, block=block,
-                                                         window=window)  # fmt: skip
+        return functools.partial(ops.hash_sparse_attention, impl=impl, block=block, window=window)
     capacity = (int(a.sum(axis=1).max()), int(b.sum(axis=1).max())) if impl == "xla" else None
-    return lambda q, k, v: ops.qk_sparse_attention(q, k, v, a, b, impl=impl, capacity=capacity)
+    return functools.partial(ops.qk_sparse_attention, impl=impl, capacity=capacity)
 
 
 def forward_and_backward(fn, cotangent):
+    """Jitted ``fn(q, k, v, *masks)`` and its gradient in q, k, v."""
     forward = jax.jit(fn)
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent),
-                            argnums=(0, 1, 2)))  # fmt: skip
+
+    def loss(q, k, v, *masks):
+        return jnp.sum(fn(q, k, v, *masks).astype(jnp.float32) * cotangent)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     return forward, grad
 
 
@@ -134,34 +110,35 @@ def main(argv):
     for seq in seqs:
         keys = jax.random.split(jax.random.key(seq), 4)
         q, k, v, ct = (jax.random.normal(key, (batch, seq, heads, dim)) for key in keys)
+        dense_pairs = seq * (seq + 1) // 2 * batch * heads
+        # name -> (fn(q, k, v, *masks), masks, allowed pairs)
         impls = {
-            "dense xla": (
-                lambda q, k, v: ops.attention(q, k, v, causal=True),
-                seq * (seq + 1) // 2 * batch * heads,
-            ),
+            "dense xla": (lambda q, k, v: ops.attention(q, k, v, causal=True), (), dense_pairs),
             "jax.nn.dot_product_attention": (
                 lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
-                seq * (seq + 1) // 2 * batch * heads,
+                (),
+                dense_pairs,
             ),
         }
         for label, kind, level in sparsity_sweep():
             a, b = sparse_inputs(kind, level, batch, seq, heads, heads, seed=seq)
-            impls[label] = (sparse_fn(kind, a, b, seq, level), allowed_pairs(kind, a, b))
-        compiled = {name: forward_and_backward(fn, ct) for name, (fn, _) in impls.items()}
-        for fwd, bwd in compiled.values():  # compile and warm up outside the timed rounds
-            jax.block_until_ready((fwd(q, k, v), bwd(q, k, v)))
+            impls[label] = (sparse_fn(kind, a, b, seq, level), (jnp.asarray(a), jnp.asarray(b)),
+                            allowed_pairs(kind, a, b))  # fmt: skip
+        compiled = {name: forward_and_backward(fn, ct) for name, (fn, _, _) in impls.items()}
+        args = {name: (q, k, v, *masks) for name, (_, masks, _) in impls.items()}
+        for name, (fwd, bwd) in compiled.items():  # compile and warm up outside the timed rounds
+            jax.block_until_ready((fwd(*args[name]), bwd(*args[name])))
         times = {name: ([], []) for name in impls}
         for _ in range(repeats):  # round-robin, so drift in machine load hits all alike
             for name, (fwd, bwd) in compiled.items():
-                times[name][0].append(median_ms(fwd, (q, k, v), 1))
-                times[name][1].append(median_ms(bwd, (q, k, v), 1))
+                times[name][0].append(median_ms(fwd, args[name], 1))
+                times[name][1].append(median_ms(bwd, args[name], 1))
         base_f, base_b = (statistics.median(t) for t in times["dense xla"])
-        dense_pairs = impls["dense xla"][1]
         for name, (fwd_t, bwd_t) in times.items():
             f, b = statistics.median(fwd_t), statistics.median(bwd_t)
             rows.append(dict(seq=seq, impl=name, forward_ms=f, fwd_bwd_ms=b,
                              forward_speedup=base_f / f, fwd_bwd_speedup=base_b / b,
-                             ideal=dense_pairs / max(impls[name][1], 1)))  # fmt: skip
+                             ideal=dense_pairs / max(impls[name][2], 1)))  # fmt: skip
             r = rows[-1]
             print(f"seq {seq:5d} {name:30s} fwd {f:9.2f} ms ({r['forward_speedup']:5.2f}x)  "
                   f"fwd+bwd {b:9.2f} ms ({r['fwd_bwd_speedup']:5.2f}x)  ideal {r['ideal']:5.2f}x",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], Any]:
@@ -156,3 +157,42 @@ def time_steps(step: Callable[[int], Any], num_first: int, repeats: int):
         step_median_s=statistics.median(times),
         memory=dict(after_first_steps=after_first, after_timed_steps=memory_snapshot()),
     )
+
+
+# Sparse attention inputs, shared by bench_attention (CPU) and bench_gpu (device).
+
+HASH_BUCKETS = (2, 8, 32)
+QK_DROP_RATES = (0.2, 0.5, 0.8)
+
+
+def sparsity_sweep(hash_buckets=HASH_BUCKETS, drop_rates=QK_DROP_RATES):
+    """[(label, kind, level)]: hash with ``level`` buckets, qk with drop rate ``level``."""
+    return ([(f"hash nb={n}", "hash", n) for n in hash_buckets]
+            + [(f"qk drop={p:.1f}", "qk", p) for p in drop_rates])  # fmt: skip
+
+
+def sparse_inputs(kind: str, level, batch: int, seq: int, heads: int, kv_heads: int, seed=0):
+    """Random bucket ids (uniform over ``level`` buckets) or keep masks (drop rate ``level``)."""
+    rng = np.random.default_rng(seed)
+    if kind == "hash":
+        return (rng.integers(0, level, (batch, seq, heads), dtype=np.int32),
+                rng.integers(0, level, (batch, seq, kv_heads), dtype=np.int32))  # fmt: skip
+    return (rng.random((batch, seq, heads)) >= level, rng.random((batch, seq, kv_heads)) >= level)
+
+
+def allowed_pairs(kind: str, a: np.ndarray, b: np.ndarray) -> int:
+    """Number of allowed causal (query, key) pairs over all rows and heads."""
+    batch, seq, heads = a.shape
+    groups = heads // b.shape[2]
+    total = 0
+    for bi in range(batch):
+        for h in range(heads):
+            qa, kb = a[bi, :, h], b[bi, :, h // groups]
+            if kind == "qk":
+                total += int(np.sum(qa * np.cumsum(kb)))
+            else:
+                counts = np.zeros(max(qa.max(), kb.max()) + 1, np.int64)
+                for i in range(seq):  # keys j <= i in query i's bucket
+                    counts[kb[i]] += 1
+                    total += counts[qa[i]]
+    return total

@@ -112,8 +112,25 @@ def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
     result = run_module("experiments.bench_gpu", "--allow_cpu", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"jaxlab xla", "jax.nn.dot_product_attention",
-                                         "jax pallas mha"}  # fmt: skip
-    assert max(r["max_abs_err_out"] for r in rows) < 1e-4
+    dense = [r for r in rows if r["part"] == "dense"]
+    assert {r["impl"] for r in dense} == {"jaxlab xla", "jax.nn.dot_product_attention",
+                                          "jax pallas mha"}  # fmt: skip
+    assert max(r["max_abs_err_out"] for r in dense) < 1e-4
+    sparse = [r for r in rows if r["part"] == "sparse correctness"]
+    assert {r["kind"] for r in sparse} == {"hash", "qk"} and all(r["ok"] for r in sparse)
+    assert max(r["max_abs_err_grad"] for r in sparse) < 1e-4
+    sweep = {r["impl"]: r for r in rows if r["part"] == "sweep"}
+    assert {"jax pallas mha", "hash nb=8", "qk drop=0.5"} <= set(sweep)
+    assert sweep["hash nb=8"]["ideal"] > 4 and sweep["jax pallas mha"]["ideal"] == 1
     refused = run_module("experiments.bench_gpu", f"--out={out}")
     assert refused.returncode != 0 and "needs an accelerator" in refused.stderr
+
+
+def test_bench_attention_quick(tmp_path):
+    out = tmp_path / "attention.json"
+    result = run_module("experiments.bench_attention", "--quick", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"dense xla", "hash nb=8", "qk drop=0.5"} <= set(rows)
+    assert rows["dense xla"]["forward_speedup"] == 1.0
+    assert (tmp_path / "attention.png").stat().st_size > 1000

@@ -89,8 +89,14 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capaci
 
 
 def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0) -> int:
-    """Key tiles per query tile that cover buckets up to ``slack`` times their mean size."""
-    tiles = math.ceil(slack * seq / (num_buckets * block)) + 1
+    """Key tiles per query tile for buckets up to ``slack`` times their mean size.
+
+    A query tile of ``block`` sorted rows needs the keys of the buckets it touches: about
+    ``block + bucket size`` keys when queries and keys are spread alike, plus one tile for
+    misalignment at each end.
+    """
+    mean_bucket = seq / num_buckets
+    tiles = math.ceil((block + slack * mean_bucket) / block) + 2
     return min(tiles, math.ceil(seq / block))
 
 
