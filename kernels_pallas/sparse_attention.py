@@ -567,7 +567,13 @@ def check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids=None):
 def _resolve(q, sm_scale, block_sizes, interpret):
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    backend = jax.default_backend()
+    interpret = backend == "cpu" if interpret is None else interpret
+    if backend == "tpu" and not interpret:
+        raise NotImplementedError(
+            "sparse attention kernels lower to Triton (GPU) only; on TPU use jaxlab.ops with "
+            "impl='xla', or interpret=True"
+        )
     return sm_scale, block_sizes, interpret
 
 

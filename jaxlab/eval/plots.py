@@ -63,3 +63,25 @@ def plot_dwa_weights(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], path: str, title: str = "") -> None:
+    """Training loss (thin) and held-out loss (markers) of several runs on shared axes."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (name, records) in enumerate(runs.items()):
+        color = f"C{i}"
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), color=color, linewidth=0.8, alpha=0.6)
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o-", color=color, label=f"{name} (held-out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

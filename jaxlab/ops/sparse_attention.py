@@ -59,6 +59,16 @@ def _unsort(out, order):
     return jnp.where((rank < rows)[..., None], got, 0).astype(out.dtype)
 
 
+def _exact_cond(fits, small, full):
+    """``small()`` when ``fits``, else ``full()``, both rematerialised in the backward pass.
+
+    Without the remat, differentiating ``lax.cond`` keeps the residuals of both branches (the
+    untaken one as zeros): the full-size branch's attention matrices would cost memory and time
+    even when the small branch runs.
+    """
+    return lax.cond(fits, jax.checkpoint(small), jax.checkpoint(full))
+
+
 def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capacity=None):
     """XLA QK-sparse attention: compaction then dense attention on ``capacity`` rows."""
     seq = q.shape[1]
@@ -81,11 +91,12 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capaci
 
     if capacity is None or tuple(capacity) == (seq, seq):
         return run(seq, seq)
-    q_rows, k_rows = (min(int(c), seq) for c in capacity)
+    # Multiples of 128 rows keep the matmuls on shapes XLA tiles well.
+    q_rows, k_rows = (min(-(-int(c) // 128) * 128, seq) for c in capacity)
     fits = (jnp.max(jnp.sum(q_keep, axis=1)) <= q_rows) & (
         jnp.max(jnp.sum(k_keep, axis=1)) <= k_rows
     )
-    return lax.cond(fits, lambda: run(q_rows, k_rows), lambda: run(seq, seq))
+    return _exact_cond(fits, lambda: run(q_rows, k_rows), lambda: run(seq, seq))
 
 
 def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0) -> int:
@@ -150,7 +161,7 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
     if window is None or window >= tiles:
         return run(tiles)
     fits = jnp.all(last - first <= window)
-    return lax.cond(fits, lambda: run(window), lambda: run(tiles))
+    return _exact_cond(fits, lambda: run(window), lambda: run(tiles))
 
 
 def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None, impl="auto",
