@@ -19,10 +19,12 @@ decide which (query tile, key tile) pairs can hold an allowed pair. Those decisi
 lists of live tiles, computed with jnp before the kernel; the kernels loop only over the lists, so
 the work is proportional to the non-empty tiles.
 
-Kernels (Triton lowering, one program per tile, loops inside; no atomics):
-* forward, grid ``(batch, heads, q_tiles)``: online softmax in base 2, saves log-sum-exp;
-* dQ, grid ``(batch, heads, q_tiles)``: loops over the live key tiles;
-* dK/dV, grid ``(batch, kv_heads, k_tiles)``: loops over the heads of the group and their live
+Kernels (Triton lowering, one program per tile, loops inside; no atomics). The tile index is the
+fastest grid axis, as in jax's own flash attention, so programs running side by side share K/V
+in L2:
+* forward, grid ``(q_tiles, batch, heads)``: online softmax in base 2, saves log-sum-exp;
+* dQ, grid ``(q_tiles, batch, heads)``: loops over the live key tiles;
+* dK/dV, grid ``(k_tiles, batch, kv_heads)``: loops over the heads of the group and their live
   query tiles, so GQA gradients are summed in registers, not in an extra buffer.
 
 Matmuls accumulate in float32 for every input dtype; outputs have the input dtype. Head dims are
@@ -57,7 +59,8 @@ class BlockSizes:
     """Tile sizes (powers of two; clamped to the sequence for short inputs).
 
     ``block_q``/``block_k`` tile the forward pass; ``block_q_bwd``/``block_k_bwd`` both backward
-    kernels. ``num_warps=None`` picks 4 for head_dim <= 64, else 8.
+    kernels. All are halved when a padded row takes 512 bytes or more (float32 at head_dim 128,
+    bf16 at 256), to fit shared memory. ``num_warps=None`` picks 4 for head_dim <= 64, else 8.
     """
 
     block_q: int = 128
@@ -228,7 +231,7 @@ def _forward_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_
         jnp.full((block_q,), _MASK_VALUE, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, row_max, row_sum = lax.fori_loop(0, kv_count_ref[pl.program_id(2)], body, init)
+    acc, row_max, row_sum = lax.fori_loop(0, kv_count_ref[pl.program_id(0)], body, init)
     seen = row_sum > 0
     safe_l = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
@@ -255,7 +258,7 @@ def _dq_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, 
         ds = p * (dp - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = lax.fori_loop(0, kv_count_ref[pl.program_id(2)], body,
+    dq = lax.fori_loop(0, kv_count_ref[pl.program_id(0)], body,
                        jnp.zeros(q.shape, jnp.float32))  # fmt: skip
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
@@ -319,13 +322,13 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
     buckets = (q_bkt, k_bkt) if use_buckets else (jnp.zeros_like(q_pos), jnp.zeros_like(k_pos))
     kv_tiles, kv_count, _, _ = live_tiles(q_pos, k_pos, *buckets, bq, bk)
     nq, nk = q_len // bq, kv_len // bk
-    row = lambda n: pl.BlockSpec((None, None, n), lambda b, h, i: (b, h, i))  # noqa: E731
-    kv_row = pl.BlockSpec((None, None, kv_len), lambda b, h, i: (b, h // groups, 0))
-    kv_block = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
-    q_block = pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    row = lambda n: pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, i))  # noqa: E731
+    kv_row = pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, h // groups, 0))
+    kv_block = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
+    q_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
     in_specs = [
-        pl.BlockSpec((None, None, None, nk), lambda b, h, i: (b, h, i, 0)),
-        pl.BlockSpec((None, None, nq), lambda b, h, i: (b, h, 0)),
+        pl.BlockSpec((None, None, None, nk), lambda i, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, nq), lambda i, b, h: (b, h, 0)),
         q_block, kv_block, kv_block, row(bq), kv_row,
     ]  # fmt: skip
     args = [kv_tiles, kv_count, q, k, v, q_pos, k_pos]
@@ -336,7 +339,7 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
                                use_buckets=use_buckets)  # fmt: skip
     return pl.pallas_call(
         kernel,
-        grid=(batch, heads, nq),
+        grid=(nq, batch, heads),
         in_specs=in_specs,
         out_specs=[q_block, row(bq)],
         out_shape=[
@@ -364,13 +367,13 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     common = dict(compiler_params=_compiler_params(static), interpret=static.interpret)
 
     # dQ: grid over (batch, head, query tile), loop over live key tiles.
-    row = lambda n: pl.BlockSpec((None, None, n), lambda b, h, i: (b, h, i))  # noqa: E731
-    kv_row = pl.BlockSpec((None, None, kv_len), lambda b, h, i: (b, h // groups, 0))
-    kv_block = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
-    q_block = pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    row = lambda n: pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, i))  # noqa: E731
+    kv_row = pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, h // groups, 0))
+    kv_block = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
+    q_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
     in_specs = [
-        pl.BlockSpec((None, None, None, nk), lambda b, h, i: (b, h, i, 0)),
-        pl.BlockSpec((None, None, nq), lambda b, h, i: (b, h, 0)),
+        pl.BlockSpec((None, None, None, nk), lambda i, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, nq), lambda i, b, h: (b, h, 0)),
         q_block, kv_block, kv_block, row(bq), kv_row, q_block, row(bq), row(bq),
     ]  # fmt: skip
     args = [kv_tiles, kv_count, q, k, v, q_pos, k_pos, do, lse, delta]
@@ -381,7 +384,7 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
         functools.partial(
             _dq_kernel, scale=scale, sm_scale=static.sm_scale, block_k=bk, use_buckets=use_buckets
         ),  # fmt: skip
-        grid=(batch, heads, nq),
+        grid=(nq, batch, heads),
         in_specs=in_specs,
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -390,13 +393,13 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     )(*args)
 
     # dK, dV: grid over (batch, kv head, key tile), loop over the group's heads and their tiles.
-    group_rows = pl.BlockSpec((None, groups, q_len), lambda b, g, j: (b, g, 0))
-    q_group = pl.BlockSpec((None, q_len, groups, head_dim), lambda b, g, j: (b, 0, g, 0))
-    k_block = pl.BlockSpec((None, bk, None, head_dim), lambda b, g, j: (b, j, g, 0))
-    k_row = pl.BlockSpec((None, None, bk), lambda b, g, j: (b, g, j))
+    group_rows = pl.BlockSpec((None, groups, q_len), lambda j, b, g: (b, g, 0))
+    q_group = pl.BlockSpec((None, q_len, groups, head_dim), lambda j, b, g: (b, 0, g, 0))
+    k_block = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, g: (b, j, g, 0))
+    k_row = pl.BlockSpec((None, None, bk), lambda j, b, g: (b, g, j))
     in_specs = [
-        pl.BlockSpec((None, groups, None, nq), lambda b, g, j: (b, g, j, 0)),
-        pl.BlockSpec((None, groups, None), lambda b, g, j: (b, g, j)),
+        pl.BlockSpec((None, groups, None, nq), lambda j, b, g: (b, g, j, 0)),
+        pl.BlockSpec((None, groups, None), lambda j, b, g: (b, g, j)),
         q_group, k_block, k_block, group_rows, k_row, q_group, group_rows, group_rows,
     ]  # fmt: skip
     args = [q_tiles, q_count, q, k, v, q_pos, k_pos, do, lse, delta]
@@ -412,7 +415,7 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
             groups=groups,
             use_buckets=use_buckets,
         ),  # fmt: skip
-        grid=(batch, kv_heads, nk),
+        grid=(nk, batch, kv_heads),
         in_specs=in_specs,
         out_specs=[k_block, k_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -469,12 +472,15 @@ def index_masked_attention(q, k, v, q_pos, k_pos, q_buckets=None, k_buckets=None
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     bs = block_sizes
-    fit = lambda blk, n: max(16, min(blk, _next_power_of_2(n)))  # noqa: E731
+    d_full = max(16, _next_power_of_2(head_dim))
+    # Wide rows (fp32 at head_dim 128, bf16 at 256) halve the tiles to stay in shared memory.
+    shrink = 2 if d_full * q.dtype.itemsize >= 512 else 1
+    fit = lambda blk, n: max(16, min(blk // shrink, _next_power_of_2(n)))  # noqa: E731
     bq, bq_bwd = fit(bs.block_q, q_len), fit(bs.block_q_bwd, q_len)
     bk, bk_bwd = fit(bs.block_k, kv_len), fit(bs.block_k_bwd, kv_len)
     q_pad = _round_up(q_len, max(bq, bq_bwd)) - q_len
     k_pad = _round_up(kv_len, max(bk, bk_bwd)) - kv_len
-    d_pad = max(16, _next_power_of_2(head_dim)) - head_dim
+    d_pad = d_full - head_dim
     q = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, d_pad)))
     k = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
     v = jnp.pad(v, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
@@ -582,6 +588,40 @@ def _gather_rows(x, order):
     return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 3)), axis=1)
 
 
+def inverse_permutation(order):
+    """order: [batch, seq, hh] permutations along seq -> their inverses (a scatter, not a sort)."""
+    batch, seq, hh = order.shape
+    rows = jnp.broadcast_to(jnp.arange(seq, dtype=order.dtype)[None, :, None], order.shape)
+    b = jnp.arange(batch)[:, None, None]
+    h = jnp.arange(hh)[None, None, :]
+    return jnp.zeros_like(order).at[b, order, h].set(rows, unique_indices=True)
+
+
+@jax.custom_vjp
+def permute_rows(x, order, inverse):
+    """``x`` gathered by ``order`` along seq; the gradient is a gather by ``inverse``.
+
+    ``order`` may be the first rows of a permutation (``inverse`` is always the full inverse).
+    Autodiff of a gather would scatter-add, which GPUs do with atomics (compare-and-swap loops
+    for bf16); for a permutation the transpose is just the inverse gather.
+    """
+    return _gather_rows(x, order)
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return _gather_rows(x, order), (order, inverse)
+
+
+def _permute_rows_bwd(residuals, g):
+    order, inverse = residuals
+    missing = inverse.shape[1] - g.shape[1]  # rows not gathered get no gradient
+    g = jnp.pad(g, ((0, 0), (0, missing)) + ((0, 0),) * (g.ndim - 2))
+    return _gather_rows(g, inverse), None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def _to_rows(x):
     """[batch, seq, hh] -> [batch, hh, seq] int32, the kernels' layout for per-row tables."""
     return x.transpose(0, 2, 1).astype(jnp.int32)
@@ -589,7 +629,9 @@ def _to_rows(x):
 
 def _reordered(q, k, v, q_order, k_order, q_pos, k_pos, q_bkt, k_bkt, static_args):
     """Runs the core on rows permuted by q_order/k_order and puts the output back in place."""
-    qs, ks, vs = _gather_rows(q, q_order), _gather_rows(k, k_order), _gather_rows(v, k_order)
+    q_inverse, k_inverse = inverse_permutation(q_order), inverse_permutation(k_order)
+    qs = permute_rows(q, q_order, q_inverse)
+    ks, vs = permute_rows(k, k_order, k_inverse), permute_rows(v, k_order, k_inverse)
     out = index_masked_attention(
         qs,
         ks,
@@ -600,8 +642,7 @@ def _reordered(q, k, v, q_order, k_order, q_pos, k_pos, q_bkt, k_bkt, static_arg
         None if k_bkt is None else _to_rows(k_bkt),
         **static_args,
     )
-    inverse = jnp.argsort(q_order, axis=1)
-    return _gather_rows(out, inverse)
+    return permute_rows(out, q_inverse, q_order)
 
 
 def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None,
@@ -626,7 +667,7 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=N
 
 
 def compact_order(keep):
-    """Stable kept-first order along seq and each row's original position (-1 past the kept)."""
+    """Stable kept-first order along seq, and whether each slot of that order holds a kept row."""
     order = jnp.argsort(~keep, axis=1, stable=True).astype(jnp.int32)
     count = jnp.sum(keep, axis=1, dtype=jnp.int32)
     kept = jnp.arange(keep.shape[1], dtype=jnp.int32)[None, :, None] < count[:, None, :]

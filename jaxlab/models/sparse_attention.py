@@ -98,7 +98,7 @@ def _mix(x: jax.Array) -> jax.Array:
 def keep_mask(config: SparseAttentionConfig, layer: int, role: int, positions: jax.Array,
               heads: int) -> jax.Array:  # fmt: skip
     """[batch, seq, heads] bool: keep decisions for queries (role 0) or keys (role 1)."""
-    salt = _mix(jnp.uint32(config.seed * 7919 + layer * 2 + role + 1))
+    salt = _mix(jnp.uint32((config.seed * 7919 + layer * 2 + role + 1) % 2**32))
     pos = positions.astype(jnp.uint32)[:, :, None]
     head = jnp.arange(heads, dtype=jnp.uint32)[None, None, :]
     bits = _mix(_mix(pos ^ salt) + head * jnp.uint32(0x9E3779B9))

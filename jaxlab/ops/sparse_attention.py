@@ -51,12 +51,10 @@ def _take_rows(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=1)
 
 
-def _unsort(out, order):
+def _unsort(out, order, inverse):
     """Output rows back to original positions; rows past ``out``'s length (not computed) are 0."""
-    rank = jnp.argsort(order, axis=1)
-    rows = out.shape[1]
-    got = _take_rows(out, jnp.minimum(rank, rows - 1))
-    return jnp.where((rank < rows)[..., None], got, 0).astype(out.dtype)
+    out = jnp.pad(out, ((0, 0), (0, order.shape[1] - out.shape[1]), (0, 0), (0, 0)))
+    return kernels.permute_rows(out, inverse, order)
 
 
 def _exact_cond(fits, small, full):
@@ -74,6 +72,8 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capaci
     seq = q.shape[1]
     q_order, q_kept = kernels.compact_order(q_keep)
     k_order, k_kept = kernels.compact_order(k_keep)
+    q_inverse = kernels.inverse_permutation(q_order)
+    k_inverse = kernels.inverse_permutation(k_order)
 
     def run(q_rows, k_rows):
         qo, ko = q_order[:, :q_rows], k_order[:, :k_rows]
@@ -85,9 +85,10 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capaci
                 _take_rows(segment_ids[:, :, None], qo),
                 _take_rows(segment_ids[:, :, None], ko),
             )
-        out = _masked(_take_rows(q, qo), _take_rows(k, ko), _take_rows(v, ko), q_pos, k_pos,
-                      q_seg, k_seg, sm_scale)  # fmt: skip
-        return _unsort(out, q_order)
+        qs = kernels.permute_rows(q, qo, q_inverse)
+        ks, vs = kernels.permute_rows(k, ko, k_inverse), kernels.permute_rows(v, ko, k_inverse)
+        out = _masked(qs, ks, vs, q_pos, k_pos, q_seg, k_seg, sm_scale)
+        return _unsort(out, q_order, q_inverse)
 
     if capacity is None or tuple(capacity) == (seq, seq):
         return run(seq, seq)
@@ -125,11 +126,15 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
     pad = lambda x, value: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)), constant_values=value)  # noqa: E731
     # Keys per query head (GQA), sorted by bucket; padding sorts last and matches nothing.
     head_of = jnp.arange(heads) // groups
-    ks, vs = _take_rows(k, k_order)[:, :, head_of], _take_rows(v, k_order)[:, :, head_of]
+    q_inverse = kernels.inverse_permutation(q_order)
+    k_inverse = kernels.inverse_permutation(k_order)
+    ks = kernels.permute_rows(k, k_order, k_inverse)[:, :, head_of]
+    vs = kernels.permute_rows(v, k_order, k_inverse)[:, :, head_of]
     ks = jnp.pad(ks, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
     vs = jnp.pad(vs, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
     k_pos, k_bkt = pad(k_order[:, :, head_of], _BIG), pad(k_sorted[:, :, head_of], _BIG)
-    qs = jnp.pad(_take_rows(q, q_order), ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
+    qs = jnp.pad(kernels.permute_rows(q, q_order, q_inverse),
+                 ((0, 0), (0, padded - seq), (0, 0), (0, 0)))  # fmt: skip
     q_pos, q_bkt = pad(q_order, -1), pad(q_sorted, -1)
 
     tile_rows = lambda x: x.reshape(batch, tiles, block, *x.shape[2:])  # noqa: E731
@@ -156,12 +161,17 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
         out = kernels.masked_attention_reference(
             fold(qt(qs)), fold(kw), fold(vw), fold(mask), sm_scale
         )
-        return _unsort(out.reshape(batch, padded, heads, -1)[:, :seq], q_order)
+        return _unsort(out.reshape(batch, padded, heads, -1)[:, :seq], q_order, q_inverse)
+
+    def dense():  # every query against every key, on the sorted rows
+        out = _masked(qs[:, :seq], ks[:, :seq], vs[:, :seq], q_pos[:, :seq], k_pos[:, :seq],
+                      q_bkt[:, :seq], k_bkt[:, :seq], sm_scale)  # fmt: skip
+        return _unsort(out, q_order, q_inverse)
 
     if window is None or window >= tiles:
-        return run(tiles)
+        return dense()
     fits = jnp.all(last - first <= window)
-    return _exact_cond(fits, lambda: run(window), lambda: run(tiles))
+    return _exact_cond(fits, lambda: run(window), dense)
 
 
 def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None, impl="auto",

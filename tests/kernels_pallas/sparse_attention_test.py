@@ -271,3 +271,21 @@ def test_packed_segments_restrict_attention_to_each_document(kind):
     np.testing.assert_allclose(np.asarray(out), dense_reference(q, k, v, mask), atol=2e-5)
     with pytest.raises(ValueError, match=r"segment_ids must be integers of shape \(2, 90\)"):
         fn(q, k, v, jnp.asarray(a), jnp.asarray(b), segment_ids=jnp.zeros((2, 91), jnp.int32))
+
+
+@pytest.mark.parametrize("rows", [37, 20])
+def test_permute_rows_gradient_is_the_inverse_gather(rows):
+    """The custom VJP (a gather by the inverse) equals autodiff of the gather it replaces."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 37, 3, 4)), jnp.float32)
+    order = jnp.asarray(np.argsort(rng.random((2, 37, 3)), axis=1), jnp.int32)
+    inverse = sa.inverse_permutation(order)
+    identity = np.take_along_axis(np.asarray(order), np.asarray(inverse), 1)
+    np.testing.assert_array_equal(
+        identity, np.broadcast_to(np.arange(37)[None, :, None], (2, 37, 3))
+    )
+    ct = jnp.asarray(rng.standard_normal((2, rows, 3, 4)), jnp.float32)
+    prefix = order[:, :rows]
+    got = jax.grad(lambda x: jnp.sum(sa.permute_rows(x, prefix, inverse) * ct))(x)
+    want = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(x, prefix[..., None], axis=1) * ct))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
