@@ -68,7 +68,8 @@ def main(argv):
         results[name] = dict(
             eval_loss=summary["eval"]["eval_loss"],
             eval_perplexity=summary["eval"]["eval_perplexity"],
-            tokens_per_s=float(np.median(speeds[1:] or speeds)),  # the first window compiles
+            # The first logging window includes compilation.
+            tokens_per_s=float(np.median(speeds[1:] or speeds)) if speeds else None,
             steps=config.num_steps,
             seq_len=config.seq_len,
             batch_size=config.batch_size,
@@ -77,6 +78,15 @@ def main(argv):
                      "tiny LM, dense vs sparse attention (same data and steps)")  # fmt: skip
     dense = results["dense"]
     cfg = next(iter(results.values()))
+
+    def speed(r):
+        return "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+
+    def speed_ratio(r):
+        if r["tokens_per_s"] is None or dense["tokens_per_s"] is None:
+            return "n/a"
+        return f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x"
+
     lines = [
         "# Dense vs dynamic sparse attention on the tiny LM",
         "",
@@ -89,8 +99,8 @@ def main(argv):
         "|---|---:|---:|---:|---:|---:|",
         *(
             f"| {n} | {r['eval_loss']:.4f} | {r['eval_perplexity']:.3f} | "
-            f"{r['eval_perplexity'] / dense['eval_perplexity']:.3f}x | {r['tokens_per_s']:,.0f} | "
-            f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x |"
+            f"{r['eval_perplexity'] / dense['eval_perplexity']:.3f}x | {speed(r)} | "
+            f"{speed_ratio(r)} |"
             for n, r in results.items()
         ),
         "",

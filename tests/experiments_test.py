@@ -1,6 +1,7 @@
 """End-to-end smoke runs of the experiment entrypoints in a temporary workdir."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -134,3 +135,14 @@ def test_bench_attention_quick(tmp_path):
     assert {"dense xla", "hash nb=8", "qk drop=0.5"} <= set(rows)
     assert rows["dense xla"]["forward_speedup"] == 1.0
     assert (tmp_path / "attention.png").stat().st_size > 1000
+
+
+def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
+    result = run_module("experiments.sparse_lm", f"--workdir={tmp_path}", "--num_steps=4",
+                        "--seq_len=64")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"dense", "hash, 8 buckets", "qk, keep 0.5"}
+    assert all(math.isfinite(r["eval_loss"]) for r in results.values())
+    assert "| qk, keep 0.5 |" in (tmp_path / "REPORT.md").read_text()
+    assert (tmp_path / "loss.png").stat().st_size > 1000
