@@ -59,7 +59,8 @@ class BlockSizes:
 # ------------------------------------------------------------------------------------ reference
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Bias and softplus of delta, in float32 or wider; returns (compute dtype, delta)."""
     dtype = jnp.promote_types(u.dtype, jnp.float32)
     delta = delta.astype(dtype)
     if delta_bias is not None:
@@ -69,7 +70,8 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return dtype, delta
 
 
-def _finish(y, u, D, z, dtype, out_dtype):
+def finish_output(y, u, D, z, dtype, out_dtype):
+    """The D term and the gate, then the output dtype."""
     if D is not None:
         y = y + u.astype(dtype) * D.astype(dtype)
     if z is not None:
@@ -81,7 +83,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              delta_softplus=False, initial_state=None,
                              return_final_state=False):  # fmt: skip
     """The recurrence step by step (``lax.scan``), in float32 or wider; same arguments."""
-    dtype, delta = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    dtype, delta = prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, _, dim = u.shape
     groups, state = B.shape[2], B.shape[3]
     rep = lambda x: jnp.repeat(x.astype(dtype), dim // groups, axis=2)  # noqa: E731
@@ -96,7 +98,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     xs = (u.astype(dtype), delta, Bd, Cd)
     h, y = lax.scan(step, h0.astype(dtype), jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs))
-    out = _finish(jnp.moveaxis(y, 0, 1), u, D, z, dtype, u.dtype)
+    out = finish_output(jnp.moveaxis(y, 0, 1), u, D, z, dtype, u.dtype)
     return (out, h) if return_final_state else out
 
 
@@ -339,12 +341,12 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
     if jax.default_backend() == "tpu" and not interpret:
         raise NotImplementedError("selective_scan kernels lower to Triton (GPU) only; use "
                                   "jaxlab.ops.selective_scan with impl='xla' on TPU")  # fmt: skip
-    dtype, delta = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    dtype, delta = prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, _, dim = u.shape
     h0 = (jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None
           else initial_state)  # fmt: skip
     y, hL = scan_recurrence(u, delta, A, B, C, h0, block_sizes=block_sizes, interpret=interpret)
-    out = _finish(y.astype(dtype), u, D, z, dtype, u.dtype)
+    out = finish_output(y.astype(dtype), u, D, z, dtype, u.dtype)
     return (out, hL) if return_final_state else out
 
 

@@ -30,7 +30,8 @@ from jax import lax
 from kernels_pallas import selective_scan as mamba1
 
 
-def _prepare(x, dt, dt_bias, dt_softplus):
+def prepare_delta(x, dt, dt_bias, dt_softplus):
+    """Bias and softplus of dt, in float32 or wider; returns (compute dtype, dt)."""
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     dt = dt.astype(dtype)
     if dt_bias is not None:
@@ -40,7 +41,8 @@ def _prepare(x, dt, dt_bias, dt_softplus):
     return dtype, dt
 
 
-def _finish(y, x, D, z, dtype):
+def finish_output(y, x, D, z, dtype):
+    """The D term and the gate, in the dtype of x."""
     if D is not None:
         y = y + x.astype(dtype) * D.astype(dtype)[:, None]
     if z is not None:
@@ -77,7 +79,7 @@ def check_ssd_arguments(name, x, dt, A, B, C, D, z, dt_bias, initial_state, chun
 def ssd_reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
                   initial_state=None, return_final_state=False):  # fmt: skip
     """The recurrence step by step, in float32 or wider."""
-    dtype, dt = _prepare(x, dt, dt_bias, dt_softplus)
+    dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, _, heads, head_dim = x.shape
     state = B.shape[3]
     Bh, Ch = _heads(B.astype(dtype), heads), _heads(C.astype(dtype), heads)
@@ -93,7 +95,7 @@ def ssd_reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=F
 
     xs = jax.tree.map(lambda v: jnp.moveaxis(v, 1, 0), (x.astype(dtype), dt, Bh, Ch))
     s, y = lax.scan(step, s0, xs)
-    out = _finish(jnp.moveaxis(y, 0, 1), x, D, z, dtype)
+    out = finish_output(jnp.moveaxis(y, 0, 1), x, D, z, dtype)
     return (out, s) if return_final_state else out
 
 
@@ -120,7 +122,7 @@ def _segsum(a):
 def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                 initial_state=None, return_final_state=False):  # fmt: skip
     """The chunked SSD algorithm (Dao & Gu 2024, listing 1) in jnp, any sequence length."""
-    dtype, dt = _prepare(x, dt, dt_bias, dt_softplus)
+    dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, seq, heads, head_dim = x.shape
     state = B.shape[3]
     q = chunk_size
@@ -151,7 +153,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_
     # 4. Each step's output from its chunk's start state.
     y_off = jnp.einsum("bclhn,bchpn,bhcl->bclhp", Ch, starts, jnp.exp(a_cum))
     y = (y_diag + y_off).reshape(batch, chunks * q, heads, head_dim)[:, :seq]
-    out = _finish(y, x, D, z, dtype)
+    out = finish_output(y, x, D, z, dtype)
     return (out, final) if return_final_state else out
 
 
@@ -161,7 +163,7 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
     """SSD on the Pallas selective-scan kernels (see the module docstring); same arguments as
     :func:`ssd_chunked` (``chunk_size`` is the kernels' recompute chunk when given)."""
     check_ssd_arguments("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
-    dtype, dt = _prepare(x, dt, dt_bias, dt_softplus)
+    dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, seq, heads, head_dim = x.shape
     state = B.shape[3]
     if block_sizes is None:
@@ -177,6 +179,6 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
     y, final = mamba1.scan_recurrence(u, delta, A_ch, B, C,
                                       s0.reshape(batch, heads * head_dim, state),
                                       block_sizes=block_sizes, interpret=interpret)  # fmt: skip
-    out = _finish(y.reshape(x.shape).astype(dtype), x, D, z, dtype)
+    out = finish_output(y.reshape(x.shape).astype(dtype), x, D, z, dtype)
     final = final.reshape(batch, heads, head_dim, state)
     return (out, final) if return_final_state else out
