@@ -7,6 +7,7 @@ from typing import Any
 
 from flax import nnx
 
+from jaxlab.models.mamba import MambaConfig, MambaLM
 from jaxlab.models.transformer import (
     KVCache,
     LayerCache,
@@ -18,12 +19,26 @@ from jaxlab.models.transformer import (
 # name -> (config class, module class)
 _REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module]]] = {
     "llama": (TransformerConfig, Transformer),
+    "mamba": (MambaConfig, MambaLM),
 }
 
 
 def register(name: str, config_cls: type, module_cls: Callable[..., nnx.Module]) -> None:
     """Makes ``build`` construct ``module_cls`` for configs whose ``name`` is ``name``."""
     _REGISTRY[name] = (config_cls, module_cls)
+
+
+def make_config(config: Any) -> Any:
+    """The config dataclass named by ``config.name`` (a dataclass passes through; a mapping, such
+    as an ``ml_collections.ConfigDict``, is converted, with unknown fields an error)."""
+    name = config["name"] if isinstance(config, Mapping) else getattr(config, "name", None)
+    if name not in _REGISTRY:
+        raise ValueError(f"models: config.name={name!r} is not one of {sorted(_REGISTRY)}")
+    config_cls, _ = _REGISTRY[name]
+    if isinstance(config, config_cls):
+        return config
+    mapping = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return config_cls.from_dict(mapping)
 
 
 def build(config: Any, rngs: nnx.Rngs) -> nnx.Module:
@@ -34,18 +49,15 @@ def build(config: Any, rngs: nnx.Rngs) -> nnx.Module:
         ``name`` key and the config's fields.
       rngs: parameter initialisation keys.
     """
-    name = config["name"] if isinstance(config, Mapping) else getattr(config, "name", None)
-    if name not in _REGISTRY:
-        raise ValueError(f"models.build: config.name={name!r} is not one of {sorted(_REGISTRY)}")
-    config_cls, module_cls = _REGISTRY[name]
-    if not isinstance(config, config_cls):
-        mapping = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        config = config_cls.from_dict(mapping)
-    return module_cls(config, rngs=rngs)
+    config = make_config(config)
+    return _REGISTRY[config.name][1](config, rngs=rngs)
 
 
 __all__ = [
     "KVCache",
+    "MambaConfig",
+    "MambaLM",
+    "make_config",
     "LayerCache",
     "Transformer",
     "TransformerConfig",

@@ -47,7 +47,7 @@ class Experiment:
     config: Any
     mesh: jax.sharding.Mesh
     tokenizer: Tokenizer
-    model_config: models.TransformerConfig
+    model_config: Any  # the model's config dataclass (models.make_config)
     graphdef: nnx.GraphDef
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
@@ -72,7 +72,7 @@ def validate_config(config) -> None:
         )
 
 
-def _model_config(config, tokenizer: Tokenizer) -> models.TransformerConfig:
+def _model_config(config, tokenizer: Tokenizer):
     values = config.model.to_dict()
     if not values.get("vocab_size"):
         values["vocab_size"] = tokenizer.vocab_size
@@ -81,7 +81,7 @@ def _model_config(config, tokenizer: Tokenizer) -> models.TransformerConfig:
             f"config.model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size})"
         )
-    model_config = models.TransformerConfig.from_dict(values)
+    model_config = models.make_config(values)
     if config.seq_len > model_config.max_seq_len:
         raise ValueError(
             f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="

@@ -1,0 +1,389 @@
+"""Mamba language models: Mamba-1, Mamba-2 and discrete Mamba-2 mixers, pure or hybrid.
+
+A block is ``x + mixer(rmsnorm(x))`` followed, when ``intermediate_size > 0``, by the Llama SwiGLU
+MLP ``x + mlp(rmsnorm(x))`` (as in the distilled students, which keep their teacher's MLPs).
+Layers listed in ``attention_layers`` are Llama attention blocks instead (a hybrid LM).
+
+Mixers (``d = inner_size``, ``N = state_size``):
+* ``mamba1`` (Gu & Dao 2023): ``in_proj -> (x, z)``; causal depthwise conv + SiLU on x;
+  ``x_proj -> (dt_low, B, C)``; ``dt = dt_proj(dt_low)``; the selective scan with
+  ``A = -exp(A_log)`` ``[d, N]``, softplus(dt + dt_bias), D skip and SiLU(z) gate; ``out_proj``.
+* ``mamba2`` (Dao & Gu 2024): ``in_proj -> (z, x, B, C, dt)``; causal conv + SiLU on (x, B, C);
+  SSD with one ``A`` per head and ``groups`` shared B/C; gated RMSNorm ``norm(y * silu(z))``;
+  ``out_proj``.
+* ``discrete_mamba2`` (Llamba / MOHAWK): ``in_proj -> (x, B, C, z, a)`` with one B/C per head;
+  conv without activation; ``h_t = exp(-softplus(a_t)) h_{t-1} + x_t B_t^T`` (the input is not
+  scaled by the step), ``y = h C + D x``; ``out_proj(y * silu(z + z_bias))``.
+
+Decoding: ``model(tokens, cache=cache)`` with a cache from :func:`init_cache` runs the same scan
+from the cached state (any number of tokens at once: a prompt, then one token per step) and
+returns ``(logits, cache)``; the conv keeps its last ``conv_kernel - 1`` inputs. Attention layers
+of a hybrid use a KV cache as the Transformer does. Packed documents (``segment_ids``) are
+isolated in attention layers only: the recurrence runs across document boundaries, as in Mamba's
+own packed pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlab.models.layers import RMSNorm, param
+from jaxlab.models.partitioning import constrain
+from jaxlab.models.transformer import DTYPES, Block, LayerCache, TransformerConfig
+from jaxlab.ops import scan as scan_ops
+
+MIXERS = ("mamba1", "mamba2", "discrete_mamba2")
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """Architecture of a Mamba or hybrid LM.
+
+    Attributes:
+      vocab_size, hidden_size, num_layers: as the Transformer's.
+      intermediate_size: SwiGLU MLP width after each mixer; 0 = no MLP (original Mamba).
+      mixer: one of ``mamba1``, ``mamba2``, ``discrete_mamba2``.
+      inner_size: mixer width ``d``; default ``expand * hidden_size``.
+      expand: default inner width multiple.
+      state_size: SSM state per channel (mamba1) or per head (mamba2s).
+      conv_kernel: causal depthwise conv width.
+      dt_rank: mamba1's low-rank dt projection; default ``ceil(hidden_size / 16)``.
+      head_dim: mamba2s: channels per head (``inner_size % head_dim == 0``).
+      num_groups: mamba2: B/C groups (divides the heads); discrete_mamba2 uses one per head.
+      chunk_size: chunk of the chunked scans.
+      scan_impl: :mod:`jaxlab.ops.scan` implementation.
+      attention_layers: indices of layers that are Llama attention blocks (a hybrid).
+      num_heads, num_kv_heads, attention_head_dim, rope_theta, max_seq_len: those blocks' attention.
+      rms_norm_eps, tie_embeddings, initializer_range, param_dtype, dtype, remat: as the
+        Transformer's.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int = 0
+    mixer: str = "mamba1"
+    inner_size: int | None = None
+    expand: int = 2
+    state_size: int = 16
+    conv_kernel: int = 4
+    dt_rank: int | None = None
+    head_dim: int = 64
+    num_groups: int = 1
+    chunk_size: int = 64
+    scan_impl: str = "auto"
+    attention_layers: tuple[int, ...] = ()
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    attention_head_dim: int | None = None
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    initializer_range: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False
+    name: str = "mamba"
+
+    def __post_init__(self):
+        if self.inner_size is None:
+            object.__setattr__(self, "inner_size", self.expand * self.hidden_size)
+        if self.dt_rank is None:
+            object.__setattr__(self, "dt_rank", math.ceil(self.hidden_size / 16))
+        layers = tuple(int(i) for i in self.attention_layers)
+        object.__setattr__(self, "attention_layers", layers)
+        positive = ("vocab_size", "hidden_size", "num_layers", "inner_size", "state_size",
+                    "conv_kernel", "dt_rank", "head_dim", "num_groups", "chunk_size")  # fmt: skip
+        for field in positive:
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MambaConfig.{field} must be a positive int, got {value!r}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"MambaConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.mixer != "mamba1":
+            if self.inner_size % self.head_dim:
+                raise ValueError(f"MambaConfig.head_dim={self.head_dim} must divide "
+                                 f"inner_size={self.inner_size}")  # fmt: skip
+            heads = self.inner_size // self.head_dim
+            if self.mixer == "mamba2" and heads % self.num_groups:
+                raise ValueError(f"MambaConfig.num_groups={self.num_groups} must divide the "
+                                 f"{heads} heads")  # fmt: skip
+        bad = [i for i in self.attention_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"MambaConfig.attention_layers {bad} are not layers of "
+                             f"0..{self.num_layers - 1}")  # fmt: skip
+        if self.attention_layers and self.intermediate_size < 1:
+            raise ValueError("MambaConfig: attention_layers need intermediate_size > 0 (Llama "
+                             "blocks have an MLP)")  # fmt: skip
+        if self.scan_impl not in scan_ops.SCAN_IMPLS:
+            raise ValueError(f"MambaConfig.scan_impl must be one of {scan_ops.SCAN_IMPLS}, "
+                             f"got {self.scan_impl!r}")  # fmt: skip
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"MambaConfig.{field} must be one of {tuple(DTYPES)}, "
+                                 f"got {getattr(self, field)!r}")  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MambaConfig:
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"MambaConfig: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def heads(self) -> int:
+        """SSM heads of the mamba2 mixers."""
+        return self.inner_size // self.head_dim
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def attention_config(self) -> TransformerConfig:
+        """The Llama configuration of this model's attention blocks."""
+        return TransformerConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.attention_head_dim, rope_theta=self.rope_theta,
+            max_seq_len=self.max_seq_len, rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range, param_dtype=self.param_dtype,
+            dtype=self.dtype,
+        )  # fmt: skip
+
+
+class MixerCache(NamedTuple):
+    """conv: [batch, conv_kernel - 1, conv channels] last inputs; ssm: the scan state (float32)."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+def _conv_channels(c: MambaConfig) -> int:
+    if c.mixer == "mamba1":
+        return c.inner_size
+    groups = c.num_groups if c.mixer == "mamba2" else c.heads
+    return c.inner_size + 2 * groups * c.state_size
+
+
+def _ssm_shape(c: MambaConfig, batch: int) -> tuple[int, ...]:
+    if c.mixer == "mamba1":
+        return (batch, c.inner_size, c.state_size)
+    return (batch, c.heads, c.head_dim, c.state_size)
+
+
+def _inverse_softplus(y):
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+class MambaMixer(nnx.Module):
+    def __init__(self, config: MambaConfig, rngs: nnx.Rngs):
+        c = self.config = config
+        pd, std = c.storage_dtype, c.initializer_range
+        d, n = c.inner_size, c.state_size
+        conv = _conv_channels(c)
+        if c.mixer == "mamba1":
+            in_width = 2 * d
+        elif c.mixer == "mamba2":
+            in_width = 2 * d + 2 * c.num_groups * n + c.heads
+        else:
+            in_width = 2 * d + 2 * c.heads * n + c.heads
+        self.in_proj = param(rngs, (c.hidden_size, in_width), ("embed", "mlp"), dtype=pd, std=std)
+        self.conv_weight = param(rngs, (c.conv_kernel, conv), (None, "mlp"), dtype=pd,
+                                 std=1.0 / math.sqrt(c.conv_kernel))  # fmt: skip
+        self.conv_bias = param(rngs, (conv,), ("mlp",), dtype=pd, value=0.0)
+        self.out_proj = param(rngs, (d, c.hidden_size), ("mlp", "embed"), dtype=pd, std=std)
+        # dt initialised log-uniform in [1e-3, 1e-1] (through the bias), as mamba_ssm does.
+        channels = d if c.mixer == "mamba1" else c.heads
+        dt = jnp.exp(
+            jax.random.uniform(rngs.params(), (channels,)) * math.log(100) + math.log(1e-3)
+        )
+        if c.mixer != "discrete_mamba2":
+            self.dt_bias = nnx.Param(_inverse_softplus(dt).astype(pd), logical_axes=("mlp",))
+        if c.mixer == "mamba1":
+            self.x_proj = param(rngs, (d, c.dt_rank + 2 * n), ("mlp", None), dtype=pd, std=std)
+            self.dt_proj = param(rngs, (c.dt_rank, d), (None, "mlp"), dtype=pd,
+                                 std=c.dt_rank**-0.5)  # fmt: skip
+            a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n)))
+            self.A_log = nnx.Param(a_log.astype(pd), logical_axes=("mlp", "state"))
+            self.D = param(rngs, (d,), ("mlp",), dtype=pd, value=1.0)
+        elif c.mixer == "mamba2":
+            a = jax.random.uniform(rngs.params(), (c.heads,), minval=1.0, maxval=16.0)
+            self.A_log = nnx.Param(jnp.log(a).astype(pd), logical_axes=("heads",))
+            self.D = param(rngs, (c.heads,), ("heads",), dtype=pd, value=1.0)
+            self.norm = RMSNorm(d, eps=c.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        else:
+            self.D = param(rngs, (c.heads,), ("heads",), dtype=pd, value=1.0)
+            self.z_bias = param(rngs, (d,), ("mlp",), dtype=pd, value=0.0)
+
+    def _conv(self, x, cache_conv):
+        """Causal depthwise conv over seq; cache_conv: [batch, kernel - 1, channels] or None."""
+        k = self.config.conv_kernel
+        past = (jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype) if cache_conv is None
+                else cache_conv.astype(x.dtype))  # fmt: skip
+        full = jnp.concatenate([past, x], axis=1)
+        w = self.conv_weight[...].astype(x.dtype)
+        out = sum(full[:, i : i + x.shape[1]] * w[i] for i in range(k))
+        return out + self.conv_bias[...].astype(x.dtype), full[:, -(k - 1) :]
+
+    def __call__(self, hidden, cache: MixerCache | None):
+        c = self.config
+        dt_ = hidden.dtype
+        batch, seq, _ = hidden.shape
+        d, n = c.inner_size, c.state_size
+        proj = hidden @ self.in_proj[...].astype(dt_)
+        state = None if cache is None else cache.ssm
+        if c.mixer == "mamba1":
+            x, z = jnp.split(proj, 2, axis=-1)
+            x, conv_state = self._conv(x, None if cache is None else cache.conv)
+            x = jax.nn.silu(x)
+            dbc = x @ self.x_proj[...].astype(dt_)
+            dt_low, B, C = jnp.split(dbc, [c.dt_rank, c.dt_rank + n], axis=-1)
+            delta = dt_low @ self.dt_proj[...].astype(dt_)
+            y, new_state = scan_ops.selective_scan(
+                x, delta, -jnp.exp(self.A_log[...].astype(jnp.float32)), B[:, :, None, :],
+                C[:, :, None, :], D=self.D[...], z=z, delta_bias=self.dt_bias[...],
+                delta_softplus=True, initial_state=state, return_final_state=True,
+                impl=c.scan_impl, chunk=c.chunk_size,
+            )  # fmt: skip
+        else:
+            groups = c.num_groups if c.mixer == "mamba2" else c.heads
+            widths = [d, d + 2 * groups * n] if c.mixer == "discrete_mamba2" else [d, 2 * d]
+            if c.mixer == "mamba2":  # [z | x B C | dt]
+                z, xbc, dt = jnp.split(proj, [d, 2 * d + 2 * groups * n], axis=-1)
+            else:  # [x B C | z | a]
+                xbc, z, dt = jnp.split(proj, [widths[1], widths[1] + d], axis=-1)
+            xbc, conv_state = self._conv(xbc, None if cache is None else cache.conv)
+            if c.mixer == "mamba2":
+                xbc = jax.nn.silu(xbc)
+            x, B, C = jnp.split(xbc, [d, d + groups * n], axis=-1)
+            x = x.reshape(batch, seq, c.heads, c.head_dim)
+            B = B.reshape(batch, seq, groups, n)
+            C = C.reshape(batch, seq, groups, n)
+            if c.mixer == "mamba2":
+                A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+                y, new_state = scan_ops.ssd(
+                    x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D[...],
+                    dt_bias=self.dt_bias[...], dt_softplus=True, initial_state=state,
+                    return_final_state=True, impl=c.scan_impl,
+                )  # fmt: skip
+                y = self.norm(y.reshape(batch, seq, d) * jax.nn.silu(z))
+            else:
+                # Step exp(-softplus(a)); the SSD multiplies x by the step, so divide it first.
+                step = jax.nn.softplus(dt.astype(jnp.float32))
+                y, new_state = scan_ops.ssd(
+                    x / step[..., None].astype(x.dtype), step, -jnp.ones(c.heads), B, C,
+                    chunk_size=c.chunk_size, D=self.D[...], initial_state=state,
+                    return_final_state=True, impl=c.scan_impl,
+                )  # fmt: skip
+                y = y.reshape(batch, seq, d) * jax.nn.silu(z + self.z_bias[...].astype(dt_))
+        out = y.astype(dt_) @ self.out_proj[...].astype(dt_)
+        new_cache = None if cache is None else MixerCache(conv_state, new_state)
+        return out, new_cache
+
+
+class MambaBlock(nnx.Module):
+    def __init__(self, config: MambaConfig, rngs: nnx.Rngs):
+        from jaxlab.models.transformer import MLP
+
+        c = config
+        norm = dict(eps=c.rms_norm_eps, param_dtype=c.storage_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(c.hidden_size, **norm)
+        self.mixer = MambaMixer(c, rngs)
+        self.has_mlp = c.intermediate_size > 0
+        if self.has_mlp:
+            self.post_mixer_norm = RMSNorm(c.hidden_size, **norm)
+            self.mlp = MLP(c.attention_config(), rngs)
+
+    def __call__(self, x, positions, segment_ids, cache):
+        del positions, segment_ids  # the recurrence runs across packed documents
+        h, cache = self.mixer(self.input_norm(x), cache)
+        x = x + h
+        if self.has_mlp:
+            x = x + self.mlp(self.post_mixer_norm(x))
+        return x, cache
+
+
+def init_cache(config: MambaConfig, batch: int, max_len: int, dtype=None) -> list:
+    """Per layer: a :class:`MixerCache` (zeros) or, for attention layers, a KV cache."""
+    dtype = config.compute_dtype if dtype is None else dtype
+    att = config.attention_config() if config.attention_layers else None
+    caches = []
+    for i in range(config.num_layers):
+        if att is not None and i in config.attention_layers:
+            shape = (batch, max_len, att.num_kv_heads, att.head_dim)
+            caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+        else:
+            conv = jnp.zeros((batch, config.conv_kernel - 1, _conv_channels(config)), dtype)
+            caches.append(MixerCache(conv, jnp.zeros(_ssm_shape(config, batch), jnp.float32)))
+    return caches
+
+
+class MambaLM(nnx.Module):
+    """Embedding, blocks (Mamba or attention), final norm, head; called like the Transformer."""
+
+    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                           dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+        att = c.attention_config() if c.attention_layers else None
+        self.layers = nnx.List([Block(att, rngs, i) if i in c.attention_layers
+                                else MambaBlock(c, rngs) for i in range(c.num_layers)])  # fmt: skip
+        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype,
+                                  rngs=rngs)  # fmt: skip
+        if not c.tie_embeddings:
+            self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                                 dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, logits_at=None):
+        """tokens: [batch, seq]; with ``cache`` (from :func:`init_cache`) returns (logits, cache).
+
+        positions: [batch, seq] (attention layers; with a cache also the KV slots written).
+        """
+        c = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"MambaLM: tokens must be [batch, seq], got shape {tokens.shape}")
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if cache is not None and len(cache) != c.num_layers:
+            raise ValueError(f"MambaLM: cache has {len(cache)} layers, the model has "
+                             f"{c.num_layers}")  # fmt: skip
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
+        axes = ("batch", "seq", "embed")
+        x = constrain(x, axes)
+        new_cache = []
+
+        def call_layer(layer, y, layer_cache):
+            return layer(y, positions, segment_ids, layer_cache)
+
+        if c.remat:
+            call_layer = nnx.remat(call_layer)
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = call_layer(layer, x, None if cache is None else cache[i])
+            x = constrain(x, axes)
+            new_cache.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+        x = self.final_norm(x)
+        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bse,ev->bsv", x, head.astype(x.dtype),
+                            preferred_element_type=jnp.float32)  # fmt: skip
+        logits = constrain(logits, ("batch", "seq", "vocab"))
+        return logits if cache is None else (logits, new_cache)
