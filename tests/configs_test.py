@@ -49,3 +49,13 @@ def test_pod_config_shardings_build_abstractly(name):
 def test_small_configs_load(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config.model.name == "llama"
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2", "llamba", "hybrid"])
+def test_mamba_configs_load(variant):
+    from configs import mamba_lm
+    from jaxlab import models
+
+    config = mamba_lm.get_config(variant)
+    model_config = models.make_config({**config.model.to_dict(), "vocab_size": 259})
+    assert model_config.mixer == mamba_lm.VARIANTS[variant]["mixer"]
