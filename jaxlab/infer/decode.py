@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab import models
 from jaxlab.infer.sampling import SamplingConfig, sample
-from jaxlab.models.transformer import KVCache, Transformer, init_cache
+from jaxlab.models.transformer import KVCache, Transformer
 
 
 class GenerateOutput(NamedTuple):
@@ -35,16 +36,23 @@ class GenerateOutput(NamedTuple):
 
 
 def prefill(
-    model: Transformer, tokens: jax.Array, cache: KVCache, logits_at: jax.Array | None = None
+    model: Transformer,
+    tokens: jax.Array,
+    cache: KVCache,
+    logits_at: jax.Array | None = None,
+    lengths: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Runs ``tokens: [batch, seq]`` at positions ``0..seq-1`` and fills the cache.
+
+    ``lengths: [batch]`` marks right padding: recurrent layers stop their state at each row's
+    length (attention needs nothing more than positions).
 
     Returns:
       logits [batch, seq, vocab] (or [batch, 1, vocab] at ``logits_at: [batch]``) and the cache.
     """
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    return model(tokens, positions=positions, cache=cache, logits_at=logits_at)
+    return model(tokens, positions=positions, cache=cache, logits_at=logits_at, lengths=lengths)
 
 
 def decode_step(
@@ -101,7 +109,7 @@ def generate(
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
-      model: the decoder.
+      model: the decoder (a Transformer, a Mamba or hybrid LM: any model in jaxlab.models).
       prompts: [batch, prompt_len] int ids, right-padded.
       prompt_lengths: [batch] true lengths; default all ``prompt_len``.
       max_new_tokens: tokens to generate per row (fewer if a row stops).
@@ -116,7 +124,7 @@ def generate(
         prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
     _validate(model, prompts, prompt_lengths, max_new_tokens)
     if stop_tokens is None:
-        eos = model.config.eos_token_id
+        eos = getattr(model.config, "eos_token_id", None)
         stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else eos
     graphdef, state = nnx.split(model)
     return _generate(
@@ -141,8 +149,9 @@ def _generate(
 ):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompts.shape
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = prefill(model, prompts, cache, logits_at=prompt_lengths - 1)
+    cache = models.make_cache(model.config, batch, prompt_len + max_new_tokens)
+    logits, cache = prefill(model, prompts, cache, logits_at=prompt_lengths - 1,
+                            lengths=prompt_lengths)  # fmt: skip
     last = logits[:, 0]
     rng, key = jax.random.split(rng)
     first = sample(last, key, sampling)

@@ -7,6 +7,7 @@ from typing import Any
 
 from flax import nnx
 
+from jaxlab.models import mamba, transformer
 from jaxlab.models.mamba import MambaConfig, MambaLM
 from jaxlab.models.transformer import (
     KVCache,
@@ -16,16 +17,24 @@ from jaxlab.models.transformer import (
     init_cache,
 )
 
-# name -> (config class, module class)
-_REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module]]] = {
-    "llama": (TransformerConfig, Transformer),
-    "mamba": (MambaConfig, MambaLM),
+# name -> (config class, module class, decoding-cache factory)
+_REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module], Callable[..., Any]]] = {
+    "llama": (TransformerConfig, Transformer, transformer.init_cache),
+    "mamba": (MambaConfig, MambaLM, mamba.init_cache),
 }
 
 
-def register(name: str, config_cls: type, module_cls: Callable[..., nnx.Module]) -> None:
-    """Makes ``build`` construct ``module_cls`` for configs whose ``name`` is ``name``."""
-    _REGISTRY[name] = (config_cls, module_cls)
+def register(name: str, config_cls: type, module_cls: Callable[..., nnx.Module],
+             cache_factory: Callable[..., Any]) -> None:  # fmt: skip
+    """Makes ``build`` construct ``module_cls`` for configs whose ``name`` is ``name``, and
+    :func:`make_cache` call ``cache_factory(config, batch, max_len)``."""
+    _REGISTRY[name] = (config_cls, module_cls, cache_factory)
+
+
+def make_cache(config: Any, batch: int, max_len: int):
+    """An empty decoding cache (KV caches, recurrent states) for the model of ``config``."""
+    config = make_config(config)
+    return _REGISTRY[config.name][2](config, batch, max_len)
 
 
 def make_config(config: Any) -> Any:
@@ -34,7 +43,7 @@ def make_config(config: Any) -> Any:
     name = config["name"] if isinstance(config, Mapping) else getattr(config, "name", None)
     if name not in _REGISTRY:
         raise ValueError(f"models: config.name={name!r} is not one of {sorted(_REGISTRY)}")
-    config_cls, _ = _REGISTRY[name]
+    config_cls = _REGISTRY[name][0]
     if isinstance(config, config_cls):
         return config
     mapping = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -57,6 +66,7 @@ __all__ = [
     "KVCache",
     "MambaConfig",
     "MambaLM",
+    "make_cache",
     "make_config",
     "LayerCache",
     "Transformer",

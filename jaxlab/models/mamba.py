@@ -232,44 +232,62 @@ class MambaMixer(nnx.Module):
             self.D = param(rngs, (c.heads,), ("heads",), dtype=pd, value=1.0)
             self.z_bias = param(rngs, (d,), ("mlp",), dtype=pd, value=0.0)
 
-    def _conv(self, x, cache_conv):
-        """Causal depthwise conv over seq; cache_conv: [batch, kernel - 1, channels] or None."""
+    def _conv(self, x, cache_conv, lengths):
+        """Causal depthwise conv over seq; cache_conv: [batch, kernel - 1, channels] or None.
+
+        Returns the conv output and the next conv cache: the last ``kernel - 1`` inputs up to
+        each row's ``lengths`` (all ``seq`` when None).
+        """
         k = self.config.conv_kernel
         past = (jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype) if cache_conv is None
                 else cache_conv.astype(x.dtype))  # fmt: skip
         full = jnp.concatenate([past, x], axis=1)
         w = self.conv_weight[...].astype(x.dtype)
         out = sum(full[:, i : i + x.shape[1]] * w[i] for i in range(k))
-        return out + self.conv_bias[...].astype(x.dtype), full[:, -(k - 1) :]
+        if lengths is None:
+            tail = full[:, x.shape[1] :]
+        else:
+            rows = lengths[:, None] + jnp.arange(k - 1)[None, :]
+            tail = jnp.take_along_axis(full, rows[:, :, None], axis=1)
+        return out + self.conv_bias[...].astype(x.dtype), tail
 
-    def __call__(self, hidden, cache: MixerCache | None):
+    def __call__(self, hidden, cache: MixerCache | None, lengths=None):
+        """hidden: [batch, seq, embed]; lengths: [batch] valid (unpadded) tokens per row, whose
+        steps past it leave the state and conv cache unchanged (right-padded prompts)."""
         c = self.config
         dt_ = hidden.dtype
         batch, seq, _ = hidden.shape
         d, n = c.inner_size, c.state_size
         proj = hidden @ self.in_proj[...].astype(dt_)
         state = None if cache is None else cache.ssm
+        conv_cache = None if cache is None else cache.conv
+        # Padded steps get a zero step size: no decay and no input, the state passes through.
+        valid = 1.0
+        if lengths is not None:
+            valid = (jnp.arange(seq)[None, :] < lengths[:, None]).astype(jnp.float32)
+        f32 = jnp.float32
         if c.mixer == "mamba1":
             x, z = jnp.split(proj, 2, axis=-1)
-            x, conv_state = self._conv(x, None if cache is None else cache.conv)
+            x, conv_state = self._conv(x, conv_cache, lengths)
             x = jax.nn.silu(x)
             dbc = x @ self.x_proj[...].astype(dt_)
             dt_low, B, C = jnp.split(dbc, [c.dt_rank, c.dt_rank + n], axis=-1)
-            delta = dt_low @ self.dt_proj[...].astype(dt_)
+            delta = jax.nn.softplus((dt_low @ self.dt_proj[...].astype(dt_)).astype(f32)
+                                    + self.dt_bias[...].astype(f32))  # fmt: skip
+            delta = delta * (valid if lengths is None else valid[..., None])
             y, new_state = scan_ops.selective_scan(
-                x, delta, -jnp.exp(self.A_log[...].astype(jnp.float32)), B[:, :, None, :],
-                C[:, :, None, :], D=self.D[...], z=z, delta_bias=self.dt_bias[...],
-                delta_softplus=True, initial_state=state, return_final_state=True,
-                impl=c.scan_impl, chunk=c.chunk_size,
+                x, delta, -jnp.exp(self.A_log[...].astype(f32)), B[:, :, None, :],
+                C[:, :, None, :], D=self.D[...], z=z, initial_state=state,
+                return_final_state=True, impl=c.scan_impl, chunk=c.chunk_size,
             )  # fmt: skip
         else:
             groups = c.num_groups if c.mixer == "mamba2" else c.heads
-            widths = [d, d + 2 * groups * n] if c.mixer == "discrete_mamba2" else [d, 2 * d]
+            xbc_width = d + 2 * groups * n
             if c.mixer == "mamba2":  # [z | x B C | dt]
-                z, xbc, dt = jnp.split(proj, [d, 2 * d + 2 * groups * n], axis=-1)
+                z, xbc, dt = jnp.split(proj, [d, d + xbc_width], axis=-1)
             else:  # [x B C | z | a]
-                xbc, z, dt = jnp.split(proj, [widths[1], widths[1] + d], axis=-1)
-            xbc, conv_state = self._conv(xbc, None if cache is None else cache.conv)
+                xbc, z, dt = jnp.split(proj, [xbc_width, xbc_width + d], axis=-1)
+            xbc, conv_state = self._conv(xbc, conv_cache, lengths)
             if c.mixer == "mamba2":
                 xbc = jax.nn.silu(xbc)
             x, B, C = jnp.split(xbc, [d, d + groups * n], axis=-1)
@@ -277,20 +295,27 @@ class MambaMixer(nnx.Module):
             B = B.reshape(batch, seq, groups, n)
             C = C.reshape(batch, seq, groups, n)
             if c.mixer == "mamba2":
-                A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+                step = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...].astype(f32)) * (
+                    valid if lengths is None else valid[..., None]
+                )
                 y, new_state = scan_ops.ssd(
-                    x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D[...],
-                    dt_bias=self.dt_bias[...], dt_softplus=True, initial_state=state,
+                    x, step, -jnp.exp(self.A_log[...].astype(f32)), B, C,
+                    chunk_size=c.chunk_size, D=self.D[...], initial_state=state,
                     return_final_state=True, impl=c.scan_impl,
                 )  # fmt: skip
                 y = self.norm(y.reshape(batch, seq, d) * jax.nn.silu(z))
             else:
-                # Step exp(-softplus(a)); the SSD multiplies x by the step, so divide it first.
-                step = jax.nn.softplus(dt.astype(jnp.float32))
+                # Decay exp(-softplus(a)) with an input not scaled by the step: the SSD multiplies
+                # x by its step, so x is divided by it first (as the Llamba code does).
+                step = jax.nn.softplus(dt.astype(f32))
+                x_in = x / step[..., None].astype(x.dtype)
+                if lengths is not None:
+                    step = step * valid[..., None]
+                    x_in = jnp.where(valid[..., None, None] > 0, x_in, 0)
                 y, new_state = scan_ops.ssd(
-                    x / step[..., None].astype(x.dtype), step, -jnp.ones(c.heads), B, C,
-                    chunk_size=c.chunk_size, D=self.D[...], initial_state=state,
-                    return_final_state=True, impl=c.scan_impl,
+                    x_in, step, -jnp.ones(c.heads), B, C, chunk_size=c.chunk_size,
+                    D=self.D[...], initial_state=state, return_final_state=True,
+                    impl=c.scan_impl,
                 )  # fmt: skip
                 y = y.reshape(batch, seq, d) * jax.nn.silu(z + self.z_bias[...].astype(dt_))
         out = y.astype(dt_) @ self.out_proj[...].astype(dt_)
@@ -311,9 +336,9 @@ class MambaBlock(nnx.Module):
             self.post_mixer_norm = RMSNorm(c.hidden_size, **norm)
             self.mlp = MLP(c.attention_config(), rngs)
 
-    def __call__(self, x, positions, segment_ids, cache):
+    def __call__(self, x, positions, segment_ids, cache, lengths=None):
         del positions, segment_ids  # the recurrence runs across packed documents
-        h, cache = self.mixer(self.input_norm(x), cache)
+        h, cache = self.mixer(self.input_norm(x), cache, lengths)
         x = x + h
         if self.has_mlp:
             x = x + self.mlp(self.post_mixer_norm(x))
@@ -351,10 +376,14 @@ class MambaLM(nnx.Module):
             self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
                                  dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, logits_at=None):
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, logits_at=None,
+                 lengths=None):  # fmt: skip
         """tokens: [batch, seq]; with ``cache`` (from :func:`init_cache`) returns (logits, cache).
 
         positions: [batch, seq] (attention layers; with a cache also the KV slots written).
+        lengths: [batch] valid tokens per row of right-padded input: the recurrent states and
+          conv caches stop at each row's length (attention masks padding by position).
+        logits_at: [batch] one position per row to compute logits at.
         """
         c = self.config
         if tokens.ndim != 2:
@@ -371,6 +400,8 @@ class MambaLM(nnx.Module):
         new_cache = []
 
         def call_layer(layer, y, layer_cache):
+            if isinstance(layer, MambaBlock):
+                return layer(y, positions, segment_ids, layer_cache, lengths)
             return layer(y, positions, segment_ids, layer_cache)
 
         if c.remat:

@@ -372,6 +372,7 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         logits_at: jax.Array | None = None,
+        lengths: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Runs the decoder.
 
@@ -385,12 +386,16 @@ class Transformer(nnx.Module):
             returned with the logits.
           logits_at: [batch] int; if given, logits only at that position of each row (e.g. the
             last prompt token), which skips the vocabulary projection everywhere else.
+          lengths: [batch] valid tokens of right-padded rows. Accepted for the decoding
+            interface that recurrent models share; attention needs only positions (decoding
+            overwrites the padded cache slots before any query can see them).
 
         Returns:
           logits [batch, seq, vocab] float32 ([batch, 1, vocab] with ``logits_at``), and the new
           cache when ``cache`` was given.
         """
         c = self.config
+        del lengths
         if tokens.ndim != 2:
             raise ValueError(f"Transformer: tokens must be [batch, seq], got shape {tokens.shape}")
         batch, seq = tokens.shape
