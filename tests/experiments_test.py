@@ -146,3 +146,14 @@ def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
     assert all(math.isfinite(r["eval_loss"]) for r in results.values())
     assert "| qk, keep 0.5 |" in (tmp_path / "REPORT.md").read_text()
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_bench_scan_quick(tmp_path):
+    out = tmp_path / "scan.json"
+    result = run_module("experiments.bench_scan", "--quick", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {(r["kind"], r["impl"]) for r in data["scans"]} == {
+        (k, i) for k in ("selective_scan", "ssd") for i in ("sequential", "associative", "chunked")
+    }
+    assert data["generation"][0]["tokens_per_s"]["Mamba-1"] > 0

@@ -101,7 +101,8 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
     batch, _, dim = u.shape
     h0 = (jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None
           else initial_state)  # fmt: skip
-    y, h = _recurrence_xla(u, delta, A, B, C, h0, impl, chunk)
+    # Never pad a short input (a decoding step) up to a whole chunk.
+    y, h = _recurrence_xla(u, delta, A, B, C, h0, impl, min(chunk, u.shape[1]))
     out = mamba1_kernels.finish_output(y.astype(dtype), u, D, z, dtype, u.dtype)
     return (out, h) if return_final_state else out
 
@@ -121,7 +122,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softp
     if impl == "sequential":
         return ssd_kernels.ssd_reference(x, dt, A, B, C, **kw)
     if impl == "chunked":
-        return ssd_kernels.ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kw)
+        return ssd_kernels.ssd_chunked(x, dt, A, B, C, chunk_size=min(chunk_size, x.shape[1]),
+                                       **kw)  # fmt: skip
     # associative: the selective scan with one channel per (head, head_dim) pair.
     batch, seq, heads, head_dim = x.shape
     state = B.shape[3]
