@@ -15,19 +15,22 @@ Three implementations of the same function:
 * :func:`ssd_reference`: the recurrence one step at a time (``lax.scan``);
 * :func:`ssd_chunked`: the chunked SSD algorithm in jnp (quadratic attention-like form inside each
   chunk of ``chunk_size`` steps, state passing between chunks); the matmul-heavy XLA path;
-* :func:`ssd`: the Pallas path. SSD is the Mamba-1 recurrence with one decay per head and one
-  channel per (head, head_dim) pair, so it runs on :mod:`kernels_pallas.selective_scan`'s kernels
-  (state in registers, chunked recompute in the backward). A dedicated chunked-matmul SSD kernel
-  (tensor cores) is not written yet.
+* :func:`ssd`: the chunked algorithm as Pallas (Triton) kernels, forward and backward, one
+  program per (head, batch row) carrying the state ``[head_dim, state]`` in registers across
+  chunks; every per-chunk product is a matmul (tensor cores on GPU); the forward saves one state
+  per chunk and the backward walks the chunks in reverse from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from kernels_pallas import selective_scan as mamba1
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 
 def prepare_delta(x, dt, dt_bias, dt_softplus):
@@ -157,28 +160,227 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_
     return (out, final) if return_final_state else out
 
 
+# ------------------------------------------------------------------------ chunked SSD kernels
+#
+# One program per (head, batch row) walks the chunks of ``q`` steps with the state S [P, N] in
+# registers. Per chunk (a = dt A, c = cumsum(a), xd = x dt, L[i, j] = exp(c_i - c_j) for i >= j):
+#   y     = ((C B^T) * L) xd + exp(c)[:, None] * (C S^T)          (tensor-core matmuls)
+#   S_new = exp(c_q) S + xd^T (B * exp(c_q - c)[:, None])
+# The forward saves S at every chunk start; the backward walks the chunks in reverse, carrying
+# dS, and differentiates the same expressions (derivation in the comments below).
+
+
+def _ssd_chunk_terms(x, dt, B, C, A):
+    """Per-chunk quantities shared by forward and backward (all float32)."""
+    q = x.shape[0]
+    a = dt * A
+    c = jnp.cumsum(a)  # [q]
+    c_last = jnp.sum(a)  # = c[q - 1]; Triton cannot slice values
+    rows = lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = rows >= cols
+    L = jnp.exp(jnp.where(causal, c[:, None] - c[None, :], -jnp.inf))
+    G = jnp.dot(C, B.T, preferred_element_type=jnp.float32)  # [q, q]
+    xd = x * dt[:, None]
+    e = jnp.exp(c)  # decay from the chunk start to each step
+    w = jnp.exp(c_last - c)  # decay from each step to the chunk end  [q]
+    return c, c_last, L, G, xd, e, w
+
+
+def _ssd_forward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, s0_ref, y_ref, starts_ref, sL_ref, *,
+                        q, num_chunks):  # fmt: skip
+    A = A_ref[0]
+
+    def run_chunk(k, S):
+        starts_ref[k, :, :] = S
+        rows = pl.ds(k * q, q)
+        x, dt, B, C = x_ref[rows, :], dt_ref[rows], B_ref[rows, :], C_ref[rows, :]
+        c, c_last, L, G, xd, e, w = _ssd_chunk_terms(x, dt, B, C, A)
+        y = jnp.dot(G * L, xd, preferred_element_type=jnp.float32)
+        y += e[:, None] * jnp.dot(C, S.T, preferred_element_type=jnp.float32)
+        y_ref[rows, :] = y
+        return jnp.exp(c_last) * S + jnp.dot(xd.T, B * w[:, None],
+                                               preferred_element_type=jnp.float32)  # fmt: skip
+
+    sL_ref[...] = lax.fori_loop(0, num_chunks, run_chunk, s0_ref[...])
+
+
+def _ssd_backward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, starts_ref, dy_ref, dsL_ref,
+                         dx_ref, ddt_ref, dA_ref, dB_ref, dC_ref, ds0_ref, *, q,
+                         num_chunks):  # fmt: skip
+    A = A_ref[0]
+
+    def run_chunk(r, carry):
+        dS, dA = carry  # dS: gradient of the state after this chunk
+        k = num_chunks - 1 - r
+        rows = pl.ds(k * q, q)
+        S = starts_ref[k, :, :]
+        x, dt, B, C, dy = (
+            x_ref[rows, :],
+            dt_ref[rows],
+            B_ref[rows, :],
+            C_ref[rows, :],
+            dy_ref[rows, :],
+        )
+        c, c_last, L, G, xd, e, w = _ssd_chunk_terms(x, dt, B, C, A)
+        dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+        Bw = B * w[:, None]
+        # y = M xd + e * (C S^T), M = G * L;  S_new = exp(c_q) S + xd^T Bw.
+        M = G * L
+        dxd = dot(M.T, dy) + dot(Bw, dS.T)
+        dM = dot(dy, xd.T)
+        dG, dL = dM * L, dM * G
+        CS = dot(C, S.T)  # [q, P]
+        dC = dot(dG, B) + e[:, None] * dot(dy, S)
+        dBw = dot(xd, dS)  # [q, N]
+        dB = dot(dG.T, C) + dBw * w[:, None]
+        dS_prev = jnp.exp(c_last) * dS + dot((dy * e[:, None]).T, C)
+        # Gradients of the cumulative decays c through L, e, exp(c_q) and w.
+        dLL = dL * L
+        dc = jnp.sum(dLL, axis=1) - jnp.sum(dLL, axis=0)
+        dc += jnp.sum(dy * CS, axis=1) * e
+        dw = jnp.sum(dBw * B, axis=1) * w
+        dc -= dw
+        last = (lax.broadcasted_iota(jnp.int32, (q,), 0) == q - 1).astype(jnp.float32)
+        dc += last * (jnp.exp(c_last) * jnp.sum(dS * S) + jnp.sum(dw))
+        # c = cumsum(a): da_i = sum_{j >= i} dc_j (a reverse cumsum from a forward one).
+        da = jnp.sum(dc) - jnp.cumsum(dc) + dc
+        dx_ref[rows, :] = dxd * dt[:, None]
+        ddt_ref[rows] = da * A + jnp.sum(dxd * x, axis=1)
+        dB_ref[rows, :] = dB
+        dC_ref[rows, :] = dC
+        return dS_prev, dA + jnp.sum(da * dt)
+
+    dS, dA = lax.fori_loop(0, num_chunks, run_chunk, (dsL_ref[...], jnp.float32(0.0)))
+    ds0_ref[...] = dS
+    dA_ref[...] = jnp.full(dA_ref.shape, dA, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SSDStatic:
+    chunk: int
+    num_warps: int
+    interpret: bool
+
+
+def _ssd_specs(seq, heads, groups, head_dim, state):
+    per_group = heads // groups
+    x = pl.BlockSpec((None, seq, None, head_dim), lambda h, b: (b, 0, h, 0))
+    dt = pl.BlockSpec((None, seq, None), lambda h, b: (b, 0, h))
+    bc = pl.BlockSpec((None, seq, None, state), lambda h, b: (b, 0, h // per_group, 0))
+    a = pl.BlockSpec((1,), lambda h, b: (h,))
+    s = pl.BlockSpec((None, None, head_dim, state), lambda h, b: (b, h, 0, 0))
+    return x, dt, bc, a, s
+
+
+def _ssd_forward(static, x, dt, A, B, C, s0):
+    batch, seq, heads, head_dim = x.shape
+    groups, state = B.shape[2], B.shape[3]
+    num_chunks = seq // static.chunk
+    xs, dts, bc, a, s = _ssd_specs(seq, heads, groups, head_dim, state)
+    starts = pl.BlockSpec((None, None, num_chunks, head_dim, state), lambda h, b: (b, h, 0, 0, 0))
+    f32 = jnp.float32
+    return pl.pallas_call(
+        functools.partial(_ssd_forward_kernel, q=static.chunk, num_chunks=num_chunks),
+        grid=(heads, batch),
+        in_specs=[xs, dts, a, bc, bc, s],
+        out_specs=[xs, starts, s],
+        out_shape=[
+            jax.ShapeDtypeStruct(x.shape, f32),
+            jax.ShapeDtypeStruct((batch, heads, num_chunks, head_dim, state), f32),
+            jax.ShapeDtypeStruct(s0.shape, f32),
+        ],  # fmt: skip
+        compiler_params=plgpu.CompilerParams(num_warps=static.num_warps, num_stages=1),
+        interpret=static.interpret,
+        name="ssd_chunked_fwd",
+    )(x, dt, A, B, C, s0)
+
+
+def _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL):
+    batch, seq, heads, head_dim = x.shape
+    groups, state = B.shape[2], B.shape[3]
+    num_chunks = seq // static.chunk
+    xs, dts, bc, a, s = _ssd_specs(seq, heads, groups, head_dim, state)
+    starts_spec = pl.BlockSpec((None, None, num_chunks, head_dim, state),
+                               lambda h, b: (b, h, 0, 0, 0))  # fmt: skip
+    per_head = pl.BlockSpec((None, seq, None, state), lambda h, b: (b, 0, h, 0))
+    dA_spec = pl.BlockSpec((None, None, 16), lambda h, b: (b, h, 0))
+    f32 = jnp.float32
+    dx, ddt, dA, dB, dC, ds0 = pl.pallas_call(
+        functools.partial(_ssd_backward_kernel, q=static.chunk, num_chunks=num_chunks),
+        grid=(heads, batch),
+        in_specs=[xs, dts, a, bc, bc, starts_spec, xs, s],
+        out_specs=[xs, dts, dA_spec, per_head, per_head, s],
+        out_shape=[
+            jax.ShapeDtypeStruct(x.shape, f32),
+            jax.ShapeDtypeStruct(dt.shape, f32),
+            jax.ShapeDtypeStruct((batch, heads, 16), f32),
+            jax.ShapeDtypeStruct((batch, seq, heads, state), f32),
+            jax.ShapeDtypeStruct((batch, seq, heads, state), f32),
+            jax.ShapeDtypeStruct(dsL.shape, f32),
+        ],  # fmt: skip
+        compiler_params=plgpu.CompilerParams(num_warps=static.num_warps, num_stages=1),
+        interpret=static.interpret,
+        name="ssd_chunked_bwd",
+    )(x, dt, A, B, C, starts, dy, dsL)
+    # Heads of a group share B and C: their gradients add up.
+    fold = lambda v: v.reshape(batch, seq, groups, heads // groups, state).sum(axis=3)  # noqa: E731
+    return dx, ddt, dA[..., 0].sum(axis=0), fold(dB), fold(dC), ds0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ssd_core(static, x, dt, A, B, C, s0):
+    y, _, sL = _ssd_forward(static, x, dt, A, B, C, s0)
+    return y, sL
+
+
+def _ssd_core_fwd(static, x, dt, A, B, C, s0):
+    y, starts, sL = _ssd_forward(static, x, dt, A, B, C, s0)
+    return (y, sL), (x, dt, A, B, C, starts)
+
+
+def _ssd_core_bwd(static, residuals, cotangents):
+    x, dt, A, B, C, starts = residuals
+    dy, dsL = cotangents
+    return _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL)
+
+
+_ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
+
+
 def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False,
-        initial_state=None, return_final_state=False, block_sizes=None,
+        initial_state=None, return_final_state=False, num_warps=None,
         interpret=None):  # fmt: skip
-    """SSD on the Pallas selective-scan kernels (see the module docstring); same arguments as
-    :func:`ssd_chunked` (``chunk_size`` is the kernels' recompute chunk when given)."""
+    """SSD with the chunked Pallas kernels; same arguments as :func:`ssd_chunked`.
+
+    ``chunk_size`` (default 64) is rounded up to a power of two >= 16 for the kernels' tiles;
+    head_dim and state are zero-padded to powers of two >= 16. ``num_warps`` defaults to 4, or
+    8 when the state tile ``head_dim x state`` reaches 4096 elements (register pressure).
+    """
     check_ssd_arguments("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
     dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, seq, heads, head_dim = x.shape
     state = B.shape[3]
-    if block_sizes is None:
-        block_sizes = mamba1.BlockSizes(chunk=min(chunk_size or 16, 16))
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-    # One channel per (head, head_dim) pair; channel h * head_dim + p uses head h's decay.
-    u = x.reshape(batch, seq, heads * head_dim)
-    delta = jnp.repeat(dt, head_dim, axis=2)
-    A_ch = jnp.broadcast_to(jnp.repeat(A.astype(jnp.float32), head_dim)[:, None],
-                            (heads * head_dim, state))  # fmt: skip
-    s0 = (jnp.zeros((batch, heads, head_dim, state), jnp.float32) if initial_state is None
-          else initial_state)  # fmt: skip
-    y, final = mamba1.scan_recurrence(u, delta, A_ch, B, C,
-                                      s0.reshape(batch, heads * head_dim, state),
-                                      block_sizes=block_sizes, interpret=interpret)  # fmt: skip
-    out = finish_output(y.reshape(x.shape).astype(dtype), x, D, z, dtype)
-    final = final.reshape(batch, heads, head_dim, state)
+    if jax.default_backend() == "tpu" and not interpret:
+        raise NotImplementedError("ssd kernels lower to Triton (GPU) only; use jaxlab.ops.ssd "
+                                  "with impl='chunked' on TPU")  # fmt: skip
+    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731
+    q = pow2(chunk_size or 64)
+    p_pad, n_pad, t_pad = pow2(head_dim) - head_dim, pow2(state) - state, -(-seq // q) * q - seq
+    f32 = jnp.float32
+    # Padded steps have dt = 0 (no decay, no input); padded head_dim/state slots stay 0.
+    xp = jnp.pad(x.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, p_pad)))
+    dtp = jnp.pad(dt.astype(f32), ((0, 0), (0, t_pad), (0, 0)))
+    pad_bc = lambda v: jnp.pad(v.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, n_pad)))  # noqa: E731
+    s0 = (jnp.zeros((batch, heads, head_dim, state), f32) if initial_state is None
+          else initial_state.astype(f32))  # fmt: skip
+    s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, p_pad), (0, n_pad)))
+    if num_warps is None:
+        num_warps = 8 if pow2(head_dim) * pow2(state) >= 4096 else 4
+    static = _SSDStatic(chunk=q, num_warps=num_warps, interpret=bool(interpret))
+    y, final = _ssd_core(static, xp, dtp, A.astype(f32), pad_bc(B), pad_bc(C), s0)
+    y = y[:, :seq, :, :head_dim]
+    out = finish_output(y.astype(dtype), x, D, z, dtype)
+    final = final[:, :, :head_dim, :state]
     return (out, final) if return_final_state else out

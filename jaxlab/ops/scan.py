@@ -10,8 +10,7 @@ Math and layouts are those of :mod:`kernels_pallas.selective_scan` and :mod:`ker
 * ``'chunked'``: associative scan inside chunks of ``chunk`` steps, a sequential carry between
   chunks, each chunk rematerialised in the backward pass (memory ``seq / chunk`` states);
   for SSD, the chunked SSD algorithm (matmuls inside chunks);
-* ``'auto'``: Pallas on GPU for the selective scan, ``'chunked'`` otherwise (and for SSD, whose
-  chunked form is matmul-heavy, everywhere).
+* ``'auto'``: Pallas on GPU, ``'chunked'`` elsewhere.
 """
 
 from __future__ import annotations
@@ -108,16 +107,14 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
 
 
 def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
-        initial_state=None, return_final_state=False, impl="auto", block_sizes=None,
-        interpret=None):  # fmt: skip
+        initial_state=None, return_final_state=False, impl="auto", interpret=None):  # fmt: skip
     """Mamba-2 SSD; see :mod:`kernels_pallas.ssd`. ``chunk_size``: the chunked algorithm's chunk."""
     name = "ssd"
-    impl = _resolve(name, impl, "chunked")
+    impl = _resolve(name, impl, "pallas")
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               return_final_state=return_final_state)  # fmt: skip
     if impl == "pallas":
-        return ssd_kernels.ssd(x, dt, A, B, C, chunk_size=chunk_size, block_sizes=block_sizes,
-                               interpret=interpret, **kw)  # fmt: skip
+        return ssd_kernels.ssd(x, dt, A, B, C, chunk_size=chunk_size, interpret=interpret, **kw)
     ssd_kernels.check_ssd_arguments(name, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
     if impl == "sequential":
         return ssd_kernels.ssd_reference(x, dt, A, B, C, **kw)

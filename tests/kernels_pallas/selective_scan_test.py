@@ -298,3 +298,25 @@ def test_ssd_bad_shapes_are_named():
         ssd_lib.ssd(**{**args, "B": bad, "C": bad})
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         ssd_lib.ssd(**args, chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ssd_kernels_lower_to_triton_for_cuda(dtype):
+    spec = jax.ShapeDtypeStruct
+    batch, seq, heads, head_dim, groups, state = 2, 300, 8, 64, 2, 128
+
+    def forward_backward(x, dt, A, B, C, s0):
+        def run(*a):
+            return ssd_lib.ssd(*a[:5], initial_state=a[5], dt_softplus=True,
+                               return_final_state=True, interpret=False)  # fmt: skip
+
+        out, vjp = jax.vjp(run, x, dt, A, B, C, s0)
+        return out, vjp(out)
+
+    args = (spec((batch, seq, heads, head_dim), dtype), spec((batch, seq, heads), dtype),
+            spec((heads,), jnp.float32), spec((batch, seq, groups, state), dtype),
+            spec((batch, seq, groups, state), dtype),
+            spec((batch, heads, head_dim, state), jnp.float32))  # fmt: skip
+    text = jax.jit(forward_backward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ssd_chunked_fwd" in text and "ssd_chunked_bwd" in text
+    assert text.count("__gpu$xla.gpu.triton") >= 2
