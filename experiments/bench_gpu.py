@@ -13,6 +13,9 @@ The prepared device check (``make bench-gpu``), in three parts, all causal, layo
    speedup over Pallas ``mha``, the ideal speedup (dense pairs / allowed pairs) and the fraction
    of the bf16 tensor-core peak reached on the executed (non-empty) tiles.
 
+4. the Mamba-1 selective scan and Mamba-2 SSD kernels against the sequential float32 reference
+   on the device, then forward and forward+backward times against the XLA chunked path.
+
 Each part prints a markdown table; all rows go to one JSON, written after every part so that a
 run cut short by ``--budget_s`` or a timeout still leaves its measurements. Without an
 accelerator it refuses to run unless ``--allow_cpu`` (a smoke test: tiny shapes, interpret mode).
@@ -262,6 +265,70 @@ def sweep_part(seqs, full_sweep_seq, batch, heads, dim, dtype, interpret, repeat
     return rows
 
 
+def scan_fn(kind, impl, *, A, interpret):
+    """``f(x, dt, B, C)``: the selective scan or SSD by ``impl`` (softplus on the step)."""
+    from jaxlab.ops import scan
+
+    if kind == "selective_scan":
+        return lambda x, dt, B, C: scan.selective_scan(x, dt, A, B, C, delta_softplus=True,
+                                                       impl=impl, interpret=interpret)  # fmt: skip
+    return lambda x, dt, B, C: scan.ssd(x, dt, A, B, C, dt_softplus=True, impl=impl,
+                                        chunk_size=64, interpret=interpret)  # fmt: skip
+
+
+def scan_part(shapes, dtype, interpret, repeats, deadline):
+    """Selective scan and SSD kernels: correctness on the device against the sequential float32
+    reference, then forward+backward time against the XLA chunked path, and HBM bandwidth."""
+    rows = []
+    for kind, (batch, seq, width, state) in shapes:
+        if time.perf_counter() > deadline:
+            print(f"(budget reached: skipping {kind} seq {seq})")
+            break
+        keys = jax.random.split(jax.random.key(seq), 6)
+        if kind == "selective_scan":
+            x = jax.random.normal(keys[0], (batch, seq, width), dtype)
+            dt = (0.1 * jax.random.normal(keys[1], (batch, seq, width))).astype(dtype)
+            A = -jnp.exp(jax.random.normal(keys[2], (width, state)))
+        else:
+            heads = width // 64
+            x = jax.random.normal(keys[0], (batch, seq, heads, 64), dtype)
+            dt = (0.1 * jax.random.normal(keys[1], (batch, seq, heads))).astype(dtype)
+            A = -jnp.exp(jax.random.normal(keys[2], (heads,)))
+        fn = functools.partial(scan_fn, kind, A=A, interpret=interpret)
+        B = jax.random.normal(keys[3], (batch, seq, 1, state), dtype)
+        C = jax.random.normal(keys[4], (batch, seq, 1, state), dtype)
+        ct = jax.random.normal(keys[5], x.shape, jnp.float32)
+        args = (x, dt, B, C)
+        ref = jax.jit(fn("sequential"))(*[a.astype(jnp.float32) for a in args])
+        scale = float(jnp.abs(ref).max())
+        timings = {}
+        for impl in ("pallas", "chunked"):
+            f = fn(impl)
+            err = max_err(jax.jit(f)(*args), ref) / scale
+            grad = jax.jit(jax.grad(loss_of(f, ct), argnums=(0, 1, 2, 3)))
+            timings[impl] = dict(fwd_ms=timed(jax.jit(f), *args, repeats=repeats),
+                                 fwd_bwd_ms=timed(grad, *args, repeats=repeats),
+                                 rel_err_out=err)  # fmt: skip
+        # Bytes the forward must move at least: inputs and output once (the states stay on chip).
+        item = jnp.dtype(dtype).itemsize
+        io = (x.size * 3 + dt.size + B.size * 2) * item
+        for impl, t in timings.items():
+            speedup = timings["chunked"]["fwd_bwd_ms"] / t["fwd_bwd_ms"]
+            rows.append(dict(part="scan", kind=kind, shape=[batch, seq, width, state], impl=impl,
+                             **t, speedup_vs_chunked=speedup,
+                             fwd_gb_per_s=io / (t["fwd_ms"] * 1e-3) / 1e9))  # fmt: skip
+    print(f"\n## 4. selective scan and SSD, {jnp.dtype(dtype).name}, median of {repeats}; err "
+          "relative to the output scale vs the sequential float32 reference")  # fmt: skip
+    print("| scan | [b, L, width, state] | impl | fwd ms | fwd GB/s (in+out) | fwd+bwd ms | "
+          "speedup vs chunked XLA | rel err |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | "
+              f"{r['fwd_gb_per_s']:.1f} | {r['fwd_bwd_ms']:.3f} | "
+              f"{r['speedup_vs_chunked']:.2f}x | {r['rel_err_out']:.1e} |")  # fmt: skip
+    return rows
+
+
 def main(argv):
     del argv
     start = time.perf_counter()
@@ -293,6 +360,14 @@ def main(argv):
     else:
         seqs, full_seq, shape = (1024, 4096, 8192, 16384), 8192, (4, 16, 64)
     save(sweep_part(seqs, full_seq, *shape, dtype, interpret, repeats, deadline))
+    if interpret:
+        scan_shapes = [("selective_scan", (1, 64, 32, 16)), ("ssd", (1, 64, 128, 32))]
+    else:
+        scan_shapes = [("selective_scan", (8, 2048, 2048, 16)),
+                       ("ssd", (8, 2048, 2048, 128)),
+                       ("selective_scan", (2, 8192, 2048, 16)),
+                       ("ssd", (2, 8192, 2048, 128))]  # fmt: skip
+    save(scan_part(scan_shapes, dtype, interpret, repeats, deadline + 120))
     print(f"wrote {FLAGS.out} ({time.perf_counter() - start:.0f} s)")
 
 

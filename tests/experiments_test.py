@@ -123,6 +123,11 @@ def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
     sweep = {r["impl"]: r for r in rows if r["part"] == "sweep"}
     assert {"jax pallas mha", "hash nb=8", "qk drop=0.5"} <= set(sweep)
     assert sweep["hash nb=8"]["ideal"] > 4 and sweep["jax pallas mha"]["ideal"] == 1
+    scans = [r for r in rows if r["part"] == "scan"]
+    assert {(r["kind"], r["impl"]) for r in scans} == {
+        (k, i) for k in ("selective_scan", "ssd") for i in ("pallas", "chunked")
+    }
+    assert max(r["rel_err_out"] for r in scans) < 1e-5
     refused = run_module("experiments.bench_gpu", f"--out={out}")
     assert refused.returncode != 0 and "needs an accelerator" in refused.stderr
 
