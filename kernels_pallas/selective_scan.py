@@ -149,13 +149,13 @@ def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, starts_ref, dy_ref, 
         for i in range(chunk):  # recompute this chunk's states, kept in registers
             t = c * chunk + i
             d, u, b = delta_ref[t, :], u_ref[t, :], B_ref[t, :]
-            a = jnp.exp(d[:, None] * A)
-            h = a * h + (d * u)[:, None] * b[None, :]
+            h = jnp.exp(d[:, None] * A) * h + (d * u)[:, None] * b[None, :]
             states.append(h)
-            inputs.append((d, u, b, a))
+            inputs.append((d, u, b))
         for i in reversed(range(chunk)):
             t = c * chunk + i
-            d, u, b, a = inputs[i]
+            d, u, b = inputs[i]
+            a = jnp.exp(d[:, None] * A)  # recomputed: fewer live registers than keeping it
             dy = dy_ref[t, :]
             dC_ref[t, :] = jnp.sum(dy[:, None] * states[i + 1], axis=0)
             dh = dh + dy[:, None] * C_ref[t, :][None, :]  # dL/dh_t

@@ -353,9 +353,11 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
         interpret=None):  # fmt: skip
     """SSD with the chunked Pallas kernels; same arguments as :func:`ssd_chunked`.
 
-    ``chunk_size`` (default 64) is rounded up to a power of two >= 16 for the kernels' tiles;
+    ``chunk_size`` (default 64) is rounded up to a power of two in [16, 64] for the kernels' tiles;
     head_dim and state are zero-padded to powers of two >= 16. ``num_warps`` defaults to 4, or
     8 when the state tile ``head_dim x state`` reaches 4096 elements (register pressure).
+    On GPU, float32 matmuls use Triton's default TF32 tensor-core precision (about 1e-3
+    relative); interpret mode computes in full float32.
     """
     check_ssd_arguments("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
     dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
@@ -366,7 +368,9 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
         raise NotImplementedError("ssd kernels lower to Triton (GPU) only; use jaxlab.ops.ssd "
                                   "with impl='chunked' on TPU")  # fmt: skip
     pow2 = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731
-    q = pow2(chunk_size or 64)
+    # The kernels' chunk is at most 64 whatever the model's: [q, q] float32 tiles beyond that do
+    # not fit a GPU's registers/shared memory, and the result does not depend on it.
+    q = min(pow2(chunk_size or 64), 64)
     p_pad, n_pad, t_pad = pow2(head_dim) - head_dim, pow2(state) - state, -(-seq // q) * q - seq
     f32 = jnp.float32
     # Padded steps have dt = 0 (no decay, no input); padded head_dim/state slots stay 0.

@@ -306,17 +306,19 @@ class MambaMixer(nnx.Module):
                 y = self.norm(y.reshape(batch, seq, d) * jax.nn.silu(z))
             else:
                 # Decay exp(-softplus(a)) with an input not scaled by the step: the SSD multiplies
-                # x by its step, so x is divided by it first (as the Llamba code does).
-                step = jax.nn.softplus(dt.astype(f32))
-                x_in = x / step[..., None].astype(x.dtype)
+                # x by its step, so x is divided by it first (as the Llamba code does), in
+                # float32 and with the step floored at 1e-6 so that the quotient stays finite.
+                step = jnp.maximum(jax.nn.softplus(dt.astype(f32)), 1e-6)
+                x_in = x.astype(f32) / step[..., None]
                 if lengths is not None:
                     step = step * valid[..., None]
                     x_in = jnp.where(valid[..., None, None] > 0, x_in, 0)
                 y, new_state = scan_ops.ssd(
                     x_in, step, -jnp.ones(c.heads), B, C, chunk_size=c.chunk_size,
-                    D=self.D[...], initial_state=state, return_final_state=True,
-                    impl=c.scan_impl,
+                    initial_state=state, return_final_state=True, impl=c.scan_impl,
                 )  # fmt: skip
+                # The skip connection uses x itself, not the rescaled input.
+                y = y + self.D[...].astype(f32)[:, None] * x.astype(f32)
                 y = y.reshape(batch, seq, d) * jax.nn.silu(z + self.z_bias[...].astype(dt_))
         out = y.astype(dt_) @ self.out_proj[...].astype(dt_)
         new_cache = None if cache is None else MixerCache(conv_state, new_state)

@@ -10,7 +10,8 @@ Math and layouts are those of :mod:`kernels_pallas.selective_scan` and :mod:`ker
 * ``'chunked'``: associative scan inside chunks of ``chunk`` steps, a sequential carry between
   chunks, each chunk rematerialised in the backward pass (memory ``seq / chunk`` states);
   for SSD, the chunked SSD algorithm (matmuls inside chunks);
-* ``'auto'``: Pallas on GPU, ``'chunked'`` elsewhere.
+* ``'auto'``: ``'sequential'`` for fewer than 16 steps (decoding), else Pallas on GPU and
+  ``'chunked'`` elsewhere.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from kernels_pallas import ssd as ssd_kernels
 SCAN_IMPLS = ("auto", "pallas", "sequential", "associative", "chunked")
 
 
-def _resolve(name, impl, gpu_choice):
+def _resolve(name, impl, gpu_choice, seq):
     if impl not in SCAN_IMPLS:
         raise ValueError(f"{name}: impl must be one of {SCAN_IMPLS}, got {impl!r}")
     if impl == "auto":
+        if seq < 16:  # decoding steps: a few sequential steps beat padding a kernel's chunk
+            return "sequential"
         return gpu_choice if jax.default_backend() == "gpu" else "chunked"
     return impl
 
@@ -85,7 +88,7 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
       impl: see the module docstring; chunk: steps per chunk of the ``'chunked'`` path.
     """
     name = "selective_scan"
-    impl = _resolve(name, impl, "pallas")
+    impl = _resolve(name, impl, "pallas", u.shape[1] if u.ndim == 3 else 0)
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
               initial_state=initial_state, return_final_state=return_final_state)  # fmt: skip
     if impl == "pallas":
@@ -110,7 +113,7 @@ def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softp
         initial_state=None, return_final_state=False, impl="auto", interpret=None):  # fmt: skip
     """Mamba-2 SSD; see :mod:`kernels_pallas.ssd`. ``chunk_size``: the chunked algorithm's chunk."""
     name = "ssd"
-    impl = _resolve(name, impl, "pallas")
+    impl = _resolve(name, impl, "pallas", x.shape[1] if x.ndim == 4 else 0)
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               return_final_state=return_final_state)  # fmt: skip
     if impl == "pallas":

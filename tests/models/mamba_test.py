@@ -97,3 +97,37 @@ def test_generate_with_right_padded_prompts_equals_greedy_on_the_full_forward(va
             logits = model(jnp.asarray([tokens]))
             tokens.append(int(jnp.argmax(logits[0, -1])))
         assert np.asarray(out.tokens[i]).tolist() == tokens[len(row) :], (variant, i)
+
+
+def test_discrete_mamba2_mixer_is_the_llamba_recurrence_in_float64():
+    """in_proj -> [x B C | z | a], identity-activation conv, h = exp(-softplus(a)) h + x B^T,
+    y = h C + D x, out = W_o (y * silu(z + z_bias)); one B/C per head."""
+    config = dataclasses.replace(BASE, mixer="discrete_mamba2", intermediate_size=48)
+    model = models.build(config, nnx.Rngs(7))
+    mixer = model.layers[0].mixer
+    for name in ("D", "z_bias", "conv_bias"):  # non-trivial values for the parameters at 1 or 0
+        value = getattr(mixer, name)
+        value[...] = jax.random.normal(jax.random.key(len(name)), value[...].shape)
+    hidden = jax.random.normal(jax.random.key(1), (2, 11, config.hidden_size))
+    got, _ = mixer(hidden, None)
+
+    p = {k: np.asarray(getattr(mixer, k)[...], np.float64)
+         for k in ("in_proj", "conv_weight", "conv_bias", "out_proj", "D", "z_bias")}  # fmt: skip
+    d, n, heads, hd, k = (config.inner_size, config.state_size, config.heads, config.head_dim,
+                          config.conv_kernel)  # fmt: skip
+    proj = np.asarray(hidden, np.float64) @ p["in_proj"]
+    xbc, z, a = np.split(proj, [d + 2 * heads * n, 2 * d + 2 * heads * n], axis=-1)
+    padded = np.concatenate([np.zeros((2, k - 1, xbc.shape[-1])), xbc], axis=1)
+    xbc = sum(padded[:, i : i + 11] * p["conv_weight"][i] for i in range(k)) + p["conv_bias"]
+    x, B, C = np.split(xbc, [d, d + heads * n], axis=-1)
+    x = x.reshape(2, 11, heads, hd)
+    B, C = B.reshape(2, 11, heads, n), C.reshape(2, 11, heads, n)
+    h = np.zeros((2, heads, hd, n))
+    y = np.zeros_like(x)
+    for t in range(11):
+        decay = np.exp(-np.log1p(np.exp(a[:, t])))  # exp(-softplus(a))
+        h = decay[:, :, None, None] * h + x[:, t, :, :, None] * B[:, t, :, None, :]
+        y[:, t] = np.einsum("bhpn,bhn->bhp", h, C[:, t]) + p["D"][:, None] * x[:, t]
+    gate = z + p["z_bias"]
+    want = (y.reshape(2, 11, d) * gate / (1 + np.exp(-gate))) @ p["out_proj"]
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-4)
