@@ -1,0 +1,39 @@
+"""Constrained variational-inequality solvers: ACVI and projected first-order baselines."""
+
+from jaxlab.solvers.acvi import ACVIConfig, ACVITrajectory, acvi
+from jaxlab.solvers.baselines import (
+    BASELINES,
+    Trajectory,
+    run_extragradient,
+    run_gda,
+    run_lookahead_gda,
+    run_optimistic_gda,
+)
+from jaxlab.solvers.problems import (
+    Ball,
+    Box,
+    Nonnegative,
+    VIProblem,
+    bilinear_2d,
+    bilinear_simplex_game,
+    project_simplex,
+)
+
+__all__ = [
+    "ACVIConfig",
+    "ACVITrajectory",
+    "BASELINES",
+    "Ball",
+    "Box",
+    "Nonnegative",
+    "Trajectory",
+    "VIProblem",
+    "acvi",
+    "bilinear_2d",
+    "bilinear_simplex_game",
+    "project_simplex",
+    "run_extragradient",
+    "run_gda",
+    "run_lookahead_gda",
+    "run_optimistic_gda",
+]

@@ -1,0 +1,176 @@
+"""ACVI: ADMM-based interior-point solvers for constrained VIs (Yang, Jordan, Chavdarova 2023;
+Chavdarova, Pagliardini, Jordan, ... 2024 for the inexact and projection variants).
+
+The VI over ``K = {E x = e} intersected with S`` is split: ``x`` carries F and the equalities,
+``y`` the set ``S`` through a log barrier of weight ``mu``, coupled by ``x = y`` with dual ``lam``:
+
+1. x-step: solve ``x + P F(x) / beta = P (y - lam / beta) + d`` with ``P = I - E^T (E E^T)^-1 E``
+   and ``d = E^T (E E^T)^-1 e`` (the projector onto ``{E x = e}``);
+2. y-step: ``y = argmin -mu log-barrier_S(y) + beta / 2 ||y - x - lam / beta||^2``;
+3. dual step: ``lam <- lam + beta (x - y)``;
+and ``mu`` shrinks geometrically (``mu_t = mu0 delta^t``) over ``outer_steps`` stages of
+``inner_steps`` iterations (the last stage runs ``last_inner_steps``).
+
+Variants (``variant=``):
+* ``exact``: the x-step is a linear solve for affine F (factorised once), else Newton's method
+  (``newton_steps`` iterations); the y-step is the barrier's exact proximal map.
+* ``inexact`` (I-ACVI): the x-step is ``subproblem_steps`` gradient steps of size
+  ``subproblem_step_size`` on the x-subproblem, warm-started from the previous x. The y-step stays
+  the exact prox: it needs no operator evaluations.
+* ``projection`` (P-ACVI): no barrier; ``y = proj_S(x + lam / beta)``.
+
+Operator evaluations are counted per iteration: an exact affine x-step counts 1 (it uses the
+matrix of F, factorised once), a Newton x-step ``newton_steps``, an inexact one
+``subproblem_steps``. Everything runs as one ``lax.scan`` over a precomputed ``mu`` schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+
+from jaxlab.solvers.problems import VIProblem
+
+VARIANTS = ("exact", "inexact", "projection")
+
+
+@dataclasses.dataclass(frozen=True)
+class ACVIConfig:
+    """Hyperparameters (see the module docstring); defaults follow the authors' 2-D notebook."""
+
+    beta: float = 0.08
+    mu0: float = 1e-5
+    delta: float = 0.5
+    outer_steps: int = 20
+    inner_steps: int = 1
+    last_inner_steps: int = 30
+    variant: str = "exact"
+    subproblem_steps: int = 10
+    subproblem_step_size: float = 0.05
+    newton_steps: int = 10
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"ACVIConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("beta", "subproblem_step_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ACVIConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not self.mu0 >= 0 or not 0 < self.delta <= 1:
+            raise ValueError(f"ACVIConfig: need mu0 >= 0 and 0 < delta <= 1, got mu0={self.mu0}, "
+                             f"delta={self.delta}")  # fmt: skip
+        for name in ("outer_steps", "inner_steps", "last_inner_steps", "subproblem_steps",
+                     "newton_steps"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ACVIConfig.{name} must be a positive int, got {value!r}")
+
+    def mu_schedule(self) -> np.ndarray:
+        """mu at every iteration: outer stage t has mu0 delta^t."""
+        stages = [np.full(self.inner_steps, self.mu0 * self.delta**t)
+                  for t in range(self.outer_steps - 1)]  # fmt: skip
+        stages.append(
+            np.full(self.last_inner_steps, self.mu0 * self.delta ** (self.outer_steps - 1))
+        )
+        return np.concatenate(stages)
+
+    @property
+    def evaluations_per_step(self) -> int:
+        if self.variant == "inexact":
+            return self.subproblem_steps
+        return 1
+
+
+class ACVIState(NamedTuple):
+    x: jax.Array
+    y: jax.Array
+    lam: jax.Array
+
+
+class ACVITrajectory(NamedTuple):
+    """x, y: [iterations, dim] after each iteration; evaluations: [iterations] cumulative."""
+
+    x: jax.Array
+    y: jax.Array
+    evaluations: jax.Array
+
+
+def _affine_projector(problem: VIProblem, dtype):
+    if problem.equality is None:
+        return None, None
+    E, e = (np.asarray(v, np.float64) for v in problem.equality)
+    gram = np.linalg.inv(E @ E.T)
+    P = np.eye(problem.dim) - E.T @ gram @ E
+    d = E.T @ gram @ e
+    return jnp.asarray(P, dtype), jnp.asarray(d, dtype)
+
+
+def acvi(problem: VIProblem, x0, config: ACVIConfig = ACVIConfig()) -> ACVITrajectory:  # noqa: B008
+    """Runs ACVI from ``x0`` (strictly inside S for the barrier variants); see the module doc."""
+    x0 = jnp.asarray(x0)
+    if x0.shape != (problem.dim,):
+        raise ValueError(f"acvi: x0 must have shape ({problem.dim},), got {x0.shape}")
+    if config.variant != "projection" and not bool(problem.inequality.interior(x0)):
+        raise ValueError(f"acvi: x0 must be strictly inside the inequality set "
+                         f"{problem.inequality} for the log barrier "
+                         f"(variant={config.variant!r})")  # fmt: skip
+    if config.variant == "exact" and problem.matrix is None:
+        newton = True
+    else:
+        newton = False
+    return _run(problem, config, newton, x0)
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _run(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
+    dtype = x0.dtype
+    beta = config.beta
+    P, d = _affine_projector(problem, dtype)
+    proj = (lambda v: v) if P is None else (lambda v: P @ v)  # noqa: E731
+    shift = jnp.zeros_like(x0) if d is None else d
+    F = problem.operator
+    if config.variant == "exact" and not newton:
+        A = jnp.asarray(problem.matrix, dtype)
+        b = jnp.zeros_like(x0) if problem.offset is None else jnp.asarray(problem.offset, dtype)
+        PA = A if P is None else P @ A
+        lu = jsl.lu_factor(jnp.eye(problem.dim, dtype=dtype) + PA / beta)
+
+    def x_step(x, y, lam):
+        rhs = proj(y - lam / beta) + shift
+        if config.variant == "exact" and not newton:
+            return jsl.lu_solve(lu, rhs - proj(b) / beta)
+        if config.variant == "exact":
+
+            def newton_step(_, x):
+                residual = x + proj(F(x)) / beta - rhs
+                jac = jnp.eye(problem.dim, dtype=dtype) + proj(jax.jacfwd(F)(x)) / beta
+                return x - jnp.linalg.solve(jac, residual)
+
+            return jax.lax.fori_loop(0, config.newton_steps, newton_step, x)
+
+        def grad_step(_, x):  # I-ACVI: warm-started gradient steps on the x-subproblem
+            return x - config.subproblem_step_size * (x + proj(F(x)) / beta - rhs)
+
+        return jax.lax.fori_loop(0, config.subproblem_steps, grad_step, x)
+
+    def y_step(x, lam, mu):
+        c = x + lam / beta
+        if config.variant == "projection":
+            return problem.inequality.project(c)
+        return problem.inequality.barrier_prox(c, mu, beta)
+
+    def step(state, mu):
+        x = x_step(state.x, state.y, state.lam)
+        y = y_step(x, state.lam, mu)
+        lam = state.lam + beta * (x - y)
+        return ACVIState(x, y, lam), (x, y)
+
+    mus = jnp.asarray(config.mu_schedule(), dtype)
+    init = ACVIState(x0, x0, jnp.zeros_like(x0))
+    _, (xs, ys) = jax.lax.scan(step, init, mus)
+    per_step = config.newton_steps if newton else config.evaluations_per_step
+    return ACVITrajectory(xs, ys, per_step * jnp.arange(1, mus.shape[0] + 1))

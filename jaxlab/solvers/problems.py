@@ -1,0 +1,231 @@
+"""Constrained variational inequalities and the built-in games.
+
+A VI asks for ``x* in K`` with ``<F(x*), x - x*> >= 0`` for all ``x in K``, where
+``K = {x : E x = e, x in S}`` and ``S`` is one of:
+
+* ``Nonnegative()``: ``x >= 0``;
+* ``Box(lo, hi)``: ``lo <= x <= hi``;
+* ``Ball(radius)``: ``||x|| <= radius``.
+
+Each set knows its Euclidean projection, its log barrier and the barrier's proximal step (closed
+form or a vectorised 1-D root), which is all ACVI and the projected baselines need. A problem may
+add the equality constraints ``E x = e`` (full row rank, checked); projections onto ``{E x = e}
+intersected with S`` exist in closed form for the product-of-simplices case (``simplex_blocks``)
+and are computed by sort-based projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Nonnegative:
+    """``x >= 0``."""
+
+    def project(self, x):
+        return jnp.maximum(x, 0.0)
+
+    def interior(self, x):
+        return jnp.all(x > 0)
+
+    def barrier_prox(self, c, mu, beta):
+        """argmin_y -mu sum log(y) + beta/2 ||y - c||^2, per coordinate in closed form."""
+        return 0.5 * (c + jnp.sqrt(c * c + 4.0 * mu / beta))
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """``lo <= x <= hi`` (scalars or arrays)."""
+
+    lo: float | np.ndarray
+    hi: float | np.ndarray
+
+    def project(self, x):
+        return jnp.clip(x, self.lo, self.hi)
+
+    def interior(self, x):
+        return jnp.all((x > self.lo) & (x < self.hi))
+
+    def barrier_prox(self, c, mu, beta):
+        """argmin_y -mu sum [log(y - lo) + log(hi - y)] + beta/2 ||y - c||^2: the stationarity
+        condition is monotone in each coordinate on (lo, hi), so bisection finds it."""
+        lo = jnp.broadcast_to(jnp.asarray(self.lo, c.dtype), c.shape)
+        hi = jnp.broadcast_to(jnp.asarray(self.hi, c.dtype), c.shape)
+
+        def grad(y):
+            return -mu / (y - lo) + mu / (hi - y) + beta * (y - c)
+
+        def step(_, bounds):
+            a, b = bounds
+            m = 0.5 * (a + b)
+            up = grad(m) < 0
+            return jnp.where(up, m, a), jnp.where(up, b, m)
+
+        a, b = jax.lax.fori_loop(0, 60, step, (lo, hi))
+        return 0.5 * (a + b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ball:
+    """``||x|| <= radius``."""
+
+    radius: float
+
+    def project(self, x):
+        norm = jnp.linalg.norm(x)
+        return jnp.where(norm > self.radius, x * (self.radius / jnp.maximum(norm, 1e-30)), x)
+
+    def interior(self, x):
+        return jnp.sum(x * x) < self.radius**2
+
+    def barrier_prox(self, c, mu, beta):
+        """argmin_y -mu log(r^2 - ||y||^2) + beta/2 ||y - c||^2. The minimiser is ``s c`` with
+        ``s = beta / (beta + 2 mu / (r^2 - s^2 ||c||^2))``; bisection on s in (0, min(1, r/|c|))."""
+        norm = jnp.linalg.norm(c)
+        r2 = self.radius**2
+
+        def residual(s):
+            return s * (beta + 2 * mu / (r2 - (s * norm) ** 2)) - beta
+
+        def step(_, bounds):
+            a, b = bounds
+            m = 0.5 * (a + b)
+            low = residual(m) < 0
+            return jnp.where(low, m, a), jnp.where(low, b, m)
+
+        top = jnp.minimum(1.0, self.radius / jnp.maximum(norm, 1e-30))
+        a, b = jax.lax.fori_loop(0, 80, step, (jnp.zeros_like(norm), top))
+        return 0.5 * (a + b) * c
+
+
+Set = Nonnegative | Box | Ball
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VIProblem:
+    """A constrained VI.
+
+    Attributes:
+      operator: ``F(x) -> [dim]``; monotone for the convergence guarantees.
+      dim: size of x.
+      inequality: the simple set ``S``.
+      equality: optional ``(E [m, dim], e [m])`` with full row rank.
+      matrix: ``A`` when ``F(x) = A x + b`` (ACVI then solves its x-step exactly).
+      offset: ``b`` for affine F.
+      solution: a known solution (for the relative error), if any.
+      simplex_blocks: block sizes when ``K`` is a product of probability simplices (enables the
+        exact projection and the closed-form gap).
+      name: for reports.
+    """
+
+    operator: Callable[[jax.Array], jax.Array]
+    dim: int
+    inequality: Set
+    equality: tuple[np.ndarray, np.ndarray] | None = None
+    matrix: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    solution: np.ndarray | None = None
+    simplex_blocks: tuple[int, ...] | None = None
+    name: str = "vi"
+
+    def __post_init__(self):
+        if self.equality is not None:
+            E, e = (np.asarray(v, np.float64) for v in self.equality)
+            if E.ndim != 2 or E.shape[1] != self.dim or e.shape != (E.shape[0],):
+                raise ValueError(f"VIProblem.equality must be (E [m, {self.dim}], e [m]), got "
+                                 f"shapes {E.shape} and {e.shape}")  # fmt: skip
+            rank = np.linalg.matrix_rank(E)
+            if rank < E.shape[0]:
+                raise ValueError(f"VIProblem.equality: E must have full row rank, got rank {rank} "
+                                 f"for {E.shape[0]} rows (dependent constraints)")  # fmt: skip
+        if self.simplex_blocks is not None and sum(self.simplex_blocks) != self.dim:
+            raise ValueError(f"VIProblem.simplex_blocks {self.simplex_blocks} must sum to "
+                             f"dim={self.dim}")  # fmt: skip
+
+    def project(self, x):
+        """Euclidean projection onto ``K`` (exact for S alone or for products of simplices)."""
+        if self.simplex_blocks is not None:
+            parts, start = [], 0
+            for size in self.simplex_blocks:
+                parts.append(project_simplex(x[start : start + size]))
+                start += size
+            return jnp.concatenate(parts)
+        if self.equality is not None:
+            raise NotImplementedError(f"{self.name}: projection onto equality-constrained sets "
+                                      "other than products of simplices")  # fmt: skip
+        return self.inequality.project(x)
+
+    def relative_error(self, x):
+        if self.solution is None:
+            raise ValueError(f"{self.name}: no known solution")
+        x_star = jnp.asarray(self.solution, x.dtype)
+        return jnp.linalg.norm(x - x_star) / jnp.maximum(jnp.linalg.norm(x_star), 1e-30)
+
+    def gap(self, x):
+        """``max_{x' in K} <F(x), x - x'>``, in closed form for simplex products and boxes."""
+        f = self.operator(x)
+        if self.simplex_blocks is not None:
+            mins, start = 0.0, 0
+            for size in self.simplex_blocks:
+                mins = mins + jnp.min(f[start : start + size])
+                start += size
+            return jnp.dot(f, x) - mins
+        if isinstance(self.inequality, Box) and self.equality is None:
+            lo, hi = self.inequality.lo, self.inequality.hi
+            return jnp.dot(f, x) - jnp.sum(jnp.minimum(f * lo, f * hi))
+        raise NotImplementedError(f"{self.name}: no closed-form gap for this set")
+
+    def equality_violation(self, x):
+        if self.equality is None:
+            return jnp.zeros((), x.dtype)
+        E, e = (jnp.asarray(v, x.dtype) for v in self.equality)
+        return jnp.linalg.norm(E @ x - e)
+
+
+def project_simplex(v):
+    """Euclidean projection onto ``{x >= 0, sum x = 1}`` by sorting (Held et al.; Duchi et al.)."""
+    u = jnp.sort(v)[::-1]
+    css = jnp.cumsum(u) - 1.0
+    k = jnp.arange(1, v.shape[0] + 1, dtype=v.dtype)
+    rho = jnp.max(jnp.where(u - css / k > 0, k, 0.0))
+    theta = jnp.take(css, rho.astype(jnp.int32) - 1) / rho
+    return jnp.maximum(v - theta, 0.0)
+
+
+# ------------------------------------------------------------------------------ built-in games
+
+
+def bilinear_2d():
+    """F(x) = A x, A = [[0.1, 1], [-1, 0.1]], x >= 0; solution (0, 0); start (1, 1)."""
+    A = np.array([[0.1, 1.0], [-1.0, 0.1]])
+    return VIProblem(lambda x: jnp.asarray(A, x.dtype) @ x, 2, Nonnegative(), matrix=A,
+                     offset=np.zeros(2), solution=np.zeros(2), name="bilinear_2d")  # fmt: skip
+
+
+def bilinear_simplex_game(dim: int = 100, eta: float = 0.05):
+    """The high-dimensional bilinear game on two simplices of size ``dim`` (HBG):
+    F(x) = A x with A = [[eta I, (1 - eta) I], [-(1 - eta) I, eta I]]; solution uniform."""
+    if dim < 2:
+        raise ValueError(f"bilinear_simplex_game: dim must be >= 2, got {dim}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"bilinear_simplex_game: eta must be in [0, 1], got {eta}")
+    eye = np.eye(dim)
+    A = np.block([[eta * eye, (1 - eta) * eye], [-(1 - eta) * eye, eta * eye]])
+    E = np.zeros((2, 2 * dim))
+    E[0, :dim] = 1.0
+    E[1, dim:] = 1.0
+
+    def operator(x):  # A x without a dense matmul
+        x1, x2 = x[:dim], x[dim:]
+        return jnp.concatenate([eta * x1 + (1 - eta) * x2, -(1 - eta) * x1 + eta * x2])
+
+    return VIProblem(operator, 2 * dim, Nonnegative(), equality=(E, np.ones(2)), matrix=A,
+                     offset=np.zeros(2 * dim), solution=np.full(2 * dim, 1.0 / dim),
+                     simplex_blocks=(dim, dim),
+                     name=f"bilinear_simplex_{dim}_eta{eta}")  # fmt: skip

@@ -1,0 +1,135 @@
+"""ACVI and the projected baselines against closed forms, an independent KKT solution and the
+authors' published 2-D iterates."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import solvers as S
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def test_projected_baselines_reproduce_the_2d_bilinear_table():
+    """Last iterates after 49 steps of size 0.1 from (1, 1), as in the brief's notebook table."""
+    problem, x0 = S.bilinear_2d(), jnp.array([1.0, 1.0])
+    table = {"gda": 0.900, "extragradient": 0.834, "optimistic_gda": 0.834}
+    for name, second in table.items():
+        last = np.asarray(S.BASELINES[name](problem, x0, step_size=0.1, num_steps=49).iterates[-1])
+        np.testing.assert_allclose(last, [0.0, second], atol=6e-4)
+        assert np.linalg.norm(last) > 0.8  # they cycle or stall, far from the solution (0, 0)
+
+
+def test_acvi_solves_the_2d_bilinear_game():
+    trajectory = S.acvi(S.bilinear_2d(), jnp.array([1.0, 1.0]), S.ACVIConfig())
+    assert trajectory.y.shape == (49, 2)  # 19 stages of 1 step + 30 at the last mu
+    y = np.asarray(trajectory.y[-1])
+    assert np.linalg.norm(y) < 0.02 and np.all(y > 0)
+
+
+def kkt_solution(M, q):
+    """Solve the VI of F(x) = M x + q over the simplex {x >= 0, sum x = 1} by enumerating active
+    sets of the KKT system M x + q - nu 1 - s = 0, s >= 0, x >= 0, s_i x_i = 0, sum x = 1."""
+    n = len(q)
+    for size in range(n, 0, -1):
+        for support in itertools.combinations(range(n), size):
+            idx = list(support)
+            # Unknowns: x on the support, nu. Equations: (M x + q)_i = nu on the support, sum = 1.
+            system = np.zeros((size + 1, size + 1))
+            system[:size, :size] = M[np.ix_(idx, idx)]
+            system[:size, size] = -1.0
+            system[size, :size] = 1.0
+            rhs = np.concatenate([-q[idx], [1.0]])
+            try:
+                sol = np.linalg.solve(system, rhs)
+            except np.linalg.LinAlgError:
+                continue
+            x = np.zeros(n)
+            x[idx] = sol[:size]
+            slack = M @ x + q - sol[size]
+            if np.all(x >= -1e-12) and np.all(slack >= -1e-10):
+                return x
+    raise AssertionError("no KKT point")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_acvi_reaches_an_independent_kkt_solution(seed):
+    rng = np.random.default_rng(seed)
+    n = 5
+    G = rng.standard_normal((n, n))
+    skew = G - G.T
+    M = 0.2 * np.eye(n) + skew  # strongly monotone, mostly rotational
+    q = rng.standard_normal(n)
+    x_star = kkt_solution(M, q)
+    problem = S.VIProblem(lambda x: jnp.asarray(M) @ x + jnp.asarray(q), n, S.Nonnegative(),
+                          equality=(np.ones((1, n)), np.ones(1)), matrix=M, offset=q,
+                          solution=x_star, simplex_blocks=(n,))  # fmt: skip
+    config = S.ACVIConfig(beta=0.5, mu0=1e-4, delta=0.5, outer_steps=25, inner_steps=20,
+                          last_inner_steps=400)  # fmt: skip
+    trajectory = S.acvi(problem, jnp.full(n, 1.0 / n), config)
+    x, y = trajectory.x[-1], trajectory.y[-1]
+    assert float(jnp.linalg.norm(x - x_star)) < 1e-4
+    assert float(problem.equality_violation(x)) < 1e-6
+    assert float(jnp.min(y)) > 0
+    assert float(problem.gap(problem.project(x))) < 1e-3
+
+
+@pytest.mark.parametrize("eta", [0.05, 0.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_acvi_and_inexact_acvi_beat_extragradient_on_the_simplex_game(eta, seed):
+    problem = S.bilinear_simplex_game(100, eta)
+    rng = np.random.default_rng(seed)
+    x0 = jnp.asarray(np.concatenate([rng.dirichlet(np.ones(100)), rng.dirichlet(np.ones(100))]))
+
+    def evaluations_to(trajectory, xs, target=0.02):
+        err = np.asarray(jax.vmap(problem.relative_error)(xs))
+        hit = np.flatnonzero(err < target)
+        assert hit.size, f"never reached {target}: last {err[-1]:.3g}"
+        return int(trajectory.evaluations[hit[0]])
+
+    eg = S.run_extragradient(problem, x0, step_size=0.3, num_steps=400)
+    exact = S.acvi(problem, x0, S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10,
+                                             last_inner_steps=100))  # fmt: skip
+    inexact_config = S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10,
+                                  last_inner_steps=100, variant="inexact", subproblem_steps=5,
+                                  subproblem_step_size=0.3)  # fmt: skip
+    inexact = S.acvi(problem, x0, inexact_config)
+    eg_evals = evaluations_to(eg, eg.iterates)
+    assert evaluations_to(exact, exact.x) < eg_evals
+    assert evaluations_to(inexact, inexact.x) < eg_evals
+
+
+def test_simplex_projection_and_gap_match_closed_forms():
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal(7)
+    p = np.asarray(S.project_simplex(jnp.asarray(v)))
+    assert abs(p.sum() - 1) < 1e-12 and p.min() >= 0
+    # Optimality: p = argmin ||p - v|| on the simplex <=> v - p = tau on the support, <= tau off.
+    tau = (v - p)[p > 0]
+    np.testing.assert_allclose(tau, tau[0], atol=1e-12)
+    assert np.all((v - p)[p == 0] <= tau[0] + 1e-12)
+    problem = S.bilinear_simplex_game(4, 0.3)
+    x = jnp.asarray(np.concatenate([rng.dirichlet(np.ones(4)), rng.dirichlet(np.ones(4))]))
+    f = np.asarray(problem.operator(x))
+    vertices = [np.concatenate([np.eye(4)[i], np.eye(4)[j]]) for i in range(4) for j in range(4)]
+    brute = max(float(f @ (np.asarray(x) - w)) for w in vertices)  # a linear max sits at a vertex
+    np.testing.assert_allclose(float(problem.gap(x)), brute, atol=1e-12)
+    assert abs(float(problem.gap(jnp.asarray(problem.solution)))) < 1e-12
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="strictly inside the inequality set"):
+        S.acvi(S.bilinear_2d(), jnp.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="full row rank, got rank 1 for 2 rows"):
+        S.VIProblem(lambda x: x, 3, S.Nonnegative(), equality=(np.ones((2, 3)), np.ones(2)))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        S.ACVIConfig(variant="admm")
+    with pytest.raises(ValueError, match=r"x0 must have shape \(2,\)"):
+        S.run_gda(S.bilinear_2d(), jnp.ones(3), step_size=0.1, num_steps=3)
