@@ -16,6 +16,7 @@ from jaxlab.solvers.problems import (
     VIProblem,
     bilinear_2d,
     bilinear_simplex_game,
+    matrix_game,
     project_simplex,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "acvi",
     "bilinear_2d",
     "bilinear_simplex_game",
+    "matrix_game",
     "project_simplex",
     "run_extragradient",
     "run_gda",

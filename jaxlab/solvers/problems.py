@@ -229,3 +229,22 @@ def bilinear_simplex_game(dim: int = 100, eta: float = 0.05):
                      offset=np.zeros(2 * dim), solution=np.full(2 * dim, 1.0 / dim),
                      simplex_blocks=(dim, dim),
                      name=f"bilinear_simplex_{dim}_eta{eta}")  # fmt: skip
+
+
+def matrix_game(M: np.ndarray):
+    """min_p max_q p^T M q over two probability simplices: F(p, q) = (M q, -M^T p). Monotone but
+    not strongly: projected GDA cycles. The solution is not computed here (use the gap)."""
+    M = np.asarray(M, np.float64)
+    m, n = M.shape
+    A = np.block([[np.zeros((m, m)), M], [-M.T, np.zeros((n, n))]])
+    E = np.zeros((2, m + n))
+    E[0, :m] = 1.0
+    E[1, m:] = 1.0
+
+    def operator(x):
+        Mx = jnp.asarray(M, x.dtype)
+        return jnp.concatenate([Mx @ x[m:], -Mx.T @ x[:m]])
+
+    return VIProblem(operator, m + n, Nonnegative(), equality=(E, np.ones(2)), matrix=A,
+                     offset=np.zeros(m + n), simplex_blocks=(m, n),
+                     name=f"matrix_game_{m}x{n}")  # fmt: skip
