@@ -162,3 +162,15 @@ def test_bench_scan_quick(tmp_path):
         (k, i) for k in ("selective_scan", "ssd") for i in ("sequential", "associative", "chunked")
     }
     assert data["generation"][0]["tokens_per_s"]["Mamba-1"] > 0
+
+
+def test_acvi_experiment_smoke(tmp_path):
+    result = run_module("experiments.acvi", f"--workdir={tmp_path}", "--config.dim=10",
+                        "--config.etas=(0.5,)", "--config.seeds=(0,)", "--config.rate_steps=200",
+                        "--config.max_steps=100")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["hbg"]["0.5"]["acvi"]["reached"] == 1
+    assert abs(results["two_d"]["gda"][1] - 0.900) < 1e-3
+    for png in ("bilinear_2d.png", "gap_rate.png"):
+        assert (tmp_path / png).stat().st_size > 1000

@@ -4,6 +4,7 @@ from jaxlab.solvers.acvi import ACVIConfig, ACVITrajectory, acvi
 from jaxlab.solvers.baselines import (
     BASELINES,
     Trajectory,
+    first_reach,
     run_extragradient,
     run_gda,
     run_lookahead_gda,
@@ -30,6 +31,7 @@ __all__ = [
     "Trajectory",
     "VIProblem",
     "acvi",
+    "first_reach",
     "bilinear_2d",
     "bilinear_simplex_game",
     "matrix_game",

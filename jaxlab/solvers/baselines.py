@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlab.solvers.problems import VIProblem
 
@@ -98,3 +99,12 @@ BASELINES = {
     "optimistic_gda": run_optimistic_gda,
     "lookahead_gda": run_lookahead_gda,
 }
+
+
+def first_reach(errors, evaluations, target: float):
+    """(iteration, operator evaluations) at which ``errors`` first drop below ``target``, 1-based,
+    or None if they never do."""
+    hit = np.flatnonzero(np.asarray(errors) < target)
+    if not hit.size:
+        return None
+    return int(hit[0]) + 1, int(np.asarray(evaluations)[hit[0]])
