@@ -174,3 +174,12 @@ def test_acvi_experiment_smoke(tmp_path):
     assert abs(results["two_d"]["gda"][1] - 0.900) < 1e-3
     for png in ("bilinear_2d.png", "gap_rate.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_bench_acvi_quick(tmp_path):
+    out = tmp_path / "acvi.json"
+    result = run_module("experiments.bench_acvi", "--quick", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["dim"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[(20, "extragradient")]["time_ratio_vs_eg"] == 1.0
+    assert rows[(50, "acvi")]["evaluations"] < rows[(50, "extragradient")]["evaluations"]

@@ -40,8 +40,12 @@ def _check(problem: VIProblem, x0, step_size, num_steps):
 
 
 def run_gda(problem: VIProblem, x0, *, step_size: float, num_steps: int) -> Trajectory:
-    x0 = _check(problem, x0, step_size, num_steps)
+    return _gda(problem, num_steps, _check(problem, x0, step_size, num_steps), step_size)
 
+
+# Each loop is jitted with the problem and the step count static: one compilation per problem.
+@jax.jit(static_argnums=(0, 1))
+def _gda(problem, num_steps, x0, step_size):
     def step(x, _):
         x = problem.project(x - step_size * problem.operator(x))
         return x, x
@@ -51,8 +55,11 @@ def run_gda(problem: VIProblem, x0, *, step_size: float, num_steps: int) -> Traj
 
 
 def run_extragradient(problem: VIProblem, x0, *, step_size: float, num_steps: int) -> Trajectory:
-    x0 = _check(problem, x0, step_size, num_steps)
+    return _extragradient(problem, num_steps, _check(problem, x0, step_size, num_steps), step_size)
 
+
+@jax.jit(static_argnums=(0, 1))
+def _extragradient(problem, num_steps, x0, step_size):
     def step(x, _):
         half = problem.project(x - step_size * problem.operator(x))
         x = problem.project(x - step_size * problem.operator(half))
@@ -64,8 +71,11 @@ def run_extragradient(problem: VIProblem, x0, *, step_size: float, num_steps: in
 
 def run_optimistic_gda(problem: VIProblem, x0, *, step_size: float,
                        num_steps: int) -> Trajectory:  # fmt: skip
-    x0 = _check(problem, x0, step_size, num_steps)
+    return _optimistic(problem, num_steps, _check(problem, x0, step_size, num_steps), step_size)
 
+
+@jax.jit(static_argnums=(0, 1))
+def _optimistic(problem, num_steps, x0, step_size):
     def step(carry, _):
         x, f_prev = carry
         f = problem.operator(x)
@@ -79,7 +89,11 @@ def run_optimistic_gda(problem: VIProblem, x0, *, step_size: float,
 def run_lookahead_gda(problem: VIProblem, x0, *, step_size: float, num_steps: int, k: int = 5,
                       alpha: float = 0.5) -> Trajectory:  # fmt: skip
     x0 = _check(problem, x0, step_size, num_steps)
+    return _lookahead(problem, num_steps, k, x0, step_size, alpha)
 
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _lookahead(problem, num_steps, k, x0, step_size, alpha):
     def step(carry, i):
         x, slow = carry
         x = problem.project(x - step_size * problem.operator(x))
