@@ -1,6 +1,6 @@
 """Constrained variational-inequality solvers: ACVI and projected first-order baselines."""
 
-from jaxlab.solvers.acvi import ACVIConfig, ACVITrajectory, acvi
+from jaxlab.solvers.acvi import ACVIConfig, ACVIResult, ACVITrajectory, acvi, acvi_until
 from jaxlab.solvers.baselines import (
     BASELINES,
     Trajectory,
@@ -23,6 +23,7 @@ from jaxlab.solvers.problems import (
 
 __all__ = [
     "ACVIConfig",
+    "ACVIResult",
     "ACVITrajectory",
     "BASELINES",
     "Ball",
@@ -31,6 +32,7 @@ __all__ = [
     "Trajectory",
     "VIProblem",
     "acvi",
+    "acvi_until",
     "first_reach",
     "bilinear_2d",
     "bilinear_simplex_game",

@@ -112,21 +112,42 @@ def _affine_projector(problem: VIProblem, dtype):
 def acvi(problem: VIProblem, x0, config: ACVIConfig = ACVIConfig()) -> ACVITrajectory:  # noqa: B008
     """Runs ACVI from ``x0`` (strictly inside S for the barrier variants); see the module doc."""
     x0 = jnp.asarray(x0)
+    _validate(problem, x0, config)
+    newton = config.variant == "exact" and problem.matrix is None
+    return _run(problem, config, newton, x0)
+
+
+class ACVIResult(NamedTuple):
+    """The last state, iterations run, their operator evaluations, and ``||x - y||`` at the end."""
+
+    state: ACVIState
+    iterations: jax.Array
+    evaluations: jax.Array
+    residual: jax.Array
+
+
+def acvi_until(problem: VIProblem, x0, config: ACVIConfig = ACVIConfig(), *, tol: float = 1e-8,  # noqa: B008
+               max_iterations: int = 10_000) -> ACVIResult:  # fmt: skip
+    """ACVI in a ``lax.while_loop`` until the primal residual ``||x - y||`` and the step
+    ``||x_k - x_{k-1}||`` are both below ``tol`` (or ``max_iterations``); mu follows the config's
+    schedule and then stays at its last value."""
+    x0 = jnp.asarray(x0)
+    _validate(problem, x0, config)
+    newton = config.variant == "exact" and problem.matrix is None
+    return _run_until(problem, config, newton, x0, jnp.asarray(tol, x0.dtype), max_iterations)
+
+
+def _validate(problem: VIProblem, x0, config: ACVIConfig):
     if x0.shape != (problem.dim,):
         raise ValueError(f"acvi: x0 must have shape ({problem.dim},), got {x0.shape}")
     if config.variant != "projection" and not bool(problem.inequality.interior(x0)):
         raise ValueError(f"acvi: x0 must be strictly inside the inequality set "
                          f"{problem.inequality} for the log barrier "
                          f"(variant={config.variant!r})")  # fmt: skip
-    if config.variant == "exact" and problem.matrix is None:
-        newton = True
-    else:
-        newton = False
-    return _run(problem, config, newton, x0)
 
 
-@jax.jit(static_argnums=(0, 1, 2))
-def _run(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
+def _make_step(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
+    """The ACVI iteration ``(state, mu) -> state`` for this problem (closed over its matrices)."""
     dtype = x0.dtype
     beta = config.beta
     P, d = _affine_projector(problem, dtype)
@@ -166,11 +187,42 @@ def _run(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
     def step(state, mu):
         x = x_step(state.x, state.y, state.lam)
         y = y_step(x, state.lam, mu)
-        lam = state.lam + beta * (x - y)
-        return ACVIState(x, y, lam), (x, y)
+        return ACVIState(x, y, state.lam + beta * (x - y))
 
-    mus = jnp.asarray(config.mu_schedule(), dtype)
+    return step
+
+
+@jax.jit(static_argnums=(0, 1, 2, 5))
+def _run_until(problem, config, newton, x0, tol, max_iterations):
+    step = _make_step(problem, config, newton, x0)
+    mus = jnp.asarray(config.mu_schedule(), x0.dtype)
+    per_step = config.newton_steps if newton else config.evaluations_per_step
+
+    def cond(carry):
+        state, k, moved = carry
+        residual = jnp.linalg.norm(state.x - state.y)
+        return (k < max_iterations) & ((residual > tol) | (moved > tol) | (k == 0))
+
+    def body(carry):
+        state, k, _ = carry
+        new = step(state, mus[jnp.minimum(k, mus.shape[0] - 1)])
+        return new, k + 1, jnp.linalg.norm(new.x - state.x)
+
+    init = (ACVIState(x0, x0, jnp.zeros_like(x0)), jnp.int32(0), jnp.asarray(jnp.inf, x0.dtype))
+    state, k, _ = jax.lax.while_loop(cond, body, init)
+    return ACVIResult(state, k, per_step * k, jnp.linalg.norm(state.x - state.y))
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _run(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
+    step = _make_step(problem, config, newton, x0)
+
+    def record(state, mu):
+        state = step(state, mu)
+        return state, (state.x, state.y)
+
+    mus = jnp.asarray(config.mu_schedule(), x0.dtype)
     init = ACVIState(x0, x0, jnp.zeros_like(x0))
-    _, (xs, ys) = jax.lax.scan(step, init, mus)
+    _, (xs, ys) = jax.lax.scan(record, init, mus)
     per_step = config.newton_steps if newton else config.evaluations_per_step
     return ACVITrajectory(xs, ys, per_step * jnp.arange(1, mus.shape[0] + 1))

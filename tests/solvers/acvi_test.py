@@ -160,3 +160,25 @@ def test_a_large_fixed_barrier_stalls_away_from_the_solution():
     y = S.acvi(S.bilinear_2d(), jnp.array([1.0, 1.0]), config).y
     assert float(jnp.linalg.norm(y[-1])) > 1e-2
     assert float(jnp.linalg.norm(y[-1] - y[-100])) < 1e-6  # converged, just elsewhere
+
+
+def test_tolerance_loop_matches_the_scan_and_loops_compile_once():
+    import importlib
+
+    acvi_module = importlib.import_module("jaxlab.solvers.acvi")  # the package exports acvi()
+
+    problem = S.bilinear_simplex_game(30, 0.3)
+    config = S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10, last_inner_steps=200)
+    rng = np.random.default_rng(0)
+    starts = [jnp.asarray(np.concatenate([rng.dirichlet(np.ones(30)) for _ in range(2)]))
+              for _ in range(3)]  # fmt: skip
+    before = acvi_module._run._cache_size()
+    for x0 in starts:
+        trajectory = S.acvi(problem, x0, config)
+    assert acvi_module._run._cache_size() == before + 1  # one compilation for three starts
+    result = S.acvi_until(problem, starts[-1], config, tol=1e-10, max_iterations=209)
+    k = int(result.iterations)
+    assert 1 <= k <= 209 and float(result.residual) <= 1e-10
+    np.testing.assert_allclose(np.asarray(result.state.x), np.asarray(trajectory.x[k - 1]),
+                               atol=1e-12)  # fmt: skip
+    assert int(result.evaluations) == int(trajectory.evaluations[k - 1])
