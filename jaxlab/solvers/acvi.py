@@ -100,13 +100,15 @@ class ACVITrajectory(NamedTuple):
 
 
 def _affine_projector(problem: VIProblem, dtype):
+    """``(v -> P v, d)`` for ``{E x = e}``, applied matrix-free: ``P v = v - E^T (E E^T)^-1 E v``
+    (E has few rows; a dense P would be dim x dim)."""
     if problem.equality is None:
-        return None, None
+        return (lambda v: v), None
     E, e = (np.asarray(v, np.float64) for v in problem.equality)
     gram = np.linalg.inv(E @ E.T)
-    P = np.eye(problem.dim) - E.T @ gram @ E
-    d = E.T @ gram @ e
-    return jnp.asarray(P, dtype), jnp.asarray(d, dtype)
+    d = jnp.asarray(E.T @ gram @ e, dtype)
+    E_j, gram_j = jnp.asarray(E, dtype), jnp.asarray(gram, dtype)
+    return (lambda v: v - E_j.T @ (gram_j @ (E_j @ v))), d
 
 
 def acvi(problem: VIProblem, x0, config: ACVIConfig = ACVIConfig()) -> ACVITrajectory:  # noqa: B008
@@ -150,15 +152,13 @@ def _make_step(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
     """The ACVI iteration ``(state, mu) -> state`` for this problem (closed over its matrices)."""
     dtype = x0.dtype
     beta = config.beta
-    P, d = _affine_projector(problem, dtype)
-    proj = (lambda v: v) if P is None else (lambda v: P @ v)  # noqa: E731
+    proj, d = _affine_projector(problem, dtype)
     shift = jnp.zeros_like(x0) if d is None else d
     F = problem.operator
     if config.variant == "exact" and not newton:
         A = jnp.asarray(problem.matrix, dtype)
         b = jnp.zeros_like(x0) if problem.offset is None else jnp.asarray(problem.offset, dtype)
-        PA = A if P is None else P @ A
-        lu = jsl.lu_factor(jnp.eye(problem.dim, dtype=dtype) + PA / beta)
+        lu = jsl.lu_factor(jnp.eye(problem.dim, dtype=dtype) + jax.vmap(proj, 1, 1)(A) / beta)
 
     def x_step(x, y, lam):
         rhs = proj(y - lam / beta) + shift

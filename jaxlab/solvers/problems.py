@@ -208,15 +208,22 @@ def bilinear_2d():
                      offset=np.zeros(2), solution=np.zeros(2), name="bilinear_2d")  # fmt: skip
 
 
-def bilinear_simplex_game(dim: int = 100, eta: float = 0.05):
+def bilinear_simplex_game(dim: int = 100, eta: float = 0.05, dense_matrix: bool | None = None):
     """The high-dimensional bilinear game on two simplices of size ``dim`` (HBG):
-    F(x) = A x with A = [[eta I, (1 - eta) I], [-(1 - eta) I, eta I]]; solution uniform."""
+    F(x) = A x with A = [[eta I, (1 - eta) I], [-(1 - eta) I, eta I]]; solution uniform.
+
+    ``dense_matrix`` (default: ``dim <= 2048``) attaches the dense A for exact ACVI's linear
+    solve; F itself is always matrix-free."""
     if dim < 2:
         raise ValueError(f"bilinear_simplex_game: dim must be >= 2, got {dim}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"bilinear_simplex_game: eta must be in [0, 1], got {eta}")
-    eye = np.eye(dim)
-    A = np.block([[eta * eye, (1 - eta) * eye], [-(1 - eta) * eye, eta * eye]])
+    if dense_matrix is None:
+        dense_matrix = dim <= 2048
+    A = None
+    if dense_matrix:
+        eye = np.eye(dim)
+        A = np.block([[eta * eye, (1 - eta) * eye], [-(1 - eta) * eye, eta * eye]])
     E = np.zeros((2, 2 * dim))
     E[0, :dim] = 1.0
     E[1, dim:] = 1.0
