@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from jaxlab.solvers.problems import VIProblem
+from jaxlab.solvers.problems import Polyhedron, VIProblem
 
 VARIANTS = ("exact", "inexact", "projection")
 
@@ -178,15 +178,17 @@ def _make_step(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
 
         return jax.lax.fori_loop(0, config.subproblem_steps, grad_step, x)
 
-    def y_step(x, lam, mu):
+    def y_step(x, y, lam, mu):
         c = x + lam / beta
         if config.variant == "projection":
             return problem.inequality.project(c)
+        if isinstance(problem.inequality, Polyhedron):  # Newton from the (feasible) previous y
+            return problem.inequality.barrier_prox(c, mu, beta, start=y)
         return problem.inequality.barrier_prox(c, mu, beta)
 
     def step(state, mu):
         x = x_step(state.x, state.y, state.lam)
-        y = y_step(x, state.lam, mu)
+        y = y_step(x, state.y, state.lam, mu)
         return ACVIState(x, y, state.lam + beta * (x - y))
 
     return step

@@ -104,7 +104,65 @@ class Ball:
         return 0.5 * (a + b) * c
 
 
-Set = Nonnegative | Box | Ball
+@dataclasses.dataclass(frozen=True, eq=False)
+class Polyhedron:
+    """``G x <= h`` (``G: [m, dim]``). The barrier prox runs damped Newton steps from a strictly
+    feasible start (the previous y), keeping a fraction of the distance to the boundary; the
+    projection runs Dykstra's algorithm over the half-spaces."""
+
+    G: np.ndarray
+    h: np.ndarray
+    newton_steps: int = 30
+    dykstra_steps: int = 500
+
+    def __post_init__(self):
+        G, h = np.asarray(self.G), np.asarray(self.h)
+        if G.ndim != 2 or h.shape != (G.shape[0],):
+            raise ValueError(f"Polyhedron: G must be [m, dim] and h [m], got shapes {G.shape} and "
+                             f"{h.shape}")  # fmt: skip
+
+    def interior(self, x):
+        return jnp.all(jnp.asarray(self.G, x.dtype) @ x < jnp.asarray(self.h, x.dtype))
+
+    def project(self, x):
+        G, h = jnp.asarray(self.G, x.dtype), jnp.asarray(self.h, x.dtype)
+        norms = jnp.sum(G * G, axis=1)
+
+        def half_space(i, carry):
+            y, corrections = carry
+            z = y + corrections[i]
+            excess = jnp.maximum(G[i] @ z - h[i], 0.0) / norms[i]
+            y_new = z - excess * G[i]
+            return y_new, corrections.at[i].set(z - y_new)
+
+        def sweep(_, carry):
+            return jax.lax.fori_loop(0, G.shape[0], half_space, carry)
+
+        y, _ = jax.lax.fori_loop(
+            0, self.dykstra_steps, sweep, (x, jnp.zeros((G.shape[0],) + x.shape, x.dtype))
+        )
+        return y
+
+    def barrier_prox(self, c, mu, beta, start=None):
+        """argmin_y -mu sum log(h - G y) + beta/2 ||y - c||^2 by damped Newton from ``start``."""
+        if start is None:
+            raise ValueError("Polyhedron.barrier_prox needs a strictly feasible start")
+        G, h = jnp.asarray(self.G, c.dtype), jnp.asarray(self.h, c.dtype)
+
+        def newton(_, y):
+            slack = h - G @ y
+            grad = mu * G.T @ (1.0 / slack) + beta * (y - c)
+            hess = mu * (G.T * (1.0 / slack**2)) @ G + beta * jnp.eye(c.shape[0], dtype=c.dtype)
+            dy = -jnp.linalg.solve(hess, grad)
+            rate = G @ dy
+            limit = jnp.min(jnp.where(rate > 0, 0.99 * slack / jnp.where(rate > 0, rate, 1.0),
+                                      jnp.inf))  # fmt: skip
+            return y + jnp.minimum(1.0, limit) * dy
+
+        return jax.lax.fori_loop(0, self.newton_steps, newton, start)
+
+
+Set = Nonnegative | Box | Ball | Polyhedron
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,6 +1,7 @@
 """ACVI and the projected baselines against closed forms, an independent KKT solution and the
 authors' published 2-D iterates."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -182,3 +183,52 @@ def test_tolerance_loop_matches_the_scan_and_loops_compile_once():
     np.testing.assert_allclose(np.asarray(result.state.x), np.asarray(trajectory.x[k - 1]),
                                atol=1e-12)  # fmt: skip
     assert int(result.evaluations) == int(trajectory.evaluations[k - 1])
+
+
+def polyhedral_kkt_solution(M, q, G, h):
+    """VI of F(x) = M x + q over {G x <= h}: enumerate active sets of M x + q + G_A^T l = 0,
+    G_A x = h_A, l >= 0, G x <= h (a small, independent solve)."""
+    n, m = M.shape[0], G.shape[0]
+    for size in range(0, n + 1):
+        for active in itertools.combinations(range(m), size):
+            idx = list(active)
+            K = np.block([[M, G[idx].T], [G[idx], np.zeros((size, size))]])
+            try:
+                sol = np.linalg.solve(K, np.concatenate([-q, h[idx]]))
+            except np.linalg.LinAlgError:
+                continue
+            x, lam = sol[:n], sol[n:]
+            if np.all(lam >= -1e-10) and np.all(G @ x <= h + 1e-10):
+                return x
+    raise AssertionError("no KKT point")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_acvi_on_a_polyhedron_reaches_the_kkt_solution(seed):
+    rng = np.random.default_rng(seed)
+    n, m = 3, 7
+    G = rng.standard_normal((m, n))
+    h = rng.uniform(0.2, 1.0, m)  # the origin is strictly inside
+    S_ = rng.standard_normal((n, n))
+    M = 0.3 * np.eye(n) + S_ - S_.T
+    q = 2.0 * rng.standard_normal(n)  # pushes the solution onto the boundary
+    x_star = polyhedral_kkt_solution(M, q, G, h)
+    polytope = S.Polyhedron(G, h)
+    problem = S.VIProblem(lambda x: jnp.asarray(M) @ x + jnp.asarray(q), n, polytope, matrix=M,
+                          offset=q, solution=x_star)  # fmt: skip
+    config = S.ACVIConfig(beta=0.5, mu0=1e-3, delta=0.5, outer_steps=20, inner_steps=20,
+                          last_inner_steps=300)  # fmt: skip
+    trajectory = S.acvi(problem, jnp.zeros(n), config)
+    assert float(jnp.linalg.norm(trajectory.x[-1] - x_star)) < 1e-4
+    assert bool(polytope.interior(trajectory.y[-1]))
+    # Dykstra's projection lands on the same point for the projected baselines and P-ACVI.
+    p_acvi = S.acvi(problem, jnp.zeros(n), dataclasses.replace(config, variant="projection"))
+    assert float(jnp.linalg.norm(p_acvi.x[-1] - x_star)) < 1e-4
+    outside = jnp.asarray(x_star + rng.standard_normal(n))
+    projected = np.asarray(polytope.project(outside))
+    assert np.all(G @ projected <= h + 1e-8)
+    # Optimality of the projection: <outside - p, z - p> <= 0 for random feasible z.
+    for _ in range(20):
+        z = rng.standard_normal(n) * 0.1
+        if np.all(G @ z <= h):
+            assert (np.asarray(outside) - projected) @ (z - projected) <= 1e-7
