@@ -215,8 +215,7 @@ def _run_until(problem, config, newton, x0, tol, max_iterations):
     return ACVIResult(state, k, per_step * k, jnp.linalg.norm(state.x - state.y))
 
 
-@jax.jit(static_argnums=(0, 1, 2))
-def _run(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
+def _run_trajectory(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
     step = _make_step(problem, config, newton, x0)
 
     def record(state, mu):
@@ -228,3 +227,7 @@ def _run(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
     _, (xs, ys) = jax.lax.scan(record, init, mus)
     per_step = config.newton_steps if newton else config.evaluations_per_step
     return ACVITrajectory(xs, ys, per_step * jnp.arange(1, mus.shape[0] + 1))
+
+
+# One compilation per (problem, config): the problem and config are static, x0 is traced.
+_run = jax.jit(_run_trajectory, static_argnums=(0, 1, 2))

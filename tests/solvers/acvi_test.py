@@ -232,3 +232,19 @@ def test_acvi_on_a_polyhedron_reaches_the_kkt_solution(seed):
         z = rng.standard_normal(n) * 0.1
         if np.all(G @ z <= h):
             assert (np.asarray(outside) - projected) @ (z - projected) <= 1e-7
+
+
+def test_the_acvi_loop_traces_once_for_many_starts():
+    import importlib
+
+    import chex
+
+    acvi_module = importlib.import_module("jaxlab.solvers.acvi")
+    problem = S.bilinear_simplex_game(10, 0.5)
+    config = S.ACVIConfig(beta=0.5, outer_steps=3, last_inner_steps=5)
+    traced = jax.jit(chex.assert_max_traces(acvi_module._run_trajectory, n=1),
+                     static_argnums=(0, 1, 2))  # fmt: skip
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x0 = jnp.asarray(np.concatenate([rng.dirichlet(np.ones(10)) for _ in range(2)]))
+        traced(problem, config, False, x0)  # a second trace would raise
