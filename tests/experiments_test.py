@@ -172,7 +172,7 @@ def test_acvi_experiment_smoke(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["hbg"]["0.5"]["acvi"]["reached"] == 1
     assert abs(results["two_d"]["gda"][1] - 0.900) < 1e-3
-    for png in ("bilinear_2d.png", "gap_rate.png"):
+    for png in ("bilinear_2d.png", "gap_rate.png", "eta_sweep.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
 
