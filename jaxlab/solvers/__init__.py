@@ -13,6 +13,7 @@ from jaxlab.solvers.baselines import (
 from jaxlab.solvers.problems import (
     Ball,
     Box,
+    Inequalities,
     Nonnegative,
     Polyhedron,
     VIProblem,
@@ -29,6 +30,7 @@ __all__ = [
     "BASELINES",
     "Ball",
     "Box",
+    "Inequalities",
     "Nonnegative",
     "Polyhedron",
     "Trajectory",

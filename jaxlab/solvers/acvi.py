@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from jaxlab.solvers.problems import Polyhedron, VIProblem
+from jaxlab.solvers.problems import Inequalities, Polyhedron, VIProblem
 
 VARIANTS = ("exact", "inexact", "projection")
 
@@ -182,7 +182,7 @@ def _make_step(problem: VIProblem, config: ACVIConfig, newton: bool, x0):
         c = x + lam / beta
         if config.variant == "projection":
             return problem.inequality.project(c)
-        if isinstance(problem.inequality, Polyhedron):  # Newton from the (feasible) previous y
+        if isinstance(problem.inequality, Polyhedron | Inequalities):  # Newton from previous y
             return problem.inequality.barrier_prox(c, mu, beta, start=y)
         return problem.inequality.barrier_prox(c, mu, beta)
 

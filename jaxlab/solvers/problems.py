@@ -162,7 +162,48 @@ class Polyhedron:
         return jax.lax.fori_loop(0, self.newton_steps, newton, start)
 
 
-Set = Nonnegative | Box | Ball | Polyhedron
+@dataclasses.dataclass(frozen=True, eq=False)
+class Inequalities:
+    """General constraints ``phi(x) <= 0`` (``phi: [dim] -> [m]``, convex for the theory). The
+    barrier prox runs damped Newton steps with autodiff derivatives from a strictly feasible start
+    (the previous y), halving each step until every constraint stays strictly negative. There is
+    no general projection: P-ACVI and the projected baselines need one of the other sets."""
+
+    phi: Callable[[jax.Array], jax.Array]
+    newton_steps: int = 30
+
+    def interior(self, x):
+        return jnp.all(self.phi(x) < 0)
+
+    def project(self, x):
+        raise NotImplementedError("Inequalities(phi): no Euclidean projection onto a general set; "
+                                  "use the barrier variants of ACVI")  # fmt: skip
+
+    def barrier_prox(self, c, mu, beta, start=None):
+        """argmin_y -mu sum log(-phi(y)) + beta/2 ||y - c||^2 by damped Newton from ``start``."""
+        if start is None:
+            raise ValueError("Inequalities.barrier_prox needs a strictly feasible start")
+
+        def objective(y):
+            return -mu * jnp.sum(jnp.log(-self.phi(y))) + 0.5 * beta * jnp.sum((y - c) ** 2)
+
+        def newton(_, y):
+            g = jax.grad(objective)(y)
+            dy = -jnp.linalg.solve(jax.hessian(objective)(y), g)
+
+            def shrink(t):
+                return t * 0.5
+
+            def infeasible(t):
+                return jnp.any(self.phi(y + t * dy) >= 0) & (t > 1e-12)
+
+            t = jax.lax.while_loop(infeasible, shrink, jnp.ones((), y.dtype))
+            return y + t * dy
+
+        return jax.lax.fori_loop(0, self.newton_steps, newton, start)
+
+
+Set = Nonnegative | Box | Ball | Polyhedron | Inequalities
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

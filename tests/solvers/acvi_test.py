@@ -248,3 +248,29 @@ def test_the_acvi_loop_traces_once_for_many_starts():
     for _ in range(3):
         x0 = jnp.asarray(np.concatenate([rng.dirichlet(np.ones(10)) for _ in range(2)]))
         traced(problem, config, False, x0)  # a second trace would raise
+
+
+def test_general_inequalities_agree_with_the_closed_form_ball():
+    """The same VI with ||x|| <= r given as a Ball (closed-form prox) and as phi(x) <= 0
+    (autodiff Newton prox): the iterates agree, and the solution is on the boundary."""
+    rng = np.random.default_rng(4)
+    n = 4
+    G = rng.standard_normal((n, n))
+    M = 0.5 * np.eye(n) + G - G.T
+    q = 3.0 * rng.standard_normal(n)
+    operator = lambda x: jnp.asarray(M) @ x + jnp.asarray(q)  # noqa: E731
+    config = S.ACVIConfig(beta=0.5, mu0=1e-3, delta=0.5, outer_steps=15, inner_steps=10,
+                          last_inner_steps=200)  # fmt: skip
+    ball = S.VIProblem(operator, n, S.Ball(1.0), matrix=M, offset=q)
+    unit_ball = S.Inequalities(lambda x: jnp.sum(x * x, keepdims=True) - 1.0)
+    general = S.VIProblem(operator, n, unit_ball, matrix=M, offset=q)
+    x0 = jnp.zeros(n)
+    a, b = S.acvi(ball, x0, config), S.acvi(general, x0, config)
+    np.testing.assert_allclose(np.asarray(b.y), np.asarray(a.y), atol=1e-6)
+    x = np.asarray(a.x[-1])
+    assert abs(np.linalg.norm(x) - 1.0) < 1e-4  # on the boundary
+    # VI optimality on the ball: F(x) points inward along x: F(x) = -t x with t >= 0.
+    f = M @ x + q
+    np.testing.assert_allclose(f / np.linalg.norm(f), -x / np.linalg.norm(x), atol=1e-3)
+    with pytest.raises(NotImplementedError, match="no Euclidean projection"):
+        general.project(x0)
