@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from absl import app, flags
 from experiments.benchmarking import (
     allowed_pairs,
     environment,
+    median_ms,
     sparse_inputs,
     sparsity_sweep,
     write_json,
@@ -65,15 +65,6 @@ def forward_and_backward(fn, cotangent):
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     return forward, grad
-
-
-def median_ms(fn, args, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def plot(rows, path):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from experiments.benchmarking import environment, write_json
+from experiments.benchmarking import environment, median_ms, write_json
 from jaxlab import models
 from jaxlab.infer import generate
 from jaxlab.ops import scan
@@ -33,15 +33,6 @@ flags.DEFINE_string("out", "bench_results/bench_scan.json", "Where to write the 
 flags.DEFINE_integer("repeats", 3, "Timed rounds (median reported).")
 flags.DEFINE_bool("quick", False, "Smoke run: short sequences, one repeat.")
 FLAGS = flags.FLAGS
-
-
-def median_ms(fn, args, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def scan_inputs(kind, seq, key):

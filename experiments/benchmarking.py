@@ -122,6 +122,16 @@ def memory_snapshot() -> dict[str, float | None]:
     )
 
 
+def median_ms(fn: Callable[..., Any], args, repeats: int) -> float:
+    """Median wall time in ms of ``fn(*args)`` (blocked until ready) over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def timed_median(fn: Callable[[], Any], repeats: int) -> float:
     times, _ = time_calls(fn, repeats)
     return statistics.median(times)

@@ -578,7 +578,7 @@ def _resolve(q, sm_scale, block_sizes, interpret):
     if backend == "tpu" and not interpret:
         raise NotImplementedError(
             "sparse attention kernels lower to Triton (GPU) only; on TPU use jaxlab.ops with "
-            "impl='xla', or interpret=True"
+            "impl='xla', or run the kernels in interpret mode"
         )
     return sm_scale, block_sizes, interpret
 
