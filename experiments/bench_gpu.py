@@ -26,7 +26,6 @@ accelerator it refuses to run unless ``--allow_cpu`` (a smoke test: tiny shapes,
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 
 import jax
@@ -34,7 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarking import allowed_pairs, sparse_inputs, sparsity_sweep, write_json
+from experiments.benchmarking import (
+    allowed_pairs,
+    median_ms,
+    sparse_inputs,
+    sparsity_sweep,
+    write_json,
+)
 from jaxlab import ops
 from kernels_pallas import sparse_attention as sa
 
@@ -68,13 +73,9 @@ def dense_implementations(interpret: bool):
 
 
 def timed(fn, *args, repeats: int) -> float:
+    """Median ms over ``repeats`` calls after one untimed call (compilation)."""
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_ms(fn, args, repeats)
 
 
 def loss_of(fn, cotangent):

@@ -313,6 +313,19 @@ def _compiler_params(static):
     return plgpu.CompilerParams(num_warps=static.num_warps, num_stages=static.num_stages)
 
 
+def _query_tile_specs(bq, nq, nk, kv_len, head_dim, groups):
+    """BlockSpecs over the grid (query tile, batch, head): the tile lists, a query tile, the
+    whole K/V sequence of the head's kv head, and per-row query and key tables."""
+    return dict(
+        kv_tiles=pl.BlockSpec((None, None, None, nk), lambda i, b, h: (b, h, i, 0)),
+        kv_count=pl.BlockSpec((None, None, nq), lambda i, b, h: (b, h, 0)),
+        q=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+        kv=pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+        q_row=pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+        kv_row=pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, h // groups, 0)),
+    )
+
+
 def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -322,18 +335,15 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
     buckets = (q_bkt, k_bkt) if use_buckets else (jnp.zeros_like(q_pos), jnp.zeros_like(k_pos))
     kv_tiles, kv_count, _, _ = live_tiles(q_pos, k_pos, *buckets, bq, bk)
     nq, nk = q_len // bq, kv_len // bk
-    row = lambda n: pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, i))  # noqa: E731
-    kv_row = pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, h // groups, 0))
-    kv_block = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
-    q_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    sp = _query_tile_specs(bq, nq, nk, kv_len, head_dim, groups)
+    q_block, kv_block, q_row, kv_row = sp["q"], sp["kv"], sp["q_row"], sp["kv_row"]
     in_specs = [
-        pl.BlockSpec((None, None, None, nk), lambda i, b, h: (b, h, i, 0)),
-        pl.BlockSpec((None, None, nq), lambda i, b, h: (b, h, 0)),
-        q_block, kv_block, kv_block, row(bq), kv_row,
+        sp["kv_tiles"], sp["kv_count"],
+        q_block, kv_block, kv_block, q_row, kv_row,
     ]  # fmt: skip
     args = [kv_tiles, kv_count, q, k, v, q_pos, k_pos]
     if use_buckets:
-        in_specs += [row(bq), kv_row]
+        in_specs += [q_row, kv_row]
         args += [q_bkt, k_bkt]
     kernel = functools.partial(_forward_kernel, scale=static.sm_scale * _LOG2E, block_k=bk,
                                use_buckets=use_buckets)  # fmt: skip
@@ -341,7 +351,7 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
         kernel,
         grid=(nq, batch, heads),
         in_specs=in_specs,
-        out_specs=[q_block, row(bq)],
+        out_specs=[q_block, q_row],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
@@ -367,18 +377,15 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     common = dict(compiler_params=_compiler_params(static), interpret=static.interpret)
 
     # dQ: grid over (batch, head, query tile), loop over live key tiles.
-    row = lambda n: pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, i))  # noqa: E731
-    kv_row = pl.BlockSpec((None, None, kv_len), lambda i, b, h: (b, h // groups, 0))
-    kv_block = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
-    q_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    sp = _query_tile_specs(bq, nq, nk, kv_len, head_dim, groups)
+    q_block, kv_block, q_row, kv_row = sp["q"], sp["kv"], sp["q_row"], sp["kv_row"]
     in_specs = [
-        pl.BlockSpec((None, None, None, nk), lambda i, b, h: (b, h, i, 0)),
-        pl.BlockSpec((None, None, nq), lambda i, b, h: (b, h, 0)),
-        q_block, kv_block, kv_block, row(bq), kv_row, q_block, row(bq), row(bq),
+        sp["kv_tiles"], sp["kv_count"],
+        q_block, kv_block, kv_block, q_row, kv_row, q_block, q_row, q_row,
     ]  # fmt: skip
     args = [kv_tiles, kv_count, q, k, v, q_pos, k_pos, do, lse, delta]
     if use_buckets:
-        in_specs += [row(bq), kv_row]
+        in_specs += [q_row, kv_row]
         args += [q_bkt, k_bkt]
     dq = pl.pallas_call(
         functools.partial(
@@ -583,8 +590,9 @@ def _resolve(q, sm_scale, block_sizes, interpret):
     return sm_scale, block_sizes, interpret
 
 
-def _gather_rows(x, order):
-    """x: [batch, seq, hh, ...], order: [batch, seq, hh] -> x permuted along seq per (batch, hh)."""
+def gather_rows(x, order):
+    """x: [batch, seq, hh, ...], order: [batch, rows, hh] indices along seq -> [batch, rows, hh,
+    ...], per (batch, hh)."""
     return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 3)), axis=1)
 
 
@@ -605,18 +613,18 @@ def permute_rows(x, order, inverse):
     Autodiff of a gather would scatter-add, which GPUs do with atomics (compare-and-swap loops
     for bf16); for a permutation the transpose is just the inverse gather.
     """
-    return _gather_rows(x, order)
+    return gather_rows(x, order)
 
 
 def _permute_rows_fwd(x, order, inverse):
-    return _gather_rows(x, order), (order, inverse)
+    return gather_rows(x, order), (order, inverse)
 
 
 def _permute_rows_bwd(residuals, g):
     order, inverse = residuals
     missing = inverse.shape[1] - g.shape[1]  # rows not gathered get no gradient
     g = jnp.pad(g, ((0, 0), (0, missing)) + ((0, 0),) * (g.ndim - 2))
-    return _gather_rows(g, inverse), None, None
+    return gather_rows(g, inverse), None, None
 
 
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)

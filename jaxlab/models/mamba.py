@@ -264,7 +264,8 @@ class MambaMixer(nnx.Module):
         # Padded steps get a zero step size: no decay and no input, the state passes through.
         valid = 1.0
         if lengths is not None:
-            valid = (jnp.arange(seq)[None, :] < lengths[:, None]).astype(jnp.float32)
+            # [batch, seq, 1]: broadcasts over channels (mamba1) and heads (mamba2s).
+            valid = (jnp.arange(seq)[None, :, None] < lengths[:, None, None]).astype(jnp.float32)
         f32 = jnp.float32
         if c.mixer == "mamba1":
             x, z = jnp.split(proj, 2, axis=-1)
@@ -274,7 +275,7 @@ class MambaMixer(nnx.Module):
             dt_low, B, C = jnp.split(dbc, [c.dt_rank, c.dt_rank + n], axis=-1)
             delta = jax.nn.softplus((dt_low @ self.dt_proj[...].astype(dt_)).astype(f32)
                                     + self.dt_bias[...].astype(f32))  # fmt: skip
-            delta = delta * (valid if lengths is None else valid[..., None])
+            delta = delta * valid
             y, new_state = scan_ops.selective_scan(
                 x, delta, -jnp.exp(self.A_log[...].astype(f32)), B[:, :, None, :],
                 C[:, :, None, :], D=self.D[...], z=z, initial_state=state,
@@ -295,9 +296,7 @@ class MambaMixer(nnx.Module):
             B = B.reshape(batch, seq, groups, n)
             C = C.reshape(batch, seq, groups, n)
             if c.mixer == "mamba2":
-                step = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...].astype(f32)) * (
-                    valid if lengths is None else valid[..., None]
-                )
+                step = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...].astype(f32)) * valid
                 y, new_state = scan_ops.ssd(
                     x, step, -jnp.exp(self.A_log[...].astype(f32)), B, C,
                     chunk_size=c.chunk_size, D=self.D[...], initial_state=state,
@@ -311,8 +310,8 @@ class MambaMixer(nnx.Module):
                 step = jnp.maximum(jax.nn.softplus(dt.astype(f32)), 1e-6)
                 x_in = x.astype(f32) / step[..., None]
                 if lengths is not None:
-                    step = step * valid[..., None]
-                    x_in = jnp.where(valid[..., None, None] > 0, x_in, 0)
+                    step = step * valid
+                    x_in = jnp.where(valid[..., None] > 0, x_in, 0)
                 y, new_state = scan_ops.ssd(
                     x_in, step, -jnp.ones(c.heads), B, C, chunk_size=c.chunk_size,
                     initial_state=state, return_final_state=True, impl=c.scan_impl,

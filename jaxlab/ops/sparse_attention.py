@@ -46,11 +46,6 @@ def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
     return kernels.masked_attention_reference(qs, ks, vs, mask, sm_scale)
 
 
-def _take_rows(x, idx):
-    """x: [batch, seq, hh, ...], idx: [batch, rows, hh] -> [batch, rows, hh, ...]."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=1)
-
-
 def _unsort(out, order, inverse):
     """Output rows back to original positions; rows past ``out``'s length (not computed) are 0."""
     out = jnp.pad(out, ((0, 0), (0, order.shape[1] - out.shape[1]), (0, 0), (0, 0)))
@@ -82,8 +77,8 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capaci
         q_seg = k_seg = None
         if segment_ids is not None:
             q_seg, k_seg = (
-                _take_rows(segment_ids[:, :, None], qo),
-                _take_rows(segment_ids[:, :, None], ko),
+                kernels.gather_rows(segment_ids[:, :, None], qo),
+                kernels.gather_rows(segment_ids[:, :, None], ko),
             )
         qs = kernels.permute_rows(q, qo, q_inverse)
         ks, vs = kernels.permute_rows(k, ko, k_inverse), kernels.permute_rows(v, ko, k_inverse)
@@ -138,12 +133,6 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
     q_pos, q_bkt = pad(q_order, -1), pad(q_sorted, -1)
 
     tile_rows = lambda x: x.reshape(batch, tiles, block, *x.shape[2:])  # noqa: E731
-    valid = tile_rows(q_pos >= 0)
-    bmin = jnp.min(jnp.where(valid, tile_rows(q_bkt), _BIG), axis=2)  # [batch, tiles, heads]
-    bmax = jnp.max(jnp.where(valid, tile_rows(q_bkt), -1), axis=2)
-    # First and one-past-last key of each query tile's bucket range, in tiles.
-    first = jnp.sum(k_bkt[:, None] < bmin[:, :, None], axis=2) // block
-    last = -(-jnp.sum(k_bkt[:, None] <= bmax[:, :, None], axis=2) // block)
 
     def run(width):
         start = jnp.clip(first, 0, tiles - width)  # [batch, q_tiles, heads]
@@ -170,6 +159,12 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
 
     if window is None or window >= tiles:
         return dense()
+    valid = tile_rows(q_pos >= 0)
+    bmin = jnp.min(jnp.where(valid, tile_rows(q_bkt), _BIG), axis=2)  # [batch, tiles, heads]
+    bmax = jnp.max(jnp.where(valid, tile_rows(q_bkt), -1), axis=2)
+    # First and one-past-last key of each query tile's bucket range, in tiles.
+    first = jnp.sum(k_bkt[:, None] < bmin[:, :, None], axis=2) // block
+    last = -(-jnp.sum(k_bkt[:, None] <= bmax[:, :, None], axis=2) // block)
     fits = jnp.all(last - first <= window)
     return _exact_cond(fits, lambda: run(window), dense)
 
