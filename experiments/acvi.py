@@ -53,7 +53,7 @@ def hbg(config):
         "acvi": lambda p, x0: S.acvi(p, x0, S.ACVIConfig(**acvi_kw,
                                                          last_inner_steps=steps)),  # fmt: skip
         "i-acvi": lambda p, x0: S.acvi(p, x0, S.ACVIConfig(
-            **acvi_kw, last_inner_steps=steps, variant="inexact",
+            **acvi_kw, last_inner_steps=steps, x_step="inexact",
             subproblem_steps=config.inexact_steps,
             subproblem_step_size=config.inexact_step_size)),
     }  # fmt: skip

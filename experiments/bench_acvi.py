@@ -46,7 +46,7 @@ def methods(dim):
             S.ACVIConfig(
                 **ACVI,
                 last_inner_steps=STEPS - 9,
-                variant="inexact",
+                x_step="inexact",
                 subproblem_steps=5,
                 subproblem_step_size=0.3,
             ),

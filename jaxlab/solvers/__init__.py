@@ -19,8 +19,10 @@ from jaxlab.solvers.problems import (
     VIProblem,
     bilinear_2d,
     bilinear_simplex_game,
+    forsaken_game,
     matrix_game,
     project_simplex,
+    von_neumann_ratio_game,
 )
 
 __all__ = [
@@ -40,10 +42,12 @@ __all__ = [
     "first_reach",
     "bilinear_2d",
     "bilinear_simplex_game",
+    "forsaken_game",
     "matrix_game",
     "project_simplex",
     "run_extragradient",
     "run_gda",
     "run_lookahead_gda",
     "run_optimistic_gda",
+    "von_neumann_ratio_game",
 ]

@@ -1,7 +1,9 @@
 """Projected first-order baselines for constrained VIs, with ACVI's interface.
 
-Each ``run_<method>(problem, x0, *, step_size, num_steps)`` is one jitted ``lax.scan`` and returns a
-:class:`Trajectory` (every iterate, and the cumulative operator-evaluation count):
+Each ``run_<method>(problem, x0, *, num_steps, step_size)`` is one jitted ``lax.scan`` and returns a
+:class:`Trajectory` (every iterate, and the cumulative operator-evaluation count). ``optimizer=``
+(an optax transformation, e.g. Adam) replaces the plain step ``-step_size F`` by the optimizer's
+update of the operator value, with the projection after every step as before:
 
 * GDA: ``x <- P(x - g F(x))`` (1 evaluation per step);
 * extragradient: ``x_half = P(x - g F(x))``, ``x <- P(x - g F(x_half))`` (2);
@@ -17,8 +19,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxlab.solvers.problems import VIProblem
+
+Optimizer = optax.GradientTransformation | None
 
 
 class Trajectory(NamedTuple):
@@ -28,82 +33,115 @@ class Trajectory(NamedTuple):
     evaluations: jax.Array
 
 
-def _check(problem: VIProblem, x0, step_size, num_steps):
+def _check(problem: VIProblem, x0, step_size, num_steps, optimizer):
     x0 = jnp.asarray(x0)
     if x0.shape != (problem.dim,):
         raise ValueError(f"{problem.name}: x0 must have shape ({problem.dim},), got {x0.shape}")
-    if not step_size > 0:
+    if (step_size is None) == (optimizer is None):
+        raise ValueError(f"give exactly one of step_size and optimizer, got step_size={step_size} "
+                         f"and optimizer={optimizer}")  # fmt: skip
+    if step_size is not None and not step_size > 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    return x0
+    return x0, jnp.asarray(0.0 if step_size is None else step_size, x0.dtype)
 
 
-def run_gda(problem: VIProblem, x0, *, step_size: float, num_steps: int) -> Trajectory:
-    return _gda(problem, num_steps, _check(problem, x0, step_size, num_steps), step_size)
+def _stepper(optimizer: Optimizer, step_size):
+    """``(init(x) -> state, move(g, state, x) -> (delta, state))``: the plain step ``-g s`` or an
+    optax transformation of the operator value (e.g. Adam, as the authors' GAN baselines use)."""
+    if optimizer is None:
+        return (lambda x: ()), (lambda g, state, x: (-step_size * g, state))
+    return optimizer.init, optimizer.update
 
 
-# Each loop is jitted with the problem and the step count static: one compilation per problem.
-@jax.jit(static_argnums=(0, 1))
-def _gda(problem, num_steps, x0, step_size):
-    def step(x, _):
-        x = problem.project(x - step_size * problem.operator(x))
-        return x, x
+def run_gda(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
+            optimizer: Optimizer = None) -> Trajectory:  # fmt: skip
+    x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
+    return _gda(problem, num_steps, optimizer, x0, step_size)
 
-    _, xs = jax.lax.scan(step, x0, length=num_steps)
+
+# Each loop is jitted with the problem, the step count and the optimizer static: one compilation
+# per problem; the step size is traced, so a step-size sweep compiles once.
+@jax.jit(static_argnums=(0, 1, 2))
+def _gda(problem, num_steps, optimizer, x0, step_size):
+    init, move = _stepper(optimizer, step_size)
+
+    def step(carry, _):
+        x, state = carry
+        delta, state = move(problem.operator(x), state, x)
+        x = problem.project(x + delta)
+        return (x, state), x
+
+    _, xs = jax.lax.scan(step, (x0, init(x0)), length=num_steps)
     return Trajectory(xs, jnp.arange(1, num_steps + 1))
 
 
-def run_extragradient(problem: VIProblem, x0, *, step_size: float, num_steps: int) -> Trajectory:
-    return _extragradient(problem, num_steps, _check(problem, x0, step_size, num_steps), step_size)
-
-
-@jax.jit(static_argnums=(0, 1))
-def _extragradient(problem, num_steps, x0, step_size):
-    def step(x, _):
-        half = problem.project(x - step_size * problem.operator(x))
-        x = problem.project(x - step_size * problem.operator(half))
-        return x, x
-
-    _, xs = jax.lax.scan(step, x0, length=num_steps)
-    return Trajectory(xs, 2 * jnp.arange(1, num_steps + 1))
-
-
-def run_optimistic_gda(problem: VIProblem, x0, *, step_size: float,
-                       num_steps: int) -> Trajectory:  # fmt: skip
-    return _optimistic(problem, num_steps, _check(problem, x0, step_size, num_steps), step_size)
-
-
-@jax.jit(static_argnums=(0, 1))
-def _optimistic(problem, num_steps, x0, step_size):
-    def step(carry, _):
-        x, f_prev = carry
-        f = problem.operator(x)
-        x = problem.project(x - 2 * step_size * f + step_size * f_prev)
-        return (x, f), x
-
-    _, xs = jax.lax.scan(step, (x0, problem.operator(x0)), length=num_steps)
-    return Trajectory(xs, jnp.arange(1, num_steps + 1) + 1)
-
-
-def run_lookahead_gda(problem: VIProblem, x0, *, step_size: float, num_steps: int, k: int = 5,
-                      alpha: float = 0.5) -> Trajectory:  # fmt: skip
-    x0 = _check(problem, x0, step_size, num_steps)
-    return _lookahead(problem, num_steps, k, x0, step_size, alpha)
+def run_extragradient(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
+                      optimizer: Optimizer = None) -> Trajectory:  # fmt: skip
+    x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
+    return _extragradient(problem, num_steps, optimizer, x0, step_size)
 
 
 @jax.jit(static_argnums=(0, 1, 2))
-def _lookahead(problem, num_steps, k, x0, step_size, alpha):
+def _extragradient(problem, num_steps, optimizer, x0, step_size):
+    init, move = _stepper(optimizer, step_size)
+
+    def step(carry, _):
+        x, state = carry
+        delta, state = move(problem.operator(x), state, x)
+        half = problem.project(x + delta)
+        delta, state = move(problem.operator(half), state, half)
+        x = problem.project(x + delta)
+        return (x, state), x
+
+    _, xs = jax.lax.scan(step, (x0, init(x0)), length=num_steps)
+    return Trajectory(xs, 2 * jnp.arange(1, num_steps + 1))
+
+
+def run_optimistic_gda(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
+                       optimizer: Optimizer = None) -> Trajectory:  # fmt: skip
+    x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
+    return _optimistic(problem, num_steps, optimizer, x0, step_size)
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _optimistic(problem, num_steps, optimizer, x0, step_size):
+    init, move = _stepper(optimizer, step_size)
+
+    def step(carry, _):
+        x, f_prev, state = carry
+        f = problem.operator(x)
+        delta, state = move(2 * f - f_prev, state, x)
+        x = problem.project(x + delta)
+        return (x, f, state), x
+
+    _, xs = jax.lax.scan(step, (x0, problem.operator(x0), init(x0)), length=num_steps)
+    return Trajectory(xs, jnp.arange(1, num_steps + 1) + 1)
+
+
+def run_lookahead_gda(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
+                      optimizer: Optimizer = None, k: int = 5,
+                      alpha: float = 0.5) -> Trajectory:  # fmt: skip
+    x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
+    return _lookahead(problem, num_steps, optimizer, k, x0, step_size, alpha)
+
+
+@jax.jit(static_argnums=(0, 1, 2, 3))
+def _lookahead(problem, num_steps, optimizer, k, x0, step_size, alpha):
+    init, move = _stepper(optimizer, step_size)
+
     def step(carry, i):
-        x, slow = carry
-        x = problem.project(x - step_size * problem.operator(x))
+        x, slow, state = carry
+        delta, state = move(problem.operator(x), state, x)
+        x = problem.project(x + delta)
         sync = (i + 1) % k == 0
         averaged = slow + alpha * (x - slow)
         x = jnp.where(sync, averaged, x)
         slow = jnp.where(sync, averaged, slow)
-        return (x, slow), x
+        return (x, slow, state), x
 
-    _, xs = jax.lax.scan(step, (x0, x0), jnp.arange(num_steps))
+    _, xs = jax.lax.scan(step, (x0, x0, init(x0)), jnp.arange(num_steps))
     return Trajectory(xs, jnp.arange(1, num_steps + 1))
 
 

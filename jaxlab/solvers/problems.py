@@ -135,12 +135,21 @@ class Polyhedron:
             y_new = z - excess * G[i]
             return y_new, corrections.at[i].set(z - y_new)
 
-        def sweep(_, carry):
-            return jax.lax.fori_loop(0, G.shape[0], half_space, carry)
+        # Sweep until a whole sweep moves y by less than a few ulps (most sets with many
+        # half-spaces have few active ones and stop after a handful), or dykstra_steps sweeps.
+        tol = 16 * jnp.finfo(x.dtype).eps * (1.0 + jnp.max(jnp.abs(x)))
 
-        y, _ = jax.lax.fori_loop(
-            0, self.dykstra_steps, sweep, (x, jnp.zeros((G.shape[0],) + x.shape, x.dtype))
-        )
+        def unfinished(carry):
+            sweeps, moved, _ = carry
+            return (sweeps < self.dykstra_steps) & (moved > tol)
+
+        def sweep(carry):
+            sweeps, _, (y, corrections) = carry
+            new = jax.lax.fori_loop(0, G.shape[0], half_space, (y, corrections))
+            return sweeps + 1, jnp.max(jnp.abs(new[0] - y)), new
+
+        start = (0, jnp.asarray(jnp.inf, x.dtype), (x, jnp.zeros((G.shape[0],) + x.shape, x.dtype)))
+        _, _, (y, _) = jax.lax.while_loop(unfinished, sweep, start)
         return y
 
     def barrier_prox(self, c, mu, beta, start=None):
@@ -267,7 +276,7 @@ class VIProblem:
         return jnp.linalg.norm(x - x_star) / jnp.maximum(jnp.linalg.norm(x_star), 1e-30)
 
     def gap(self, x):
-        """``max_{x' in K} <F(x), x - x'>``, in closed form for simplex products and boxes."""
+        """``max_{x' in K} <F(x), x - x'>``, closed form for simplex products, boxes and balls."""
         f = self.operator(x)
         if self.simplex_blocks is not None:
             mins, start = 0.0, 0
@@ -278,6 +287,8 @@ class VIProblem:
         if isinstance(self.inequality, Box) and self.equality is None:
             lo, hi = self.inequality.lo, self.inequality.hi
             return jnp.dot(f, x) - jnp.sum(jnp.minimum(f * lo, f * hi))
+        if isinstance(self.inequality, Ball) and self.equality is None:
+            return jnp.dot(f, x) + self.inequality.radius * jnp.linalg.norm(f)
         raise NotImplementedError(f"{self.name}: no closed-form gap for this set")
 
     def equality_violation(self, x):
@@ -305,6 +316,43 @@ def bilinear_2d():
     A = np.array([[0.1, 1.0], [-1.0, 0.1]])
     return VIProblem(lambda x: jnp.asarray(A, x.dtype) @ x, 2, Nonnegative(), matrix=A,
                      offset=np.zeros(2), solution=np.zeros(2), name="bilinear_2d")  # fmt: skip
+
+
+def von_neumann_ratio_game():
+    """The 2-D von Neumann ratio game of the authors' notebook: ``min_u max_v V(u, v)`` on
+    ``[0, 1]^2`` with ``V = p^T R q / p^T S q``, ``p = (u, 1 - u)``, ``q = (v, 1 - v)``,
+    ``R = [[-0.6, -0.3], [0.6, -0.3]]``, ``S = [[0.9, 0.5], [0.8, 0.4]]`` (Daskalakis et al.'s
+    example), so ``V = (0.9 v - 1.2 u v - 0.3) / (0.1 u + 0.4 v + 0.4)``; ``F = (dV/du, -dV/dv)``.
+    Not monotone. The solution is the interior stationary point (Newton on the closed-form
+    derivatives in float64; the notebook prints (0.951941, 0.050485)). Start: (0.5, 0.5)."""
+    R = np.array([[-0.6, -0.3], [0.6, -0.3]])
+    S = np.array([[0.9, 0.5], [0.8, 0.4]])
+
+    def value(u, v):
+        p, q = jnp.stack([u, 1 - u]), jnp.stack([v, 1 - v])
+        return (p @ jnp.asarray(R, u.dtype) @ q) / (p @ jnp.asarray(S, u.dtype) @ q)
+
+    def operator(x):
+        du, dv = jax.grad(value, argnums=(0, 1))(x[0], x[1])
+        return jnp.stack([du, -dv])
+
+    return VIProblem(operator, 2, Box(0.0, 1.0), solution=np.array([0.95194102, 0.05048525]),
+                     name="von_neumann_ratio")  # fmt: skip
+
+
+def forsaken_game():
+    """The "forsaken" game (Hsieh, Mertikopoulos, Cevher 2021) as in the authors' notebook:
+    ``min_u max_v f = u (v - 0.45) + phi(u) - phi(v)``, ``phi(z) = z^2/4 - z^4/2 + z^6/6``, on the
+    ball ``u^2 + v^2 <= 4``; ``F = (df/du, -df/dv)``. Not monotone; first-order methods are drawn
+    to a limit cycle. The solution is the interior stationary point (float64 Newton; the notebook
+    quotes (0.08, 0.4)). Start: (0.5, 0.5)."""
+
+    def operator(x):
+        u, v = x[0], x[1]
+        return jnp.stack([u**5 - 2 * u**3 + 0.5 * u + v - 0.45, v**5 - 2 * v**3 + 0.5 * v - u])
+
+    return VIProblem(operator, 2, Ball(2.0), solution=np.array([0.07802667, 0.41193385]),
+                     name="forsaken")  # fmt: skip
 
 
 def bilinear_simplex_game(dim: int = 100, eta: float = 0.05, dense_matrix: bool | None = None):
