@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -167,13 +168,37 @@ def test_bench_scan_quick(tmp_path):
 def test_acvi_experiment_smoke(tmp_path):
     result = run_module("experiments.acvi", f"--workdir={tmp_path}", "--config.dim=10",
                         "--config.etas=(0.5,)", "--config.seeds=(0,)", "--config.rate_steps=200",
-                        "--config.max_steps=100")  # fmt: skip
+                        "--config.max_steps=100", "--config.gan.seeds=(0,)",
+                        "--config.gan.evaluations=200", "--config.gan.hidden=(8,)")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["hbg"]["0.5"]["acvi"]["reached"] == 1
-    assert abs(results["two_d"]["gda"][1] - 0.900) < 1e-3
-    for png in ("bilinear_2d.png", "gap_rate.png", "eta_sweep.png"):
+    assert abs(results["two_d"]["bilinear_2d"]["gda"][1] - 0.900) < 1e-3
+    assert abs(results["two_d"]["forsaken"]["acvi"][1] - 0.41193385) < 1e-4
+    for row in results["gan"]["pi-acvi"]:
+        assert row["violation"] < 1e-4 and 1 <= row["modes"] <= 8
+    for png in ("games_2d.png", "gap_rate.png", "eta_sweep.png", "gan.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_acvi_gan_reads_local_mnist_files(tmp_path):
+    """The GAN section on MNIST-format IDX files (random pixels here: nothing is downloaded)."""
+    from tests.data.images_test import write_idx
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    result = run_module("experiments.acvi", f"--workdir={tmp_path / 'run'}", "--config.dim=5",
+                        "--config.etas=(0.5,)", "--config.seeds=(0,)", "--config.rate_steps=60",
+                        "--config.max_steps=20", "--config.gan.seeds=(0,)",
+                        "--config.gan.evaluations=20", "--config.gan.every=10",
+                        "--config.gan.hidden=(8,)", "--config.gan.sample_size=16",
+                        "--config.gan.num_constraints=5",
+                        f"--config.gan.mnist_path={tmp_path}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "Constrained GAN (mnist" in report
 
 
 def test_bench_acvi_quick(tmp_path):
