@@ -1,0 +1,137 @@
+"""Training classifiers with perturbations as a batch transform.
+
+A *transform* maps ``(params, batch, rng) -> batch`` and adds ``batch["x_perturbed"]``; the train
+step applies it inside the jitted step, on the current parameters, then takes the loss of the
+chosen ``mode``:
+
+* ``"clean"``: ``CE(f(x), y)`` (ERM; the transform is ignored);
+* ``"perturbed"``: ``CE(f(x + delta), y)``: perturbed points replace clean ones (UDP-PGD, Madry's
+  PGD-AT);
+* ``"clean+perturbed"``: ``CE(f(x), y) + weight CE(f(x + delta), y)`` (UDPR);
+* ``"trades"``: ``CE(f(x), y) + weight KL(p(x) || p(x + delta))``.
+
+Batches are dicts with ``x`` (inputs) and ``y`` (int labels). The transforms built by
+``perturbation`` pass labels only to PGD; UDP and TRADES never see them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlab.robust.pgd import pgd_perturb, trades_perturb
+from jaxlab.robust.udp import udp_perturb
+
+MODES = ("clean", "perturbed", "clean+perturbed", "trades")
+METHODS = ("udp", "pgd", "trades")
+Transform = Callable[[Any, dict, jax.Array], dict]
+
+
+def perturbation(method: str, apply_fn: Callable, **kwargs) -> Transform:
+    """The batch transform for ``method`` (``udp``, ``pgd`` or ``trades``) with the keyword
+    arguments of its ``*_perturb`` function (epsilon, step_size, num_steps, norm, ...)."""
+    if method not in METHODS:
+        raise ValueError(f"perturbation: method must be one of {METHODS}, got {method!r}")
+
+    def transform(params, batch, rng):
+        if method == "udp":
+            moved = udp_perturb(apply_fn, params, batch["x"], rng, **kwargs)
+        elif method == "pgd":
+            moved = pgd_perturb(apply_fn, params, batch["x"], batch["y"], rng, **kwargs)
+        else:
+            moved = trades_perturb(apply_fn, params, batch["x"], rng, **kwargs)
+        return batch | {"x_perturbed": moved}
+
+    return transform
+
+
+def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weight: float = 1.0):
+    """The loss of ``mode`` on a batch (``x_perturbed`` needed except for ``clean``)."""
+    ce = lambda logits: jnp.mean(  # noqa: E731
+        optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    )
+    if mode == "clean":
+        return ce(apply_fn(params, batch["x"]))
+    perturbed = apply_fn(params, batch["x_perturbed"])
+    if mode == "perturbed":
+        return ce(perturbed)
+    clean = apply_fn(params, batch["x"])
+    if mode == "clean+perturbed":
+        return ce(clean) + weight * ce(perturbed)
+    if mode == "trades":
+        log_p, log_q = jax.nn.log_softmax(clean), jax.nn.log_softmax(perturbed)
+        return ce(clean) + weight * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
+                    transform: Transform | None = None, mode: str = "clean",
+                    weight: float = 1.0):  # fmt: skip
+    """``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``, jitted."""
+    if mode not in MODES:
+        raise ValueError(f"make_train_step: mode must be one of {MODES}, got {mode!r}")
+    if (mode == "clean") != (transform is None):
+        raise ValueError(
+            f"make_train_step: mode {mode!r} "
+            + ("takes no transform" if mode == "clean" else "needs a transform")
+        )
+
+    @jax.jit
+    def step(params, opt_state, batch, rng):
+        if transform is not None:
+            batch = transform(params, batch, rng)
+        loss, grads = jax.value_and_grad(classification_loss, argnums=1)(
+            apply_fn, params, batch, mode, weight
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+class TrainResult(NamedTuple):
+    params: Any
+    losses: np.ndarray  # [steps]
+    history: list  # (step, callback(params)) every ``log_every`` steps
+
+
+def batches(x, y, batch_size: int | None, seed: int) -> Iterator[dict]:
+    """Endless shuffled minibatches (the full batch, unshuffled, when ``batch_size`` is None)."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if batch_size is None:
+        while True:
+            yield {"x": x, "y": y}
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(x))
+        for start in range(0, len(x) - batch_size + 1, batch_size):
+            rows = order[start : start + batch_size]
+            yield {"x": x[rows], "y": y[rows]}
+
+
+def train(step, params, optimizer: optax.GradientTransformation, data: Iterator[dict], *,
+          num_steps: int, seed: int = 0, log_every: int = 0,
+          callback: Callable[[Any], Any] | None = None,
+          progress: str = "") -> TrainResult:  # fmt: skip
+    """Runs ``step`` for ``num_steps`` batches of ``data``; records ``callback(params)`` every
+    ``log_every`` steps (and at the end) and prints progress lines when ``progress`` names the
+    run."""
+    opt_state = optimizer.init(params)
+    rng = jax.random.PRNGKey(seed)
+    losses, history = [], []
+    for k in range(num_steps):
+        rng, step_rng = jax.random.split(rng)
+        params, opt_state, loss = step(params, opt_state, next(data), step_rng)
+        losses.append(loss)
+        if callback is not None and log_every and (k + 1) % log_every == 0:
+            history.append((k + 1, callback(params)))
+        if progress and log_every and (k + 1) % log_every == 0:
+            print(f"{progress}: step {k + 1}/{num_steps} loss {float(loss):.4f}", flush=True)
+    if callback is not None and (not history or history[-1][0] != num_steps):
+        history.append((num_steps, callback(params)))
+    return TrainResult(params, np.asarray(jax.device_get(losses)), history)
