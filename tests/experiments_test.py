@@ -208,3 +208,31 @@ def test_bench_acvi_quick(tmp_path):
     rows = {(r["dim"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
     assert rows[(20, "extragradient")]["time_ratio_vs_eg"] == 1.0
     assert rows[(50, "acvi")]["evaluations"] < rows[(50, "extragradient")]["evaluations"]
+
+
+def test_udp_experiment_smoke(tmp_path):
+    result = run_module("experiments.udp", f"--workdir={tmp_path}", "--config.margin.seeds=(0,)",
+                        "--config.margin.steps=300", "--config.margin.long_steps=400",
+                        "--config.margin.eps_factors=(0.5,1.5)", "--config.slab.seeds=(0,)",
+                        "--config.slab.steps=100", "--config.slab.udp_epsilons=(0.3,)",
+                        "--config.moons.steps=100")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = {r["method"] for r in results["margin"]}
+    assert methods == {"erm", "pgd 0.5", "udp 0.5", "pgd 1.5", "udp 1.5"}
+    erm = next(r for r in results["margin"] if r["method"] == "erm")
+    assert 0.5 < erm["ratio"] <= 1.0 + 1e-6  # a margin ratio, never above the certified max
+    assert {r["method"] for r in results["slab"]} == {"erm", "udp 0.3", "pgd 0.3"}
+    for png in ("margin_ratio.png", "moons_boundaries.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_bench_udp_quick(tmp_path):
+    out = tmp_path / "udp.json"
+    result = run_module("experiments.bench_udp", "--quick", f"--out={out}", "--steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["model"], r["method"]) for r in rows} == {
+        (m, k) for m in ("mlp_slab", "lenet_28x28") for k in ("erm", "udp", "pgd", "trades")
+    }
+    assert all(r["ms_per_step"] > 0 for r in rows)
