@@ -1,0 +1,32 @@
+"""Data mixers as init/update state machines: DoGE and the DoReMi baseline."""
+
+from jaxlab.mixing import doge as doge_module
+from jaxlab.mixing.doge import (
+    DoGEState,
+    Mixer,
+    averaged_weights,
+    clip_per_domain,
+    current_weights,
+    doge,
+    domain_gradients,
+    flatten_selected,
+    select_parameters,
+    weighted_sum,
+)
+from jaxlab.mixing.doremi import DoReMiState, doremi
+
+__all__ = [
+    "DoGEState",
+    "DoReMiState",
+    "Mixer",
+    "averaged_weights",
+    "clip_per_domain",
+    "current_weights",
+    "doge",
+    "doge_module",
+    "doremi",
+    "domain_gradients",
+    "flatten_selected",
+    "select_parameters",
+    "weighted_sum",
+]

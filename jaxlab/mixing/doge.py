@@ -1,0 +1,176 @@
+"""DoGE: domain reweighting with generalization estimation (Fan, Pagliardini, Jaggi, ICML 2024).
+
+A mixer is an ``init``/``update`` pair over a NamedTuple state, like an optax transformation.
+``doge(...).update(domain_grads, state, target_grads=None) -> (weights, state)`` follows the
+authors' trainer (brief section 1.2), one step per optimizer step:
+
+1. every domain gradient ``g_i`` (a pytree with a leading domain axis) is clipped to global norm
+   ``grad_clip`` (optional, as the code's ``max_grad_norm``), then restricted to the parameters
+   selected by ``param_filter`` (a pytree of bools) and flattened;
+2. scores ``W_i = lr_t * sum_{j != i} <g_i, g_j>`` (``objective="universal"``) or
+   ``W_i = lr_t * sum_j <g_i, t_j>`` over the target gradients ``t_j`` (``"ood"``);
+3. ``W <- W / (mean_i ||g_i|| + 1e-6)``, clipped to ``[lr_t lo, lr_t hi]`` (``score_clip``: the
+   code's ``[0, 5]``, so a harmful domain only loses weight through the normalisation);
+4. exponentiated-gradient step ``log a <- log a + W / mu``, softmax, then smoothing
+   ``a <- (1 - s) a + s / k``;
+5. the running sum of ``a`` gives the published weights, the average over all steps.
+
+The model then steps on ``sum_i a_i g_i`` (``weighted_sum``), with the *new* weights. The scores
+use inner products of gradients that were taken on the same parameters, so they estimate how one
+SGD step on domain ``i`` changes the other (or the target) domains' loss: to first order
+``L_j(theta - lr g_i) - L_j(theta) = -lr <g_i, g_j>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+OBJECTIVES = ("universal", "ood")
+
+
+class DoGEState(NamedTuple):
+    """``log_weights [k]``, ``weight_sum [k]`` (for the average) and ``step`` (updates so far)."""
+
+    log_weights: jax.Array
+    weight_sum: jax.Array
+    step: jax.Array
+
+
+class Mixer(NamedTuple):
+    init: Callable[..., Any]
+    update: Callable[..., tuple[jax.Array, Any]]
+
+
+def check_initial_weights(initial_weights, num_domains: int) -> np.ndarray:
+    if num_domains < 2:
+        raise ValueError(f"num_domains must be >= 2, got {num_domains}")
+    if initial_weights is None:
+        return np.full(num_domains, 1.0 / num_domains)
+    w = np.asarray(initial_weights, np.float64)
+    if w.shape != (num_domains,) or np.any(w <= 0) or abs(w.sum() - 1.0) > 1e-6:
+        raise ValueError(f"initial_weights must be {num_domains} positive numbers summing to 1 "
+                         f"(a point inside the simplex), got {list(np.atleast_1d(w))}")  # fmt: skip
+    return w
+
+
+def averaged_weights(state) -> jax.Array:
+    """The published weights: the mean of the weights over all updates so far."""
+    return state.weight_sum / jnp.maximum(state.step, 1).astype(state.weight_sum.dtype)
+
+
+def current_weights(state) -> jax.Array:
+    return jax.nn.softmax(state.log_weights)
+
+
+def weighted_sum(weights, domain_grads):
+    """``sum_i w_i g_i`` over the leading domain axis of every leaf."""
+    return jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), domain_grads)
+
+
+def clip_per_domain(domain_grads, max_norm: float):
+    """Each domain's gradient (slice of the leading axis) clipped to global norm ``max_norm``."""
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1).astype(jnp.float32) ** 2, axis=1)
+                         for g in jax.tree.leaves(domain_grads)))  # fmt: skip
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norms, 1e-12))
+    return jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype),
+                        domain_grads)  # fmt: skip
+
+
+def flatten_selected(domain_grads, param_filter=None) -> jax.Array:
+    """``[k, P]``: each domain's gradient over the selected leaves (all when no filter)."""
+    leaves = jax.tree.leaves(domain_grads)
+    if param_filter is not None:
+        mask = jax.tree.leaves(param_filter)
+        if len(mask) != len(leaves):
+            raise ValueError(f"param_filter has {len(mask)} leaves, the gradients {len(leaves)}")
+        leaves = [g for g, keep in zip(leaves, mask, strict=True) if keep]
+        if not leaves:
+            raise ValueError("param_filter selects no parameters")
+    return jnp.concatenate([g.reshape(g.shape[0], -1).astype(jnp.float32) for g in leaves], 1)
+
+
+def doge(*, num_domains: int, mu: float, lr_schedule: optax.ScalarOrSchedule,
+         score_clip: tuple[float, float] = (0.0, 5.0), objective: str = "universal",
+         param_filter=None, smoothing: float = 0.0, grad_clip: float | None = None,
+         initial_weights=None) -> Mixer:  # fmt: skip
+    """The DoGE mixer (module doc). ``lr_schedule``: the proxy's learning rate (a float or an
+    optax schedule of the update count), which scales the scores as in the authors' code."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"doge: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not mu > 0:
+        raise ValueError(f"doge: mu must be > 0, got {mu}")
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"doge: smoothing must be in [0, 1), got {smoothing}")
+    lo, hi = score_clip
+    if not lo <= hi:
+        raise ValueError(f"doge: score_clip must be (lo, hi) with lo <= hi, got {score_clip}")
+    start = check_initial_weights(initial_weights, num_domains)
+    schedule = lr_schedule if callable(lr_schedule) else (lambda _: lr_schedule)
+
+    def init() -> DoGEState:
+        return DoGEState(jnp.log(jnp.asarray(start, jnp.float32)),
+                         jnp.zeros(num_domains, jnp.float32), jnp.zeros((), jnp.int32))  # fmt: skip
+
+    def update(domain_grads, state: DoGEState, target_grads=None):
+        leading = {g.shape[0] for g in jax.tree.leaves(domain_grads)}
+        if leading != {num_domains}:
+            raise ValueError(f"doge: domain_grads must have a leading axis of num_domains="
+                             f"{num_domains} on every leaf, got {sorted(leading)}")  # fmt: skip
+        if (objective == "ood") != (target_grads is not None):
+            raise ValueError(f"doge: objective {objective!r} "
+                             + ("needs target_grads" if objective == "ood"
+                                else "takes no target_grads"))  # fmt: skip
+        if grad_clip is not None:
+            domain_grads = clip_per_domain(domain_grads, grad_clip)
+            if target_grads is not None:
+                target_grads = clip_per_domain(target_grads, grad_clip)
+        flat = flatten_selected(domain_grads, param_filter)
+        lr = jnp.asarray(schedule(state.step), jnp.float32)
+        if objective == "universal":
+            gram = flat @ flat.T
+            scores = jnp.sum(gram, axis=1) - jnp.diagonal(gram)
+        else:
+            scores = jnp.sum(flat @ flatten_selected(target_grads, param_filter).T, axis=1)
+        mean_norm = jnp.mean(jnp.linalg.norm(flat, axis=1))
+        scores = jnp.clip(lr * scores / (mean_norm + 1e-6), lr * lo, lr * hi)
+        weights = jax.nn.softmax(state.log_weights + scores / mu)
+        weights = (1.0 - smoothing) * weights + smoothing / num_domains
+        new = DoGEState(jnp.log(weights), state.weight_sum + weights, state.step + 1)
+        return weights, new
+
+    return Mixer(init, update)
+
+
+def domain_gradients(domain_losses: Callable[[Any], jax.Array], params):
+    """``(losses [k], grads)`` where ``grads`` has a leading axis of ``k`` on every leaf:
+    ``grads[i] = d losses[i] / d params``, from one forward pass and ``k`` backward passes
+    batched by ``vmap`` over one-hot cotangents (not a Python loop over domains)."""
+    losses, vjp = jax.vjp(domain_losses, params)
+    (grads,) = jax.vmap(vjp)(jnp.eye(losses.shape[0], dtype=losses.dtype))
+    return losses, grads
+
+
+def cancellation_ratios(grads, old_params, new_params):
+    """Per parameter tensor ``||grad|| / ||W_t - W_{t-1}||``: the authors' pre-run statistic for
+    parameter selection (summed over its steps; large when updates cancel out)."""
+    return jax.tree.map(lambda g, a, b: jnp.linalg.norm(g) / jnp.maximum(jnp.linalg.norm(b - a),
+                                                                         1e-12),
+                        grads, old_params, new_params)  # fmt: skip
+
+
+def select_parameters(ratio_sums, count: int):
+    """A pytree of bools keeping ``count`` tensors with the smallest summed ratio (``count > 0``,
+    the code's ``cc_ns`` default 10) or the ``-count`` largest (``count < 0``)."""
+    leaves, treedef = jax.tree.flatten(ratio_sums)
+    if count == 0 or abs(count) > len(leaves):
+        raise ValueError(f"select_parameters: count must be nonzero with |count| <= "
+                         f"{len(leaves)} tensors, got {count}")  # fmt: skip
+    order = np.argsort([float(v) for v in leaves], kind="stable")
+    keep = set((order[:count] if count > 0 else order[count:]).tolist())
+    return jax.tree.unflatten(treedef, [i in keep for i in range(len(leaves))])

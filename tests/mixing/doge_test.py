@@ -1,0 +1,196 @@
+"""DoGE and DoReMi updates against float64 NumPy implementations of the rules written from the
+brief, per-domain gradients against separate jax.grad calls, checkpointing with orbax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxlab import mixing
+
+
+def numpy_doge(grads, log_w, step, *, lr, mu, clip, objective, target=None, smoothing=0.0,
+               grad_clip=None, keep=None):  # fmt: skip
+    """The rule of brief section 1.2 in float64, domain by domain (grads: list of leaf lists)."""
+    grads = [[np.asarray(g, np.float64) for g in domain] for domain in grads]
+    target = None if target is None else [[np.asarray(g, np.float64) for g in d] for d in target]
+
+    def clipped(domain):
+        norm = np.sqrt(sum(np.sum(g * g) for g in domain))
+        return [g * min(1.0, grad_clip / norm) for g in domain] if grad_clip else domain
+
+    def flat(domain):
+        leaves = [g for i, g in enumerate(clipped(domain)) if keep is None or keep[i]]
+        return np.concatenate([g.ravel() for g in leaves])
+
+    g = [flat(d) for d in grads]
+    k = len(g)
+    if objective == "universal":
+        scores = np.array([sum(g[i] @ g[j] for j in range(k) if j != i) for i in range(k)])
+    else:
+        t = [flat(d) for d in target]
+        scores = np.array([sum(g[i] @ tj for tj in t) for i in range(k)])
+    scores = lr * scores / (np.mean([np.linalg.norm(v) for v in g]) + 1e-6)
+    scores = np.clip(scores, lr * clip[0], lr * clip[1])
+    z = np.asarray(log_w, np.float64) + scores / mu
+    w = np.exp(z - z.max())
+    w /= w.sum()
+    return (1 - smoothing) * w + smoothing / k
+
+
+def random_grads(rng, k, scale=1.0):
+    """A pytree of per-domain gradients sharing a common direction (so scores have both signs)."""
+    shapes = {"a": (4, 3), "b": (5,), "c": (2, 2, 2)}
+    common = {n: rng.standard_normal(s) for n, s in shapes.items()}
+    return {n: jnp.asarray(np.stack([rng.uniform(-1, 1) * common[n] + rng.standard_normal(s)
+                                     for _ in range(k)]) * scale, jnp.float32)
+            for n, s in shapes.items()}  # fmt: skip
+
+
+def as_lists(tree, k):
+    leaves = jax.tree.leaves(tree)
+    return [[leaf[i] for leaf in leaves] for i in range(k)]
+
+
+@pytest.mark.parametrize("objective", ["universal", "ood"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_doge_update_matches_numpy(objective, seed):
+    rng = np.random.default_rng(seed)
+    k = 5
+    schedule = optax.cosine_decay_schedule(1e-2, 10, alpha=0.1)
+    keep = {"a": True, "b": False, "c": True}
+    mixer = mixing.doge(num_domains=k, mu=0.05, lr_schedule=schedule, objective=objective,
+                        score_clip=(0.0, 5.0), grad_clip=4.0, smoothing=0.01,
+                        param_filter=keep)  # fmt: skip
+    state = mixer.init()
+    log_w = np.log(np.full(k, 1.0 / k))
+    clipped_somewhere = False
+    for step in range(4):
+        grads = random_grads(rng, k, scale=rng.uniform(0.5, 3.0))
+        target = random_grads(rng, 2) if objective == "ood" else None
+        weights, state = jax.jit(mixer.update)(grads, state, target)
+        expected = numpy_doge(as_lists(grads, k), log_w, step, lr=float(schedule(step)), mu=0.05,
+                              clip=(0.0, 5.0), objective=objective,
+                              target=None if target is None else as_lists(target, 2),
+                              smoothing=0.01, grad_clip=4.0,
+                              keep=[True, False, True])  # fmt: skip
+        np.testing.assert_allclose(np.asarray(weights), expected, rtol=2e-5, atol=1e-7)
+        assert float(jnp.sum(weights)) == pytest.approx(1.0, abs=1e-6)
+        assert np.all(np.asarray(weights) > 0)
+        log_w = np.log(expected)
+        norms = [np.sqrt(sum(float(jnp.sum(g[i] ** 2)) for g in jax.tree.leaves(grads)))
+                 for i in range(k)]  # fmt: skip
+        clipped_somewhere |= max(norms) > 4.0
+    assert clipped_somewhere  # the gradient clip was exercised
+    avg = np.asarray(mixing.averaged_weights(state))
+    assert int(state.step) == 4 and avg.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_score_clipping_is_active_and_harmful_domains_lose_weight():
+    """A domain whose gradient opposes all others scores < 0, is clipped to 0, and loses weight
+    only through the renormalisation; with a tiny upper clip every score saturates."""
+    base = np.ones(6)
+    grads = {"w": jnp.asarray(np.stack([base, base * 1.1, base * 0.9, -base]), jnp.float32)}
+    mixer = mixing.doge(num_domains=4, mu=10.0, lr_schedule=1.0)
+    weights, _ = mixer.update(grads, mixer.init())
+    w = np.asarray(weights)
+    assert w[3] < 0.25 and w[3] == pytest.approx(min(w))
+    raw = numpy_doge(as_lists(grads, 4), np.log(np.full(4, 0.25)), 0, lr=1.0, mu=10.0,
+                     clip=(-np.inf, np.inf), objective="universal")  # fmt: skip
+    assert raw[3] < w[3]  # unclipped, the negative score would push it lower still
+    saturated = mixing.doge(num_domains=4, mu=0.01, lr_schedule=1.0, score_clip=(0.0, 1e-3))
+    weights, _ = saturated.update(grads, saturated.init())
+    top = np.exp(1e-3 / 0.01)
+    np.testing.assert_allclose(np.asarray(weights), np.array([top, top, top, 1.0]) / (3 * top + 1),
+                               rtol=1e-5)  # fmt: skip
+
+
+def test_domain_gradients_equal_separate_grads():
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(4), jnp.float32)}  # fmt: skip
+    x = jnp.asarray(rng.standard_normal((30, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 30))
+    domain = jnp.asarray(rng.integers(0, 3, 30))
+
+    def per_example(p):
+        logits = x @ p["w"] + p["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    def domain_loss(p, i):
+        mask = (domain == i).astype(jnp.float32)
+        return jnp.sum(per_example(p) * mask) / jnp.sum(mask)
+
+    losses, grads = jax.jit(lambda p: mixing.domain_gradients(
+        lambda q: jnp.stack([domain_loss(q, i) for i in range(3)]), p))(params)  # fmt: skip
+    for i in range(3):
+        expected = jax.grad(domain_loss)(params, i)
+        for name in params:
+            np.testing.assert_allclose(np.asarray(grads[name][i]), np.asarray(expected[name]),
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+        assert float(losses[i]) == pytest.approx(float(domain_loss(params, i)), rel=1e-6)
+
+
+def test_doremi_update_matches_numpy():
+    rng = np.random.default_rng(3)
+    mixer = mixing.doremi(num_domains=4, step_size=0.5, smoothing=1e-3)
+    state = mixer.init()
+    log_w = np.log(np.full(4, 0.25))
+    for _ in range(3):
+        losses, ref = rng.uniform(1, 3, 4), rng.uniform(1, 3, 4)
+        weights, state = mixer.update(jnp.asarray(losses), state, jnp.asarray(ref))
+        z = log_w + 0.5 * np.maximum(losses - ref, 0.0)
+        expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum() * (1 - 1e-3) + 1e-3 / 4
+        np.testing.assert_allclose(np.asarray(weights), expected, rtol=1e-5)
+        log_w = np.log(expected)
+
+
+def test_state_checkpoints_and_resumes_with_orbax(tmp_path):
+    rng = np.random.default_rng(1)
+    mixer = mixing.doge(num_domains=3, mu=0.01, lr_schedule=0.1)
+    state = mixer.init()
+    for _ in range(3):
+        _, state = mixer.update(random_grads(rng, 3), state)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "mixer", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "mixer", jax.tree.map(jnp.zeros_like, state))
+    restored = (
+        mixing.DoGEState(*restored) if not isinstance(restored, mixing.DoGEState) else restored
+    )
+    grads = random_grads(rng, 3)
+    a, _ = mixer.update(grads, state)
+    b, _ = mixer.update(grads, restored)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(mixing.averaged_weights(restored)),
+                                  np.asarray(mixing.averaged_weights(state)))  # fmt: skip
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="leading axis of num_domains=3"):
+        mixer = mixing.doge(num_domains=3, mu=0.01, lr_schedule=0.1)
+        mixer.update({"w": jnp.zeros((4, 2))}, mixer.init())
+    with pytest.raises(ValueError, match="initial_weights must be 3 positive numbers"):
+        mixing.doge(num_domains=3, mu=0.01, lr_schedule=0.1, initial_weights=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="initial_weights must be 3 positive numbers"):
+        mixing.doremi(num_domains=3, initial_weights=[1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="needs target_grads"):
+        mixer = mixing.doge(num_domains=2, mu=0.01, lr_schedule=0.1, objective="ood")
+        mixer.update({"w": jnp.ones((2, 2))}, mixer.init())
+    with pytest.raises(ValueError, match="objective must be one of"):
+        mixing.doge(num_domains=2, mu=0.01, lr_schedule=0.1, objective="mix")
+
+
+def test_parameter_selection_ranking():
+    ratios = {"a": 3.0, "b": 0.5, "c": 2.0, "d": 9.0}
+    assert mixing.doge_module.select_parameters(ratios, 2) == {"a": False, "b": True, "c": True,
+                                                               "d": False}  # fmt: skip
+    assert mixing.doge_module.select_parameters(ratios, -1) == {"a": False, "b": False,
+                                                                "c": False, "d": True}  # fmt: skip
+    old = {"w": jnp.ones(4)}
+    new = {"w": jnp.ones(4) * 1.5}
+    grads = {"w": jnp.full(4, 2.0)}
+    r = mixing.doge_module.cancellation_ratios(grads, old, new)
+    assert float(r["w"]) == pytest.approx(4.0 / 1.0)
