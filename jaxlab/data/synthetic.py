@@ -121,3 +121,61 @@ def two_moons(num_samples: int, *, noise: float = 0.1, seed: int = 0):
     lower = np.stack([1.0 - np.cos(angle), 0.5 - np.sin(angle)], 1)
     x = np.where(y[:, None] == 0, upper, lower) + noise * rng.standard_normal((num_samples, 2))
     return x, y
+
+
+DOMAIN_ROLES = ("related", "related", "noise", "unrelated", "duplicate")
+
+
+class DomainTask(NamedTuple):
+    """Classification domains ``y ~ softmax(x W_i)`` with known roles relative to a target.
+
+    ``roles[i]`` is the role of domain ``i`` (a seeded permutation of ``DOMAIN_ROLES``);
+    ``matrices[i]`` is ``None`` for the noise domain (uniform labels)."""
+
+    matrices: tuple
+    target: np.ndarray
+    roles: tuple[str, ...]
+    num_classes: int
+
+
+def related_domains(*, dim: int = 32, num_classes: int = 8, relatedness: float = 0.2,
+                    duplicate: float = 0.02, scale: float = 3.0, seed: int = 0) -> DomainTask:  # fmt: skip
+    """Five domains and a target (DoGE brief section 1.9): two *related* domains and the target
+    are ``W_shared + relatedness U``, a *duplicate* is one related domain plus ``duplicate U``,
+    *unrelated* has an independent ``W``, *noise* has uniform labels. Which index plays which
+    role is a seeded random permutation, so nothing downstream can hard-code it."""
+    rng = np.random.default_rng(seed)
+
+    def matrix():
+        return rng.standard_normal((dim, num_classes)) * scale / np.sqrt(dim)
+
+    shared = matrix()
+    related = [shared + relatedness * matrix() for _ in range(2)]
+    target = shared + relatedness * matrix()
+    by_role = {"related": related, "duplicate": related[0] + duplicate * matrix(),
+               "unrelated": matrix(), "noise": None}  # fmt: skip
+    roles = tuple(DOMAIN_ROLES[i] for i in rng.permutation(len(DOMAIN_ROLES)))
+    matrices, used = [], 0
+    for role in roles:
+        if role == "related":
+            matrices.append(by_role["related"][used])
+            used += 1
+        else:
+            matrices.append(by_role[role])
+    return DomainTask(tuple(matrices), target, roles, num_classes)
+
+
+def sample_domain(task: DomainTask, domain: int | str, num_samples: int,
+                  rng: np.random.Generator):  # fmt: skip
+    """``(x [n, dim] float32, y [n] int)`` from domain ``domain`` (an index, or ``"target"``)."""
+    matrix = task.target if domain == "target" else task.matrices[domain]
+    dim = task.target.shape[0]
+    x = rng.standard_normal((num_samples, dim))
+    if matrix is None:
+        y = rng.integers(0, task.num_classes, num_samples)
+    else:
+        logits = x @ matrix
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        y = (p.cumsum(1) > rng.uniform(size=(num_samples, 1))).argmax(1)
+    return x.astype(np.float32), y

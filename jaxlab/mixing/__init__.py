@@ -14,11 +14,13 @@ from jaxlab.mixing.doge import (
     weighted_sum,
 )
 from jaxlab.mixing.doremi import DoReMiState, doremi
+from jaxlab.mixing.proxy import ProxyState, make_doge_step, make_doremi_step
 
 __all__ = [
     "DoGEState",
     "DoReMiState",
     "Mixer",
+    "ProxyState",
     "averaged_weights",
     "clip_per_domain",
     "current_weights",
@@ -27,6 +29,8 @@ __all__ = [
     "doremi",
     "domain_gradients",
     "flatten_selected",
+    "make_doge_step",
+    "make_doremi_step",
     "select_parameters",
     "weighted_sum",
 ]
