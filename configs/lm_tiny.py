@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
             validation_fraction=0.05,
             seed=0,
             lanes=0,
+            # A domain_weights.json from a DoGE / DoReMi run: its averaged weights by name.
+            weights_file="",
         )
     )
 
@@ -93,6 +95,15 @@ def get_config() -> ml_collections.ConfigDict:
     # logical-axis rules (empty = jaxlab.train.sharding.DEFAULT_RULES).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
     config.logical_axis_rules = ()
+
+    # Data mixer learning domain weights while training (jaxlab.mixing): "" (off), "doge" or
+    # "doremi". The components of config.data.sources are the domains; target_sources (DoGE's
+    # OOD objective) are scored against but not trained on. Components are sampled uniformly.
+    # The averaged weights go to WORKDIR/domain_weights.json (config.data.weights_file reads it).
+    config.mixer = ml_collections.ConfigDict(
+        dict(name="", mu=0.01, score_clip=(0.0, 5.0), grad_clip=0.0, smoothing=0.0,
+             target_sources=(), step_size=1.0, reference_workdir="")
+    )  # fmt: skip
     return config
 
 

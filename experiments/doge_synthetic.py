@@ -60,8 +60,8 @@ def train_proxy(task, c, method: str, seed: int, reference_params=None):
         mixer = mixing.doge(num_domains=k, mu=c.mu_ood if objective == "ood" else c.mu_universal,
                             lr_schedule=schedule, objective=objective,
                             score_clip=tuple(c.score_clip))  # fmt: skip
-        step = mixing.make_doge_step(domain_losses, optimizer, mixer,
-                                     target_losses=target_losses if objective == "ood" else None)  # fmt: skip
+        targets = target_losses if objective == "ood" else None
+        step = mixing.make_doge_step(domain_losses, optimizer, mixer, target_losses=targets)
     elif method == "doremi":
         mixer = mixing.doremi(num_domains=k, step_size=c.doremi_step_size,
                               smoothing=c.doremi_smoothing)  # fmt: skip
@@ -159,9 +159,12 @@ def run(c):
             "doremi": train_base(task, out["weights"]["doremi"], c, seed),
         }
         results.append(out)
-        print(f"synthetic seed {seed}: roles {task.roles}, DoGE-OOD "
-              f"{np.round(out['weights']['doge-ood'], 3)}, target loss "
-              f"{ {k: round(v, 4) for k, v in out['target_loss'].items()} }", flush=True)  # fmt: skip
+        losses = {k: round(v, 4) for k, v in out["target_loss"].items()}
+        print(
+            f"synthetic seed {seed}: roles {task.roles}, DoGE-OOD "
+            f"{np.round(out['weights']['doge-ood'], 3)}, target loss {losses}",
+            flush=True,
+        )
     return results
 
 

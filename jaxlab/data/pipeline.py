@@ -28,6 +28,7 @@ only its addressable rows on its devices, so results do not depend on the number
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -305,7 +306,22 @@ def build_components(data_config) -> list[Component]:
 
 
 def mixture_weights(data_config, components: Sequence[Component]) -> list[float]:
-    """``config.data.weights`` (token shares), or natural proportions by size when empty."""
+    """``config.data.weights`` (token shares); or the ``average`` weights by domain name in the
+    JSON file ``config.data.weights_file`` (written by a DoGE / DoReMi run); or natural
+    proportions by size when neither is given."""
+    weights_file = data_config.get("weights_file", "")
+    if weights_file:
+        if data_config.weights:
+            raise ValueError("config.data: give weights or weights_file, not both")
+        with open(weights_file) as f:
+            record = json.load(f)
+        by_name = dict(zip(record["domains"], record["average"], strict=True))
+        names = [c.name for c in components]
+        if sorted(by_name) != sorted(names):
+            raise ValueError(f"config.data.weights_file {weights_file!r} weights domains "
+                             f"{sorted(by_name)}, but the components are "
+                             f"{sorted(names)}")  # fmt: skip
+        return [float(by_name[n]) for n in names]
     if not data_config.weights:
         return [float(_size(c.train)) for c in components]
     if len(data_config.weights) != len(components):
@@ -317,8 +333,9 @@ def mixture_weights(data_config, components: Sequence[Component]) -> list[float]
 
 
 def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                   components: Sequence[Component] | None = None) -> DataIterator:  # fmt: skip
-    """The training batches described by ``config.data``.
+                   components: Sequence[Component] | None = None,
+                   weights: Sequence[float] | None = None) -> DataIterator:  # fmt: skip
+    """The training batches described by ``config.data`` (``weights`` overrides its mixture).
 
     Each source packs ``config.data.lanes`` documents side by side (0 = ``batch_size``).
     """
@@ -331,7 +348,7 @@ def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: 
     return DataIterator(
         streams,
         batch_size,
-        weights=mixture_weights(data_config, components),
+        weights=mixture_weights(data_config, components) if weights is None else weights,
         names=[c.name for c in components],
     )
 

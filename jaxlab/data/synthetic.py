@@ -139,7 +139,8 @@ class DomainTask(NamedTuple):
 
 
 def related_domains(*, dim: int = 32, num_classes: int = 8, relatedness: float = 0.2,
-                    duplicate: float = 0.02, scale: float = 3.0, seed: int = 0) -> DomainTask:  # fmt: skip
+                    duplicate: float = 0.02, scale: float = 3.0,
+                    seed: int = 0) -> DomainTask:  # fmt: skip
     """Five domains and a target (DoGE brief section 1.9): two *related* domains and the target
     are ``W_shared + relatedness U``, a *duplicate* is one related domain plus ``duplicate U``,
     *unrelated* has an independent ``W``, *noise* has uniform labels. Which index plays which

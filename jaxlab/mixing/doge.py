@@ -147,13 +147,17 @@ def doge(*, num_domains: int, mu: float, lr_schedule: optax.ScalarOrSchedule,
     return Mixer(init, update)
 
 
-def domain_gradients(domain_losses: Callable[[Any], jax.Array], params):
+def domain_gradients(domain_losses: Callable[[Any], Any], params, *, has_aux: bool = False):
     """``(losses [k], grads)`` where ``grads`` has a leading axis of ``k`` on every leaf:
     ``grads[i] = d losses[i] / d params``, from one forward pass and ``k`` backward passes
-    batched by ``vmap`` over one-hot cotangents (not a Python loop over domains)."""
-    losses, vjp = jax.vjp(domain_losses, params)
+    batched by ``vmap`` over one-hot cotangents (not a Python loop over domains). With
+    ``has_aux``, ``domain_losses`` returns ``(losses, aux)`` and ``aux`` is returned third."""
+    if has_aux:
+        losses, vjp, aux = jax.vjp(domain_losses, params, has_aux=True)
+    else:
+        losses, vjp = jax.vjp(domain_losses, params)
     (grads,) = jax.vmap(vjp)(jnp.eye(losses.shape[0], dtype=losses.dtype))
-    return losses, grads
+    return (losses, grads, aux) if has_aux else (losses, grads)
 
 
 def cancellation_ratios(grads, old_params, new_params):

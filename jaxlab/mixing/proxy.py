@@ -50,7 +50,8 @@ def make_doge_step(domain_losses: Callable, optimizer: optax.GradientTransformat
 
 
 def make_doremi_step(domain_losses: Callable, optimizer: optax.GradientTransformation,
-                     mixer: Mixer, reference_params, *, present: Callable | None = None):  # fmt: skip
+                     mixer: Mixer, reference_params, *,
+                     present: Callable | None = None):  # fmt: skip
     """``step(state, batch) -> (state, metrics)``; the reference model shares ``domain_losses``
     (same architecture) with frozen ``reference_params``. ``present(batch) -> [k] bool``."""
 
@@ -61,7 +62,8 @@ def make_doremi_step(domain_losses: Callable, optimizer: optax.GradientTransform
         weights, mixer_state = mixer.update(jax.lax.stop_gradient(losses), state.mixer, reference,
                                             mask)  # fmt: skip
         loss, grads = jax.value_and_grad(lambda p: jnp.dot(weights, domain_losses(p, batch)))(
-            state.params)
+            state.params
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"domain_losses": losses, "weights": weights, "loss": loss,

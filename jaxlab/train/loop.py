@@ -33,7 +33,14 @@ from jaxlab.data import pipeline
 from jaxlab.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlab.train import sharding
 from jaxlab.train.checkpoint import Checkpointer
-from jaxlab.train.step import MODEL_INPUTS, TrainState, make_eval_step, make_train_step
+from jaxlab.train.step import (
+    MODEL_INPUTS,
+    TrainState,
+    activation_sharding_during_trace,
+    make_eval_step,
+    make_mixer_train_step,
+    make_train_step,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,6 +61,19 @@ class Experiment:
     state_shardings: TrainState
     abstract_state: TrainState
     rules: tuple
+    mixing: MixingPlan | None = None  # set when config.mixer.name learns domain weights
+
+
+@dataclasses.dataclass(frozen=True)
+class MixingPlan:
+    """What a run with a data mixer needs: the mixer, which components it weights (``train``)
+    and which are only targets (``target``, the OOD objective), by index into ``names``."""
+
+    kind: str
+    mixer: Any
+    names: tuple[str, ...]
+    train: tuple[int, ...]
+    target: tuple[int, ...]
 
 
 def validate_config(config) -> None:
@@ -70,6 +90,50 @@ def validate_config(config) -> None:
             f"config.batch_size={config.batch_size} must be divisible by "
             f"config.accum_steps={config.accum_steps}"
         )
+    mixer = config.get("mixer")
+    if mixer is not None and mixer.name:
+        if mixer.name not in MIXERS:
+            raise ValueError(f"config.mixer.name must be '' or one of {MIXERS}, got "
+                             f"{mixer.name!r}")  # fmt: skip
+        if config.accum_steps != 1:
+            raise ValueError(f"config.accum_steps must be 1 with a data mixer, got "
+                             f"{config.accum_steps}")  # fmt: skip
+        if mixer.name == "doremi" and not mixer.reference_workdir:
+            raise ValueError("config.mixer.reference_workdir must name a finished run's workdir "
+                             "(DoReMi's reference model)")  # fmt: skip
+
+
+MIXERS = ("doge", "doremi")
+
+
+def _mixing_plan(config, schedule) -> MixingPlan | None:
+    """The mixer of ``config.mixer`` over the data components (None without one)."""
+    from jaxlab import mixing
+
+    m = config.get("mixer")
+    if m is None or not m.name:
+        return None
+    names = tuple(c.name for c in pipeline.build_components(config.data))
+    unknown = sorted(set(m.target_sources) - set(names))
+    if unknown:
+        raise ValueError(f"config.mixer.target_sources {unknown} are not data components "
+                         f"{list(names)}")  # fmt: skip
+    target = tuple(i for i, n in enumerate(names) if n in m.target_sources)
+    train = tuple(i for i in range(len(names)) if i not in target)
+    if len(train) < 2:
+        raise ValueError(f"a data mixer needs >= 2 training components, got {list(names)} with "
+                         f"targets {list(m.target_sources)}")  # fmt: skip
+    if m.name == "doge":
+        mixer = mixing.doge(num_domains=len(train), mu=m.mu, lr_schedule=schedule,
+                            score_clip=tuple(m.score_clip),
+                            objective="ood" if target else "universal", smoothing=m.smoothing,
+                            grad_clip=m.grad_clip or None)  # fmt: skip
+    else:
+        if target:
+            raise ValueError("config.mixer.target_sources: DoReMi has no target domains")
+        mixer = mixing.doremi(num_domains=len(train), step_size=m.step_size,
+                              smoothing=m.smoothing)  # fmt: skip
+    return MixingPlan(m.name, mixer, names, train, target)
 
 
 def _model_config(config, tokenizer: Tokenizer):
@@ -122,13 +186,18 @@ def build_experiment(config) -> Experiment:
         transform_non_params=lambda _: sharding.replicated(mesh),
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
-    shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
-    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), pure_params, abstract_opt)
+    plan = _mixing_plan(config, schedule)
+    abstract_mixer = () if plan is None else jax.eval_shape(plan.mixer.init)
+    mixer_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_mixer)
+    shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings,
+                           mixer_shardings)  # fmt: skip
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), pure_params, abstract_opt,
+                          abstract_mixer)  # fmt: skip
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     return Experiment(config, mesh, tokenizer, model_config, graphdef, optimizer, schedule,
-                      shardings, abstract, rules)  # fmt: skip
+                      shardings, abstract, rules, plan)  # fmt: skip
 
 
 def init_state(exp: Experiment) -> TrainState:
@@ -137,16 +206,28 @@ def init_state(exp: Experiment) -> TrainState:
     def init():
         model = models.build(exp.model_config, nnx.Rngs(exp.config.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params))
+        mixer = () if exp.mixing is None else exp.mixing.mixer.init()
+        return TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params), mixer)
 
     return jax.jit(init, out_shardings=exp.state_shardings)()
 
 
-def compile_steps(exp: Experiment):
-    """The jitted train step (state donated) and eval step, with the experiment's shardings."""
+def compile_steps(exp: Experiment, reference_params=None):
+    """The jitted train step (state donated) and eval step, with the experiment's shardings.
+    With a data mixer the train step learns the domain weights (``reference_params``: DoReMi's
+    reference model)."""
+    plan = exp.mixing
+    if plan is None:
+        step = make_train_step(exp.graphdef, exp.optimizer, accum_steps=exp.config.accum_steps,
+                               learning_rate=exp.schedule, mesh=exp.mesh,
+                               rules=exp.rules)  # fmt: skip
+    else:
+        step = activation_sharding_during_trace(exp.mesh, exp.rules)(make_mixer_train_step(
+            exp.graphdef, exp.optimizer, plan.mixer, kind=plan.kind, train_domains=plan.train,
+            domain_names=tuple(plan.names[i] for i in plan.train), target_domains=plan.target,
+            reference_params=reference_params, learning_rate=exp.schedule))  # fmt: skip
     train_step = jax.jit(
-        make_train_step(exp.graphdef, exp.optimizer, accum_steps=exp.config.accum_steps,
-                        learning_rate=exp.schedule, mesh=exp.mesh, rules=exp.rules),
+        step,
         in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
@@ -195,8 +276,24 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return _parse_lines(f)
 
 
-def _on_devices(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    return sharding.global_batch_to_devices({k: batch[k] for k in MODEL_INPUTS}, mesh)
+def _on_devices(batch: dict[str, np.ndarray], mesh, keys=MODEL_INPUTS) -> dict[str, jax.Array]:
+    return sharding.global_batch_to_devices({k: batch[k] for k in keys}, mesh)
+
+
+def write_domain_weights(workdir: str, exp: Experiment, state: TrainState) -> None:
+    """``domain_weights.json``: the mixer's averaged (published) and current weights by domain
+    name; a base-model config reads it with ``config.data.weights_file``."""
+    from jaxlab.mixing import averaged_weights, current_weights
+
+    plan = exp.mixing
+    mixer = jax.device_get(state.mixer)
+    record = {"mixer": plan.kind, "steps": int(mixer.step),
+              "domains": [plan.names[i] for i in plan.train],
+              "average": [float(w) for w in averaged_weights(mixer)],
+              "last": [float(w) for w in current_weights(mixer)],
+              "targets": [plan.names[i] for i in plan.target]}  # fmt: skip
+    with open(os.path.join(workdir, "domain_weights.json"), "w") as f:
+        json.dump(record, f, indent=2)
 
 
 def evaluate(exp: Experiment, params, eval_data, eval_step) -> dict[str, float]:
@@ -249,6 +346,18 @@ class _Prefetcher:
         self._thread.join(timeout=5)
 
 
+def _reference_params(exp: Experiment, workdir: str):
+    """The parameters of the newest checkpoint in ``workdir`` (a run of the same model)."""
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ValueError(f"config.mixer.reference_workdir: no checkpoint in {workdir!r}")
+    plain = exp.abstract_state._replace(mixer=())
+    state, _, _ = checkpointer.restore(step, plain)
+    checkpointer.close()
+    return state.params
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
     """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
 
@@ -270,8 +379,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     os.makedirs(workdir, exist_ok=True)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     components = pipeline.build_components(config.data)
+    plan = exp.mixing
+    # A mixer run samples its components uniformly, as the DoGE authors do: the weights act on
+    # the gradients (DoGE) or the losses (DoReMi), not on the sampling.
     data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
-                                   components)  # fmt: skip
+                                   components, weights=None if plan is None
+                                   else [1.0] * len(components))  # fmt: skip
     eval_data = pipeline.eval_batches(
         config.data, exp.tokenizer, config.seq_len, config.batch_size, config.eval_batches,
         components,
@@ -290,7 +403,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
 
-    train_step, eval_step = compile_steps(exp)
+    reference = None
+    if plan is not None and plan.kind == "doremi":
+        reference = _reference_params(exp, config.mixer.reference_workdir)
+    train_step, eval_step = compile_steps(exp, reference)
+    keys = MODEL_INPUTS if plan is None else (*MODEL_INPUTS, "domain")
     summary: dict[str, Any] = {"start_step": start}
     if start == 0:
         first = evaluate(exp, state.params, eval_data, eval_step)
@@ -333,7 +450,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     last_train: dict[str, float] = {}
     try:
         for step in range(start + 1, end + 1):
-            state, metrics = train_step(state, _on_devices(prefetcher.next(), exp.mesh))
+            state, metrics = train_step(state, _on_devices(prefetcher.next(), exp.mesh, keys))
             pending.append((step, metrics))
             progress.update(1)
             should_eval = step % config.eval_every == 0 or step == end
@@ -351,6 +468,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                                    f"perplexity {result['eval_perplexity']:.3f}")  # fmt: skip
             if should_save:
                 checkpointer.save(step, state, prefetcher.state, config_json)
+                if plan is not None and lead:
+                    write_domain_weights(workdir, exp, state)
                 last_saved = step
             if should_eval or should_save:
                 window_start = time.perf_counter()  # throughput counts training time only

@@ -50,15 +50,25 @@ class TrainState(NamedTuple):
       step: [] int32, number of updates applied.
       params: pure dict of parameter arrays (``nnx.to_pure_dict`` of the model's ``Param`` state).
       opt_state: the optimizer's state.
+      mixer: the data mixer's state, or ``()``.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    mixer: Any = ()  # a data mixer's state (DoGE, DoReMi) when the run learns domain weights
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def token_losses(graphdef: nnx.GraphDef, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy ``[batch, seq]`` and the float loss mask."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return losses, batch["loss_mask"].astype(jnp.float32)
 
 
 def loss_sums(graphdef: nnx.GraphDef, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -72,11 +82,16 @@ def loss_sums(graphdef: nnx.GraphDef, params, batch: Batch) -> tuple[jax.Array, 
     Returns:
       (sum of per-token losses, token count), float32 scalars.
     """
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
+    losses, mask = token_losses(graphdef, params, batch)
     return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def domain_mean_losses(losses, mask, domain, domains: tuple[int, ...]):
+    """``([len(domains)] mean loss per domain, [len(domains)] token counts)``; a domain with no
+    token in the batch gets loss 0 (and so zero gradient)."""
+    selected = jnp.stack([(domain == d).astype(jnp.float32) * mask for d in domains])
+    counts = jnp.sum(selected, axis=(1, 2))
+    return jnp.sum(selected * losses[None], axis=(1, 2)) / jnp.maximum(counts, 1.0), counts
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
@@ -157,3 +172,72 @@ def make_eval_step(
         return {"loss_sum": loss_sum, "tokens": count}
 
     return eval_step
+
+
+def make_mixer_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    mixer,
+    *,
+    kind: str,
+    train_domains: tuple[int, ...],
+    domain_names: tuple[str, ...],
+    target_domains: tuple[int, ...] = (),
+    reference_params=None,
+    learning_rate: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """A ``(state, batch) -> (state, metrics)`` step that learns domain weights while training.
+
+    ``batch["domain"]`` holds each token's source index. ``kind="doge"``: per-domain gradients of
+    the ``train_domains`` (and of the ``target_domains`` for the OOD objective), the mixer
+    update, then the optimizer steps on the weighted sum of the domain gradients. ``kind=
+    "doremi"``: the excess loss over the frozen ``reference_params`` sets the weights, then the
+    optimizer steps on the weighted sum of domain losses. Metrics: as :func:`make_train_step`
+    (``loss`` is the token-mean loss over the train domains) plus ``weight_<name>`` per domain.
+    """
+    from jaxlab.mixing.doge import domain_gradients, weighted_sum
+
+    if kind not in ("doge", "doremi"):
+        raise ValueError(f"make_mixer_train_step: kind must be 'doge' or 'doremi', got {kind!r}")
+
+    def per_domain(params, batch, domains):
+        losses, mask = token_losses(graphdef, params, batch)
+        return domain_mean_losses(losses, mask, batch["domain"], domains)
+
+    def train_step(state: TrainState, batch: Batch):
+        if kind == "doge":
+            losses, grads, counts = domain_gradients(
+                lambda p: per_domain(p, batch, train_domains), state.params, has_aux=True
+            )
+            target = None
+            if target_domains:
+                _, target = domain_gradients(
+                    lambda p: per_domain(p, batch, target_domains)[0], state.params
+                )
+            weights, mixer_state = mixer.update(grads, state.mixer, target)
+            update = weighted_sum(weights, grads)
+        else:
+            reference, _ = per_domain(reference_params, batch, train_domains)
+            losses, counts = per_domain(state.params, batch, train_domains)
+            weights, mixer_state = mixer.update(
+                jax.lax.stop_gradient(losses), state.mixer, jax.lax.stop_gradient(reference),
+                counts > 0,
+            )  # fmt: skip
+            update = jax.grad(lambda p: jnp.dot(weights, per_domain(p, batch, train_domains)[0]))(
+                state.params
+            )
+        updates, opt_state = optimizer.update(update, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        tokens = jnp.sum(counts)
+        metrics = {
+            "loss": jnp.dot(losses, counts) / jnp.maximum(tokens, 1.0),
+            "tokens": tokens,
+            "grad_norm": optax.tree.norm(update),
+            "param_norm": optax.tree.norm(params),
+        }
+        metrics.update({f"weight_{n}": w for n, w in zip(domain_names, weights, strict=True)})
+        if learning_rate is not None:
+            metrics["learning_rate"] = learning_rate(state.step)
+        return TrainState(state.step + 1, params, opt_state, mixer_state), metrics
+
+    return train_step
