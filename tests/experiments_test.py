@@ -236,3 +236,30 @@ def test_bench_udp_quick(tmp_path):
         (m, k) for m in ("mlp_slab", "lenet_28x28") for k in ("erm", "udp", "pgd", "trades")
     }
     assert all(r["ms_per_step"] > 0 for r in rows)
+
+
+def test_doge_experiment_smoke(tmp_path):
+    result = run_module("experiments.doge", f"--workdir={tmp_path}",
+                        "--config.synthetic.seeds=(0,)", "--config.synthetic.proxy_steps=30",
+                        "--config.synthetic.base_steps=30", "--config.corpus.steps=6",
+                        "--config.corpus.eval_batches=1",
+                        "--config.corpus.domains=('email','asyncio')")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    corpus = results["corpus"]
+    assert set(corpus["perplexity"]) == {"uniform", "doge", "doremi"}
+    assert set(corpus["perplexity"]["doge"]) == {"email", "asyncio", "urllib"}
+    assert sum(corpus["weights"]["doge"].values()) == pytest.approx(1.0, abs=1e-5)
+    for png in ("synthetic_weights.png", "corpus_weights.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_bench_doge_quick(tmp_path):
+    out = tmp_path / "doge.json"
+    result = run_module("experiments.bench_doge", "--quick", f"--out={out}", "--domains=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain", "doge", "doge_selected", "doge_ood", "doremi"}
+    assert rows["plain"]["ratio_to_plain"] == 1.0 and all(
+        r["ms_per_step"] > 0 for r in rows.values()
+    )
