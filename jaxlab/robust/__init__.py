@@ -12,7 +12,7 @@ from jaxlab.robust.metrics import (
     randomized_feature_accuracy,
     robust_accuracy,
 )
-from jaxlab.robust.pgd import pgd_perturb, trades_perturb
+from jaxlab.robust.pgd import pgd_perturb, trades_perturb, vat_perturb
 from jaxlab.robust.training import (
     TrainResult,
     batches,
@@ -44,4 +44,5 @@ __all__ = [
     "train",
     "trades_perturb",
     "udp_perturb",
+    "vat_perturb",
 ]

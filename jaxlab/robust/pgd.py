@@ -38,3 +38,27 @@ def trades_perturb(apply_fn: Callable, params, x, rng, *, epsilon: float, step_s
     start = 0.001 * jax.random.normal(start_rng, x.shape, x.dtype)
     return ascend(divergence, x, rng, epsilon=epsilon, step_size=step_size, num_steps=num_steps,
                   norm=norm, clip=clip, initial_delta=start)  # fmt: skip
+
+
+def vat_perturb(apply_fn: Callable, params, x, rng, *, epsilon: float, xi: float = 1e-6,
+                power_iterations: int = 1):  # fmt: skip
+    """Virtual adversarial training's perturbation (Miyato et al.): ``epsilon`` times the
+    dominant eigenvector of the Hessian of ``KL(p(x) || p(x + r))`` at ``r = 0``, per sample in l2,
+    by ``power_iterations`` finite-difference power steps of size ``xi``. Label-free."""
+    if not epsilon > 0 or not xi > 0 or power_iterations < 1:
+        raise ValueError(f"vat_perturb: need epsilon > 0, xi > 0 and power_iterations >= 1, got "
+                         f"{epsilon}, {xi}, {power_iterations}")  # fmt: skip
+    clean = jax.lax.stop_gradient(jax.nn.log_softmax(apply_fn(params, x), axis=-1))
+
+    def divergence(r):
+        log_q = jax.nn.log_softmax(apply_fn(params, x + r), axis=-1)
+        return jnp.sum(jnp.exp(clean) * (clean - log_q))
+
+    def unit(v):
+        norm = jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
+        return v / jnp.maximum(norm, 1e-12)
+
+    d = unit(jax.random.normal(rng, x.shape, x.dtype))
+    for _ in range(power_iterations):
+        d = unit(jax.grad(divergence)(xi * d))
+    return jax.lax.stop_gradient(x + epsilon * d)

@@ -8,10 +8,11 @@ chosen ``mode``:
 * ``"perturbed"``: ``CE(f(x + delta), y)``: perturbed points replace clean ones (UDP-PGD, Madry's
   PGD-AT);
 * ``"clean+perturbed"``: ``CE(f(x), y) + weight CE(f(x + delta), y)`` (UDPR);
-* ``"trades"``: ``CE(f(x), y) + weight KL(p(x) || p(x + delta))``.
+* ``"trades"``: ``CE(f(x), y) + weight KL(p(x) || p(x + delta))`` (TRADES, and VAT with the
+  ``vat`` transform).
 
 Batches are dicts with ``x`` (inputs) and ``y`` (int labels). The transforms built by
-``perturbation`` pass labels only to PGD; UDP and TRADES never see them.
+``perturbation`` pass labels only to PGD; UDP, TRADES and VAT never see them.
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlab.robust.pgd import pgd_perturb, trades_perturb
+from jaxlab.robust.pgd import pgd_perturb, trades_perturb, vat_perturb
 from jaxlab.robust.udp import udp_perturb
 
 MODES = ("clean", "perturbed", "clean+perturbed", "trades")
-METHODS = ("udp", "pgd", "trades")
+METHODS = ("udp", "pgd", "trades", "vat")
 Transform = Callable[[Any, dict, jax.Array], dict]
 
 
 def perturbation(method: str, apply_fn: Callable, **kwargs) -> Transform:
-    """The batch transform for ``method`` (``udp``, ``pgd`` or ``trades``) with the keyword
+    """The batch transform for ``method`` (``udp``, ``pgd``, ``trades`` or ``vat``) with the keyword
     arguments of its ``*_perturb`` function (epsilon, step_size, num_steps, norm, ...)."""
     if method not in METHODS:
         raise ValueError(f"perturbation: method must be one of {METHODS}, got {method!r}")
@@ -43,8 +44,10 @@ def perturbation(method: str, apply_fn: Callable, **kwargs) -> Transform:
             moved = udp_perturb(apply_fn, params, batch["x"], rng, **kwargs)
         elif method == "pgd":
             moved = pgd_perturb(apply_fn, params, batch["x"], batch["y"], rng, **kwargs)
-        else:
+        elif method == "trades":
             moved = trades_perturb(apply_fn, params, batch["x"], rng, **kwargs)
+        else:
+            moved = vat_perturb(apply_fn, params, batch["x"], rng, **kwargs)
         return batch | {"x_perturbed": moved}
 
     return transform

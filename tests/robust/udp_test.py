@@ -233,3 +233,23 @@ def test_small_cnn_matches_its_module_call():
     adv = R.udp_perturb(apply_fn, params, x, jax.random.PRNGKey(0), epsilon=0.1, step_size=0.05,
                         num_steps=3, clip=(0.0, 1.0))  # fmt: skip
     assert adv.shape == x.shape and float(jnp.max(jnp.abs(adv - x))) <= 0.1 + 1e-6
+
+
+def test_vat_finds_the_most_sensitive_direction_of_a_linear_model():
+    """For a binary linear model the KL gradient at any r is along w: VAT's step is
+    +-epsilon w/||w|| whatever the random start (float64: for confident points the float32 KL
+    change at r = xi d is below rounding)."""
+    dim = 6
+    apply_fn, params = random_linear(9, dim)
+    w, _ = R.binary_linear(params)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(9).standard_normal((40, dim)), jnp.float64)
+        adv = R.vat_perturb(apply_fn, params, x, jax.random.PRNGKey(3), epsilon=0.3, xi=1e-3)
+        batch = {"x": x, "y": jnp.zeros(40, jnp.int32)}
+        transform = R.perturbation("vat", apply_fn, epsilon=0.3, xi=1e-3)
+        via_transform = transform(params, batch, jax.random.PRNGKey(3))["x_perturbed"]
+    delta = np.asarray(adv - x)
+    np.testing.assert_allclose(np.linalg.norm(delta, axis=1), 0.3, rtol=1e-6)
+    cosine = np.abs(delta @ w) / (np.linalg.norm(delta, axis=1) * np.linalg.norm(w))
+    np.testing.assert_allclose(cosine, 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(via_transform), np.asarray(adv))
