@@ -100,9 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
     # "doremi". The components of config.data.sources are the domains; target_sources (DoGE's
     # OOD objective) are scored against but not trained on. Components are sampled uniformly.
     # The averaged weights go to WORKDIR/domain_weights.json (config.data.weights_file reads it).
+    # selected_params: DoGE scores only parameters whose path contains one of these strings
+    # (e.g. "layers/1/mlp"; empty = all), which bounds the score computation.
     config.mixer = ml_collections.ConfigDict(
         dict(name="", mu=0.01, score_clip=(0.0, 5.0), grad_clip=0.0, smoothing=0.0,
-             target_sources=(), step_size=1.0, reference_workdir="")
+             target_sources=(), step_size=1.0, reference_workdir="", selected_params=())
     )  # fmt: skip
     return config
 

@@ -106,7 +106,19 @@ def validate_config(config) -> None:
 MIXERS = ("doge", "doremi")
 
 
-def _mixing_plan(config, schedule) -> MixingPlan | None:
+def _parameter_filter(params, patterns) -> Any:
+    """A pytree of bools: True for parameters whose path (``a/b/c``) contains a pattern."""
+    if not patterns:
+        return None
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: any(p in "/".join(str(getattr(k, "key", k)) for k in path)
+                            for p in patterns), params)  # fmt: skip
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(f"config.mixer.selected_params {list(patterns)} match no parameter")
+    return mask
+
+
+def _mixing_plan(config, schedule, params) -> MixingPlan | None:
     """The mixer of ``config.mixer`` over the data components (None without one)."""
     from jaxlab import mixing
 
@@ -127,7 +139,8 @@ def _mixing_plan(config, schedule) -> MixingPlan | None:
         mixer = mixing.doge(num_domains=len(train), mu=m.mu, lr_schedule=schedule,
                             score_clip=tuple(m.score_clip),
                             objective="ood" if target else "universal", smoothing=m.smoothing,
-                            grad_clip=m.grad_clip or None)  # fmt: skip
+                            grad_clip=m.grad_clip or None,
+                            param_filter=_parameter_filter(params, m.selected_params))  # fmt: skip
     else:
         if target:
             raise ValueError("config.mixer.target_sources: DoReMi has no target domains")
@@ -186,7 +199,7 @@ def build_experiment(config) -> Experiment:
         transform_non_params=lambda _: sharding.replicated(mesh),
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
-    plan = _mixing_plan(config, schedule)
+    plan = _mixing_plan(config, schedule, pure_params)
     abstract_mixer = () if plan is None else jax.eval_shape(plan.mixer.init)
     mixer_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_mixer)
     shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings,

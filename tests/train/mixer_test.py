@@ -98,6 +98,37 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
                                      base.batch_size)  # fmt: skip
 
 
+def test_selected_parameters_restrict_the_scores():
+    """With selected_params the engine's mixer scores only those parameters: its update equals
+    the filtered rule and differs from the unfiltered one on the same gradients."""
+    selected = proxy_config(selected_params=("layers/1/mlp",))
+    exp = loop.build_experiment(selected)
+    params = exp.abstract_state.params
+    chosen = loop._parameter_filter(params, ("layers/1/mlp",))
+    paths = [jax.tree_util.keystr(p) for p, keep in jax.tree_util.tree_flatten_with_path(chosen)[0]
+             if keep]  # fmt: skip
+    assert paths and all("1" in p and "mlp" in p for p in paths)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal((3, *a.shape)), jnp.float32),
+                         params)  # fmt: skip
+    state = exp.mixing.mixer.init()._replace(step=jnp.int32(5))  # past the lr warm-up's 0
+    engine, _ = exp.mixing.mixer.update(grads, state)
+    rule = loop_mixing().doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule,
+                              param_filter=chosen)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(engine), np.asarray(rule.update(grads, state)[0]),
+                               rtol=1e-6)  # fmt: skip
+    unfiltered = loop.build_experiment(proxy_config()).mixing.mixer.update(grads, state)[0]
+    assert not np.allclose(np.asarray(engine), np.asarray(unfiltered))
+    with pytest.raises(ValueError, match="selected_params"):
+        loop.build_experiment(proxy_config(selected_params=("nothing_like_this",)))
+
+
+def loop_mixing():
+    from jaxlab import mixing
+
+    return mixing
+
+
 def test_mixer_config_errors_name_the_field():
     config = proxy_config(target_sources=("nope",))
     with pytest.raises(ValueError, match="config.mixer.target_sources"):
