@@ -178,3 +178,24 @@ def select_parameters(ratio_sums, count: int):
     order = np.argsort([float(v) for v in leaves], kind="stable")
     keep = set((order[:count] if count > 0 else order[count:]).tolist())
     return jax.tree.unflatten(treedef, [i in keep for i in range(len(leaves))])
+
+
+def cancellation_prerun(loss_fn: Callable[[Any, Any], jax.Array], params,
+                        optimizer: optax.GradientTransformation, batches) -> Any:  # fmt: skip
+    """The authors' selection pre-run: plain training on ``batches`` (``loss_fn(params, batch)``
+    a scalar), summing each tensor's :func:`cancellation_ratios` over the steps. Feed the result
+    to :func:`select_parameters` for DoGE's ``param_filter``."""
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        grads = jax.grad(loss_fn)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        return new, opt_state, cancellation_ratios(grads, params, new)
+
+    opt_state = optimizer.init(params)
+    sums = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    for batch in batches:
+        params, opt_state, ratios = step(params, opt_state, batch)
+        sums = jax.tree.map(jnp.add, sums, ratios)
+    return sums

@@ -194,3 +194,25 @@ def test_parameter_selection_ranking():
     grads = {"w": jnp.full(4, 2.0)}
     r = mixing.doge_module.cancellation_ratios(grads, old, new)
     assert float(r["w"]) == pytest.approx(4.0 / 1.0)
+
+
+def test_cancellation_prerun_closed_form_and_selection():
+    """Under plain SGD, W_t - W_{t-1} = -lr g, so every tensor's ratio is exactly 1 / lr; under
+    Adam the ranking is data dependent and select_parameters keeps the requested end."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(2), jnp.float32)}  # fmt: skip
+    batches = [(jnp.asarray(rng.standard_normal((8, 3)), jnp.float32),
+                jnp.asarray(rng.integers(0, 2, 8))) for _ in range(5)]  # fmt: skip
+
+    def loss(p, batch):
+        x, y = batch
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y))
+
+    sums = mixing.cancellation_prerun(loss, params, optax.sgd(0.25), batches)
+    for value in jax.tree.leaves(sums):
+        assert float(value) == pytest.approx(5 / 0.25, rel=1e-4)
+    sums = mixing.cancellation_prerun(loss, params, optax.adam(0.1), batches)
+    keep_small = mixing.select_parameters(sums, 1)
+    smaller = min(sums, key=lambda k: float(sums[k]))
+    assert keep_small == {k: k == smaller for k in sums}
