@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     lm = lm_tiny.with_num_steps(lm, 600)
     config.corpus = ml_collections.ConfigDict(
         dict(domains=("email", "asyncio", "multiprocessing", "importlib", "distutils"),
-             target="urllib", steps=600,
+             target="urllib", steps=600, seeds=(0, 1, 2),
              mu=0.05, doremi_step_size=1.0, doremi_smoothing=1e-3, eval_batches=8, lm=lm)
     )  # fmt: skip
     return config

@@ -33,9 +33,11 @@ config_flags.DEFINE_config_file("config", "configs/doge.py", "Experiment configu
 FLAGS = flags.FLAGS
 
 
-def corpus_config(c, *, sources, mixer=None, weights=None, weights_file=""):
-    """The LM run of ``c.lm`` on ``sources`` with a mixer, explicit weights or a weights file."""
+def corpus_config(c, seed, *, sources, mixer=None, weights=None, weights_file=""):
+    """The LM run of ``c.lm`` on ``sources`` with a mixer, explicit weights or a weights file;
+    ``seed`` sets the initialisation and the data order."""
     config = lm_tiny.with_num_steps(copy.deepcopy(c.lm), c.steps)
+    config.seed = config.data.seed = seed
     config.data.sources = tuple(f"embedded:{d}" for d in sources)
     config.data.weights = tuple(weights) if weights is not None else ()
     config.data.weights_file = weights_file
@@ -59,24 +61,25 @@ def per_domain_perplexity(summary, config, domains, eval_batches):
     return out
 
 
-def corpus(c, workdir):
+def corpus_seed(c, workdir, seed):
+    """One seed of the corpus workflow: reference/uniform run, DoGE-OOD and DoReMi proxies, base
+    models on their weights; per-domain validation perplexity of the three base models."""
     domains, target = tuple(c.domains), c.target
     k = len(domains)
     runs = {}
 
     def train(name, config):
-        print(f"corpus: training {name}", flush=True)
-        run_dir = os.path.join(workdir, "corpus", name)
+        print(f"corpus seed {seed}: training {name}", flush=True)
+        run_dir = os.path.join(workdir, "corpus", f"seed{seed}", name)
         runs[name] = (loop.train_and_evaluate(config, run_dir), config, run_dir)
         return run_dir
 
-    uniform_dir = train("uniform", corpus_config(c, sources=domains,
-                                                 weights=[1.0] * k))  # fmt: skip
+    uniform_dir = train("uniform", corpus_config(c, seed, sources=domains, weights=[1.0] * k))
     doge_dir = train("doge_proxy", corpus_config(
-        c, sources=(*domains, target),
+        c, seed, sources=(*domains, target),
         mixer=dict(name="doge", mu=c.mu, target_sources=(target,))))  # fmt: skip
     doremi_dir = train("doremi_proxy", corpus_config(
-        c, sources=domains,
+        c, seed, sources=domains,
         mixer=dict(name="doremi", step_size=c.doremi_step_size, smoothing=c.doremi_smoothing,
                    reference_workdir=uniform_dir)))  # fmt: skip
     weights = {"uniform": dict(zip(domains, [1.0 / k] * k, strict=True))}
@@ -85,7 +88,7 @@ def corpus(c, workdir):
         with open(weights_file) as f:
             record = json.load(f)
         weights[name] = dict(zip(record["domains"], record["average"], strict=True))
-        train(f"base_{name}", corpus_config(c, sources=domains, weights_file=weights_file))
+        train(f"base_{name}", corpus_config(c, seed, sources=domains, weights_file=weights_file))
     perplexity = {}
     for name, run in (("uniform", "uniform"), ("doge", "base_doge"), ("doremi", "base_doremi")):
         summary, config, _ = runs[run]
@@ -97,8 +100,13 @@ def corpus(c, workdir):
         rows = [m for m in metrics if f"weight_{domains[0]}" in m]
         by_domain = {d: [m[f"weight_{d}"] for m in rows] for d in domains}
         trajectories[name] = dict(steps=[m["step"] for m in rows], weights=by_domain)
-    return dict(weights=weights, perplexity=perplexity, trajectories=trajectories,
-                domains=list(domains), target=target)  # fmt: skip
+    return dict(seed=seed, weights=weights, perplexity=perplexity, trajectories=trajectories)
+
+
+def corpus(c, workdir):
+    """``corpus_seed`` for every seed in ``c.seeds``."""
+    return dict(seeds=[corpus_seed(c, workdir, seed) for seed in c.seeds],
+                domains=list(c.domains), target=c.target)  # fmt: skip
 
 
 def plot(workdir, synthetic_results, corpus_result):
@@ -123,10 +131,12 @@ def plot(workdir, synthetic_results, corpus_result):
     if corpus_result is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (name, t) in zip(axes, corpus_result["trajectories"].items(), strict=True):
+    first_seed = corpus_result["seeds"][0]
+    for ax, (name, t) in zip(axes, first_seed["trajectories"].items(), strict=True):
         for domain, values in t["weights"].items():
             ax.plot(t["steps"], values, label=domain)
-        ax.set_title(f"corpus {name} (target {corpus_result['target']})", fontsize=9)
+        ax.set_title(f"corpus {name}, seed {first_seed['seed']} (target "
+                     f"{corpus_result['target']})", fontsize=9)  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("domain weight")
         ax.legend(fontsize=7)
@@ -182,17 +192,30 @@ def report(config, synthetic_results, corpus_result):
                   f"wide), {c.steps} steps for every run, batch {c.lm.batch_size} x "
                   f"{c.lm.seq_len}; DoGE-OOD mu {c.mu}; DoReMi step {c.doremi_step_size}, "
                   f"smoothing {c.doremi_smoothing}, reference = the uniform base run.", "",
-                  "| weights | " + " | ".join(domains) + " |",
+                  "| weights (mean over seeds) | " + " | ".join(domains) + " |",
                   "|---|" + "---:|" * len(domains)]  # fmt: skip
-        for name, w in corpus_result["weights"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{w[d]:.3f}" for d in domains) + " |")
-        lines += ["", "Validation perplexity of the base models (byte level):", "",
+        seeds = corpus_result["seeds"]
+        for name in seeds[0]["weights"]:
+            mean = {d: np.mean([r["weights"][name][d] for r in seeds]) for d in domains}
+            lines.append(f"| {name} | " + " | ".join(f"{mean[d]:.3f}" for d in domains) + " |")
+        for r in seeds:  # the learned weights per seed
+            for name in ("doge", "doremi"):
+                lines.append(
+                    f"| {name}, seed {r['seed']} | "
+                    + " | ".join(f"{r['weights'][name][d]:.3f}" for d in domains)
+                    + " |"
+                )
+        lines += ["", f"Validation perplexity of the base models (byte level), mean +- std over "
+                  f"seeds {tuple(c.seeds)}:", "",
                   "| base model | " + " | ".join(domains) + f" | average | {target} (OOD) |",
                   "|---|" + "---:|" * (len(domains) + 2)]  # fmt: skip
-        for name, ppl in corpus_result["perplexity"].items():
-            avg = np.mean([ppl[d] for d in domains])
-            lines.append(f"| {name} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains)
-                         + f" | {avg:.3f} | {ppl[target]:.3f} |")  # fmt: skip
+        for name in seeds[0]["perplexity"]:
+            per_seed = [r["perplexity"][name] for r in seeds]
+            columns = [[p[d] for p in per_seed] for d in domains]
+            columns.append([np.mean([p[d] for d in domains]) for p in per_seed])
+            columns.append([p[target] for p in per_seed])
+            lines.append(f"| {name} | " + " | ".join(f"{np.mean(v):.3f} +- {np.std(v):.3f}"
+                                                     for v in columns) + " |")  # fmt: skip
     lines += ["", "![synthetic weights](synthetic_weights.png)"]
     if corpus_result is not None:
         lines.append("![corpus weights](corpus_weights.png)")

@@ -243,10 +243,11 @@ def test_doge_experiment_smoke(tmp_path):
                         "--config.synthetic.seeds=(0,)", "--config.synthetic.proxy_steps=30",
                         "--config.synthetic.base_steps=30", "--config.corpus.steps=6",
                         "--config.corpus.eval_batches=1",
-                        "--config.corpus.domains=('email','asyncio')")  # fmt: skip
+                        "--config.corpus.domains=('email','asyncio')",
+                        "--config.corpus.seeds=(0,)")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    corpus = results["corpus"]
+    corpus = results["corpus"]["seeds"][0]
     assert set(corpus["perplexity"]) == {"uniform", "doge", "doremi"}
     assert set(corpus["perplexity"]["doge"]) == {"email", "asyncio", "urllib"}
     assert sum(corpus["weights"]["doge"].values()) == pytest.approx(1.0, abs=1e-5)
