@@ -49,8 +49,12 @@ def train_proxy(task, c, method: str, seed: int, reference_params=None):
     schedule = optax.cosine_decay_schedule(c.learning_rate, c.proxy_steps, alpha=c.final_lr_ratio)
     optimizer = optax.adam(schedule)
 
+    def example_losses(p, batch):  # [k, batch]: each domain's per-example cross-entropy
+        logits = jax.vmap(lambda x: apply_fn(p, x))(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
     def domain_losses(p, batch):
-        return jax.vmap(lambda x, y: ce(apply_fn, p, x, y))(batch["x"], batch["y"])
+        return jnp.mean(example_losses(p, batch), axis=1)
 
     def target_losses(p, batch):
         return ce(apply_fn, p, batch["target_x"], batch["target_y"])[None]
@@ -65,7 +69,7 @@ def train_proxy(task, c, method: str, seed: int, reference_params=None):
     elif method == "doremi":
         mixer = mixing.doremi(num_domains=k, step_size=c.doremi_step_size,
                               smoothing=c.doremi_smoothing)  # fmt: skip
-        step = mixing.make_doremi_step(domain_losses, optimizer, mixer, reference_params)
+        step = mixing.make_doremi_step(example_losses, optimizer, mixer, reference_params)
     elif method == "uniform":
         mixer = mixing.doge(num_domains=k, mu=1.0, lr_schedule=0.0)  # lr 0: weights stay uniform
         step = mixing.make_doge_step(domain_losses, optimizer, mixer)

@@ -307,8 +307,9 @@ def build_components(data_config) -> list[Component]:
 
 def mixture_weights(data_config, components: Sequence[Component]) -> list[float]:
     """``config.data.weights`` (token shares); or the ``average`` weights by domain name in the
-    JSON file ``config.data.weights_file`` (written by a DoGE / DoReMi run); or natural
-    proportions by size when neither is given."""
+    JSON file ``config.data.weights_file`` (written by a DoGE / DoReMi run; its OOD targets may
+    be components with weight 0, e.g. to evaluate on them); or natural proportions by size when
+    neither is given."""
     weights_file = data_config.get("weights_file", "")
     if weights_file:
         if data_config.weights:
@@ -316,11 +317,15 @@ def mixture_weights(data_config, components: Sequence[Component]) -> list[float]
         with open(weights_file) as f:
             record = json.load(f)
         by_name = dict(zip(record["domains"], record["average"], strict=True))
+        by_name.update({name: 0.0 for name in record.get("targets", [])})  # scored, not trained
         names = [c.name for c in components]
-        if sorted(by_name) != sorted(names):
+        missing = sorted(set(record["domains"]) - set(names))
+        unknown = sorted(set(names) - set(by_name))
+        if missing or unknown:
             raise ValueError(f"config.data.weights_file {weights_file!r} weights domains "
-                             f"{sorted(by_name)}, but the components are "
-                             f"{sorted(names)}")  # fmt: skip
+                             f"{record['domains']} (targets {record.get('targets', [])}), but "
+                             f"the components are {names}: missing {missing}, "
+                             f"unknown {unknown}")  # fmt: skip
         return [float(by_name[n]) for n in names]
     if not data_config.weights:
         return [float(_size(c.train)) for c in components]

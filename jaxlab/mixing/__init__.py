@@ -11,10 +11,11 @@ from jaxlab.mixing.doge import (
     doge,
     domain_gradients,
     flatten_selected,
+    mirror_step,
     select_parameters,
     weighted_sum,
 )
-from jaxlab.mixing.doremi import DoReMiState, doremi
+from jaxlab.mixing.doremi import DoReMiState, domain_excess, doremi
 from jaxlab.mixing.proxy import ProxyState, make_doge_step, make_doremi_step
 
 __all__ = [
@@ -28,9 +29,11 @@ __all__ = [
     "current_weights",
     "doge",
     "doge_module",
+    "domain_excess",
     "doremi",
     "domain_gradients",
     "flatten_selected",
+    "mirror_step",
     "make_doge_step",
     "make_doremi_step",
     "select_parameters",

@@ -43,8 +43,12 @@ class DoGEState(NamedTuple):
 
 
 class Mixer(NamedTuple):
+    """``init() -> state``; ``update(...) -> (weights, state)``; ``prepare(domain_grads)`` gives
+    the per-domain gradients the model steps on (DoGE's per-domain clipping; identity otherwise)."""
+
     init: Callable[..., Any]
     update: Callable[..., tuple[jax.Array, Any]]
+    prepare: Callable[[Any], Any] = lambda domain_grads: domain_grads
 
 
 def check_initial_weights(initial_weights, num_domains: int) -> np.ndarray:
@@ -126,10 +130,9 @@ def doge(*, num_domains: int, mu: float, lr_schedule: optax.ScalarOrSchedule,
             raise ValueError(f"doge: objective {objective!r} "
                              + ("needs target_grads" if objective == "ood"
                                 else "takes no target_grads"))  # fmt: skip
-        if grad_clip is not None:
-            domain_grads = clip_per_domain(domain_grads, grad_clip)
-            if target_grads is not None:
-                target_grads = clip_per_domain(target_grads, grad_clip)
+        domain_grads = prepare(domain_grads)  # a no-op on already prepared gradients
+        if target_grads is not None:
+            target_grads = prepare(target_grads)
         flat = flatten_selected(domain_grads, param_filter)
         lr = jnp.asarray(schedule(state.step), jnp.float32)
         if objective == "universal":
@@ -137,14 +140,30 @@ def doge(*, num_domains: int, mu: float, lr_schedule: optax.ScalarOrSchedule,
             scores = jnp.sum(gram, axis=1) - jnp.diagonal(gram)
         else:
             scores = jnp.sum(flat @ flatten_selected(target_grads, param_filter).T, axis=1)
-        mean_norm = jnp.mean(jnp.linalg.norm(flat, axis=1))
+        # The mean gradient norm over the domains present in the batch (an absent domain has a
+        # zero gradient and would otherwise inflate every score).
+        norms = jnp.linalg.norm(flat, axis=1)
+        mean_norm = jnp.sum(norms) / jnp.maximum(jnp.sum(norms > 0), 1)
         scores = jnp.clip(lr * scores / (mean_norm + 1e-6), lr * lo, lr * hi)
-        weights = jax.nn.softmax(state.log_weights + scores / mu)
-        weights = (1.0 - smoothing) * weights + smoothing / num_domains
-        new = DoGEState(jnp.log(weights), state.weight_sum + weights, state.step + 1)
-        return weights, new
+        weights, log_weights = mirror_step(state.log_weights, scores / mu, smoothing)
+        return weights, DoGEState(log_weights, state.weight_sum + weights, state.step + 1)
 
-    return Mixer(init, update)
+    def prepare(domain_grads):
+        return domain_grads if grad_clip is None else clip_per_domain(domain_grads, grad_clip)
+
+    return Mixer(init, update, prepare)
+
+
+def mirror_step(log_weights, step, smoothing: float):
+    """``(weights, log weights)`` after ``log a + step``, normalised and smoothed towards uniform.
+    The log weights are kept in log space (``log_softmax``), so a weight that underflows to 0 in
+    float32 can still recover."""
+    log_new = jax.nn.log_softmax(log_weights + step)
+    weights = jnp.exp(log_new)
+    if smoothing:
+        weights = (1.0 - smoothing) * weights + smoothing / weights.shape[0]
+        log_new = jnp.log(weights)  # >= log(smoothing / k): finite
+    return weights, log_new
 
 
 def domain_gradients(domain_losses: Callable[[Any], Any], params, *, has_aux: bool = False):
@@ -183,19 +202,23 @@ def select_parameters(ratio_sums, count: int):
 def cancellation_prerun(loss_fn: Callable[[Any, Any], jax.Array], params,
                         optimizer: optax.GradientTransformation, batches) -> Any:  # fmt: skip
     """The authors' selection pre-run: plain training on ``batches`` (``loss_fn(params, batch)``
-    a scalar), summing each tensor's :func:`cancellation_ratios` over the steps. Feed the result
-    to :func:`select_parameters` for DoGE's ``param_filter``."""
+    a scalar), summing each tensor's :func:`cancellation_ratios` ``||g_t|| / ||W_t - W_{t-1}||``
+    (the gradient at ``W_t`` over the update that led to ``W_t``; the first step has no previous
+    update and is skipped). Feed the result to :func:`select_parameters` for DoGE's
+    ``param_filter``."""
 
     @jax.jit
     def step(params, opt_state, batch):
         grads = jax.grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        new = optax.apply_updates(params, updates)
-        return new, opt_state, cancellation_ratios(grads, params, new)
+        return optax.apply_updates(params, updates), opt_state, grads
 
     opt_state = optimizer.init(params)
     sums = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    previous = None
     for batch in batches:
-        params, opt_state, ratios = step(params, opt_state, batch)
-        sums = jax.tree.map(jnp.add, sums, ratios)
+        new, opt_state, grads = step(params, opt_state, batch)
+        if previous is not None:
+            sums = jax.tree.map(jnp.add, sums, cancellation_ratios(grads, previous, params))
+        previous, params = params, new
     return sums

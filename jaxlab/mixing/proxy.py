@@ -6,8 +6,8 @@ absent from it must give 0 with zero gradient, e.g. a masked mean with a guarded
 * DoGE: per-domain gradients (one forward, vmapped backward passes), target-domain gradients for
   the OOD objective, the mixer update, then the optimizer steps on ``sum_i a_i g_i`` with the
   new weights (gradient reweighting, as the authors' trainer does).
-* DoReMi: the proxy's and the reference model's per-domain losses give the weights; the optimizer
-  steps on the gradient of ``sum_i a_i loss_i`` (loss reweighting).
+* DoReMi: the proxy's and the reference model's per-example losses give the clipped excess and
+  the weights; the optimizer steps on the gradient of ``sum_i a_i loss_i`` (loss reweighting).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlab.mixing.doge import Mixer, domain_gradients, weighted_sum
+from jaxlab.mixing.doremi import domain_excess
 
 
 class ProxyState(NamedTuple):
@@ -35,6 +36,7 @@ def make_doge_step(domain_losses: Callable, optimizer: optax.GradientTransformat
 
     def step(state: ProxyState, batch):
         losses, grads = domain_gradients(lambda p: domain_losses(p, batch), state.params)
+        grads = mixer.prepare(grads)  # per-domain clipping: the scores and the update both see it
         target = None
         if target_losses is not None:
             _, target = domain_gradients(lambda p: target_losses(p, batch), state.params)
@@ -49,24 +51,26 @@ def make_doge_step(domain_losses: Callable, optimizer: optax.GradientTransformat
     return step
 
 
-def make_doremi_step(domain_losses: Callable, optimizer: optax.GradientTransformation,
-                     mixer: Mixer, reference_params, *,
-                     present: Callable | None = None):  # fmt: skip
-    """``step(state, batch) -> (state, metrics)``; the reference model shares ``domain_losses``
-    (same architecture) with frozen ``reference_params``. ``present(batch) -> [k] bool``."""
+def make_doremi_step(example_losses: Callable, optimizer: optax.GradientTransformation,
+                     mixer: Mixer, reference_params):  # fmt: skip
+    """``step(state, batch) -> (state, metrics)``. ``example_losses(params, batch) -> [k, n]``:
+    the per-example losses of each domain's rows (every row present); the frozen reference model
+    shares it with ``reference_params``. The excess is clipped per example."""
 
     def step(state: ProxyState, batch):
-        reference = jax.lax.stop_gradient(domain_losses(reference_params, batch))
-        losses = domain_losses(state.params, batch)
-        mask = None if present is None else present(batch)
-        weights, mixer_state = mixer.update(jax.lax.stop_gradient(losses), state.mixer, reference,
-                                            mask)  # fmt: skip
-        loss, grads = jax.value_and_grad(lambda p: jnp.dot(weights, domain_losses(p, batch)))(
-            state.params
-        )
+        reference = jax.lax.stop_gradient(example_losses(reference_params, batch))
+        losses = example_losses(state.params, batch)
+        masks = jnp.eye(losses.shape[0], dtype=losses.dtype)[:, :, None] * jnp.ones_like(losses)
+        excess, present = domain_excess(jax.lax.stop_gradient(losses), reference, masks)
+        weights, mixer_state = mixer.update(excess, state.mixer, present)
+
+        def weighted(p):
+            return jnp.dot(weights, jnp.mean(example_losses(p, batch), axis=1))
+
+        loss, grads = jax.value_and_grad(weighted)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"domain_losses": losses, "weights": weights, "loss": loss,
+        metrics = {"domain_losses": jnp.mean(losses, axis=1), "weights": weights, "loss": loss,
                    "grad_norm": optax.tree.norm(grads)}  # fmt: skip
         return ProxyState(params, opt_state, mixer_state), metrics
 

@@ -8,8 +8,9 @@ chosen ``mode``:
 * ``"perturbed"``: ``CE(f(x + delta), y)``: perturbed points replace clean ones (UDP-PGD, Madry's
   PGD-AT);
 * ``"clean+perturbed"``: ``CE(f(x), y) + weight CE(f(x + delta), y)`` (UDPR);
-* ``"trades"``: ``CE(f(x), y) + weight KL(p(x) || p(x + delta))`` (TRADES, and VAT with the
-  ``vat`` transform).
+* ``"trades"``: ``CE(f(x), y) + weight KL(p(x) || p(x + delta))`` (TRADES: the gradient flows
+  through both distributions);
+* ``"vat"``: the same with ``p(x)`` held constant (virtual adversarial training).
 
 Batches are dicts with ``x`` (inputs) and ``y`` (int labels). The transforms built by
 ``perturbation`` pass labels only to PGD; UDP, TRADES and VAT never see them.
@@ -28,7 +29,7 @@ import optax
 from jaxlab.robust.pgd import pgd_perturb, trades_perturb, vat_perturb
 from jaxlab.robust.udp import udp_perturb
 
-MODES = ("clean", "perturbed", "clean+perturbed", "trades")
+MODES = ("clean", "perturbed", "clean+perturbed", "trades", "vat")
 METHODS = ("udp", "pgd", "trades", "vat")
 Transform = Callable[[Any, dict, jax.Array], dict]
 
@@ -66,8 +67,10 @@ def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weig
     clean = apply_fn(params, batch["x"])
     if mode == "clean+perturbed":
         return ce(clean) + weight * ce(perturbed)
-    if mode == "trades":
+    if mode in ("trades", "vat"):
         log_p, log_q = jax.nn.log_softmax(clean), jax.nn.log_softmax(perturbed)
+        if mode == "vat":
+            log_p = jax.lax.stop_gradient(log_p)
         return ce(clean) + weight * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -106,6 +109,9 @@ class TrainResult(NamedTuple):
 def batches(x, y, batch_size: int | None, seed: int) -> Iterator[dict]:
     """Endless shuffled minibatches (the full batch, unshuffled, when ``batch_size`` is None)."""
     x, y = jnp.asarray(x), jnp.asarray(y)
+    if batch_size is not None and not 1 <= batch_size <= len(x):
+        raise ValueError(f"batches: batch_size must be in [1, {len(x)}] (the data size), got "
+                         f"{batch_size}")  # fmt: skip
     if batch_size is None:
         while True:
             yield {"x": x, "y": y}

@@ -8,7 +8,7 @@ The VI over ``K = {E x = e} intersected with S`` is split: ``x`` carries F and t
    and ``d = E^T (E E^T)^-1 e`` (the projector onto ``{E x = e}``);
 2. y-step: ``y = argmin -mu log-barrier_S(y) + beta / 2 ||y - x - lam / beta||^2``;
 3. dual step: ``lam <- lam + beta (x - y)``;
-and ``mu`` shrinks geometrically (``mu_t = mu0 delta^t``) over ``outer_steps`` stages of
+and ``mu`` shrinks geometrically (``mu_t = mu0 delta^t``, t = 1..T) over ``outer_steps`` stages of
 ``inner_steps`` iterations (the last stage runs ``last_inner_steps``).
 
 Two choices make the four variants of the papers (ACVI, I-ACVI, P-ACVI, PI-ACVI):
@@ -88,12 +88,11 @@ class ACVIConfig:
                              f"to x_step='inexact' only, got x_step={self.x_step!r}")  # fmt: skip
 
     def mu_schedule(self) -> np.ndarray:
-        """mu at every iteration: outer stage t has mu0 delta^t."""
+        """mu at every iteration: outer stage t = 1..T runs at mu0 delta^t (the authors decay mu
+        before each stage, so mu0 itself is never used)."""
         stages = [np.full(self.inner_steps, self.mu0 * self.delta**t)
-                  for t in range(self.outer_steps - 1)]  # fmt: skip
-        stages.append(
-            np.full(self.last_inner_steps, self.mu0 * self.delta ** (self.outer_steps - 1))
-        )
+                  for t in range(1, self.outer_steps)]  # fmt: skip
+        stages.append(np.full(self.last_inner_steps, self.mu0 * self.delta**self.outer_steps))
         return np.concatenate(stages)
 
     def evaluations_per_step(self, problem: VIProblem) -> int:

@@ -98,6 +98,10 @@ def validate_config(config) -> None:
         if config.accum_steps != 1:
             raise ValueError(f"config.accum_steps must be 1 with a data mixer, got "
                              f"{config.accum_steps}")  # fmt: skip
+        if config.data.get("weights_file") or len(set(config.data.weights)) > 1:
+            raise ValueError("config.data.weights / weights_file: a mixer run samples its "
+                             "components uniformly (the weights act on gradients or losses); "
+                             "leave them empty")  # fmt: skip
         if mixer.name == "doremi" and not mixer.reference_workdir:
             raise ValueError("config.mixer.reference_workdir must name a finished run's workdir "
                              "(DoReMi's reference model)")  # fmt: skip

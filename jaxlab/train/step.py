@@ -189,13 +189,15 @@ def make_mixer_train_step(
     """A ``(state, batch) -> (state, metrics)`` step that learns domain weights while training.
 
     ``batch["domain"]`` holds each token's source index. ``kind="doge"``: per-domain gradients of
-    the ``train_domains`` (and of the ``target_domains`` for the OOD objective), the mixer
-    update, then the optimizer steps on the weighted sum of the domain gradients. ``kind=
-    "doremi"``: the excess loss over the frozen ``reference_params`` sets the weights, then the
-    optimizer steps on the weighted sum of domain losses. Metrics: as :func:`make_train_step`
+    the ``train_domains`` (and of the ``target_domains`` for the OOD objective), clipped per
+    domain by the mixer, the mixer update, then the optimizer steps on the weighted sum of the
+    domain gradients. ``kind="doremi"``: the per-token excess loss over the frozen
+    ``reference_params`` (clipped at 0, averaged per domain) sets the weights, then the optimizer
+    steps on the weighted sum of domain losses. Metrics: as :func:`make_train_step`
     (``loss`` is the token-mean loss over the train domains) plus ``weight_<name>`` per domain.
     """
     from jaxlab.mixing.doge import domain_gradients, weighted_sum
+    from jaxlab.mixing.doremi import domain_excess
 
     if kind not in ("doge", "doremi"):
         raise ValueError(f"make_mixer_train_step: kind must be 'doge' or 'doremi', got {kind!r}")
@@ -209,6 +211,7 @@ def make_mixer_train_step(
             losses, grads, counts = domain_gradients(
                 lambda p: per_domain(p, batch, train_domains), state.params, has_aux=True
             )
+            grads = mixer.prepare(grads)  # per-domain clipping for the scores and the update
             target = None
             if target_domains:
                 _, target = domain_gradients(
@@ -217,12 +220,14 @@ def make_mixer_train_step(
             weights, mixer_state = mixer.update(grads, state.mixer, target)
             update = weighted_sum(weights, grads)
         else:
-            reference, _ = per_domain(reference_params, batch, train_domains)
-            losses, counts = per_domain(state.params, batch, train_domains)
-            weights, mixer_state = mixer.update(
-                jax.lax.stop_gradient(losses), state.mixer, jax.lax.stop_gradient(reference),
-                counts > 0,
-            )  # fmt: skip
+            tokens_ref, _ = token_losses(graphdef, reference_params, batch)
+            tokens_now, mask = token_losses(graphdef, state.params, batch)
+            masks = jnp.stack([(batch["domain"] == d).astype(jnp.float32) * mask
+                               for d in train_domains])  # fmt: skip
+            excess, present = domain_excess(jax.lax.stop_gradient(tokens_now),
+                                            jax.lax.stop_gradient(tokens_ref), masks)  # fmt: skip
+            losses, counts = domain_mean_losses(tokens_now, mask, batch["domain"], train_domains)
+            weights, mixer_state = mixer.update(excess, state.mixer, present)
             update = jax.grad(lambda p: jnp.dot(weights, per_domain(p, batch, train_domains)[0]))(
                 state.params
             )

@@ -134,17 +134,56 @@ def test_domain_gradients_equal_separate_grads():
 
 
 def test_doremi_update_matches_numpy():
+    """Per-token clipped excess averaged per domain (not the clip of the domain means), then the
+    exponentiated step with smoothing; an absent domain takes no step."""
     rng = np.random.default_rng(3)
-    mixer = mixing.doremi(num_domains=4, step_size=0.5, smoothing=1e-3)
+    k, tokens = 4, 30
+    mixer = mixing.doremi(num_domains=k, step_size=0.5, smoothing=1e-3)
     state = mixer.init()
-    log_w = np.log(np.full(4, 0.25))
-    for _ in range(3):
-        losses, ref = rng.uniform(1, 3, 4), rng.uniform(1, 3, 4)
-        weights, state = mixer.update(jnp.asarray(losses), state, jnp.asarray(ref))
-        z = log_w + 0.5 * np.maximum(losses - ref, 0.0)
-        expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum() * (1 - 1e-3) + 1e-3 / 4
+    log_w = np.log(np.full(k, 0.25))
+    for step in range(3):
+        losses, ref = rng.uniform(1, 3, tokens), rng.uniform(1, 3, tokens)
+        domain = rng.integers(0, k - 1 if step == 1 else k, tokens)  # domain 3 absent at step 1
+        masks = (domain[None] == np.arange(k)[:, None]).astype(np.float32)
+        excess, present = mixing.domain_excess(jnp.asarray(losses), jnp.asarray(ref),
+                                               jnp.asarray(masks))  # fmt: skip
+        expected_excess = np.array([np.maximum(losses - ref, 0)[domain == i].mean()
+                                    if np.any(domain == i) else 0.0 for i in range(k)])  # fmt: skip
+        np.testing.assert_allclose(np.asarray(excess), expected_excess, rtol=1e-5, atol=1e-7)
+        means = np.array([(losses - ref)[domain == i].mean() if np.any(domain == i) else 0.0
+                          for i in range(k)])  # fmt: skip
+        assert np.all(expected_excess >= np.maximum(means, 0) - 1e-12)  # Jensen: per token >=
+        weights, state = mixer.update(excess, state, present)
+        z = log_w + 0.5 * expected_excess * np.asarray(present)
+        expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum() * (1 - 1e-3) + 1e-3 / k
         np.testing.assert_allclose(np.asarray(weights), expected, rtol=1e-5)
         log_w = np.log(expected)
+
+
+def test_model_update_uses_the_clipped_domain_gradients():
+    """The authors clip each domain gradient in place, so both the scores and the model step see
+    the clipped gradients (here 100 e1 and e2 clipped to norm 1)."""
+    mixer = mixing.doge(num_domains=2, mu=1.0, lr_schedule=0.0, grad_clip=1.0)
+    params = {"w": jnp.zeros(2)}
+    grads_by_domain = jnp.asarray([[100.0, 0.0], [0.0, 1.0]])
+    step = mixing.make_doge_step(lambda p, _: jnp.stack([p["w"] @ g for g in grads_by_domain]),
+                                 optax.sgd(1.0), mixer)  # fmt: skip
+    state = mixing.ProxyState(params, optax.sgd(1.0).init(params), mixer.init())
+    new, _ = step(state, None)
+    np.testing.assert_allclose(np.asarray(new.params["w"]), [-0.5, -0.5], atol=1e-6)
+
+
+def test_a_weight_that_underflows_recovers():
+    """Log weights are kept by log-softmax: a domain pushed below float32's smallest weight still
+    comes back once its excess dominates (with log(softmax) it would stay at -inf)."""
+    mixer = mixing.doremi(num_domains=2, step_size=1.0, smoothing=0.0)
+    state = mixer.init()
+    for _ in range(110):
+        weights, state = mixer.update(jnp.asarray([0.0, 1.0]), state)
+    assert float(weights[0]) == 0.0 and np.isfinite(np.asarray(state.log_weights)).all()
+    for _ in range(200):
+        weights, state = mixer.update(jnp.asarray([1.0, 0.0]), state)
+    assert float(weights[0]) > 0.99
 
 
 def test_state_checkpoints_and_resumes_with_orbax(tmp_path):
@@ -196,23 +235,40 @@ def test_parameter_selection_ranking():
     assert float(r["w"]) == pytest.approx(4.0 / 1.0)
 
 
-def test_cancellation_prerun_closed_form_and_selection():
-    """Under plain SGD, W_t - W_{t-1} = -lr g, so every tensor's ratio is exactly 1 / lr; under
-    Adam the ranking is data dependent and select_parameters keeps the requested end."""
+def test_cancellation_prerun_against_numpy_and_selection():
+    """||g_t|| / ||W_t - W_{t-1}|| summed from the second step, recomputed with NumPy gradients
+    of a linear softmax model under plain SGD; select_parameters keeps the requested end."""
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
               "b": jnp.asarray(rng.standard_normal(2), jnp.float32)}  # fmt: skip
-    batches = [(jnp.asarray(rng.standard_normal((8, 3)), jnp.float32),
-                jnp.asarray(rng.integers(0, 2, 8))) for _ in range(5)]  # fmt: skip
+    batches = [(rng.standard_normal((8, 3)), rng.integers(0, 2, 8)) for _ in range(5)]
 
     def loss(p, batch):
         x, y = batch
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y))
 
-    sums = mixing.cancellation_prerun(loss, params, optax.sgd(0.25), batches)
-    for value in jax.tree.leaves(sums):
-        assert float(value) == pytest.approx(5 / 0.25, rel=1e-4)
-    sums = mixing.cancellation_prerun(loss, params, optax.adam(0.1), batches)
+    def numpy_grads(w, b, x, y):
+        z = x @ w + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(len(y)), y] -= 1
+        return {"w": x.T @ p / len(y), "b": p.mean(0)}
+
+    lr = 0.25
+    w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+    expected = {"w": 0.0, "b": 0.0}
+    previous = None
+    for x, y in batches:
+        g = numpy_grads(w, b, x, y)
+        if previous is not None:
+            for name, now, before in (("w", w, previous[0]), ("b", b, previous[1])):
+                expected[name] += np.linalg.norm(g[name]) / np.linalg.norm(now - before)
+        previous = (w, b)
+        w, b = w - lr * g["w"], b - lr * g["b"]
+    jax_batches = [(jnp.asarray(x, jnp.float32), jnp.asarray(y)) for x, y in batches]
+    sums = mixing.cancellation_prerun(loss, params, optax.sgd(lr), jax_batches)
+    for name in ("w", "b"):
+        assert float(sums[name]) == pytest.approx(expected[name], rel=1e-4)
     keep_small = mixing.select_parameters(sums, 1)
     smaller = min(sums, key=lambda k: float(sums[k]))
     assert keep_small == {k: k == smaller for k in sums}

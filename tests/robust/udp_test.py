@@ -236,20 +236,49 @@ def test_small_cnn_matches_its_module_call():
 
 
 def test_vat_finds_the_most_sensitive_direction_of_a_linear_model():
-    """For a binary linear model the KL gradient at any r is along w: VAT's step is
-    +-epsilon w/||w|| whatever the random start (float64: for confident points the float32 KL
-    change at r = xi d is below rounding)."""
-    dim = 6
+    """For a binary linear model the KL Hessian at r = 0 is p(1 - p) w w^T: VAT's step is
+    +-epsilon w/||w|| whatever the random start, in float32 and in 784 dimensions (exact
+    Hessian-vector products; a finite difference of 1e-6 would be lost to rounding here)."""
+    dim = 784
     apply_fn, params = random_linear(9, dim)
+    params["linear"]["kernel"] = params["linear"]["kernel"] / np.sqrt(dim)  # moderate logits
     w, _ = R.binary_linear(params)
-    with jax.enable_x64(True):
-        x = jnp.asarray(np.random.default_rng(9).standard_normal((40, dim)), jnp.float64)
-        adv = R.vat_perturb(apply_fn, params, x, jax.random.PRNGKey(3), epsilon=0.3, xi=1e-3)
-        batch = {"x": x, "y": jnp.zeros(40, jnp.int32)}
-        transform = R.perturbation("vat", apply_fn, epsilon=0.3, xi=1e-3)
-        via_transform = transform(params, batch, jax.random.PRNGKey(3))["x_perturbed"]
-    delta = np.asarray(adv - x)
-    np.testing.assert_allclose(np.linalg.norm(delta, axis=1), 0.3, rtol=1e-6)
+    x = jnp.asarray(np.random.default_rng(9).uniform(0, 1, (40, dim)), jnp.float32)
+    adv = R.vat_perturb(apply_fn, params, x, jax.random.PRNGKey(3), epsilon=0.3)
+    delta = np.asarray(adv - x, np.float64)
+    np.testing.assert_allclose(np.linalg.norm(delta, axis=1), 0.3, rtol=1e-4)
     cosine = np.abs(delta @ w) / (np.linalg.norm(delta, axis=1) * np.linalg.norm(w))
-    np.testing.assert_allclose(cosine, 1.0, atol=1e-6)
+    np.testing.assert_allclose(cosine, 1.0, atol=1e-4)
+    batch = {"x": x, "y": jnp.zeros(40, jnp.int32)}
+    transform = R.perturbation("vat", apply_fn, epsilon=0.3)
+    via_transform = transform(params, batch, jax.random.PRNGKey(3))["x_perturbed"]
     np.testing.assert_allclose(np.asarray(via_transform), np.asarray(adv))
+
+
+def test_vat_mode_holds_the_clean_distribution_constant_and_batches_check_the_size():
+    apply_fn, params = random_mlp(4)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((16, 5)), jnp.float32)
+    batch = {"x": x, "y": jnp.asarray(rng.integers(0, 3, 16)), "x_perturbed": x + 0.1}
+
+    def kl_grad(mode):
+        kl = lambda p: (
+            R.classification_loss(apply_fn, p, batch, mode)
+            - R.classification_loss(  # noqa: E731
+                apply_fn, p, batch, "clean"
+            )
+        )
+        return jax.grad(kl)(params)
+
+    def numpy_vat_grad():  # d/dparams of KL with p(x) fixed: -E_p[grad log q(x')]
+        log_p = jax.lax.stop_gradient(jax.nn.log_softmax(apply_fn(params, x)))
+        return jax.grad(lambda p: -jnp.mean(jnp.sum(jnp.exp(log_p) * jax.nn.log_softmax(
+            apply_fn(p, batch["x_perturbed"])), -1)))(params)  # fmt: skip
+
+    for a, b in zip(jax.tree.leaves(kl_grad("vat")), jax.tree.leaves(numpy_vat_grad()),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    trades, vat = jax.tree.leaves(kl_grad("trades")), jax.tree.leaves(kl_grad("vat"))
+    assert not all(np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(trades, vat, strict=True))
+    with pytest.raises(ValueError, match="batch_size must be in"):
+        next(R.batches(np.zeros((4, 2)), np.zeros(4), 8, 0))

@@ -92,6 +92,10 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     by_name = dict(zip(record["domains"], record["average"], strict=True))
     np.testing.assert_allclose(iterator.weights / iterator.weights.sum(),
                                [by_name["email"], by_name["json"]], rtol=1e-6)  # fmt: skip
+    base.data.sources = ("embedded:email", "embedded:json", "embedded:html")  # + the OOD target
+    iterator = loop.pipeline.train_iterator(base.data, loop.load_tokenizer("byte"),
+                                            base.seq_len, base.batch_size)  # fmt: skip
+    assert iterator.weights[2] == 0.0 and iterator.weights[:2].sum() > 0
     base.data.sources = ("embedded:email", "embedded:xml")
     with pytest.raises(ValueError, match="weights_file"):
         loop.pipeline.train_iterator(base.data, loop.load_tokenizer("byte"), base.seq_len,
@@ -144,4 +148,8 @@ def test_mixer_config_errors_name_the_field():
     config = lm_smoke.get_config()
     config.mixer.name = "doremi"
     with pytest.raises(ValueError, match="reference_workdir"):
+        loop.build_experiment(config)
+    config = proxy_config()
+    config.data.weights = (1.0, 2.0, 1.0)
+    with pytest.raises(ValueError, match="samples its components uniformly"):
         loop.build_experiment(config)
