@@ -59,18 +59,18 @@ def make_doremi_step(example_losses: Callable, optimizer: optax.GradientTransfor
 
     def step(state: ProxyState, batch):
         reference = jax.lax.stop_gradient(example_losses(reference_params, batch))
-        losses = example_losses(state.params, batch)
+        # One forward pass: the losses set the weights, then the VJP with cotangent w_i / n
+        # gives the gradient of sum_i w_i mean(losses_i).
+        losses, vjp = jax.vjp(lambda p: example_losses(p, batch), state.params)
         masks = jnp.eye(losses.shape[0], dtype=losses.dtype)[:, :, None] * jnp.ones_like(losses)
-        excess, present = domain_excess(jax.lax.stop_gradient(losses), reference, masks)
+        excess, present = domain_excess(losses, reference, masks)
         weights, mixer_state = mixer.update(excess, state.mixer, present)
-
-        def weighted(p):
-            return jnp.dot(weights, jnp.mean(example_losses(p, batch), axis=1))
-
-        loss, grads = jax.value_and_grad(weighted)(state.params)
+        (grads,) = vjp(jnp.broadcast_to(weights[:, None] / losses.shape[1], losses.shape))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"domain_losses": jnp.mean(losses, axis=1), "weights": weights, "loss": loss,
+        domain_means = jnp.mean(losses, axis=1)
+        metrics = {"domain_losses": domain_means, "weights": weights,
+                   "loss": jnp.dot(weights, domain_means),
                    "grad_norm": optax.tree.norm(grads)}  # fmt: skip
         return ProxyState(params, opt_state, mixer_state), metrics
 

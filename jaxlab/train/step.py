@@ -221,16 +221,17 @@ def make_mixer_train_step(
             update = weighted_sum(weights, grads)
         else:
             tokens_ref, _ = token_losses(graphdef, reference_params, batch)
-            tokens_now, mask = token_losses(graphdef, state.params, batch)
+            mask = batch["loss_mask"].astype(jnp.float32)
+            # One forward pass: the token losses set the weights, then the VJP with cotangent
+            # sum_i w_i mask_i / count_i gives the gradient of sum_i w_i mean_loss_i.
+            tokens_now, vjp = jax.vjp(lambda p: token_losses(graphdef, p, batch)[0], state.params)
             masks = jnp.stack([(batch["domain"] == d).astype(jnp.float32) * mask
                                for d in train_domains])  # fmt: skip
-            excess, present = domain_excess(jax.lax.stop_gradient(tokens_now),
-                                            jax.lax.stop_gradient(tokens_ref), masks)  # fmt: skip
+            excess, present = domain_excess(tokens_now, jax.lax.stop_gradient(tokens_ref), masks)
             losses, counts = domain_mean_losses(tokens_now, mask, batch["domain"], train_domains)
             weights, mixer_state = mixer.update(excess, state.mixer, present)
-            update = jax.grad(lambda p: jnp.dot(weights, per_domain(p, batch, train_domains)[0]))(
-                state.params
-            )
+            per_token = weights / jnp.maximum(counts, 1.0)
+            (update,) = vjp(jnp.tensordot(per_token, masks, axes=1).astype(tokens_now.dtype))
         updates, opt_state = optimizer.update(update, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         tokens = jnp.sum(counts)

@@ -272,3 +272,27 @@ def test_cancellation_prerun_against_numpy_and_selection():
     keep_small = mixing.select_parameters(sums, 1)
     smaller = min(sums, key=lambda k: float(sums[k]))
     assert keep_small == {k: k == smaller for k in sums}
+
+
+def test_doremi_proxy_step_gradient_is_the_weighted_loss_gradient():
+    """The step's single-pass VJP equals jax.grad of sum_i w_i mean(loss_i) at the weights the
+    step chose (and plain SGD then moves the parameters by exactly that gradient)."""
+    rng = np.random.default_rng(5)
+    k, n = 3, 6
+    x = jnp.asarray(rng.standard_normal((k, n, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 2, (k, n)))
+    params = {"w": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)}
+    reference = {"w": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)}
+
+    def example_losses(p, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(batch[0] @ p["w"], batch[1])
+
+    mixer = mixing.doremi(num_domains=k, step_size=2.0)
+    step = mixing.make_doremi_step(example_losses, optax.sgd(1.0), mixer, reference)
+    state = mixing.ProxyState(params, optax.sgd(1.0).init(params), mixer.init())
+    new, metrics = jax.jit(step)(state, (x, y))
+    weights = metrics["weights"]
+    expected = jax.grad(lambda p: jnp.dot(weights, jnp.mean(example_losses(p, (x, y)), 1)))(params)
+    np.testing.assert_allclose(np.asarray(params["w"] - new.params["w"]),
+                               np.asarray(expected["w"]), rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert not np.allclose(np.asarray(weights), 1 / k)  # the weights moved

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import lm_smoke
@@ -80,9 +81,35 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     doremi.data.sources = ("embedded:json", "embedded:email")
     doremi.mixer.update(name="doremi", step_size=1.0, smoothing=1e-3,
                         reference_workdir=str(tmp_path / "reference"))  # fmt: skip
-    loop.train_and_evaluate(doremi, str(tmp_path / "doremi"))
+    summary = loop.train_and_evaluate(doremi, str(tmp_path / "doremi"))
     weights = json.loads((tmp_path / "doremi" / "domain_weights.json").read_text())
     assert weights["mixer"] == "doremi" and sum(weights["average"]) == pytest.approx(1, abs=1e-5)
+    # One more engine step by hand: per-token clipped excess -> weights; the update is the
+    # gradient of sum_i w_i mean_loss_i (its norm is logged as grad_norm).
+    exp, state = summary["experiment"], summary["state"]
+    reference_params = loop._reference_params(exp, str(tmp_path / "reference"))
+    iterator = loop.pipeline.train_iterator(doremi.data, exp.tokenizer, doremi.seq_len,
+                                            doremi.batch_size, weights=[1.0, 1.0])  # fmt: skip
+    batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items()
+             if k in (*loop.MODEL_INPUTS, "domain")}  # fmt: skip
+    mask = batch["loss_mask"].astype(jnp.float32)
+    masks = jnp.stack([(batch["domain"] == d).astype(jnp.float32) * mask for d in (0, 1)])
+    now = token_losses(exp.graphdef, state.params, batch)[0]
+    ref = token_losses(exp.graphdef, reference_params, batch)[0]
+    excess = [float(jnp.sum(jnp.maximum(now - ref, 0) * m) / jnp.sum(m)) for m in masks]
+    expected_weights, _ = exp.mixing.mixer.update(jnp.asarray(excess), state.mixer)
+
+    def weighted(p):
+        losses, mask_ = token_losses(exp.graphdef, p, batch)
+        means = domain_mean_losses(losses, mask_, batch["domain"], (0, 1))[0]
+        return jnp.dot(expected_weights, means)
+
+    grad_norm = float(optax.tree.norm(jax.grad(weighted)(state.params)))
+    train_step, _ = loop.compile_steps(exp, reference_params)
+    _, metrics = train_step(jax.tree.map(jnp.copy, state), batch)
+    got = np.array([float(metrics[f"weight_{d}"]) for d in ("json", "email")])
+    np.testing.assert_allclose(got, np.asarray(expected_weights), rtol=1e-4, atol=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-4)
 
     base = lm_smoke.get_config()
     base.data.sources = ("embedded:email", "embedded:json")  # any order: matched by name
