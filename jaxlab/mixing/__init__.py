@@ -15,7 +15,7 @@ from jaxlab.mixing.doge import (
     select_parameters,
     weighted_sum,
 )
-from jaxlab.mixing.doremi import DoReMiState, domain_excess, doremi
+from jaxlab.mixing.doremi import DoReMiState, domain_excess, domain_means, doremi
 from jaxlab.mixing.proxy import ProxyState, make_doge_step, make_doremi_step
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "doge",
     "doge_module",
     "domain_excess",
+    "domain_means",
     "doremi",
     "domain_gradients",
     "flatten_selected",

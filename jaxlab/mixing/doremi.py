@@ -19,13 +19,19 @@ from jaxlab.mixing.doge import DoGEState, Mixer, check_initial_weights, mirror_s
 DoReMiState = DoGEState  # the same fields: log weights, their running sum, the update count
 
 
-def domain_excess(losses, reference_losses, masks, clip: float = 0.0):
-    """``([k] mean clipped excess per domain, [k] present)`` from per-token losses of the proxy
-    and the reference (any shape ``S``) and domain masks ``[k, *S]`` (1 on a domain's tokens)."""
-    excess = jnp.maximum(losses - reference_losses, clip)
+def domain_means(values, masks):
+    """``([k] mean of values per domain, [k] counts)`` for per-token values (any shape ``S``) and
+    domain masks ``[k, *S]`` (1 on a domain's tokens); an absent domain's mean is 0."""
     axes = tuple(range(1, masks.ndim))
     counts = jnp.sum(masks, axis=axes)
-    return jnp.sum(masks * excess[None], axis=axes) / jnp.maximum(counts, 1.0), counts > 0
+    return jnp.sum(masks * values[None], axis=axes) / jnp.maximum(counts, 1.0), counts
+
+
+def domain_excess(losses, reference_losses, masks, clip: float = 0.0):
+    """``([k] mean clipped excess per domain, [k] present)`` from per-token losses of the proxy
+    and the reference and domain masks (see :func:`domain_means`)."""
+    excess, counts = domain_means(jnp.maximum(losses - reference_losses, clip), masks)
+    return excess, counts > 0
 
 
 def doremi(*, num_domains: int, step_size: float = 1.0, smoothing: float = 1e-4,

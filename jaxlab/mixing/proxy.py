@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import optax
 
 from jaxlab.mixing.doge import Mixer, domain_gradients, weighted_sum
-from jaxlab.mixing.doremi import domain_excess
 
 
 class ProxyState(NamedTuple):
@@ -62,9 +61,8 @@ def make_doremi_step(example_losses: Callable, optimizer: optax.GradientTransfor
         # One forward pass: the losses set the weights, then the VJP with cotangent w_i / n
         # gives the gradient of sum_i w_i mean(losses_i).
         losses, vjp = jax.vjp(lambda p: example_losses(p, batch), state.params)
-        masks = jnp.eye(losses.shape[0], dtype=losses.dtype)[:, :, None] * jnp.ones_like(losses)
-        excess, present = domain_excess(losses, reference, masks)
-        weights, mixer_state = mixer.update(excess, state.mixer, present)
+        excess = jnp.mean(jnp.maximum(losses - reference, 0.0), axis=1)  # every row present
+        weights, mixer_state = mixer.update(excess, state.mixer)
         (grads,) = vjp(jnp.broadcast_to(weights[:, None] / losses.shape[1], losses.shape))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -56,7 +56,7 @@ def random_in_ball(rng, shape, epsilon, norm: str, dtype):
         return jax.random.uniform(rng, shape, dtype, -epsilon, epsilon)
     direction_rng, radius_rng = jax.random.split(rng)
     direction = jax.random.normal(direction_rng, shape, dtype)
-    direction = direction / jnp.maximum(_per_sample_norm(direction), 1e-12)
+    direction = ascent_direction(direction, "l2")
     dim = 1
     for size in shape[1:]:
         dim *= size

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.robust.pgd import pgd_perturb
+from jaxlab.solvers.problems import project_simplex
 
 
 def binary_linear(params) -> tuple[np.ndarray, float]:
@@ -43,47 +45,57 @@ class MaxMargin(NamedTuple):
 def hard_margin_svm(x, y, *, tol: float = 1e-9, max_iterations: int = 200_000) -> MaxMargin:
     """The max-margin separator of separable data, as half the distance between the classes'
     convex hulls: ``min ||X1^T p - X0^T q||`` over two probability simplices, by accelerated
-    projected gradient (exact sort-based simplex projections) in float64. Stops when the margin
-    of the current direction is within ``tol`` of the dual bound ``||X1^T p - X0^T q|| / 2``."""
+    projected gradient (``jaxlab.solvers.problems.project_simplex``) in float64. Stops when the
+    margin of the current direction is within ``tol`` of the dual bound
+    ``||X1^T p - X0^T q|| / 2``."""
     x, y = np.asarray(x, np.float64), np.asarray(y)
     pos, neg = x[y == 1], x[y == 0]
     if not len(pos) or not len(neg):
         raise ValueError("hard_margin_svm: need samples of both classes 0 and 1")
     stacked = np.concatenate([pos, -neg])
-    lipschitz = np.linalg.norm(stacked, 2) ** 2
-    u = np.concatenate([np.full(len(pos), 1 / len(pos)), np.full(len(neg), 1 / len(neg))])
-    v, t = u.copy(), 1.0
-    split = len(pos)
-
-    def project(z):
-        return np.concatenate([_simplex(z[:split]), _simplex(z[split:])])
-
-    for iteration in range(max_iterations):
-        diff = stacked.T @ v
-        u_next = project(v - stacked @ diff / lipschitz)
-        t_next = 0.5 * (1 + np.sqrt(1 + 4 * t * t))
-        v = u_next + (t - 1) / t_next * (u_next - u)
-        u, t = u_next, t_next
-        if iteration % 100 == 0:
-            w = stacked.T @ u
-            norm = np.linalg.norm(w)
-            if norm == 0:
-                raise ValueError("hard_margin_svm: the classes' convex hulls intersect")
-            low, high = np.min(pos @ w), np.max(neg @ w)
-            margin = (low - high) / (2 * norm)
-            if norm / 2 - margin < tol:
-                break
+    with jax.enable_x64(True):
+        u = np.asarray(_hull_distance(jnp.asarray(stacked), len(pos), max_iterations,
+                                      np.linalg.norm(stacked, 2) ** 2, tol))  # fmt: skip
+    w = stacked.T @ u
+    norm = np.linalg.norm(w)
+    if norm == 0:
+        raise ValueError("hard_margin_svm: the classes' convex hulls intersect")
+    low, high = np.min(pos @ w), np.max(neg @ w)
+    margin = (low - high) / (2 * norm)
     if margin <= 0:
         raise ValueError(f"hard_margin_svm: data not linearly separable (margin {margin:g})")
     return MaxMargin(w / norm, float(-(low + high) / (2 * norm)), float(margin),
                      float(norm / 2 - margin))  # fmt: skip
 
 
-def _simplex(v):
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1.0
-    rho = np.flatnonzero(u - css / np.arange(1, len(v) + 1) > 0)[-1]
-    return np.maximum(v - css[rho] / (rho + 1), 0.0)
+@jax.jit(static_argnums=(1, 2))
+def _hull_distance(stacked, split, max_iterations, lipschitz, tol):
+    """FISTA on ``1/2 ||stacked^T u||^2`` over the product of two simplices (rows ``:split`` and
+    ``split:``), until the duality gap is below ``tol``; returns ``u``."""
+
+    def project(z):
+        return jnp.concatenate([project_simplex(z[:split]), project_simplex(z[split:])])
+
+    def gap(u):
+        w = stacked.T @ u
+        norm = jnp.linalg.norm(w)
+        margin = (jnp.min(stacked[:split] @ w) + jnp.min(stacked[split:] @ w)) / (2 * norm)
+        return norm / 2 - margin  # rows split: are -x, so min(-x . w) = -max(x . w)
+
+    def unfinished(carry):
+        u, _, _, k = carry
+        return (k < max_iterations) & ~(gap(u) < tol)
+
+    def step(carry):
+        u, v, t, k = carry
+        u_next = project(v - stacked @ (stacked.T @ v) / lipschitz)
+        t_next = 0.5 * (1 + jnp.sqrt(1 + 4 * t * t))
+        return u_next, u_next + (t - 1) / t_next * (u_next - u), t_next, k + 1
+
+    n = stacked.shape[0]
+    start = jnp.concatenate([jnp.full(split, 1.0 / split), jnp.full(n - split, 1.0 / (n - split))])
+    u, _, _, _ = jax.lax.while_loop(unfinished, step, (start, start, jnp.float64(1.0), 0))
+    return u
 
 
 def accuracy(apply_fn: Callable, params, x, y) -> float:

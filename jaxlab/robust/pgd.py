@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.robust.ascent import ascend
+from jaxlab.robust.ascent import ascend, ascent_direction
 
 
 def pgd_perturb(apply_fn: Callable, params, x, y, rng, *, epsilon: float, step_size: float,
@@ -56,9 +56,8 @@ def vat_perturb(apply_fn: Callable, params, x, rng, *, epsilon: float,
         log_q = jax.nn.log_softmax(apply_fn(params, x + r), axis=-1)
         return jnp.sum(jnp.exp(clean) * (clean - log_q))
 
-    def unit(v):
-        norm = jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
-        return v / jnp.maximum(norm, 1e-12)
+    def unit(v):  # per sample, in l2
+        return ascent_direction(v, "l2")
 
     zero = jnp.zeros_like(x)
     d = unit(jax.random.normal(rng, x.shape, x.dtype))

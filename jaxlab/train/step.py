@@ -21,6 +21,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxlab.mixing.doge import domain_gradients, weighted_sum
+from jaxlab.mixing.doremi import domain_excess, domain_means
 from jaxlab.models.partitioning import DEFAULT_RULES, Rules, activation_sharding
 
 Batch = dict[str, jax.Array]
@@ -86,12 +88,15 @@ def loss_sums(graphdef: nnx.GraphDef, params, batch: Batch) -> tuple[jax.Array, 
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def domain_masks(domain, mask, domains: tuple[int, ...]):
+    """``[len(domains), batch, seq]``: the loss mask restricted to each domain's tokens."""
+    return jnp.stack([(domain == d).astype(jnp.float32) * mask for d in domains])
+
+
 def domain_mean_losses(losses, mask, domain, domains: tuple[int, ...]):
     """``([len(domains)] mean loss per domain, [len(domains)] token counts)``; a domain with no
     token in the batch gets loss 0 (and so zero gradient)."""
-    selected = jnp.stack([(domain == d).astype(jnp.float32) * mask for d in domains])
-    counts = jnp.sum(selected, axis=(1, 2))
-    return jnp.sum(selected * losses[None], axis=(1, 2)) / jnp.maximum(counts, 1.0), counts
+    return domain_means(losses, domain_masks(domain, mask, domains))
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
@@ -196,9 +201,6 @@ def make_mixer_train_step(
     steps on the weighted sum of domain losses. Metrics: as :func:`make_train_step`
     (``loss`` is the token-mean loss over the train domains) plus ``weight_<name>`` per domain.
     """
-    from jaxlab.mixing.doge import domain_gradients, weighted_sum
-    from jaxlab.mixing.doremi import domain_excess
-
     if kind not in ("doge", "doremi"):
         raise ValueError(f"make_mixer_train_step: kind must be 'doge' or 'doremi', got {kind!r}")
 
@@ -225,10 +227,9 @@ def make_mixer_train_step(
             # One forward pass: the token losses set the weights, then the VJP with cotangent
             # sum_i w_i mask_i / count_i gives the gradient of sum_i w_i mean_loss_i.
             tokens_now, vjp = jax.vjp(lambda p: token_losses(graphdef, p, batch)[0], state.params)
-            masks = jnp.stack([(batch["domain"] == d).astype(jnp.float32) * mask
-                               for d in train_domains])  # fmt: skip
+            masks = domain_masks(batch["domain"], mask, train_domains)
             excess, present = domain_excess(tokens_now, jax.lax.stop_gradient(tokens_ref), masks)
-            losses, counts = domain_mean_losses(tokens_now, mask, batch["domain"], train_domains)
+            losses, counts = domain_means(tokens_now, masks)
             weights, mixer_state = mixer.update(excess, state.mixer, present)
             per_token = weights / jnp.maximum(counts, 1.0)
             (update,) = vjp(jnp.tensordot(per_token, masks, axes=1).astype(tokens_now.dtype))

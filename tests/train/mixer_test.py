@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from configs import lm_smoke
+from jaxlab import mixing
 from jaxlab.train import loop
 from jaxlab.train.step import domain_mean_losses, token_losses
 
@@ -144,7 +145,7 @@ def test_selected_parameters_restrict_the_scores():
                          params)  # fmt: skip
     state = exp.mixing.mixer.init()._replace(step=jnp.int32(5))  # past the lr warm-up's 0
     engine, _ = exp.mixing.mixer.update(grads, state)
-    rule = loop_mixing().doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule,
+    rule = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule,
                               param_filter=chosen)  # fmt: skip
     np.testing.assert_allclose(np.asarray(engine), np.asarray(rule.update(grads, state)[0]),
                                rtol=1e-6)  # fmt: skip
@@ -152,12 +153,6 @@ def test_selected_parameters_restrict_the_scores():
     assert not np.allclose(np.asarray(engine), np.asarray(unfiltered))
     with pytest.raises(ValueError, match="selected_params"):
         loop.build_experiment(proxy_config(selected_params=("nothing_like_this",)))
-
-
-def loop_mixing():
-    from jaxlab import mixing
-
-    return mixing
 
 
 def test_mixer_config_errors_name_the_field():
