@@ -3,6 +3,8 @@
 All three encode without special tokens unless asked (`add_bos`, `add_eos`), decode a list of
 ids or a 1-D integer array, skip their pad/bos/eos ids when decoding, and reject ids outside
 `[0, vocab_size)`. `load_tokenizer` picks one from a string spec (None, "byte" or a path).
+`add_special_tokens` (or `Tokenizer.with_special_tokens`) wraps any of them with extra tokens, such
+as ChatML's `<|im_start|>` and `<|im_end|>`, that each encode as one id.
 The SentencePiece and Hugging Face packages are imported only when such a tokenizer is built.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,15 @@ class Tokenizer(abc.ABC):
         special = {self.pad_id, self.bos_id, self.eos_id}
         return self._decode([i for i in array.tolist() if i not in special])
 
+    def with_special_tokens(self, tokens: Sequence[str]) -> SpecialTokensTokenizer:
+        """This tokenizer with `tokens` added as special tokens; see `add_special_tokens`."""
+        return add_special_tokens(self, tokens)
+
+    def _special_piece_id(self, token: str) -> int | None:
+        """The id of `token` if the vocabulary already holds it as one special piece."""
+        del token
+        return None
+
     def _with_bos_eos(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos and self.bos_id is None:
             raise ValueError(f"add_bos=True but this {type(self).__name__} has no bos id")
@@ -175,6 +187,20 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return self._processor.encode(text, out_type=int)
 
+    def _special_piece_id(self, token: str) -> int | None:
+        token_id = self._processor.piece_to_id(token)
+        if self._processor.id_to_piece(token_id) != token:  # unknown pieces map to unk
+            return None
+        if self._processor.is_control(token_id):
+            return token_id
+        from sentencepiece import sentencepiece_model_pb2  # needs protobuf; only here
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(
+            self._processor.serialized_model_proto()
+        )
+        user_defined = proto.pieces[token_id].type == proto.SentencePiece.USER_DEFINED
+        return token_id if user_defined else None
+
     def _decode(self, ids: list[int]) -> str:
         return self._processor.decode(ids)
 
@@ -230,11 +256,118 @@ class HFTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def _special_piece_id(self, token: str) -> int | None:
+        added = self._tokenizer.get_added_tokens_decoder()
+        return next((i for i, t in added.items() if t.content == token), None)
+
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class SpecialTokensTokenizer(Tokenizer):
+    """A tokenizer with added special tokens, each encoded as one id.
+
+    Made by `add_special_tokens`. Text is first split on the special tokens (longest first, so a
+    token that contains another wins); the pieces between them are encoded by the base tokenizer
+    one by one, as Hugging Face does for added tokens, so a SentencePiece model starts each piece
+    afresh (with its dummy prefix). A token the base vocabulary already holds as one special
+    piece (a SentencePiece control or user-defined piece, a Hugging Face added token) keeps that
+    id; every other token gets the next free id after the base vocabulary, in the order given:
+    `vocab_size`, `vocab_size + 1`, ... of the base. Decoding maps the ids back to the token
+    strings; pad/bos/eos are those of the base and are skipped as usual.
+
+    Attributes:
+      base: the wrapped tokenizer.
+      special_tokens: {token: id} for the added tokens, in the order they were added.
+    """
+
+    def __init__(self, base: Tokenizer, special_tokens: dict[str, int]) -> None:
+        self.base = base
+        self.special_tokens = dict(special_tokens)
+        self._strings = {i: t for t, i in self.special_tokens.items()}
+        vocab_size = max([base.vocab_size, *(i + 1 for i in self._strings)])
+        super().__init__(vocab_size, pad_id=base.pad_id, bos_id=base.bos_id, eos_id=base.eos_id)
+        by_length = sorted(self.special_tokens, key=len, reverse=True)
+        self._pattern = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+
+    def token_id(self, token: str) -> int:
+        """The id of one added special token."""
+        if token not in self.special_tokens:
+            raise KeyError(
+                f"token {token!r} is not one of the added special tokens "
+                f"{list(self.special_tokens)}"
+            )
+        return self.special_tokens[token]
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, piece in enumerate(self._pattern.split(text)):
+            if i % 2:  # the split keeps the separators at odd indices
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids.extend(self.base.encode(piece))
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self._strings:
+                if run:
+                    parts.append(self.base.decode(run))
+                    run = []
+                parts.append(self._strings[i])
+            else:
+                run.append(i)
+        if run:
+            parts.append(self.base.decode(run))
+        return "".join(parts)
+
+
+def add_special_tokens(tokenizer: Tokenizer, tokens: Sequence[str]) -> SpecialTokensTokenizer:
+    """`tokenizer` with `tokens` added as special tokens that each encode as one id.
+
+    See `SpecialTokensTokenizer` for the ids and how text is split. Adding to a tokenizer that
+    already has added tokens keeps their ids and appends the new ones; a token added before is
+    kept as it is. The model's vocabulary must then grow to the new `vocab_size`
+    (`jaxlab.models.resize.resize_vocabulary`).
+
+    Args:
+      tokenizer: any `Tokenizer` (byte, SentencePiece, Hugging Face or one with added tokens).
+      tokens: non-empty, distinct strings, e.g. `("<|im_start|>", "<|im_end|>")`.
+
+    Raises:
+      TypeError: `tokens` is a single str, or holds a non-str.
+      ValueError: a token is empty or repeated.
+    """
+    if isinstance(tokens, str):
+        raise TypeError(f"tokens must be a sequence of str, not a single str: {tokens!r}")
+    tokens = list(tokens)
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str) or not token:
+            raise (ValueError if isinstance(token, str) else TypeError)(
+                f"tokens[{i}] must be a non-empty str, got {token!r}"
+            )
+    repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+    if repeated:
+        raise ValueError(f"tokens repeat: {repeated}")
+    if isinstance(tokenizer, SpecialTokensTokenizer):
+        base, special = tokenizer.base, dict(tokenizer.special_tokens)
+        next_id = tokenizer.vocab_size
+    else:
+        base, special, next_id = tokenizer, {}, tokenizer.vocab_size
+    for token in tokens:
+        if token in special:
+            continue
+        existing = base._special_piece_id(token)
+        if existing is not None:
+            special[token] = existing
+        else:
+            special[token], next_id = next_id, next_id + 1
+    return SpecialTokensTokenizer(base, special)
 
 
 def load_tokenizer(spec: str | os.PathLike[str] | None) -> Tokenizer:
