@@ -28,6 +28,25 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     # Training metrics are fetched from the device and logged every N steps.
     config.log_every = 10
+    # Held-out loss per data component too (eval_loss/<name>), when there are several.
+    config.eval_per_source = True
+
+    # Starting parameters: "" (random, config.seed), "hf:PATH" (a Hugging Face Llama directory)
+    # or "run:WORKDIR[@STEP]" (another run's checkpoint). "exact" needs every parameter to match;
+    # "partial" copies the matching paths and keeps the rest random (init_from.json names them).
+    # init_from_map renames source path prefixes first, e.g. (("layers/0", "layers/1"),).
+    # A resumed run always starts from its own checkpoint.
+    config.init_from = ""
+    config.init_from_mode = "exact"
+    config.init_from_map = ()
+
+    # What the train step minimises (jaxlab.objectives registry): "next_token", "distill_kl"
+    # (KL to the frozen teacher at `teacher`, "hf:PATH" or "run:WORKDIR[@STEP]", at
+    # `temperature`, plus ce_weight x cross-entropy), or a data mixer, "doge" / "doremi"
+    # (config.mixer below).
+    config.objective = ml_collections.ConfigDict(
+        dict(name="next_token", teacher="", temperature=1.0, ce_weight=0.0)
+    )
 
     # The model (jaxlab.models.build); vocab_size 0 = the tokenizer's.
     config.model = ml_collections.ConfigDict(
@@ -88,6 +107,15 @@ def get_config() -> ml_collections.ConfigDict:
             eps=1e-8,
             weight_decay=0.1,
             clip_norm=1.0,
+            # "wsd" (warmup-stable-decay): the last wsd_decay_fraction of the run decays in
+            # wsd_shape ("linear", "cosine", "sqrt").
+            wsd_decay_fraction=0.2,
+            wsd_shape="linear",
+            # Step counts of training stages (summing to num_steps); each restarts the schedule.
+            stage_steps=(),
+            # Parameters not trained: path patterns such as "embed" or "layers/0/" (no update,
+            # no optimizer moments).
+            frozen=(),
         )
     )
 
@@ -96,14 +124,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
     config.logical_axis_rules = ()
 
-    # Data mixer learning domain weights while training (jaxlab.mixing): "" (off), "doge" or
-    # "doremi". The components of config.data.sources are the domains; target_sources (DoGE's
-    # OOD objective) are scored against but not trained on. Components are sampled uniformly.
+    # Data mixer hyperparameters, for config.objective.name "doge" or "doremi" (jaxlab.mixing),
+    # which learn domain weights while training. The components of config.data.sources are the
+    # domains; target_sources (DoGE's OOD objective) are scored against but not trained on.
+    # Components are sampled uniformly.
     # The averaged weights go to WORKDIR/domain_weights.json (config.data.weights_file reads it).
     # selected_params: DoGE scores only parameters whose path contains one of these strings
     # (e.g. "layers/1/mlp"; empty = all), which bounds the score computation.
     config.mixer = ml_collections.ConfigDict(
-        dict(name="", mu=0.01, score_clip=(0.0, 5.0), grad_clip=0.0, smoothing=0.0,
+        dict(mu=0.01, score_clip=(0.0, 5.0), grad_clip=0.0, smoothing=0.0,
              target_sources=(), step_size=1.0, reference_workdir="", selected_params=())
     )  # fmt: skip
     return config

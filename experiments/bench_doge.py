@@ -17,18 +17,19 @@ of ``--repeats`` timed runs of ``--steps`` steps):
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from configs import doge as doge_config
 from experiments.benchmarking import environment, timed_median, write_json
-from jaxlab import mixing, models
+from jaxlab import models, objectives
 from jaxlab.data import pipeline
 from jaxlab.train import loop
-from jaxlab.train.step import TrainState, make_mixer_train_step, make_train_step
+from jaxlab.train.step import TrainState, make_train_step
 
 flags.DEFINE_string("out", "bench_results/bench_doge.json", "Where to write the JSON.")
 flags.DEFINE_integer("repeats", 3, "Timed runs (median reported).")
@@ -47,48 +48,61 @@ def main(argv):
     exp = loop.build_experiment(config)
     k = len(names)
     params = nnx.to_pure_dict(nnx.state(models.build(exp.model_config, nnx.Rngs(0)), nnx.Param))
-    iterator = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len,
-                                       config.batch_size, weights=[1.0] * k)  # fmt: skip
+    iterator = pipeline.train_iterator(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, weights=[1.0] * k
+    )
     keys = (*loop.MODEL_INPUTS, "domain")
-    batches = [{key: jnp.asarray(b[key]) for key in keys}
-               for b in (next(iterator) for _ in range(steps))]  # fmt: skip
-    leaves = jax.tree.leaves(params)
-    smallest = set(np.argsort([leaf.size for leaf in leaves])[:2].tolist())
-    selected = jax.tree.unflatten(jax.tree.structure(params),
-                                  [i in smallest for i in range(len(leaves))])  # fmt: skip
-    common = dict(learning_rate=exp.schedule)
+    batches = [
+        {key: jnp.asarray(b[key]) for key in keys} for b in (next(iterator) for _ in range(steps))
+    ]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    smallest = sorted(leaves, key=lambda item: item[1].size)[:2]
+    selected = tuple("/".join(str(k.key) for k in path) for path, _ in smallest)
 
-    def doge(num, **kw):
-        return mixing.doge(num_domains=num, mu=0.01, lr_schedule=exp.schedule, **kw)
+    def objective(name, **mixer):
+        """The engine's objective ``name`` with ``config.mixer`` overrides; DoReMi's reference
+        is the initial model."""
+        c = copy.deepcopy(config)
+        c.objective.name = name
+        c.mixer.update(**mixer)
+        context = objectives.ObjectiveContext(
+            config=c,
+            graphdef=exp.graphdef,
+            frozen={"reference": exp.graphdef},
+            model_config=exp.model_config,
+            frozen_configs={"reference": exp.model_config},
+            params=params,
+            schedule=exp.schedule,
+            components=tuple(names),
+        )
+        return objectives.get_objective(name).build(context)
 
-    names_t = tuple(names)
     variants = {
-        "plain": (make_train_step(exp.graphdef, exp.optimizer, **common), ()),
-        "doge": (make_mixer_train_step(exp.graphdef, exp.optimizer, doge(k), kind="doge",
-                                       train_domains=tuple(range(k)), domain_names=names_t,
-                                       **common), doge(k).init()),
-        "doge_selected": (make_mixer_train_step(
-            exp.graphdef, exp.optimizer, doge(k, param_filter=selected), kind="doge",
-            train_domains=tuple(range(k)), domain_names=names_t, **common), doge(k).init()),
-        "doge_ood": (make_mixer_train_step(
-            exp.graphdef, exp.optimizer, doge(k - 1, objective="ood"), kind="doge",
-            train_domains=tuple(range(k - 1)), target_domains=(k - 1,),
-            domain_names=names_t[: k - 1], **common), doge(k - 1, objective="ood").init()),
-        "doremi": (make_mixer_train_step(
-            exp.graphdef, exp.optimizer, mixing.doremi(num_domains=k), kind="doremi",
-            train_domains=tuple(range(k)), domain_names=names_t, reference_params=params,
-            **common), mixing.doremi(num_domains=k).init()),
-    }  # fmt: skip
+        "plain": objectives.get_objective("next_token").build(
+            objectives.ObjectiveContext(
+                config, exp.graphdef, {}, exp.model_config, {}, params, exp.schedule, tuple(names)
+            )
+        ),
+        "doge": objective("doge"),
+        "doge_selected": objective("doge", selected_params=selected),
+        "doge_ood": objective("doge", target_sources=(names[-1],)),
+        "doremi": objective("doremi", reference_workdir="(the initial model)"),
+    }
+    frozen = {"reference": params}
     rows, base = [], None
-    for name, (step, mixer_state) in variants.items():
-        step = jax.jit(step)
-        state = [TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params),
-                            mixer_state)]  # fmt: skip
+    for name, obj in variants.items():
+        step = jax.jit(
+            make_train_step(exp.graphdef, exp.optimizer, objective=obj, learning_rate=exp.schedule)
+        )
+        state = [
+            TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params), obj.init())
+        ]
+        step_frozen = frozen if name == "doremi" else {}
 
-        def run(step=step, state=state):
+        def run(step=step, state=state, step_frozen=step_frozen):
             s = state[0]
             for batch in batches:
-                s, metrics = step(s, batch)
+                s, metrics = step(s, batch, step_frozen)
             jax.block_until_ready(metrics["loss"])
             state[0] = s
 
@@ -96,8 +110,15 @@ def main(argv):
         base = ms if name == "plain" else base
         rows.append(dict(variant=name, ms_per_step=ms, ratio_to_plain=ms / base, domains=k))
         print(f"{name:14s} {ms:8.1f} ms/step  x{ms / base:5.2f}", flush=True)
-    write_json(FLAGS.out, dict(environment=environment(), rows=rows, selected_tensors=2,
-                               total_tensors=len(leaves)))  # fmt: skip
+    write_json(
+        FLAGS.out,
+        dict(
+            environment=environment(),
+            rows=rows,
+            selected_tensors=list(selected),
+            total_tensors=len(leaves),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def corpus_config(c, seed, *, sources, mixer=None, weights=None, weights_file=""
     config.data.weights = tuple(weights) if weights is not None else ()
     config.data.weights_file = weights_file
     if mixer is not None:
+        mixer = dict(mixer)
+        config.objective.name = mixer.pop("name")
         config.mixer.update(**mixer)
     return config
 

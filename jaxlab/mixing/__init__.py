@@ -1,4 +1,7 @@
-"""Data mixers as init/update state machines: DoGE and the DoReMi baseline."""
+"""Data mixers as init/update state machines: DoGE and the DoReMi baseline.
+
+Importing this package registers the ``doge`` and ``doremi`` training objectives.
+"""
 
 from jaxlab.mixing import doge as doge_module
 from jaxlab.mixing.doge import (
@@ -16,7 +19,19 @@ from jaxlab.mixing.doge import (
     weighted_sum,
 )
 from jaxlab.mixing.doremi import DoReMiState, domain_excess, domain_means, doremi
-from jaxlab.mixing.proxy import ProxyState, make_doge_step, make_doremi_step
+from jaxlab.mixing.objectives import (
+    doge_objective,
+    domain_masks,
+    domain_mean_losses,
+    doremi_objective,
+)
+from jaxlab.mixing.proxy import (
+    ProxyState,
+    doge_gradients,
+    doremi_gradients,
+    make_doge_step,
+    make_doremi_step,
+)
 
 __all__ = [
     "DoGEState",
@@ -28,6 +43,12 @@ __all__ = [
     "clip_per_domain",
     "current_weights",
     "doge",
+    "doge_gradients",
+    "doge_objective",
+    "domain_masks",
+    "domain_mean_losses",
+    "doremi_gradients",
+    "doremi_objective",
     "doge_module",
     "domain_excess",
     "domain_means",

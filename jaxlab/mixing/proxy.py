@@ -1,13 +1,18 @@
-"""One proxy-model training step with a mixer: the model and the domain weights move together.
+"""Mixer steps: the model and the domain weights move together.
 
-``domain_losses(params, batch) -> [k]`` gives the mean loss of each domain in a batch (domains
-absent from it must give 0 with zero gradient, e.g. a masked mean with a guarded denominator).
+The two cores, shared by the proxy steps below (small models with one batch per domain) and by
+the training engine's mixer objectives (:mod:`jaxlab.mixing.objectives`):
 
-* DoGE: per-domain gradients (one forward, vmapped backward passes), target-domain gradients for
-  the OOD objective, the mixer update, then the optimizer steps on ``sum_i a_i g_i`` with the
-  new weights (gradient reweighting, as the authors' trainer does).
-* DoReMi: the proxy's and the reference model's per-example losses give the clipped excess and
-  the weights; the optimizer steps on the gradient of ``sum_i a_i loss_i`` (loss reweighting).
+* :func:`doge_gradients`: per-domain gradients (one forward, vmapped backward passes),
+  target-domain gradients for the OOD objective, the mixer update, then ``sum_i a_i g_i`` with
+  the new weights (gradient reweighting, as the authors' trainer does).
+* :func:`doremi_gradients`: the model's and the reference model's per-token (or per-example)
+  losses give the clipped excess and the weights; one VJP gives the gradient of
+  ``sum_i a_i loss_i`` (loss reweighting).
+
+Proxy steps: ``domain_losses(params, batch) -> [k]`` gives the mean loss of each domain in a
+batch (domains absent from it must give 0 with zero gradient, e.g. a masked mean with a guarded
+denominator).
 """
 
 from __future__ import annotations
@@ -20,6 +25,54 @@ import jax.numpy as jnp
 import optax
 
 from jaxlab.mixing.doge import Mixer, domain_gradients, weighted_sum
+from jaxlab.mixing.doremi import domain_excess, domain_means
+
+
+def doge_gradients(
+    domain_losses: Callable,
+    params,
+    mixer: Mixer,
+    mixer_state,
+    target_losses: Callable | None = None,
+):
+    """``(update, weights, mixer_state, losses [k], aux)`` of one DoGE step.
+
+    Args:
+      domain_losses: ``params -> ([k] mean loss per domain, aux)``.
+      params: the model's parameters.
+      mixer: a :func:`jaxlab.mixing.doge` mixer; ``mixer_state`` its state.
+      target_losses: ``params -> [m]`` target-domain losses (the OOD objective), or None.
+    """
+    losses, grads, aux = domain_gradients(domain_losses, params, has_aux=True)
+    grads = mixer.prepare(grads)  # per-domain clipping: the scores and the update both see it
+    target = None
+    if target_losses is not None:
+        _, target = domain_gradients(target_losses, params)
+    weights, mixer_state = mixer.update(grads, mixer_state, target)
+    return weighted_sum(weights, grads), weights, mixer_state, losses, aux
+
+
+def doremi_gradients(
+    losses_fn: Callable, params, reference_losses, masks, mixer: Mixer, mixer_state
+):
+    """``(grads, weights, mixer_state, domain mean losses [k], counts [k])`` of one DoReMi step.
+
+    Args:
+      losses_fn: ``params -> losses`` per token or per example (any shape ``S``).
+      params: the model's parameters.
+      reference_losses: the frozen reference model's losses, shape ``S``.
+      masks: ``[k, *S]`` 1 where a loss belongs to domain ``i`` (and counts).
+      mixer: a :func:`jaxlab.mixing.doremi` mixer; ``mixer_state`` its state.
+    """
+    # One forward pass: the losses set the weights, then the VJP with cotangent
+    # sum_i w_i mask_i / count_i gives the gradient of sum_i w_i mean_loss_i.
+    losses, vjp = jax.vjp(losses_fn, params)
+    excess, present = domain_excess(losses, jax.lax.stop_gradient(reference_losses), masks)
+    means, counts = domain_means(losses, masks)
+    weights, mixer_state = mixer.update(excess, mixer_state, present)
+    per_token = weights / jnp.maximum(counts, 1.0)
+    (grads,) = vjp(jnp.tensordot(per_token, masks, axes=1).astype(losses.dtype))
+    return grads, weights, mixer_state, means, counts
 
 
 class ProxyState(NamedTuple):
@@ -28,48 +81,59 @@ class ProxyState(NamedTuple):
     mixer: Any
 
 
-def make_doge_step(domain_losses: Callable, optimizer: optax.GradientTransformation,
-                   mixer: Mixer, *, target_losses: Callable | None = None):  # fmt: skip
+def make_doge_step(
+    domain_losses: Callable,
+    optimizer: optax.GradientTransformation,
+    mixer: Mixer,
+    *,
+    target_losses: Callable | None = None,
+):
     """``step(state, batch) -> (state, metrics)``; ``target_losses(params, batch) -> [m]`` for
     the OOD objective (the target domains' losses, which the model does not train on)."""
 
     def step(state: ProxyState, batch):
-        losses, grads = domain_gradients(lambda p: domain_losses(p, batch), state.params)
-        grads = mixer.prepare(grads)  # per-domain clipping: the scores and the update both see it
-        target = None
-        if target_losses is not None:
-            _, target = domain_gradients(lambda p: target_losses(p, batch), state.params)
-        weights, mixer_state = mixer.update(grads, state.mixer, target)
-        update = weighted_sum(weights, grads)
+        target = None if target_losses is None else (lambda p: target_losses(p, batch))
+        update, weights, mixer_state, losses, _ = doge_gradients(
+            lambda p: (domain_losses(p, batch), ()), state.params, mixer, state.mixer, target
+        )
         updates, opt_state = optimizer.update(update, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"domain_losses": losses, "weights": weights, "loss": jnp.dot(weights, losses),
-                   "grad_norm": optax.tree.norm(update)}  # fmt: skip
+        metrics = {
+            "domain_losses": losses,
+            "weights": weights,
+            "loss": jnp.dot(weights, losses),
+            "grad_norm": optax.tree.norm(update),
+        }
         return ProxyState(params, opt_state, mixer_state), metrics
 
     return step
 
 
-def make_doremi_step(example_losses: Callable, optimizer: optax.GradientTransformation,
-                     mixer: Mixer, reference_params):  # fmt: skip
+def make_doremi_step(
+    example_losses: Callable,
+    optimizer: optax.GradientTransformation,
+    mixer: Mixer,
+    reference_params,
+):
     """``step(state, batch) -> (state, metrics)``. ``example_losses(params, batch) -> [k, n]``:
     the per-example losses of each domain's rows (every row present); the frozen reference model
     shares it with ``reference_params``. The excess is clipped per example."""
 
     def step(state: ProxyState, batch):
-        reference = jax.lax.stop_gradient(example_losses(reference_params, batch))
-        # One forward pass: the losses set the weights, then the VJP with cotangent w_i / n
-        # gives the gradient of sum_i w_i mean(losses_i).
-        losses, vjp = jax.vjp(lambda p: example_losses(p, batch), state.params)
-        excess = jnp.mean(jnp.maximum(losses - reference, 0.0), axis=1)  # every row present
-        weights, mixer_state = mixer.update(excess, state.mixer)
-        (grads,) = vjp(jnp.broadcast_to(weights[:, None] / losses.shape[1], losses.shape))
+        reference = example_losses(reference_params, batch)
+        k, n = reference.shape
+        masks = jnp.broadcast_to(jnp.eye(k, dtype=reference.dtype)[:, :, None], (k, k, n))
+        grads, weights, mixer_state, means, _ = doremi_gradients(
+            lambda p: example_losses(p, batch), state.params, reference, masks, mixer, state.mixer
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        domain_means = jnp.mean(losses, axis=1)
-        metrics = {"domain_losses": domain_means, "weights": weights,
-                   "loss": jnp.dot(weights, domain_means),
-                   "grad_norm": optax.tree.norm(grads)}  # fmt: skip
+        metrics = {
+            "domain_losses": means,
+            "weights": weights,
+            "loss": jnp.dot(weights, means),
+            "grad_norm": optax.tree.norm(grads),
+        }
         return ProxyState(params, opt_state, mixer_state), metrics
 
     return step

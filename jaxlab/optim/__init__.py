@@ -23,7 +23,7 @@ from jaxlab.optim.ademamix import (
     beta3_schedule,
     scale_by_ademamix,
 )
-from jaxlab.optim.schedules import warmup_decay_schedule
+from jaxlab.optim.schedules import staged_schedule, warmup_decay_schedule
 
 OptimizerFactory = Callable[[Any, optax.Schedule], optax.GradientTransformation]
 _REGISTRY: dict[str, OptimizerFactory] = {}
@@ -107,18 +107,44 @@ register_optimizer("ademamix", _ademamix_from_config)
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
-    """The schedule described by ``config.optim`` (see :func:`warmup_decay_schedule`)."""
-    try:
+    """The schedule described by ``config.optim`` (see :func:`warmup_decay_schedule`).
+
+    ``config.stage_steps`` (step counts summing to ``total_steps``) restarts the whole schedule,
+    warm-up included, at the start of every stage."""
+    stages = tuple(_get(config, "stage_steps", ()) or ())
+    if stages and sum(stages) != total_steps:
+        raise ValueError(f"config.optim.stage_steps {list(stages)} must sum to the run's "
+                         f"{total_steps} steps")  # fmt: skip
+
+    def one(steps):
         return warmup_decay_schedule(
             config.learning_rate,
-            total_steps=total_steps,
+            total_steps=steps,
             warmup_steps=_get(config, "warmup_steps", 0),
             decay=_get(config, "schedule", "cosine"),
             final_fraction=_get(config, "final_lr_fraction", 0.1),
-            decay_steps=_get(config, "decay_steps", None) or None,
+            decay_steps=(_get(config, "decay_steps", None) or None) if not stages else None,
+            wsd_decay_fraction=_get(config, "wsd_decay_fraction", 0.2),
+            wsd_shape=_get(config, "wsd_shape", "linear"),
         )
+
+    try:
+        if stages:
+            return staged_schedule([one(n) for n in stages], stages)
+        return one(total_steps)
     except ValueError as e:  # name the config section the values came from
         raise ValueError(f"config.optim: {e}") from None
+
+
+def params_matching(params, patterns, field: str) -> Any:
+    """A pytree of bools like ``params``: True where the parameter's path (``a/b/c``) contains
+    one of ``patterns``; ``field`` names the config field in the error when none matches."""
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: any(p in "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
+                                          for k in path) for p in patterns), params)  # fmt: skip
+    if patterns and not any(jax.tree.leaves(mask)):
+        raise ValueError(f"{field} {list(patterns)} match no parameter")
+    return mask
 
 
 def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
@@ -128,7 +154,10 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
       config: ``config.optim``: ``name``, ``learning_rate`` and optional ``warmup_steps``,
         ``schedule``, ``final_lr_fraction``, ``decay_steps``, ``clip_norm`` (0 = off),
         ``weight_decay``, ``b1``, ``b2``, ``eps``, ``momentum``, ``nesterov``; for ``ademamix``
-        also ``b3``, ``alpha``, ``warmup_alpha_b3`` and ``mu_dtype``.
+        also ``b3``, ``alpha``, ``warmup_alpha_b3`` and ``mu_dtype``; ``frozen``: path
+        patterns of parameters that are not trained (see :func:`params_matching`);
+        ``stage_steps``, ``wsd_decay_fraction``, ``wsd_shape``: see
+        :func:`learning_rate_schedule`.
       total_steps: training steps, the schedule's horizon.
     """
     name = config.name
@@ -146,7 +175,18 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
         )
     optimizer = _REGISTRY[name](config, learning_rate_schedule(config, total_steps))
     if clip > 0:
-        return optax.chain(optax.clip_by_global_norm(clip), optimizer)
+        optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
+    frozen = tuple(_get(config, "frozen", ()) or ())
+    if frozen:
+        # Frozen leaves get zero updates and no optimizer state (no moments are allocated for
+        # them); clipping sees only the trained leaves.
+        labels = lambda params: jax.tree.map(  # noqa: E731
+            lambda f: "frozen" if f else "trained",
+            params_matching(params, frozen, "config.optim.frozen"),
+        )
+        optimizer = optax.multi_transform(
+            {"trained": optimizer, "frozen": optax.set_to_zero()}, labels
+        )
     return optimizer
 
 
@@ -160,6 +200,8 @@ __all__ = [
     "build_optimizer",
     "decay_mask",
     "learning_rate_schedule",
+    "params_matching",
+    "staged_schedule",
     "register_optimizer",
     "warmup_decay_schedule",
 ]

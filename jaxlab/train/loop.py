@@ -28,17 +28,18 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from jaxlab import models, optim
+import jaxlab.distill  # noqa: F401  (registers its objectives)
+import jaxlab.mixing  # noqa: F401  (registers its objectives)
+from jaxlab import models, objectives, optim
 from jaxlab.data import pipeline
 from jaxlab.data.tokenizers import Tokenizer, load_tokenizer
-from jaxlab.train import sharding
+from jaxlab.train import pretrained, sharding
 from jaxlab.train.checkpoint import Checkpointer
 from jaxlab.train.step import (
     MODEL_INPUTS,
     TrainState,
     activation_sharding_during_trace,
     make_eval_step,
-    make_mixer_train_step,
     make_train_step,
 )
 
@@ -61,19 +62,14 @@ class Experiment:
     state_shardings: TrainState
     abstract_state: TrainState
     rules: tuple
-    mixing: MixingPlan | None = None  # set when config.mixer.name learns domain weights
+    objective: objectives.Objective
+    frozen: dict[str, pretrained.FrozenModel]  # the frozen models the objective reads, by name
+    trainable: Any  # pytree of bools like the parameters (False: config.optim.frozen), or None
+    components: tuple[str, ...]  # data component names (batch["domain"] indices)
 
-
-@dataclasses.dataclass(frozen=True)
-class MixingPlan:
-    """What a run with a data mixer needs: the mixer, which components it weights (``train``)
-    and which are only targets (``target``, the OOD objective), by index into ``names``."""
-
-    kind: str
-    mixer: Any
-    names: tuple[str, ...]
-    train: tuple[int, ...]
-    target: tuple[int, ...]
+    @property
+    def frozen_shardings(self) -> dict[str, Any]:
+        return {n: jax.tree.map(lambda a: a.sharding, f.abstract) for n, f in self.frozen.items()}
 
 
 def validate_config(config) -> None:
@@ -90,67 +86,10 @@ def validate_config(config) -> None:
             f"config.batch_size={config.batch_size} must be divisible by "
             f"config.accum_steps={config.accum_steps}"
         )
-    mixer = config.get("mixer")
-    if mixer is not None and mixer.name:
-        if mixer.name not in MIXERS:
-            raise ValueError(f"config.mixer.name must be '' or one of {MIXERS}, got "
-                             f"{mixer.name!r}")  # fmt: skip
-        if config.accum_steps != 1:
-            raise ValueError(f"config.accum_steps must be 1 with a data mixer, got "
-                             f"{config.accum_steps}")  # fmt: skip
-        if config.data.get("weights_file") or len(set(config.data.weights)) > 1:
-            raise ValueError("config.data.weights / weights_file: a mixer run samples its "
-                             "components uniformly (the weights act on gradients or losses); "
-                             "leave them empty")  # fmt: skip
-        if mixer.name == "doremi" and not mixer.reference_workdir:
-            raise ValueError("config.mixer.reference_workdir must name a finished run's workdir "
-                             "(DoReMi's reference model)")  # fmt: skip
-
-
-MIXERS = ("doge", "doremi")
-
-
-def _parameter_filter(params, patterns) -> Any:
-    """A pytree of bools: True for parameters whose path (``a/b/c``) contains a pattern."""
-    if not patterns:
-        return None
-    mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: any(p in "/".join(str(getattr(k, "key", k)) for k in path)
-                            for p in patterns), params)  # fmt: skip
-    if not any(jax.tree.leaves(mask)):
-        raise ValueError(f"config.mixer.selected_params {list(patterns)} match no parameter")
-    return mask
-
-
-def _mixing_plan(config, schedule, params) -> MixingPlan | None:
-    """The mixer of ``config.mixer`` over the data components (None without one)."""
-    from jaxlab import mixing
-
-    m = config.get("mixer")
-    if m is None or not m.name:
-        return None
-    names = tuple(c.name for c in pipeline.build_components(config.data))
-    unknown = sorted(set(m.target_sources) - set(names))
-    if unknown:
-        raise ValueError(f"config.mixer.target_sources {unknown} are not data components "
-                         f"{list(names)}")  # fmt: skip
-    target = tuple(i for i, n in enumerate(names) if n in m.target_sources)
-    train = tuple(i for i in range(len(names)) if i not in target)
-    if len(train) < 2:
-        raise ValueError(f"a data mixer needs >= 2 training components, got {list(names)} with "
-                         f"targets {list(m.target_sources)}")  # fmt: skip
-    if m.name == "doge":
-        mixer = mixing.doge(num_domains=len(train), mu=m.mu, lr_schedule=schedule,
-                            score_clip=tuple(m.score_clip),
-                            objective="ood" if target else "universal", smoothing=m.smoothing,
-                            grad_clip=m.grad_clip or None,
-                            param_filter=_parameter_filter(params, m.selected_params))  # fmt: skip
-    else:
-        if target:
-            raise ValueError("config.mixer.target_sources: DoReMi has no target domains")
-        mixer = mixing.doremi(num_domains=len(train), step_size=m.step_size,
-                              smoothing=m.smoothing)  # fmt: skip
-    return MixingPlan(m.name, mixer, names, train, target)
+    if config.init_from_mode not in ("exact", "partial"):
+        raise ValueError(f"config.init_from_mode must be 'exact' or 'partial', got "
+                         f"{config.init_from_mode!r}")  # fmt: skip
+    objectives.get_objective(config.objective.name).validate(config)
 
 
 def _model_config(config, tokenizer: Tokenizer):
@@ -203,54 +142,108 @@ def build_experiment(config) -> Experiment:
         transform_non_params=lambda _: sharding.replicated(mesh),
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
-    plan = _mixing_plan(config, schedule, pure_params)
-    abstract_mixer = () if plan is None else jax.eval_shape(plan.mixer.init)
-    mixer_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_mixer)
+    components = tuple(c.name for c in pipeline.build_components(config.data))
+    frozen = {
+        name: pretrained.frozen_model(spec, name, shardings_of=lambda a: sharding.state_shardings(
+            a, mesh, rules))
+        for name, spec in objectives.get_objective(config.objective.name).frozen_models(
+            config).items()
+    }  # fmt: skip
+    context = objectives.ObjectiveContext(
+        config=config, graphdef=graphdef, frozen={n: f.graphdef for n, f in frozen.items()},
+        model_config=model_config, frozen_configs={n: f.model_config for n, f in frozen.items()},
+        params=pure_params, schedule=schedule, components=components)  # fmt: skip
+    objective = objectives.get_objective(config.objective.name).build(context)
+    abstract_objective = jax.eval_shape(objective.init)
+    objective_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_objective)
     shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings,
-                           mixer_shardings)  # fmt: skip
+                           objective_shardings)  # fmt: skip
     abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), pure_params, abstract_opt,
-                          abstract_mixer)  # fmt: skip
+                          abstract_objective)  # fmt: skip
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+    trainable = None
+    if config.optim.get("frozen"):
+        frozen_mask = optim.params_matching(pure_params, config.optim.frozen,
+                                            "config.optim.frozen")  # fmt: skip
+        trainable = jax.tree.map(lambda f: not f, frozen_mask)
     return Experiment(config, mesh, tokenizer, model_config, graphdef, optimizer, schedule,
-                      shardings, abstract, rules, plan)  # fmt: skip
+                      shardings, abstract, rules, objective, frozen, trainable,
+                      components)  # fmt: skip
 
 
-def init_state(exp: Experiment) -> TrainState:
-    """Fresh parameters (``config.seed``) and optimizer state, created already sharded."""
+def init_state(exp: Experiment, params=None) -> TrainState:
+    """Fresh parameters (``config.seed``; or ``params``, already placed) and optimizer state,
+    created already sharded."""
 
-    def init():
-        model = models.build(exp.model_config, nnx.Rngs(exp.config.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        mixer = () if exp.mixing is None else exp.mixing.mixer.init()
-        return TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params), mixer)
+    def init(params):
+        if params is None:
+            params = _random_params(exp)
+        return TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params),
+                          exp.objective.init())  # fmt: skip
 
-    return jax.jit(init, out_shardings=exp.state_shardings)()
+    return jax.jit(init, out_shardings=exp.state_shardings)(params)
 
 
-def compile_steps(exp: Experiment, reference_params=None):
-    """The jitted train step (state donated) and eval step, with the experiment's shardings.
-    With a data mixer the train step learns the domain weights (``reference_params``: DoReMi's
-    reference model)."""
-    plan = exp.mixing
-    if plan is None:
-        step = make_train_step(exp.graphdef, exp.optimizer, accum_steps=exp.config.accum_steps,
-                               learning_rate=exp.schedule, mesh=exp.mesh,
-                               rules=exp.rules)  # fmt: skip
-    else:
-        step = activation_sharding_during_trace(exp.mesh, exp.rules)(make_mixer_train_step(
-            exp.graphdef, exp.optimizer, plan.mixer, kind=plan.kind, train_domains=plan.train,
-            domain_names=tuple(plan.names[i] for i in plan.train), target_domains=plan.target,
-            reference_params=reference_params, learning_rate=exp.schedule))  # fmt: skip
-    train_step = jax.jit(
-        step,
-        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
+def _random_params(exp: Experiment):
+    model = models.build(exp.model_config, nnx.Rngs(exp.config.seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def initial_params(exp: Experiment):
+    """The parameters a fresh run starts from: ``config.init_from`` (``hf:PATH``,
+    ``run:WORKDIR[@STEP]``) or random (``config.seed``). Returns ``(params, report)``; the
+    report lists the copied, kept (random) and unused parameter names, or is None."""
+    config = exp.config
+    if not config.init_from:
+        return None, None
+    source = pretrained.parse_source(config.init_from)
+    if config.init_from_mode == "exact":
+        differences = pretrained.architecture_differences(
+            exp.model_config, pretrained.source_model_config(source)
+        )
+        if differences:
+            raise ValueError(f"config.init_from {source}: config.model differs from the "
+                             f"source's model in {differences}")  # fmt: skip
+    partial = config.init_from_mode == "partial"
+    fallback = None
+    if partial:
+        fallback = jax.jit(lambda: _random_params(exp),
+                           out_shardings=exp.state_shardings.params)()  # fmt: skip
+    return pretrained.load_params(source, exp.abstract_state.params, partial=partial,
+                                  mapping=[tuple(m) for m in config.init_from_map],
+                                  fallback=fallback)  # fmt: skip
+
+
+def load_frozen(exp: Experiment) -> dict[str, Any]:
+    """``{name: params}`` of the objective's frozen models, on their shardings."""
+    return {name: pretrained.load_frozen(f, name) for name, f in exp.frozen.items()}
+
+
+def compile_steps(exp: Experiment):
+    """The jitted train step ``(state, batch, frozen) -> (state, metrics)`` (state donated) and
+    eval step ``(params, batch)``, with the experiment's shardings. Both are traced inside the
+    activation-sharding rules of the mesh (the one place where they are applied)."""
+    pinned = activation_sharding_during_trace(exp.mesh, exp.rules)
+    step = make_train_step(exp.graphdef, exp.optimizer, objective=exp.objective,
+                           learning_rate=exp.schedule, trainable=exp.trainable,
+                           seed=exp.config.seed)  # fmt: skip
+    jitted = jax.jit(
+        pinned(step),
+        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh),
+                      exp.frozen_shardings),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
     )  # fmt: skip
+
+    def train_step(state, batch, frozen=None):
+        return jitted(state, batch, {} if frozen is None else frozen)
+
+    train_step.lower = lambda state, batch, frozen=None: jitted.lower(
+        state, batch, {} if frozen is None else frozen)  # fmt: skip
     eval_step = jax.jit(
-        make_eval_step(exp.graphdef, mesh=exp.mesh, rules=exp.rules),
+        pinned(make_eval_step(exp.graphdef)),
         in_shardings=(exp.state_shardings.params, sharding.batch_sharding(exp.mesh)),
         out_shardings=sharding.replicated(exp.mesh),
     )
@@ -297,30 +290,36 @@ def _on_devices(batch: dict[str, np.ndarray], mesh, keys=MODEL_INPUTS) -> dict[s
     return sharding.global_batch_to_devices({k: batch[k] for k in keys}, mesh)
 
 
-def write_domain_weights(workdir: str, exp: Experiment, state: TrainState) -> None:
-    """``domain_weights.json``: the mixer's averaged (published) and current weights by domain
-    name; a base-model config reads it with ``config.data.weights_file``."""
-    from jaxlab.mixing import averaged_weights, current_weights
-
-    plan = exp.mixing
-    mixer = jax.device_get(state.mixer)
-    record = {"mixer": plan.kind, "steps": int(mixer.step),
-              "domains": [plan.names[i] for i in plan.train],
-              "average": [float(w) for w in averaged_weights(mixer)],
-              "last": [float(w) for w in current_weights(mixer)],
-              "targets": [plan.names[i] for i in plan.target]}  # fmt: skip
-    with open(os.path.join(workdir, "domain_weights.json"), "w") as f:
-        json.dump(record, f, indent=2)
+def eval_sets(exp: Experiment, components) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Held-out batches: ``""`` over all components' validation documents, and with
+    ``config.eval_per_source`` (and more than one component) each component's own, by name."""
+    config = exp.config
+    args = (config.data, exp.tokenizer, config.seq_len, config.batch_size, config.eval_batches)
+    sets = {"": pipeline.eval_batches(*args, components)}
+    with_validation = [c for c in components if len(c.validation)]
+    if config.eval_per_source and len(with_validation) > 1:
+        for c in with_validation:
+            sets[c.name] = pipeline.eval_batches(*args, [c])
+    return sets
 
 
 def evaluate(exp: Experiment, params, eval_data, eval_step) -> dict[str, float]:
-    loss_sum, tokens = 0.0, 0.0
-    for batch in eval_data:
-        out = eval_step(params, _on_devices(batch, exp.mesh))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    """``eval_loss`` and ``eval_perplexity`` (token means) over ``eval_data``: a list of batches,
+    or ``{name: batches}`` from :func:`eval_sets`, where each named source adds
+    ``eval_loss/<name>`` and ``eval_perplexity/<name>``."""
+    sets = eval_data if isinstance(eval_data, dict) else {"": eval_data}
+    result = {}
+    for name, batches in sets.items():
+        loss_sum, tokens = 0.0, 0.0
+        for batch in batches:
+            out = eval_step(params, _on_devices(batch, exp.mesh))
+            loss_sum += float(out["loss_sum"])
+            tokens += float(out["tokens"])
+        loss = loss_sum / max(tokens, 1.0)
+        suffix = f"/{name}" if name else ""
+        result[f"eval_loss{suffix}"] = loss
+        result[f"eval_perplexity{suffix}"] = math.exp(min(loss, 50.0))
+    return result
 
 
 class _Prefetcher:
@@ -363,18 +362,6 @@ class _Prefetcher:
         self._thread.join(timeout=5)
 
 
-def _reference_params(exp: Experiment, workdir: str):
-    """The parameters of the newest checkpoint in ``workdir`` (a run of the same model)."""
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = checkpointer.latest_step()
-    if step is None:
-        raise ValueError(f"config.mixer.reference_workdir: no checkpoint in {workdir!r}")
-    plain = exp.abstract_state._replace(mixer=())
-    state, _, _ = checkpointer.restore(step, plain)
-    checkpointer.close()
-    return state.params
-
-
 def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
     """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
 
@@ -396,36 +383,42 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     os.makedirs(workdir, exist_ok=True)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     components = pipeline.build_components(config.data)
-    plan = exp.mixing
-    # A mixer run samples its components uniformly, as the DoGE authors do: the weights act on
-    # the gradients (DoGE) or the losses (DoReMi), not on the sampling.
+    objective = exp.objective
+    # A mixer objective samples its components uniformly, as the DoGE authors do: the weights
+    # act on the gradients (DoGE) or the losses (DoReMi), not on the sampling.
     data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
-                                   components, weights=None if plan is None
-                                   else [1.0] * len(components))  # fmt: skip
-    eval_data = pipeline.eval_batches(
-        config.data, exp.tokenizer, config.seq_len, config.batch_size, config.eval_batches,
-        components,
-    )  # fmt: skip
+                                   components, weights=[1.0] * len(components)
+                                   if objective.uniform_sampling else None)  # fmt: skip
+    eval_data = eval_sets(exp, components)
 
+    lead = jax.process_index() == 0
     start = checkpointer.latest_step()
-    if start is None:
-        state, start = init_state(exp), 0
+    summary: dict[str, Any] = {"start_step": start or 0}
+    if start is None:  # a fresh run; a resumed one always starts from its own checkpoint
+        params, report = initial_params(exp)
+        state, start = init_state(exp, params), 0
+        if report is not None:
+            summary["init_from"] = report
+            if lead:
+                with open(os.path.join(workdir, "init_from.json"), "w") as f:
+                    json.dump({"source": config.init_from, **report}, f, indent=2)
+            if report["kept"] or report["unused"]:
+                logging.warning("config.init_from %s: kept the initialisation of %s; did not "
+                                "use %s", config.init_from, report["kept"],
+                                report["unused"])  # fmt: skip
     else:
         state, data_state, _ = checkpointer.restore(start, exp.abstract_state)
         data.set_state(data_state)
     metrics_writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
     config_json = json.loads(config.to_json_best_effort())
-    lead = jax.process_index() == 0
     if lead:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
+        pretrained.write_model_config(workdir, exp.model_config)
 
-    reference = None
-    if plan is not None and plan.kind == "doremi":
-        reference = _reference_params(exp, config.mixer.reference_workdir)
-    train_step, eval_step = compile_steps(exp, reference)
-    keys = MODEL_INPUTS if plan is None else (*MODEL_INPUTS, "domain")
-    summary: dict[str, Any] = {"start_step": start}
+    frozen = load_frozen(exp)
+    train_step, eval_step = compile_steps(exp)
+    keys = (*MODEL_INPUTS, *objective.batch_keys)
     if start == 0:
         first = evaluate(exp, state.params, eval_data, eval_step)
         metrics_writer.write({"step": 0, **first})
@@ -467,7 +460,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     last_train: dict[str, float] = {}
     try:
         for step in range(start + 1, end + 1):
-            state, metrics = train_step(state, _on_devices(prefetcher.next(), exp.mesh, keys))
+            batch = _on_devices(prefetcher.next(), exp.mesh, keys)
+            state, metrics = train_step(state, batch, frozen)
             pending.append((step, metrics))
             progress.update(1)
             should_eval = step % config.eval_every == 0 or step == end
@@ -480,13 +474,16 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                 result = evaluate(exp, state.params, eval_data, eval_step)
                 metrics_writer.write({"step": step, **result})
                 summary["eval"] = result
+                if lead:  # the latest held-out numbers, overall and per source
+                    with open(os.path.join(workdir, "eval.json"), "w") as f:
+                        json.dump({"step": step, **result}, f, indent=2)
                 if lead:
                     progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}, "
                                    f"perplexity {result['eval_perplexity']:.3f}")  # fmt: skip
             if should_save:
                 checkpointer.save(step, state, prefetcher.state, config_json)
-                if plan is not None and lead:
-                    write_domain_weights(workdir, exp, state)
+                if objective.on_checkpoint is not None and lead:
+                    objective.on_checkpoint(workdir, state.objective)
                 last_saved = step
             if should_eval or should_save:
                 window_start = time.perf_counter()  # throughput counts training time only

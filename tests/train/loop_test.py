@@ -78,8 +78,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
     def poisoned(*args, **kwargs):
         train_step = make(*args, **kwargs)
 
-        def wrapped(state, batch):
-            new_state, metrics = train_step(state, batch)
+        def wrapped(state, batch, frozen=None):
+            new_state, metrics = train_step(state, batch, frozen)
             metrics["loss"] = jnp.where(state.step >= 5, jnp.nan, metrics["loss"])
             return new_state, metrics
 

@@ -11,8 +11,10 @@ import pytest
 
 from configs import lm_smoke
 from jaxlab import mixing
+from jaxlab.mixing.objectives import domain_mean_losses
+from jaxlab.objectives import token_losses
+from jaxlab.optim import params_matching
 from jaxlab.train import loop
-from jaxlab.train.step import domain_mean_losses, token_losses
 
 SOURCES = ("embedded:json", "embedded:email", "embedded:html")
 
@@ -20,7 +22,8 @@ SOURCES = ("embedded:json", "embedded:email", "embedded:html")
 def proxy_config(**mixer):
     config = lm_smoke.get_config()
     config.data.sources = SOURCES
-    config.mixer.update(name="doge", **mixer)
+    config.objective.name = "doge"
+    config.mixer.update(**mixer)
     return config
 
 
@@ -50,12 +53,14 @@ def test_doge_proxy_run_writes_weights_and_the_step_matches_the_rule(tmp_path):
 
     grads = [jax.grad(domain_loss)(state.params, d) for d in range(3)]
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
-    weights, _ = exp.mixing.mixer.update(stacked, state.mixer)
+    weights, _ = mixing.doge(num_domains=3, mu=0.05, lr_schedule=exp.schedule).update(
+        stacked, state.objective
+    )
     train_step, _ = loop.compile_steps(exp)
     new_state, metrics = train_step(jax.tree.map(jnp.copy, state), device_batch)
     got = np.array([float(metrics[f"weight_{d}"]) for d in record["domains"]])
     np.testing.assert_allclose(got, np.asarray(weights), rtol=1e-4, atol=1e-6)
-    assert int(new_state.mixer.step) == config.num_steps + 1
+    assert int(new_state.objective.step) == config.num_steps + 1
 
 
 def test_mixer_run_resumes_exactly(tmp_path):
@@ -64,8 +69,8 @@ def test_mixer_run_resumes_exactly(tmp_path):
     loop.train_and_evaluate(config, str(tmp_path / "split"), stop_at=4)
     resumed = loop.train_and_evaluate(config, str(tmp_path / "split"))
     assert resumed["start_step"] == 4
-    for a, b in zip(jax.tree.leaves(full["state"].mixer), jax.tree.leaves(resumed["state"].mixer),
-                    strict=True):  # fmt: skip
+    full_leaves = jax.tree.leaves(full["state"].objective)
+    for a, b in zip(full_leaves, jax.tree.leaves(resumed["state"].objective), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
@@ -80,7 +85,8 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     loop.train_and_evaluate(reference, str(tmp_path / "reference"))
     doremi = lm_smoke.get_config()
     doremi.data.sources = ("embedded:json", "embedded:email")
-    doremi.mixer.update(name="doremi", step_size=1.0, smoothing=1e-3,
+    doremi.objective.name = "doremi"
+    doremi.mixer.update(step_size=1.0, smoothing=1e-3,
                         reference_workdir=str(tmp_path / "reference"))  # fmt: skip
     summary = loop.train_and_evaluate(doremi, str(tmp_path / "doremi"))
     weights = json.loads((tmp_path / "doremi" / "domain_weights.json").read_text())
@@ -88,7 +94,8 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     # One more engine step by hand: per-token clipped excess -> weights; the update is the
     # gradient of sum_i w_i mean_loss_i (its norm is logged as grad_norm).
     exp, state = summary["experiment"], summary["state"]
-    reference_params = loop._reference_params(exp, str(tmp_path / "reference"))
+    frozen = loop.load_frozen(exp)
+    reference_params = frozen["reference"]
     iterator = loop.pipeline.train_iterator(doremi.data, exp.tokenizer, doremi.seq_len,
                                             doremi.batch_size, weights=[1.0, 1.0])  # fmt: skip
     batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items()
@@ -96,9 +103,10 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     mask = batch["loss_mask"].astype(jnp.float32)
     masks = jnp.stack([(batch["domain"] == d).astype(jnp.float32) * mask for d in (0, 1)])
     now = token_losses(exp.graphdef, state.params, batch)[0]
-    ref = token_losses(exp.graphdef, reference_params, batch)[0]
+    ref = token_losses(exp.frozen["reference"].graphdef, reference_params, batch)[0]
     excess = [float(jnp.sum(jnp.maximum(now - ref, 0) * m) / jnp.sum(m)) for m in masks]
-    expected_weights, _ = exp.mixing.mixer.update(jnp.asarray(excess), state.mixer)
+    rule = mixing.doremi(num_domains=2, step_size=1.0, smoothing=1e-3)
+    expected_weights, _ = rule.update(jnp.asarray(excess), state.objective)
 
     def weighted(p):
         losses, mask_ = token_losses(exp.graphdef, p, batch)
@@ -106,8 +114,8 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
         return jnp.dot(expected_weights, means)
 
     grad_norm = float(optax.tree.norm(jax.grad(weighted)(state.params)))
-    train_step, _ = loop.compile_steps(exp, reference_params)
-    _, metrics = train_step(jax.tree.map(jnp.copy, state), batch)
+    train_step, _ = loop.compile_steps(exp)
+    _, metrics = train_step(jax.tree.map(jnp.copy, state), batch, frozen)
     got = np.array([float(metrics[f"weight_{d}"]) for d in ("json", "email")])
     np.testing.assert_allclose(got, np.asarray(expected_weights), rtol=1e-4, atol=1e-6)
     assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-4)
@@ -131,26 +139,36 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
 
 
 def test_selected_parameters_restrict_the_scores():
-    """With selected_params the engine's mixer scores only those parameters: its update equals
-    the filtered rule and differs from the unfiltered one on the same gradients."""
+    """With selected_params the engine's DoGE objective scores only those parameters: its weights
+    equal the filtered rule on per-domain gradients from separate jax.grad calls, and differ from
+    the unfiltered rule."""
     selected = proxy_config(selected_params=("layers/1/mlp",))
     exp = loop.build_experiment(selected)
-    params = exp.abstract_state.params
-    chosen = loop._parameter_filter(params, ("layers/1/mlp",))
+    state = loop.init_state(exp)
+    state = state._replace(objective=state.objective._replace(step=jnp.int32(5)))  # lr > 0
+    chosen = params_matching(state.params, ("layers/1/mlp",), "selected")
     paths = [jax.tree_util.keystr(p) for p, keep in jax.tree_util.tree_flatten_with_path(chosen)[0]
              if keep]  # fmt: skip
     assert paths and all("1" in p and "mlp" in p for p in paths)
-    rng = np.random.default_rng(0)
-    grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal((3, *a.shape)), jnp.float32),
-                         params)  # fmt: skip
-    state = exp.mixing.mixer.init()._replace(step=jnp.int32(5))  # past the lr warm-up's 0
-    engine, _ = exp.mixing.mixer.update(grads, state)
-    rule = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule,
-                              param_filter=chosen)  # fmt: skip
-    np.testing.assert_allclose(np.asarray(engine), np.asarray(rule.update(grads, state)[0]),
-                               rtol=1e-6)  # fmt: skip
-    unfiltered = loop.build_experiment(proxy_config()).mixing.mixer.update(grads, state)[0]
-    assert not np.allclose(np.asarray(engine), np.asarray(unfiltered))
+    iterator = loop.pipeline.train_iterator(selected.data, exp.tokenizer, selected.seq_len,
+                                            selected.batch_size, weights=[1.0] * 3)  # fmt: skip
+    batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items()
+             if k in (*loop.MODEL_INPUTS, "domain")}  # fmt: skip
+
+    def domain_loss(params, d):
+        losses, mask = token_losses(exp.graphdef, params, batch)
+        return domain_mean_losses(losses, mask, batch["domain"], (d,))[0][0]
+
+    grads = [jax.grad(domain_loss)(state.params, d) for d in range(3)]
+    stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+    rule = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule, param_filter=chosen)
+    expected = np.asarray(rule.update(stacked, state.objective)[0])
+    _, _, metrics = jax.jit(exp.objective.gradients)(state.params, batch, {}, state.objective,
+                                                     jax.random.PRNGKey(0))  # fmt: skip
+    got = np.array([float(metrics[f"weight_{d}"]) for d in ("json", "email", "html")])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    unfiltered = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule)
+    assert not np.allclose(got, np.asarray(unfiltered.update(stacked, state.objective)[0]))
     with pytest.raises(ValueError, match="selected_params"):
         loop.build_experiment(proxy_config(selected_params=("nothing_like_this",)))
 
@@ -160,15 +178,15 @@ def test_mixer_config_errors_name_the_field():
     with pytest.raises(ValueError, match="config.mixer.target_sources"):
         loop.build_experiment(config)
     config = proxy_config()
-    config.mixer.name = "dro"
-    with pytest.raises(ValueError, match="config.mixer.name"):
+    config.objective.name = "dro"
+    with pytest.raises(ValueError, match="config.objective.name"):
         loop.build_experiment(config)
     config = proxy_config()
     config.accum_steps = 2
     with pytest.raises(ValueError, match="accum_steps must be 1"):
         loop.build_experiment(config)
     config = lm_smoke.get_config()
-    config.mixer.name = "doremi"
+    config.objective.name = "doremi"
     with pytest.raises(ValueError, match="reference_workdir"):
         loop.build_experiment(config)
     config = proxy_config()

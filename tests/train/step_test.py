@@ -9,7 +9,8 @@ from flax import nnx
 
 from jaxlab import optim
 from jaxlab.interop.hf import load_hf_llama
-from jaxlab.train.step import init_train_state, loss_sums, make_train_step
+from jaxlab.objectives import loss_sums
+from jaxlab.train.step import init_train_state, make_train_step
 from tests.hf_utils import make_hf_model
 
 

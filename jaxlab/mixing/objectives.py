@@ -1,0 +1,191 @@
+"""DoGE and DoReMi as training objectives (``config.objective.name = "doge" | "doremi"``).
+
+The engine's batches carry ``domain`` (each token's component index). The components of
+``config.data.sources`` are the domains; ``config.mixer.target_sources`` (DoGE's OOD objective)
+are scored against but not trained on. Components are sampled uniformly: the weights act on the
+gradients (DoGE) or the losses (DoReMi). The mixer's state is the objective's state, so it is
+checkpointed and resumed with the run; after every checkpoint the averaged (published) and current
+weights go to ``WORKDIR/domain_weights.json``, which a base run reads with
+``config.data.weights_file``. DoReMi's reference model is the frozen model ``reference``, loaded
+from ``run:{config.mixer.reference_workdir}``.
+
+Both steps are :func:`jaxlab.mixing.proxy.doge_gradients` / :func:`doremi_gradients`, the same
+code the proxy experiments run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxlab import objectives
+from jaxlab.mixing.doge import averaged_weights, current_weights, doge
+from jaxlab.mixing.doremi import domain_means, doremi
+from jaxlab.mixing.proxy import doge_gradients, doremi_gradients
+from jaxlab.optim import params_matching
+
+MIXER_OBJECTIVES = ("doge", "doremi")
+
+
+def domain_masks(domain, mask, domains: tuple[int, ...]):
+    """``[len(domains), batch, seq]``: the loss mask restricted to each domain's tokens."""
+    return jnp.stack([(domain == d).astype(jnp.float32) * mask for d in domains])
+
+
+def domain_mean_losses(losses, mask, domain, domains: tuple[int, ...]):
+    """``([len(domains)] mean loss per domain, [len(domains)] token counts)``; a domain with no
+    token in the batch gets loss 0 (and so zero gradient)."""
+    return domain_means(losses, domain_masks(domain, mask, domains))
+
+
+def _validate(config) -> None:
+    if config.accum_steps != 1:
+        raise ValueError(
+            f"config.accum_steps must be 1 with a data mixer, got {config.accum_steps}"
+        )
+    if config.data.get("weights_file") or len(set(config.data.weights)) > 1:
+        raise ValueError(
+            "config.data.weights / weights_file: a mixer run samples its "
+            "components uniformly (the weights act on gradients or losses); "
+            "leave them empty"
+        )
+
+
+def _validate_doremi(config) -> None:
+    _validate(config)
+    if not config.mixer.reference_workdir:
+        raise ValueError(
+            "config.mixer.reference_workdir must name a finished run's workdir "
+            "(DoReMi's reference model)"
+        )
+    if config.mixer.target_sources:
+        raise ValueError("config.mixer.target_sources: DoReMi has no target domains")
+
+
+def _domains(context) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(train, target)`` component indices."""
+    m, names = context.config.mixer, context.components
+    unknown = sorted(set(m.target_sources) - set(names))
+    if unknown:
+        raise ValueError(
+            f"config.mixer.target_sources {unknown} are not data components {list(names)}"
+        )
+    target = tuple(i for i, n in enumerate(names) if n in m.target_sources)
+    train = tuple(i for i in range(len(names)) if i not in target)
+    if len(train) < 2:
+        raise ValueError(
+            f"a data mixer needs >= 2 training components, got {list(names)} with "
+            f"targets {list(m.target_sources)}"
+        )
+    return train, target
+
+
+def _weights_writer(kind: str, names, train, target):
+    def on_checkpoint(workdir: str, state) -> None:
+        state = jax.device_get(state)
+        record = {
+            "mixer": kind,
+            "steps": int(state.step),
+            "domains": [names[i] for i in train],
+            "average": [float(w) for w in averaged_weights(state)],
+            "last": [float(w) for w in current_weights(state)],
+            "targets": [names[i] for i in target],
+        }
+        with open(os.path.join(workdir, "domain_weights.json"), "w") as f:
+            json.dump(record, f, indent=2)
+
+    return on_checkpoint
+
+
+def _metrics(losses, counts, weights, names):
+    tokens = jnp.sum(counts)
+    metrics = {"loss": jnp.dot(losses, counts) / jnp.maximum(tokens, 1.0), "tokens": tokens}
+    metrics.update({f"weight_{n}": w for n, w in zip(names, weights, strict=True)})
+    return metrics
+
+
+def doge_objective(context) -> objectives.Objective:
+    """Per-domain gradients of the training components (and of the targets for the OOD
+    objective), clipped per domain by the mixer, the mixer update, then the weighted sum of the
+    domain gradients. Metrics: ``loss`` (token mean over the train domains), ``weight_<name>``."""
+    m, names, graphdef = context.config.mixer, context.components, context.graphdef
+    train, target = _domains(context)
+    mixer = doge(
+        num_domains=len(train),
+        mu=m.mu,
+        lr_schedule=context.schedule,
+        score_clip=tuple(m.score_clip),
+        objective="ood" if target else "universal",
+        smoothing=m.smoothing,
+        grad_clip=m.grad_clip or None,
+        param_filter=params_matching(
+            context.params, m.selected_params, "config.mixer.selected_params"
+        )
+        if m.selected_params
+        else None,
+    )
+
+    def per_domain(params, batch, domains):
+        losses, mask = objectives.token_losses(graphdef, params, batch)
+        return domain_mean_losses(losses, mask, batch["domain"], domains)
+
+    def gradients(params, batch, frozen, state, rng):
+        del frozen, rng
+        target_losses = None
+        if target:
+            target_losses = lambda p: per_domain(p, batch, target)[0]  # noqa: E731
+        update, weights, state, losses, counts = doge_gradients(
+            lambda p: per_domain(p, batch, train), params, mixer, state, target_losses
+        )
+        return update, state, _metrics(losses, counts, weights, [names[i] for i in train])
+
+    return objectives.Objective(
+        gradients,
+        init=mixer.init,
+        batch_keys=("domain",),
+        uniform_sampling=True,
+        on_checkpoint=_weights_writer("doge", names, train, target),
+    )
+
+
+def doremi_objective(context) -> objectives.Objective:
+    """The per-token excess loss over the frozen ``reference`` model (clipped at 0, averaged per
+    domain) sets the weights; the model steps on the weighted sum of domain losses."""
+    m, names, graphdef = context.config.mixer, context.components, context.graphdef
+    train, target = _domains(context)
+    reference = context.frozen["reference"]
+    mixer = doremi(num_domains=len(train), step_size=m.step_size, smoothing=m.smoothing)
+
+    def gradients(params, batch, frozen, state, rng):
+        del rng
+        reference_losses, mask = objectives.token_losses(reference, frozen["reference"], batch)
+        masks = domain_masks(batch["domain"], mask, train)
+        grads, weights, state, losses, counts = doremi_gradients(
+            lambda p: objectives.token_losses(graphdef, p, batch)[0],
+            params,
+            reference_losses,
+            masks,
+            mixer,
+            state,
+        )
+        return grads, state, _metrics(losses, counts, weights, [names[i] for i in train])
+
+    return objectives.Objective(
+        gradients,
+        init=mixer.init,
+        batch_keys=("domain",),
+        uniform_sampling=True,
+        on_checkpoint=_weights_writer("doremi", names, train, target),
+    )
+
+
+objectives.register_objective("doge", doge_objective, validate=_validate)
+objectives.register_objective(
+    "doremi",
+    doremi_objective,
+    validate=_validate_doremi,
+    frozen_models=lambda config: {"reference": f"run:{config.mixer.reference_workdir}"},
+)

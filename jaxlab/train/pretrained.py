@@ -1,0 +1,308 @@
+"""Parameters from existing models: a Hugging Face checkpoint or another run's checkpoint.
+
+A *source* is a string:
+
+* ``hf:PATH``: a Hugging Face Llama/Mistral directory (``config.json`` + safetensors), read by
+  :func:`jaxlab.interop.hf.load_hf_llama`;
+* ``run:WORKDIR`` or ``run:WORKDIR@STEP``: the parameters of a jaxlab run's newest (or ``STEP``)
+  checkpoint; its model config is ``WORKDIR/model_config.json``.
+
+Used for ``config.init_from`` (the trained model's starting point) and for the frozen models an
+objective asks for (a teacher, a reference). Parameters are read straight onto their shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxlab import models
+from jaxlab.train.checkpoint import Checkpointer
+
+MODEL_CONFIG_FILE = "model_config.json"
+# Fields that change how a checkpoint is stored or computed, not what it computes.
+_NON_ARCHITECTURE = {
+    "param_dtype",
+    "dtype",
+    "attention_impl",
+    "remat",
+    "max_seq_len",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "scan_impl",
+    "chunk_size",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    kind: str  # "hf" or "run"
+    path: str
+    step: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}" + ("" if self.step is None else f"@{self.step}")
+
+
+def parse_source(spec: str, field: str = "config.init_from") -> Source:
+    """``hf:PATH`` | ``run:WORKDIR`` | ``run:WORKDIR@STEP`` (errors name ``field``)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("hf", "run") or not rest:
+        raise ValueError(
+            f"{field} must be 'hf:PATH', 'run:WORKDIR' or 'run:WORKDIR@STEP', got {spec!r}"
+        )
+    step = None
+    if kind == "run" and "@" in rest:
+        rest, _, step_text = rest.rpartition("@")
+        if not step_text.isdigit():
+            raise ValueError(f"{field}: the step after '@' must be an integer, got {spec!r}")
+        step = int(step_text)
+    if not os.path.isdir(rest):
+        raise ValueError(f"{field}: {rest!r} is not a directory (from {spec!r})")
+    return Source(kind, rest, step)
+
+
+def write_model_config(workdir: str, model_config) -> None:
+    """``WORKDIR/model_config.json``: what ``run:WORKDIR`` sources build their model from."""
+    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(model_config.to_dict(), f, indent=2)
+
+
+def source_model_config(source: Source, **overrides) -> Any:
+    """The model config dataclass of ``source`` (``overrides``: dtypes and the like)."""
+    if source.kind == "hf":
+        from jaxlab.interop.hf import CheckpointError, config_from_hf
+
+        path = os.path.join(source.path, "config.json")
+        if not os.path.exists(path):
+            raise ValueError(f"{source}: no config.json")
+        with open(path) as f:
+            try:
+                return config_from_hf(json.load(f), **overrides)
+            except CheckpointError as e:
+                raise ValueError(f"{source}: {e}") from None
+    path = os.path.join(source.path, MODEL_CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            values = json.load(f)
+    else:  # a run that predates model_config.json: its config, with the tokenizer's vocabulary
+        run_config = os.path.join(source.path, "config.json")
+        if not os.path.exists(run_config):
+            raise ValueError(f"{source}: neither {MODEL_CONFIG_FILE} nor config.json is there")
+        with open(run_config) as f:
+            stored = json.load(f)
+        values = dict(stored["model"])
+        if not values.get("vocab_size"):
+            from jaxlab.data.tokenizers import load_tokenizer
+
+            tokenizer = stored.get("data", {}).get("tokenizer") or None
+            values["vocab_size"] = load_tokenizer(tokenizer).vocab_size
+    values.update(overrides)
+    return models.make_config(values)
+
+
+def architecture_differences(a, b) -> list[str]:
+    """Fields (other than dtypes and implementation choices) in which two model configs differ."""
+    if type(a) is not type(b):
+        return [f"family {a.name!r} vs {b.name!r}"]
+    return [
+        f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+        for f in dataclasses.fields(a)
+        if f.name not in _NON_ARCHITECTURE and getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
+def path_name(path) -> str:
+    """``a/b/c`` for a pytree key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _by_name(tree) -> dict[str, Any]:
+    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _hf_params(source: Source, param_dtype: str) -> dict[str, np.ndarray]:
+    from jaxlab.interop.hf import CheckpointError, load_hf_llama
+
+    try:
+        model = load_hf_llama(source.path, dtype=param_dtype)
+    except CheckpointError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return _by_name(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _run_checkpoint(source: Source) -> tuple[Checkpointer, int]:
+    checkpointer = Checkpointer(os.path.join(source.path, "checkpoints"))
+    steps = checkpointer.all_steps()
+    step = source.step if source.step is not None else checkpointer.latest_step()
+    if step is None or step not in steps:
+        checkpointer.close()
+        raise ValueError(
+            f"{source}: no checkpoint {'' if step is None else step} there (steps {sorted(steps)})"
+        )
+    return checkpointer, step
+
+
+def _rename(name: str, mapping: Sequence[tuple[str, str]]) -> str:
+    for old, new in mapping:
+        if name == old or name.startswith(old + "/"):
+            return new + name[len(old) :]
+    return name
+
+
+def load_params(
+    source: Source,
+    abstract,
+    *,
+    partial: bool = False,
+    mapping: Sequence[tuple[str, str]] = (),
+    field: str = "config.init_from",
+    fallback=None,
+) -> tuple[Any, dict[str, list[str]]]:
+    """Parameters of ``source`` placed like ``abstract`` (``ShapeDtypeStruct`` leaves with
+    shardings).
+
+    Args:
+      source: where the parameters come from.
+      abstract: the target parameters (paths, shapes, dtypes, shardings).
+      partial: copy the parameters whose (renamed) path exists in both, keep ``fallback``'s for
+        the rest; without it every target parameter must come from the source and every source
+        parameter must be used.
+      mapping: ``(source prefix, target prefix)`` pairs applied to source paths first.
+      field: the config field named in errors.
+      fallback: parameters (like ``abstract``) for the paths the source lacks (``partial``).
+
+    Returns:
+      ``(params, report)``; ``report`` lists ``copied``, ``kept`` (target paths not in the
+      source) and ``unused`` (source paths not in the target), by name.
+
+    Raises:
+      ValueError: naming the parameter and both shapes (or dtypes) where they differ, or the
+        missing / unused parameters without ``partial``.
+    """
+    targets = _by_name(abstract)
+    if source.kind == "hf":
+        dtypes = {str(leaf.dtype) for leaf in targets.values()}
+        param_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+        host = _hf_params(source, param_dtype)
+        available = {_rename(n, mapping): (n, v.shape, v.dtype) for n, v in host.items()}
+    else:
+        checkpointer, step = _run_checkpoint(source)
+        state_dir = os.path.join(checkpointer.path(step), "state")
+        checkpointer.close()
+        metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+        metadata = getattr(metadata, "item_metadata", metadata)
+        metadata = getattr(metadata, "tree", metadata)
+        stored = _by_name(metadata["params"])
+        available = {_rename(n, mapping): (n, tuple(m.shape), m.dtype) for n, m in stored.items()}
+    for name, target in targets.items():
+        if name in available:
+            _, shape, dtype = available[name]
+            if tuple(shape) != tuple(target.shape):
+                raise ValueError(
+                    f"{field} {source}: parameter {name} has shape {tuple(shape)} "
+                    f"there, the model's is {tuple(target.shape)}"
+                )
+            if np.dtype(dtype) != np.dtype(target.dtype):
+                raise ValueError(
+                    f"{field} {source}: parameter {name} has dtype "
+                    f"{np.dtype(dtype)} there, the model's is "
+                    f"{np.dtype(target.dtype)}"
+                )
+    copied = sorted(n for n in targets if n in available)
+    kept = sorted(n for n in targets if n not in available)
+    unused = sorted(available[n][0] for n in available if n not in targets)
+    if not partial and (kept or unused):
+        raise ValueError(
+            f"{field} {source}: the model's parameters {kept[:10]} are not in the "
+            f"source and the source's {unused[:10]} are not in the model (set "
+            f"config.init_from_mode='partial' to copy only matching paths)"
+        )
+    if not copied:
+        raise ValueError(f"{field} {source}: no parameter path matches the model's")
+    if partial and kept and fallback is None:
+        raise ValueError(f"{field} {source}: no fallback for the parameters {kept[:10]}")
+
+    if source.kind == "hf":
+        values = {n: jax.device_put(host[available[n][0]], targets[n].sharding) for n in copied}
+    else:
+        source_name = {n: available[n][0] for n in copied}
+        item = _unflatten_like(
+            metadata["params"],
+            {available[n][0]: targets[n] for n in copied},
+            keep=set(source_name.values()),
+        )
+        restored = ocp.PyTreeCheckpointer().restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item={"params": item},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": item}),
+                partial_restore=True,
+            ),
+        )
+        flat = _by_name(restored["params"])
+        values = {n: flat[source_name[n]] for n in copied}
+    fallback_leaves = _by_name(fallback) if fallback is not None else {}
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, _: values.get(path_name(p), fallback_leaves.get(path_name(p))), abstract
+    )
+    return params, {"copied": copied, "kept": kept, "unused": unused}
+
+
+def _unflatten_like(metadata_tree, by_source_name: dict[str, Any], keep: set[str]):
+    """The stored tree's nested dicts, keeping only the ``keep`` leaves, each replaced by its
+    target ``ShapeDtypeStruct`` (a partial restore reads just those)."""
+
+    def build(node, prefix):
+        if isinstance(node, dict):
+            out = {}
+            for key, child in node.items():
+                name = f"{prefix}/{key}" if prefix else str(key)
+                sub = build(child, name)
+                if sub is not None:
+                    out[key] = sub
+            return out or None
+        return by_source_name[prefix] if prefix in keep else None
+
+    return build(metadata_tree, "") or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+    """A frozen model an objective reads: its source, config, graph definition and parameter
+    shardings (nothing allocated until :func:`load_frozen`)."""
+
+    source: Source
+    model_config: Any
+    graphdef: nnx.GraphDef
+    abstract: Any  # ShapeDtypeStruct leaves with shardings
+
+
+def frozen_model(spec: str, name: str, *, shardings_of, overrides=None) -> FrozenModel:
+    """The structure of frozen model ``name`` from source ``spec``; ``shardings_of(abstract
+    nnx.State) -> shardings``."""
+    source = parse_source(spec, f"frozen model {name!r}")
+    model_config = source_model_config(source, **(overrides or {}))
+    abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    shardings = shardings_of(abstract_params)
+    pure = nnx.to_pure_dict(abstract_params)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shardings
+    )
+    return FrozenModel(source, model_config, graphdef, abstract)
+
+
+def load_frozen(frozen: FrozenModel, name: str):
+    """The parameters of a frozen model, on their shardings."""
+    params, _ = load_params(frozen.source, frozen.abstract, field=f"frozen model {name!r}")
+    return params
