@@ -8,6 +8,7 @@ from typing import Any
 from flax import nnx
 
 from jaxlab.models import mamba, transformer
+from jaxlab.models.layers import HiddenStates
 from jaxlab.models.mamba import MambaConfig, MambaLM
 from jaxlab.models.transformer import (
     KVCache,
@@ -63,6 +64,7 @@ def build(config: Any, rngs: nnx.Rngs) -> nnx.Module:
 
 
 __all__ = [
+    "HiddenStates",
     "KVCache",
     "MambaConfig",
     "MambaLM",

@@ -87,15 +87,23 @@ class DepthWeightedAverages(nnx.Module):
             slots[i % self.config.dilation] = i // self.config.dilation + 1
         return slots
 
-    def __call__(self, x0: jax.Array, blocks: Sequence[Callable[[jax.Array], jax.Array]]):
+    def __call__(
+        self,
+        x0: jax.Array,
+        blocks: Sequence[Callable[[jax.Array], jax.Array]],
+        *,
+        return_averages: bool = False,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
         """Runs ``blocks`` (each ``[..., embed] -> [..., embed]``) with DWAs between them.
 
         Args:
           x0: the embedding output ``X_0``, any shape ``[..., embed]``.
           blocks: ``num_layers`` functions, block ``i`` mapping ``Y_{i-1}`` to ``X_i``.
+          return_averages: also return ``(Y_0, ..., Y_L)``: ``Y_0 = X_0``, and ``Y_i`` the DWA
+            after block ``i`` or ``X_i`` where no DWA follows it (the inputs the blocks read).
 
         Returns:
-          ``Y_L`` (the input of the final norm).
+          ``Y_L`` (the input of the final norm), and the tuple above with ``return_averages``.
         """
         if len(blocks) != self.num_layers:
             raise ValueError(f"DWA: got {len(blocks)} blocks for {self.num_layers} layers")
@@ -110,6 +118,7 @@ class DepthWeightedAverages(nnx.Module):
 
         keep(0, x0)
         y, dwa_index = x0, 0
+        averages = [x0]
         for i, block in enumerate(blocks, start=1):
             x = block(y)
             keep(i, x)
@@ -123,7 +132,8 @@ class DepthWeightedAverages(nnx.Module):
                 y = functools.reduce(jnp.add, terms).astype(x.dtype)
             else:
                 y = x
-        return y
+            averages.append(y)
+        return (y, tuple(averages)) if return_averages else y
 
     def weight_matrix(self) -> np.ndarray:
         """``[num DWAs, num_layers + 1]`` with ``alpha_{i,j}`` at row of DWA ``i``, column ``j``;

@@ -1,9 +1,11 @@
-"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE."""
+"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE,
+and the :class:`HiddenStates` a model call returns when asked for its internals."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,28 @@ import numpy as np
 from flax import nnx
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+class HiddenStates(NamedTuple):
+    """What a model call returns beside the logits with ``return_hidden``/``return_attention``.
+
+    Attributes:
+      residuals: ``num_layers + 1`` arrays ``[batch, seq, embed]`` in the compute dtype: the
+        embedding output, then the output of each layer (the residual stream after it). For a
+        DenseFormer these are the block outputs ``X_i``, before any depth-weighted average.
+      attention: one float32 ``[batch, heads, q_len, kv_len]`` array of attention probabilities
+        per layer (``None`` for a layer without attention, such as a Mamba layer; ``kv_len`` is
+        the cache length when decoding with a cache), or ``None`` when ``return_attention`` is
+        False.
+      averaged: DenseFormer only (else ``None``): ``num_layers + 1`` arrays ``[batch, seq,
+        embed]``, ``Y_0 = X_0`` and then ``Y_i``, the input of block ``i + 1`` (the depth-weighted
+        average after block ``i``, or ``X_i`` where no average follows it); ``Y_L`` is what the
+        final norm reads.
+    """
+
+    residuals: tuple[jax.Array, ...]
+    attention: tuple[jax.Array | None, ...] | None
+    averaged: tuple[jax.Array, ...] | None = None
 
 
 def param(

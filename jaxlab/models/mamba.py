@@ -21,6 +21,11 @@ returns ``(logits, cache)``; the conv keeps its last ``conv_kernel - 1`` inputs.
 of a hybrid use a KV cache as the Transformer does. Packed documents (``segment_ids``) are
 isolated in attention layers only: the recurrence runs across document boundaries, as in Mamba's
 own packed pretraining.
+
+Internals: ``model(tokens, return_hidden=True)`` (or ``return_attention=True``) returns
+``(logits, hidden)`` (``(logits, cache, hidden)`` with a cache), ``hidden`` a
+:class:`~jaxlab.models.layers.HiddenStates` with the residual stream after every layer and, with
+``return_attention``, the probabilities of the attention layers (``None`` for Mamba layers).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlab.models.layers import RMSNorm, param
+from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, param
 from jaxlab.models.partitioning import constrain
 from jaxlab.models.transformer import DTYPES, Block, LayerCache, TransformerConfig
 from jaxlab.ops import scan as scan_ops
@@ -59,9 +64,15 @@ class MambaConfig:
       chunk_size: chunk of the chunked scans.
       scan_impl: :mod:`jaxlab.ops.scan` implementation.
       attention_layers: indices of layers that are Llama attention blocks (a hybrid).
-      num_heads, num_kv_heads, attention_head_dim, rope_theta, max_seq_len: those blocks' attention.
+      num_heads, num_kv_heads, attention_head_dim, rope_theta, rope_scaling, attention_bias,
+        sliding_window, max_seq_len: those blocks' attention, as the Transformer's fields (so a
+        hybrid made from a Llama teacher computes the teacher's attention exactly).
+      mlp_bias: biases on the projections of every SwiGLU MLP (attention and Mamba blocks).
       rms_norm_eps, tie_embeddings, initializer_range, param_dtype, dtype, remat: as the
         Transformer's.
+      bos_token_id: beginning-of-sequence id, kept for checkpoint round trips.
+      eos_token_id: end-of-sequence id(s); :func:`jaxlab.infer.generate` stops a row at one
+        by default.
     """
 
     vocab_size: int
@@ -83,6 +94,10 @@ class MambaConfig:
     num_kv_heads: int | None = None
     attention_head_dim: int | None = None
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
     max_seq_len: int = 2048
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -90,9 +105,27 @@ class MambaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     name: str = "mamba"
 
     def __post_init__(self):
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**dict(self.rope_scaling)))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for field in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, field)
+            ids = value if isinstance(value, tuple) and field == "eos_token_id" else (value,)
+            if value is not None and not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ValueError(f"MambaConfig.{field} must be a non-negative int"
+                                 f"{' or a tuple of them' if field == 'eos_token_id' else ''}"
+                                 f" or None, got {value!r}")  # fmt: skip
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ValueError(f"MambaConfig.sliding_window must be an int >= 1 or None, got "
+                             f"{self.sliding_window!r}")  # fmt: skip
         if self.inner_size is None:
             object.__setattr__(self, "inner_size", self.expand * self.hidden_size)
         if self.dt_rank is None:
@@ -129,6 +162,8 @@ class MambaConfig:
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"MambaConfig.{field} must be one of {tuple(DTYPES)}, "
                                  f"got {getattr(self, field)!r}")  # fmt: skip
+        if self.attention_layers:
+            self.attention_config()  # the attention blocks' own checks (heads, head_dim, ...)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MambaConfig:
@@ -162,9 +197,11 @@ class MambaConfig:
             intermediate_size=self.intermediate_size, num_layers=self.num_layers,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.attention_head_dim, rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling, attention_bias=self.attention_bias,
+            mlp_bias=self.mlp_bias, sliding_window=self.sliding_window,
             max_seq_len=self.max_seq_len, rms_norm_eps=self.rms_norm_eps,
             initializer_range=self.initializer_range, param_dtype=self.param_dtype,
-            dtype=self.dtype,
+            dtype=self.dtype, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
         )  # fmt: skip
 
 
@@ -378,13 +415,23 @@ class MambaLM(nnx.Module):
                                  dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, logits_at=None,
-                 lengths=None):  # fmt: skip
+                 lengths=None, return_hidden: bool = False,
+                 return_attention: bool = False):  # fmt: skip
         """tokens: [batch, seq]; with ``cache`` (from :func:`init_cache`) returns (logits, cache).
 
         positions: [batch, seq] (attention layers; with a cache also the KV slots written).
         lengths: [batch] valid tokens per row of right-padded input: the recurrent states and
           conv caches stop at each row's length (attention masks padding by position).
         logits_at: [batch] one position per row to compute logits at.
+        return_hidden: also return a :class:`HiddenStates` (last, after the cache if any) whose
+          ``residuals`` are ``num_layers + 1`` arrays [batch, seq, embed]: the embedding output,
+          then each layer's output (over the whole sequence, even with ``logits_at``).
+        return_attention: also return, in the same :class:`HiddenStates`, one float32
+          [batch, heads, seq, kv_len] probability array per attention layer and ``None`` per
+          Mamba layer. Implies the residuals too.
+
+        Returns: logits [batch, seq, vocab] float32 ([batch, 1, vocab] with ``logits_at``), then
+          the new cache when ``cache`` was given, then the :class:`HiddenStates` when asked for.
         """
         c = self.config
         if tokens.ndim != 2:
@@ -399,18 +446,26 @@ class MambaLM(nnx.Module):
         axes = ("batch", "seq", "embed")
         x = constrain(x, axes)
         new_cache = []
+        collect = return_hidden or return_attention
+        residuals, probs = [x], [None] * c.num_layers
 
         def call_layer(layer, y, layer_cache):
             if isinstance(layer, MambaBlock):
                 return layer(y, positions, segment_ids, layer_cache, lengths)
+            if return_attention:
+                return layer(y, positions, segment_ids, layer_cache, return_attention=True)
             return layer(y, positions, segment_ids, layer_cache)
 
         if c.remat:
             call_layer = nnx.remat(call_layer)
         for i, layer in enumerate(self.layers):
-            x, layer_cache = call_layer(layer, x, None if cache is None else cache[i])
+            x, layer_cache, *layer_probs = call_layer(layer, x, None if cache is None else cache[i])
             x = constrain(x, axes)
             new_cache.append(layer_cache)
+            if collect:
+                residuals.append(x)
+            if layer_probs:
+                probs[i] = layer_probs[0]
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
@@ -418,4 +473,8 @@ class MambaLM(nnx.Module):
         logits = jnp.einsum("bse,ev->bsv", x, head.astype(x.dtype),
                             preferred_element_type=jnp.float32)  # fmt: skip
         logits = constrain(logits, ("batch", "seq", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        outputs = (logits,) if cache is None else (logits, new_cache)
+        if collect:
+            hidden = HiddenStates(tuple(residuals), tuple(probs) if return_attention else None)
+            outputs += (hidden,)
+        return outputs[0] if len(outputs) == 1 else outputs

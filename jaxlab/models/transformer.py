@@ -11,7 +11,12 @@ Calling conventions:
   * ``model(tokens, positions=..., segment_ids=...)`` for packed sequences;
   * ``model(tokens, positions=..., cache=cache)`` -> ``(logits, cache)`` for decoding, where
     ``cache`` comes from :func:`init_cache` and row ``b``'s tokens are written at cache slots
-    ``positions[b]`` (contiguous).
+    ``positions[b]`` (contiguous);
+  * ``model(tokens, return_hidden=True)`` (or ``return_attention=True``) -> ``(logits, hidden)``
+    (``(logits, cache, hidden)`` with a cache), ``hidden`` a
+    :class:`~jaxlab.models.layers.HiddenStates`: the residual stream after every block and,
+    with ``return_attention``, each layer's attention probabilities. The same loop that computes
+    the logits collects them; a call that asks for neither traces exactly as before.
 """
 
 from __future__ import annotations
@@ -25,13 +30,21 @@ from flax import nnx
 
 from jaxlab import ops
 from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
-from jaxlab.models.layers import RMSNorm, RopeScaling, apply_rope, param, rope_inv_freq
+from jaxlab.models.layers import (
+    HiddenStates,
+    RMSNorm,
+    RopeScaling,
+    apply_rope,
+    param,
+    rope_inv_freq,
+)
 from jaxlab.models.partitioning import constrain
 from jaxlab.models.sparse_attention import (
     SparseAttentionConfig,
     sparse_attention,
     sparse_attention_mask,
 )
+from jaxlab.ops.attention import attention_mask
 from kernels_pallas.sparse_attention import masked_attention_reference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -220,6 +233,32 @@ def _write_rows(buffer: jax.Array, update: jax.Array, starts: jax.Array) -> jax.
     )
 
 
+def attention_probabilities(
+    q: jax.Array, k: jax.Array, mask: jax.Array, scale: float | None = None
+) -> jax.Array:
+    """Dense softmax attention weights, for inspecting a model (not for its forward pass).
+
+    Args:
+      q: [batch, q_len, heads, head_dim] queries (after RoPE).
+      k: [batch, kv_len, kv_heads, head_dim] keys; ``heads % kv_heads == 0`` (query head ``h``
+        reads kv head ``h // (heads // kv_heads)``).
+      mask: bool, broadcastable to [batch, heads, q_len, kv_len]: the keys each query sees.
+      scale: logit scale, default ``head_dim ** -0.5``.
+
+    Returns:
+      [batch, heads, q_len, kv_len] float32 probabilities; a row is 0 where no key is visible.
+    """
+    heads, kv_heads = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = jnp.repeat(k, heads // kv_heads, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = jnp.broadcast_to(mask, logits.shape)
+    visible = jnp.any(mask, axis=-1, keepdims=True)
+    # Rows with no visible key get finite logits so that the softmax stays NaN-free.
+    logits = jnp.where(mask, logits, jnp.where(visible, -jnp.inf, 0.0))
+    return jnp.where(visible, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: TransformerConfig, rngs: nnx.Rngs, layer: int = 0):
         c = config
@@ -249,7 +288,15 @@ class Attention(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None,
         cache: LayerCache | None,
-    ) -> tuple[jax.Array, LayerCache | None]:
+        return_attention: bool = False,
+    ) -> tuple[jax.Array, LayerCache | None] | tuple[jax.Array, LayerCache | None, jax.Array]:
+        """x: [batch, seq, embed]; positions, segment_ids: [batch, seq].
+
+        Returns the output [batch, seq, embed] and the updated cache (None without one), and
+        with ``return_attention`` also the probabilities [batch, heads, seq, kv_len] (float32,
+        :func:`attention_probabilities` under the mask this layer attends with; for sparse
+        attention the dense form of its pattern, which decoding uses).
+        """
         c = self.config
         dt = x.dtype
 
@@ -274,6 +321,7 @@ class Attention(nnx.Module):
             kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
             kv_segments = None
         sparse = c.sparse_attention
+        mask = None
         if sparse is not None and cache is None:
             out = sparse_attention(sparse, self.layer, q, k, v, positions, segment_ids)
         elif sparse is not None:
@@ -284,7 +332,27 @@ class Attention(nnx.Module):
         out = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dt))
         if c.attention_bias:
             out = out + self.o_bias[...].astype(dt)
-        return out, cache
+        if not return_attention:
+            return out, cache
+        if mask is None:
+            mask = self._mask(q, k, positions, kv_positions, segment_ids, kv_segments)
+        return out, cache, attention_probabilities(q, k, mask)
+
+    def _mask(self, q, k, positions, kv_positions, segment_ids, kv_segments):
+        """[batch, 1 or heads, q_len, kv_len] bool: the keys each query attends to."""
+        c = self.config
+        segments = dict(
+            q_segment_ids=segment_ids if kv_segments is not None else None,
+            kv_segment_ids=kv_segments,
+        )
+        if c.sparse_attention is None:
+            mask = attention_mask(positions, kv_positions, causal=True,
+                                  sliding_window=c.sliding_window, **segments)  # fmt: skip
+            return mask[:, None]
+        mask = sparse_attention_mask(c.sparse_attention, self.layer, q, k, positions, kv_positions)
+        if kv_segments is not None:
+            mask &= attention_mask(positions, kv_positions, causal=False, **segments)[:, None]
+        return mask
 
     def _dense(self, q, k, v, positions, kv_positions, segment_ids, kv_segments):
         c = self.config
@@ -341,10 +409,13 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(c.hidden_size, **norm)
         self.mlp = MLP(c, rngs)
 
-    def __call__(self, x, positions, segment_ids, cache):
-        h, cache = self.attn(self.input_norm(x), positions, segment_ids, cache)
+    def __call__(self, x, positions, segment_ids, cache, return_attention: bool = False):
+        """x: [batch, seq, embed] -> (x', cache), and the attention probabilities
+        [batch, heads, seq, kv_len] last with ``return_attention``."""
+        h, cache, *probs = self.attn(self.input_norm(x), positions, segment_ids, cache,
+                                     return_attention)  # fmt: skip
         x = x + h
-        return x + self.mlp(self.post_attention_norm(x)), cache
+        return (x + self.mlp(self.post_attention_norm(x)), cache, *probs)
 
 
 class Transformer(nnx.Module):
@@ -373,7 +444,14 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         logits_at: jax.Array | None = None,
         lengths: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        return_hidden: bool = False,
+        return_attention: bool = False,
+    ) -> (
+        jax.Array
+        | tuple[jax.Array, KVCache]
+        | tuple[jax.Array, HiddenStates]
+        | tuple[jax.Array, KVCache, HiddenStates]
+    ):
         """Runs the decoder.
 
         Args:
@@ -389,10 +467,18 @@ class Transformer(nnx.Module):
           lengths: [batch] valid tokens of right-padded rows. Accepted for the decoding
             interface that recurrent models share; attention needs only positions (decoding
             overwrites the padded cache slots before any query can see them).
+          return_hidden: also return a :class:`HiddenStates` with the residual stream:
+            ``num_layers + 1`` arrays [batch, seq, embed] (the embedding output, then each
+            block's output; for a DenseFormer the block outputs ``X_i`` before the averages,
+            which are in ``averaged``). Always over the whole sequence, even with ``logits_at``.
+          return_attention: also return (in the same :class:`HiddenStates`) each layer's
+            attention probabilities [batch, heads, seq, kv_len] float32, ``kv_len`` the cache
+            length with a cache, ``seq`` without. Implies the residuals too.
 
         Returns:
-          logits [batch, seq, vocab] float32 ([batch, 1, vocab] with ``logits_at``), and the new
-          cache when ``cache`` was given.
+          logits [batch, seq, vocab] float32 ([batch, 1, vocab] with ``logits_at``), then the
+          new cache when ``cache`` was given, then the :class:`HiddenStates` when
+          ``return_hidden`` or ``return_attention`` is set.
         """
         c = self.config
         del lengths
@@ -420,8 +506,12 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         x = constrain(x, residual_axes)
         new_cache: list[LayerCache | None] = [None] * c.num_layers
+        collect = return_hidden or return_attention
+        residuals, probs, averaged = [x], [None] * c.num_layers, None
 
         def call_layer(layer, y, layer_cache):
+            if return_attention:
+                return layer(y, positions, segment_ids, layer_cache, return_attention=True)
             return layer(y, positions, segment_ids, layer_cache)
 
         if c.remat:
@@ -429,15 +519,22 @@ class Transformer(nnx.Module):
 
         def block(i):
             def run(y):
-                out, new_cache[i] = call_layer(
+                out, new_cache[i], *layer_probs = call_layer(
                     self.layers[i], y, None if cache is None else cache[i]
                 )
-                return constrain(out, residual_axes)
+                out = constrain(out, residual_axes)
+                if collect:
+                    residuals.append(out)
+                if layer_probs:
+                    probs[i] = layer_probs[0]
+                return out
 
             return run
 
         blocks = [block(i) for i in range(c.num_layers)]
-        if c.dwa is not None:
+        if c.dwa is not None and collect:
+            x, averaged = self.dwa(x, blocks, return_averages=True)
+        elif c.dwa is not None:
             x = self.dwa(x, blocks)
         else:
             for run in blocks:
@@ -451,6 +548,9 @@ class Transformer(nnx.Module):
             head = self.lm_head[...].astype(x.dtype)
         logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
-        if cache is None:
-            return logits
-        return logits, tuple(new_cache)
+        outputs = (logits,) if cache is None else (logits, tuple(new_cache))
+        if collect:
+            hidden = HiddenStates(tuple(residuals), tuple(probs) if return_attention else None,
+                                  averaged)  # fmt: skip
+            outputs += (hidden,)
+        return outputs[0] if len(outputs) == 1 else outputs

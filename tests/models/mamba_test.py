@@ -131,3 +131,96 @@ def test_discrete_mamba2_mixer_is_the_llamba_recurrence_in_float64():
     gate = z + p["z_bias"]
     want = (y.reshape(2, 11, d) * gate / (1 + np.exp(-gate))) @ p["out_proj"]
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-4)
+
+
+def _randomize(module, seed):
+    """Random values for every parameter (the biases start at 0 and would hide a missing one)."""
+    state = nnx.state(module, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype) for x in leaves]
+    nnx.update(module, jax.tree.unflatten(treedef, leaves))
+
+
+def test_hybrid_attention_layer_computes_the_llama3_teachers_layer_exactly():
+    """A hybrid's attention layer with the parameters of a Transformer layer (llama3 rope
+    scaling, attention and MLP biases, a sliding window, GQA) gives that layer's output."""
+    from jaxlab.models import TransformerConfig
+    from jaxlab.models.layers import RopeScaling
+
+    scaling = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16)  # fmt: skip
+    shared = dict(vocab_size=41, hidden_size=32, num_heads=4, num_kv_heads=2, rope_theta=500.0,
+                  rope_scaling=scaling, attention_bias=True, mlp_bias=True, sliding_window=6,
+                  max_seq_len=128)  # fmt: skip
+    teacher = models.build(TransformerConfig(intermediate_size=48, num_layers=2, **shared),
+                           nnx.Rngs(0))  # fmt: skip
+    _randomize(teacher, 1)
+    config = MambaConfig(num_layers=3, intermediate_size=48, mixer="mamba2", head_dim=16,
+                         state_size=8, chunk_size=8, attention_layers=(1,), **shared)  # fmt: skip
+    student = models.build(config, nnx.Rngs(2))
+    _randomize(student, 3)
+    assert student.layers[0].mlp.gate_bias[...].shape == (48,)  # mlp_bias reaches Mamba blocks
+    nnx.update(student.layers[1], nnx.state(teacher.layers[0]))
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 21, 32)), jnp.float32)
+    positions = jnp.broadcast_to(40 + jnp.arange(21), (2, 21))  # far past the original length
+    want, _ = teacher.layers[0](x, positions, None, None)
+    got, _ = student.layers[1](x, positions, None, None)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    # In the full model: the student's residual after its attention layer is the teacher layer
+    # applied to the residual before it.
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 41, (2, 21)), jnp.int32)
+    _, hidden = student(tokens, return_hidden=True)
+    want, _ = teacher.layers[0](hidden.residuals[1], jnp.broadcast_to(jnp.arange(21), (2, 21)),
+                                None, None)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(hidden.residuals[2]), np.asarray(want))
+
+    # Each of the passed-through settings matters: without it the layer computes something else.
+    for change in (dict(rope_scaling=None), dict(sliding_window=None)):
+        other = models.build(dataclasses.replace(config, **change), nnx.Rngs(2))
+        nnx.update(other.layers[1], nnx.state(teacher.layers[0]))
+        out, _ = other.layers[1](x, positions, None, None)
+        reference, _ = teacher.layers[0](x, positions, None, None)
+        assert float(jnp.abs(out - reference).max()) > 1e-3, change
+
+
+def test_mamba_config_token_ids_and_attention_settings_round_trip():
+    config = dataclasses.replace(
+        BASE, intermediate_size=48, attention_layers=(1,), bos_token_id=1, eos_token_id=[2, 3],
+        rope_scaling=dict(type="linear", factor=2.0), attention_bias=True, sliding_window=8,
+    )  # fmt: skip
+    assert config.eos_token_id == (2, 3)
+    assert config.rope_scaling.factor == 2.0
+    assert MambaConfig.from_dict(config.to_dict()) == config
+    att = config.attention_config()
+    assert (att.rope_scaling, att.attention_bias, att.sliding_window) == (
+        config.rope_scaling, True, 8)  # fmt: skip
+    with pytest.raises(ValueError, match="eos_token_id must be a non-negative int or a tuple"):
+        dataclasses.replace(BASE, eos_token_id=-1)
+    with pytest.raises(ValueError, match="sliding_window must be an int >= 1 or None, got 0"):
+        dataclasses.replace(BASE, sliding_window=0)
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "hybrid mamba2"])
+def test_generate_stops_a_mamba_model_at_its_eos_token(variant):
+    """generate reads MambaConfig.eos_token_id: rows stop at the first eos (emitted, then pad)."""
+    from jaxlab.infer import generate
+
+    config = dataclasses.replace(BASE, **VARIANTS[variant])
+    prompts = np.random.default_rng(6).integers(1, 53, (3, 5)).astype(np.int32)
+    free = generate(models.build(config, nnx.Rngs(8)), prompts, max_new_tokens=8)
+    free_tokens = np.asarray(free.tokens)
+    assert (np.asarray(free.lengths) == 8).all()  # no eos configured: nothing stops
+    # Make the greedy token of row 0 at step 2 the eos: the same model, with that eos.
+    eos = int(free_tokens[0, 2])
+    model = models.build(dataclasses.replace(config, eos_token_id=eos), nnx.Rngs(8))
+    out = generate(model, prompts, max_new_tokens=8)
+    for row, tokens in enumerate(free_tokens):
+        hits = np.flatnonzero(tokens == eos)
+        stop = int(hits[0]) + 1 if hits.size else 8
+        assert int(out.lengths[row]) == stop, row
+        np.testing.assert_array_equal(np.asarray(out.tokens[row, :stop]), tokens[:stop])
+        assert (np.asarray(out.tokens[row, stop:]) == 0).all()
+    assert int(out.lengths[0]) <= 3
