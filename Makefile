@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_acvi --out=bench_results/bench_acvi.json
 	$(PY) -m experiments.bench_udp --out=bench_results/bench_udp.json
 	$(PY) -m experiments.bench_doge --out=bench_results/bench_doge.json
+	$(PY) -m experiments.bench_generate --out=bench_results/bench_generate.json
 
 # On a lent GPU machine, which has no network: its own python3 already holds jax[cuda], absl and
 # numpy, so this target installs nothing and runs from the source tree.

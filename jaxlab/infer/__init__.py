@@ -1,7 +1,20 @@
-"""Decoding with KV caches and sampling."""
+"""Decoding with KV caches and recurrent states, sampling, and scoring of given sequences."""
 
-from jaxlab.infer.decode import GenerateOutput, decode_step, generate, prefill
-from jaxlab.infer.sampling import SamplingConfig, filter_logits, greedy, sample
+from jaxlab.infer.decode import (
+    GenerateOutput,
+    decode_step,
+    generate,
+    prefill,
+    truncate_at_stop_strings,
+)
+from jaxlab.infer.sampling import (
+    SamplingConfig,
+    filter_logits,
+    greedy,
+    sample,
+    sample_with_logprobs,
+)
+from jaxlab.infer.score import score, token_logprobs
 
 __all__ = [
     "GenerateOutput",
@@ -12,4 +25,8 @@ __all__ = [
     "greedy",
     "prefill",
     "sample",
+    "sample_with_logprobs",
+    "score",
+    "token_logprobs",
+    "truncate_at_stop_strings",
 ]

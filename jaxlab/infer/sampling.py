@@ -81,3 +81,35 @@ def sample(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> jax.Arr
     if config.greedy:
         return greedy(logits)
     return jax.random.categorical(rng, filter_logits(logits, config), axis=-1).astype(jnp.int32)
+
+
+def sample_with_logprobs(
+    logits: jax.Array, rng: jax.Array, config: SamplingConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Picks one token per row (as :func:`sample`, same draws) and returns its log-probabilities.
+
+    Args:
+      logits: [batch, vocab] float.
+      rng: PRNG key (unused when greedy).
+      config: the sampling rule.
+
+    Returns:
+      ``(tokens, logprobs, sampling_logprobs)``: [batch] int32 token ids; [batch] float32
+      ``log softmax(logits)[token]``, the model's own log-probability (temperature 1, nothing
+      filtered); [batch] float32 the log-probability under the distribution the token was drawn
+      from (after temperature, top-k and top-p; 0 when greedy, a point mass).
+    """
+    logits = logits.astype(jnp.float32)
+    if config.greedy:
+        tokens = greedy(logits)
+        sampling_logprobs = jnp.zeros(tokens.shape, jnp.float32)
+    else:
+        filtered = filter_logits(logits, config)
+        tokens = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+        sampling_logprobs = _gather(filtered, tokens) - jax.nn.logsumexp(filtered, axis=-1)
+    logprobs = _gather(logits, tokens) - jax.nn.logsumexp(logits, axis=-1)
+    return tokens, logprobs, sampling_logprobs
+
+
+def _gather(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]

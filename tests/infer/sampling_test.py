@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.infer import SamplingConfig, sample
+from jaxlab.infer import SamplingConfig, sample, sample_with_logprobs
 
 LOGITS = np.log(np.array([0.05, 0.30, 0.10, 0.25, 0.02, 0.28]))
 
@@ -75,3 +75,41 @@ def test_greedy_is_numpy_argmax_with_ties_and_nan():
 def test_bad_sampling_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(),
+        SamplingConfig(temperature=0.5, top_k=4),
+        SamplingConfig(top_p=0.6, temperature=1.0),
+    ],
+)
+def test_sample_with_logprobs_draws_as_sample_and_scores_in_float64(config):
+    logits = jax.random.normal(jax.random.PRNGKey(2), (64, 6)) * 2
+    key = jax.random.PRNGKey(5)
+    tokens, logprobs, sampling_logprobs = sample_with_logprobs(logits, key, config)
+    np.testing.assert_array_equal(tokens, sample(logits, key, config))
+    x = np.asarray(logits, np.float64)
+    raw = x - x.max(-1, keepdims=True)
+    raw = raw - np.log(np.exp(raw).sum(-1, keepdims=True))
+    rows = np.arange(64)
+    np.testing.assert_allclose(logprobs, raw[rows, np.asarray(tokens)], atol=1e-5)
+    if config.greedy:
+        np.testing.assert_array_equal(sampling_logprobs, 0.0)
+        return
+    for r in range(64):  # the rule's distribution, built as in _expected above
+        p = np.exp(x[r] / config.temperature)
+        p /= p.sum()
+        order = np.argsort(-p)
+        keep = np.zeros(6, bool)
+        keep[order[: config.top_k or 6]] = True
+        p = np.where(keep, p, 0) / p[keep].sum()
+        if config.top_p is not None:
+            nucleus, mass = np.zeros(6, bool), 0.0
+            for i in np.argsort(-p):
+                if mass >= config.top_p or p[i] == 0:
+                    break
+                nucleus[i], mass = True, mass + p[i]
+            p = np.where(nucleus, p, 0) / p[nucleus].sum()
+        np.testing.assert_allclose(sampling_logprobs[r], np.log(p[int(tokens[r])]), atol=1e-5)

@@ -1,0 +1,119 @@
+"""Log-likelihood of given token sequences under a model (teacher forcing, one forward pass).
+
+``token_logprobs(model, tokens)[b, t]`` is ``log p(tokens[b, t] | tokens[b, :t])`` under the
+model's raw softmax (temperature 1, nothing filtered), in float32, for every ``t >= 1``; column 0
+is 0 because the first token has no prefix and is never scored. ``score(model, tokens, mask)``
+sums those columns where ``mask`` is 1, so ``mask`` is aligned with ``tokens``: it marks the tokens
+whose log-probability is counted, and ``mask[:, 0]`` is ignored. For likelihood-scored multiple
+choice, ``tokens`` holds context + answer and ``mask`` the answer tokens; right-padded rows put 0
+in ``mask`` on their padding (every jaxlab model is causal, so padding after a token never changes
+its log-probability).
+
+Both run the model once over ``[batch, seq]`` at positions ``0..seq-1`` (no segment ids), inside
+one ``jax.jit`` compiled per shape; they work for any model in :mod:`jaxlab.models`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def token_logprobs(model: nnx.Module, tokens: jax.Array) -> jax.Array:
+    """Per-token log-probabilities of ``tokens`` given their prefixes.
+
+    Args:
+      model: any jaxlab language model (``model(tokens) -> [batch, seq, vocab]`` logits).
+      tokens: [batch, seq] int ids, ``seq >= 2``.
+
+    Returns:
+      [batch, seq] float32: column ``t >= 1`` is ``log softmax(logits[:, t - 1])[tokens[:, t]]``;
+      column 0 is 0.
+    """
+    tokens = _check_tokens("token_logprobs", model, tokens)
+    graphdef, state = nnx.split(model)
+    return _token_logprobs(graphdef, state, jnp.asarray(tokens, jnp.int32))
+
+
+def score(model: nnx.Module, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Summed log-probability of the masked tokens of each row given their prefixes.
+
+    Args:
+      model: any jaxlab language model (``model(tokens) -> [batch, seq, vocab]`` logits).
+      tokens: [batch, seq] int ids, ``seq >= 2``.
+      mask: [batch, seq] bool or 0/1 numbers, aligned with ``tokens``: 1 where that token's
+        log-probability is counted. ``mask[:, 0]`` is ignored (the first token has no prefix).
+        Default: every token after the first.
+
+    Returns:
+      [batch] float32 ``sum_{t >= 1} mask[:, t] * log p(tokens[:, t] | tokens[:, :t])``.
+    """
+    tokens = _check_tokens("score", model, tokens)
+    if mask is None:
+        mask = np.ones(tokens.shape, np.float32)
+    else:
+        mask = _check_mask(mask, tokens.shape)
+    graphdef, state = nnx.split(model)
+    return _score(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.float32))
+
+
+def _check_tokens(fn: str, model: nnx.Module, tokens) -> np.ndarray:
+    array = np.asarray(tokens)
+    if array.ndim != 2:
+        raise ValueError(f"{fn}: tokens must be [batch, seq], got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{fn}: tokens must be integer ids, got dtype {array.dtype}")
+    if array.shape[1] < 2:
+        raise ValueError(
+            f"{fn}: tokens must have seq >= 2 (the first token is never scored), got shape "
+            f"{array.shape}"
+        )
+    vocab = model.config.vocab_size
+    if array.size and (array.min() < 0 or array.max() >= vocab):
+        raise ValueError(
+            f"{fn}: token ids must lie in [0, {vocab}), got min {array.min()} and max {array.max()}"
+        )
+    max_len = getattr(model.config, "max_seq_len", None)
+    if max_len is not None and array.shape[1] > max_len:
+        raise ValueError(
+            f"{fn}: tokens have seq={array.shape[1]}, more than the model's max_seq_len={max_len}"
+        )
+    return array
+
+
+def _check_mask(mask, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.asarray(mask)
+    if array.shape != shape:
+        raise ValueError(f"score: mask must have the tokens' shape {shape}, got {array.shape}")
+    if not (array.dtype == bool or np.issubdtype(array.dtype, np.number)):
+        raise TypeError(f"score: mask must be bool or 0/1 numbers, got dtype {array.dtype}")
+    bad = (array != 0) & (array != 1)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"score: mask values must be 0 or 1, got mask{list(where)} = {array[where]}"
+        )
+    return array
+
+
+def _gathered_logprobs(model, tokens):
+    """[batch, seq] float32 log p(tokens[:, t] | tokens[:, :t]) for t >= 1, zero at t = 0."""
+    logits = model(tokens).astype(jnp.float32)[:, :-1]
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    logprobs = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.pad(logprobs, ((0, 0), (1, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _token_logprobs(graphdef, state, tokens):
+    return _gathered_logprobs(nnx.merge(graphdef, state), tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _score(graphdef, state, tokens, mask):
+    logprobs = _gathered_logprobs(nnx.merge(graphdef, state), tokens)
+    return jnp.sum(jnp.where(mask[:, 1:] != 0, logprobs[:, 1:], 0.0), axis=-1)
