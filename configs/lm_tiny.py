@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
             lanes=0,
             # A domain_weights.json from a DoGE / DoReMi run: its averaged weights by name.
             weights_file="",
+            # Tokens added to the tokenizer, one new id each (e.g. ChatML's "<|im_start|>",
+            # "<|im_end|>"); with init_from, the embedding and head grow to fit them.
+            special_tokens=(),
         )
     )
 

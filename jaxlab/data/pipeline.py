@@ -18,6 +18,11 @@ count stays within a few examples of ``n * weight``: shares have no sampling noi
 horizon.
 Weights can be changed while running (:meth:`DataIterator.set_weights`; DoGE needs this).
 
+Prompt/answer data. A source ``qa:PATH?prompt=FIELD&answer=FIELD&template=chatml&layout=padded``
+(:mod:`jaxlab.data.prompts`) gives finetuning batches whose loss mask covers only answer tokens;
+it is the run's only source. ``config.data.special_tokens`` (e.g. ChatML's ``<|im_start|>``,
+``<|im_end|>``) are added to the tokenizer, each encoding as one new id.
+
 State. ``get_state()`` returns a small JSON-able dict (per-source cursors: document index and
 offset per lane; the credits and weights); ``set_state`` resumes at exactly the next example.
 
@@ -36,7 +41,7 @@ import grain
 import numpy as np
 
 from jaxlab.data import sources
-from jaxlab.data.tokenizers import Tokenizer
+from jaxlab.data.tokenizers import Tokenizer, add_special_tokens, load_tokenizer
 
 EXAMPLE_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "domain")
 
@@ -224,7 +229,7 @@ class DataIterator:
 # --------------------------------------------------------------------------------------------
 # From a config: sources named by spec strings.
 
-SOURCE_KINDS = ("embedded", "text", "jsonl", "tfds")
+SOURCE_KINDS = ("embedded", "text", "jsonl", "tfds", "qa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,11 +247,17 @@ def resolve_source(spec: str, *, text_field: str = "text", validation_fraction: 
 
     Specs: ``embedded`` (the whole standard-library corpus as one component),
     ``embedded:DOMAIN`` (one domain), ``embedded:*`` (every domain, one component each),
-    ``text:GLOB``, ``jsonl:GLOB``, ``tfds:NAME_OR_DIR``.
+    ``text:GLOB``, ``jsonl:GLOB``, ``tfds:NAME_OR_DIR``; ``qa:PATH?...`` (prompt/answer records,
+    batched by :func:`train_iterator` and :func:`eval_batches` from :mod:`jaxlab.data.prompts`:
+    its component only names the source).
     """
     kind, _, arg = spec.partition(":")
     if kind not in SOURCE_KINDS:
         raise ValueError(f"data source {spec!r}: kind must be one of {SOURCE_KINDS}")
+    if kind == "qa":
+        from jaxlab.data import prompts  # imported here: prompts imports this module
+
+        return [Component(prompts.parse_qa_spec(spec)["path_or_records"], (), ())]
     vf = dict(validation_fraction=validation_fraction)
     if kind == "embedded":
         domains = None if arg in ("", "*") else [arg]
@@ -337,13 +348,43 @@ def mixture_weights(data_config, components: Sequence[Component]) -> list[float]
     return [float(w) for w in data_config.weights]
 
 
+def make_tokenizer(data_config) -> Tokenizer:
+    """``config.data.tokenizer`` with ``config.data.special_tokens`` added (one new id each)."""
+    tokenizer = load_tokenizer(data_config.tokenizer or None)
+    special = tuple(data_config.get("special_tokens", ()) or ())
+    return add_special_tokens(tokenizer, special) if special else tokenizer
+
+
+def _qa_options(data_config) -> dict[str, Any] | None:
+    """The :func:`jaxlab.data.prompts.prompt_answer_batches` options of a ``qa:`` source."""
+    from jaxlab.data import prompts  # imported here: prompts imports this module
+
+    specs = list(data_config.sources)
+    qa = [spec for spec in specs if spec.startswith("qa:")]
+    if not qa:
+        return None
+    if len(specs) > 1:
+        raise ValueError(f"config.data.sources: a prompt/answer source ('qa:...') must be the "
+                         f"only source, got {specs}")  # fmt: skip
+    return dict(prompts.parse_qa_spec(qa[0]),
+                validation_fraction=data_config.validation_fraction)  # fmt: skip
+
+
 def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                    components: Sequence[Component] | None = None,
                    weights: Sequence[float] | None = None) -> DataIterator:  # fmt: skip
     """The training batches described by ``config.data`` (``weights`` overrides its mixture).
 
-    Each source packs ``config.data.lanes`` documents side by side (0 = ``batch_size``).
+    Each source packs ``config.data.lanes`` documents side by side (0 = ``batch_size``). A
+    ``qa:`` source gives answer-only prompt/answer batches of its ``train`` split instead.
     """
+    qa = _qa_options(data_config)
+    if qa is not None:
+        from jaxlab.data import prompts
+
+        return prompts.prompt_answer_batches(tokenizer=tokenizer, seq_len=seq_len,
+                                             batch_size=batch_size, seed=data_config.seed,
+                                             split="train", **qa)  # fmt: skip
     components = build_components(data_config) if components is None else components
     lanes = data_config.get("lanes", 0) or batch_size
     streams = [
@@ -362,7 +403,15 @@ def eval_batches(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: in
                  num_batches: int, components: Sequence[Component] | None = None
                  ) -> list[dict[str, np.ndarray]]:  # fmt: skip
     """A fixed list of held-out batches: one window from each of the components' validation
-    documents, in a fixed shuffled order (documents repeat only if there are too few)."""
+    documents, in a fixed shuffled order (documents repeat only if there are too few). A ``qa:``
+    source gives its ``validation`` split's records, in order."""
+    qa = _qa_options(data_config)
+    if qa is not None:
+        from jaxlab.data import prompts
+
+        return prompts.prompt_answer_eval_batches(tokenizer=tokenizer, seq_len=seq_len,
+                                                  batch_size=batch_size, num_batches=num_batches,
+                                                  split="validation", **qa)  # fmt: skip
     components = build_components(data_config) if components is None else components
     valid = [c.validation for c in components if len(c.validation)]
     if not valid:

@@ -39,8 +39,10 @@ def _new_rows(old: jax.Array, count: int, init: str, std: float, key: jax.Array)
     return rows.astype(old.dtype)
 
 
-def _resized(old: jax.Array, size: int, init: str, std: float, key: jax.Array) -> jax.Array:
-    """``old: [vocab, width]`` cut or extended to ``[size, width]``."""
+def resize_rows(old: jax.Array, size: int, init: str = "mean", std: float = 0.02,
+                key: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """``old: [vocab, width]`` cut or extended to ``[size, width]`` (new rows as
+    :func:`resize_vocabulary` makes them)."""
     if size <= old.shape[0]:
         return old[:size]
     return jnp.concatenate([old, _new_rows(old, size - old.shape[0], init, std, key)], axis=0)
@@ -117,10 +119,12 @@ def resize_vocabulary(
     graphdef, abstract_state = nnx.split(abstract)
     _, old_state = nnx.split(model)
     new_state = jax.tree.map(lambda x: x, old_state)  # a new tree of the same arrays
-    new_state["embed"] = embed.replace(_resized(embed[...], new_vocab_size, init, std, embed_key))
+    new_state["embed"] = embed.replace(
+        resize_rows(embed[...], new_vocab_size, init, std, embed_key)
+    )
     if not tied:
         new_state["lm_head"] = head.replace(
-            _resized(head[...].T, new_vocab_size, init, std, head_key).T
+            resize_rows(head[...].T, new_vocab_size, init, std, head_key).T
         )
     shapes = jax.tree.map(jnp.shape, abstract_state)
     got = jax.tree.map(jnp.shape, new_state)

@@ -136,13 +136,14 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
         raise ValueError(f"config.optim: {e}") from None
 
 
-def params_matching(params, patterns, field: str) -> Any:
+def params_matching(params, patterns, field: str, *, strict: bool = True) -> Any:
     """A pytree of bools like ``params``: True where the parameter's path (``a/b/c``) contains
-    one of ``patterns``; ``field`` names the config field in the error when none matches."""
+    one of ``patterns``; with ``strict``, patterns that match nothing are an error naming
+    ``field``."""
     mask = jax.tree_util.tree_map_with_path(
         lambda path, _: any(p in "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
                                           for k in path) for p in patterns), params)  # fmt: skip
-    if patterns and not any(jax.tree.leaves(mask)):
+    if strict and patterns and not any(jax.tree.leaves(mask)):
         raise ValueError(f"{field} {list(patterns)} match no parameter")
     return mask
 
@@ -179,10 +180,11 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     frozen = tuple(_get(config, "frozen", ()) or ())
     if frozen:
         # Frozen leaves get zero updates and no optimizer state (no moments are allocated for
-        # them); clipping sees only the trained leaves.
+        # them); clipping sees only the trained leaves. Not strict: optax also calls the labels
+        # on placeholders; the engine checks the patterns against the parameters.
         labels = lambda params: jax.tree.map(  # noqa: E731
             lambda f: "frozen" if f else "trained",
-            params_matching(params, frozen, "config.optim.frozen"),
+            params_matching(params, frozen, "config.optim.frozen", strict=False),
         )
         optimizer = optax.multi_transform(
             {"trained": optimizer, "frozen": optax.set_to_zero()}, labels

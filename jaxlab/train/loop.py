@@ -32,7 +32,7 @@ import jaxlab.distill  # noqa: F401  (registers its objectives)
 import jaxlab.mixing  # noqa: F401  (registers its objectives)
 from jaxlab import models, objectives, optim
 from jaxlab.data import pipeline
-from jaxlab.data.tokenizers import Tokenizer, load_tokenizer
+from jaxlab.data.tokenizers import Tokenizer
 from jaxlab.train import pretrained, sharding
 from jaxlab.train.checkpoint import Checkpointer
 from jaxlab.train.step import (
@@ -124,7 +124,7 @@ def build_experiment(config) -> Experiment:
             f"{config.batch_size // config.accum_steps}) must be divisible by the mesh's "
             f"data x fsdp = {rows}"
         )
-    tokenizer = load_tokenizer(config.data.tokenizer or None)
+    tokenizer = pipeline.make_tokenizer(config.data)
     model_config = _model_config(config, tokenizer)
     abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
@@ -134,13 +134,14 @@ def build_experiment(config) -> Experiment:
     optimizer = optim.build_optimizer(config.optim, config.num_steps)
     pure_params = nnx.to_pure_dict(abstract_params)
     abstract_opt = jax.eval_shape(optimizer.init, pure_params)
+    masked = optax.transforms.MaskedNode  # frozen leaves' places in a masked state
     opt_shardings = optax.tree_utils.tree_map_params(
         optimizer,
-        lambda _, s: s,
+        lambda state, s: state if isinstance(state, masked) else s,
         abstract_opt,
         param_shardings,
         transform_non_params=lambda _: sharding.replicated(mesh),
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding | masked),
     )
     components = tuple(c.name for c in pipeline.build_components(config.data))
     frozen = {

@@ -20,16 +20,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxlab import models
+from jaxlab.models.resize import resize_rows
 from jaxlab.train.checkpoint import Checkpointer
 
 MODEL_CONFIG_FILE = "model_config.json"
 # Fields that change how a checkpoint is stored or computed, not what it computes.
 _NON_ARCHITECTURE = {
+    "vocab_size",  # a larger model vocabulary grows the source's (added special tokens)
     "param_dtype",
     "dtype",
     "attention_impl",
@@ -152,6 +155,22 @@ def _run_checkpoint(source: Source) -> tuple[Checkpointer, int]:
     return checkpointer, step
 
 
+# The vocabulary axis of the parameters that grow with it (the Transformer's and MambaLM's).
+_VOCAB_AXIS = {"embed": 0, "lm_head": 1}
+
+
+def _grows(shape, target_shape, axis: int) -> bool:
+    shape, target_shape = tuple(shape), tuple(target_shape)
+    if len(shape) != len(target_shape):
+        return False
+    others = shape[:axis] + shape[axis + 1 :] == target_shape[:axis] + target_shape[axis + 1 :]
+    return others and shape[axis] < target_shape[axis]
+
+
+def _replicated(sharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
 def _rename(name: str, mapping: Sequence[tuple[str, str]]) -> str:
     for old, new in mapping:
         if name == old or name.startswith(old + "/"):
@@ -181,9 +200,14 @@ def load_params(
       field: the config field named in errors.
       fallback: parameters (like ``abstract``) for the paths the source lacks (``partial``).
 
+    A larger vocabulary than the source's (tokens added to the tokenizer) grows ``embed`` and
+    ``lm_head``: the source's rows are copied and the new ones are the mean of the old
+    (:func:`jaxlab.models.resize.resize_rows`), so old tokens' logits do not change.
+
     Returns:
       ``(params, report)``; ``report`` lists ``copied``, ``kept`` (target paths not in the
-      source) and ``unused`` (source paths not in the target), by name.
+      source) and ``unused`` (source paths not in the target), by name, and ``grown``
+      (``{name: [source vocab, model vocab]}``).
 
     Raises:
       ValueError: naming the parameter and both shapes (or dtypes) where they differ, or the
@@ -204,10 +228,14 @@ def load_params(
         metadata = getattr(metadata, "tree", metadata)
         stored = _by_name(metadata["params"])
         available = {_rename(n, mapping): (n, tuple(m.shape), m.dtype) for n, m in stored.items()}
+    grown = {}
     for name, target in targets.items():
         if name in available:
             _, shape, dtype = available[name]
-            if tuple(shape) != tuple(target.shape):
+            axis = _VOCAB_AXIS.get(name)
+            if axis is not None and _grows(shape, target.shape, axis):
+                grown[name] = [int(shape[axis]), int(target.shape[axis])]
+            elif tuple(shape) != tuple(target.shape):
                 raise ValueError(
                     f"{field} {source}: parameter {name} has shape {tuple(shape)} "
                     f"there, the model's is {tuple(target.shape)}"
@@ -233,12 +261,17 @@ def load_params(
         raise ValueError(f"{field} {source}: no fallback for the parameters {kept[:10]}")
 
     if source.kind == "hf":
-        values = {n: jax.device_put(host[available[n][0]], targets[n].sharding) for n in copied}
+        values = {n: host[available[n][0]] for n in copied}
     else:
         source_name = {n: available[n][0] for n in copied}
+        read_as = {n: targets[n] for n in copied}
+        for n in grown:  # read at the stored size, replicated, then grown below
+            read_as[n] = jax.ShapeDtypeStruct(
+                available[n][1], targets[n].dtype, sharding=_replicated(targets[n].sharding)
+            )
         item = _unflatten_like(
             metadata["params"],
-            {available[n][0]: targets[n] for n in copied},
+            {available[n][0]: read_as[n] for n in copied},
             keep=set(source_name.values()),
         )
         restored = ocp.PyTreeCheckpointer().restore(
@@ -251,11 +284,16 @@ def load_params(
         )
         flat = _by_name(restored["params"])
         values = {n: flat[source_name[n]] for n in copied}
+    for name, (_, size) in grown.items():
+        axis = _VOCAB_AXIS[name]
+        rows = jnp.moveaxis(jnp.asarray(values[name]), axis, 0)
+        values[name] = jnp.moveaxis(resize_rows(rows, size), 0, axis)
+    values = {n: jax.device_put(v, targets[n].sharding) for n, v in values.items()}
     fallback_leaves = _by_name(fallback) if fallback is not None else {}
     params = jax.tree_util.tree_map_with_path(
         lambda p, _: values.get(path_name(p), fallback_leaves.get(path_name(p))), abstract
     )
-    return params, {"copied": copied, "kept": kept, "unused": unused}
+    return params, {"copied": copied, "kept": kept, "unused": unused, "grown": grown}
 
 
 def _unflatten_like(metadata_tree, by_source_name: dict[str, Any], keep: set[str]):

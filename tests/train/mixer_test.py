@@ -11,6 +11,7 @@ import pytest
 
 from configs import lm_smoke
 from jaxlab import mixing
+from jaxlab.data.tokenizers import load_tokenizer
 from jaxlab.mixing.objectives import domain_mean_losses
 from jaxlab.objectives import token_losses
 from jaxlab.optim import params_matching
@@ -123,18 +124,18 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     base = lm_smoke.get_config()
     base.data.sources = ("embedded:email", "embedded:json")  # any order: matched by name
     base.data.weights_file = str(tmp_path / "ood" / "domain_weights.json")
-    iterator = loop.pipeline.train_iterator(base.data, loop.load_tokenizer("byte"),
+    iterator = loop.pipeline.train_iterator(base.data, load_tokenizer("byte"),
                                             base.seq_len, base.batch_size)  # fmt: skip
     by_name = dict(zip(record["domains"], record["average"], strict=True))
     np.testing.assert_allclose(iterator.weights / iterator.weights.sum(),
                                [by_name["email"], by_name["json"]], rtol=1e-6)  # fmt: skip
     base.data.sources = ("embedded:email", "embedded:json", "embedded:html")  # + the OOD target
-    iterator = loop.pipeline.train_iterator(base.data, loop.load_tokenizer("byte"),
+    iterator = loop.pipeline.train_iterator(base.data, load_tokenizer("byte"),
                                             base.seq_len, base.batch_size)  # fmt: skip
     assert iterator.weights[2] == 0.0 and iterator.weights[:2].sum() > 0
     base.data.sources = ("embedded:email", "embedded:xml")
     with pytest.raises(ValueError, match="weights_file"):
-        loop.pipeline.train_iterator(base.data, loop.load_tokenizer("byte"), base.seq_len,
+        loop.pipeline.train_iterator(base.data, load_tokenizer("byte"), base.seq_len,
                                      base.batch_size)  # fmt: skip
 
 
