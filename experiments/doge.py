@@ -41,6 +41,7 @@ def corpus_config(c, seed, *, sources, mixer=None, weights=None, weights_file=""
     config.data.sources = tuple(f"embedded:{d}" for d in sources)
     config.data.weights = tuple(weights) if weights is not None else ()
     config.data.weights_file = weights_file
+    config.eval_per_source = False  # per_domain_perplexity covers every domain, targets included
     if mixer is not None:
         mixer = dict(mixer)
         config.objective.name = mixer.pop("name")

@@ -92,6 +92,9 @@ class ObjectiveContext:
       params: the trained model's parameters as ``ShapeDtypeStruct`` leaves.
       schedule: the learning-rate schedule.
       components: names of the data components, in the order of ``batch["domain"]`` indices.
+      trainable: a pytree of bools like the parameters (False: ``config.optim.frozen``), or
+        None when every parameter trains; objectives differentiate through
+        :func:`stop_frozen` so frozen leaves get exact zero gradients at no cost.
     """
 
     config: Any
@@ -102,6 +105,7 @@ class ObjectiveContext:
     params: Any
     schedule: optax.Schedule
     components: tuple[str, ...]
+    trainable: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +165,16 @@ def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def from_loss(loss: LossFn, accum_steps: int = 1) -> GradientsFn:
+def stop_frozen(params, trainable):
+    """``params`` with ``stop_gradient`` on the leaves ``trainable`` marks False (call it inside
+    the differentiated function: their gradients are then exact zeros and XLA drops their
+    backward computation)."""
+    if trainable is None:
+        return params
+    return jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
+
+
+def from_loss(loss: LossFn, accum_steps: int = 1, trainable=None) -> GradientsFn:
     """Gradients of ``sum(loss) / count`` over ``accum_steps`` micro-batches (scanned).
 
     The summed losses, counts, metric sums and gradients are accumulated, then divided once by
@@ -173,7 +186,7 @@ def from_loss(loss: LossFn, accum_steps: int = 1) -> GradientsFn:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
 
     def summed(params, batch, frozen, rng):
-        loss_sum, count, metrics = loss(params, batch, frozen, rng)
+        loss_sum, count, metrics = loss(stop_frozen(params, trainable), batch, frozen, rng)
         return loss_sum, (count, metrics)
 
     grad_of_sums = jax.value_and_grad(summed, has_aux=True)
@@ -216,7 +229,9 @@ def next_token_loss(graphdef: nnx.GraphDef) -> LossFn:
 
 
 def _next_token(context: ObjectiveContext) -> Objective:
-    return Objective(from_loss(next_token_loss(context.graphdef), context.config.accum_steps))
+    return Objective(
+        from_loss(next_token_loss(context.graphdef), context.config.accum_steps, context.trainable)
+    )
 
 
 register_objective("next_token", _next_token)

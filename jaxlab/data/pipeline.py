@@ -382,9 +382,14 @@ def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: 
     if qa is not None:
         from jaxlab.data import prompts
 
-        return prompts.prompt_answer_batches(tokenizer=tokenizer, seq_len=seq_len,
-                                             batch_size=batch_size, seed=data_config.seed,
-                                             split="train", **qa)  # fmt: skip
+        try:
+            return prompts.prompt_answer_batches(tokenizer=tokenizer, seq_len=seq_len,
+                                                 batch_size=batch_size, seed=data_config.seed,
+                                                 split="train", **qa)  # fmt: skip
+        except ValueError as e:
+            raise ValueError(
+                f"config.data.sources {list(data_config.sources)}: training records: {e}"
+            ) from e
     components = build_components(data_config) if components is None else components
     lanes = data_config.get("lanes", 0) or batch_size
     streams = [
@@ -409,9 +414,17 @@ def eval_batches(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: in
     if qa is not None:
         from jaxlab.data import prompts
 
-        return prompts.prompt_answer_eval_batches(tokenizer=tokenizer, seq_len=seq_len,
-                                                  batch_size=batch_size, num_batches=num_batches,
-                                                  split="validation", **qa)  # fmt: skip
+        try:
+            return prompts.prompt_answer_eval_batches(tokenizer=tokenizer, seq_len=seq_len,
+                                                      batch_size=batch_size,
+                                                      num_batches=num_batches,
+                                                      split="validation", **qa)  # fmt: skip
+        except ValueError as e:
+            raise ValueError(
+                f"config.data.sources {list(data_config.sources)} with "
+                f"config.data.validation_fraction="
+                f"{data_config.validation_fraction}: held-out records: {e}"
+            ) from e
     components = build_components(data_config) if components is None else components
     valid = [c.validation for c in components if len(c.validation)]
     if not valid:

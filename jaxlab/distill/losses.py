@@ -75,7 +75,9 @@ def distill_kl_objective(context) -> objectives.Objective:
         total = kl + ce_weight * ce if ce_weight else kl
         return total, jnp.sum(mask), {"kl": kl, "ce": ce}
 
-    return objectives.Objective(objectives.from_loss(loss, context.config.accum_steps))
+    return objectives.Objective(
+        objectives.from_loss(loss, context.config.accum_steps, context.trainable)
+    )
 
 
 objectives.register_objective(

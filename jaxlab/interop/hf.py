@@ -277,6 +277,24 @@ def load_hf_llama(
       CheckpointError: for an unsupported config field, a missing or unexpected tensor, or a
         tensor whose shape does not fit (the message names the key and both shapes).
     """
+    config, pure = read_hf_llama(path, dtype, compute_dtype=compute_dtype,
+                                 attention_impl=attention_impl)  # fmt: skip
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    return nnx.merge(graphdef, state)
+
+
+def read_hf_llama(
+    path: str,
+    dtype: str = "float32",
+    *,
+    compute_dtype: str | None = None,
+    attention_impl: str = "xla",
+) -> tuple[TransformerConfig, dict]:
+    """The config and the parameters (a pure dict of host NumPy arrays, in ``dtype``) of a
+    Hugging Face Llama/Mistral directory, read one tensor at a time, so a caller can place each
+    on its sharding without the whole model ever sitting on one device. Arguments and errors as
+    :func:`load_hf_llama`."""
     if dtype not in DTYPES:
         raise ValueError(f"load_hf_llama: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     config_path = os.path.join(path, "config.json")
@@ -307,9 +325,9 @@ def load_hf_llama(
             f"{' ...' * (len(unexpected) > 10)}"
         )
 
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
+    pure = nnx.to_pure_dict(
+        nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    )
     by_file: dict[str, list[_Entry]] = {}
     for entry in table:
         by_file.setdefault(files[entry.hf_key], []).append(entry)
@@ -322,9 +340,9 @@ def load_hf_llama(
                         f"{entry.hf_key}: checkpoint shape {tuple(tensor.shape)} does not match "
                         f"the config's expected shape {entry.hf_shape}"
                     )
-                _set_path(pure, entry.path, entry.to_jax(tensor).astype(config.storage_dtype))
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+                value = entry.to_jax(tensor).astype(config.storage_dtype)
+                _set_path(pure, entry.path, np.asarray(value))  # off the device at once
+    return config, pure
 
 
 def save_hf_llama(

@@ -107,6 +107,24 @@ def _metrics(losses, counts, weights, names):
     return metrics
 
 
+def _scored(context):
+    """DoGE's ``param_filter``: the ``selected_params`` that train (frozen leaves never move, so
+    their gradients must not enter the scores); None for all parameters."""
+    m, trainable = context.config.mixer, context.trainable
+    if not m.selected_params and trainable is None:
+        return None
+    selected = jax.tree.map(lambda _: True, context.params)
+    if m.selected_params:
+        selected = params_matching(context.params, m.selected_params,
+                                   "config.mixer.selected_params")  # fmt: skip
+    if trainable is not None:
+        selected = jax.tree.map(lambda s, t: s and t, selected, trainable)
+    if not any(jax.tree.leaves(selected)):
+        raise ValueError(f"config.mixer.selected_params {list(m.selected_params)} select only "
+                         f"frozen parameters (config.optim.frozen)")  # fmt: skip
+    return selected
+
+
 def doge_objective(context) -> objectives.Objective:
     """Per-domain gradients of the training components (and of the targets for the OOD
     objective), clipped per domain by the mixer, the mixer update, then the weighted sum of the
@@ -121,14 +139,11 @@ def doge_objective(context) -> objectives.Objective:
         objective="ood" if target else "universal",
         smoothing=m.smoothing,
         grad_clip=m.grad_clip or None,
-        param_filter=params_matching(
-            context.params, m.selected_params, "config.mixer.selected_params"
-        )
-        if m.selected_params
-        else None,
+        param_filter=_scored(context),
     )
 
     def per_domain(params, batch, domains):
+        params = objectives.stop_frozen(params, context.trainable)
         losses, mask = objectives.token_losses(graphdef, params, batch)
         return domain_mean_losses(losses, mask, batch["domain"], domains)
 
@@ -157,6 +172,11 @@ def doremi_objective(context) -> objectives.Objective:
     m, names, graphdef = context.config.mixer, context.components, context.graphdef
     train, target = _domains(context)
     reference = context.frozen["reference"]
+    reference_vocab = context.frozen_configs["reference"].vocab_size
+    if reference_vocab != context.model_config.vocab_size:
+        raise ValueError(f"config.mixer.reference_workdir: the reference model's vocab_size "
+                         f"{reference_vocab} differs from the model's "
+                         f"{context.model_config.vocab_size}")  # fmt: skip
     mixer = doremi(num_domains=len(train), step_size=m.step_size, smoothing=m.smoothing)
 
     def gradients(params, batch, frozen, state, rng):
@@ -164,7 +184,9 @@ def doremi_objective(context) -> objectives.Objective:
         reference_losses, mask = objectives.token_losses(reference, frozen["reference"], batch)
         masks = domain_masks(batch["domain"], mask, train)
         grads, weights, state, losses, counts = doremi_gradients(
-            lambda p: objectives.token_losses(graphdef, p, batch)[0],
+            lambda p: objectives.token_losses(
+                graphdef, objectives.stop_frozen(p, context.trainable), batch
+            )[0],
             params,
             reference_losses,
             masks,

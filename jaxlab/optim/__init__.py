@@ -136,13 +136,18 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
         raise ValueError(f"config.optim: {e}") from None
 
 
+def param_path(path) -> str:
+    """``a/b/c`` for a parameter's pytree key path: how config patterns name parameters."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def params_matching(params, patterns, field: str, *, strict: bool = True) -> Any:
     """A pytree of bools like ``params``: True where the parameter's path (``a/b/c``) contains
     one of ``patterns``; with ``strict``, patterns that match nothing are an error naming
     ``field``."""
     mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: any(p in "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
-                                          for k in path) for p in patterns), params)  # fmt: skip
+        lambda path, _: any(p in param_path(path) for p in patterns), params
+    )
     if strict and patterns and not any(jax.tree.leaves(mask)):
         raise ValueError(f"{field} {list(patterns)} match no parameter")
     return mask
@@ -202,6 +207,7 @@ __all__ = [
     "build_optimizer",
     "decay_mask",
     "learning_rate_schedule",
+    "param_path",
     "params_matching",
     "staged_schedule",
     "register_optimizer",

@@ -31,7 +31,8 @@ def warmup_decay_schedule(
     (MEDITRON ended its 1-epoch run on a 2-epoch cosine).
 
     ``decay="wsd"`` (warmup-stable-decay): after the warm-up the rate stays at ``peak_value``
-    until the last ``wsd_decay_fraction`` of the ``decay_steps``, then falls to the final value
+    until the last ``round(wsd_decay_fraction * decay_steps)`` steps (warm-up included in the
+    count; at most the steps after the warm-up), then falls to the final value
     in ``wsd_shape``: ``linear``, ``cosine`` or ``sqrt`` (``1 - sqrt(t)``, Hagele et al. 2024).
     """
     if decay not in DECAYS:
@@ -50,7 +51,8 @@ def warmup_decay_schedule(
     final = final_fraction * peak_value
     span = max(decay_steps - warmup_steps, 1)
     if decay == "wsd":
-        after = _stable_decay(peak_value, final, span, wsd_decay_fraction, wsd_shape)
+        cooldown = min(max(round(wsd_decay_fraction * decay_steps), 1), span)
+        after = _stable_decay(peak_value, final, span, cooldown, wsd_decay_fraction, wsd_shape)
     elif decay == "cosine":
         after = optax.cosine_decay_schedule(peak_value, span, alpha=final_fraction)
     elif decay == "linear":
@@ -63,12 +65,13 @@ def warmup_decay_schedule(
     return optax.join_schedules([warm, after], [warmup_steps])
 
 
-def _stable_decay(peak: float, final: float, span: int, fraction: float, shape: str):
+def _stable_decay(peak: float, final: float, span: int, cooldown: int, fraction: float,
+                  shape: str):  # fmt: skip
+    """``span`` steps after the warm-up: flat at ``peak``, then the last ``cooldown`` decay."""
     if shape not in WSD_SHAPES:
         raise ValueError(f"schedule wsd_shape must be one of {WSD_SHAPES}, got {shape!r}")
     if not 0 < fraction <= 1:
         raise ValueError(f"schedule wsd_decay_fraction must be in (0, 1], got {fraction}")
-    cooldown = max(round(fraction * span), 1)
     stable = span - cooldown
 
     def schedule(step):

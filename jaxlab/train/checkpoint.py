@@ -15,16 +15,17 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves and restores ``(state, data_state, config)`` under ``directory``."""
+    """Saves and restores ``(state, data_state, config)`` under ``directory`` (made if missing,
+    unless ``create`` is False: reading another run's checkpoints must not write there)."""
 
-    def __init__(self, directory: str, *, keep: int = 3):
+    def __init__(self, directory: str, *, keep: int = 3, create: bool = True):
         if keep < 1:
             raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
+                max_to_keep=keep, create=create, enable_async_checkpointing=False
             ),
             item_names=("state", "data", "config"),
         )

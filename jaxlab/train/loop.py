@@ -144,16 +144,24 @@ def build_experiment(config) -> Experiment:
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding | masked),
     )
     components = tuple(c.name for c in pipeline.build_components(config.data))
+    dtypes = {"param_dtype": model_config.param_dtype, "dtype": model_config.dtype}
     frozen = {
-        name: pretrained.frozen_model(spec, name, shardings_of=lambda a: sharding.state_shardings(
-            a, mesh, rules))
+        name: pretrained.frozen_model(spec, name, dtypes=dtypes,
+                                      shardings_of=lambda a: sharding.state_shardings(
+                                          a, mesh, rules))
         for name, spec in objectives.get_objective(config.objective.name).frozen_models(
             config).items()
     }  # fmt: skip
+    trainable = None
+    if config.optim.get("frozen"):
+        frozen_mask = optim.params_matching(pure_params, config.optim.frozen,
+                                            "config.optim.frozen")  # fmt: skip
+        trainable = jax.tree.map(lambda f: not f, frozen_mask)
     context = objectives.ObjectiveContext(
         config=config, graphdef=graphdef, frozen={n: f.graphdef for n, f in frozen.items()},
         model_config=model_config, frozen_configs={n: f.model_config for n, f in frozen.items()},
-        params=pure_params, schedule=schedule, components=components)  # fmt: skip
+        params=pure_params, schedule=schedule, components=components,
+        trainable=trainable)  # fmt: skip
     objective = objectives.get_objective(config.objective.name).build(context)
     abstract_objective = jax.eval_shape(objective.init)
     objective_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_objective)
@@ -164,11 +172,6 @@ def build_experiment(config) -> Experiment:
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    trainable = None
-    if config.optim.get("frozen"):
-        frozen_mask = optim.params_matching(pure_params, config.optim.frozen,
-                                            "config.optim.frozen")  # fmt: skip
-        trainable = jax.tree.map(lambda f: not f, frozen_mask)
     return Experiment(config, mesh, tokenizer, model_config, graphdef, optimizer, schedule,
                       shardings, abstract, rules, objective, frozen, trainable,
                       components)  # fmt: skip
@@ -199,7 +202,7 @@ def initial_params(exp: Experiment):
     config = exp.config
     if not config.init_from:
         return None, None
-    source = pretrained.parse_source(config.init_from)
+    source = pretrained.pinned(pretrained.parse_source(config.init_from))
     if config.init_from_mode == "exact":
         differences = pretrained.architecture_differences(
             exp.model_config, pretrained.source_model_config(source)
@@ -212,14 +215,40 @@ def initial_params(exp: Experiment):
     if partial:
         fallback = jax.jit(lambda: _random_params(exp),
                            out_shardings=exp.state_shardings.params)()  # fmt: skip
-    return pretrained.load_params(source, exp.abstract_state.params, partial=partial,
-                                  mapping=[tuple(m) for m in config.init_from_map],
-                                  fallback=fallback)  # fmt: skip
+    params, report = pretrained.load_params(
+        source, exp.abstract_state.params, partial=partial,
+        mapping=list(config.init_from_map), fallback=fallback)  # fmt: skip
+    return params, {"source": str(source), **report}
 
 
-def load_frozen(exp: Experiment) -> dict[str, Any]:
-    """``{name: params}`` of the objective's frozen models, on their shardings."""
-    return {name: pretrained.load_frozen(f, name) for name, f in exp.frozen.items()}
+def load_frozen(exp: Experiment, sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{name: params}`` of the objective's frozen models, on their shardings; ``sources``
+    (``{name: "run:WORKDIR@STEP"}``, as :func:`pin_sources` wrote them) overrides where they are
+    read from."""
+    sources = sources or {}
+    return {
+        name: pretrained.load_frozen(
+            f, name, pretrained.parse_source(sources[name]) if name in sources else None)
+        for name, f in exp.frozen.items()
+    }  # fmt: skip
+
+
+SOURCES_FILE = "frozen_sources.json"
+
+
+def pin_sources(exp: Experiment, workdir: str, fresh: bool) -> dict[str, str]:
+    """The frozen models' sources with their checkpoint steps fixed: resolved now and written to
+    ``WORKDIR/frozen_sources.json`` for a fresh run, read back from it on resume, so a resumed
+    run reads the same teacher or reference even if that run trained on."""
+    path = os.path.join(workdir, SOURCES_FILE)
+    if not fresh and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    sources = {name: str(pretrained.pinned(f.source)) for name, f in exp.frozen.items()}
+    if sources and jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(sources, f, indent=2)
+    return sources
 
 
 def compile_steps(exp: Experiment):
@@ -385,8 +414,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     components = pipeline.build_components(config.data)
     objective = exp.objective
-    # A mixer objective samples its components uniformly, as the DoGE authors do: the weights
-    # act on the gradients (DoGE) or the losses (DoReMi), not on the sampling.
+    # An objective may ask for its components to be sampled uniformly (a data mixer's weights
+    # act on the gradients or the losses, not on the sampling).
     data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
                                    components, weights=[1.0] * len(components)
                                    if objective.uniform_sampling else None)  # fmt: skip
@@ -402,7 +431,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             summary["init_from"] = report
             if lead:
                 with open(os.path.join(workdir, "init_from.json"), "w") as f:
-                    json.dump({"source": config.init_from, **report}, f, indent=2)
+                    json.dump(report, f, indent=2)
             if report["kept"] or report["unused"]:
                 logging.warning("config.init_from %s: kept the initialisation of %s; did not "
                                 "use %s", config.init_from, report["kept"],
@@ -417,7 +446,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             json.dump(config_json, f, indent=2)
         pretrained.write_model_config(workdir, exp.model_config)
 
-    frozen = load_frozen(exp)
+    frozen = load_frozen(exp, pin_sources(exp, workdir, fresh=start == 0))
     train_step, eval_step = compile_steps(exp)
     keys = (*MODEL_INPUTS, *objective.batch_keys)
     if start == 0:

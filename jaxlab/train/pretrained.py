@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxlab import models
 from jaxlab.models.resize import resize_rows
+from jaxlab.optim import param_path
 from jaxlab.train.checkpoint import Checkpointer
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -124,27 +125,31 @@ def architecture_differences(a, b) -> list[str]:
     ]
 
 
-def path_name(path) -> str:
-    """``a/b/c`` for a pytree key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def _by_name(tree) -> dict[str, Any]:
-    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {param_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _hf_params(source: Source, param_dtype: str) -> dict[str, np.ndarray]:
-    from jaxlab.interop.hf import CheckpointError, load_hf_llama
+    from jaxlab.interop.hf import CheckpointError, read_hf_llama
 
     try:
-        model = load_hf_llama(source.path, dtype=param_dtype)
+        _, params = read_hf_llama(source.path, dtype=param_dtype)
     except CheckpointError as e:
         raise ValueError(f"{source}: {e}") from None
-    return _by_name(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return _by_name(params)
+
+
+def _place(value, sharding) -> jax.Array:
+    """A host array on ``sharding``, each process transferring only its addressable shards."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _run_checkpoint(source: Source) -> tuple[Checkpointer, int]:
-    checkpointer = Checkpointer(os.path.join(source.path, "checkpoints"))
+    directory = os.path.join(source.path, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{source}: no checkpoints directory in {source.path!r}")
+    checkpointer = Checkpointer(directory, create=False)
     steps = checkpointer.all_steps()
     step = source.step if source.step is not None else checkpointer.latest_step()
     if step is None or step not in steps:
@@ -153,6 +158,16 @@ def _run_checkpoint(source: Source) -> tuple[Checkpointer, int]:
             f"{source}: no checkpoint {'' if step is None else step} there (steps {sorted(steps)})"
         )
     return checkpointer, step
+
+
+def pinned(source: Source) -> Source:
+    """``run:WORKDIR`` resolved to its newest checkpoint now (``run:WORKDIR@STEP``), so a run
+    that resumes later reads the same parameters even if the source run trained on."""
+    if source.kind != "run" or source.step is not None:
+        return source
+    checkpointer, step = _run_checkpoint(source)
+    checkpointer.close()
+    return dataclasses.replace(source, step=step)
 
 
 # The vocabulary axis of the parameters that grow with it (the Transformer's and MambaLM's).
@@ -171,11 +186,42 @@ def _replicated(sharding):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
-def _rename(name: str, mapping: Sequence[tuple[str, str]]) -> str:
-    for old, new in mapping:
-        if name == old or name.startswith(old + "/"):
-            return new + name[len(old) :]
-    return name
+def _renamer(mapping, field: str):
+    """``name -> name`` applying ``(source prefix, target prefix)`` pairs (whole path
+    components; a trailing ``/`` is ignored)."""
+    pairs = []
+    for entry in mapping:
+        if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+                or not all(isinstance(x, str) and x.strip("/") for x in entry)):  # fmt: skip
+            raise ValueError(f"{field}_map entries must be (source prefix, model prefix) pairs "
+                             f"of non-empty strings, got {entry!r}")  # fmt: skip
+        pairs.append((entry[0].strip("/"), entry[1].strip("/")))
+
+    def rename(name: str) -> str:
+        for old, new in pairs:
+            if name == old or name.startswith(old + "/"):
+                return new + name[len(old) :]
+        return name
+
+    return pairs, rename
+
+
+def _available(names_and_info, mapping, field: str, source) -> dict[str, tuple]:
+    """``{model path: (source path, shape, dtype)}`` after the renames; two source paths that
+    land on one model path, or a rename that matches nothing, are errors."""
+    pairs, rename = _renamer(mapping, field)
+    available: dict[str, tuple] = {}
+    for name, shape, dtype in names_and_info:
+        target = rename(name)
+        if target in available:
+            raise ValueError(f"{field}_map: source parameters {available[target][0]} and {name} "
+                             f"both map to {target} ({source})")  # fmt: skip
+        available[target] = (name, tuple(shape), dtype)
+    sources = [n for n, _, _ in names_and_info]
+    for old, _ in pairs:
+        if not any(n == old or n.startswith(old + "/") for n in sources):
+            raise ValueError(f"{field}_map: no parameter of {source} starts with {old!r}")
+    return available
 
 
 def load_params(
@@ -218,7 +264,8 @@ def load_params(
         dtypes = {str(leaf.dtype) for leaf in targets.values()}
         param_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
         host = _hf_params(source, param_dtype)
-        available = {_rename(n, mapping): (n, v.shape, v.dtype) for n, v in host.items()}
+        info = [(n, v.shape, v.dtype) for n, v in host.items()]
+        available = _available(info, mapping, field, source)
     else:
         checkpointer, step = _run_checkpoint(source)
         state_dir = os.path.join(checkpointer.path(step), "state")
@@ -227,7 +274,8 @@ def load_params(
         metadata = getattr(metadata, "item_metadata", metadata)
         metadata = getattr(metadata, "tree", metadata)
         stored = _by_name(metadata["params"])
-        available = {_rename(n, mapping): (n, tuple(m.shape), m.dtype) for n, m in stored.items()}
+        info = [(n, m.shape, m.dtype) for n, m in stored.items()]
+        available = _available(info, mapping, field, source)
     grown = {}
     for name, target in targets.items():
         if name in available:
@@ -286,12 +334,15 @@ def load_params(
         values = {n: flat[source_name[n]] for n in copied}
     for name, (_, size) in grown.items():
         axis = _VOCAB_AXIS[name]
-        rows = jnp.moveaxis(jnp.asarray(values[name]), axis, 0)
-        values[name] = jnp.moveaxis(resize_rows(rows, size), 0, axis)
-    values = {n: jax.device_put(v, targets[n].sharding) for n, v in values.items()}
+        grow = lambda x, axis=axis, size=size: jnp.moveaxis(  # noqa: E731
+            resize_rows(jnp.moveaxis(x, axis, 0), size), 0, axis
+        )
+        values[name] = jax.jit(grow, out_shardings=targets[name].sharding)(values[name])
+    values = {n: v if isinstance(v, jax.Array) else _place(v, targets[n].sharding)
+              for n, v in values.items()}  # fmt: skip
     fallback_leaves = _by_name(fallback) if fallback is not None else {}
     params = jax.tree_util.tree_map_with_path(
-        lambda p, _: values.get(path_name(p), fallback_leaves.get(path_name(p))), abstract
+        lambda p, _: values.get(param_path(p), fallback_leaves.get(param_path(p))), abstract
     )
     return params, {"copied": copied, "kept": kept, "unused": unused, "grown": grown}
 
@@ -325,11 +376,12 @@ class FrozenModel:
     abstract: Any  # ShapeDtypeStruct leaves with shardings
 
 
-def frozen_model(spec: str, name: str, *, shardings_of, overrides=None) -> FrozenModel:
+def frozen_model(spec: str, name: str, *, shardings_of, dtypes: dict[str, str]) -> FrozenModel:
     """The structure of frozen model ``name`` from source ``spec``; ``shardings_of(abstract
-    nnx.State) -> shardings``."""
+    nnx.State) -> shardings``. A Hugging Face source is read in ``dtypes`` (``param_dtype``,
+    ``dtype``: the run's own); a run keeps the dtypes it was trained with."""
     source = parse_source(spec, f"frozen model {name!r}")
-    model_config = source_model_config(source, **(overrides or {}))
+    model_config = source_model_config(source, **(dtypes if source.kind == "hf" else {}))
     abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     shardings = shardings_of(abstract_params)
@@ -340,7 +392,8 @@ def frozen_model(spec: str, name: str, *, shardings_of, overrides=None) -> Froze
     return FrozenModel(source, model_config, graphdef, abstract)
 
 
-def load_frozen(frozen: FrozenModel, name: str):
-    """The parameters of a frozen model, on their shardings."""
-    params, _ = load_params(frozen.source, frozen.abstract, field=f"frozen model {name!r}")
+def load_frozen(frozen: FrozenModel, name: str, source: Source | None = None):
+    """The parameters of a frozen model (from ``source``, default its own), on their shardings."""
+    params, _ = load_params(source or frozen.source, frozen.abstract,
+                            field=f"frozen model {name!r}")  # fmt: skip
     return params

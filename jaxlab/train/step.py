@@ -98,7 +98,8 @@ def make_train_step(
       graphdef: the model's graph definition (used for the default ``next_token`` objective).
       optimizer: the optax transformation; frozen leaves must get zero updates from it
         (:func:`jaxlab.optim.build_optimizer` does this for ``config.optim.frozen``).
-      objective: what to minimise; default next-token cross-entropy with ``accum_steps``.
+      objective: what to minimise; default next-token cross-entropy with ``accum_steps`` (an
+        objective handles its own accumulation, see :func:`jaxlab.objectives.from_loss`).
       learning_rate: the schedule, reported as ``learning_rate``.
       trainable: a pytree of Python bools like the parameters; False leaves are frozen: their
         old values are kept bitwise and they are left out of ``grad_norm``.
@@ -108,7 +109,12 @@ def make_train_step(
     ``param_norm`` (after the update), and ``learning_rate`` if a schedule is given.
     """
     if objective is None:
-        objective = Objective(from_loss(next_token_loss(graphdef), accum_steps))
+        objective = Objective(from_loss(next_token_loss(graphdef), accum_steps, trainable))
+    elif accum_steps != 1:
+        raise ValueError(
+            f"make_train_step: accum_steps={accum_steps} applies to the default objective only; "
+            "an objective accumulates itself (from_loss)"
+        )
     keys = (*MODEL_INPUTS, *objective.batch_keys)
     base_key = jax.random.PRNGKey(seed)
 

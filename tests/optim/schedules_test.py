@@ -14,9 +14,10 @@ def test_wsd_closed_form(shape):
     s = optim.warmup_decay_schedule(peak, total_steps=total, warmup_steps=warmup, decay="wsd",
                                     final_fraction=final, wsd_decay_fraction=fraction,
                                     wsd_shape=shape)  # fmt: skip
-    cooldown = round(fraction * (total - warmup))  # 25 steps
-    stable_end = total - cooldown  # 85
-    for step in [0, 4, 10, 50, 85, 90, 97, 109, 110, 400]:
+    # The last quarter of the 110 steps (warm-up included) decays: steps 82.5 -> 110.
+    cooldown = round(fraction * total)  # 28 steps (27.5 rounded to even)
+    stable_end = total - cooldown  # 82
+    for step in [0, 4, 10, 50, 82, 83, 90, 97, 109, 110, 400]:
         if step < warmup:
             expected = peak * step / warmup
         elif step <= stable_end:

@@ -190,8 +190,8 @@ def test_init_from_run_is_bitwise_and_mismatches_name_the_parameter(teacher_dir)
     with pytest.raises(ValueError, match="hidden_size"):  # exact mode checks the architecture
         loop.initial_params(loop.build_experiment(configure(wide, init_from_mode="exact")))
 
-    # Partial: a 3-layer model takes layers 0-1 (and, renamed, layer 1 as layer 2) from the
-    # 2-layer source; what the source lacks keeps its random initialisation.
+    # Partial with a rename: the 3-layer model takes source layer 0 as its layer 0 and source
+    # layer 1 as its layer 2; its layer 1, which no source parameter lands on, stays random.
     deep = smoke(init_from=f"run:{teacher_dir}", init_from_mode="partial",
                  init_from_map=(("layers/1", "layers/2"),), **{"model.num_layers": 3})  # fmt: skip
     exp = loop.build_experiment(deep)
@@ -206,13 +206,23 @@ def test_init_from_run_is_bitwise_and_mismatches_name_the_parameter(teacher_dir)
     random = loop.init_state(loop.build_experiment(configure(deep, init_from=""))).params
     np.testing.assert_array_equal(params["layers"][1]["attn"]["q_proj"],
                                   random["layers"][1]["attn"]["q_proj"])  # fmt: skip
+    # Renames that collide, match nothing, or are not pairs are errors naming the field.
+    errors = [
+        ((("layers/0", "layers/1"),), "both map to layers/1"),
+        ((("blocks/0", "layers/0"),), "no parameter .* starts with 'blocks/0'"),
+        (("layers/0", "layers/1"), "init_from_map entries must be"),
+    ]
+    for mapping, message in errors:
+        with pytest.raises(ValueError, match=message):
+            renamed = configure(deep, init_from=f"run:{teacher_dir}", init_from_map=mapping)
+            loop.initial_params(loop.build_experiment(renamed))
 
 
 def test_resuming_takes_precedence_over_init_from(teacher_dir, tmp_path):
     config = smoke(init_from=f"run:{teacher_dir}", num_steps=4)
     loop.train_and_evaluate(config, str(tmp_path), stop_at=2)
     record = json.loads((tmp_path / "init_from.json").read_text())
-    assert record["source"] == f"run:{teacher_dir}" and record["kept"] == []
+    assert record["source"] == f"run:{teacher_dir}@4" and record["kept"] == []  # pinned
     resumed = loop.train_and_evaluate(config, str(tmp_path))
     assert resumed["start_step"] == 2 and "init_from" not in resumed
 
