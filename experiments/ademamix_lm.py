@@ -83,7 +83,7 @@ def probe_losses(optimizer, lr, num_steps, inject_step: int | None, watch_from: 
     record = []
     for step in range(1, num_steps + 1):
         batch = next(data)  # drawn every step, so all runs see the same other batches
-        state, _ = train_step(state, on_device(probe if step == inject_step else batch))
+        state, _ = train_step(state, on_device(probe if step == inject_step else batch), {})
         if step >= watch_from and (step % every == 0 or step in (watch_from, watch_from + 1)):
             out = eval_step(state.params, probe_d)
             record.append((step, float(out["loss_sum"]) / float(out["tokens"])))

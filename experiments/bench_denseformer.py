@@ -56,7 +56,7 @@ def build(name):
     batch["inputs"] = batch["targets"] = rng.integers(0, 256, shape).astype(np.int32)
     batch["positions"] = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
     batch = sharding.global_batch_to_devices(batch, exp.mesh)
-    compiled = train_step.lower(state, batch).compile()
+    compiled = train_step.lower(state, batch, {}).compile()
     try:
         temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
     except (AttributeError, NotImplementedError):
@@ -64,7 +64,7 @@ def build(name):
     holder = {"state": state}
 
     def train():
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], batch, {})
         jax.block_until_ready(metrics)
 
     def decoder(rows):

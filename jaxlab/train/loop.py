@@ -252,26 +252,21 @@ def pin_sources(exp: Experiment, workdir: str, fresh: bool) -> dict[str, str]:
 
 
 def compile_steps(exp: Experiment):
-    """The jitted train step ``(state, batch, frozen) -> (state, metrics)`` (state donated) and
+    """The jitted train step ``(state, batch, frozen) -> (state, metrics)`` (state donated;
+    ``frozen`` from :func:`load_frozen`, ``{}`` when the objective reads no frozen model) and
     eval step ``(params, batch)``, with the experiment's shardings. Both are traced inside the
     activation-sharding rules of the mesh (the one place where they are applied)."""
     pinned = activation_sharding_during_trace(exp.mesh, exp.rules)
     step = make_train_step(exp.graphdef, exp.optimizer, objective=exp.objective,
                            learning_rate=exp.schedule, trainable=exp.trainable,
                            seed=exp.config.seed)  # fmt: skip
-    jitted = jax.jit(
+    train_step = jax.jit(
         pinned(step),
         in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh),
                       exp.frozen_shardings),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
     )  # fmt: skip
-
-    def train_step(state, batch, frozen=None):
-        return jitted(state, batch, {} if frozen is None else frozen)
-
-    train_step.lower = lambda state, batch, frozen=None: jitted.lower(
-        state, batch, {} if frozen is None else frozen)  # fmt: skip
     eval_step = jax.jit(
         pinned(make_eval_step(exp.graphdef)),
         in_shardings=(exp.state_shardings.params, sharding.batch_sharding(exp.mesh)),

@@ -11,43 +11,13 @@ from jaxlab import models
 from jaxlab.data.tokenizers import Tokenizer
 from jaxlab.infer import SamplingConfig, generate
 from jaxlab.infer import decode as decode_lib
-from jaxlab.models import MambaConfig, TransformerConfig
+from tests.infer import tiny_models
 
 VOCAB = 16
 CONFIGS = {
-    "llama": TransformerConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=64,
-        initializer_range=0.2,
-    ),  # fmt: skip
-    "hybrid mamba1": MambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        state_size=8,
-        intermediate_size=48,
-        attention_layers=(1,),
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=64,
-        initializer_range=0.2,
-    ),  # fmt: skip
-    "mamba2": MambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        mixer="mamba2",
-        state_size=8,
-        head_dim=16,
-        chunk_size=8,
-        max_seq_len=64,
-        initializer_range=0.2,
-    ),  # fmt: skip
+    "llama": tiny_models.llama(VOCAB),
+    "hybrid mamba1": tiny_models.mamba(VOCAB, hybrid=True),
+    "mamba2": tiny_models.mamba(VOCAB, "mamba2"),
 }
 
 

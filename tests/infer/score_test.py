@@ -7,43 +7,13 @@ from flax import nnx
 
 from jaxlab import models
 from jaxlab.infer import score, token_logprobs
-from jaxlab.models import MambaConfig, TransformerConfig
+from tests.infer import tiny_models
 
 VOCAB = 37
 CONFIGS = {
-    "llama": TransformerConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=64,
-        initializer_range=0.2,
-    ),  # fmt: skip
-    "mamba1": MambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        state_size=8,
-        max_seq_len=64,
-        initializer_range=0.2,
-    ),  # fmt: skip
-    "hybrid mamba2": MambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        mixer="mamba2",
-        state_size=8,
-        head_dim=16,
-        chunk_size=8,
-        intermediate_size=48,
-        attention_layers=(1,),
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=64,
-        initializer_range=0.2,
-    ),  # fmt: skip
+    "llama": tiny_models.llama(VOCAB),
+    "mamba1": tiny_models.mamba(VOCAB),
+    "hybrid mamba2": tiny_models.mamba(VOCAB, "mamba2", hybrid=True),
 }
 
 

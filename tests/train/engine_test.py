@@ -20,16 +20,7 @@ from jaxlab.objectives import loss_sums, model_logits
 from jaxlab.train import loop
 from jaxlab.train.checkpoint import Checkpointer
 from tests.hf_utils import make_hf_model
-
-
-def configure(config, **overrides):
-    for key, value in overrides.items():
-        target = config
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return config
+from tests.train.overrides import configure
 
 
 def smoke(**overrides):
@@ -270,7 +261,7 @@ def test_the_lowered_train_step_pins_activations_on_an_fsdp_mesh():
     exp = loop.build_experiment(smoke(**{"mesh.data": 1, "mesh.fsdp": 8}))
     train_step, _ = loop.compile_steps(exp)
     batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.int32) for k in loop.MODEL_INPUTS}
-    text = train_step.lower(exp.abstract_state, batch).as_text()
+    text = train_step.lower(exp.abstract_state, batch, {}).as_text()
     constraints = text.count("sharding_constraint") + text.count("@Sharding")
     # Residual stream per layer and the logits, in the forward and backward passes.
     assert constraints >= 2 * (exp.model_config.num_layers + 2)

@@ -11,18 +11,13 @@ import pytest
 from configs import lm_smoke
 from jaxlab.train import loop
 from jaxlab.train import step as step_lib
+from tests.train.overrides import configure
 
 
 def tiny_config(**overrides):
     config = lm_smoke.get_config()
     config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
-    for key, value in overrides.items():
-        target = config
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return config
+    return configure(config, **overrides)
 
 
 def losses(workdir):
@@ -78,7 +73,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
     def poisoned(*args, **kwargs):
         train_step = make(*args, **kwargs)
 
-        def wrapped(state, batch, frozen=None):
+        def wrapped(state, batch, frozen):
             new_state, metrics = train_step(state, batch, frozen)
             metrics["loss"] = jnp.where(state.step >= 5, jnp.nan, metrics["loss"])
             return new_state, metrics

@@ -58,7 +58,7 @@ def test_doge_proxy_run_writes_weights_and_the_step_matches_the_rule(tmp_path):
         stacked, state.objective
     )
     train_step, _ = loop.compile_steps(exp)
-    new_state, metrics = train_step(jax.tree.map(jnp.copy, state), device_batch)
+    new_state, metrics = train_step(jax.tree.map(jnp.copy, state), device_batch, {})
     got = np.array([float(metrics[f"weight_{d}"]) for d in record["domains"]])
     np.testing.assert_allclose(got, np.asarray(weights), rtol=1e-4, atol=1e-6)
     assert int(new_state.objective.step) == config.num_steps + 1
