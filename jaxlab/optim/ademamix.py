@@ -19,8 +19,11 @@ Differences from ``optax.contrib.ademamix`` (whose update equation this matches)
 
 * the paper's warm-up schedulers ship here (:func:`alpha_schedule`, :func:`beta3_schedule`);
   without them a large ``b3`` diverges early. Both are finite at ``warmup_steps = 0``;
-* ``mu_dtype`` keeps *both* EMAs in that dtype across steps (they are computed in float32 and
-  cast back), while the second moment keeps the parameters' dtype unless ``nu_dtype`` is given;
+* ``mu_dtype`` keeps *both* EMAs in that dtype across steps, while the second moment keeps the
+  parameters' dtype unless ``nu_dtype`` is given. Arithmetic runs in the promoted dtype of the
+  gradient, the stored moments and float32 (so float64 under ``jax_enable_x64`` with float64
+  parameters, float32 for float32/bfloat16 ones); low-precision moments are read into that
+  dtype and cast back when stored;
 * ``b1 = 0`` drops the fast EMA entirely (``m1`` is ``None``: no leaf), so the state is as large
   as AdamW's;
 * one step counter. Step convention: schedules are evaluated at the 0-based count of updates
@@ -61,18 +64,52 @@ def _value(x: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return x(count) if callable(x) else x
 
 
+def _float_dtype() -> jnp.dtype:
+    """The default float dtype: float64 under ``jax_enable_x64``, float32 otherwise."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _in(x: Any, dtype: jnp.dtype) -> Any:
+    """An array hyperparameter (a schedule's value, an injected one) in the compute dtype.
+
+    Python scalars stay weakly typed, so they take the dtype of the arrays they meet.
+    """
+    return x if type(x) in (int, float) else jnp.asarray(x).astype(dtype)
+
+
+def _storage_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+    """``dtype`` as ``jnp.dtype`` takes it (``jnp.bfloat16``, ``np.float32``, ``"bfloat16"``)."""
+    if dtype is None:
+        return None
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(
+            f"scale_by_ademamix: {name} must be a floating dtype (jnp.bfloat16, np.float32, "
+            f"'float32', ...) or None, got {dtype!r}"
+        ) from e
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(
+            f"scale_by_ademamix: {name} must be a floating dtype (jnp.bfloat16, np.float32, "
+            f"'float32', ...) or None, got {dtype!r} ({resolved})"
+        )
+    return jax.dtypes.canonicalize_dtype(resolved)
+
+
 def alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
     """Linear warm-up of the mixing coefficient: ``min(step * alpha / warmup_steps, alpha)``.
 
-    ``warmup_steps = 0`` gives the constant ``alpha``.
+    ``warmup_steps = 0`` gives the constant ``alpha``. Evaluated in the default float dtype
+    (float64 under ``jax_enable_x64``, float32 otherwise).
     """
     if warmup_steps < 0:
         raise ValueError(f"alpha_schedule: warmup_steps must be >= 0, got {warmup_steps}")
 
     def schedule(step):
+        dtype = _float_dtype()
         if warmup_steps == 0:
-            return jnp.asarray(alpha, jnp.float32)
-        return jnp.minimum(jnp.asarray(step, jnp.float32) * alpha / warmup_steps, alpha)
+            return jnp.asarray(alpha, dtype)
+        return jnp.minimum(jnp.asarray(step, dtype) * alpha / warmup_steps, alpha)
 
     return schedule
 
@@ -94,7 +131,8 @@ def beta3_schedule(beta_start: float, beta_end: float, warmup_steps: int) -> opt
     ``f^-1(tau) = 0.5^(1/(tau+1))``, which in closed form is
     ``exp(ln(beta_start) ln(beta_end) / ((1 - mu) ln(beta_end) + mu ln(beta_start)))``.
     Written through half-lives it stays finite for ``beta_start = 0``; ``warmup_steps = 0`` gives
-    the constant ``beta_end``. The paper uses ``beta_start = b1``.
+    the constant ``beta_end``. The paper uses ``beta_start = b1``. Evaluated in the default
+    float dtype (float64 under ``jax_enable_x64``, float32 otherwise).
     """
     if not 0 <= beta_start <= beta_end < 1:
         raise ValueError(
@@ -106,9 +144,10 @@ def beta3_schedule(beta_start: float, beta_end: float, warmup_steps: int) -> opt
     start, end = _half_life(beta_start), _half_life(beta_end)
 
     def schedule(step):
+        dtype = _float_dtype()
         if warmup_steps == 0:
-            return jnp.asarray(beta_end, jnp.float32)
-        mu = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+            return jnp.asarray(beta_end, dtype)
+        mu = jnp.minimum(jnp.asarray(step, dtype) / warmup_steps, 1.0)
         tau = (1.0 - mu) * start + mu * end
         return jnp.minimum(jnp.power(0.5, 1.0 / (tau + 1.0)), beta_end)
 
@@ -134,8 +173,9 @@ def scale_by_ademamix(
       alpha: weight of the slow EMA, a float or a schedule (see :func:`alpha_schedule`).
       eps: added to the denominator outside the square root.
       eps_root: added inside the square root.
-      mu_dtype: storage dtype of both EMAs (e.g. ``jnp.bfloat16``); default the parameters'.
-      nu_dtype: storage dtype of the second moment; default the parameters'.
+      mu_dtype: storage dtype of both EMAs, anything ``jnp.dtype`` takes (``jnp.bfloat16``,
+        ``np.float32``, ``"bfloat16"``); default the parameters'.
+      nu_dtype: storage dtype of the second moment, as ``mu_dtype``; default the parameters'.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByAdemamixState`.
@@ -143,11 +183,11 @@ def scale_by_ademamix(
     for name, value in (("b1", b1), ("b2", b2)):
         if isinstance(value, int | float) and not 0 <= value < 1:
             raise ValueError(f"scale_by_ademamix: {name} must be in [0, 1), got {value}")
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-    nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
+    mu_dtype = _storage_dtype("mu_dtype", mu_dtype)
+    nu_dtype = _storage_dtype("nu_dtype", nu_dtype)
 
     def zeros(params, dtype):
-        return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype), params)
+        return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
 
     def init_fn(params):
         # Under optax.inject_hyperparams, b1 arrives as a concrete array here.
@@ -164,20 +204,31 @@ def scale_by_ademamix(
         c_b3 = _value(b3, state.count)
         c_alpha = _value(alpha, state.count)
         count = numerics.safe_int32_increment(state.count)
-        t = count.astype(jnp.float32)
-        m1_correction = 1.0 - b1**t
-        nu_correction = 1.0 - b2**t
+        corrections = {}
+
+        def bias_corrections(dtype):
+            """``1 - b1^t`` and ``1 - b2^t`` in ``dtype``, computed once per dtype."""
+            if dtype not in corrections:
+                t = count.astype(dtype)
+                corrections[dtype] = (1.0 - _in(b1, dtype) ** t, 1.0 - _in(b2, dtype) ** t)
+            return corrections[dtype]
 
         def leaf(g, m1, m2, nu):
-            g32 = g.astype(jnp.float32)
-            m2_new = c_b3 * m2.astype(jnp.float32) + (1.0 - c_b3) * g32
-            nu_new = b2 * nu.astype(jnp.float32) + (1.0 - b2) * g32 * g32
+            # The promoted dtype, at least float32: float32 for float32/bfloat16 gradients and
+            # low-precision moments, float64 when the gradient (or a moment) is float64.
+            dtype = jnp.result_type(g.dtype, m2.dtype, nu.dtype, jnp.float32,
+                                    *(() if m1 is None else (m1.dtype,)))  # fmt: skip
+            gc = g.astype(dtype)
+            lb1, lb2, lb3, lalpha = (_in(x, dtype) for x in (b1, b2, c_b3, c_alpha))
+            m1_correction, nu_correction = bias_corrections(dtype)
+            m2_new = lb3 * m2.astype(dtype) + (1.0 - lb3) * gc
+            nu_new = lb2 * nu.astype(dtype) + (1.0 - lb2) * gc * gc
             if m1 is None:
-                m1_new, fast = None, g32
+                m1_new, fast = None, gc
             else:
-                m1_new = b1 * m1.astype(jnp.float32) + (1.0 - b1) * g32
+                m1_new = lb1 * m1.astype(dtype) + (1.0 - lb1) * gc
                 fast = m1_new / m1_correction
-            u = (fast + c_alpha * m2_new) / (jnp.sqrt(nu_new / nu_correction + eps_root) + eps)
+            u = (fast + lalpha * m2_new) / (jnp.sqrt(nu_new / nu_correction + eps_root) + eps)
             return (
                 u.astype(g.dtype),
                 None if m1 is None else m1_new.astype(m1.dtype),

@@ -69,7 +69,7 @@ def numpy_ademamix(params, grads, *, lr, b1, b2, b3_end, alpha_end, warmup, eps,
     for step, g_tree in enumerate(grads):  # step = updates applied before this one
         mu = min(step / warmup, 1.0) if warmup else 1.0
         tau = (1 - mu) * half_life(b1) + mu * half_life(b3_end)
-        b3 = min(0.5 ** (1 / (tau + 1)), b3_end)
+        b3 = 0.0 if tau == -1 else min(0.5 ** (1 / (tau + 1)), b3_end)  # 0.5^inf at tau = -1
         alpha = min(step * alpha_end / warmup, alpha_end) if warmup else alpha_end
         t = step + 1
         for i, g in enumerate(jax.tree.leaves(g_tree)):
