@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 10
     # Held-out loss per data component too (eval_loss/<name>), when there are several.
     config.eval_per_source = True
+    # Fields a resumed run may change although they alter the run (e.g. ("num_steps",) to extend
+    # it); any other change to data, model, batch, sequence, seed or optimizer refuses to resume.
+    config.allow_changes = ()
 
     # Starting parameters: "" (random, config.seed), "hf:PATH" (a Hugging Face Llama directory)
     # or "run:WORKDIR[@STEP]" (another run's checkpoint). "exact" needs every parameter to match;

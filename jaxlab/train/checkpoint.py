@@ -9,9 +9,14 @@ good checkpoint; the newest ``keep`` checkpoints are kept.
 from __future__ import annotations
 
 import os
+import traceback
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written."""
 
 
 class Checkpointer:
@@ -22,6 +27,7 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(directory)
+        self.keep = keep
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -40,6 +46,26 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
+        """Saves checkpoint ``step``.
+
+        Raises:
+          CheckpointSaveError: the write failed (a full disk, permissions): one line with the
+            cause; orbax's traceback goes to ``checkpoint_errors.log`` beside the directory.
+        """
+        try:
+            self._save(step, state, data_state, config)
+        except Exception as e:
+            log = os.path.join(os.path.dirname(self.directory), "checkpoint_errors.log")
+            with open(log, "a") as f:
+                f.write(f"checkpoint {step} in {self.directory}:\n")
+                f.write("".join(traceback.format_exception(e)) + "\n")
+            cause = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
+            raise CheckpointSaveError(
+                f"saving checkpoint {step} in {self.directory} failed: {type(e).__name__}: "
+                f"{cause[0][:300] if cause else ''} (traceback in {log})"
+            ) from None
+
+    def _save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -50,6 +76,13 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+
+    def restore_config(self, step: int) -> dict:
+        """The config stored with checkpoint ``step``."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored["config"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restores checkpoint ``step`` onto the shardings of ``abstract_state``."""

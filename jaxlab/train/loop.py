@@ -18,6 +18,8 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -34,7 +36,8 @@ from jaxlab import models, objectives, optim
 from jaxlab.data import pipeline
 from jaxlab.data.tokenizers import Tokenizer
 from jaxlab.train import pretrained, sharding
-from jaxlab.train.checkpoint import Checkpointer
+from jaxlab.train import workdir as workdir_lib
+from jaxlab.train.checkpoint import Checkpointer, CheckpointSaveError
 from jaxlab.train.step import (
     MODEL_INPUTS,
     TrainState,
@@ -406,6 +409,28 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     """
     exp = build_experiment(config)
     os.makedirs(workdir, exist_ok=True)
+    # One trainer per workdir (process 0 writes metrics and checkpoints for all processes).
+    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else nullcontext()
+    with lock:
+        return _train_and_evaluate(exp, workdir, stop_at)
+
+
+def _check_resume(workdir: str, config_json: dict, allowed) -> Callable[[int, dict], None]:
+    def check(step: int, stored: dict) -> None:
+        changes = workdir_lib.config_changes(stored, config_json, allowed)
+        if changes:
+            raise workdir_lib.ConfigChangedError(
+                f"{workdir}: the config differs from the one stored with checkpoint {step} in "
+                f"{'; '.join(changes)}. Resuming would mix two runs; to change these fields "
+                f"deliberately, list them in config.allow_changes (e.g. "
+                f"--config.allow_changes=num_steps), or use a new workdir"
+            )
+
+    return check
+
+
+def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> dict[str, Any]:
+    config = exp.config
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     components = pipeline.build_components(config.data)
     objective = exp.objective
@@ -417,8 +442,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     eval_data = eval_sets(exp, components)
 
     lead = jax.process_index() == 0
+    config_json = json.loads(config.to_json_best_effort())
     start = checkpointer.latest_step()
-    summary: dict[str, Any] = {"start_step": start or 0}
+    summary: dict[str, Any] = {}
     if start is None:  # a fresh run; a resumed one always starts from its own checkpoint
         params, report = initial_params(exp)
         state, start = init_state(exp, params), 0
@@ -432,13 +458,17 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                                 "use %s", config.init_from, report["kept"],
                                 report["unused"])  # fmt: skip
     else:
-        state, data_state, _ = checkpointer.restore(start, exp.abstract_state)
+        checkpointer, start, (state, data_state, _) = workdir_lib.restore_newest_intact(
+            checkpointer, workdir, lambda c, step: c.restore(step, exp.abstract_state),
+            _check_resume(workdir, config_json, tuple(config.allow_changes)))  # fmt: skip
         data.set_state(data_state)
+    summary["start_step"] = start
     metrics_writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
-    config_json = json.loads(config.to_json_best_effort())
-    if lead:
+    if lead:  # the current config, and every config the run has used
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
+        with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+            f.write(json.dumps({"start_step": start, "config": config_json}) + "\n")
         pretrained.write_model_config(workdir, exp.model_config)
 
     frozen = load_frozen(exp, pin_sources(exp, workdir, fresh=start == 0))
@@ -453,6 +483,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     window_start = time.perf_counter()
 
+    def last_good() -> str:
+        if last_saved is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is step {last_saved} in {checkpointer.path(last_saved)}"
+
     def flush() -> dict[str, float]:
         """Fetches and writes pending metrics; raises at the first non-finite step."""
         nonlocal window_start
@@ -461,14 +496,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         for s, m in fetched:
             bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
             if bad:
-                where = (
-                    f"the last good checkpoint is step {last_saved} in "
-                    f"{checkpointer.path(last_saved)}"
-                    if last_saved is not None
-                    else "no checkpoint was saved yet"
-                )
                 raise NonFiniteLossError(
-                    f"training {' and '.join(bad)} is {m[bad[0]]} at step {s}; {where}"
+                    f"training {' and '.join(bad)} is {m[bad[0]]} at step {s}; {last_good()}"
                 )
             metrics_writer.write({"step": s, **m})
         elapsed = time.perf_counter() - window_start
@@ -506,7 +535,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                     progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}, "
                                    f"perplexity {result['eval_perplexity']:.3f}")  # fmt: skip
             if should_save:
-                checkpointer.save(step, state, prefetcher.state, config_json)
+                try:
+                    checkpointer.save(step, state, prefetcher.state, config_json)
+                except CheckpointSaveError as e:
+                    raise CheckpointSaveError(f"{e}; {last_good()}") from None
                 if objective.on_checkpoint is not None and lead:
                     objective.on_checkpoint(workdir, state.objective)
                 last_saved = step
