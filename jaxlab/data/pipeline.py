@@ -290,8 +290,10 @@ def resolve_source(spec: str, *, text_field: str = "text", validation_fraction: 
 
 def _concat(parts) -> sources.Documents:
     parts = list(parts)
-    if all(isinstance(p, sources.FileDocuments) for p in parts):
-        return sources.FileDocuments([path for p in parts for path in p.paths], "embedded")
+    files = all(isinstance(p, sources.FileDocuments) for p in parts)
+    if files and len({p.errors for p in parts}) == 1:  # keeps how undecodable bytes are handled
+        paths = [path for p in parts for path in p.paths]
+        return sources.FileDocuments(paths, "embedded", errors=parts[0].errors)
     return sources.ListDocuments([doc for p in parts for doc in p], "concat")
 
 
@@ -301,15 +303,33 @@ def _size(documents: Sequence[str]) -> int:
     return sum(len(d) for d in documents)
 
 
+def _check_has_text(spec: str, component: Component) -> None:
+    """Raises when a file or JSONL source's training documents hold no text at all (TFDS
+    datasets are not read through here: sizing them would read every record)."""
+    train = component.train
+    if not isinstance(train, sources.FileDocuments | sources.ListDocuments) or not len(train):
+        return
+    if _size(train) == 0:
+        kind = "files" if isinstance(train, sources.FileDocuments) else "documents"
+        raise ValueError(
+            f"config.data.sources: source {spec!r} has no text to train on: its {len(train)} "
+            f"{kind} are all empty (component {component.name!r}, training split); expected "
+            "files or records with text"
+        )
+
+
 def build_components(data_config) -> list[Component]:
     comps: list[Component] = []
     for spec in data_config.sources:
-        comps += resolve_source(
+        resolved = resolve_source(
             spec,
             text_field=data_config.text_field,
             validation_fraction=data_config.validation_fraction,
             tfds_data_dir=data_config.tfds_data_dir or None,
         )
+        for component in resolved:
+            _check_has_text(spec, component)
+        comps += resolved
     names = [c.name for c in comps]
     if len(set(names)) != len(names):
         raise ValueError(f"config.data.sources: components repeat: {names}")
@@ -339,7 +359,14 @@ def mixture_weights(data_config, components: Sequence[Component]) -> list[float]
                              f"unknown {unknown}")  # fmt: skip
         return [float(by_name[n]) for n in names]
     if not data_config.weights:
-        return [float(_size(c.train)) for c in components]
+        sizes = [float(_size(c.train)) for c in components]
+        if not sum(sizes):
+            raise ValueError(
+                f"config.data: natural mixture weights (the size of each component's training "
+                f"text) of components {[c.name for c in components]} are all 0: their "
+                "documents are empty; give sources with text"
+            )
+        return sizes
     if len(data_config.weights) != len(components):
         raise ValueError(
             f"config.data.weights has {len(data_config.weights)} entries for "

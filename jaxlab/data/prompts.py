@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob as globlib
-import json
 import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -114,7 +113,7 @@ def _field(record: Any, field: str, role: str, where: str) -> str:
         raise ValueError(
             f"{where}: field {field!r} ({role}) must be a string, got {type(value).__name__}"
         )
-    return value
+    return sources.check_text(value, where, field)
 
 
 def _record(raw: Any, where: str, prompt_field: str, answer_field: str,
@@ -151,12 +150,17 @@ def load_records(
       validation_fraction: the held-out share for ``split``.
 
     Raises:
-      ValueError: no file matches, a line is not a JSON object, a field is missing or not a
-        string (the message names the file and line, or the record index, and the field), or
-        the split is unknown.
+      ValueError: no file matches, a line is not UTF-8 or not a JSON object, a field is missing,
+        not a string or holds a lone surrogate (text UTF-8 cannot encode) (the message names the
+        file and line, or the record index, and the field), or the split is unknown. Every
+        record is checked, whichever split it falls in.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if system is not None:
+        if not isinstance(system, str):
+            raise TypeError(f"system must be a string or None, got {type(system).__name__}")
+        sources.check_text(system, "load_records: system")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     fields = dict(prompt_field=prompt_field, answer_field=answer_field, system_field=system_field,
@@ -174,18 +178,10 @@ def load_records(
         if not paths:
             raise ValueError(f"load_records: no files match {pattern!r}")
         for path in paths:
-            with open(path, encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{line_number}"
-                    try:
-                        raw = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{where}: not valid JSON ({e})") from None
-                    record = _record(raw, where, **fields)
-                    if keep(where):
-                        records.append(record)
+            for where, raw in sources.jsonl_lines(path):
+                record = _record(raw, where, **fields)
+                if keep(where):
+                    records.append(record)
         return records
     if isinstance(path_or_records, Mapping) or not isinstance(path_or_records, Sequence):
         raise TypeError(

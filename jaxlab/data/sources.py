@@ -10,6 +10,13 @@
 
 Every source is a :class:`Documents` (``len`` and integer indexing), which grain's
 ``MapDataset.source`` accepts directly.
+
+Bad text is refused when a source is built, not later in the training loop: text files must be
+UTF-8 (an error names the file, line, column and byte offset; the embedded corpus alone replaces
+undecodable bytes with U+FFFD, since a few standard-library test files are Latin-1 or KOI8-R on
+purpose), and JSONL lines must be UTF-8, valid JSON and hold text that UTF-8 can encode (a lone
+surrogate such as ``"\\udcff"`` is valid JSON but no text; the error names the file, line and
+field).
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 SPLITS = ("train", "validation")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -34,21 +42,74 @@ class Documents(Sequence[str]):
         return f"{type(self).__name__}({self.name!r}, {len(self)} documents)"
 
 
-class FileDocuments(Documents):
-    """Documents read lazily from files (UTF-8; undecodable bytes become U+FFFD)."""
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` decoded as UTF-8, or a ValueError naming ``where`` and the first bad byte's line,
+    column and byte offset (all counted in ``data``)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{where}: not valid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column "
+            f"{column} (byte offset {e.start}): {e.reason}; expected UTF-8 text"
+        ) from None
 
-    def __init__(self, paths: Sequence[str], name: str):
+
+def check_text(text: str, where: str, field: str | None = None) -> str:
+    """``text`` if UTF-8 can encode it, else a ValueError naming ``where`` and ``field`` (a
+    record's field; None when ``where`` names the value itself, e.g. an argument).
+
+    Only lone surrogates (``"\\ud800"`` .. ``"\\udfff"`` in JSON) fail: JSON and Python
+    accept them, but they are no text, and any tokenizer fails on them later.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        what = where if field is None else f"{where}: field {field!r}"
+        raise ValueError(
+            f"{what} holds a lone surrogate {ascii(text[e.start])} at "
+            f"character {e.start}, which is not text and cannot be encoded as UTF-8; expected "
+            f"valid Unicode (a surrogate pair, or the character itself)"
+        ) from None
+    return text
+
+
+class FileDocuments(Documents):
+    """Documents read lazily from files, one per file.
+
+    Args:
+      paths: the files.
+      name: the source's name.
+      errors: ``"strict"``: a file that is not UTF-8 raises a ValueError naming it, the line,
+        column and byte offset; ``"replace"``: undecodable bytes become U+FFFD.
+    """
+
+    def __init__(self, paths: Sequence[str], name: str, errors: str = "strict"):
+        if errors not in ("strict", "replace"):
+            raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
         self.paths = list(paths)
         self.name = name
+        self.errors = errors
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return FileDocuments(self.paths[index], self.name)
-        with open(self.paths[index], encoding="utf-8", errors="replace") as f:
-            return f.read()
+            return FileDocuments(self.paths[index], self.name, self.errors)
+        path = self.paths[index]
+        with open(path, "rb") as f:
+            data = f.read()
+        if self.errors == "replace":
+            return data.decode("utf-8", errors="replace")
+        return decode_utf8(data, path)
+
+    def check(self) -> None:
+        """Reads every file once; raises as indexing would (strict: on the first non-UTF-8)."""
+        if self.errors == "strict":
+            for i in range(len(self)):
+                self[i]
 
     def sizes(self) -> list[int]:
         """Bytes per document, without reading the files."""
@@ -127,19 +188,60 @@ def embedded_corpus(
                 f"embedded_corpus: unknown domains {unknown}; available: {sorted(by_domain)}"
             )
         by_domain = {d: by_domain[d] for d in domains}
-    return {d: FileDocuments(sorted(paths), d) for d, paths in sorted(by_domain.items())}
+    # A few standard-library test files are deliberately not UTF-8: their bytes become U+FFFD.
+    return {
+        d: FileDocuments(sorted(paths), d, errors="replace")
+        for d, paths in sorted(by_domain.items())
+    }
 
 
 def text_files(
     pattern: str, split: str = "train", *, validation_fraction: float = 0.05
 ) -> FileDocuments:
-    """Files matching ``pattern`` (recursive ``**`` allowed), one document each."""
+    """Files matching ``pattern`` (recursive ``**`` allowed), one document each.
+
+    Every file of the split is read once here, so a file that is not UTF-8 raises now (naming
+    the file, line, column and byte offset) rather than when training reaches it.
+    """
     _check_split(split)
     paths = sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise ValueError(f"text_files: no files match {pattern!r}")
     keep = [p for p in paths if _is_validation(p, validation_fraction) == (split == "validation")]
-    return FileDocuments(keep, name=pattern)
+    documents = FileDocuments(keep, name=pattern)
+    documents.check()
+    return documents
+
+
+def jsonl_lines(path: str) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for each non-blank line of a JSONL file, ``where = "path:line"``.
+
+    Lines end at ``\\n`` and are numbered from 1. A line that is not UTF-8 or not JSON raises a
+    ValueError naming the file and line (and, for UTF-8, the byte offset in the file).
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid UTF-8: byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1} (byte offset {offset + e.start} of the file): {e.reason}; "
+                    "expected UTF-8 JSON lines"
+                ) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:  # its own line/column count within this line only
+                raise ValueError(
+                    f"{where}: not valid JSON: {e.msg} at column {e.colno}; expected one JSON "
+                    f"object per line, got {line.strip()[:80]!r}"
+                ) from None
+            yield where, record
 
 
 def jsonl_documents(
@@ -149,24 +251,23 @@ def jsonl_documents(
     text_field: str = "text",
     validation_fraction: float = 0.05,
 ) -> ListDocuments:
-    """Lines of JSONL files matching ``pattern``; each line's ``text_field`` is a document."""
+    """Lines of JSONL files matching ``pattern``; each line's ``text_field`` is a document.
+
+    Every line of every file is checked (both splits): a line that is not UTF-8 or not JSON, or
+    whose text field is missing, not a string or holds a lone surrogate, raises a ValueError
+    naming the file, line and field.
+    """
     _check_split(split)
     paths = sorted(globlib.glob(pattern, recursive=True))
     if not paths:
         raise ValueError(f"jsonl_documents: no files match {pattern!r}")
     texts = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ValueError(
-                        f"{path}:{line_number}: expected an object with a string field "
-                        f"{text_field!r}"
-                    )
-                key = f"{path}:{line_number}"
-                if _is_validation(key, validation_fraction) == (split == "validation"):
-                    texts.append(record[text_field])
+        for where, record in jsonl_lines(path):
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise ValueError(f"{where}: expected an object with a string field "
+                                 f"{text_field!r}")  # fmt: skip
+            text = check_text(record[text_field], where, text_field)
+            if _is_validation(where, validation_fraction) == (split == "validation"):
+                texts.append(text)
     return ListDocuments(texts, name=pattern)

@@ -34,6 +34,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
+from jaxlab.data import sources
+
 logger = logging.getLogger(__name__)
 
 _VERSION = "1.0.0"
@@ -106,10 +108,7 @@ def _read_documents(path: str, text_field: str) -> Iterator[tuple[int, bytes]]:
     if not path.endswith(_JSONL_SUFFIX):
         with open(path, "rb") as f:
             data = f.read()
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: expected a UTF-8 text file ({e}).") from e
+        sources.decode_utf8(data, path)  # raises naming the line, column and byte offset
         yield 0, data
         return
     with open(path, "rb") as f:
@@ -123,8 +122,11 @@ def _read_documents(path: str, text_field: str) -> Iterator[tuple[int, bytes]]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}{where}: invalid JSON ({e}).") from e
+            except json.JSONDecodeError as e:  # its line/column count restarts at this line
+                raise ValueError(
+                    f"{path}{where}: invalid JSON: {e.msg} at column {e.colno}; expected one "
+                    "JSON object per line."
+                ) from None
             if not isinstance(record, dict):
                 raise ValueError(
                     f"{path}{where}: expected a JSON object, got {type(record).__name__}."

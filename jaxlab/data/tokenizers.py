@@ -205,6 +205,27 @@ class SentencePieceTokenizer(Tokenizer):
         return self._processor.decode(ids)
 
 
+def _read_json_object(file: Path) -> tuple[str, dict[str, Any]]:
+    """The text and value of a JSON file holding one object; errors name the file, the line and
+    the column."""
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{file}: not valid UTF-8: byte 0x{data[e.start]:02x} at line {line} "
+                         f"(byte offset {e.start}); expected UTF-8 JSON") from None  # fmt: skip
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{file}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return text, value
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`, read with the `tokenizers` package.
 
@@ -225,24 +246,40 @@ class HFTokenizer(Tokenizer):
             raise FileNotFoundError(
                 f"path must be a tokenizer.json file or a directory holding one, got {path}"
             )
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(file))
-        vocab_size = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-        super().__init__(vocab_size, **self._find_special_ids(file))
+        text, _ = _read_json_object(file)
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the library raises a bare Exception for every problem
+            raise ValueError(
+                f"{file}: not a tokenizer the Hugging Face tokenizers library can read: {e}"
+            ) from e
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise ValueError(
+                f"{file}: the vocabulary is empty (no tokens in the model or added tokens); "
+                "expected a trained tokenizer.json"
+            )
+        super().__init__(max(vocab.values()) + 1, **self._find_special_ids(file))
 
     def _find_special_ids(self, file: Path) -> dict[str, int | None]:
         named: dict[str, tuple[Any, Path]] = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             config_file = file.with_name(name)
             if config_file.is_file():
-                config = json.loads(config_file.read_text(encoding="utf-8"))
+                _, config = _read_json_object(config_file)
                 for key in _COMMON_SPECIAL_TOKENS.keys() & config.keys():
                     named.setdefault(key, (config[key], config_file))
         ids = {}
         for key, common_names in _COMMON_SPECIAL_TOKENS.items():
             if key in named:
-                token, config_file = named[key]
-                token = token.get("content") if isinstance(token, dict) else token
-                token_id = None if token is None else self._tokenizer.token_to_id(str(token))
+                value, config_file = named[key]
+                token = value.get("content") if isinstance(value, dict) else value
+                if token is not None and not isinstance(token, str):
+                    raise ValueError(
+                        f"{key} in {config_file} must be a token string, null or an object with "
+                        f'a string "content", got {value!r}'
+                    )
+                token_id = None if token is None else self._tokenizer.token_to_id(token)
                 if token is not None and token_id is None:
                     raise ValueError(
                         f"{key} in {config_file} must name a token in {file}, got {token!r}"

@@ -1,6 +1,7 @@
 """Packing, mixing and resuming of the language-modelling pipeline."""
 
 import json
+import re
 
 import ml_collections
 import numpy as np
@@ -128,6 +129,9 @@ def test_embedded_components_and_natural_weights():
     sizes = [sum(len(doc.encode()) for doc in c.train) for c in comps]
     np.testing.assert_allclose(np.array(weights) / sum(weights), np.array(sizes) / sum(sizes),
                                rtol=0.02)  # fmt: skip
+    # The whole corpus as one component reads its few non-UTF-8 test files as the domains do.
+    (whole,) = pipeline.resolve_source("embedded")
+    assert whole.train.errors == "replace" and comps[0].train.errors == "replace"
     with pytest.raises(ValueError, match="kind must be one of"):
         pipeline.resolve_source("s3:bucket")
     with pytest.raises(ValueError, match="unknown domains"):
@@ -189,3 +193,25 @@ def test_lanes_pack_interleaved_documents_side_by_side():
     again = pipeline.PackedStream(docs, TOK, seq_len=20, shuffle=False, lanes=3)
     again.set_state(state)
     np.testing.assert_array_equal(again.next_example()["inputs"], stream.next_example()["inputs"])
+
+
+def test_a_source_whose_files_are_all_empty_is_named(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("")
+    (tmp_path / "docs.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    (tmp_path / "full.txt").write_text("some text\n")
+    cases = [(f"text:{tmp_path}/[0-9].txt", "its 3 files are all empty"),
+             (f"jsonl:{tmp_path}/docs.jsonl", "its 2 documents are all empty")]  # fmt: skip
+    for spec, what in cases:
+        config = ml_collections.ConfigDict(
+            dict(sources=(spec, f"text:{tmp_path}/full.txt"), weights=(), text_field="text",
+                 validation_fraction=0.0, tfds_data_dir="", seed=0)
+        )  # fmt: skip
+        message = rf"source '{re.escape(spec)}' has no text to train on: {what}"
+        with pytest.raises(ValueError, match=message) as error:
+            pipeline.build_components(config)
+        assert "mixture weights" not in str(error.value)
+        # Natural weights of components built by hand name the empty component too.
+        comps = [pipeline.Component(spec.partition(":")[2], ListDocuments(["", ""], "x"), ())]
+        with pytest.raises(ValueError, match=r"natural mixture weights.*'.*'\] are all 0"):
+            pipeline.mixture_weights(config, comps)

@@ -274,6 +274,41 @@ def test_missing_or_bad_fields_name_the_line(tmp_path):
         prompts.load_records(str(tmp_path / "none*.jsonl"))
 
 
+def test_bad_text_is_refused_at_load_naming_file_line_and_field(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    good = json.dumps({"question": "q", "answer": "a", "sys": "s"})
+    # A lone surrogate is valid JSON (Python decodes it) but no text: refused at load.
+    path.write_text(f'{good}\n{good}\n{{"question": "q", "answer": "x\\udcff", "sys": "s"}}\n')
+    kwargs = dict(prompt_field="question", system_field="sys")
+    for split in (None, "train", "validation"):
+        message = r"qa.jsonl:3: field 'answer' holds a lone surrogate '\\udcff' at character 1"
+        with pytest.raises(ValueError, match=message):
+            prompts.load_records(str(path), split=split, **kwargs)
+    path.write_text(f'{good}\n{{"question": "q", "answer": "a", "sys": "\\ud800"}}\n')
+    with pytest.raises(ValueError, match=r"qa.jsonl:2: field 'sys' holds a lone surrogate"):
+        prompts.load_records(str(path), **kwargs)
+    records = [{"question": "q", "answer": "a"}, {"question": "\udfff", "answer": "a"}]
+    with pytest.raises(ValueError, match=r"records\[1\]: field 'question' holds a lone surrogate"):
+        prompts.load_records(records, prompt_field="question")
+    with pytest.raises(ValueError, match=r"system holds a lone surrogate '\\ud800'"):
+        prompts.load_records(records[:1], prompt_field="question", system="\ud800")
+    # Invalid UTF-8 and a malformed line name the file and the line, not the JSON's "line 1".
+    lines = [good.encode()] * 5
+    lines[3] = b'{"question": "caf\xe9", "answer": "a", "sys": "s"}'
+    raw = b"\n".join(lines)
+    path.write_bytes(raw)
+    offset = raw.index(b"\xe9")
+    with pytest.raises(ValueError, match=rf"qa.jsonl:4: not valid UTF-8: byte 0xe9 at column 18 "
+                                         rf"\(byte offset {offset} of the file"):  # fmt: skip
+        prompts.load_records(str(path), **kwargs)
+    bad = '{"question": "q", "answer": ]'
+    path.write_text("\n".join([good] * 57 + [bad]))
+    with pytest.raises(ValueError, match=r"qa.jsonl:58: not valid JSON: Expecting value at "
+                                         rf"column {bad.index(']') + 1}") as error:  # fmt: skip
+        prompts.load_records(str(path), **kwargs)
+    assert "line 1" not in str(error.value)
+
+
 def test_too_long_policies(tmp_path, byte_chatml):
     path = tmp_path / "long.jsonl"
     rows = [{"prompt": "p" * 5, "answer": "a" * 5}, {"prompt": "p" * 30, "answer": "a" * 3},

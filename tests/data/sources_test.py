@@ -53,3 +53,57 @@ def test_bad_arguments_are_named(tmp_path):
         sources.embedded_corpus("test")
     with pytest.raises(ValueError, match="no files match"):
         sources.text_files(str(tmp_path / "*.nothing"))
+
+
+# Bad text is refused when the source is built, naming the file, line and field.
+
+
+def test_malformed_jsonl_line_names_its_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = [json.dumps({"text": f"document {i}"}) for i in range(57)]
+    path.write_text("\n".join([*good, '{"text": "unterminated', *good[:3]]) + "\n")
+    for split in ("train", "validation"):
+        with pytest.raises(ValueError, match=r"data.jsonl:58: not valid JSON") as error:
+            sources.jsonl_documents(str(path), split)
+        assert "line 1" not in str(error.value)
+
+
+def test_invalid_utf8_in_jsonl_names_its_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": f"document {i}"}).encode() for i in range(4)]
+    lines[2] = b'{"text": "caf\xe9"}'  # Latin-1, not UTF-8
+    raw = b"\n".join(lines) + b"\n"
+    path.write_bytes(raw)
+    offset, column = raw.index(b"\xe9"), lines[2].index(b"\xe9") + 1
+    message = rf"data.jsonl:3: not valid UTF-8: byte 0xe9 at column {column} \(byte offset {offset}"
+    with pytest.raises(ValueError, match=message):
+        sources.jsonl_documents(str(path))
+
+
+def test_lone_surrogate_in_jsonl_is_refused_at_load(tmp_path):
+    path = tmp_path / "data.jsonl"
+    # Valid JSON whose string holds a lone surrogate: Python decodes it, UTF-8 cannot encode it.
+    path.write_text('{"text": "fine"}\n{"other": "\\ud800", "text": "bad \\udcff"}\n')
+    assert json.loads(path.read_text().splitlines()[1])["text"] == "bad \udcff"
+    for split in ("train", "validation"):  # whichever split the record falls in
+        message = r"data.jsonl:2: field 'text' holds a lone surrogate '\\udcff' at character 4"
+        with pytest.raises(ValueError, match=message):
+            sources.jsonl_documents(str(path), split)
+    # Other fields are not read, so only the text field is checked.
+    path.write_text('{"other": "\\ud800", "text": "fine"}\n')
+    assert list(sources.jsonl_documents(str(path), validation_fraction=0.0)) == ["fine"]
+
+
+def test_invalid_utf8_text_file_names_the_file_line_and_offset(tmp_path):
+    (tmp_path / "a.txt").write_text("all good\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"first line\nsecond \xff\xfe line\n")
+    message = r"b.txt: not valid UTF-8: byte 0xff at line 2, column 8 \(byte offset 18\)"
+    with pytest.raises(ValueError, match=message):
+        sources.text_files(str(tmp_path / "*.txt"), validation_fraction=0.0)
+    # A file that goes bad after the source was built is named when it is read.
+    (tmp_path / "b.txt").write_text("fixed\n", encoding="utf-8")
+    docs = sources.text_files(str(tmp_path / "*.txt"), validation_fraction=0.0)
+    assert list(docs) == ["all good\n", "fixed\n"]
+    (tmp_path / "b.txt").write_bytes(b"\xc3")
+    with pytest.raises(ValueError, match=r"b.txt: not valid UTF-8: byte 0xc3 at line 1, column 1"):
+        docs[1]

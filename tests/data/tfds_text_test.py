@@ -206,9 +206,11 @@ def test_jsonl_line_missing_field(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: .*'text'"):
         build_text_dataset(str(path), str(data_dir))
     assert not os.path.exists(data_dir / "local_text" / "1.0.0")
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: invalid JSON"):
-        path.write_text('{"content": "a"}\n{"content": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: invalid JSON: Expecting value at "
+                                         r"column 13") as error:  # fmt: skip
+        path.write_text('{"content": "a"}\n{"content": ]}\n', encoding="utf-8")
         build_text_dataset(str(path), str(data_dir), text_field="content")
+    assert "line 1" not in str(error.value)  # json's own count restarts at each line
 
 
 def test_jsonl_line_endings_and_encoding_errors(tmp_path):
@@ -222,8 +224,9 @@ def test_jsonl_line_endings_and_encoding_errors(tmp_path):
     with pytest.raises(ValueError, match=r"surrogate\.jsonl, line 2: .*UTF-8"):
         build_text_dataset(str(bad), str(tmp_path / "tfds2"))
     latin1 = tmp_path / "latin1.txt"
-    latin1.write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.txt: expected a UTF-8 text file"):
+    latin1.write_bytes("first\ncafé".encode("latin-1"))
+    message = r"latin1\.txt: not valid UTF-8: byte 0xe9 at line 2, column 4 \(byte offset 9\)"
+    with pytest.raises(ValueError, match=message):
         build_text_dataset(str(latin1), str(tmp_path / "tfds3"))
 
 
