@@ -310,11 +310,13 @@ def _check_has_text(spec: str, component: Component) -> None:
     if not isinstance(train, sources.FileDocuments | sources.ListDocuments) or not len(train):
         return
     if _size(train) == 0:
-        kind = "files" if isinstance(train, sources.FileDocuments) else "documents"
+        kind = "file" if isinstance(train, sources.FileDocuments) else "document"
+        what = (
+            f"its {kind} is empty" if len(train) == 1 else f"its {len(train)} {kind}s are all empty"
+        )
         raise ValueError(
-            f"config.data.sources: source {spec!r} has no text to train on: its {len(train)} "
-            f"{kind} are all empty (component {component.name!r}, training split); expected "
-            "files or records with text"
+            f"config.data.sources: source {spec!r} has no text to train on: {what} (component "
+            f"{component.name!r}, training split); expected files or records with text"
         )
 
 
