@@ -1,8 +1,19 @@
 """Hugging Face Llama-family checkpoints (``config.json`` + safetensors) <-> jaxlab models.
 
 Supported ``model_type``: ``llama`` and ``mistral`` (sliding-window attention). Weights are read
-from ``model.safetensors`` or from the shards listed in ``model.safetensors.index.json``; only
-safetensors are read, never pickles.
+from ``model.safetensors`` or, when there is none, from the shards listed in
+``model.safetensors.index.json`` (the precedence ``transformers`` uses); only safetensors are
+read, never pickles. Index entries must name files inside the checkpoint directory (relative
+paths without ``..``; symlinks such as those of the Hugging Face cache are followed). Tensors
+must be floating point (F64/F32/F16/BF16) and finite; ``config.json`` fields are checked for type
+and range, and every error names the file and the field or tensor.
+
+``save_hf_llama`` into a directory that already holds a checkpoint replaces its weights: the new
+files are written first (each through a temporary file and a rename), then the weight files of
+the old checkpoint that the new one does not use are removed (``model.safetensors``,
+``model.safetensors.index.json``, the files that index lists and
+``model-NNNNN-of-NNNNN.safetensors`` shards), so the directory always holds a complete checkpoint
+and then exactly the new one. Other files (tokenizer, README, ...) are left alone.
 
 Rotary layout: Hugging Face stores q/k projections permuted for the half-split rotation
 (dimension ``i`` pairs with ``i + head_dim/2``); jaxlab rotates in that same layout, so the
@@ -13,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +39,7 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from jaxlab.models.layers import RopeScaling
-from jaxlab.models.transformer import DTYPES, Transformer, TransformerConfig
+from jaxlab.models.transformer import DTYPES, Transformer, TransformerConfig, canonical_dtype
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -45,6 +59,12 @@ _CONFIG_KEYS = {
 }  # fmt: skip
 # Non-parameter buffers some exporters wrote into checkpoints.
 _IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtype codes we read: floating point only (an integer or bool tensor in a float
+# parameter's place is a broken or quantised checkpoint, never something to cast silently).
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -55,70 +75,185 @@ class CheckpointError(ValueError):
 # Config
 
 
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _int_field(hf: dict, key: str, source: str, *, default: Any = ..., minimum: int = 1,
+               allow_none: bool = False) -> Any:  # fmt: skip
+    """``hf[key]`` checked to be an int >= ``minimum`` (bools are not ints here)."""
+    if key not in hf and default is not ...:
+        return default
+    if key not in hf:
+        raise CheckpointError(f"{source}: required field {key!r} is missing")
+    value = hf[key]
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise CheckpointError(
+            f"{source}: {key} must be an int >= {minimum}{' or null' * allow_none}, found "
+            f"{_type_name(value)} {value!r}"
+        )
+    return value
+
+
+def _positive_float(value: Any, field: str, source: str) -> float:
+    """``value`` checked to be a finite number > 0 (JSON ints included, bools and strings not)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(
+            f"{source}: {field} must be a finite number > 0, found {_type_name(value)} {value!r}"
+        )
+    return float(value)
+
+
+def _bool_field(hf: dict, key: str, source: str) -> bool:
+    value = hf.get(key, False)
+    if not isinstance(value, bool):
+        raise CheckpointError(
+            f"{source}: {key} must be true or false, found {_type_name(value)} {value!r}"
+        )
+    return value
+
+
+def _token_ids(hf: dict, key: str, source: str, *, many: bool) -> Any:
+    value = hf.get(key)
+    ids = value if many and isinstance(value, list) else [value]
+    if value is not None and not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+    ):
+        raise CheckpointError(
+            f"{source}: {key} must be a non-negative int{', a list of them' * many} or null, "
+            f"found {_type_name(value)} {value!r}"
+        )
+    return tuple(value) if isinstance(value, list) else value
+
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """Translates a Hugging Face ``config.json`` mapping into a :class:`TransformerConfig`.
 
     Raises:
-      CheckpointError: naming the field, for anything jaxlab cannot represent exactly.
+      CheckpointError: naming the field, for anything jaxlab cannot represent exactly or a field
+        of the wrong type or range (e.g. ``rope_theta`` that is not a number > 0).
     """
+    return _config_from_hf(hf, "config.json", overrides)
+
+
+def _config_from_hf(hf: Any, source: str, overrides: dict[str, Any]) -> TransformerConfig:
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, found {_type_name(hf)}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"config.json: model_type={model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+            f"{source}: model_type={model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
         )
     unknown = sorted(set(hf) - _CONFIG_KEYS - _IGNORED_CONFIG_KEYS)
     if unknown:
-        raise CheckpointError(f"config.json: unsupported fields {unknown}")
+        raise CheckpointError(f"{source}: unsupported fields {unknown}")
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"config.json: hidden_act={hf['hidden_act']!r} (only 'silu')")
+        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} (only 'silu')")
 
     # Transformers < 5 wrote rope_theta + rope_scaling; 5.x writes rope_parameters.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CheckpointError(f"{source}: {key} must be an object or null, found "
+                                  f"{_type_name(hf[key])} {hf[key]!r}")  # fmt: skip
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = dict(hf.get(rope_key) or {})
+    if "rope_theta" in rope:
+        rope_theta = _positive_float(rope.pop("rope_theta"), f"{rope_key}.rope_theta", source)
+    else:
+        rope_theta = _positive_float(hf.get("rope_theta", 10000.0), "rope_theta", source)
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     if rope.pop("partial_rotary_factor", 1.0) != 1.0:
-        raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
+        raise CheckpointError(f"{source}: {rope_key}.partial_rotary_factor != 1 is not supported")
     if rope_type == "default":
         scaling = None
     elif rope_type in ("linear", "llama3"):
         allowed = {f.name for f in dataclasses.fields(RopeScaling)} - {"type"}
         extra = sorted(set(rope) - allowed)
         if extra:
-            raise CheckpointError(f"config.json: unsupported rope scaling fields {extra}")
+            raise CheckpointError(f"{source}: unsupported {rope_key} fields {extra}")
         try:
             scaling = RopeScaling(type=rope_type, **rope)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"config.json: rope scaling {rope}: {e}") from e
+            raise CheckpointError(f"{source}: {rope_key} {rope}: {e}") from e
     else:
         raise CheckpointError(
-            f"config.json: rope type {rope_type!r} is not supported (default, linear, llama3)"
+            f"{source}: {rope_key} rope type {rope_type!r} is not supported "
+            "(default, linear, llama3)"
         )
 
-    sliding_window = hf.get("sliding_window") if model_type == "mistral" else None
-    if hf.get("use_sliding_window") is False:
-        sliding_window = None
-    eos = hf.get("eos_token_id")
+    use_sliding_window = hf.get("use_sliding_window")
+    if use_sliding_window is not None and not isinstance(use_sliding_window, bool):
+        raise CheckpointError(
+            f"{source}: use_sliding_window must be true, false or null, found "
+            f"{_type_name(use_sliding_window)} {use_sliding_window!r}"
+        )
+    sliding_window = (
+        _int_field(hf, "sliding_window", source, default=None, allow_none=True)
+        if model_type == "mistral" and use_sliding_window is not False
+        else None
+    )
+    num_heads = _int_field(hf, "num_attention_heads", source)
+    hidden_size = _int_field(hf, "hidden_size", source)
+    rms_norm_eps = _positive_float(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", source)
     values = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
+        vocab_size=_int_field(hf, "vocab_size", source),
+        hidden_size=hidden_size,
+        intermediate_size=_int_field(hf, "intermediate_size", source),
+        num_layers=_int_field(hf, "num_hidden_layers", source),
+        num_heads=num_heads,
+        num_kv_heads=_int_field(hf, "num_key_value_heads", source, default=None, allow_none=True)
+        or num_heads,
+        head_dim=_int_field(hf, "head_dim", source, default=None, allow_none=True)
+        or hidden_size // num_heads,
+        rms_norm_eps=rms_norm_eps,
+        rope_theta=rope_theta,
         rope_scaling=scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_embeddings=_bool_field(hf, "tie_word_embeddings", source),
+        attention_bias=_bool_field(hf, "attention_bias", source),
+        mlp_bias=_bool_field(hf, "mlp_bias", source),
         sliding_window=sliding_window,
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        max_seq_len=_int_field(hf, "max_position_embeddings", source, default=2048),
+        bos_token_id=_token_ids(hf, "bos_token_id", source, many=False),
+        eos_token_id=_token_ids(hf, "eos_token_id", source, many=True),
     )
     values.update(overrides)
-    return TransformerConfig(**values)
+    try:
+        return TransformerConfig(**values)
+    except ValueError as e:  # e.g. heads that do not divide: name the file as well
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    """The ``config.json`` mapping of the checkpoint directory ``path``.
+
+    Raises:
+      CheckpointError: naming the file, when it is missing, not UTF-8 JSON or not an object.
+    """
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path}: no config.json")
+    hf = _read_json(config_path, "a JSON object (the model's config)")
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, found {_type_name(hf)}")
+    return hf
+
+
+def _read_json(file: str, expected: str) -> Any:
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{file}: expected {expected}, found invalid JSON at line {e.lineno} column "
+            f"{e.colno}: {e.msg}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{file}: expected {expected} in UTF-8, found invalid UTF-8 at byte {e.start}"
+        ) from None
 
 
 def config_to_hf(config: TransformerConfig, dtype: str) -> dict[str, Any]:
@@ -235,21 +370,56 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
     return table
 
 
-def _weight_files(path: str) -> dict[str, str]:
-    """Maps each tensor name to the safetensors file that holds it."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
+def _confined(name: Any, index: str, key: str) -> str:
+    """``name``, an index ``weight_map`` value, checked to be a relative path inside the
+    checkpoint directory (no absolute path, no ``..``); symlinks inside are allowed (the Hugging
+    Face cache links snapshot files to its blob store)."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map[{key!r}] must be a file name, found "
+                              f"{_type_name(name)} {name!r}")  # fmt: skip
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith("/") or ".." in parts:
         raise CheckpointError(
-            f"{path}: neither model.safetensors nor model.safetensors.index.json found "
-            "(only safetensors checkpoints are read)"
+            f"{index}: weight_map[{key!r}] = {name!r} points outside the checkpoint directory "
+            "(expected a file name relative to it, without '..')"
         )
-    with safe_open(single, framework="flax") as f:
-        return dict.fromkeys(f.keys(), single)
+    if not name.endswith(".safetensors"):
+        raise CheckpointError(f"{index}: weight_map[{key!r}] = {name!r} is not a .safetensors "
+                              "file (only safetensors are read)")  # fmt: skip
+    return name
+
+
+def _read_index(index: str) -> dict[str, str]:
+    """The ``weight_map`` of ``index`` (tensor name -> file name relative to its directory)."""
+    contents = _read_json(index, 'a JSON object with a "weight_map"')
+    if not isinstance(contents, dict) or "weight_map" not in contents:
+        found = "no weight_map" if isinstance(contents, dict) else _type_name(contents)
+        raise CheckpointError(
+            f'{index}: expected a JSON object with a "weight_map" (tensor -> file), found {found}'
+        )
+    weight_map = contents["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map must be an object (tensor -> file), found "
+                              f"{_type_name(weight_map)}")  # fmt: skip
+    return {k: _confined(v, index, k) for k, v in weight_map.items()}
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """Maps each tensor name to the safetensors file that holds it.
+
+    ``model.safetensors`` wins over an index when both are there, as in ``transformers``.
+    """
+    single = os.path.join(path, SINGLE_FILE)
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(single):
+        with safe_open(single, framework="flax") as f:
+            return dict.fromkeys(f.keys(), single)
+    if os.path.exists(index):
+        return {k: os.path.join(path, v) for k, v in _read_index(index).items()}
+    raise CheckpointError(
+        f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors checkpoints "
+        "are read)"
+    )
 
 
 def _set_path(tree: dict, path: tuple, value) -> None:
@@ -260,22 +430,27 @@ def _set_path(tree: dict, path: tuple, value) -> None:
 
 def load_hf_llama(
     path: str,
-    dtype: str = "float32",
+    dtype: Any = "float32",
     *,
-    compute_dtype: str | None = None,
+    compute_dtype: Any = None,
     attention_impl: str = "xla",
 ) -> Transformer:
     """Loads a Hugging Face Llama/Mistral checkpoint directory as a jaxlab :class:`Transformer`.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
-      dtype: parameter storage dtype (``float32``, ``bfloat16``, ``float16``).
-      compute_dtype: activation dtype; default ``dtype``.
+      dtype: parameter storage dtype (``float32``, ``bfloat16``, ``float16``), as a name or
+        anything ``jnp.dtype`` takes (``jnp.float32``, ``np.float32``, ``np.dtype(...)``).
+      compute_dtype: activation dtype, taken the same ways; default ``dtype``.
       attention_impl: name of the attention implementation to use.
 
     Raises:
-      CheckpointError: for an unsupported config field, a missing or unexpected tensor, or a
-        tensor whose shape does not fit (the message names the key and both shapes).
+      ValueError: ``dtype`` or ``compute_dtype`` outside the supported dtypes.
+      CheckpointError: naming the file and field or tensor, for a ``config.json`` or index that
+        is not a JSON object, a config field of the wrong type or range or that jaxlab cannot
+        represent, an index entry outside the directory, a missing or unexpected tensor, a
+        tensor whose shape does not fit (the message names the key and both shapes), a
+        non-floating-point tensor, or non-finite values.
     """
     config, pure = read_hf_llama(path, dtype, compute_dtype=compute_dtype,
                                  attention_impl=attention_impl)  # fmt: skip
@@ -286,27 +461,23 @@ def load_hf_llama(
 
 def read_hf_llama(
     path: str,
-    dtype: str = "float32",
+    dtype: Any = "float32",
     *,
-    compute_dtype: str | None = None,
+    compute_dtype: Any = None,
     attention_impl: str = "xla",
 ) -> tuple[TransformerConfig, dict]:
     """The config and the parameters (a pure dict of host NumPy arrays, in ``dtype``) of a
     Hugging Face Llama/Mistral directory, read one tensor at a time, so a caller can place each
     on its sharding without the whole model ever sitting on one device. Arguments and errors as
     :func:`load_hf_llama`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"load_hf_llama: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"{path}: no config.json")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    config = config_from_hf(
+    dtype = canonical_dtype(dtype, "load_hf_llama/read_hf_llama: dtype")
+    if compute_dtype is not None:
+        compute_dtype = canonical_dtype(compute_dtype, "load_hf_llama/read_hf_llama: compute_dtype")
+    hf_config = read_hf_config(path)
+    config = _config_from_hf(
         hf_config,
-        param_dtype=dtype,
-        dtype=compute_dtype or dtype,
-        attention_impl=attention_impl,
+        os.path.join(path, "config.json"),
+        dict(param_dtype=dtype, dtype=compute_dtype or dtype, attention_impl=attention_impl),
     )
     files = _weight_files(path)
     table = _weight_table(config)
@@ -334,13 +505,32 @@ def read_hf_llama(
     for file, entries in by_file.items():
         with safe_open(file, framework="flax") as f:
             for entry in entries:
+                code = f.get_slice(entry.hf_key).get_dtype()
+                if code not in _FLOAT_CODES:
+                    raise CheckpointError(
+                        f"{file}: tensor {entry.hf_key} has dtype {code}; expected a floating "
+                        f"point dtype ({', '.join(_FLOAT_CODES)}); integer, bool and 8-bit "
+                        "tensors are not cast"
+                    )
                 tensor = f.get_tensor(entry.hf_key)
                 if tuple(tensor.shape) != entry.hf_shape:
                     raise CheckpointError(
                         f"{entry.hf_key}: checkpoint shape {tuple(tensor.shape)} does not match "
                         f"the config's expected shape {entry.hf_shape}"
                     )
+                if not bool(jnp.all(jnp.isfinite(tensor))):
+                    bad = int(jnp.sum(~jnp.isfinite(tensor)))
+                    raise CheckpointError(
+                        f"{file}: tensor {entry.hf_key} has {bad} non-finite values (NaN or "
+                        "Inf); expected finite weights"
+                    )
                 value = entry.to_jax(tensor).astype(config.storage_dtype)
+                if not bool(jnp.all(jnp.isfinite(value))):
+                    raise CheckpointError(
+                        f"{file}: tensor {entry.hf_key} ({code}) overflows {config.param_dtype} "
+                        f"(largest magnitude {float(jnp.max(jnp.abs(tensor)))}); load it in a "
+                        "wider dtype"
+                    )
                 _set_path(pure, entry.path, np.asarray(value))  # off the device at once
     return config, pure
 
@@ -349,15 +539,24 @@ def save_hf_llama(
     model: Transformer,
     path: str,
     *,
-    dtype: str | None = None,
+    dtype: Any = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> None:
     """Writes ``model`` as a Hugging Face checkpoint directory that ``transformers`` loads.
 
+    A directory that already holds a checkpoint gets the new weights in place of the old: the
+    new weight files (and index) are written first, each through a temporary file and a rename,
+    then the old checkpoint's weight files that the new one does not use are removed
+    (``model.safetensors``, ``model.safetensors.index.json``, the files the old index listed and
+    ``model-NNNNN-of-NNNNN.safetensors`` shards). A crash therefore never leaves the directory
+    without a complete checkpoint, and a finished save leaves exactly the new one (what
+    :func:`load_hf_llama` and ``transformers`` then load). No other file is touched.
+
     Args:
       model: a jaxlab :class:`Transformer`.
       path: output directory (created if needed).
-      dtype: dtype of the written tensors; default the model's parameter dtype.
+      dtype: dtype of the written tensors (a name or anything ``jnp.dtype`` takes, e.g.
+        ``jnp.bfloat16``); default the model's parameter dtype.
       max_shard_bytes: above this total size, tensors are split over several files with a
         ``model.safetensors.index.json``.
     """
@@ -367,9 +566,7 @@ def save_hf_llama(
             "save_hf_llama: a DenseFormer (config.dwa set) has depth-weighted averages that no "
             "Hugging Face Llama/Mistral architecture can hold"
         )
-    dtype = dtype or config.param_dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"save_hf_llama: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    dtype = canonical_dtype(config.param_dtype if dtype is None else dtype, "save_hf_llama: dtype")
     hf_config = config_to_hf(config, dtype)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}
@@ -380,6 +577,7 @@ def save_hf_llama(
         tensors[entry.hf_key] = jnp.asarray(entry.to_hf(value), DTYPES[dtype])
 
     os.makedirs(path, exist_ok=True)
+    stale = _own_weight_files(path)
     shards: list[dict[str, jax.Array]] = [{}]
     size = 0
     for key, value in tensors.items():
@@ -390,15 +588,63 @@ def save_hf_llama(
         size += value.nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=metadata)
+        _atomic_write(path, SINGLE_FILE, lambda f: save_file(shards[0], f, metadata=metadata))
+        written = {SINGLE_FILE}
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata=metadata)
+            _atomic_write(path, name, lambda f, shard=shard: save_file(shard, f, metadata=metadata))
             weight_map.update(dict.fromkeys(shard, name))
         total = int(sum(np.prod(v.shape) * v.dtype.itemsize for v in tensors.values()))
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(path, INDEX_FILE, lambda f: _dump_json(index, f))
+        written = {INDEX_FILE, *weight_map.values()}
+    _atomic_write(path, "config.json", lambda f: _dump_json(hf_config, f))
+    # The old index goes before the shards it lists, so no moment has an index without its files
+    # (and a single new file is already preferred over any old index, as by transformers).
+    for name in sorted(stale - written, key=lambda n: n != INDEX_FILE):
+        try:
+            os.remove(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
+
+
+def _own_weight_files(path: str) -> set[str]:
+    """The weight files of a checkpoint already in ``path`` (names relative to it) that a new
+    save replaces: ``model.safetensors``, the index and the files it lists (when they stay
+    inside ``path`` and are safetensors), and ``model-NNNNN-of-NNNNN.safetensors`` shards."""
+    names = {n for n in os.listdir(path) if n == SINGLE_FILE or _SHARD_NAME.fullmatch(n)}
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        names.add(INDEX_FILE)
+        try:
+            contents = _read_json(index, "an index")
+            listed = contents.get("weight_map", {}) if isinstance(contents, dict) else {}
+            for key, name in listed.items() if isinstance(listed, dict) else ():
+                try:
+                    names.add(os.path.normpath(_confined(name, index, key)))
+                except CheckpointError:  # never ours to delete
+                    pass
+        except CheckpointError:  # an unreadable index: replaced, its files unknown
+            pass
+    return {n for n in names if os.path.isfile(os.path.join(path, n))}
+
+
+def _dump_json(value: Any, file: str) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+
+
+def _atomic_write(directory: str, name: str, write: Callable[[str], None]) -> None:
+    """``write(temporary_file)`` then rename it to ``directory/name``: readers see the old file
+    or the complete new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

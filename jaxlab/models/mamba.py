@@ -40,7 +40,13 @@ from flax import nnx
 
 from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, param
 from jaxlab.models.partitioning import constrain
-from jaxlab.models.transformer import DTYPES, Block, LayerCache, TransformerConfig
+from jaxlab.models.transformer import (
+    DTYPES,
+    Block,
+    LayerCache,
+    TransformerConfig,
+    canonical_dtype,
+)
 from jaxlab.ops import scan as scan_ops
 
 MIXERS = ("mamba1", "mamba2", "discrete_mamba2")
@@ -158,10 +164,9 @@ class MambaConfig:
         if self.scan_impl not in scan_ops.SCAN_IMPLS:
             raise ValueError(f"MambaConfig.scan_impl must be one of {scan_ops.SCAN_IMPLS}, "
                              f"got {self.scan_impl!r}")  # fmt: skip
-        for field in ("param_dtype", "dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise ValueError(f"MambaConfig.{field} must be one of {tuple(DTYPES)}, "
-                                 f"got {getattr(self, field)!r}")  # fmt: skip
+        for field in ("param_dtype", "dtype"):  # canonical names: configs stay JSON and compare
+            value = canonical_dtype(getattr(self, field), f"MambaConfig.{field}")
+            object.__setattr__(self, field, value)
         if self.attention_layers:
             self.attention_config()  # the attention blocks' own checks (heads, head_dim, ...)
 

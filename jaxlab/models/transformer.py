@@ -50,6 +50,32 @@ from kernels_pallas.sparse_attention import masked_attention_reference
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def canonical_dtype(value: Any, name: str) -> str:
+    """The :data:`DTYPES` name of ``value``: anything ``jnp.dtype`` takes (``jnp.float32``,
+    ``np.float32``, ``np.dtype('float32')``, ``"float32"``, ``jnp.bfloat16``, ...).
+
+    Args:
+      value: the dtype as given.
+      name: what to call the argument or field in the error (``"TransformerConfig.dtype"``).
+
+    Raises:
+      ValueError: naming ``name``, the allowed dtypes and ``value``, for ``None``, something that
+        is not a dtype, or a dtype outside :data:`DTYPES` (``int32``, ``float64``, ...).
+    """
+    try:
+        # None and bools are not dtypes (jnp.dtype(None) is float64); say so rather than guess.
+        canonical = None if value is None or isinstance(value, bool) else jnp.dtype(value).name
+    except (TypeError, ValueError):
+        canonical = None
+    if canonical not in DTYPES:
+        found = f"{value!r}" if canonical is None else f"{value!r} ({canonical})"
+        raise ValueError(
+            f"{name} must be one of {tuple(DTYPES)} (a name or anything jnp.dtype takes for "
+            f"them, e.g. jnp.float32), got {found}"
+        )
+    return canonical
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Architecture of a Llama-family decoder.
@@ -71,8 +97,9 @@ class TransformerConfig:
       sliding_window: if set, each token attends to at most this many positions (Mistral).
       max_seq_len: longest sequence the model accepts (``max_position_embeddings``).
       initializer_range: std of the normal initialiser of weight matrices.
-      param_dtype: storage dtype of parameters.
-      dtype: compute dtype of activations.
+      param_dtype: storage dtype of parameters: a :data:`DTYPES` name or anything ``jnp.dtype``
+        takes for one (``jnp.bfloat16``, ``np.float32``); stored as the name.
+      dtype: compute dtype of activations, given and stored as ``param_dtype``.
       attention_impl: name of a :mod:`jaxlab.ops.attention` implementation.
       bos_token_id: beginning-of-sequence id, kept for checkpoint round trips.
       eos_token_id: end-of-sequence id(s), kept for checkpoint round trips.
@@ -147,12 +174,9 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.head_dim must be even for RoPE, got {self.head_dim}"
             )
-        for field in ("param_dtype", "dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise ValueError(
-                    f"TransformerConfig.{field} must be one of {tuple(DTYPES)}, "
-                    f"got {getattr(self, field)!r}"
-                )
+        for field in ("param_dtype", "dtype"):  # canonical names: configs stay JSON and compare
+            value = canonical_dtype(getattr(self, field), f"TransformerConfig.{field}")
+            object.__setattr__(self, field, value)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(
                 f"TransformerConfig.sliding_window must be >= 1 or None, got {self.sliding_window}"
