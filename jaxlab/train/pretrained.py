@@ -84,16 +84,12 @@ def write_model_config(workdir: str, model_config) -> None:
 def source_model_config(source: Source, **overrides) -> Any:
     """The model config dataclass of ``source`` (``overrides``: dtypes and the like)."""
     if source.kind == "hf":
-        from jaxlab.interop.hf import CheckpointError, config_from_hf
+        from jaxlab.interop.hf import CheckpointError, config_from_hf, read_hf_config
 
-        path = os.path.join(source.path, "config.json")
-        if not os.path.exists(path):
-            raise ValueError(f"{source}: no config.json")
-        with open(path) as f:
-            try:
-                return config_from_hf(json.load(f), **overrides)
-            except CheckpointError as e:
-                raise ValueError(f"{source}: {e}") from None
+        try:
+            return config_from_hf(read_hf_config(source.path), **overrides)
+        except CheckpointError as e:
+            raise ValueError(f"{source}: {e}") from None
     path = os.path.join(source.path, MODEL_CONFIG_FILE)
     if os.path.exists(path):
         with open(path) as f:
