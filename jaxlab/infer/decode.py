@@ -93,36 +93,145 @@ def decode_step(
     return logits[:, 0], cache
 
 
-def _validate(model, prompts, prompt_lengths, max_new_tokens, num_samples, stop_strings, tokenizer):
-    if prompts.ndim != 2:
-        raise ValueError(f"generate: prompts must be [batch, prompt_len], got {prompts.shape}")
-    batch, prompt_len = prompts.shape
-    lengths = np.asarray(prompt_lengths)
-    if lengths.shape != (batch,):
-        raise ValueError(f"generate: prompt_lengths must be [{batch}], got shape {lengths.shape}")
-    if lengths.min() < 1 or lengths.max() > prompt_len:
-        raise ValueError(
-            f"generate: prompt_lengths must lie in [1, {prompt_len}], got {lengths.tolist()}"
-        )
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not _is_int(value):
+        raise TypeError(f"generate: {name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"generate: {name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_prompts(model, prompts) -> np.ndarray:
+    """[batch, prompt_len] integer ids in the vocabulary, checked before any cast to int32."""
     ids = np.asarray(prompts)
+    if ids.ndim != 2:
+        hint = " (for one prompt, pass prompts[None])" if ids.ndim == 1 else ""
+        raise ValueError(
+            f"generate: prompts must be [batch, prompt_len] (2-D), got shape {ids.shape}{hint}"
+        )
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"generate: prompts must be integer token ids, got dtype {ids.dtype}")
+    batch, prompt_len = ids.shape
+    if batch < 1 or prompt_len < 1:
+        raise ValueError(
+            f"generate: prompts must hold at least one prompt of at least one token, got shape "
+            f"{ids.shape}"
+        )
     vocab = model.config.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
+        bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab))[0])
         raise ValueError(
-            f"generate: prompt token ids must lie in [0, {vocab}), got min {ids.min()} and "
-            f"max {ids.max()}"
+            f"generate: prompt token ids must lie in [0, {vocab}) (the model's vocab_size), got "
+            f"prompts{list(bad)} = {ids[bad]} (min {ids.min()}, max {ids.max()})"
         )
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    return ids.astype(np.int32)
+
+
+def _check_prompt_lengths(prompt_lengths, batch: int, prompt_len: int) -> np.ndarray:
+    if prompt_lengths is None:
+        return np.full((batch,), prompt_len, np.int32)
+    lengths = np.asarray(prompt_lengths)
+    if lengths.shape != (batch,):
+        raise ValueError(
+            f"generate: prompt_lengths must be [{batch}] (one length per prompt), got shape "
+            f"{lengths.shape}"
+        )
+    if lengths.dtype == bool or not np.issubdtype(lengths.dtype, np.integer):
+        raise TypeError(
+            f"generate: prompt_lengths must be integers, got dtype {lengths.dtype}: "
+            f"{lengths.tolist()}"
+        )
+    if lengths.min() < 1 or lengths.max() > prompt_len:
+        raise ValueError(
+            f"generate: prompt_lengths must lie in [1, {prompt_len}] (prompt_len), got "
+            f"{lengths.tolist()}"
+        )
+    return lengths.astype(np.int32)
+
+
+def _check_token_ids(name: str, value, vocab: int, source: str = "") -> tuple[int, ...]:
+    """A sequence of ids in [0, vocab) (``source`` says where a default came from)."""
+    what = f"{name}{source}"
+    if _is_int(value) or isinstance(value, str | bytes):
+        raise TypeError(
+            f"generate: {what} must be a sequence of int token ids such as ({value!r},), got "
+            f"{value!r}"
+        )
+    if isinstance(value, np.ndarray | jax.Array):
+        if value.ndim != 1:
+            raise TypeError(
+                f"generate: {what} must be a 1-D sequence of int token ids, got an array of "
+                f"shape {value.shape}"
+            )
+        items = np.asarray(value).tolist()
+    else:
+        try:
+            items = list(value)
+        except TypeError as e:
+            raise TypeError(
+                f"generate: {what} must be a sequence of int token ids, got {value!r}"
+            ) from e
+    for i, token in enumerate(items):
+        if not _is_int(token):
+            raise TypeError(
+                f"generate: {what}[{i}] must be an int token id in [0, {vocab}), got {token!r}"
+            )
+        if not 0 <= token < vocab:
+            raise ValueError(
+                f"generate: {what}[{i}] must lie in [0, {vocab}) (the model's vocab_size), got "
+                f"{token}"
+            )
+    return tuple(int(t) for t in items)
+
+
+def _validate(model, prompts, prompt_lengths, max_new_tokens, sampling, stop_tokens, pad_id,
+              num_samples, stop_strings, tokenizer):  # fmt: skip
+    """Checks every argument of :func:`generate` before anything is traced.
+
+    Returns:
+      ``(prompts, prompt_lengths, max_new_tokens, stop_tokens, pad_id, num_samples)``: int32
+      NumPy arrays and Python ints.
+    """
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise TypeError(
+            f"generate: sampling must be a jaxlab.infer.SamplingConfig or None (greedy), got "
+            f"{sampling!r}"
+        )
+    vocab = model.config.vocab_size
+    ids = _check_prompts(model, prompts)
+    batch, prompt_len = ids.shape
+    lengths = _check_prompt_lengths(prompt_lengths, batch, prompt_len)
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     total = prompt_len + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(
             f"generate: prompt_len + max_new_tokens = {total} exceeds the model's "
             f"max_seq_len={model.config.max_seq_len}"
         )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
-        raise TypeError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
-    if num_samples < 1:
-        raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    num_samples = _check_int("num_samples", num_samples, 1)
+    if stop_tokens is None:
+        eos = getattr(model.config, "eos_token_id", None)
+        eos = () if eos is None else (eos,) if _is_int(eos) else eos
+        source = f" (default: model.config.eos_token_id={eos!r})"
+        stop_tokens = _check_token_ids("stop_tokens", eos, vocab, source)
+    else:
+        stop_tokens = _check_token_ids("stop_tokens", stop_tokens, vocab)
+    # pad_id only fills the int32 output, so any int32 works; one outside the vocabulary (-1)
+    # cannot be mistaken for a generated token.
+    if not _is_int(pad_id):
+        raise TypeError(f"generate: pad_id must be an int (an int32 value), got {pad_id!r}")
+    if not _INT32_MIN <= pad_id <= _INT32_MAX:
+        raise ValueError(
+            f"generate: pad_id must fit the int32 output, [{_INT32_MIN}, {_INT32_MAX}], got "
+            f"{pad_id}"
+        )
     for i, text in enumerate(stop_strings):
         if not isinstance(text, str) or not text:
             raise ValueError(f"generate: stop_strings[{i}] must be a non-empty str, got {text!r}")
@@ -131,6 +240,7 @@ def _validate(model, prompts, prompt_lengths, max_new_tokens, num_samples, stop_
             f"generate: stop_strings={tuple(stop_strings)!r} need a tokenizer to decode the "
             "generated ids, got tokenizer=None"
         )
+    return ids, lengths, max_new_tokens, stop_tokens, int(pad_id), num_samples
 
 
 def generate(
@@ -151,14 +261,16 @@ def generate(
 
     Args:
       model: the decoder (a Transformer, a Mamba or hybrid LM: any model in jaxlab.models).
-      prompts: [batch, prompt_len] int ids, right-padded.
-      prompt_lengths: [batch] true lengths; default all ``prompt_len``.
-      max_new_tokens: tokens to generate per row (fewer if a row stops).
-      sampling: the sampling rule; default greedy.
+      prompts: [batch, prompt_len] int ids in ``[0, vocab_size)``, right-padded; ``batch`` and
+        ``prompt_len`` >= 1 (a single prompt is ``prompts[None]``).
+      prompt_lengths: [batch] int true lengths in ``[1, prompt_len]``; default all ``prompt_len``.
+      max_new_tokens: int >= 1, tokens to generate per row (fewer if a row stops).
+      sampling: a :class:`SamplingConfig`; default greedy.
       rng: PRNG key for sampling; default ``PRNGKey(0)``.
-      stop_tokens: ids that end a row (the stop token is emitted); default the model config's
-        ``eos_token_id``. Pass ``()`` to never stop early.
-      pad_id: fills the output after a row stopped.
+      stop_tokens: a sequence of int ids in ``[0, vocab_size)`` that end a row (the stop token is
+        emitted); default the model config's ``eos_token_id``. Pass ``()`` to never stop early.
+      pad_id: an int32 value that fills the output after a row stopped; one outside the
+        vocabulary (such as -1) cannot be mistaken for a generated token.
       num_samples: completions per prompt, all from one prefill of ``prompts`` (the cache and the
         last logits are repeated along the batch). The output has ``batch * num_samples`` rows,
         prompt-major (see :class:`GenerateOutput`); sample with a temperature > 0 to make them
@@ -174,33 +286,34 @@ def generate(
     Returns:
       A :class:`GenerateOutput`: tokens, lengths and log-probabilities of ``batch * num_samples``
       rows (``batch`` with the default ``num_samples=1``).
+
+    Raises:
+      TypeError, ValueError: every argument is checked on the host before anything is traced;
+        the message names the argument, what was expected and what was given (ids are checked
+        before the cast to int32, so nothing wraps or truncates).
     """
-    prompts = jnp.asarray(prompts, jnp.int32)
-    if prompt_lengths is None:
-        prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
     if isinstance(stop_strings, str):
         raise TypeError(
             f"generate: stop_strings must be a sequence of strings such as ({stop_strings!r},), "
             f"got the str {stop_strings!r}"
         )
     stop_strings = tuple(stop_strings)
-    _validate(model, prompts, prompt_lengths, max_new_tokens, num_samples, stop_strings,
-              tokenizer)  # fmt: skip
-    if stop_tokens is None:
-        eos = getattr(model.config, "eos_token_id", None)
-        stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else eos
+    prompts, prompt_lengths, max_new_tokens, stop_tokens, pad_id, num_samples = _validate(
+        model, prompts, prompt_lengths, max_new_tokens, sampling, stop_tokens, pad_id,
+        num_samples, stop_strings, tokenizer,
+    )  # fmt: skip
     graphdef, state = nnx.split(model)
     out = _generate(
         graphdef,
         state,
-        prompts,
-        jnp.asarray(prompt_lengths, jnp.int32),
+        jnp.asarray(prompts),
+        jnp.asarray(prompt_lengths),
         jax.random.PRNGKey(0) if rng is None else rng,
         max_new_tokens=max_new_tokens,
         sampling=sampling or SamplingConfig(),
-        stop_tokens=tuple(int(t) for t in stop_tokens),
+        stop_tokens=stop_tokens,
         pad_id=pad_id,
-        num_samples=int(num_samples),
+        num_samples=num_samples,
     )
     if stop_strings:
         out = truncate_at_stop_strings(out, stop_strings, tokenizer, pad_id=pad_id)

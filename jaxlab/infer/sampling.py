@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,16 @@ class SamplingConfig:
     """How to pick the next token from logits.
 
     Attributes:
-      temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
-      top_k: if set, sample only among the ``top_k`` most likely tokens.
-      top_p: if set, sample only from the smallest set of most likely tokens whose probability
-        reaches ``top_p`` (applied after temperature and top-k).
+      temperature: a finite real >= 0. 0 means greedy (argmax); otherwise logits are divided by
+        it before sampling.
+      top_k: an int >= 1; if set, sample only among the ``top_k`` most likely tokens.
+      top_p: a real in (0, 1]; if set, sample only from the smallest set of most likely tokens
+        whose probability reaches ``top_p`` (applied after temperature and top-k).
+
+    Raises:
+      TypeError: a field of the wrong type (``top_k=2.0``, a string, a bool, an array).
+      ValueError: a value out of range (negative or non-finite temperature, ``top_k < 1``,
+        ``top_p`` outside (0, 1] or NaN).
     """
 
     temperature: float = 0.0
@@ -26,12 +34,34 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"SamplingConfig.top_k must be >= 1 or None, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1] or None, got {self.top_p}")
+        # Checked (and normalised to Python scalars, so the config hashes as a static jit
+        # argument) before anything is traced: NaN or inf would silently give garbage tokens.
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real):
+            raise TypeError(
+                f"SamplingConfig.temperature must be a real number >= 0 (0 = greedy), got {t!r}"
+            )
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(
+                f"SamplingConfig.temperature must be finite and >= 0 (0 = greedy), got {t!r}"
+            )
+        object.__setattr__(self, "temperature", float(t))
+        k = self.top_k
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+                raise TypeError(f"SamplingConfig.top_k must be an int >= 1 or None, got {k!r}")
+            if k < 1:
+                raise ValueError(f"SamplingConfig.top_k must be an int >= 1 or None, got {k!r}")
+            object.__setattr__(self, "top_k", int(k))
+        p = self.top_p
+        if p is not None:
+            if isinstance(p, bool) or not isinstance(p, numbers.Real):
+                raise TypeError(
+                    f"SamplingConfig.top_p must be a real number in (0, 1] or None, got {p!r}"
+                )
+            if not 0 < p <= 1:  # also refuses NaN
+                raise ValueError(f"SamplingConfig.top_p must be in (0, 1] or None, got {p!r}")
+            object.__setattr__(self, "top_p", float(p))
 
     @property
     def greedy(self) -> bool:

@@ -28,7 +28,7 @@ def token_logprobs(model: nnx.Module, tokens: jax.Array) -> jax.Array:
 
     Args:
       model: any jaxlab language model (``model(tokens) -> [batch, seq, vocab]`` logits).
-      tokens: [batch, seq] int ids, ``seq >= 2``.
+      tokens: [batch, seq] int ids in ``[0, vocab_size)``, ``batch >= 1``, ``seq >= 2``.
 
     Returns:
       [batch, seq] float32: column ``t >= 1`` is ``log softmax(logits[:, t - 1])[tokens[:, t]]``;
@@ -44,7 +44,7 @@ def score(model: nnx.Module, tokens: jax.Array, mask: jax.Array | None = None) -
 
     Args:
       model: any jaxlab language model (``model(tokens) -> [batch, seq, vocab]`` logits).
-      tokens: [batch, seq] int ids, ``seq >= 2``.
+      tokens: [batch, seq] int ids in ``[0, vocab_size)``, ``batch >= 1``, ``seq >= 2``.
       mask: [batch, seq] bool or 0/1 numbers, aligned with ``tokens``: 1 where that token's
         log-probability is counted. ``mask[:, 0]`` is ignored (the first token has no prefix).
         Default: every token after the first.
@@ -62,27 +62,33 @@ def score(model: nnx.Module, tokens: jax.Array, mask: jax.Array | None = None) -
 
 
 def _check_tokens(fn: str, model: nnx.Module, tokens) -> np.ndarray:
+    """[batch, seq] integer ids in the vocabulary, checked before any cast to int32."""
     array = np.asarray(tokens)
     if array.ndim != 2:
-        raise ValueError(f"{fn}: tokens must be [batch, seq], got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
+        hint = " (for one sequence, pass tokens[None])" if array.ndim == 1 else ""
+        raise ValueError(f"{fn}: tokens must be [batch, seq] (2-D), got shape {array.shape}{hint}")
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{fn}: tokens must be integer ids, got dtype {array.dtype}")
+    if array.shape[0] < 1:
+        raise ValueError(f"{fn}: tokens must hold at least one row, got shape {array.shape}")
     if array.shape[1] < 2:
         raise ValueError(
             f"{fn}: tokens must have seq >= 2 (the first token is never scored), got shape "
             f"{array.shape}"
         )
     vocab = model.config.vocab_size
-    if array.size and (array.min() < 0 or array.max() >= vocab):
+    if array.min() < 0 or array.max() >= vocab:
+        bad = tuple(int(i) for i in np.argwhere((array < 0) | (array >= vocab))[0])
         raise ValueError(
-            f"{fn}: token ids must lie in [0, {vocab}), got min {array.min()} and max {array.max()}"
+            f"{fn}: token ids must lie in [0, {vocab}) (the model's vocab_size), got "
+            f"tokens{list(bad)} = {array[bad]} (min {array.min()}, max {array.max()})"
         )
     max_len = getattr(model.config, "max_seq_len", None)
     if max_len is not None and array.shape[1] > max_len:
         raise ValueError(
             f"{fn}: tokens have seq={array.shape[1]}, more than the model's max_seq_len={max_len}"
         )
-    return array
+    return array.astype(np.int32)
 
 
 def _check_mask(mask, shape: tuple[int, ...]) -> np.ndarray:

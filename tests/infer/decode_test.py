@@ -125,12 +125,12 @@ def test_generation_compiles_once_per_shape(models):
         (dict(prompt_lengths=[1, 5]), r"prompt_lengths must lie in \[1, 4\]"),
         (dict(prompt_lengths=[1]), r"prompt_lengths must be \[2\]"),
         (dict(max_new_tokens=200), "exceeds the model's max_seq_len=128"),
-        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, got 0"),
         (
             dict(prompts=[[1, 2, 3, 97], [0, 0, 0, 0]]),
-            r"ids must lie in \[0, 97\), got min 0 and max 97",
+            r"ids must lie in \[0, 97\) .* got prompts\[0, 3\] = 97 \(min 0, max 97\)",
         ),
-        (dict(prompts=[[1, 2, 3, -5], [0, 0, 0, 0]]), r"got min -5"),
+        (dict(prompts=[[1, 2, 3, -5], [0, 0, 0, 0]]), r"got prompts\[0, 3\] = -5 \(min -5"),
     ],
 )
 def test_bad_generate_arguments(models, kwargs, message):

@@ -218,7 +218,7 @@ def test_stop_strings_truncate_exactly(llama):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(num_samples=0), ValueError, "num_samples must be >= 1, got 0"),
+        (dict(num_samples=0), ValueError, "num_samples must be an int >= 1, got 0"),
         (dict(num_samples=2.0), TypeError, "num_samples must be an int >= 1, got 2.0"),
         (dict(stop_strings="\n"), TypeError, "stop_strings must be a sequence of strings"),
         (dict(stop_strings=("",)), ValueError, r"stop_strings\[0\] must be a non-empty str"),

@@ -67,8 +67,8 @@ def test_greedy_is_numpy_argmax_with_ties_and_nan():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-1.0), "temperature must be >= 0"),
-        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(temperature=-1.0), "temperature must be finite and >= 0"),
+        (dict(top_k=0), "top_k must be an int >= 1"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     ],
 )

@@ -82,10 +82,10 @@ def test_right_padded_rows_score_as_their_unpadded_selves(model):
 @pytest.mark.parametrize(
     "tokens, mask, error, message",
     [
-        (np.zeros((2, 3, 1), int), None, ValueError, r"tokens must be \[batch, seq\], got shape"),
+        (np.zeros((2, 3, 1), int), None, ValueError, r"tokens must be \[batch, seq\] \(2-D\)"),
         (np.zeros((2, 3), np.float32), None, TypeError, "tokens must be integer ids, got dtype"),
         (np.zeros((2, 1), int), None, ValueError, "must have seq >= 2"),
-        (np.full((2, 3), VOCAB), None, ValueError, rf"ids must lie in \[0, {VOCAB}\), got min"),
+        (np.full((2, 3), VOCAB), None, ValueError, rf"ids must lie in \[0, {VOCAB}\) .* = {VOCAB}"),
         (np.zeros((2, 65), int), None, ValueError, "seq=65, more than the model's max_seq_len=64"),
         (np.zeros((2, 3), int), np.ones((2, 4)), ValueError, r"mask must have the tokens' shape"),
         (np.zeros((2, 3), int), np.full((2, 3), "a"), TypeError, "mask must be bool or 0/1"),
