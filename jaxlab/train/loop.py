@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -68,7 +67,7 @@ class Experiment:
     objective: objectives.Objective
     frozen: dict[str, pretrained.FrozenModel]  # the frozen models the objective reads, by name
     trainable: Any  # pytree of bools like the parameters (False: config.optim.frozen), or None
-    components: tuple[str, ...]  # data component names (batch["domain"] indices)
+    components: list[pipeline.Component]  # the data components (batch["domain"] indices)
 
     @property
     def frozen_shardings(self) -> dict[str, Any]:
@@ -146,7 +145,7 @@ def build_experiment(config) -> Experiment:
         transform_non_params=lambda _: sharding.replicated(mesh),
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding | masked),
     )
-    components = tuple(c.name for c in pipeline.build_components(config.data))
+    components = pipeline.build_components(config.data)  # read once per run
     dtypes = {"param_dtype": model_config.param_dtype, "dtype": model_config.dtype}
     frozen = {
         name: pretrained.frozen_model(spec, name, dtypes=dtypes,
@@ -163,7 +162,7 @@ def build_experiment(config) -> Experiment:
     context = objectives.ObjectiveContext(
         config=config, graphdef=graphdef, frozen={n: f.graphdef for n, f in frozen.items()},
         model_config=model_config, frozen_configs={n: f.model_config for n, f in frozen.items()},
-        params=pure_params, schedule=schedule, components=components,
+        params=pure_params, schedule=schedule, components=tuple(c.name for c in components),
         trainable=trainable)  # fmt: skip
     objective = objectives.get_objective(config.objective.name).build(context)
     abstract_objective = jax.eval_shape(objective.init)
@@ -409,9 +408,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     """
     exp = build_experiment(config)
     os.makedirs(workdir, exist_ok=True)
-    # One trainer per workdir (process 0 writes metrics and checkpoints for all processes).
-    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else nullcontext()
-    with lock:
+    with workdir_lib.hold(workdir):  # one trainer per workdir
         return _train_and_evaluate(exp, workdir, stop_at)
 
 
@@ -423,7 +420,7 @@ def _check_resume(workdir: str, config_json: dict, allowed) -> Callable[[int, di
                 f"{workdir}: the config differs from the one stored with checkpoint {step} in "
                 f"{'; '.join(changes)}. Resuming would mix two runs; to change these fields "
                 f"deliberately, list them in config.allow_changes (e.g. "
-                f"--config.allow_changes=num_steps), or use a new workdir"
+                f"--config.allow_changes=num_steps,optim.learning_rate), or use a new workdir"
             )
 
     return check
@@ -432,7 +429,7 @@ def _check_resume(workdir: str, config_json: dict, allowed) -> Callable[[int, di
 def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> dict[str, Any]:
     config = exp.config
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    components = pipeline.build_components(config.data)
+    components = exp.components
     objective = exp.objective
     # An objective may ask for its components to be sampled uniformly (a data mixer's weights
     # act on the gradients or the losses, not on the sampling).
@@ -460,7 +457,8 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> d
     else:
         checkpointer, start, (state, data_state, _) = workdir_lib.restore_newest_intact(
             checkpointer, workdir, lambda c, step: c.restore(step, exp.abstract_state),
-            _check_resume(workdir, config_json, tuple(config.allow_changes)))  # fmt: skip
+            _check_resume(workdir, config_json,
+                          workdir_lib.allowed_fields(config.get("allow_changes", ()))))  # fmt: skip
         data.set_state(data_state)
     summary["start_step"] = start
     metrics_writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)

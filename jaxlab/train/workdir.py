@@ -10,13 +10,14 @@ and a corrupt newest checkpoint that does not block resuming.
   seed, optimizer, objective, ...) in which a restart's config differs from the config stored with
   the checkpoint it resumes; the engine refuses such a resume unless the fields are listed in
   ``config.allow_changes`` (e.g. ``("num_steps",)`` to extend a run).
-* :func:`restore_newest_intact`: the newest checkpoint that restores; a corrupt one is moved to
-  ``WORKDIR/corrupt_checkpoints/STEP`` (never deleted), named in a one-line warning, and its
-  traceback goes to ``WORKDIR/restore_errors.log``.
+* :func:`restore_newest_intact`: the newest checkpoint that restores; newer ones that do not are
+  moved to ``WORKDIR/corrupt_checkpoints/STEP`` (never deleted) once an older one has restored,
+  named in a one-line warning, their tracebacks in ``WORKDIR/restore_errors.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -27,7 +28,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jaxlab.train.checkpoint import Checkpointer
 
@@ -43,6 +47,9 @@ FREE_FIELDS = (
     "log_every",
     "mesh",
     "logical_axis_rules",
+    "model.remat",  # recomputation and kernels: the same function, computed differently
+    "model.attention_impl",
+    "model.scan_impl",
     "allow_changes",
     "init_from",  # read only by a fresh start
     "init_from_mode",
@@ -58,8 +65,28 @@ class ConfigChangedError(ValueError):
     """A resume whose config differs from the run's stored config in fields that matter."""
 
 
-class NoIntactCheckpointError(RuntimeError):
-    """Every checkpoint in the workdir failed to restore."""
+@contextlib.contextmanager
+def hold(workdir: str):
+    """The workdir lock for a run of any number of processes: process 0 takes it and tells the
+    others, so every process of a second launch stops before touching the workdir."""
+    lock = WorkdirLock(workdir)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.__enter__()
+        except WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if int(failed) and error is None:
+            error = WorkdirLockedError(f"{lock.path} is held by a running trainer (seen by "
+                                       f"process 0 of this run)")  # fmt: skip
+    if error is not None:
+        raise error
+    try:
+        yield lock
+    finally:
+        lock.__exit__()
 
 
 class WorkdirLock:
@@ -109,17 +136,26 @@ def _normalise(value):
     return json.loads(json.dumps(value))  # tuples and lists compare equal, as JSON stores them
 
 
+def allowed_fields(value) -> tuple[str, ...]:
+    """``config.allow_changes`` as field names, splitting entries on commas
+    (``--config.allow_changes=num_steps,seq_len`` gives ``("num_steps,seq_len",)``)."""
+    entries = [value] if isinstance(value, str) else list(value)
+    return tuple(n.strip() for entry in entries for n in str(entry).split(",") if n.strip())
+
+
 def config_changes(stored: dict, current: dict, allowed: Sequence[str] = ()) -> list[str]:
     """``"field: stored -> current"`` for every field that differs, other than
-    :data:`FREE_FIELDS` and the ``allowed`` dotted names (a name also allows its subfields)."""
+    :data:`FREE_FIELDS` and the ``allowed`` dotted names (a name also allows its subfields).
+    A field the stored config lacks (added to the configs after the run started) is not a
+    change."""
     free = tuple(FREE_FIELDS) + tuple(allowed)
     a, b = _flatten(_normalise(stored)), _flatten(_normalise(current))
     changes = []
     for name in sorted(set(a) | set(b)):
-        if any(name == f or name.startswith(f + ".") for f in free):
+        if any(name == f or name.startswith(f + ".") for f in free) or name not in a:
             continue
-        if a.get(name, "<absent>") != b.get(name, "<absent>"):
-            changes.append(f"{name}: {a.get(name, '<absent>')!r} -> {b.get(name, '<absent>')!r}")
+        if a[name] != b.get(name, "<absent>"):
+            changes.append(f"{name}: {a[name]!r} -> {b.get(name, '<absent>')!r}")
     return changes
 
 
@@ -132,48 +168,51 @@ def restore_newest_intact(
     """``(checkpointer, step, restored)`` from the newest checkpoint that restores.
 
     ``check_config(step, stored_config)`` may raise (a refused resume is not a corruption);
-    ``restore(checkpointer, step)`` restores the state. A checkpoint whose config or state cannot
-    be read is moved to ``WORKDIR/corrupt_checkpoints/STEP`` and the next older one is tried; the
-    returned checkpointer no longer lists it.
-
-    Raises:
-      NoIntactCheckpointError: no checkpoint restores (the message names them and the log).
+    ``restore(checkpointer, step)`` restores the state. When the newest checkpoint fails, the
+    older ones are tried; only once one of them has restored are the newer, unreadable ones moved
+    to ``WORKDIR/corrupt_checkpoints/STEP`` (never deleted), each named in a one-line warning with
+    its traceback in ``WORKDIR/restore_errors.log``. If none restores, nothing is moved and the
+    newest checkpoint's error is raised: a failure that hits every checkpoint (out of memory, an
+    unreadable filesystem) is not corruption. A multi-process run does not fall back (each
+    process would decide alone): it raises the error.
     """
     log = os.path.join(workdir, "restore_errors.log")
-    corrupt = []
-    while True:
-        steps = sorted(checkpointer.all_steps(), reverse=True)
-        if not steps:
-            raise NoIntactCheckpointError(
-                f"no checkpoint in {checkpointer.directory} restores: steps {corrupt} are "
-                f"corrupt (moved to {os.path.join(workdir, 'corrupt_checkpoints')}; tracebacks "
-                f"in {log})"
-            )
-        step = steps[0]
+    steps = sorted(checkpointer.all_steps(), reverse=True)
+    failed: list[tuple[int, BaseException]] = []
+    for step in steps:
         try:
             stored = checkpointer.restore_config(step)
-        except Exception as e:  # noqa: BLE001  (any failure to read means this one is unusable)
-            error = e
+        except Exception as e:  # noqa: BLE001  (an unreadable config: try the previous one)
+            failed.append((step, e))
         else:
             check_config(step, stored)
             try:
-                return checkpointer, step, restore(checkpointer, step)
+                restored = restore(checkpointer, step)
             except Exception as e:  # noqa: BLE001
-                error = e
+                failed.append((step, e))
+            else:
+                break
+        if jax.process_count() > 1:
+            raise failed[0][1]
+    else:
+        raise failed[0][1]
+    if not failed:
+        return checkpointer, step, restored
+    for bad, error in failed:
         with open(log, "a") as f:
-            f.write(f"checkpoint {step} in {checkpointer.directory}:\n")
+            f.write(f"checkpoint {bad} in {checkpointer.directory}:\n")
             f.write("".join(traceback.format_exception(error)) + "\n")
-        aside = os.path.join(workdir, "corrupt_checkpoints", str(step))
+        aside = os.path.join(workdir, "corrupt_checkpoints", str(bad))
         os.makedirs(os.path.dirname(aside), exist_ok=True)
         if os.path.exists(aside):
             aside += "-" + datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-        shutil.move(checkpointer.path(step), aside)
-        cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        shutil.move(checkpointer.path(bad), aside)
+        lines = str(error).strip().splitlines()
         logging.warning(
-            "checkpoint %d is corrupt (%s: %s); moved to %s, trying the previous one; the "
-            "traceback is in %s", step, type(error).__name__, cause, aside, log
+            "checkpoint %d does not restore (%s: %s); moved to %s and resumed from checkpoint "
+            "%d; the traceback is in %s", bad, type(error).__name__,
+            lines[0][:300] if lines else "", aside, step, log,
         )  # fmt: skip
-        corrupt.append(step)
-        directory, keep = checkpointer.directory, checkpointer.keep
-        checkpointer.close()
-        checkpointer = Checkpointer(directory, keep=keep)
+    directory, keep = checkpointer.directory, checkpointer.keep
+    checkpointer.close()
+    return Checkpointer(directory, keep=keep), step, restored

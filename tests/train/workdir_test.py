@@ -78,7 +78,7 @@ def test_a_changed_config_is_refused_naming_the_fields_and_allowed_by_override(t
     longer = tiny_config(num_steps=12, eval_every=6, checkpoint_every=6)
     with pytest.raises(workdir.ConfigChangedError, match="num_steps: 8 -> 12"):
         loop.train_and_evaluate(longer, str(tmp_path))
-    longer.allow_changes = ("num_steps",)
+    longer.allow_changes = ("num_steps,optim.warmup_steps",)  # what the command line gives
     resumed = loop.train_and_evaluate(longer, str(tmp_path))
     assert resumed["start_step"] == 4 and resumed["step"] == 12
     history = [json.loads(line) for line in open(tmp_path / "config_history.jsonl")]
@@ -124,3 +124,30 @@ def test_a_failed_save_is_one_line_naming_the_cause_and_the_last_good_checkpoint
     assert "the last good checkpoint is step 4" in message and "\n" not in message
     assert error.value.__cause__ is None and error.value.__suppress_context__
     assert "No space left" in (tmp_path / "checkpoint_errors.log").read_text()
+
+
+def test_a_failure_every_checkpoint_shares_moves_nothing(tmp_path, monkeypatch):
+    """Out of memory (or an unreadable filesystem) hits every checkpoint alike: that is not
+    corruption, so no checkpoint is moved aside and the error surfaces."""
+    loop.train_and_evaluate(tiny_config(), str(tmp_path))  # checkpoints 4 and 8
+
+    def out_of_memory(self, step, abstract):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 80 GiB")
+
+    monkeypatch.setattr(Checkpointer, "restore", out_of_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        loop.train_and_evaluate(tiny_config(num_steps=8), str(tmp_path))
+    monkeypatch.undo()
+    assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [4, 8]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_config_changes_ignore_new_fields_and_free_ones():
+    stored = {"seq_len": 32, "model": {"remat": False, "hidden_size": 8}, "mesh": {"data": 1}}
+    current = {"seq_len": 32, "model": {"remat": True, "hidden_size": 8, "new_field": 1},
+               "mesh": {"data": 8}, "added_later": {"x": 1}}  # fmt: skip
+    assert workdir.config_changes(stored, current) == []
+    current["model"]["hidden_size"] = 16
+    assert workdir.config_changes(stored, current) == ["model.hidden_size: 8 -> 16"]
+    assert workdir.config_changes(stored, current, workdir.allowed_fields("model")) == []
+    assert workdir.allowed_fields(" num_steps, seq_len ") == ("num_steps", "seq_len")
