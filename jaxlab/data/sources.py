@@ -11,6 +11,10 @@
 Every source is a :class:`Documents` (``len`` and integer indexing), which grain's
 ``MapDataset.source`` accepts directly.
 
+Text files (:func:`text_files`, :func:`embedded_corpus`) are read as Python's text mode reads
+them: ``\\r\\n`` and a lone ``\\r`` become ``\\n`` (universal newlines), so a corpus with Windows
+or old Mac line endings gives the same documents as ``open(path, encoding="utf-8").read()``.
+
 Bad text is refused when a source is built, not later in the training loop: text files must be
 UTF-8 (an error names the file, line, column and byte offset; the embedded corpus alone replaces
 undecodable bytes with U+FFFD, since a few standard-library test files are Latin-1 or KOI8-R on
@@ -43,17 +47,26 @@ class Documents(Sequence[str]):
 
 
 def decode_utf8(data: bytes, where: str) -> str:
-    """``data`` decoded as UTF-8, or a ValueError naming ``where`` and the first bad byte's line,
-    column and byte offset (all counted in ``data``)."""
+    """``data`` decoded as UTF-8 (newlines kept as they are), or a ValueError naming ``where``
+    and the first bad byte's line, column and byte offset, all counted in the raw ``data``
+    (lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r``, as in text mode; the column counts bytes
+    from the start of the line, from 1)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        before = data[: e.start]
+        line = before.replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+        column = e.start - (max(before.rfind(b"\n"), before.rfind(b"\r")) + 1) + 1
         raise ValueError(
             f"{where}: not valid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column "
             f"{column} (byte offset {e.start}): {e.reason}; expected UTF-8 text"
         ) from None
+
+
+def universal_newlines(text: str) -> str:
+    """``text`` with ``\\r\\n`` and then each lone ``\\r`` turned into ``\\n``, as Python's text
+    mode (``newline=None``) reads a file."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def check_text(text: str, where: str, field: str | None = None) -> str:
@@ -82,7 +95,11 @@ class FileDocuments(Documents):
       paths: the files.
       name: the source's name.
       errors: ``"strict"``: a file that is not UTF-8 raises a ValueError naming it, the line,
-        column and byte offset; ``"replace"``: undecodable bytes become U+FFFD.
+        column and byte offset (counted in the file's bytes); ``"replace"``: undecodable bytes
+        become U+FFFD.
+
+    Either way newlines are normalised as in text mode (``\\r\\n`` and lone ``\\r`` become
+    ``\\n``), after decoding.
     """
 
     def __init__(self, paths: Sequence[str], name: str, errors: str = "strict"):
@@ -102,8 +119,8 @@ class FileDocuments(Documents):
         with open(path, "rb") as f:
             data = f.read()
         if self.errors == "replace":
-            return data.decode("utf-8", errors="replace")
-        return decode_utf8(data, path)
+            return universal_newlines(data.decode("utf-8", errors="replace"))
+        return universal_newlines(decode_utf8(data, path))
 
     def check(self) -> None:
         """Reads every file once; raises as indexing would (strict: on the first non-UTF-8)."""

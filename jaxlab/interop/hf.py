@@ -8,12 +8,15 @@ paths without ``..``; symlinks such as those of the Hugging Face cache are follo
 must be floating point (F64/F32/F16/BF16) and finite; ``config.json`` fields are checked for type
 and range, and every error names the file and the field or tensor.
 
-``save_hf_llama`` into a directory that already holds a checkpoint replaces its weights: the new
-files are written first (each through a temporary file and a rename), then the weight files of
-the old checkpoint that the new one does not use are removed (``model.safetensors``,
-``model.safetensors.index.json``, the files that index lists and
-``model-NNNNN-of-NNNNN.safetensors`` shards), so the directory always holds a complete checkpoint
-and then exactly the new one. Other files (tokenizer, README, ...) are left alone.
+``save_hf_llama`` into a directory that already holds a checkpoint replaces it so that, at every
+instant, a loader finds the complete old checkpoint, no loadable checkpoint, or the complete new
+one, never new weights mixed with old ones or a config that does not match the weights: the old
+entry points (index, then ``model.safetensors``) are removed first, then ``config.json`` and the
+weight files are written (each through a temporary file and a rename), the index last, and
+finally the old checkpoint's leftover shards are removed (only the files its index listed inside
+the directory and ``model-NNNNN-of-NNNNN.safetensors`` shards). A save interrupted part way can
+therefore leave no loadable checkpoint (save again), but never a wrong one. Other files
+(tokenizer, README, ...) are left alone.
 
 Rotary layout: Hugging Face stores q/k projections permuted for the half-split rotation
 (dimension ``i`` pairs with ``i + head_dim/2``); jaxlab rotates in that same layout, so the
@@ -544,13 +547,24 @@ def save_hf_llama(
 ) -> None:
     """Writes ``model`` as a Hugging Face checkpoint directory that ``transformers`` loads.
 
-    A directory that already holds a checkpoint gets the new weights in place of the old: the
-    new weight files (and index) are written first, each through a temporary file and a rename,
-    then the old checkpoint's weight files that the new one does not use are removed
-    (``model.safetensors``, ``model.safetensors.index.json``, the files the old index listed and
-    ``model-NNNNN-of-NNNNN.safetensors`` shards). A crash therefore never leaves the directory
-    without a complete checkpoint, and a finished save leaves exactly the new one (what
-    :func:`load_hf_llama` and ``transformers`` then load). No other file is touched.
+    A directory that already holds a checkpoint gets the new one in its place, in an order that
+    keeps every intermediate state either the complete old checkpoint, no loadable checkpoint,
+    or the complete new one (for :func:`load_hf_llama` and ``transformers`` alike):
+
+    1. the old entry points are removed: ``model.safetensors.index.json``, then
+       ``model.safetensors`` (from here on nothing loads);
+    2. ``config.json`` is written;
+    3. the weight files are written, each through a temporary file and a rename (new shards are
+       unreachable while there is no index; for a single-file save, the rename of
+       ``model.safetensors`` is the moment the new checkpoint appears);
+    4. a sharded save writes its index last (the moment the new checkpoint appears);
+    5. the old checkpoint's shards that were not rewritten are removed: only files its index
+       listed inside the directory and ``model-NNNNN-of-NNNNN.safetensors`` shards.
+
+    A save interrupted part way (Ctrl-C, a killed process) can thus leave the directory without
+    a loadable checkpoint (save again), but never with new and old weights mixed or a config
+    that does not match the weights. Exported files get the usual ``0o666 & ~umask`` mode. No
+    other file is touched.
 
     Args:
       model: a jaxlab :class:`Transformer`.
@@ -587,6 +601,15 @@ def save_hf_llama(
         shards[-1][key] = value
         size += value.nbytes
     metadata = {"format": "pt"}
+    # 1. Entry points of the old checkpoint first (index before model.safetensors, as the
+    # latter would otherwise still win over it): from here on nothing loads until the commit.
+    for name in (INDEX_FILE, SINGLE_FILE):
+        if name in stale:
+            _remove(path, name)
+    # 2. The config, with no weights beside it yet.
+    _atomic_write(path, "config.json", lambda f: _dump_json(hf_config, f))
+    # 3-4. The weights; the rename of model.safetensors or of the index (written last, after
+    # every shard it lists) is the commit point.
     if len(shards) == 1:
         _atomic_write(path, SINGLE_FILE, lambda f: save_file(shards[0], f, metadata=metadata))
         written = {SINGLE_FILE}
@@ -600,14 +623,16 @@ def save_hf_llama(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(path, INDEX_FILE, lambda f: _dump_json(index, f))
         written = {INDEX_FILE, *weight_map.values()}
-    _atomic_write(path, "config.json", lambda f: _dump_json(hf_config, f))
-    # The old index goes before the shards it lists, so no moment has an index without its files
-    # (and a single new file is already preferred over any old index, as by transformers).
-    for name in sorted(stale - written, key=lambda n: n != INDEX_FILE):
-        try:
-            os.remove(os.path.join(path, name))
-        except FileNotFoundError:
-            pass
+    # 5. Leftover shards of the old checkpoint, unreachable since step 1.
+    for name in sorted(stale - written - {INDEX_FILE, SINGLE_FILE}):
+        _remove(path, name)
+
+
+def _remove(directory: str, name: str) -> None:
+    try:
+        os.remove(os.path.join(directory, name))
+    except FileNotFoundError:
+        pass
 
 
 def _own_weight_files(path: str) -> set[str]:
@@ -638,13 +663,22 @@ def _dump_json(value: Any, file: str) -> None:
 
 def _atomic_write(directory: str, name: str, write: Callable[[str], None]) -> None:
     """``write(temporary_file)`` then rename it to ``directory/name``: readers see the old file
-    or the complete new one, never a partial one."""
+    or the complete new one, never a partial one. The file gets the mode a plain ``open`` would
+    give it (``0o666 & ~umask``), not ``mkstemp``'s owner-only 0600."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, os.path.join(directory, name))
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

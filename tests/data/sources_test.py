@@ -107,3 +107,87 @@ def test_invalid_utf8_text_file_names_the_file_line_and_offset(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"\xc3")
     with pytest.raises(ValueError, match=r"b.txt: not valid UTF-8: byte 0xc3 at line 1, column 1"):
         docs[1]
+
+
+# Newlines are read as text mode reads them (universal newlines), in every read path.
+
+NEWLINE_FILES = {
+    "crlf_cr.txt": b"a\r\nb\rc\n",
+    "windows.txt": b"line one\r\nline two\r\n",
+    "old_mac.txt": b"x\ry\r",
+    "mixed.txt": b"\r\r\n\n\r\n\r",
+    "split_pair.txt": b"ends with cr\r",
+    "plain.txt": b"no carriage return\n",
+}
+
+
+def test_text_files_read_newlines_as_text_mode_does(tmp_path):
+    for name, data in NEWLINE_FILES.items():
+        (tmp_path / name).write_bytes(data)
+    docs = sources.text_files(str(tmp_path / "*.txt"), validation_fraction=0.0)
+    assert len(docs) == len(NEWLINE_FILES)
+    for path, doc in zip(docs.paths, docs, strict=True):
+        assert doc == open(path, encoding="utf-8").read(), path
+        assert "\r" not in doc
+    assert docs[docs.paths.index(str(tmp_path / "crlf_cr.txt"))] == "a\nb\nc\n"
+
+
+def test_replace_mode_reads_newlines_as_text_mode_does(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    contents = {
+        "pkg/latin1.py": b"# caf\xe9\r\nx = 1\ry = 2\r\n",
+        "pkg/crlf.py": b"a = 1\r\nb = 2\r\n",
+        "solo.py": b"\r\n\xff\r",
+    }
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    corpus = sources.embedded_corpus(root=str(tmp_path), validation_fraction=0.0)
+    paths = [p for d in corpus.values() for p in d.paths]
+    assert len(paths) == len(contents)
+    for docs in corpus.values():
+        for path, doc in zip(docs.paths, docs, strict=True):
+            assert doc == open(path, encoding="utf-8", errors="replace").read(), path
+    direct = sources.FileDocuments(paths, "direct", errors="replace")
+    assert [direct[i] for i in range(len(paths))] == [
+        open(p, encoding="utf-8", errors="replace").read() for p in paths
+    ]
+
+
+def test_embedded_corpus_files_with_carriage_returns_read_as_in_text_mode():
+    checked = []
+    for split in sources.SPLITS:
+        for docs in sources.embedded_corpus(split).values():
+            for i, path in enumerate(docs.paths):
+                with open(path, "rb") as f:
+                    if b"\r" not in f.read():
+                        continue
+                assert docs[i] == open(path, encoding="utf-8", errors="replace").read(), path
+                checked.append(path)
+    if not checked:  # CPython 3.11 has two (lib2to3/tests/data/crlf.py, a tokenizer test)
+        pytest.skip("no standard-library file with a carriage return in this build")
+
+
+@pytest.mark.parametrize(
+    "data, line, column, offset",
+    [
+        (b"one\r\ntwo\r\nthr\xffee\r\n", 3, 4, 13),
+        (b"one\rtwo\rthr\xffee\r", 3, 4, 11),
+        (b"one\r\n\rthr\xffee", 3, 4, 9),
+        (b"one\r\xff", 2, 1, 4),
+    ],
+)
+def test_utf8_errors_count_lines_as_text_mode_and_bytes_in_the_file(tmp_path, data, line,
+                                                                     column, offset):  # fmt: skip
+    path = tmp_path / "bad.txt"
+    path.write_bytes(data)
+    assert data[offset] == 0xFF
+    assert (
+        open(path, encoding="utf-8", errors="replace").read().split("\n")[line - 1][column - 1]
+        == "\ufffd"
+    )
+    message = (
+        rf"bad.txt: not valid UTF-8: byte 0xff at line {line}, column {column} "
+        rf"\(byte offset {offset}\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        sources.text_files(str(tmp_path / "*.txt"), validation_fraction=0.0)

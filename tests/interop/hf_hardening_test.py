@@ -1,6 +1,7 @@
 """Hugging Face import/export against hostile or stale directories: stale weight files after a
-re-export, non-float and non-finite tensors, malformed config.json / index files, index entries
-outside the checkpoint, and dtype arguments given as JAX/NumPy types."""
+re-export, a re-export interrupted at every step (old, none or new checkpoint, never a mix),
+exported file modes, non-float and non-finite tensors, malformed config.json / index files,
+index entries outside the checkpoint, and dtype arguments given as JAX/NumPy types."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import jaxlab.interop.hf as hf_module
 from jaxlab.interop.hf import (
     CheckpointError,
     config_from_hf,
@@ -372,3 +374,157 @@ def test_save_takes_jnp_and_numpy_dtypes(two_models, tmp_path):
                                          r"'jax.numpy.int32'> \(int32\)"):  # fmt: skip
         save_hf_llama(model, str(tmp_path / "bad"), dtype=jnp.int32)
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# An interrupted re-export leaves the old checkpoint, none, or the new one: never a mix.
+
+
+class _Interrupted(BaseException):
+    """Stands for Ctrl-C / a killed process part way through a save."""
+
+
+@pytest.fixture(scope="module")
+def old_and_new(two_models, tmp_path_factory):
+    """The two models, the new one with another config (rope_theta) as well as other weights,
+    and the reference (config, params, transformers logits) of each checkpoint."""
+    (_, old), (_, new) = two_models
+    refs = []
+    for name, model, theta in (("old", old, None), ("new", new, 12345.0)):
+        path = tmp_path_factory.mktemp(f"reference_{name}")
+        save_hf_llama(model, str(path))
+        if theta is not None:
+            config = json.loads((path / "config.json").read_text())
+            config["rope_theta"] = config["rope_parameters"]["rope_theta"] = theta
+            (path / "config.json").write_text(json.dumps(config))
+            model = load_hf_llama(str(path))
+        config, pure = read_hf_llama(str(path))
+        refs.append((model, (config, jax.tree.leaves(pure), _transformers(path))))
+    assert refs[0][1][0] != refs[1][1][0]  # the configs differ, not only the weights
+    return refs
+
+
+def _what_loads(path, old_ref, new_ref):
+    """'old', 'new' or 'none' for both loaders; fails on anything else (a mix)."""
+    try:
+        config, pure = read_hf_llama(str(path))
+    except CheckpointError:
+        ours = "none"
+    else:
+        leaves = jax.tree.leaves(pure)
+        matches = [
+            name
+            for name, (ref_config, ref_leaves, _) in (("old", old_ref), ("new", new_ref))
+            if config == ref_config
+            and all(np.array_equal(a, b) for a, b in zip(leaves, ref_leaves, strict=True))
+        ]
+        assert len(matches) == 1, "load_hf_llama returned neither the old nor the new checkpoint"
+        ours = matches[0]
+    try:
+        logits = _transformers(path)
+    except (OSError, ValueError):
+        theirs = "none"
+    else:
+        matches = [
+            name
+            for name, (_, _, ref_logits) in (("old", old_ref), ("new", new_ref))
+            if np.allclose(logits, ref_logits, atol=1e-6)
+        ]
+        assert len(matches) == 1, "transformers loaded neither the old nor the new checkpoint"
+        theirs = matches[0]
+    assert ours == theirs, (ours, theirs)
+    return ours
+
+
+def _interrupt_at(monkeypatch, step):
+    """Makes the next save stop before its ``step``-th file operation (a write or a removal),
+    leaving a half-written temporary file when it stops in a write as a killed process would.
+    Returns the list of operations done, so a save without a crash counts them."""
+    done = []
+    real_write, real_remove = hf_module._atomic_write, hf_module._remove
+
+    def write(directory, name, contents):
+        if len(done) == step:
+            with open(os.path.join(directory, f".{name}.killed.tmp"), "wb") as f:
+                f.write(b"partial")
+            raise _Interrupted
+        done.append(("write", name))
+        real_write(directory, name, contents)
+
+    def remove(directory, name):
+        if len(done) == step:
+            raise _Interrupted
+        done.append(("remove", name))
+        real_remove(directory, name)
+
+    monkeypatch.setattr(hf_module, "_atomic_write", write)
+    monkeypatch.setattr(hf_module, "_remove", remove)
+    return done
+
+
+@pytest.mark.parametrize(
+    "old_shard, new_shard",
+    [
+        (SHARD_BYTES, SHARD_BYTES),  # same sharding: shards replaced one by one
+        (None, SHARD_BYTES),  # single file -> sharded
+        (SHARD_BYTES, None),  # sharded -> single file
+        (SHARD_BYTES // 2, SHARD_BYTES),  # more shards -> fewer
+        (None, None),  # single file -> single file
+    ],
+    ids=["same-sharding", "single-to-sharded", "sharded-to-single", "fewer-shards", "single"],
+)
+def test_interrupted_save_never_leaves_a_mix(old_and_new, tmp_path, monkeypatch,
+                                             old_shard, new_shard):  # fmt: skip
+    (old, old_ref), (new, new_ref) = old_and_new
+    old_kwargs = {} if old_shard is None else {"max_shard_bytes": old_shard}
+    new_kwargs = {} if new_shard is None else {"max_shard_bytes": new_shard}
+
+    def fresh(name):
+        path = tmp_path / name
+        save_hf_llama(old, str(path), **old_kwargs)
+        (path / "tokenizer.json").write_text("{}")
+        assert _what_loads(path, old_ref, new_ref) == "old"
+        return path
+
+    full = fresh("full")
+    with monkeypatch.context() as m:  # count the steps of an uninterrupted save
+        steps = _interrupt_at(m, -1)
+        save_hf_llama(new, str(full), **new_kwargs)
+    if old_shard is not None and new_shard is not None:
+        assert sum(kind == "write" for kind, _ in steps) > 3  # several shards
+    seen = []
+    for k in range(len(steps) + 1):
+        path = fresh(f"crash{k}")
+        with monkeypatch.context() as m:
+            _interrupt_at(m, k)
+            if k < len(steps):
+                with pytest.raises(_Interrupted):
+                    save_hf_llama(new, str(path), **new_kwargs)
+            else:
+                save_hf_llama(new, str(path), **new_kwargs)
+        seen.append(_what_loads(path, old_ref, new_ref))
+        assert (path / "tokenizer.json").read_text() == "{}"
+        save_hf_llama(new, str(path), **new_kwargs)  # saving again recovers
+        assert _what_loads(path, old_ref, new_ref) == "new"
+        assert _weight_files(path) == _weight_files(full)
+    # old until the first removal, none in between, new from the commit point on
+    assert seen[0] == "old" and seen[-1] == "new", seen
+    first_new = seen.index("new")
+    assert set(seen[1:first_new]) <= {"none"} and set(seen[first_new:]) == {"new"}, seen
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+@pytest.mark.parametrize("max_shard_bytes", [None, SHARD_BYTES])
+def test_exported_files_get_the_umask_mode(two_models, tmp_path, umask, max_shard_bytes):
+    (_, model), _ = two_models
+    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    previous = os.umask(umask)
+    try:
+        save_hf_llama(model, str(tmp_path), **kwargs)
+        save_hf_llama(model, str(tmp_path), **kwargs)  # over an existing checkpoint as well
+    finally:
+        os.umask(previous)
+    names = os.listdir(tmp_path)
+    assert "config.json" in names and len(names) >= 2
+    for name in names:
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
