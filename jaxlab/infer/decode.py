@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlab import models
-from jaxlab.infer.sampling import SamplingConfig, sample_with_logprobs
+from jaxlab.infer.sampling import SamplingConfig, check_token_ids, sample_with_logprobs
 from jaxlab.models.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
@@ -124,13 +124,7 @@ def _check_prompts(model, prompts) -> np.ndarray:
             f"generate: prompts must hold at least one prompt of at least one token, got shape "
             f"{ids.shape}"
         )
-    vocab = model.config.vocab_size
-    if ids.min() < 0 or ids.max() >= vocab:
-        bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab))[0])
-        raise ValueError(
-            f"generate: prompt token ids must lie in [0, {vocab}) (the model's vocab_size), got "
-            f"prompts{list(bad)} = {ids[bad]} (min {ids.min()}, max {ids.max()})"
-        )
+    check_token_ids(ids, model.config.vocab_size, "generate: prompt token", "prompts")
     return ids.astype(np.int32)
 
 

@@ -8,6 +8,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NEG_INF = -jnp.inf
 
@@ -143,3 +144,15 @@ def sample_with_logprobs(
 
 def _gather(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+
+
+def check_token_ids(ids: np.ndarray, vocab: int, what: str, array_name: str) -> None:
+    """Raises unless every id of the integer array ``ids`` lies in ``[0, vocab)`` (checked before
+    any cast, so huge ids cannot wrap), naming ``what`` and the first offending
+    ``array_name[position]``."""
+    if ids.min() < 0 or ids.max() >= vocab:
+        bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab))[0])
+        raise ValueError(
+            f"{what} ids must lie in [0, {vocab}) (the model's vocab_size), got "
+            f"{array_name}{list(bad)} = {ids[bad]} (min {ids.min()}, max {ids.max()})"
+        )

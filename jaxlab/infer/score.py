@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab.infer.sampling import check_token_ids
+
 
 def token_logprobs(model: nnx.Module, tokens: jax.Array) -> jax.Array:
     """Per-token log-probabilities of ``tokens`` given their prefixes.
@@ -76,13 +78,7 @@ def _check_tokens(fn: str, model: nnx.Module, tokens) -> np.ndarray:
             f"{fn}: tokens must have seq >= 2 (the first token is never scored), got shape "
             f"{array.shape}"
         )
-    vocab = model.config.vocab_size
-    if array.min() < 0 or array.max() >= vocab:
-        bad = tuple(int(i) for i in np.argwhere((array < 0) | (array >= vocab))[0])
-        raise ValueError(
-            f"{fn}: token ids must lie in [0, {vocab}) (the model's vocab_size), got "
-            f"tokens{list(bad)} = {array[bad]} (min {array.min()}, max {array.max()})"
-        )
+    check_token_ids(array, model.config.vocab_size, f"{fn}: token", "tokens")
     max_len = getattr(model.config, "max_seq_len", None)
     if max_len is not None and array.shape[1] > max_len:
         raise ValueError(

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from jaxlab.optim import ademamix, alpha_schedule, beta3_schedule
-from tests.optim.ademamix_test import numpy_ademamix
+from tests.optim.ademamix_test import _run, numpy_ademamix
 
 STEPS = 100
 
@@ -28,16 +28,6 @@ def _tree(rng, dtype):
 def _problem(seed, dtype=np.float64):
     rng = np.random.default_rng(seed)
     return _tree(rng, dtype), [_tree(rng, dtype) for _ in range(STEPS)]
-
-
-def _run(tx, params, grads):
-    params = jax.tree.map(jnp.asarray, params)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    for g in grads:
-        updates, state = update(jax.tree.map(jnp.asarray, g), state, params)
-        params = optax.apply_updates(params, updates)
-    return params, state
 
 
 def _max_diff(a, b):
