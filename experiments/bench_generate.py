@@ -48,7 +48,7 @@ FULL = dict(
         num_layers=4,
         num_heads=4,
         num_kv_heads=4,
-    ),  # fmt: skip
+    ),
     batch=2,
     prompt_len=256,
     new_tokens=32,
@@ -62,7 +62,7 @@ QUICK = dict(
         num_layers=2,
         num_heads=4,
         num_kv_heads=4,
-    ),  # fmt: skip
+    ),
     batch=2,
     prompt_len=32,
     new_tokens=8,
@@ -78,11 +78,15 @@ def main(argv):
     env = environment()
     busy = env["cpu_busy_before_run"]
     if busy is not None and busy > 0.2:
-        print(f"WARNING: the CPUs were {busy:.0%} busy in the second before the run: another "
-              "process is using them and the timings will be distorted.")  # fmt: skip
+        print(
+            f"WARNING: the CPUs were {busy:.0%} busy in the second before the run: another "
+            "process is using them and the timings will be distorted."
+        )
     quick = " (quick)" if _QUICK.value else ""
-    print(f"jax {env['jax']} backend {env['jax_backend']} ({len(env['jax_devices'])} device(s)); "
-          f"cpu_count {env['cpu_count']}; repeats {repeats}{quick}")  # fmt: skip
+    print(
+        f"jax {env['jax']} backend {env['jax_backend']} ({len(env['jax_devices'])} device(s)); "
+        f"cpu_count {env['cpu_count']}; repeats {repeats}{quick}"
+    )
 
     batch, prompt_len, new_tokens = setup["batch"], setup["prompt_len"], setup["new_tokens"]
     config = TransformerConfig(**setup["model"], max_seq_len=prompt_len + new_tokens)
@@ -111,8 +115,9 @@ def main(argv):
             times, out = time_calls(fn, repeats, warmup=0)
             if out.tokens.shape != (batch * n, new_tokens):
                 raise RuntimeError(f"{name} n={n}: tokens have shape {out.tokens.shape}")
-            measured[name] = dict(times_s=times, median_s=statistics.median(times),
-                                  first_call_s=first_s)  # fmt: skip
+            measured[name] = dict(
+                times_s=times, median_s=statistics.median(times), first_call_s=first_s
+            )
         generated = batch * n * new_tokens
         one, rep = measured["one_prefill"]["median_s"], measured["repeated"]["median_s"]
         row = dict(
@@ -126,22 +131,29 @@ def main(argv):
             ratio=rep / one,
         )
         rows.append(row)
-        print(f"  n={n}: one prefill {generated / one:,.0f} tok/s ({one * 1e3:.0f} ms), "
-              f"repeated prompts {generated / rep:,.0f} tok/s ({rep * 1e3:.0f} ms), "
-              f"ratio {rep / one:.2f}", flush=True)  # fmt: skip
+        print(
+            f"  n={n}: one prefill {generated / one:,.0f} tok/s ({one * 1e3:.0f} ms), "
+            f"repeated prompts {generated / rep:,.0f} tok/s ({rep * 1e3:.0f} ms), "
+            f"ratio {rep / one:.2f}",
+            flush=True,
+        )
 
     print()
     m = setup["model"]
-    print(f"Llama {m['num_layers']}x{m['hidden_size']}, vocab {m['vocab_size']}, float32; "
-          f"{batch} prompts x {prompt_len} tokens, {new_tokens} new tokens per sample, "
-          f"temperature 1; tok/s = generated tokens / whole generate() call, median of "
-          f"{repeats}.")  # fmt: skip
+    print(
+        f"Llama {m['num_layers']}x{m['hidden_size']}, vocab {m['vocab_size']}, float32; "
+        f"{batch} prompts x {prompt_len} tokens, {new_tokens} new tokens per sample, "
+        f"temperature 1; tok/s = generated tokens / whole generate() call, median of "
+        f"{repeats}."
+    )
     print()
     print("| num_samples | rows | one prefill tok/s | repeated prompts tok/s | ratio |")
     print("|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['num_samples']} | {row['rows']} | {row['one_prefill_tok_s']:,.0f} | "
-              f"{row['repeated_tok_s']:,.0f} | {row['ratio']:.2f}x |")  # fmt: skip
+        print(
+            f"| {row['num_samples']} | {row['rows']} | {row['one_prefill_tok_s']:,.0f} | "
+            f"{row['repeated_tok_s']:,.0f} | {row['ratio']:.2f}x |"
+        )
 
     wall = time.perf_counter() - wall_start
     env["load_average_at_end"] = os.getloadavg()

@@ -89,9 +89,11 @@ def _read_npz(path: str, x_key: str, y_key: str, caller: str) -> tuple[np.ndarra
             try:
                 arrays.append(archive[key])
             except ValueError as e:  # an object array: reading it would unpickle
-                raise ValueError(f"{caller}: {path}: array {key!r} is stored as pickled "
-                                 f"objects, which are never loaded; expected a numeric "
-                                 f"array ({e})") from e  # fmt: skip
+                raise ValueError(
+                    f"{caller}: {path}: array {key!r} is stored as pickled "
+                    f"objects, which are never loaded; expected a numeric "
+                    f"array ({e})"
+                ) from e
     return arrays[0], arrays[1]
 
 
@@ -160,36 +162,48 @@ def load_cifar10(path: str, split: str = "train") -> tuple[np.ndarray, np.ndarra
     _check_split(split)
     if os.path.isfile(path):
         if not path.endswith(".npz"):
-            raise ValueError(f"load_cifar10: path must be a directory of binary batches or an "
-                             f".npz file, got the file {path!r}; use {_CIFAR_FORMATS}")  # fmt: skip
+            raise ValueError(
+                f"load_cifar10: path must be a directory of binary batches or an "
+                f".npz file, got the file {path!r}; use {_CIFAR_FORMATS}"
+            )
         key = "train" if split == "train" else "test"
         images, labels = _read_npz(path, f"x_{key}", f"y_{key}", "load_cifar10")
         if images.shape[1:] != (32, 32, 3) or images.ndim != 4:
-            raise ValueError(f"load_cifar10: {path}: x_{key} must be images [n, 32, 32, 3] "
-                             f"(height, width, channels), got shape {images.shape}")  # fmt: skip
+            raise ValueError(
+                f"load_cifar10: {path}: x_{key} must be images [n, 32, 32, 3] "
+                f"(height, width, channels), got shape {images.shape}"
+            )
         if labels.ndim == 2 and labels.shape[1] == 1:  # Keras stores labels as [n, 1]
             labels = labels[:, 0]
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"load_cifar10: {path}: y_{key} must be {images.shape[0]} integer "
-                             f"labels, got {labels.dtype} {labels.shape}")  # fmt: skip
+            raise ValueError(
+                f"load_cifar10: {path}: y_{key} must be {images.shape[0]} integer "
+                f"labels, got {labels.dtype} {labels.shape}"
+            )
         if labels.size and (labels.min() < 0 or labels.max() > 9):
-            raise ValueError(f"load_cifar10: {path}: y_{key} must be classes 0..9, got values "
-                             f"in [{labels.min()}, {labels.max()}]")  # fmt: skip
+            raise ValueError(
+                f"load_cifar10: {path}: y_{key} must be classes 0..9, got values "
+                f"in [{labels.min()}, {labels.max()}]"
+            )
         if images.dtype != np.uint8:
-            raise ValueError(f"load_cifar10: {path}: x_{key} must be uint8 pixels, got "
-                             f"{images.dtype}")  # fmt: skip
+            raise ValueError(
+                f"load_cifar10: {path}: x_{key} must be uint8 pixels, got {images.dtype}"
+            )
         return images, labels.astype(np.int32)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_cifar10: path must be a directory of binary batches or "
-                                f"an .npz file, got {path!r}")  # fmt: skip
+        raise FileNotFoundError(
+            f"load_cifar10: path must be a directory of binary batches or "
+            f"an .npz file, got {path!r}"
+        )
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
     directory = _cifar_directory(path, names)
     images, labels = [], []
     for name in names:
         file = os.path.join(directory, name)
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"load_cifar10: no {name} in {directory!r}; expected "
-                                    f"{_CIFAR_FORMATS}")  # fmt: skip
+            raise FileNotFoundError(
+                f"load_cifar10: no {name} in {directory!r}; expected {_CIFAR_FORMATS}"
+            )
         x, y = _read_cifar_binary(file)
         images.append(x)
         labels.append(y)

@@ -393,10 +393,11 @@ def _qa_options(data_config) -> dict[str, Any] | None:
     if not qa:
         return None
     if len(specs) > 1:
-        raise ValueError(f"config.data.sources: a prompt/answer source ('qa:...') must be the "
-                         f"only source, got {specs}")  # fmt: skip
-    return dict(prompts.parse_qa_spec(qa[0]),
-                validation_fraction=data_config.validation_fraction)  # fmt: skip
+        raise ValueError(
+            f"config.data.sources: a prompt/answer source ('qa:...') must be the "
+            f"only source, got {specs}"
+        )
+    return dict(prompts.parse_qa_spec(qa[0]), validation_fraction=data_config.validation_fraction)
 
 
 def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
@@ -412,9 +413,14 @@ def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: 
         from jaxlab.data import prompts
 
         try:
-            return prompts.prompt_answer_batches(tokenizer=tokenizer, seq_len=seq_len,
-                                                 batch_size=batch_size, seed=data_config.seed,
-                                                 split="train", **qa)  # fmt: skip
+            return prompts.prompt_answer_batches(
+                tokenizer=tokenizer,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                seed=data_config.seed,
+                split="train",
+                **qa,
+            )
         except ValueError as e:
             raise ValueError(
                 f"config.data.sources {list(data_config.sources)}: training records: {e}"
@@ -444,10 +450,14 @@ def eval_batches(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: in
         from jaxlab.data import prompts
 
         try:
-            return prompts.prompt_answer_eval_batches(tokenizer=tokenizer, seq_len=seq_len,
-                                                      batch_size=batch_size,
-                                                      num_batches=num_batches,
-                                                      split="validation", **qa)  # fmt: skip
+            return prompts.prompt_answer_eval_batches(
+                tokenizer=tokenizer,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                num_batches=num_batches,
+                split="validation",
+                **qa,
+            )
         except ValueError as e:
             raise ValueError(
                 f"config.data.sources {list(data_config.sources)} with "

@@ -116,8 +116,14 @@ def _field(record: Any, field: str, role: str, where: str) -> str:
     return sources.check_text(value, where, field)
 
 
-def _record(raw: Any, where: str, prompt_field: str, answer_field: str,
-            system_field: str | None, system: str | None) -> Record:  # fmt: skip
+def _record(
+    raw: Any,
+    where: str,
+    prompt_field: str,
+    answer_field: str,
+    system_field: str | None,
+    system: str | None,
+) -> Record:
     prompt = _field(raw, prompt_field, "prompt_field", where)
     answer = _field(raw, answer_field, "answer_field", where)
     if system_field is not None:
@@ -163,8 +169,12 @@ def load_records(
         sources.check_text(system, "load_records: system")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    fields = dict(prompt_field=prompt_field, answer_field=answer_field, system_field=system_field,
-                  system=system)  # fmt: skip
+    fields = dict(
+        prompt_field=prompt_field,
+        answer_field=answer_field,
+        system_field=system_field,
+        system=system,
+    )
 
     def keep(key: str) -> bool:
         return split is None or (
@@ -280,8 +290,9 @@ def encode_example(
     add_bos, add_eos = _flags(tokenizer, template, add_bos, add_eos)
     ids: list[int] = [tokenizer.bos_id] if add_bos else []
     answer: list[bool] = [False] if add_bos else []
-    for text, is_answer in segments(record.prompt, record.answer, template=template,
-                                    system=record.system):  # fmt: skip
+    for text, is_answer in segments(
+        record.prompt, record.answer, template=template, system=record.system
+    ):
         piece = tokenizer.encode(text)
         ids += piece
         answer += [is_answer] * len(piece)
@@ -375,8 +386,10 @@ class PromptAnswerIterator:
         where, tokens, answer = self._examples[k]
         window = self.seq_len + 1
         if not answer.any():
-            raise ValueError(f"{where}: the example has no answer token (an empty answer and no "
-                             "closing token); nothing to learn from it")  # fmt: skip
+            raise ValueError(
+                f"{where}: the example has no answer token (an empty answer and no "
+                "closing token); nothing to learn from it"
+            )
         first = int(np.argmax(answer))
         if first == 0:
             raise ValueError(
@@ -385,8 +398,10 @@ class PromptAnswerIterator:
             )
         fitted: tuple[np.ndarray, np.ndarray] | None = (tokens, answer)
         if len(tokens) > window:
-            described = (f"{where}: the example has {len(tokens)} tokens ({first} prompt + "
-                         f"{len(tokens) - first} answer)")  # fmt: skip
+            described = (
+                f"{where}: the example has {len(tokens)} tokens ({first} prompt + "
+                f"{len(tokens) - first} answer)"
+            )
             if self.too_long == "skip":
                 fitted = None
             elif self.too_long == "truncate" and first < window:
@@ -419,8 +434,10 @@ class PromptAnswerIterator:
             if example is None:  # too_long="skip"
                 skipped += 1
                 if skipped > self.num_records:
-                    raise ValueError(f"PromptAnswerIterator: every record is longer than "
-                                     f"seq_len + 1 = {window} tokens")  # fmt: skip
+                    raise ValueError(
+                        f"PromptAnswerIterator: every record is longer than "
+                        f"seq_len + 1 = {window} tokens"
+                    )
                 self.next_example += 1
                 continue
             ids, is_answer = example
@@ -466,8 +483,10 @@ class PromptAnswerIterator:
             if row is None:
                 if not rows:
                     if self.next_example == self.num_records and not self._placed:
-                        raise ValueError(f"PromptAnswerIterator: every record is longer than "
-                                         f"seq_len + 1 = {self.seq_len + 1} tokens")  # fmt: skip
+                        raise ValueError(
+                            f"PromptAnswerIterator: every record is longer than "
+                            f"seq_len + 1 = {self.seq_len + 1} tokens"
+                        )
                     raise StopIteration
                 row = self._empty_row()
             rows.append(row)
@@ -510,12 +529,27 @@ def prompt_answer_batches(
     ``add_bos``, ``add_eos``) and :class:`PromptAnswerIterator` (``layout``, ``seed``,
     ``too_long``). Returns an iterator with ``get_state`` / ``set_state``.
     """
-    records = load_records(path_or_records, prompt_field=prompt_field, answer_field=answer_field,
-                           system_field=system_field, system=system, split=split,
-                           validation_fraction=validation_fraction)  # fmt: skip
-    return PromptAnswerIterator(records, tokenizer, seq_len, batch_size, template=template,
-                                layout=layout, seed=seed, too_long=too_long, add_bos=add_bos,
-                                add_eos=add_eos)  # fmt: skip
+    records = load_records(
+        path_or_records,
+        prompt_field=prompt_field,
+        answer_field=answer_field,
+        system_field=system_field,
+        system=system,
+        split=split,
+        validation_fraction=validation_fraction,
+    )
+    return PromptAnswerIterator(
+        records,
+        tokenizer,
+        seq_len,
+        batch_size,
+        template=template,
+        layout=layout,
+        seed=seed,
+        too_long=too_long,
+        add_bos=add_bos,
+        add_eos=add_eos,
+    )
 
 
 def prompt_answer_eval_batches(
@@ -540,13 +574,28 @@ def prompt_answer_eval_batches(
     """Held-out batches: every record once, in file order; the last batch is filled with empty
     rows (loss mask 0). ``num_batches`` keeps only the first that many. Other arguments as
     :func:`prompt_answer_batches`."""
-    records = load_records(path_or_records, prompt_field=prompt_field, answer_field=answer_field,
-                           system_field=system_field, system=system, split=split,
-                           validation_fraction=validation_fraction)  # fmt: skip
-    iterator = PromptAnswerIterator(records, tokenizer, seq_len, batch_size, template=template,
-                                    layout=layout, shuffle=False, repeat=False,
-                                    too_long=too_long, add_bos=add_bos,
-                                    add_eos=add_eos)  # fmt: skip
+    records = load_records(
+        path_or_records,
+        prompt_field=prompt_field,
+        answer_field=answer_field,
+        system_field=system_field,
+        system=system,
+        split=split,
+        validation_fraction=validation_fraction,
+    )
+    iterator = PromptAnswerIterator(
+        records,
+        tokenizer,
+        seq_len,
+        batch_size,
+        template=template,
+        layout=layout,
+        shuffle=False,
+        repeat=False,
+        too_long=too_long,
+        add_bos=add_bos,
+        add_eos=add_eos,
+    )
     batches = []
     for batch in iterator:
         if num_batches is not None and len(batches) >= num_batches:
@@ -588,7 +637,8 @@ def parse_qa_spec(spec: str) -> dict[str, str]:
         query, keep_blank_values=True, strict_parsing=bool(query)
     ):
         if key not in _SPEC_KEYS:
-            raise ValueError(f"prompt/answer source {spec!r}: unknown key {key!r}; known: "
-                             f"{sorted(_SPEC_KEYS)}")  # fmt: skip
+            raise ValueError(
+                f"prompt/answer source {spec!r}: unknown key {key!r}; known: {sorted(_SPEC_KEYS)}"
+            )
         kwargs[_SPEC_KEYS[key]] = value
     return kwargs

@@ -282,8 +282,7 @@ def jsonl_documents(
     for path in paths:
         for where, record in jsonl_lines(path):
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{where}: expected an object with a string field "
-                                 f"{text_field!r}")  # fmt: skip
+                raise ValueError(f"{where}: expected an object with a string field {text_field!r}")
             text = check_text(record[text_field], where, text_field)
             if _is_validation(where, validation_fraction) == (split == "validation"):
                 texts.append(text)

@@ -213,8 +213,10 @@ def _read_json_object(file: Path) -> tuple[str, dict[str, Any]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{file}: not valid UTF-8: byte 0x{data[e.start]:02x} at line {line} "
-                         f"(byte offset {e.start}); expected UTF-8 JSON") from None  # fmt: skip
+        raise ValueError(
+            f"{file}: not valid UTF-8: byte 0x{data[e.start]:02x} at line {line} "
+            f"(byte offset {e.start}); expected UTF-8 JSON"
+        ) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

@@ -185,8 +185,18 @@ def _check_token_ids(name: str, value, vocab: int, source: str = "") -> tuple[in
     return tuple(int(t) for t in items)
 
 
-def _validate(model, prompts, prompt_lengths, max_new_tokens, sampling, stop_tokens, pad_id,
-              num_samples, stop_strings, tokenizer):  # fmt: skip
+def _validate(
+    model,
+    prompts,
+    prompt_lengths,
+    max_new_tokens,
+    sampling,
+    stop_tokens,
+    pad_id,
+    num_samples,
+    stop_strings,
+    tokenizer,
+):
     """Checks every argument of :func:`generate` before anything is traced.
 
     Returns:
@@ -293,9 +303,17 @@ def generate(
         )
     stop_strings = tuple(stop_strings)
     prompts, prompt_lengths, max_new_tokens, stop_tokens, pad_id, num_samples = _validate(
-        model, prompts, prompt_lengths, max_new_tokens, sampling, stop_tokens, pad_id,
-        num_samples, stop_strings, tokenizer,
-    )  # fmt: skip
+        model,
+        prompts,
+        prompt_lengths,
+        max_new_tokens,
+        sampling,
+        stop_tokens,
+        pad_id,
+        num_samples,
+        stop_strings,
+        tokenizer,
+    )
     graphdef, state = nnx.split(model)
     out = _generate(
         graphdef,
@@ -350,21 +368,37 @@ def truncate_at_stop_strings(
     if not changed:
         return out
     return GenerateOutput(
-        jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(logprobs),
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        jnp.asarray(logprobs),
         jnp.asarray(sampling_logprobs),
-    )  # fmt: skip
+    )
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "graphdef", "max_new_tokens", "sampling", "stop_tokens", "pad_id", "num_samples",
+        "graphdef",
+        "max_new_tokens",
+        "sampling",
+        "stop_tokens",
+        "pad_id",
+        "num_samples",
     ),
-)  # fmt: skip
+)
 def _generate(
-    graphdef, state, prompts, prompt_lengths, rng, *, max_new_tokens, sampling, stop_tokens, pad_id,
+    graphdef,
+    state,
+    prompts,
+    prompt_lengths,
+    rng,
+    *,
+    max_new_tokens,
+    sampling,
+    stop_tokens,
+    pad_id,
     num_samples,
-):  # fmt: skip
+):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompts.shape
     cache = models.make_cache(model.config, batch, prompt_len + max_new_tokens)

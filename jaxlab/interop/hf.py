@@ -82,8 +82,15 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _int_field(hf: dict, key: str, source: str, *, default: Any = ..., minimum: int = 1,
-               allow_none: bool = False) -> Any:  # fmt: skip
+def _int_field(
+    hf: dict,
+    key: str,
+    source: str,
+    *,
+    default: Any = ...,
+    minimum: int = 1,
+    allow_none: bool = False,
+) -> Any:
     """``hf[key]`` checked to be an int >= ``minimum`` (bools are not ints here)."""
     if key not in hf and default is not ...:
         return default
@@ -159,8 +166,10 @@ def _config_from_hf(hf: Any, source: str, overrides: dict[str, Any]) -> Transfor
     # Transformers < 5 wrote rope_theta + rope_scaling; 5.x writes rope_parameters.
     for key in ("rope_parameters", "rope_scaling"):
         if hf.get(key) is not None and not isinstance(hf[key], dict):
-            raise CheckpointError(f"{source}: {key} must be an object or null, found "
-                                  f"{_type_name(hf[key])} {hf[key]!r}")  # fmt: skip
+            raise CheckpointError(
+                f"{source}: {key} must be an object or null, found "
+                f"{_type_name(hf[key])} {hf[key]!r}"
+            )
     rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     rope = dict(hf.get(rope_key) or {})
     if "rope_theta" in rope:
@@ -378,8 +387,9 @@ def _confined(name: Any, index: str, key: str) -> str:
     checkpoint directory (no absolute path, no ``..``); symlinks inside are allowed (the Hugging
     Face cache links snapshot files to its blob store)."""
     if not isinstance(name, str) or not name:
-        raise CheckpointError(f"{index}: weight_map[{key!r}] must be a file name, found "
-                              f"{_type_name(name)} {name!r}")  # fmt: skip
+        raise CheckpointError(
+            f"{index}: weight_map[{key!r}] must be a file name, found {_type_name(name)} {name!r}"
+        )
     parts = name.replace("\\", "/").split("/")
     if os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith("/") or ".." in parts:
         raise CheckpointError(
@@ -387,8 +397,10 @@ def _confined(name: Any, index: str, key: str) -> str:
             "(expected a file name relative to it, without '..')"
         )
     if not name.endswith(".safetensors"):
-        raise CheckpointError(f"{index}: weight_map[{key!r}] = {name!r} is not a .safetensors "
-                              "file (only safetensors are read)")  # fmt: skip
+        raise CheckpointError(
+            f"{index}: weight_map[{key!r}] = {name!r} is not a .safetensors "
+            "file (only safetensors are read)"
+        )
     return name
 
 
@@ -402,8 +414,10 @@ def _read_index(index: str) -> dict[str, str]:
         )
     weight_map = contents["weight_map"]
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: weight_map must be an object (tensor -> file), found "
-                              f"{_type_name(weight_map)}")  # fmt: skip
+        raise CheckpointError(
+            f"{index}: weight_map must be an object (tensor -> file), found "
+            f"{_type_name(weight_map)}"
+        )
     return {k: _confined(v, index, k) for k, v in weight_map.items()}
 
 
@@ -455,8 +469,9 @@ def load_hf_llama(
         tensor whose shape does not fit (the message names the key and both shapes), a
         non-floating-point tensor, or non-finite values.
     """
-    config, pure = read_hf_llama(path, dtype, compute_dtype=compute_dtype,
-                                 attention_impl=attention_impl)  # fmt: skip
+    config, pure = read_hf_llama(
+        path, dtype, compute_dtype=compute_dtype, attention_impl=attention_impl
+    )
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
     return nnx.merge(graphdef, state)

@@ -115,13 +115,16 @@ def _scored(context):
         return None
     selected = jax.tree.map(lambda _: True, context.params)
     if m.selected_params:
-        selected = params_matching(context.params, m.selected_params,
-                                   "config.mixer.selected_params")  # fmt: skip
+        selected = params_matching(
+            context.params, m.selected_params, "config.mixer.selected_params"
+        )
     if trainable is not None:
         selected = jax.tree.map(lambda s, t: s and t, selected, trainable)
     if not any(jax.tree.leaves(selected)):
-        raise ValueError(f"config.mixer.selected_params {list(m.selected_params)} select only "
-                         f"frozen parameters (config.optim.frozen)")  # fmt: skip
+        raise ValueError(
+            f"config.mixer.selected_params {list(m.selected_params)} select only "
+            f"frozen parameters (config.optim.frozen)"
+        )
     return selected
 
 
@@ -174,9 +177,11 @@ def doremi_objective(context) -> objectives.Objective:
     reference = context.frozen["reference"]
     reference_vocab = context.frozen_configs["reference"].vocab_size
     if reference_vocab != context.model_config.vocab_size:
-        raise ValueError(f"config.mixer.reference_workdir: the reference model's vocab_size "
-                         f"{reference_vocab} differs from the model's "
-                         f"{context.model_config.vocab_size}")  # fmt: skip
+        raise ValueError(
+            f"config.mixer.reference_workdir: the reference model's vocab_size "
+            f"{reference_vocab} differs from the model's "
+            f"{context.model_config.vocab_size}"
+        )
     mixer = doremi(num_domains=len(train), step_size=m.step_size, smoothing=m.smoothing)
 
     def gradients(params, batch, frozen, state, rng):

@@ -124,14 +124,18 @@ class MambaConfig:
             value = getattr(self, field)
             ids = value if isinstance(value, tuple) and field == "eos_token_id" else (value,)
             if value is not None and not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise ValueError(f"MambaConfig.{field} must be a non-negative int"
-                                 f"{' or a tuple of them' if field == 'eos_token_id' else ''}"
-                                 f" or None, got {value!r}")  # fmt: skip
+                raise ValueError(
+                    f"MambaConfig.{field} must be a non-negative int"
+                    f"{' or a tuple of them' if field == 'eos_token_id' else ''}"
+                    f" or None, got {value!r}"
+                )
         if self.sliding_window is not None and (
             not isinstance(self.sliding_window, int) or self.sliding_window < 1
         ):
-            raise ValueError(f"MambaConfig.sliding_window must be an int >= 1 or None, got "
-                             f"{self.sliding_window!r}")  # fmt: skip
+            raise ValueError(
+                f"MambaConfig.sliding_window must be an int >= 1 or None, got "
+                f"{self.sliding_window!r}"
+            )
         if self.inner_size is None:
             object.__setattr__(self, "inner_size", self.expand * self.hidden_size)
         if self.dt_rank is None:
@@ -419,9 +423,18 @@ class MambaLM(nnx.Module):
             self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
                                  dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, logits_at=None,
-                 lengths=None, return_hidden: bool = False,
-                 return_attention: bool = False):  # fmt: skip
+    def __call__(
+        self,
+        tokens,
+        *,
+        positions=None,
+        segment_ids=None,
+        cache=None,
+        logits_at=None,
+        lengths=None,
+        return_hidden: bool = False,
+        return_attention: bool = False,
+    ):
         """tokens: [batch, seq]; with ``cache`` (from :func:`init_cache`) returns (logits, cache).
 
         positions: [batch, seq] (attention layers; with a cache also the KV slots written).

@@ -39,8 +39,9 @@ def _new_rows(old: jax.Array, count: int, init: str, std: float, key: jax.Array)
     return rows.astype(old.dtype)
 
 
-def resize_rows(old: jax.Array, size: int, init: str = "mean", std: float = 0.02,
-                key: jax.Array | None = None) -> jax.Array:  # fmt: skip
+def resize_rows(
+    old: jax.Array, size: int, init: str = "mean", std: float = 0.02, key: jax.Array | None = None
+) -> jax.Array:
     """``old: [vocab, width]`` cut or extended to ``[size, width]`` (new rows as
     :func:`resize_vocabulary` makes them)."""
     if size <= old.shape[0]:
@@ -89,8 +90,9 @@ def resize_vocabulary(
         or isinstance(new_vocab_size, bool)
         or (new_vocab_size < 1)
     ):
-        raise ValueError(f"resize_vocabulary: new_vocab_size must be a positive int, got "
-                         f"{new_vocab_size!r}")  # fmt: skip
+        raise ValueError(
+            f"resize_vocabulary: new_vocab_size must be a positive int, got {new_vocab_size!r}"
+        )
     if init not in INITS:
         raise ValueError(f"resize_vocabulary: init must be one of {INITS}, got {init!r}")
     if init == "normal" and rng is None:

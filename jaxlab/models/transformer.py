@@ -370,8 +370,9 @@ class Attention(nnx.Module):
             kv_segment_ids=kv_segments,
         )
         if c.sparse_attention is None:
-            mask = attention_mask(positions, kv_positions, causal=True,
-                                  sliding_window=c.sliding_window, **segments)  # fmt: skip
+            mask = attention_mask(
+                positions, kv_positions, causal=True, sliding_window=c.sliding_window, **segments
+            )
             return mask[:, None]
         mask = sparse_attention_mask(c.sparse_attention, self.layer, q, k, positions, kv_positions)
         if kv_segments is not None:
@@ -436,8 +437,9 @@ class Block(nnx.Module):
     def __call__(self, x, positions, segment_ids, cache, return_attention: bool = False):
         """x: [batch, seq, embed] -> (x', cache), and the attention probabilities
         [batch, heads, seq, kv_len] last with ``return_attention``."""
-        h, cache, *probs = self.attn(self.input_norm(x), positions, segment_ids, cache,
-                                     return_attention)  # fmt: skip
+        h, cache, *probs = self.attn(
+            self.input_norm(x), positions, segment_ids, cache, return_attention
+        )
         x = x + h
         return (x + self.mlp(self.post_attention_norm(x)), cache, *probs)
 
@@ -574,7 +576,8 @@ class Transformer(nnx.Module):
         logits = constrain(logits, ("batch", "seq", "vocab"))
         outputs = (logits,) if cache is None else (logits, tuple(new_cache))
         if collect:
-            hidden = HiddenStates(tuple(residuals), tuple(probs) if return_attention else None,
-                                  averaged)  # fmt: skip
+            hidden = HiddenStates(
+                tuple(residuals), tuple(probs) if return_attention else None, averaged
+            )
             outputs += (hidden,)
         return outputs[0] if len(outputs) == 1 else outputs

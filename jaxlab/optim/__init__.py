@@ -113,8 +113,9 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     warm-up included, at the start of every stage."""
     stages = tuple(_get(config, "stage_steps", ()) or ())
     if stages and sum(stages) != total_steps:
-        raise ValueError(f"config.optim.stage_steps {list(stages)} must sum to the run's "
-                         f"{total_steps} steps")  # fmt: skip
+        raise ValueError(
+            f"config.optim.stage_steps {list(stages)} must sum to the run's {total_steps} steps"
+        )
 
     def one(steps):
         return warmup_decay_schedule(

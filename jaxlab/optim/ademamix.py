@@ -216,8 +216,9 @@ def scale_by_ademamix(
         def leaf(g, m1, m2, nu):
             # The promoted dtype, at least float32: float32 for float32/bfloat16 gradients and
             # low-precision moments, float64 when the gradient (or a moment) is float64.
-            dtype = jnp.result_type(g.dtype, m2.dtype, nu.dtype, jnp.float32,
-                                    *(() if m1 is None else (m1.dtype,)))  # fmt: skip
+            dtype = jnp.result_type(
+                g.dtype, m2.dtype, nu.dtype, jnp.float32, *(() if m1 is None else (m1.dtype,))
+            )
             gc = g.astype(dtype)
             lb1, lb2, lb3, lalpha = (_in(x, dtype) for x in (b1, b2, c_b3, c_alpha))
             m1_correction, nu_correction = bias_corrections(dtype)

@@ -65,8 +65,7 @@ def warmup_decay_schedule(
     return optax.join_schedules([warm, after], [warmup_steps])
 
 
-def _stable_decay(peak: float, final: float, span: int, cooldown: int, fraction: float,
-                  shape: str):  # fmt: skip
+def _stable_decay(peak: float, final: float, span: int, cooldown: int, fraction: float, shape: str):
     """``span`` steps after the warm-up: flat at ``peak``, then the last ``cooldown`` decay."""
     if shape not in WSD_SHAPES:
         raise ValueError(f"schedule wsd_shape must be one of {WSD_SHAPES}, got {shape!r}")

@@ -89,8 +89,9 @@ def validate_config(config) -> None:
             f"config.accum_steps={config.accum_steps}"
         )
     if config.init_from_mode not in ("exact", "partial"):
-        raise ValueError(f"config.init_from_mode must be 'exact' or 'partial', got "
-                         f"{config.init_from_mode!r}")  # fmt: skip
+        raise ValueError(
+            f"config.init_from_mode must be 'exact' or 'partial', got {config.init_from_mode!r}"
+        )
     objectives.get_objective(config.objective.name).validate(config)
 
 
@@ -147,36 +148,59 @@ def build_experiment(config) -> Experiment:
     )
     components = pipeline.build_components(config.data)  # read once per run
     dtypes = {"param_dtype": model_config.param_dtype, "dtype": model_config.dtype}
+    registered = objectives.get_objective(config.objective.name)
     frozen = {
-        name: pretrained.frozen_model(spec, name, dtypes=dtypes,
-                                      shardings_of=lambda a: sharding.state_shardings(
-                                          a, mesh, rules))
-        for name, spec in objectives.get_objective(config.objective.name).frozen_models(
-            config).items()
-    }  # fmt: skip
+        name: pretrained.frozen_model(
+            source,
+            name,
+            dtypes=dtypes,
+            shardings_of=lambda a: sharding.state_shardings(a, mesh, rules),
+        )
+        for name, source in registered.frozen_models(config).items()
+    }
     trainable = None
     if config.optim.get("frozen"):
-        frozen_mask = optim.params_matching(pure_params, config.optim.frozen,
-                                            "config.optim.frozen")  # fmt: skip
+        frozen_mask = optim.params_matching(pure_params, config.optim.frozen, "config.optim.frozen")
         trainable = jax.tree.map(lambda f: not f, frozen_mask)
     context = objectives.ObjectiveContext(
-        config=config, graphdef=graphdef, frozen={n: f.graphdef for n, f in frozen.items()},
-        model_config=model_config, frozen_configs={n: f.model_config for n, f in frozen.items()},
-        params=pure_params, schedule=schedule, components=tuple(c.name for c in components),
-        trainable=trainable)  # fmt: skip
-    objective = objectives.get_objective(config.objective.name).build(context)
+        config=config,
+        graphdef=graphdef,
+        frozen={n: f.graphdef for n, f in frozen.items()},
+        model_config=model_config,
+        frozen_configs={n: f.model_config for n, f in frozen.items()},
+        params=pure_params,
+        schedule=schedule,
+        components=tuple(c.name for c in components),
+        trainable=trainable,
+    )
+    objective = registered.build(context)
     abstract_objective = jax.eval_shape(objective.init)
     objective_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_objective)
-    shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings,
-                           objective_shardings)  # fmt: skip
-    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), pure_params, abstract_opt,
-                          abstract_objective)  # fmt: skip
+    shardings = TrainState(
+        sharding.replicated(mesh), param_shardings, opt_shardings, objective_shardings
+    )
+    abstract = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32), pure_params, abstract_opt, abstract_objective
+    )
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    return Experiment(config, mesh, tokenizer, model_config, graphdef, optimizer, schedule,
-                      shardings, abstract, rules, objective, frozen, trainable,
-                      components)  # fmt: skip
+    return Experiment(
+        config,
+        mesh,
+        tokenizer,
+        model_config,
+        graphdef,
+        optimizer,
+        schedule,
+        shardings,
+        abstract,
+        rules,
+        objective,
+        frozen,
+        trainable,
+        components,
+    )
 
 
 def init_state(exp: Experiment, params=None) -> TrainState:
@@ -186,8 +210,9 @@ def init_state(exp: Experiment, params=None) -> TrainState:
     def init(params):
         if params is None:
             params = _random_params(exp)
-        return TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params),
-                          exp.objective.init())  # fmt: skip
+        return TrainState(
+            jnp.zeros((), jnp.int32), params, exp.optimizer.init(params), exp.objective.init()
+        )
 
     return jax.jit(init, out_shardings=exp.state_shardings)(params)
 
@@ -210,16 +235,21 @@ def initial_params(exp: Experiment):
             exp.model_config, pretrained.source_model_config(source)
         )
         if differences:
-            raise ValueError(f"config.init_from {source}: config.model differs from the "
-                             f"source's model in {differences}")  # fmt: skip
+            raise ValueError(
+                f"config.init_from {source}: config.model differs from the "
+                f"source's model in {differences}"
+            )
     partial = config.init_from_mode == "partial"
     fallback = None
     if partial:
-        fallback = jax.jit(lambda: _random_params(exp),
-                           out_shardings=exp.state_shardings.params)()  # fmt: skip
+        fallback = jax.jit(lambda: _random_params(exp), out_shardings=exp.state_shardings.params)()
     params, report = pretrained.load_params(
-        source, exp.abstract_state.params, partial=partial,
-        mapping=list(config.init_from_map), fallback=fallback)  # fmt: skip
+        source,
+        exp.abstract_state.params,
+        partial=partial,
+        mapping=list(config.init_from_map),
+        fallback=fallback,
+    )
     return params, {"source": str(source), **report}
 
 
@@ -230,9 +260,10 @@ def load_frozen(exp: Experiment, sources: dict[str, str] | None = None) -> dict[
     sources = sources or {}
     return {
         name: pretrained.load_frozen(
-            f, name, pretrained.parse_source(sources[name]) if name in sources else None)
+            f, name, pretrained.parse_source(sources[name]) if name in sources else None
+        )
         for name, f in exp.frozen.items()
-    }  # fmt: skip
+    }
 
 
 SOURCES_FILE = "frozen_sources.json"
@@ -259,9 +290,14 @@ def compile_steps(exp: Experiment):
     eval step ``(params, batch)``, with the experiment's shardings. Both are traced inside the
     activation-sharding rules of the mesh (the one place where they are applied)."""
     pinned = activation_sharding_during_trace(exp.mesh, exp.rules)
-    step = make_train_step(exp.graphdef, exp.optimizer, objective=exp.objective,
-                           learning_rate=exp.schedule, trainable=exp.trainable,
-                           seed=exp.config.seed)  # fmt: skip
+    step = make_train_step(
+        exp.graphdef,
+        exp.optimizer,
+        objective=exp.objective,
+        learning_rate=exp.schedule,
+        trainable=exp.trainable,
+        seed=exp.config.seed,
+    )
     train_step = jax.jit(
         pinned(step),
         in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh),
@@ -433,9 +469,14 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> d
     objective = exp.objective
     # An objective may ask for its components to be sampled uniformly (a data mixer's weights
     # act on the gradients or the losses, not on the sampling).
-    data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
-                                   components, weights=[1.0] * len(components)
-                                   if objective.uniform_sampling else None)  # fmt: skip
+    data = pipeline.train_iterator(
+        config.data,
+        exp.tokenizer,
+        config.seq_len,
+        config.batch_size,
+        components,
+        weights=[1.0] * len(components) if objective.uniform_sampling else None,
+    )
     eval_data = eval_sets(exp, components)
 
     lead = jax.process_index() == 0
@@ -451,14 +492,21 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> d
                 with open(os.path.join(workdir, "init_from.json"), "w") as f:
                     json.dump(report, f, indent=2)
             if report["kept"] or report["unused"]:
-                logging.warning("config.init_from %s: kept the initialisation of %s; did not "
-                                "use %s", config.init_from, report["kept"],
-                                report["unused"])  # fmt: skip
+                logging.warning(
+                    "config.init_from %s: kept the initialisation of %s; did not use %s",
+                    config.init_from,
+                    report["kept"],
+                    report["unused"],
+                )
     else:
         checkpointer, start, (state, data_state, _) = workdir_lib.restore_newest_intact(
-            checkpointer, workdir, lambda c, step: c.restore(step, exp.abstract_state),
-            _check_resume(workdir, config_json,
-                          workdir_lib.allowed_fields(config.get("allow_changes", ()))))  # fmt: skip
+            checkpointer,
+            workdir,
+            lambda c, step: c.restore(step, exp.abstract_state),
+            _check_resume(
+                workdir, config_json, workdir_lib.allowed_fields(config.get("allow_changes", ()))
+            ),
+        )
         data.set_state(data_state)
     summary["start_step"] = start
     metrics_writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)

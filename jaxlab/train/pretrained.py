@@ -187,10 +187,15 @@ def _renamer(mapping, field: str):
     components; a trailing ``/`` is ignored)."""
     pairs = []
     for entry in mapping:
-        if (not isinstance(entry, (tuple, list)) or len(entry) != 2
-                or not all(isinstance(x, str) and x.strip("/") for x in entry)):  # fmt: skip
-            raise ValueError(f"{field}_map entries must be (source prefix, model prefix) pairs "
-                             f"of non-empty strings, got {entry!r}")  # fmt: skip
+        if (
+            not isinstance(entry, (tuple, list))
+            or len(entry) != 2
+            or not all(isinstance(x, str) and x.strip("/") for x in entry)
+        ):
+            raise ValueError(
+                f"{field}_map entries must be (source prefix, model prefix) pairs "
+                f"of non-empty strings, got {entry!r}"
+            )
         pairs.append((entry[0].strip("/"), entry[1].strip("/")))
 
     def rename(name: str) -> str:
@@ -210,8 +215,10 @@ def _available(names_and_info, mapping, field: str, source) -> dict[str, tuple]:
     for name, shape, dtype in names_and_info:
         target = rename(name)
         if target in available:
-            raise ValueError(f"{field}_map: source parameters {available[target][0]} and {name} "
-                             f"both map to {target} ({source})")  # fmt: skip
+            raise ValueError(
+                f"{field}_map: source parameters {available[target][0]} and {name} "
+                f"both map to {target} ({source})"
+            )
         available[target] = (name, tuple(shape), dtype)
     sources = [n for n, _, _ in names_and_info]
     for old, _ in pairs:
@@ -334,8 +341,10 @@ def load_params(
             resize_rows(jnp.moveaxis(x, axis, 0), size), 0, axis
         )
         values[name] = jax.jit(grow, out_shardings=targets[name].sharding)(values[name])
-    values = {n: v if isinstance(v, jax.Array) else _place(v, targets[n].sharding)
-              for n, v in values.items()}  # fmt: skip
+    values = {
+        n: v if isinstance(v, jax.Array) else _place(v, targets[n].sharding)
+        for n, v in values.items()
+    }
     fallback_leaves = _by_name(fallback) if fallback is not None else {}
     params = jax.tree_util.tree_map_with_path(
         lambda p, _: values.get(param_path(p), fallback_leaves.get(param_path(p))), abstract
@@ -390,6 +399,7 @@ def frozen_model(spec: str, name: str, *, shardings_of, dtypes: dict[str, str]) 
 
 def load_frozen(frozen: FrozenModel, name: str, source: Source | None = None):
     """The parameters of a frozen model (from ``source``, default its own), on their shardings."""
-    params, _ = load_params(source or frozen.source, frozen.abstract,
-                            field=f"frozen model {name!r}")  # fmt: skip
+    params, _ = load_params(
+        source or frozen.source, frozen.abstract, field=f"frozen model {name!r}"
+    )
     return params

@@ -79,8 +79,9 @@ def hold(workdir: str):
     if jax.process_count() > 1:
         failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
         if int(failed) and error is None:
-            error = WorkdirLockedError(f"{lock.path} is held by a running trainer (seen by "
-                                       f"process 0 of this run)")  # fmt: skip
+            error = WorkdirLockedError(
+                f"{lock.path} is held by a running trainer (seen by process 0 of this run)"
+            )
     if error is not None:
         raise error
     try:
@@ -210,9 +211,14 @@ def restore_newest_intact(
         lines = str(error).strip().splitlines()
         logging.warning(
             "checkpoint %d does not restore (%s: %s); moved to %s and resumed from checkpoint "
-            "%d; the traceback is in %s", bad, type(error).__name__,
-            lines[0][:300] if lines else "", aside, step, log,
-        )  # fmt: skip
+            "%d; the traceback is in %s",
+            bad,
+            type(error).__name__,
+            lines[0][:300] if lines else "",
+            aside,
+            step,
+            log,
+        )
     directory, keep = checkpointer.directory, checkpointer.keep
     checkpointer.close()
     return Checkpointer(directory, keep=keep), step, restored

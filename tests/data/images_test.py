@@ -141,9 +141,13 @@ def test_cifar_python_pickles_are_refused_unopened(tmp_path):
     with pytest.raises(ValueError, match=r"data_batch_1.bin"):
         images.load_cifar10(str(directory))
     # An .npz holding a pickled object array is refused by np.load(allow_pickle=False).
-    np.savez(tmp_path / "cifar.npz", x_train=np.array([_Marker(marker)], dtype=object),
-             y_train=np.zeros(1, np.int64), x_test=np.zeros((0, 32, 32, 3), np.uint8),
-             y_test=np.zeros(0, np.int64))  # fmt: skip
+    np.savez(
+        tmp_path / "cifar.npz",
+        x_train=np.array([_Marker(marker)], dtype=object),
+        y_train=np.zeros(1, np.int64),
+        x_test=np.zeros((0, 32, 32, 3), np.uint8),
+        y_test=np.zeros(0, np.int64),
+    )
     with pytest.raises(ValueError, match=r"cifar.npz.*x_train.*pickle"):
         images.load_cifar10(str(tmp_path / "cifar.npz"))
     assert not marker.exists()
@@ -154,9 +158,12 @@ def test_cifar_python_pickles_are_refused_unopened(tmp_path):
 
 def test_cifar_npz(tmp_path):
     rng = np.random.default_rng(4)
-    arrays = dict(x_train=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
-                  y_train=rng.integers(0, 10, (4, 1)), x_test=rng.integers(0, 256, (2, 32, 32, 3),
-                  dtype=np.uint8), y_test=rng.integers(0, 10, 2))  # fmt: skip
+    arrays = dict(
+        x_train=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, (4, 1)),
+        x_test=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 2),
+    )
     np.savez(tmp_path / "cifar.npz", **arrays)
     x, y = images.load_cifar10(str(tmp_path / "cifar.npz"), "train")
     np.testing.assert_array_equal(x, arrays["x_train"])
@@ -164,8 +171,14 @@ def test_cifar_npz(tmp_path):
     assert x.dtype == np.uint8 and y.dtype == np.int32
     x, y = images.load_cifar10(str(tmp_path / "cifar.npz"), "test")
     np.testing.assert_array_equal(y, arrays["y_test"])
-    np.savez(tmp_path / "chw.npz", x_train=arrays["x_train"].transpose(0, 3, 1, 2),
-             y_train=arrays["y_train"])  # fmt: skip
-    with pytest.raises(ValueError, match=r"chw.npz: x_train must be.*\[n, 32, 32, 3\].*"
-                                         r"\(4, 3, 32, 32\)"):  # fmt: skip
+    np.savez(
+        tmp_path / "chw.npz",
+        x_train=arrays["x_train"].transpose(0, 3, 1, 2),
+        y_train=arrays["y_train"],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"chw.npz: x_train must be.*\[n, 32, 32, 3\].*"
+        r"\(4, 3, 32, 32\)",
+    ):
         images.load_cifar10(str(tmp_path / "chw.npz"))

@@ -200,13 +200,21 @@ def test_a_source_whose_files_are_all_empty_is_named(tmp_path):
         (tmp_path / f"{i}.txt").write_text("")
     (tmp_path / "docs.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
     (tmp_path / "full.txt").write_text("some text\n")
-    cases = [(f"text:{tmp_path}/[0-9].txt", "its 3 files are all empty"),
-             (f"jsonl:{tmp_path}/docs.jsonl", "its 2 documents are all empty")]  # fmt: skip
+    cases = [
+        (f"text:{tmp_path}/[0-9].txt", "its 3 files are all empty"),
+        (f"jsonl:{tmp_path}/docs.jsonl", "its 2 documents are all empty"),
+    ]
     for spec, what in cases:
         config = ml_collections.ConfigDict(
-            dict(sources=(spec, f"text:{tmp_path}/full.txt"), weights=(), text_field="text",
-                 validation_fraction=0.0, tfds_data_dir="", seed=0)
-        )  # fmt: skip
+            dict(
+                sources=(spec, f"text:{tmp_path}/full.txt"),
+                weights=(),
+                text_field="text",
+                validation_fraction=0.0,
+                tfds_data_dir="",
+                seed=0,
+            )
+        )
         message = rf"source '{re.escape(spec)}' has no text to train on: {what}"
         with pytest.raises(ValueError, match=message) as error:
             pipeline.build_components(config)

@@ -76,8 +76,14 @@ def byte_chatml():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = models.TransformerConfig(vocab_size=261, hidden_size=32, intermediate_size=64,
-                                      num_layers=2, num_heads=4, max_seq_len=256)  # fmt: skip
+    config = models.TransformerConfig(
+        vocab_size=261,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=256,
+    )
     return models.build(config, nnx.Rngs(0))
 
 
@@ -106,9 +112,17 @@ def test_loss_is_answer_only_cross_entropy(template, layout, byte_chatml, tiny_m
     system = None if template == "none" else ("Be brief." if seed % 2 else None)
     seq_len, batch_size = 160, 4
     iterator = prompts.prompt_answer_batches(
-        records, byte_chatml, seq_len, batch_size, prompt_field="question", answer_field="gold",
-        system=system, template=template, layout=layout, seed=seed,
-    )  # fmt: skip
+        records,
+        byte_chatml,
+        seq_len,
+        batch_size,
+        prompt_field="question",
+        answer_field="gold",
+        system=system,
+        template=template,
+        layout=layout,
+        seed=seed,
+    )
     expected = {}
     for i, record in enumerate(records):
         ids, num_answer = expected_example(template, record, system)
@@ -162,9 +176,16 @@ def test_loss_is_answer_only_cross_entropy(template, layout, byte_chatml, tiny_m
 def test_state_round_trips(layout, byte_chatml):
     records = random_records(3, count=11)
     make = lambda: prompts.prompt_answer_batches(  # noqa: E731
-        records, byte_chatml, 64, 3, prompt_field="question", answer_field="gold",
-        template="chatml", layout=layout, seed=5,
-    )  # fmt: skip
+        records,
+        byte_chatml,
+        64,
+        3,
+        prompt_field="question",
+        answer_field="gold",
+        template="chatml",
+        layout=layout,
+        seed=5,
+    )
     iterator = make()
     for _ in range(4):  # past the first epoch
         next(iterator)
@@ -179,14 +200,17 @@ def test_state_round_trips(layout, byte_chatml):
     with pytest.raises(ValueError, match="state is for 11 records, this iterator has 10"):
         prompts.PromptAnswerIterator(
             prompts.load_records(records[:10], prompt_field="question", answer_field="gold"),
-            byte_chatml, 64, 3,
-        ).set_state(state)  # fmt: skip
+            byte_chatml,
+            64,
+            3,
+        ).set_state(state)
 
 
 def test_each_epoch_is_a_fresh_permutation(byte_chatml):
     records = random_records(4, count=9)
-    iterator = prompts.prompt_answer_batches(records, byte_chatml, 64, 9, prompt_field="question",
-                                             answer_field="gold", seed=1)  # fmt: skip
+    iterator = prompts.prompt_answer_batches(
+        records, byte_chatml, 64, 9, prompt_field="question", answer_field="gold", seed=1
+    )
     texts = sorted(r["question"] + r["gold"] for r in records)
     epochs = []
     for _ in range(3):  # "none": [bos] prompt answer [eos]; the inputs leave out the eos
@@ -199,9 +223,15 @@ def test_eval_batches_cover_every_record_once(byte_chatml):
     records = random_records(6, count=10)
     for layout in ("padded", "packed"):
         batches = prompts.prompt_answer_eval_batches(
-            records, byte_chatml, 96, 3, prompt_field="question", answer_field="gold",
-            template="chatml", layout=layout,
-        )  # fmt: skip
+            records,
+            byte_chatml,
+            96,
+            3,
+            prompt_field="question",
+            answer_field="gold",
+            template="chatml",
+            layout=layout,
+        )
         seen = []
         for batch in batches:
             for row in range(3):
@@ -232,8 +262,9 @@ def test_jsonl_file_system_field_and_splits(tmp_path, byte_chatml):
     valid = prompts.load_records(path, split="validation", validation_fraction=0.3, **kwargs)
     assert sorted(r.where for r in train + valid) == sorted(r.where for r in every)
     assert 0 < len(valid) < 40
-    batch = next(prompts.prompt_answer_batches(str(path), byte_chatml, 96, 2, template="chatml",
-                                               **kwargs))  # fmt: skip
+    batch = next(
+        prompts.prompt_answer_batches(str(path), byte_chatml, 96, 2, template="chatml", **kwargs)
+    )
     text = byte_chatml.decode(batch["inputs"][0])
     number = re.search(r"question (\d+)", text).group(1)
     assert text.startswith(f"{START}system\ns{number}{END}\n{START}user\nquestion {number}")
@@ -242,9 +273,12 @@ def test_jsonl_file_system_field_and_splits(tmp_path, byte_chatml):
 def test_spec_string():
     spec = "qa:data/**/*.jsonl?prompt=question&answer=gold&template=chatml&system=Be%20brief."
     assert prompts.parse_qa_spec(spec) == dict(
-        path_or_records="data/**/*.jsonl", prompt_field="question", answer_field="gold",
-        template="chatml", system="Be brief.",
-    )  # fmt: skip
+        path_or_records="data/**/*.jsonl",
+        prompt_field="question",
+        answer_field="gold",
+        template="chatml",
+        system="Be brief.",
+    )
     assert prompts.parse_qa_spec("qa:x.jsonl") == {"path_or_records": "x.jsonl"}
     with pytest.raises(ValueError, match="unknown key 'promt'"):
         prompts.parse_qa_spec("qa:x.jsonl?promt=q")
@@ -262,8 +296,11 @@ def test_missing_or_bad_fields_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=message):
         prompts.load_records(str(path), prompt_field="question")
     path.write_text('{"question": "a", "answer": 3}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'answer' \(answer_field\) must be "
-                                         "a string, got int"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"bad.jsonl:1: field 'answer' \(answer_field\) must be "
+        "a string, got int",
+    ):
         prompts.load_records(str(path), prompt_field="question")
     path.write_text('{"question": "a", "answer": "b"}\n{"question": \n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
@@ -298,26 +335,38 @@ def test_bad_text_is_refused_at_load_naming_file_line_and_field(tmp_path):
     raw = b"\n".join(lines)
     path.write_bytes(raw)
     offset = raw.index(b"\xe9")
-    with pytest.raises(ValueError, match=rf"qa.jsonl:4: not valid UTF-8: byte 0xe9 at column 18 "
-                                         rf"\(byte offset {offset} of the file"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"qa.jsonl:4: not valid UTF-8: byte 0xe9 at column 18 "
+        rf"\(byte offset {offset} of the file",
+    ):
         prompts.load_records(str(path), **kwargs)
     bad = '{"question": "q", "answer": ]'
     path.write_text("\n".join([good] * 57 + [bad]))
-    with pytest.raises(ValueError, match=r"qa.jsonl:58: not valid JSON: Expecting value at "
-                                         rf"column {bad.index(']') + 1}") as error:  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"qa.jsonl:58: not valid JSON: Expecting value at "
+        rf"column {bad.index(']') + 1}",
+    ) as error:
         prompts.load_records(str(path), **kwargs)
     assert "line 1" not in str(error.value)
 
 
 def test_too_long_policies(tmp_path, byte_chatml):
     path = tmp_path / "long.jsonl"
-    rows = [{"prompt": "p" * 5, "answer": "a" * 5}, {"prompt": "p" * 30, "answer": "a" * 3},
-            {"prompt": "p" * 4, "answer": "a" * 30}]  # fmt: skip
+    rows = [
+        {"prompt": "p" * 5, "answer": "a" * 5},
+        {"prompt": "p" * 30, "answer": "a" * 3},
+        {"prompt": "p" * 4, "answer": "a" * 30},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     make = lambda **kw: prompts.prompt_answer_eval_batches(str(path), byte_chatml, 20, 3, **kw)  # noqa: E731
     # "none": [bos] prompt answer [eos]: 12, 35 and 36 tokens; seq_len + 1 = 21.
-    with pytest.raises(ValueError, match=r"long.jsonl:2: the example has 35 tokens \(31 prompt \+ "
-                                         r"4 answer\), more than seq_len \+ 1 = 21"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"long.jsonl:2: the example has 35 tokens \(31 prompt \+ "
+        r"4 answer\), more than seq_len \+ 1 = 21",
+    ):
         make()
     with pytest.raises(ValueError, match=r"long.jsonl:2: .* even the prompt does not fit"):
         make(too_long="truncate")
@@ -345,8 +394,11 @@ def test_other_bad_arguments(byte_chatml):
     with pytest.raises(ValueError, match="too_long must be one of"):
         prompts.prompt_answer_batches(records, byte_chatml, 32, 1, too_long="clip")
     with pytest.raises(ValueError, match="records\\[0\\]: the example starts with its answer"):
-        next(prompts.prompt_answer_batches([{"prompt": "", "answer": "a"}], byte_chatml, 32, 1,
-                                           add_bos=False))  # fmt: skip
+        next(
+            prompts.prompt_answer_batches(
+                [{"prompt": "", "answer": "a"}], byte_chatml, 32, 1, add_bos=False
+            )
+        )
     with pytest.raises(ValueError, match="no records"):
         prompts.prompt_answer_batches(records, byte_chatml, 32, 1, split="validation")
 
@@ -358,10 +410,13 @@ NEW = ("<|im_start|>", "<|im_end|>", "[bib_ref]", "[/bib_ref]")
 
 def sp_tokenizer(directory) -> SentencePieceTokenizer:
     train_sentencepiece(
-        str(directory / "tokenizer"), model_type="bpe", normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        str(directory / "tokenizer"),
+        model_type="bpe",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
         user_defined_symbols=["[fig]"],
-    )  # fmt: skip
+    )
     return SentencePieceTokenizer(directory / "tokenizer.model")
 
 
@@ -370,9 +425,11 @@ def hf_tokenizer(directory) -> HFTokenizer:
     tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = hf_tokenizers.decoders.ByteLevel()
     trainer = hf_tokenizers.trainers.BpeTrainer(
-        vocab_size=350, special_tokens=["<pad>", "<s>", "</s>", "[fig]"], show_progress=False,
+        vocab_size=350,
+        special_tokens=["<pad>", "<s>", "</s>", "[fig]"],
+        show_progress=False,
         initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator(CORPUS_LINES, trainer=trainer)
     tok.save(str(directory / "tokenizer.json"))
     return HFTokenizer(directory)
@@ -381,8 +438,9 @@ def hf_tokenizer(directory) -> HFTokenizer:
 @pytest.fixture(scope="module", params=["byte", "sentencepiece", "hf"])
 def base_tokenizer(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
-    return {"byte": lambda _: ByteTokenizer(), "sentencepiece": sp_tokenizer,
-            "hf": hf_tokenizer}[request.param](directory)  # fmt: skip
+    return {"byte": lambda _: ByteTokenizer(), "sentencepiece": sp_tokenizer, "hf": hf_tokenizer}[
+        request.param
+    ](directory)
 
 
 def mixed_text(rng: random.Random, tokens) -> tuple[str, list]:
@@ -419,8 +477,9 @@ def test_special_tokens_encode_as_one_id(base_tokenizer):
             part in NEW for part in parts
         )
     assert tok.encode_batch(["a<|im_end|>", "<|im_start|>"]) == [
-        [*base.encode("a"), tok.token_id(END)], [tok.token_id(START)]
-    ]  # fmt: skip
+        [*base.encode("a"), tok.token_id(END)],
+        [tok.token_id(START)],
+    ]
     with pytest.raises(ValueError, match=f"outside \\[0, {tok.vocab_size}\\)"):
         tok.decode([tok.vocab_size])
 
@@ -488,14 +547,18 @@ def test_adding_more_tokens_and_pickling():
 @pytest.mark.parametrize("template", ["chatml", "meditron"])
 def test_answer_mask_decodes_to_the_answer_for_each_tokenizer(template, base_tokenizer):
     tok = add_special_tokens(base_tokenizer, prompts.CHATML_TOKENS)
-    records = [{"prompt": "def wrap(text):", "answer": "return text"},
-               {"prompt": "x = 1", "answer": "y"}]  # fmt: skip
-    (batch,) = prompts.prompt_answer_eval_batches(records, tok, 80, 2, template=template,
-                                                  system="Answer.")  # fmt: skip
+    records = [
+        {"prompt": "def wrap(text):", "answer": "return text"},
+        {"prompt": "x = 1", "answer": "y"},
+    ]
+    (batch,) = prompts.prompt_answer_eval_batches(
+        records, tok, 80, 2, template=template, system="Answer."
+    )
     for row, record in enumerate(records):
         answer_ids = batch["targets"][row][batch["loss_mask"][row] == 1]
-        prompt_text, answer_text = expected_texts(template, record["prompt"], record["answer"],
-                                                  "Answer.")  # fmt: skip
+        prompt_text, answer_text = expected_texts(
+            template, record["prompt"], record["answer"], "Answer."
+        )
         assert tok.decode(answer_ids) == answer_text
         ids = batch["inputs"][row][batch["segment_ids"][row] == 1]  # the whole example
         prompt_ids = ids[: len(ids) - len(answer_ids)]
@@ -507,8 +570,9 @@ def test_answer_mask_decodes_to_the_answer_for_each_tokenizer(template, base_tok
 def test_encode_prompt_is_the_training_prompt(template, byte_chatml):
     record = prompts.Record("What is 2 + 2?", "4", system="Be brief.")
     tokens, is_answer = prompts.encode_example(record, byte_chatml, template=template)
-    prompt = prompts.encode_prompt(record.prompt, byte_chatml, template=template,
-                                   system=record.system)  # fmt: skip
+    prompt = prompts.encode_prompt(
+        record.prompt, byte_chatml, template=template, system=record.system
+    )
     if template == "meditron":  # the prompt opens the answer message, as at evaluation
         assert byte_chatml.decode(prompt).endswith(f"{END}\n{START}answer\n")
         header = len(byte_chatml.encode(f"{START}answer\n"))  # trained as answer tokens

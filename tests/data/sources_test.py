@@ -176,8 +176,9 @@ def test_embedded_corpus_files_with_carriage_returns_read_as_in_text_mode():
         (b"one\r\xff", 2, 1, 4),
     ],
 )
-def test_utf8_errors_count_lines_as_text_mode_and_bytes_in_the_file(tmp_path, data, line,
-                                                                     column, offset):  # fmt: skip
+def test_utf8_errors_count_lines_as_text_mode_and_bytes_in_the_file(
+    tmp_path, data, line, column, offset
+):
     path = tmp_path / "bad.txt"
     path.write_bytes(data)
     assert data[offset] == 0xFF

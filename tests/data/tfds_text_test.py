@@ -206,8 +206,11 @@ def test_jsonl_line_missing_field(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: .*'text'"):
         build_text_dataset(str(path), str(data_dir))
     assert not os.path.exists(data_dir / "local_text" / "1.0.0")
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: invalid JSON: Expecting value at "
-                                         r"column 13") as error:  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"bad\.jsonl, line 2: invalid JSON: Expecting value at "
+        r"column 13",
+    ) as error:
         path.write_text('{"content": "a"}\n{"content": ]}\n', encoding="utf-8")
         build_text_dataset(str(path), str(data_dir), text_field="content")
     assert "line 1" not in str(error.value)  # json's own count restarts at each line

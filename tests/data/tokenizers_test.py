@@ -295,8 +295,11 @@ def test_hf_bad_files_name_the_file_and_the_problem(hf_dir, tmp_path):
     file = tmp_path / "tokenizer.json"
     cut = '{"version": "1.0", "model": '
     file.write_text(cut)  # cut short
-    with pytest.raises(ValueError, match=r"tokenizer.json: not valid JSON: Expecting value at "
-                                         rf"line 1, column {len(cut) + 1}"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer.json: not valid JSON: Expecting value at "
+        rf"line 1, column {len(cut) + 1}",
+    ):
         HFTokenizer(file)
     file.write_bytes(b'{"version": "\xff"}')
     with pytest.raises(ValueError, match=r"tokenizer.json: not valid UTF-8: byte 0xff at line 1"):
@@ -305,28 +308,40 @@ def test_hf_bad_files_name_the_file_and_the_problem(hf_dir, tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer.json: expected a JSON object.*got list"):
         HFTokenizer(file)
     file.write_text(json.dumps({"version": "1.0", "model": {"type": "NoSuchModel"}}))
-    with pytest.raises(ValueError, match=r"tokenizer.json: not a tokenizer the Hugging Face "
-                                         r"tokenizers library can read: .*"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer.json: not a tokenizer the Hugging Face "
+        r"tokenizers library can read: .*",
+    ):
         HFTokenizer(file)
     # A valid file with an empty vocabulary.
     hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE()).save(str(file))
-    with pytest.raises(ValueError, match=r"tokenizer.json: the vocabulary is empty \(no tokens "
-                                         r"in the model or added tokens\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer.json: the vocabulary is empty \(no tokens "
+        r"in the model or added tokens\)",
+    ):
         HFTokenizer(tmp_path)
     shutil.copy(hf_dir / "tokenizer.json", file)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         (tmp_path / name).write_text('{"eos_token": "</s>",\n "bos_token": <s>}')
         column = ' "bos_token": <s>}'.index("<") + 1
-        with pytest.raises(ValueError, match=rf"{name}: not valid JSON: Expecting value at line 2, "
-                                             rf"column {column}"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}: not valid JSON: Expecting value at line 2, "
+            rf"column {column}",
+        ):
             HFTokenizer(tmp_path)
         (tmp_path / name).write_text('"</s>"')
         with pytest.raises(ValueError, match=rf"{name}: expected a JSON object.*got str"):
             HFTokenizer(tmp_path)
         (tmp_path / name).write_text(json.dumps({"eos_token": 7}))
-        with pytest.raises(ValueError, match=rf"eos_token in .*{name} must be a token string, "
-                                             r"null or an object with a string \"content\", "
-                                             r"got 7"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"eos_token in .*{name} must be a token string, "
+            r"null or an object with a string \"content\", "
+            r"got 7",
+        ):
             HFTokenizer(tmp_path)
         (tmp_path / name).unlink()
 

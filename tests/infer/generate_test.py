@@ -52,8 +52,16 @@ def test_logprobs_equal_teacher_forced_float64_recomputation(model):
     prompts = _padded_prompts(rng, lengths)
     n, new = 2, 10
     sampling = SamplingConfig(temperature=0.7, top_k=6)
-    out = generate(model, prompts, lengths, max_new_tokens=new, sampling=sampling,
-                   rng=jax.random.PRNGKey(4), stop_tokens=(3,), num_samples=n)  # fmt: skip
+    out = generate(
+        model,
+        prompts,
+        lengths,
+        max_new_tokens=new,
+        sampling=sampling,
+        rng=jax.random.PRNGKey(4),
+        stop_tokens=(3,),
+        num_samples=n,
+    )
     tokens, out_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     assert tokens.shape == out.logprobs.shape == out.sampling_logprobs.shape == (3 * n, new)
     assert out.logprobs.dtype == out.sampling_logprobs.dtype == jnp.float32
@@ -76,8 +84,7 @@ def test_logprobs_equal_teacher_forced_float64_recomputation(model):
         filtered = np.where(scaled >= kth, scaled, -np.inf)
         drawn = _log_softmax64(filtered)[np.arange(length), generated]
         np.testing.assert_allclose(np.asarray(out.logprobs[r, :length]), raw, atol=2e-4)
-        np.testing.assert_allclose(np.asarray(out.sampling_logprobs[r, :length]), drawn,
-                                   atol=2e-4)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(out.sampling_logprobs[r, :length]), drawn, atol=2e-4)
         assert (np.asarray(out.logprobs[r, length:]) == 0).all()
         assert (np.asarray(out.sampling_logprobs[r, length:]) == 0).all()
     assert stopped > 0  # the stop token ended some rows early
@@ -112,8 +119,9 @@ def test_num_samples_share_one_prefill_and_keep_greedy_rows(model, monkeypatch):
     assert out.tokens.shape == (15, 6) and out.lengths.shape == (15,)
     single = generate(model, prompts, lengths, max_new_tokens=6, stop_tokens=())
     assert single.tokens.shape == (3, 6)
-    np.testing.assert_array_equal(np.asarray(out.tokens),
-                                  np.repeat(np.asarray(single.tokens), 5, axis=0))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(out.tokens), np.repeat(np.asarray(single.tokens), 5, axis=0)
+    )
     decode_lib._generate.clear_cache()
 
 
@@ -125,8 +133,15 @@ def test_num_samples_first_tokens_follow_the_model_softmax_independently(llama):
     n, delta = 4000, 1e-6
     rng = np.random.default_rng(3)
     prompts = rng.integers(0, VOCAB, (2, 7))
-    out = generate(llama, prompts, max_new_tokens=1, sampling=SamplingConfig(temperature=1.0),
-                   rng=jax.random.PRNGKey(11), stop_tokens=(), num_samples=n)  # fmt: skip
+    out = generate(
+        llama,
+        prompts,
+        max_new_tokens=1,
+        sampling=SamplingConfig(temperature=1.0),
+        rng=jax.random.PRNGKey(11),
+        stop_tokens=(),
+        num_samples=n,
+    )
     first = np.asarray(out.tokens[:, 0]).reshape(2, n)
     probs = np.exp(_log_softmax64(llama(jnp.asarray(prompts)))[:, -1])
     threshold = stats.chi2.isf(delta, VOCAB - 1)
@@ -145,8 +160,14 @@ def test_num_samples_first_tokens_follow_the_model_softmax_independently(llama):
 
 def test_sampled_copies_of_a_prompt_differ(llama):
     prompts = np.random.default_rng(4).integers(0, VOCAB, (2, 5))
-    out = generate(llama, prompts, max_new_tokens=12, sampling=SamplingConfig(temperature=1.0),
-                   stop_tokens=(), num_samples=6)  # fmt: skip
+    out = generate(
+        llama,
+        prompts,
+        max_new_tokens=12,
+        sampling=SamplingConfig(temperature=1.0),
+        stop_tokens=(),
+        num_samples=6,
+    )
     rows = {tuple(row) for row in np.asarray(out.tokens).tolist()}
     assert len(rows) == 12  # 12 distinct sequences of 12 tokens (a collision is ~1e-10 likely)
 
@@ -154,8 +175,24 @@ def test_sampled_copies_of_a_prompt_differ(llama):
 class PieceTokenizer(Tokenizer):
     """Ids are multi-character pieces, so stop strings can start or end inside a token."""
 
-    PIECES = ("a", "b", "\n", "\n\n", "a\n", "\nb", "c", "ab", "ba", "x", "\n\nc", "yy", "b\n",
-              "z", "q", "<e>")  # fmt: skip
+    PIECES = (
+        "a",
+        "b",
+        "\n",
+        "\n\n",
+        "a\n",
+        "\nb",
+        "c",
+        "ab",
+        "ba",
+        "x",
+        "\n\nc",
+        "yy",
+        "b\n",
+        "z",
+        "q",
+        "<e>",
+    )
 
     def __init__(self):
         super().__init__(vocab_size=len(self.PIECES), pad_id=None, bos_id=None, eos_id=15)
@@ -163,8 +200,10 @@ class PieceTokenizer(Tokenizer):
     def _encode(self, text):
         ids = []
         while text:
-            best = max((i for i, p in enumerate(self.PIECES) if text.startswith(p)),
-                       key=lambda i: len(self.PIECES[i]))  # fmt: skip
+            best = max(
+                (i for i, p in enumerate(self.PIECES) if text.startswith(p)),
+                key=lambda i: len(self.PIECES[i]),
+            )
             ids.append(best)
             text = text[len(self.PIECES[best]) :]
         return ids
@@ -188,9 +227,14 @@ def test_stop_strings_truncate_exactly(llama):
     tokenizer = PieceTokenizer()
     stop_strings = ("\n\n", "bb")
     prompts = np.random.default_rng(5).integers(0, VOCAB, (4, 5))
-    kwargs = dict(max_new_tokens=20, sampling=SamplingConfig(temperature=1.0),
-                  rng=jax.random.PRNGKey(7), stop_tokens=(tokenizer.eos_id,), pad_id=-1,
-                  num_samples=4)  # fmt: skip
+    kwargs = dict(
+        max_new_tokens=20,
+        sampling=SamplingConfig(temperature=1.0),
+        rng=jax.random.PRNGKey(7),
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=-1,
+        num_samples=4,
+    )
     full = generate(llama, prompts, **kwargs)
     cut = generate(llama, prompts, stop_strings=stop_strings, tokenizer=tokenizer, **kwargs)
     truncated = 0
@@ -203,8 +247,9 @@ def test_stop_strings_truncate_exactly(llama):
         assert int(cut.lengths[r]) == k
         np.testing.assert_array_equal(np.asarray(cut.tokens[r, :k]), ids[:k])
         assert (np.asarray(cut.tokens[r, k:]) == -1).all()
-        np.testing.assert_array_equal(np.asarray(cut.logprobs[r, :k]),
-                                      np.asarray(full.logprobs[r, :k]))  # fmt: skip
+        np.testing.assert_array_equal(
+            np.asarray(cut.logprobs[r, :k]), np.asarray(full.logprobs[r, :k])
+        )
         assert (np.asarray(cut.logprobs[r, k:]) == 0).all()
         assert (np.asarray(cut.sampling_logprobs[r, k:]) == 0).all()
         text = tokenizer.decode(np.asarray(cut.tokens[r, :k]))

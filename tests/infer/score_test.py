@@ -46,13 +46,19 @@ def test_score_is_the_masked_sum_of_float64_log_softmax(model):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
     assert float(got[0]) == 0.0
     # A bool mask and the default mask (every token after the first).
-    np.testing.assert_allclose(np.asarray(score(model, tokens, mask.astype(bool))), expected,
-                               rtol=1e-5, atol=1e-4)  # fmt: skip
-    np.testing.assert_allclose(np.asarray(score(model, tokens)), reference.sum(axis=1),
-                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(score(model, tokens, mask.astype(bool))), expected, rtol=1e-5, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.asarray(score(model, tokens)), reference.sum(axis=1), rtol=1e-5, atol=1e-4
+    )
     # mask[:, 0] is ignored: the first token has no prefix.
-    np.testing.assert_allclose(np.asarray(score(model, tokens, np.ones_like(mask))),
-                               reference.sum(axis=1), rtol=1e-5, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(score(model, tokens, np.ones_like(mask))),
+        reference.sum(axis=1),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 def test_token_logprobs_are_float64_log_softmax(model):
@@ -75,8 +81,9 @@ def test_right_padded_rows_score_as_their_unpadded_selves(model):
         mask[b, c : c + a] = 1
         alone = _reference_logprobs(model, tokens[b : b + 1, : c + a])[0]
         expected.append(alone[c : c + a].sum())
-    np.testing.assert_allclose(np.asarray(score(model, tokens, mask)), expected,
-                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(score(model, tokens, mask)), expected, rtol=1e-5, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize(

@@ -186,8 +186,11 @@ def test_overflow_into_a_narrow_dtype_is_refused(checkpoint):
 @pytest.mark.parametrize("theta", [0, 0.0, -10000.0, float("inf")])
 def test_rope_theta_must_be_positive(checkpoint, theta):
     _edit_config(checkpoint, rope_parameters={"rope_type": "default", "rope_theta": theta})
-    with pytest.raises(CheckpointError, match=r"config\.json: rope_parameters\.rope_theta must "
-                                              r"be a finite number > 0"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"config\.json: rope_parameters\.rope_theta must "
+        r"be a finite number > 0",
+    ):
         load_hf_llama(str(checkpoint))
 
 
@@ -196,8 +199,11 @@ def test_legacy_rope_theta_must_be_positive(checkpoint):
     del config["rope_parameters"]
     config["rope_theta"] = -1.0
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"config\.json: rope_theta must be .* found "
-                                              r"float -1\.0"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"config\.json: rope_theta must be .* found "
+        r"float -1\.0",
+    ):
         load_hf_llama(str(checkpoint))
     with pytest.raises(CheckpointError, match="rope_theta"):
         config_from_hf(config)
@@ -226,8 +232,11 @@ def test_index_entries_outside_the_directory_are_refused(checkpoint, tmp_path_fa
         if v == name:
             index["weight_map"][k] = target
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=r"index\.json: weight_map\['.*'\] = .* points "
-                                              "outside the checkpoint directory"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"index\.json: weight_map\['.*'\] = .* points "
+        "outside the checkpoint directory",
+    ):
         load_hf_llama(str(checkpoint))
 
 
@@ -248,8 +257,11 @@ def test_sharded_checkpoint_through_a_symlinked_directory_loads(checkpoint, tmp_
 def test_config_that_is_not_json(checkpoint):
     (checkpoint / "config.json").write_text('{"model_type": "llama",\n "vocab_size": 97,,}')
     path = str(checkpoint / "config.json")
-    with pytest.raises(CheckpointError, match=rf"{path}: expected a JSON object.*invalid JSON at "
-                                              r"line 2 column"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{path}: expected a JSON object.*invalid JSON at "
+        r"line 2 column",
+    ):
         load_hf_llama(str(checkpoint))
 
 
@@ -273,12 +285,18 @@ def test_config_that_is_not_an_object(checkpoint, value, found):
         (dict(rope_scaling="linear"), "rope_scaling must be an object or null, found str 'linear'"),
         (dict(rope_scaling=["linear", 2.0]), r"rope_scaling must be an object or null, found list"),
         (dict(rope_parameters="default"), "rope_parameters must be an object or null, found str"),
-        (dict(rope_parameters={"rope_type": "default", "rope_theta": "abc"}),
-         "rope_parameters.rope_theta must be a finite number > 0, found str 'abc'"),
-        (dict(rope_parameters=None, rope_theta="abc"),
-         "rope_theta must be a finite number > 0, found str 'abc'"),
-        (dict(rope_parameters={"rope_type": "default", "rope_theta": True}),
-         "rope_theta must be a finite number > 0, found bool True"),
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": "abc"}),
+            "rope_parameters.rope_theta must be a finite number > 0, found str 'abc'",
+        ),
+        (
+            dict(rope_parameters=None, rope_theta="abc"),
+            "rope_theta must be a finite number > 0, found str 'abc'",
+        ),
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": True}),
+            "rope_theta must be a finite number > 0, found bool True",
+        ),
         (dict(vocab_size="97"), "vocab_size must be an int >= 1, found str '97'"),
         (dict(hidden_size=64.0), "hidden_size must be an int >= 1, found float 64.0"),
         (dict(num_hidden_layers=0), "num_hidden_layers must be an int >= 1, found int 0"),
@@ -287,7 +305,7 @@ def test_config_that_is_not_an_object(checkpoint, value, found):
         (dict(eos_token_id=[1, "2"]), "eos_token_id must be a non-negative int"),
         (dict(num_key_value_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
     ],
-)  # fmt: skip
+)
 def test_bad_config_fields_are_named_with_the_file(checkpoint, changes, message):
     _edit_config(checkpoint, **changes)
     path = str(checkpoint / "config.json")
@@ -311,12 +329,16 @@ def test_missing_required_field_is_named(checkpoint):
         ('{"metadata": {}}', r"expected a JSON object with a \"weight_map\".*found no weight_map"),
         ("[1, 2]", r"expected a JSON object with a \"weight_map\".*found list"),
         ('{"weight_map": ["a"]}', "weight_map must be an object .* found list"),
-        ('{"weight_map": {"model.norm.weight": 3}}',
-         r"weight_map\['model.norm.weight'\] must be a file name, found int 3"),
-        ('{"weight_map": {"model.norm.weight": "weights.bin"}}',
-         r"weight_map\['model.norm.weight'\] = 'weights.bin' is not a .safetensors file"),
+        (
+            '{"weight_map": {"model.norm.weight": 3}}',
+            r"weight_map\['model.norm.weight'\] must be a file name, found int 3",
+        ),
+        (
+            '{"weight_map": {"model.norm.weight": "weights.bin"}}',
+            r"weight_map\['model.norm.weight'\] = 'weights.bin' is not a .safetensors file",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_index_is_named(checkpoint, contents, message):
     index_path = _shard(checkpoint)
     index_path.write_text(contents)
@@ -352,8 +374,11 @@ def test_load_and_read_take_jnp_and_numpy_dtypes(checkpoint):
 @pytest.mark.parametrize("argument", ["dtype", "compute_dtype"])
 @pytest.mark.parametrize("bad", [jnp.int32, np.float64, "float64", "abc"])
 def test_unsupported_load_dtypes_are_named(checkpoint, argument, bad):
-    with pytest.raises(ValueError, match=rf"load_hf_llama/read_hf_llama: {argument} must be one "
-                                         r"of \('float32', 'bfloat16', 'float16'\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"load_hf_llama/read_hf_llama: {argument} must be one "
+        r"of \('float32', 'bfloat16', 'float16'\)",
+    ):
         load_hf_llama(str(checkpoint), **{argument: bad})
 
 
@@ -370,8 +395,11 @@ def test_save_takes_jnp_and_numpy_dtypes(two_models, tmp_path):
         save_hf_llama(model, str(tmp_path / f"f{i}"), dtype=dtype)
         outputs[f"f{i}"] = (tmp_path / f"f{i}" / "model.safetensors").read_bytes()
     assert outputs["f0"] == outputs["f1"] == outputs["f2"]
-    with pytest.raises(ValueError, match=r"save_hf_llama: dtype must be one of .* got <class "
-                                         r"'jax.numpy.int32'> \(int32\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"save_hf_llama: dtype must be one of .* got <class "
+        r"'jax.numpy.int32'> \(int32\)",
+    ):
         save_hf_llama(model, str(tmp_path / "bad"), dtype=jnp.int32)
     assert not (tmp_path / "bad").exists()
 
@@ -473,8 +501,9 @@ def _interrupt_at(monkeypatch, step):
     ],
     ids=["same-sharding", "single-to-sharded", "sharded-to-single", "fewer-shards", "single"],
 )
-def test_interrupted_save_never_leaves_a_mix(old_and_new, tmp_path, monkeypatch,
-                                             old_shard, new_shard):  # fmt: skip
+def test_interrupted_save_never_leaves_a_mix(
+    old_and_new, tmp_path, monkeypatch, old_shard, new_shard
+):
     (old, old_ref), (new, new_ref) = old_and_new
     old_kwargs = {} if old_shard is None else {"max_shard_bytes": old_shard}
     new_kwargs = {} if new_shard is None else {"max_shard_bytes": new_shard}

@@ -15,11 +15,29 @@ from jaxlab.models import mamba as mamba_lib
 from jaxlab.models import transformer as transformer_lib
 from jaxlab.models.resize import resize_vocabulary
 
-TRANSFORMER = dict(vocab_size=37, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                   num_kv_heads=2, max_seq_len=32)  # fmt: skip
-MAMBA = dict(vocab_size=37, hidden_size=32, num_layers=2, state_size=8, head_dim=16, chunk_size=8,
-             mixer="mamba2", attention_layers=(1,), intermediate_size=48, num_heads=4,
-             num_kv_heads=2, max_seq_len=32)  # fmt: skip
+TRANSFORMER = dict(
+    vocab_size=37,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=32,
+)
+MAMBA = dict(
+    vocab_size=37,
+    hidden_size=32,
+    num_layers=2,
+    state_size=8,
+    head_dim=16,
+    chunk_size=8,
+    mixer="mamba2",
+    attention_layers=(1,),
+    intermediate_size=48,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=32,
+)
 FAMILIES = {
     "transformer": (TransformerConfig, TRANSFORMER, transformer_lib.init_cache),
     "mamba": (MambaConfig, MAMBA, mamba_lib.init_cache),
@@ -69,8 +87,9 @@ def test_unsupported_config_dtypes_are_named(family, field, bad):
 def test_init_cache_dtype_forms(family):
     cls, fields, init_cache = FAMILIES[family]
     config = cls(**fields)
-    caches = [init_cache(config, 2, 8, dtype=d) for d in (jnp.bfloat16, np.dtype("bfloat16"),
-                                                          "bfloat16")]  # fmt: skip
+    caches = [
+        init_cache(config, 2, 8, dtype=d) for d in (jnp.bfloat16, np.dtype("bfloat16"), "bfloat16")
+    ]
     for cache in caches[1:]:
         assert jax.tree.structure(cache) == jax.tree.structure(caches[0])
         for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(caches[0]), strict=True):

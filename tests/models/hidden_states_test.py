@@ -20,10 +20,26 @@ from jaxlab.models.denseformer import DWAConfig
 from jaxlab.models.mamba import MambaBlock
 
 BATCH, SEQ = 2, 13
-TRANSFORMER = TransformerConfig(vocab_size=37, hidden_size=32, intermediate_size=48, num_layers=3,
-                                num_heads=4, num_kv_heads=2, max_seq_len=64)  # fmt: skip
-MAMBA = MambaConfig(vocab_size=37, hidden_size=32, num_layers=3, state_size=8, head_dim=16,
-                    chunk_size=8, num_heads=4, num_kv_heads=2, max_seq_len=64)  # fmt: skip
+TRANSFORMER = TransformerConfig(
+    vocab_size=37,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
+)
+MAMBA = MambaConfig(
+    vocab_size=37,
+    hidden_size=32,
+    num_layers=3,
+    state_size=8,
+    head_dim=16,
+    chunk_size=8,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
+)
 
 
 def randomize(model, seed, scale=0.2):
@@ -169,8 +185,9 @@ def test_transformer_hidden_states_with_a_cache():
     _, full = model(tokens, return_attention=True)
     max_len = SEQ + 3
     cache = models.make_cache(config, BATCH, max_len)
-    logits, new_cache, hidden = model(tokens, positions=positions, cache=cache,
-                                      return_hidden=True, return_attention=True)  # fmt: skip
+    logits, new_cache, hidden = model(
+        tokens, positions=positions, cache=cache, return_hidden=True, return_attention=True
+    )
     plain_logits, plain_cache = model(tokens, positions=positions, cache=cache)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain_logits))
     for got, want in zip(jax.tree.leaves(new_cache), jax.tree.leaves(plain_cache), strict=True):
@@ -193,8 +210,13 @@ def test_hidden_states_under_remat_and_jit_match_without_remat():
 
         def loss(params):
             m = nnx.merge(graphdef, params)
-            logits, hidden = m(tokens, positions=positions, segment_ids=segments,
-                               return_hidden=True, return_attention=True)  # fmt: skip
+            logits, hidden = m(
+                tokens,
+                positions=positions,
+                segment_ids=segments,
+                return_hidden=True,
+                return_attention=True,
+            )
             total = jnp.mean(logits**2) + sum(jnp.mean(r**2) for r in hidden.residuals)
             return total + sum(jnp.mean(p**2) for p in hidden.attention), hidden
 
@@ -220,8 +242,7 @@ def test_sparse_attention_probabilities_follow_the_sparse_pattern():
     randomize(model, 7)
     tokens, positions, segments = packed_inputs(8, config.vocab_size)
     _, hidden = model(tokens, positions=positions, segment_ids=segments, return_attention=True)
-    dense = np_attention_probs(model.layers[0], hidden.residuals[0], positions, segments,
-                               config)  # fmt: skip
+    dense = np_attention_probs(model.layers[0], hidden.residuals[0], positions, segments, config)
     probs = np.asarray(hidden.attention[0])
     seen = probs > 0
     # Only causal keys of the same document are ever seen, and some of those are dropped.
@@ -235,8 +256,9 @@ def test_sparse_attention_probabilities_follow_the_sparse_pattern():
 
 
 def test_denseformer_hidden_states_are_block_outputs_and_averages():
-    config = dataclasses.replace(TRANSFORMER, num_layers=5, sliding_window=7,
-                                 dwa=DWAConfig(dilation=2, period=2))  # fmt: skip
+    config = dataclasses.replace(
+        TRANSFORMER, num_layers=5, sliding_window=7, dwa=DWAConfig(dilation=2, period=2)
+    )
     model = models.build(config, nnx.Rngs(0))
     randomize(model, 9)  # DWA weights too: no longer the identity
     tokens, positions, segments = packed_inputs(10, config.vocab_size)
@@ -281,7 +303,7 @@ MAMBA_VARIANTS = {
         attention_layers=(0, 2),
         sliding_window=5,
         attention_bias=True,
-    ),  # fmt: skip
+    ),
 }
 
 

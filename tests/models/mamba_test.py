@@ -148,16 +148,39 @@ def test_hybrid_attention_layer_computes_the_llama3_teachers_layer_exactly():
     from jaxlab.models import TransformerConfig
     from jaxlab.models.layers import RopeScaling
 
-    scaling = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=16)  # fmt: skip
-    shared = dict(vocab_size=41, hidden_size=32, num_heads=4, num_kv_heads=2, rope_theta=500.0,
-                  rope_scaling=scaling, attention_bias=True, mlp_bias=True, sliding_window=6,
-                  max_seq_len=128)  # fmt: skip
-    teacher = models.build(TransformerConfig(intermediate_size=48, num_layers=2, **shared),
-                           nnx.Rngs(0))  # fmt: skip
+    scaling = RopeScaling(
+        "llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+    )
+    shared = dict(
+        vocab_size=41,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        rope_theta=500.0,
+        rope_scaling=scaling,
+        attention_bias=True,
+        mlp_bias=True,
+        sliding_window=6,
+        max_seq_len=128,
+    )
+    teacher = models.build(
+        TransformerConfig(intermediate_size=48, num_layers=2, **shared), nnx.Rngs(0)
+    )
     _randomize(teacher, 1)
-    config = MambaConfig(num_layers=3, intermediate_size=48, mixer="mamba2", head_dim=16,
-                         state_size=8, chunk_size=8, attention_layers=(1,), **shared)  # fmt: skip
+    config = MambaConfig(
+        num_layers=3,
+        intermediate_size=48,
+        mixer="mamba2",
+        head_dim=16,
+        state_size=8,
+        chunk_size=8,
+        attention_layers=(1,),
+        **shared,
+    )
     student = models.build(config, nnx.Rngs(2))
     _randomize(student, 3)
     assert student.layers[0].mlp.gate_bias[...].shape == (48,)  # mlp_bias reaches Mamba blocks
@@ -173,8 +196,9 @@ def test_hybrid_attention_layer_computes_the_llama3_teachers_layer_exactly():
     # applied to the residual before it.
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, 41, (2, 21)), jnp.int32)
     _, hidden = student(tokens, return_hidden=True)
-    want, _ = teacher.layers[0](hidden.residuals[1], jnp.broadcast_to(jnp.arange(21), (2, 21)),
-                                None, None)  # fmt: skip
+    want, _ = teacher.layers[0](
+        hidden.residuals[1], jnp.broadcast_to(jnp.arange(21), (2, 21)), None, None
+    )
     np.testing.assert_array_equal(np.asarray(hidden.residuals[2]), np.asarray(want))
 
     # Each of the passed-through settings matters: without it the layer computes something else.
@@ -188,15 +212,24 @@ def test_hybrid_attention_layer_computes_the_llama3_teachers_layer_exactly():
 
 def test_mamba_config_token_ids_and_attention_settings_round_trip():
     config = dataclasses.replace(
-        BASE, intermediate_size=48, attention_layers=(1,), bos_token_id=1, eos_token_id=[2, 3],
-        rope_scaling=dict(type="linear", factor=2.0), attention_bias=True, sliding_window=8,
-    )  # fmt: skip
+        BASE,
+        intermediate_size=48,
+        attention_layers=(1,),
+        bos_token_id=1,
+        eos_token_id=[2, 3],
+        rope_scaling=dict(type="linear", factor=2.0),
+        attention_bias=True,
+        sliding_window=8,
+    )
     assert config.eos_token_id == (2, 3)
     assert config.rope_scaling.factor == 2.0
     assert MambaConfig.from_dict(config.to_dict()) == config
     att = config.attention_config()
     assert (att.rope_scaling, att.attention_bias, att.sliding_window) == (
-        config.rope_scaling, True, 8)  # fmt: skip
+        config.rope_scaling,
+        True,
+        8,
+    )
     with pytest.raises(ValueError, match="eos_token_id must be a non-negative int or a tuple"):
         dataclasses.replace(BASE, eos_token_id=-1)
     with pytest.raises(ValueError, match="sliding_window must be an int >= 1 or None, got 0"):

@@ -13,11 +13,22 @@ from jaxlab.models import MambaConfig, TransformerConfig
 from jaxlab.models.layers import logical_axes
 from jaxlab.models.resize import resize_vocabulary
 
-TRANSFORMER = TransformerConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                num_layers=2, num_heads=4, num_kv_heads=2)  # fmt: skip
-MAMBA = MambaConfig(vocab_size=53, hidden_size=32, num_layers=2, state_size=8, head_dim=16,
-                    chunk_size=8, num_heads=4, num_kv_heads=2, max_seq_len=64,
-                    mixer="mamba2", num_groups=2)  # fmt: skip
+TRANSFORMER = TransformerConfig(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
+)
+MAMBA = MambaConfig(
+    vocab_size=53,
+    hidden_size=32,
+    num_layers=2,
+    state_size=8,
+    head_dim=16,
+    chunk_size=8,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
+    mixer="mamba2",
+    num_groups=2,
+)
 CONFIGS = {
     "transformer untied": TRANSFORMER,
     "transformer tied": dataclasses.replace(TRANSFORMER, tie_embeddings=True),

@@ -61,12 +61,28 @@ def test_float64_equals_optax_contrib_to_1e12_over_100_steps(scheduled, b1):
 @pytest.mark.parametrize("warmup", [0, 30])
 def test_float64_equals_float64_numpy_algorithm_1(warmup, b1):
     params, grads = _problem(1)
-    tx = ademamix(1e-2, b1=b1, b2=0.999, b3=beta3_schedule(b1, 0.9999, warmup),
-                  alpha=alpha_schedule(5.0, warmup), weight_decay=0.05)  # fmt: skip
+    tx = ademamix(
+        1e-2,
+        b1=b1,
+        b2=0.999,
+        b3=beta3_schedule(b1, 0.9999, warmup),
+        alpha=alpha_schedule(5.0, warmup),
+        weight_decay=0.05,
+    )
     with jax.enable_x64(True):
         ours, _ = _run(tx, params, grads)
-    ref = numpy_ademamix(params, grads, lr=1e-2, b1=b1, b2=0.999, b3_end=0.9999, alpha_end=5.0,
-                         warmup=warmup, eps=1e-8, wd=0.05)  # fmt: skip
+    ref = numpy_ademamix(
+        params,
+        grads,
+        lr=1e-2,
+        b1=b1,
+        b2=0.999,
+        b3_end=0.9999,
+        alpha_end=5.0,
+        warmup=warmup,
+        eps=1e-8,
+        wd=0.05,
+    )
     assert _max_diff(ours, ref) < 1e-12
 
 
@@ -97,8 +113,18 @@ def test_float64_params_with_bfloat16_emas():
     core = state[0]
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((core.m1, core.m2)))
     assert all(x.dtype == jnp.float64 for x in jax.tree.leaves((core.nu, ours)))
-    ref = numpy_ademamix(params, grads, lr=1e-2, b1=0.9, b2=0.999, b3_end=0.99, alpha_end=5.0,
-                         warmup=0, eps=1e-8, wd=0.0)  # fmt: skip
+    ref = numpy_ademamix(
+        params,
+        grads,
+        lr=1e-2,
+        b1=0.9,
+        b2=0.999,
+        b3_end=0.99,
+        alpha_end=5.0,
+        warmup=0,
+        eps=1e-8,
+        wd=0.0,
+    )
     assert _max_diff(ours, ref) < 5e-3  # bfloat16 storage of the EMAs, 8 bits of mantissa
 
 

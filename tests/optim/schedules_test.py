@@ -11,9 +11,15 @@ from jaxlab import optim
 @pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt"])
 def test_wsd_closed_form(shape):
     peak, warmup, total, final, fraction = 3.0, 10, 110, 0.05, 0.25
-    s = optim.warmup_decay_schedule(peak, total_steps=total, warmup_steps=warmup, decay="wsd",
-                                    final_fraction=final, wsd_decay_fraction=fraction,
-                                    wsd_shape=shape)  # fmt: skip
+    s = optim.warmup_decay_schedule(
+        peak,
+        total_steps=total,
+        warmup_steps=warmup,
+        decay="wsd",
+        final_fraction=final,
+        wsd_decay_fraction=fraction,
+        wsd_shape=shape,
+    )
     # The last quarter of the 110 steps (warm-up included) decays: steps 82.5 -> 110.
     cooldown = round(fraction * total)  # 28 steps (27.5 rounded to even)
     stable_end = total - cooldown  # 82
@@ -24,15 +30,25 @@ def test_wsd_closed_form(shape):
             expected = peak
         else:
             t = min((step - stable_end) / cooldown, 1.0)
-            progress = {"linear": t, "cosine": 0.5 * (1 - math.cos(math.pi * t)),
-                        "sqrt": math.sqrt(t)}[shape]  # fmt: skip
+            progress = {
+                "linear": t,
+                "cosine": 0.5 * (1 - math.cos(math.pi * t)),
+                "sqrt": math.sqrt(t),
+            }[shape]
             expected = peak + (final * peak - peak) * progress
         assert float(s(step)) == pytest.approx(expected, rel=1e-5, abs=1e-7), step
 
 
 def test_stages_restart_the_schedule():
-    cfg = ml_collections.ConfigDict(dict(learning_rate=1.0, warmup_steps=5, schedule="cosine",
-                                         final_lr_fraction=0.1, stage_steps=(20, 40)))  # fmt: skip
+    cfg = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1.0,
+            warmup_steps=5,
+            schedule="cosine",
+            final_lr_fraction=0.1,
+            stage_steps=(20, 40),
+        )
+    )
     staged = optim.learning_rate_schedule(cfg, 60)
     first = optim.warmup_decay_schedule(1.0, total_steps=20, warmup_steps=5, final_fraction=0.1)
     second = optim.warmup_decay_schedule(1.0, total_steps=40, warmup_steps=5, final_fraction=0.1)

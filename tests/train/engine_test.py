@@ -32,8 +32,9 @@ def by_name(tree):
 
 
 def first_batch(config, exp, keys=loop.MODEL_INPUTS):
-    iterator = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len,
-                                       config.batch_size)  # fmt: skip
+    iterator = pipeline.train_iterator(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size
+    )
     return {k: v for k, v in next(iter(iterator)).items() if k in keys}
 
 
@@ -62,14 +63,16 @@ def test_kl_to_an_exact_copy_of_the_student_is_zero_with_zero_gradients(teacher_
     params, _ = loop.initial_params(exp)
     frozen = loop.load_frozen(exp)
     batch = loop._on_devices(first_batch(config, exp), exp.mesh)
-    grads, _, metrics = jax.jit(exp.objective.gradients)(params, batch, frozen, (),
-                                                         jax.random.PRNGKey(0))  # fmt: skip
+    grads, _, metrics = jax.jit(exp.objective.gradients)(
+        params, batch, frozen, (), jax.random.PRNGKey(0)
+    )
     # Zero up to float32 rounding: XLA fuses the teacher's forward and the differentiated
     # student's forward differently, so their logits agree to ~1e-7, not bitwise.
     assert 0.0 <= float(metrics["loss"]) < 1e-7 and float(metrics["kl"]) == float(metrics["loss"])
     assert float(metrics["ce"]) > 1.0  # the model itself is far from perfect
-    ce_grads = jax.grad(lambda p: loss_sums(exp.graphdef, p, batch)[0] / loss_sums(
-        exp.graphdef, p, batch)[1])(params)  # fmt: skip
+    ce_grads = jax.grad(
+        lambda p: loss_sums(exp.graphdef, p, batch)[0] / loss_sums(exp.graphdef, p, batch)[1]
+    )(params)
     assert float(optax.tree.norm(grads)) < 1e-5 * float(optax.tree.norm(ce_grads))
 
 
@@ -92,14 +95,29 @@ def numpy_ce(logits, targets):
 
 def test_a_llama_teacher_trains_a_mamba_student_on_the_mesh(teacher_dir, tmp_path):
     config = mamba_lm.get_config("mamba2")
-    config.update(num_steps=3, batch_size=8, seq_len=32, eval_every=3, eval_batches=1,
-                  checkpoint_every=3, log_every=1)  # fmt: skip
+    config.update(
+        num_steps=3,
+        batch_size=8,
+        seq_len=32,
+        eval_every=3,
+        eval_batches=1,
+        checkpoint_every=3,
+        log_every=1,
+    )
     config.data.sources = ("embedded:json", "embedded:email")
     config.model.update(hidden_size=32, num_layers=2, head_dim=16, max_seq_len=64)
     config.optim.warmup_steps = 1
-    configure(config, **{"mesh.data": 4, "mesh.fsdp": 2, "objective.name": "distill_kl",
-                         "objective.teacher": f"run:{teacher_dir}", "objective.temperature": 2.0,
-                         "objective.ce_weight": 0.5})  # fmt: skip
+    configure(
+        config,
+        **{
+            "mesh.data": 4,
+            "mesh.fsdp": 2,
+            "objective.name": "distill_kl",
+            "objective.teacher": f"run:{teacher_dir}",
+            "objective.temperature": 2.0,
+            "objective.ce_weight": 0.5,
+        },
+    )
     exp = loop.build_experiment(config)
     assert exp.model_config.name == "mamba" and exp.frozen["teacher"].model_config.name == "llama"
     frozen = loop.load_frozen(exp)
@@ -134,8 +152,15 @@ def test_a_llama_teacher_trains_a_mamba_student_on_the_mesh(teacher_dir, tmp_pat
 def test_init_from_hf_gives_the_transformers_loss(tmp_path):
     hf_model = make_hf_model("gqa_untied", seed=5, vocab_size=259)
     hf_model.save_pretrained(str(tmp_path))
-    model = dict(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                 tie_embeddings=False, rms_norm_eps=1e-5)  # fmt: skip
+    model = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
     config = smoke(init_from=f"hf:{tmp_path}", **{f"model.{k}": v for k, v in model.items()})
     exp = loop.build_experiment(config)
     params, report = loop.initial_params(exp)
@@ -175,28 +200,38 @@ def test_init_from_run_is_bitwise_and_mismatches_name_the_parameter(teacher_dir)
     wide = smoke(
         init_from=f"run:{teacher_dir}", init_from_mode="partial", **{"model.hidden_size": 48}
     )
-    with pytest.raises(ValueError, match=r"parameter embed has shape \(259, 32\) there, the "
-                       r"model's is \(259, 48\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"parameter embed has shape \(259, 32\) there, the "
+        r"model's is \(259, 48\)",
+    ):
         loop.initial_params(loop.build_experiment(wide))
     with pytest.raises(ValueError, match="hidden_size"):  # exact mode checks the architecture
         loop.initial_params(loop.build_experiment(configure(wide, init_from_mode="exact")))
 
     # Partial with a rename: the 3-layer model takes source layer 0 as its layer 0 and source
     # layer 1 as its layer 2; its layer 1, which no source parameter lands on, stays random.
-    deep = smoke(init_from=f"run:{teacher_dir}", init_from_mode="partial",
-                 init_from_map=(("layers/1", "layers/2"),), **{"model.num_layers": 3})  # fmt: skip
+    deep = smoke(
+        init_from=f"run:{teacher_dir}",
+        init_from_mode="partial",
+        init_from_map=(("layers/1", "layers/2"),),
+        **{"model.num_layers": 3},
+    )
     exp = loop.build_experiment(deep)
     params, report = loop.initial_params(exp)
     assert report["kept"] and all(n.startswith("layers/1/") for n in report["kept"])
     assert "layers/2/attn/q_proj" in report["copied"] and report["unused"] == []
     source = source_params(teacher_dir, 4)
-    np.testing.assert_array_equal(params["layers"][2]["mlp"]["up_proj"],
-                                  source["layers"][1]["mlp"]["up_proj"])  # fmt: skip
-    np.testing.assert_array_equal(params["layers"][0]["attn"]["q_proj"],
-                                  source["layers"][0]["attn"]["q_proj"])  # fmt: skip
+    np.testing.assert_array_equal(
+        params["layers"][2]["mlp"]["up_proj"], source["layers"][1]["mlp"]["up_proj"]
+    )
+    np.testing.assert_array_equal(
+        params["layers"][0]["attn"]["q_proj"], source["layers"][0]["attn"]["q_proj"]
+    )
     random = loop.init_state(loop.build_experiment(configure(deep, init_from=""))).params
-    np.testing.assert_array_equal(params["layers"][1]["attn"]["q_proj"],
-                                  random["layers"][1]["attn"]["q_proj"])  # fmt: skip
+    np.testing.assert_array_equal(
+        params["layers"][1]["attn"]["q_proj"], random["layers"][1]["attn"]["q_proj"]
+    )
     # Renames that collide, match nothing, or are not pairs are errors naming the field.
     errors = [
         ((("layers/0", "layers/1"),), "both map to layers/1"),
@@ -246,8 +281,9 @@ def test_per_source_evaluation_equals_each_source_alone(tmp_path):
     for source in ("email", "asyncio"):
         alone = smoke()
         alone.data.sources = (f"embedded:{source}",)
-        batches = pipeline.eval_batches(alone.data, exp.tokenizer, alone.seq_len,
-                                        alone.batch_size, alone.eval_batches)  # fmt: skip
+        batches = pipeline.eval_batches(
+            alone.data, exp.tokenizer, alone.seq_len, alone.batch_size, alone.eval_batches
+        )
         expected = loop.evaluate(exp, params, batches, eval_step)["eval_loss"]
         assert summary["eval"][f"eval_loss/{source}"] == pytest.approx(expected, rel=1e-6)
     last = [r for r in loop.read_metrics(str(tmp_path)) if "eval_loss" in r][-1]
@@ -278,17 +314,20 @@ def test_finetuning_a_run_on_chatml_records_grows_the_vocabulary(teacher_dir, tm
     config = smoke(
         init_from=f"run:{teacher_dir}", num_steps=2, eval_every=2, checkpoint_every=2, seq_len=64
     )
-    config.data.update(sources=(spec,), special_tokens=("<|im_start|>", "<|im_end|>"),
-                       validation_fraction=0.2)  # fmt: skip
+    config.data.update(
+        sources=(spec,), special_tokens=("<|im_start|>", "<|im_end|>"), validation_fraction=0.2
+    )
     exp = loop.build_experiment(config)
     assert exp.model_config.vocab_size == 261 and exp.tokenizer.vocab_size == 261
     params, report = loop.initial_params(exp)
     assert report["grown"] == {"embed": [259, 261]}
     source = source_params(teacher_dir, 4)
     np.testing.assert_array_equal(np.asarray(params["embed"])[:259], source["embed"])
-    np.testing.assert_allclose(np.asarray(params["embed"])[259:],
-                               np.broadcast_to(np.mean(source["embed"], 0), (2, 32)),
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(params["embed"])[259:],
+        np.broadcast_to(np.mean(source["embed"], 0), (2, 32)),
+        rtol=1e-6,
+    )
     summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert np.isfinite(summary["eval"]["eval_loss"]) and summary["train"]["tokens"] > 0
     # Only answer tokens count: far fewer than the batch's 8 x 32 positions.

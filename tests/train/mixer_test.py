@@ -151,10 +151,14 @@ def test_selected_parameters_restrict_the_scores():
     paths = [jax.tree_util.keystr(p) for p, keep in jax.tree_util.tree_flatten_with_path(chosen)[0]
              if keep]  # fmt: skip
     assert paths and all("1" in p and "mlp" in p for p in paths)
-    iterator = loop.pipeline.train_iterator(selected.data, exp.tokenizer, selected.seq_len,
-                                            selected.batch_size, weights=[1.0] * 3)  # fmt: skip
-    batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items()
-             if k in (*loop.MODEL_INPUTS, "domain")}  # fmt: skip
+    iterator = loop.pipeline.train_iterator(
+        selected.data, exp.tokenizer, selected.seq_len, selected.batch_size, weights=[1.0] * 3
+    )
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in next(iter(iterator)).items()
+        if k in (*loop.MODEL_INPUTS, "domain")
+    }
 
     def domain_loss(params, d):
         losses, mask = token_losses(exp.graphdef, params, batch)
@@ -164,8 +168,9 @@ def test_selected_parameters_restrict_the_scores():
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
     rule = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule, param_filter=chosen)
     expected = np.asarray(rule.update(stacked, state.objective)[0])
-    _, _, metrics = jax.jit(exp.objective.gradients)(state.params, batch, {}, state.objective,
-                                                     jax.random.PRNGKey(0))  # fmt: skip
+    _, _, metrics = jax.jit(exp.objective.gradients)(
+        state.params, batch, {}, state.objective, jax.random.PRNGKey(0)
+    )
     got = np.array([float(metrics[f"weight_{d}"]) for d in ("json", "email", "html")])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     unfiltered = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule)

@@ -27,8 +27,9 @@ def hold_lock(path):
             print("locked", flush=True)
             time.sleep(120)
     """)
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                               cwd=os.getcwd())  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
     assert process.stdout.readline().strip() == "locked"
     return process
 
@@ -42,9 +43,11 @@ def test_a_second_trainer_is_refused_and_the_first_ones_files_stay(tmp_path):
     metrics = (tmp_path / "metrics.jsonl").read_bytes()
     holder = hold_lock(tmp_path)
     try:
-        with pytest.raises(workdir.WorkdirLockedError,
-                           match=rf"\.lock is held by a running trainer \(host .*, pid "
-                                 rf"{holder.pid}"):  # fmt: skip
+        with pytest.raises(
+            workdir.WorkdirLockedError,
+            match=rf"\.lock is held by a running trainer \(host .*, pid "
+            rf"{holder.pid}",
+        ):
             loop.train_and_evaluate(tiny_config(), str(tmp_path))
     finally:
         holder.kill()
@@ -69,8 +72,12 @@ def test_a_changed_config_is_refused_naming_the_fields_and_allowed_by_override(t
     with pytest.raises(workdir.ConfigChangedError) as error:
         loop.train_and_evaluate(changed, str(tmp_path))
     message = str(error.value)
-    for field in ("seq_len: 32 -> 16", "optim.learning_rate: 0.003 -> 0.001", "data.seed: 0 -> 3",
-                  "config.allow_changes"):  # fmt: skip
+    for field in (
+        "seq_len: 32 -> 16",
+        "optim.learning_rate: 0.003 -> 0.001",
+        "data.seed: 0 -> 3",
+        "config.allow_changes",
+    ):
         assert field in message
     assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [4]  # nothing moved
 
@@ -144,8 +151,12 @@ def test_a_failure_every_checkpoint_shares_moves_nothing(tmp_path, monkeypatch):
 
 def test_config_changes_ignore_new_fields_and_free_ones():
     stored = {"seq_len": 32, "model": {"remat": False, "hidden_size": 8}, "mesh": {"data": 1}}
-    current = {"seq_len": 32, "model": {"remat": True, "hidden_size": 8, "new_field": 1},
-               "mesh": {"data": 8}, "added_later": {"x": 1}}  # fmt: skip
+    current = {
+        "seq_len": 32,
+        "model": {"remat": True, "hidden_size": 8, "new_field": 1},
+        "mesh": {"data": 8},
+        "added_later": {"x": 1},
+    }
     assert workdir.config_changes(stored, current) == []
     current["model"]["hidden_size"] = 16
     assert workdir.config_changes(stored, current) == ["model.hidden_size: 8 -> 16"]
