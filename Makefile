@@ -39,9 +39,12 @@ GPU_PYTHON ?= python3
 bench-gpu:
 	PYTHONPATH=. $(GPU_PYTHON) -m experiments.bench_gpu --out=bench_results/bench_gpu.json
 
+# ruff format's output is the layout: no pragmas that switch it off.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxlab kernels_pallas configs experiments tests
 	$(VENV)/bin/ruff format --check jaxlab kernels_pallas configs experiments tests
+	@if grep -rn --include='*.py' -e 'fmt: skip' -e 'fmt: off' jaxlab kernels_pallas configs experiments tests; then \
+		echo "lint: keep ruff format's output instead of the fmt pragmas above"; exit 1; fi
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format jaxlab kernels_pallas configs experiments tests

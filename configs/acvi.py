@@ -30,8 +30,21 @@ def get_config() -> ml_collections.ConfigDict:
     # Constrained GAN game: PI-ACVI (Adam on the x-subproblem, projection y-step) against projected
     # GDA / extragradient with Adam, at equal operator evaluations (the authors' Adam b1 0.05).
     config.gan = ml_collections.ConfigDict(
-        dict(seeds=(0, 1, 2), evaluations=3000, every=100, learning_rate=1e-3, b1=0.05,
-             beta=0.5, inner_steps=5, noise_dim=2, hidden=(32, 32), num_constraints=100,
-             sample_size=512, modes=8, std=0.05, mnist_path="")
-    )  # fmt: skip
+        dict(
+            seeds=(0, 1, 2),
+            evaluations=3000,
+            every=100,
+            learning_rate=1e-3,
+            b1=0.05,
+            beta=0.5,
+            inner_steps=5,
+            noise_dim=2,
+            hidden=(32, 32),
+            num_constraints=100,
+            sample_size=512,
+            modes=8,
+            std=0.05,
+            mnist_path="",
+        )
+    )
     return config

@@ -30,8 +30,9 @@ def get_config():
         param_dtype="float32",
         dtype="bfloat16",
     )
-    config.optim.update(learning_rate=3e-4, warmup_steps=2000, b2=0.95, eps=1e-5,
-                        weight_decay=0.1, clip_norm=1.0)  # fmt: skip
+    config.optim.update(
+        learning_rate=3e-4, warmup_steps=2000, b2=0.95, eps=1e-5, weight_decay=0.1, clip_norm=1.0
+    )
     # Fully sharded data parallel: parameters and optimizer state split over every device.
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     return config

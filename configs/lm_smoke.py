@@ -16,8 +16,14 @@ def get_config():
     config.eval_batches = 2
     config.checkpoint_every = 4
     config.log_every = 2
-    config.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_seq_len=64)  # fmt: skip
+    config.model.update(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+    )
     config.data.sources = ("embedded:json", "embedded:email")
     config.optim.update(warmup_steps=2, learning_rate=3e-3)
     return config

@@ -138,9 +138,17 @@ def get_config() -> ml_collections.ConfigDict:
     # selected_params: DoGE scores only parameters whose path contains one of these strings
     # (e.g. "layers/1/mlp"; empty = all), which bounds the score computation.
     config.mixer = ml_collections.ConfigDict(
-        dict(mu=0.01, score_clip=(0.0, 5.0), grad_clip=0.0, smoothing=0.0,
-             target_sources=(), step_size=1.0, reference_workdir="", selected_params=())
-    )  # fmt: skip
+        dict(
+            mu=0.01,
+            score_clip=(0.0, 5.0),
+            grad_clip=0.0,
+            smoothing=0.0,
+            target_sources=(),
+            step_size=1.0,
+            reference_workdir="",
+            selected_params=(),
+        )
+    )
     return config
 
 

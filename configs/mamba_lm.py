@@ -17,18 +17,19 @@ VARIANTS = {
     # Llamba-style: Llama blocks with the mixer swapped, MLPs kept, one B/C per head.
     "llamba": dict(
         mixer="discrete_mamba2", intermediate_size=688, expand=1, num_layers=4, head_dim=32
-    ),  # fmt: skip
+    ),
     # MambaInLlama-style hybrid: Mamba-1 mixers with MLPs, attention in layer 3 of 4.
     "hybrid": dict(
         mixer="mamba1", intermediate_size=688, expand=1, num_layers=4, attention_layers=(3,)
-    ),  # fmt: skip
+    ),
 }
 
 
 def get_config(variant: str = "mamba1") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
-        raise ValueError(f"configs/mamba_lm.py: variant must be one of {sorted(VARIANTS)}, "
-                         f"got {variant!r}")  # fmt: skip
+        raise ValueError(
+            f"configs/mamba_lm.py: variant must be one of {sorted(VARIANTS)}, got {variant!r}"
+        )
     config = lm_tiny.get_config()
     model = dict(
         name="mamba",

@@ -18,8 +18,9 @@ VARIANTS = {
 
 def get_config(variant: str = "hash") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
-        raise ValueError(f"configs/sparse_lm.py: variant must be one of {sorted(VARIANTS)}, "
-                         f"got {variant!r}")  # fmt: skip
+        raise ValueError(
+            f"configs/sparse_lm.py: variant must be one of {sorted(VARIANTS)}, got {variant!r}"
+        )
     config = lm_tiny.get_config()
     # Longer windows than lm_tiny (same tokens per batch) so that skipped work matters: a query
     # sees about 1/8 of its keys (hash, 8 buckets) or 1/4 (qk, half the queries and keys kept).

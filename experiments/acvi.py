@@ -38,24 +38,40 @@ FLAGS = flags.FLAGS
 # printed output): last iterates after 49 steps of 0.1, and HBG iterations to 0.02 at dimension
 # 500 (cap 500). Their "LA5-GDA" runs 4 GDA steps per lookahead step (3 in the forsaken cell).
 PAPER_2D = {
-    "bilinear_2d": {"gda": (0.0, 0.900), "extragradient": (0.0, 0.834),
-                    "optimistic_gda": (0.0, 0.834), "lookahead_gda": (0.0, 0.52),
-                    "acvi": (5e-10, 0.0095)},
-    "von_neumann_ratio": {"gda": (1.0, 0.409), "extragradient": (1.0, 0.320),
-                          "optimistic_gda": (0.962, 0.010), "lookahead_gda": (0.930, 0.072),
-                          "acvi": (0.95215, 0.05039)},
-    "forsaken": {"gda": (0.153, -1.331), "extragradient": (0.539, -1.207),
-                 "optimistic_gda": (0.524, -1.224), "lookahead_gda": (1.033, 1.403),
-                 "acvi": (0.078, 0.411)},
-}  # fmt: skip
+    "bilinear_2d": {
+        "gda": (0.0, 0.900),
+        "extragradient": (0.0, 0.834),
+        "optimistic_gda": (0.0, 0.834),
+        "lookahead_gda": (0.0, 0.52),
+        "acvi": (5e-10, 0.0095),
+    },
+    "von_neumann_ratio": {
+        "gda": (1.0, 0.409),
+        "extragradient": (1.0, 0.320),
+        "optimistic_gda": (0.962, 0.010),
+        "lookahead_gda": (0.930, 0.072),
+        "acvi": (0.95215, 0.05039),
+    },
+    "forsaken": {
+        "gda": (0.153, -1.331),
+        "extragradient": (0.539, -1.207),
+        "optimistic_gda": (0.524, -1.224),
+        "lookahead_gda": (1.033, 1.403),
+        "acvi": (0.078, 0.411),
+    },
+}
 GAMES_2D = {  # problem, start, GDA steps per lookahead step in the notebook
     "bilinear_2d": (S.bilinear_2d, (1.0, 1.0), 4),
     "von_neumann_ratio": (S.von_neumann_ratio_game, (0.5, 0.5), 4),
     "forsaken": (S.forsaken_game, (0.5, 0.5), 3),
 }
-PAPER_HBG = {"gda": (500, 66, 23, 14, 10), "extragradient": (150, 64, 44, 36, 30),
-             "optimistic_gda": (63, 32, 23, 17, 14), "lookahead_gda": (95, 60, 45, 40, 35),
-             "acvi": (18, 9, 6, 6, 5)}  # fmt: skip
+PAPER_HBG = {
+    "gda": (500, 66, 23, 14, 10),
+    "extragradient": (150, 64, 44, 36, 30),
+    "optimistic_gda": (63, 32, 23, 17, 14),
+    "lookahead_gda": (95, 60, 45, 40, 35),
+    "acvi": (18, 9, 6, 6, 5),
+}
 PAPER_ETAS = (0.01, 0.255, 0.5, 0.745, 0.99)
 
 
@@ -80,25 +96,38 @@ def hbg(config):
     acvi_kw = dict(config.acvi)
     steps = config.max_steps
     methods = {
-        "acvi": lambda p, x0: S.acvi(p, x0, S.ACVIConfig(**acvi_kw,
-                                                         last_inner_steps=steps)),  # fmt: skip
-        "i-acvi": lambda p, x0: S.acvi(p, x0, S.ACVIConfig(
-            **acvi_kw, last_inner_steps=steps, x_step="inexact",
-            subproblem_steps=config.inexact_steps,
-            subproblem_step_size=config.inexact_step_size)),
-    }  # fmt: skip
+        "acvi": lambda p, x0: S.acvi(p, x0, S.ACVIConfig(**acvi_kw, last_inner_steps=steps)),
+        "i-acvi": lambda p, x0: S.acvi(
+            p,
+            x0,
+            S.ACVIConfig(
+                **acvi_kw,
+                last_inner_steps=steps,
+                x_step="inexact",
+                subproblem_steps=config.inexact_steps,
+                subproblem_step_size=config.inexact_step_size,
+            ),
+        ),
+    }
     results = {}
     for eta in config.etas:
         problem = S.bilinear_simplex_game(config.dim, eta)
-        starts = [np.concatenate([np.random.default_rng(s).dirichlet(np.ones(config.dim))
-                                  for _ in range(2)]) for s in config.seeds]  # fmt: skip
+        starts = [
+            np.concatenate(
+                [np.random.default_rng(s).dirichlet(np.ones(config.dim)) for _ in range(2)]
+            )
+            for s in config.seeds
+        ]
         per_method = {}
         for name, run in methods.items():
             hits = []
             for x0 in starts:
                 t = run(problem, jnp.asarray(x0))
-                hits.append(S.first_reach(jax.vmap(problem.relative_error)(t.x), t.evaluations,
-                                          config.target))  # fmt: skip
+                hits.append(
+                    S.first_reach(
+                        jax.vmap(problem.relative_error)(t.x), t.evaluations, config.target
+                    )
+                )
             per_method[name] = summarise(hits, None)
         for name, fn in S.BASELINES.items():
             best = None
@@ -113,8 +142,10 @@ def hbg(config):
                     best = summary
             per_method[name] = best
         results[eta] = per_method
-        print(f"eta {eta}: " + ", ".join(f"{k} {v['iterations']}" for k, v in per_method.items()),
-              flush=True)  # fmt: skip
+        print(
+            f"eta {eta}: " + ", ".join(f"{k} {v['iterations']}" for k, v in per_method.items()),
+            flush=True,
+        )
     return results
 
 
@@ -122,16 +153,21 @@ def summarise(hits, step):
     """Median iterations and evaluations over seeds; unreached counts as infinity."""
     iters = [h[0] if h else np.inf for h in hits]
     evals = [h[1] if h else np.inf for h in hits]
-    return dict(iterations=float(np.median(iters)), evaluations=float(np.median(evals)),
-                reached=sum(h is not None for h in hits), step_size=step)  # fmt: skip
+    return dict(
+        iterations=float(np.median(iters)),
+        evaluations=float(np.median(evals)),
+        reached=sum(h is not None for h in hits),
+        step_size=step,
+    )
 
 
 def rate(config):
     n = config.rate_dim
     problem = S.matrix_game(np.random.default_rng(0).standard_normal((n, n)))
     x0 = jnp.full(2 * n, 1.0 / n)
-    cfg = S.ACVIConfig(beta=0.5, mu0=1e-8, delta=1.0, outer_steps=1,
-                       last_inner_steps=config.rate_steps)  # fmt: skip
+    cfg = S.ACVIConfig(
+        beta=0.5, mu0=1e-8, delta=1.0, outer_steps=1, last_inner_steps=config.rate_steps
+    )
     acvi_gaps = np.asarray(
         jax.vmap(lambda x: problem.gap(problem.project(x)))(S.acvi(problem, x0, cfg).x)
     )
@@ -142,9 +178,10 @@ def rate(config):
     )
     k = np.arange(1, config.rate_steps + 1)
     keep = k >= 50
-    slope = lambda g: float(np.polyfit(np.log(k[keep]), np.log(g[keep]), 1)[0])  # noqa: E731
-    return dict(acvi=acvi_gaps, gda=gda_gaps, acvi_slope=slope(acvi_gaps),
-                gda_slope=slope(gda_gaps))  # fmt: skip
+    slope = lambda g: float(np.polyfit(np.log(k[keep]), np.log(g[keep]), 1)[0])
+    return dict(
+        acvi=acvi_gaps, gda=gda_gaps, acvi_slope=slope(acvi_gaps), gda_slope=slope(gda_gaps)
+    )
 
 
 def gan(config):
@@ -152,14 +189,15 @@ def gan(config):
     on the x-subproblem, projection y-step) at equal operator evaluations, over seeds."""
     c = config.gan
     if c.mnist_path:  # flattened local MNIST images in [-1, 1]; no FID model offline: MMD only
-        flat = lambda x: x.reshape(x.shape[0], -1).astype(np.float32) / 127.5 - 1.0  # noqa: E731
+        flat = lambda x: x.reshape(x.shape[0], -1).astype(np.float32) / 127.5 - 1.0
         data = flat(load_mnist(c.mnist_path, "train")[0])
         held_out = jnp.asarray(flat(load_mnist(c.mnist_path, "test")[0][:1000]))
         centers, output = None, "tanh"
     else:
         data, centers = GG.mixture_of_gaussians(8192, modes=c.modes, std=c.std, seed=1000)
-        held_out = jnp.asarray(GG.mixture_of_gaussians(1000, modes=c.modes, std=c.std,
-                                                       seed=2000)[0], jnp.float32)  # fmt: skip
+        held_out = jnp.asarray(
+            GG.mixture_of_gaussians(1000, modes=c.modes, std=c.std, seed=2000)[0], jnp.float32
+        )
         output = "linear"
     if c.mnist_path:  # median-heuristic kernel widths for high-dimensional data
         dist = np.linalg.norm(np.asarray(held_out[:200, None] - held_out[None, :200]), axis=-1)
@@ -168,23 +206,34 @@ def gan(config):
         widths = (0.05, 0.2, 1.0)
     adam = optax.adam(c.learning_rate, b1=c.b1)
     budget, every = c.evaluations, c.every
-    config_acvi = S.ACVIConfig(beta=c.beta, outer_steps=1, x_step="inexact",
-                               y_step="projection", last_inner_steps=budget // c.inner_steps,
-                               subproblem_steps=c.inner_steps,
-                               subproblem_optimizer=adam)  # fmt: skip
+    config_acvi = S.ACVIConfig(
+        beta=c.beta,
+        outer_steps=1,
+        x_step="inexact",
+        y_step="projection",
+        last_inner_steps=budget // c.inner_steps,
+        subproblem_steps=c.inner_steps,
+        subproblem_optimizer=adam,
+    )
     runs = {
         "gda": lambda p, x0: S.run_gda(p, x0, num_steps=budget, optimizer=adam),
         "extragradient": lambda p, x0: S.run_extragradient(
             p, x0, num_steps=budget // 2, optimizer=adam
-        ),  # fmt: skip
+        ),
         "pi-acvi": lambda p, x0: S.acvi(p, x0, config_acvi),
     }
     curves = {name: [] for name in runs}
     finals = {name: [] for name in runs}
     for seed in c.seeds:
-        game = GG.gan_game(data, noise_dim=c.noise_dim, hidden=tuple(c.hidden),
-                           num_constraints=c.num_constraints, sample_size=c.sample_size,
-                           output=output, seed=seed)  # fmt: skip
+        game = GG.gan_game(
+            data,
+            noise_dim=c.noise_dim,
+            hidden=tuple(c.hidden),
+            num_constraints=c.num_constraints,
+            sample_size=c.sample_size,
+            output=output,
+            seed=seed,
+        )
         x0 = game.x0.astype(jnp.float32)
         z = jax.random.normal(jax.random.PRNGKey(seed), (1000, c.noise_dim))
         score = jax.jit(lambda x, game=game, z=z: GG.mmd(game.generate(x, z), held_out, widths))
@@ -196,18 +245,33 @@ def gan(config):
             curve = [float(score(x0))] + [float(score(xs[i])) for i in marks]
             curves[name].append(curve)
             last = xs[-1]
-            row = dict(mmd=curve[-1], violation=float(GG.constraint_violation(game.problem, last)),
-                       active=int(np.sum(np.asarray(game.problem.inequality.G) @ np.asarray(last)
-                                         > game.problem.inequality.h - 1e-4)))  # fmt: skip
+            row = dict(
+                mmd=curve[-1],
+                violation=float(GG.constraint_violation(game.problem, last)),
+                active=int(
+                    np.sum(
+                        np.asarray(game.problem.inequality.G) @ np.asarray(last)
+                        > game.problem.inequality.h - 1e-4
+                    )
+                ),
+            )
             if centers is not None:
                 row["modes"], row["quality"] = GG.mode_metrics(
                     game.generate(last, z), centers, c.std
                 )
             finals[name].append(row)
-        print(f"gan seed {seed}: " + ", ".join(f"{k} mmd {v[-1]['mmd']:.4f}"
-                                               for k, v in finals.items()), flush=True)  # fmt: skip
-    return dict(curves=curves, finals=finals, every=every, budget=budget,
-                data="mnist" if c.mnist_path else f"{c.modes}-mode ring")  # fmt: skip
+        print(
+            f"gan seed {seed}: "
+            + ", ".join(f"{k} mmd {v[-1]['mmd']:.4f}" for k, v in finals.items()),
+            flush=True,
+        )
+    return dict(
+        curves=curves,
+        finals=finals,
+        every=every,
+        budget=budget,
+        data="mnist" if c.mnist_path else f"{c.modes}-mode ring",
+    )
 
 
 def plot_gan(workdir, result):
@@ -225,8 +289,7 @@ def plot_gan(workdir, result):
     ax.set_yscale("log")
     ax.set_xlabel("operator evaluations (generator + discriminator gradients)")
     ax.set_ylabel("MMD^2 to held-out data")
-    ax.set_title(f"constrained GAN on the {result['data']} (band: min-max over seeds)",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(f"constrained GAN on the {result['data']} (band: min-max over seeds)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "gan.png"), dpi=120)
@@ -250,8 +313,9 @@ def plot_sweep(workdir, table, config):
     ax.set_yscale("log")
     ax.set_xlabel("eta")
     ax.set_ylabel(f"iterations to relative error {config.target}")
-    ax.set_title(f"simplex game: ours (dim {config.dim}, solid) vs notebook (dim 500, dashed)",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"simplex game: ours (dim {config.dim}, solid) vs notebook (dim 500, dashed)", fontsize=9
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "eta_sweep.png"), dpi=120)
@@ -267,8 +331,13 @@ def plots(workdir, paths2d, gaps):
     fig, axes = plt.subplots(1, len(paths2d), figsize=(5 * len(paths2d), 5))
     for ax, (game, (start, solution, rows)) in zip(axes, paths2d.items(), strict=True):
         for name, xs in rows.items():
-            ax.plot(np.concatenate([[start[0]], xs[:, 0]]), np.concatenate([[start[1]], xs[:, 1]]),
-                    ".-", label=name, markersize=3)  # fmt: skip
+            ax.plot(
+                np.concatenate([[start[0]], xs[:, 0]]),
+                np.concatenate([[start[1]], xs[:, 1]]),
+                ".-",
+                label=name,
+                markersize=3,
+            )
         ax.plot(*solution, "k*", markersize=12, label="solution")
         ax.set_xlabel("x1")
         ax.set_ylabel("x2")
@@ -292,38 +361,61 @@ def plots(workdir, paths2d, gaps):
 
 
 def report(config, paths2d, table, gaps, gan_result):
-    fmt = lambda v: "not reached" if not np.isfinite(v) else f"{v:g}"  # noqa: E731
-    lines = ["# ACVI against projected first-order methods", "",
-             "## 2-D games (49 iterations of step 0.1; the notebook's settings)", "",
-             "Lookahead: 49 lookahead steps of 4 GDA steps (3 on the forsaken game), alpha 0.5, "
-             "as the notebook's code runs its \"LA5\". ACVI: beta 0.08, mu0 1e-5, delta 0.5, "
-             "19 stages of 1 step and 30 at the last mu; its iterate is y.", "",
-             "| game | method | our last iterate | distance to the solution | notebook |",
-             "|---|---|---|---:|---|"]  # fmt: skip
+    fmt = lambda v: "not reached" if not np.isfinite(v) else f"{v:g}"
+    lines = [
+        "# ACVI against projected first-order methods",
+        "",
+        "## 2-D games (49 iterations of step 0.1; the notebook's settings)",
+        "",
+        "Lookahead: 49 lookahead steps of 4 GDA steps (3 on the forsaken game), alpha 0.5, "
+        'as the notebook\'s code runs its "LA5". ACVI: beta 0.08, mu0 1e-5, delta 0.5, '
+        "19 stages of 1 step and 30 at the last mu; its iterate is y.",
+        "",
+        "| game | method | our last iterate | distance to the solution | notebook |",
+        "|---|---|---|---:|---|",
+    ]
     for game, (_, solution, rows) in paths2d.items():
         for name, xs in rows.items():
             ours = ", ".join(f"{v:.4g}" for v in xs[-1])
             distance = np.linalg.norm(xs[-1] - solution)
-            lines.append(f"| {game} | {name} | ({ours}) | {distance:.2e} | "
-                         f"{PAPER_2D[game][name]} |")  # fmt: skip
-    lines += ["", f"## Bilinear game on two simplices, dim {config.dim} each: to relative error "
-              f"{config.target}", "", "Median over seeds " + str(tuple(config.seeds)) + "; "
-              "baselines at their best step size of " + str(tuple(config.step_sizes)) + "; "
-              "the notebook's counts are iterations at dimension 500 (its lookahead iterations "
-              "are 4 GDA steps each; ours count GDA steps).", "",
-              "| eta | method | iterations | operator evaluations | seeds reached | step | "
-              "notebook iterations |", "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            lines.append(
+                f"| {game} | {name} | ({ours}) | {distance:.2e} | {PAPER_2D[game][name]} |"
+            )
+    lines += [
+        "",
+        f"## Bilinear game on two simplices, dim {config.dim} each: to relative error "
+        f"{config.target}",
+        "",
+        "Median over seeds " + str(tuple(config.seeds)) + "; "
+        "baselines at their best step size of " + str(tuple(config.step_sizes)) + "; "
+        "the notebook's counts are iterations at dimension 500 (its lookahead iterations "
+        "are 4 GDA steps each; ours count GDA steps).",
+        "",
+        "| eta | method | iterations | operator evaluations | seeds reached | step | "
+        "notebook iterations |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for eta, per in table.items():
         for name, r in per.items():
-            paper = (PAPER_HBG[name][PAPER_ETAS.index(eta)]
-                     if name in PAPER_HBG and eta in PAPER_ETAS else "")  # fmt: skip
-            lines.append(f"| {eta} | {name} | {fmt(r['iterations'])} | {fmt(r['evaluations'])} | "
-                         f"{r['reached']}/{len(config.seeds)} | {r['step_size'] or ''} | "
-                         f"{paper} |")  # fmt: skip
-    lines += ["", "## Last-iterate gap at fixed mu", "",
-              f"Log-log slope over k in [50, {config.rate_steps}]: "
-              f"ACVI {gaps['acvi_slope']:.2f}, projected GDA {gaps['gda_slope']:.2f} "
-              "(theory: ACVI at most -0.5).", ""]  # fmt: skip
+            paper = (
+                PAPER_HBG[name][PAPER_ETAS.index(eta)]
+                if name in PAPER_HBG and eta in PAPER_ETAS
+                else ""
+            )
+            lines.append(
+                f"| {eta} | {name} | {fmt(r['iterations'])} | {fmt(r['evaluations'])} | "
+                f"{r['reached']}/{len(config.seeds)} | {r['step_size'] or ''} | "
+                f"{paper} |"
+            )
+    lines += [
+        "",
+        "## Last-iterate gap at fixed mu",
+        "",
+        f"Log-log slope over k in [50, {config.rate_steps}]: "
+        f"ACVI {gaps['acvi_slope']:.2f}, projected GDA {gaps['gda_slope']:.2f} "
+        "(theory: ACVI at most -0.5).",
+        "",
+    ]
     c = config.gan
     lines += [
         f"## Constrained GAN ({gan_result['data']}, {c.num_constraints} half-spaces)",
@@ -339,8 +431,11 @@ def report(config, paths2d, table, gaps, gan_result):
     for name, rows in gan_result["finals"].items():
         means = [np.mean([r[k] for r in rows]) for k in keys]
         lines.append(f"| {name} | " + " | ".join(f"{m:.4g}" for m in means) + " |")
-    lines += ["", "![2-D games](games_2d.png) ![gap rate](gap_rate.png) "
-              "![eta sweep](eta_sweep.png) ![GAN](gan.png)"]  # fmt: skip
+    lines += [
+        "",
+        "![2-D games](games_2d.png) ![gap rate](gap_rate.png) "
+        "![eta sweep](eta_sweep.png) ![GAN](gan.png)",
+    ]
     return lines
 
 
@@ -361,11 +456,19 @@ def main(argv):
     with open(os.path.join(workdir, "REPORT.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(dict(two_d={g: {k: v[-1].tolist() for k, v in rows.items()}
-                              for g, (_, _, rows) in paths2d.items()},
-                       hbg={str(k): v for k, v in table.items()},
-                       rate=dict(acvi_slope=gaps["acvi_slope"], gda_slope=gaps["gda_slope"]),
-                       gan=gan_result["finals"]), f, indent=2)  # fmt: skip
+        json.dump(
+            dict(
+                two_d={
+                    g: {k: v[-1].tolist() for k, v in rows.items()}
+                    for g, (_, _, rows) in paths2d.items()
+                },
+                hbg={str(k): v for k, v in table.items()},
+                rate=dict(acvi_slope=gaps["acvi_slope"], gda_slope=gaps["gda_slope"]),
+                gan=gan_result["finals"],
+            ),
+            f,
+            indent=2,
+        )
     print("\n".join(lines))
 
 

@@ -72,11 +72,13 @@ def probe_losses(optimizer, lr, num_steps, inject_step: int | None, watch_from: 
     state = loop.init_state(exp)
     train_step, eval_step = loop.compile_steps(exp)
     components = pipeline.build_components(config.data)
-    data = pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len, config.batch_size,
-                                   components)  # fmt: skip
-    (probe,) = pipeline.eval_batches(config.data, exp.tokenizer, config.seq_len,
-                                     config.batch_size, 1, components)  # fmt: skip
-    on_device = lambda batch: sharding.global_batch_to_devices(  # noqa: E731
+    data = pipeline.train_iterator(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, components
+    )
+    (probe,) = pipeline.eval_batches(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, 1, components
+    )
+    on_device = lambda batch: sharding.global_batch_to_devices(
         {k: batch[k] for k in MODEL_INPUTS}, exp.mesh
     )
     probe_d = on_device(probe)
@@ -126,8 +128,12 @@ def main(argv):
             steps[window - 1 :], smooth, label=f"{optimizer} train (lr {best_lr[optimizer]:g})"
         )
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-        ax.plot(*zip(*evals, strict=True), "o--", color=line[0].get_color(),
-                label=f"{optimizer} held-out")  # fmt: skip
+        ax.plot(
+            *zip(*evals, strict=True),
+            "o--",
+            color=line[0].get_color(),
+            label=f"{optimizer} held-out",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
     ax.set_ylim(top=3.5)
@@ -138,8 +144,9 @@ def main(argv):
     plt.close(fig)
 
     print(f"--- forgetting: probe batch trained on once at step {inject}")
-    curves = {o: forgetting(o, best_lr[o], num_steps, inject, FLAGS.probe_every)
-              for o in OPTIMIZERS}  # fmt: skip
+    curves = {
+        o: forgetting(o, best_lr[o], num_steps, inject, FLAGS.probe_every) for o in OPTIMIZERS
+    }
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
     for optimizer, record in curves.items():
         steps, control, injected = map(np.array, zip(*record, strict=True))
@@ -160,8 +167,9 @@ def main(argv):
     def memory_summary(record):
         remembered = {s: c - i for s, c, i in record}
         after = remembered[inject]
-        half = next((s - inject for s, r in remembered.items() if s > inject and r <= after / 2),
-                    None)  # fmt: skip
+        half = next(
+            (s - inject for s, r in remembered.items() if s > inject and r <= after / 2), None
+        )
         return remembered[inject - 1], after, record[-1][1] - record[-1][2], half
 
     lines = [
@@ -177,24 +185,40 @@ def main(argv):
     for optimizer in OPTIMIZERS:
         cells = [f"{results[(optimizer, lr)]['eval_loss']:.4f}" for lr in lrs]
         lines.append(f"| {optimizer} held-out loss | " + " | ".join(cells) + " |")
-    lines += ["", "![sweep](sweep.png)", "", f"## Forgetting (batch injected at step {inject})", "",
-              "Remembered = probe loss in the control run (never shown) minus in the run that",
-              "showed it once; 0 before the injection by construction.", "",
-              "| optimizer | remembered before | right after | at the end | steps to lose half |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "![sweep](sweep.png)",
+        "",
+        f"## Forgetting (batch injected at step {inject})",
+        "",
+        "Remembered = probe loss in the control run (never shown) minus in the run that",
+        "showed it once; 0 before the injection by construction.",
+        "",
+        "| optimizer | remembered before | right after | at the end | steps to lose half |",
+        "|---|---|---|---|---|",
+    ]
     summary = {}
     for optimizer, record in curves.items():
         before, after, final, half = memory_summary(record)
         summary[optimizer] = dict(before=before, after=after, final=final, half_steps=half)
-        lines.append(f"| {optimizer} | {before:.4f} | {after:.4f} | {final:.4f} | "
-                     f"{'not within the run' if half is None else half} |")  # fmt: skip
+        lines.append(
+            f"| {optimizer} | {before:.4f} | {after:.4f} | {final:.4f} | "
+            f"{'not within the run' if half is None else half} |"
+        )
     lines += ["", "![forgetting](forgetting.png)"]
     with open(os.path.join(workdir, "REPORT.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(dict(sweep={f"{o}@{lr:g}": r["eval_loss"] for (o, lr), r in results.items()},
-                       best_lr=best_lr, forgetting=summary,
-                       curves={o: c for o, c in curves.items()}), f, indent=2)  # fmt: skip
+        json.dump(
+            dict(
+                sweep={f"{o}@{lr:g}": r["eval_loss"] for (o, lr), r in results.items()},
+                best_lr=best_lr,
+                forgetting=summary,
+                curves={o: c for o, c in curves.items()},
+            ),
+            f,
+            indent=2,
+        )
     print("\n".join(lines))
 
 

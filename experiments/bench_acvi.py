@@ -36,9 +36,7 @@ ACVI = dict(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10)
 def methods(dim):
     runs = {
         "extragradient": lambda p, x: S.run_extragradient(p, x, step_size=0.5, num_steps=STEPS),
-        "optimistic_gda": lambda p, x: S.run_optimistic_gda(
-            p, x, step_size=0.5, num_steps=STEPS
-        ),  # fmt: skip
+        "optimistic_gda": lambda p, x: S.run_optimistic_gda(p, x, step_size=0.5, num_steps=STEPS),
         "gda": lambda p, x: S.run_gda(p, x, step_size=0.5, num_steps=STEPS),
         "i-acvi": lambda p, x: S.acvi(
             p,
@@ -50,7 +48,7 @@ def methods(dim):
                 subproblem_steps=5,
                 subproblem_step_size=0.3,
             ),
-        ),  # fmt: skip
+        ),
     }
     if dim <= FLAGS.max_exact_dim:
         runs["acvi"] = lambda p, x: S.acvi(p, x, S.ACVIConfig(**ACVI, last_inner_steps=STEPS - 9))
@@ -92,23 +90,42 @@ def main(argv):
                 )
             base = timings["extragradient"]
             for name, t in timings.items():
-                ratio = (None if t["time_to_target_ms"] is None or base["time_to_target_ms"] is None
-                         else t["time_to_target_ms"] / base["time_to_target_ms"])  # fmt: skip
-                rows.append(dict(dim=dim, method=name, **t, time_ratio_vs_eg=ratio,
-                                 step_ratio_vs_eg=t["step_ms"] / base["step_ms"]))  # fmt: skip
-                print(f"dim {dim:6d} {name:15s} step {t['step_ms']:8.3f} ms  to 0.02: "
-                      f"{t['iterations']} it, {t['evaluations']} evals", flush=True)  # fmt: skip
-    show = lambda v, f: "not reached" if v is None else f.format(v)  # noqa: E731
-    print(f"\nCPU ({env['cpu_count']} cores), float64, eta 0.05, median of {repeats}; ratios "
-          "to extragradient in the same run (lower is faster)")  # fmt: skip
-    print("| dim | method | ms / step | step ratio | iterations to 0.02 | evaluations | "
-          "ms to 0.02 | time ratio |")  # fmt: skip
+                ratio = (
+                    None
+                    if t["time_to_target_ms"] is None or base["time_to_target_ms"] is None
+                    else t["time_to_target_ms"] / base["time_to_target_ms"]
+                )
+                rows.append(
+                    dict(
+                        dim=dim,
+                        method=name,
+                        **t,
+                        time_ratio_vs_eg=ratio,
+                        step_ratio_vs_eg=t["step_ms"] / base["step_ms"],
+                    )
+                )
+                print(
+                    f"dim {dim:6d} {name:15s} step {t['step_ms']:8.3f} ms  to 0.02: "
+                    f"{t['iterations']} it, {t['evaluations']} evals",
+                    flush=True,
+                )
+    show = lambda v, f: "not reached" if v is None else f.format(v)
+    print(
+        f"\nCPU ({env['cpu_count']} cores), float64, eta 0.05, median of {repeats}; ratios "
+        "to extragradient in the same run (lower is faster)"
+    )
+    print(
+        "| dim | method | ms / step | step ratio | iterations to 0.02 | evaluations | "
+        "ms to 0.02 | time ratio |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['dim']} | {r['method']} | {r['step_ms']:.3f} | {r['step_ratio_vs_eg']:.2f}x | "
-              f"{show(r['iterations'], '{}')} | {show(r['evaluations'], '{}')} | "
-              f"{show(r['time_to_target_ms'], '{:.2f}')} | "
-              f"{show(r['time_ratio_vs_eg'], '{:.2f}x')} |")  # fmt: skip
+        print(
+            f"| {r['dim']} | {r['method']} | {r['step_ms']:.3f} | {r['step_ratio_vs_eg']:.2f}x | "
+            f"{show(r['iterations'], '{}')} | {show(r['evaluations'], '{}')} | "
+            f"{show(r['time_to_target_ms'], '{:.2f}')} | "
+            f"{show(r['time_ratio_vs_eg'], '{:.2f}x')} |"
+        )
     write_json(FLAGS.out, dict(environment=env, repeats=repeats, steps=STEPS, rows=rows))
     print(f"wrote {FLAGS.out}")
 

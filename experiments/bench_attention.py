@@ -74,8 +74,10 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, title in ((axes[0], "forward_speedup", "forward"),
-                           (axes[1], "fwd_bwd_speedup", "forward + backward")):  # fmt: skip
+    for ax, key, title in (
+        (axes[0], "forward_speedup", "forward"),
+        (axes[1], "fwd_bwd_speedup", "forward + backward"),
+    ):
         for label in dict.fromkeys(r["impl"] for r in rows):
             pts = [(r["seq"], r[key]) for r in rows if r["impl"] == label]
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
@@ -113,8 +115,11 @@ def main(argv):
         }
         for label, kind, level in sparsity_sweep():
             a, b = sparse_inputs(kind, level, batch, seq, heads, heads, seed=seq)
-            impls[label] = (sparse_fn(kind, a, b, seq, level), (jnp.asarray(a), jnp.asarray(b)),
-                            allowed_pairs(kind, a, b))  # fmt: skip
+            impls[label] = (
+                sparse_fn(kind, a, b, seq, level),
+                (jnp.asarray(a), jnp.asarray(b)),
+                allowed_pairs(kind, a, b),
+            )
         compiled = {name: forward_and_backward(fn, ct) for name, (fn, _, _) in impls.items()}
         args = {name: (q, k, v, *masks) for name, (_, masks, _) in impls.items()}
         for name, (fwd, bwd) in compiled.items():  # compile and warm up outside the timed rounds
@@ -127,21 +132,35 @@ def main(argv):
         base_f, base_b = (statistics.median(t) for t in times["dense xla"])
         for name, (fwd_t, bwd_t) in times.items():
             f, b = statistics.median(fwd_t), statistics.median(bwd_t)
-            rows.append(dict(seq=seq, impl=name, forward_ms=f, fwd_bwd_ms=b,
-                             forward_speedup=base_f / f, fwd_bwd_speedup=base_b / b,
-                             ideal=dense_pairs / max(impls[name][2], 1)))  # fmt: skip
+            rows.append(
+                dict(
+                    seq=seq,
+                    impl=name,
+                    forward_ms=f,
+                    fwd_bwd_ms=b,
+                    forward_speedup=base_f / f,
+                    fwd_bwd_speedup=base_b / b,
+                    ideal=dense_pairs / max(impls[name][2], 1),
+                )
+            )
             r = rows[-1]
-            print(f"seq {seq:5d} {name:30s} fwd {f:9.2f} ms ({r['forward_speedup']:5.2f}x)  "
-                  f"fwd+bwd {b:9.2f} ms ({r['fwd_bwd_speedup']:5.2f}x)  ideal {r['ideal']:5.2f}x",
-                  flush=True)  # fmt: skip
-    print(f"\nCPU ({env['cpu_count']} cores), float32, batch {batch}, heads {heads}, "
-          f"head_dim {dim}; median of {repeats}; speedup = dense xla time / time")  # fmt: skip
+            print(
+                f"seq {seq:5d} {name:30s} fwd {f:9.2f} ms ({r['forward_speedup']:5.2f}x)  "
+                f"fwd+bwd {b:9.2f} ms ({r['fwd_bwd_speedup']:5.2f}x)  ideal {r['ideal']:5.2f}x",
+                flush=True,
+            )
+    print(
+        f"\nCPU ({env['cpu_count']} cores), float32, batch {batch}, heads {heads}, "
+        f"head_dim {dim}; median of {repeats}; speedup = dense xla time / time"
+    )
     print("| seq | implementation | fwd ms | fwd speedup | fwd+bwd ms | fwd+bwd speedup | ideal |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['seq']} | {r['impl']} | {r['forward_ms']:.1f} | "
-              f"{r['forward_speedup']:.2f}x | {r['fwd_bwd_ms']:.1f} | "
-              f"{r['fwd_bwd_speedup']:.2f}x | {r['ideal']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['seq']} | {r['impl']} | {r['forward_ms']:.1f} | "
+            f"{r['forward_speedup']:.2f}x | {r['fwd_bwd_ms']:.1f} | "
+            f"{r['fwd_bwd_speedup']:.2f}x | {r['ideal']:.2f}x |"
+        )
     shape = dict(batch=batch, heads=heads, head_dim=dim)
     write_json(FLAGS.out, dict(environment=env, shape=shape, repeats=repeats, rows=rows))
     png = os.path.splitext(FLAGS.out)[0] + ".png"

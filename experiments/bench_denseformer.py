@@ -102,8 +102,10 @@ def main(argv):
         for name, tasks in times.items()
     }
     base = rows["Transformer"]
-    print(f"depth {make_config(None).model.num_layers}, median of {repeats} rounds, ms (ratio to "
-          f"the Transformer); goal <= 1.05x")  # fmt: skip
+    print(
+        f"depth {make_config(None).model.num_layers}, median of {repeats} rounds, ms (ratio to "
+        f"the Transformer); goal <= 1.05x"
+    )
     print("| model | train step | decode b=1 | decode b=16 | train temp MiB |")
     print("|---|---:|---:|---:|---:|")
     for name, row in rows.items():
@@ -112,8 +114,15 @@ def main(argv):
         print(
             f"| {name} | " + " | ".join(cells) + f" | {'n/a' if temp is None else f'{temp:.0f}'} |"
         )
-    write_json(FLAGS.out, dict(rows_ms=rows, temp_mib={n: built[n][1] for n in VARIANTS},
-                               repeats=repeats, environment=environment()))  # fmt: skip
+    write_json(
+        FLAGS.out,
+        dict(
+            rows_ms=rows,
+            temp_mib={n: built[n][1] for n in VARIANTS},
+            repeats=repeats,
+            environment=environment(),
+        ),
+    )
     print(f"wrote {FLAGS.out}")
 
 

@@ -57,8 +57,9 @@ def dense_implementations(interpret: bool):
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
     def pallas_mha(q, k, v):
-        return pallas_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True,
-                                    interpret=interpret)  # fmt: skip
+        return pallas_attention.mha(
+            q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret
+        )
 
     impls = {
         "jaxlab xla": lambda q, k, v: ops.attention(q, k, v, causal=True),
@@ -67,8 +68,9 @@ def dense_implementations(interpret: bool):
         ),
         "jax pallas mha": pallas_mha,
     }
-    reference = functools.partial(pallas_attention.mha_reference, segment_ids=None,
-                                  sm_scale=None, causal=True)  # fmt: skip
+    reference = functools.partial(
+        pallas_attention.mha_reference, segment_ids=None, sm_scale=None, causal=True
+    )
     return impls, lambda q, k, v: reference(q, k, v, sm_scale=q.shape[-1] ** -0.5)
 
 
@@ -114,18 +116,31 @@ def dense_part(shapes, dtype, interpret, repeats):
             )
         base = timings["jax.nn.dot_product_attention"]
         for name, t in timings.items():
-            rows.append(dict(part="dense", shape=list(shape), impl=name, **t,
-                             forward_ratio=t["forward_ms"] / base["forward_ms"],
-                             fwd_bwd_ratio=t["fwd_bwd_ms"] / base["fwd_bwd_ms"]))  # fmt: skip
-    print(f"\n## 1. dense causal attention, {jnp.dtype(dtype).name}, median of {repeats}; "
-          "ratios to jax.nn.dot_product_attention (lower is faster)")  # fmt: skip
-    print("| [b, s, h, d] | implementation | fwd ms | ratio | fwd+bwd ms | ratio | max err out | "
-          "max err grad |")  # fmt: skip
+            rows.append(
+                dict(
+                    part="dense",
+                    shape=list(shape),
+                    impl=name,
+                    **t,
+                    forward_ratio=t["forward_ms"] / base["forward_ms"],
+                    fwd_bwd_ratio=t["fwd_bwd_ms"] / base["fwd_bwd_ms"],
+                )
+            )
+    print(
+        f"\n## 1. dense causal attention, {jnp.dtype(dtype).name}, median of {repeats}; "
+        "ratios to jax.nn.dot_product_attention (lower is faster)"
+    )
+    print(
+        "| [b, s, h, d] | implementation | fwd ms | ratio | fwd+bwd ms | ratio | max err out | "
+        "max err grad |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['shape']} | {r['impl']} | {r['forward_ms']:.3f} | {r['forward_ratio']:.2f}x | "
-              f"{r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_ratio']:.2f}x | {r['max_abs_err_out']:.2e} | "
-              f"{r['max_abs_err_grad']:.2e} |")  # fmt: skip
+        print(
+            f"| {r['shape']} | {r['impl']} | {r['forward_ms']:.3f} | {r['forward_ratio']:.2f}x | "
+            f"{r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_ratio']:.2f}x | {r['max_abs_err_out']:.2e} | "
+            f"{r['max_abs_err_grad']:.2e} |"
+        )
     return rows
 
 
@@ -140,8 +155,9 @@ def sparse_kernel(kind, interpret):
 
 def sparse_reference(kind):
     fn = sa.hash_sparse_attention_reference if kind == "hash" else sa.qk_sparse_attention_reference
-    return lambda q, k, v, a, b: fn(q.astype(jnp.float32), k.astype(jnp.float32),
-                                    v.astype(jnp.float32), a, b)  # fmt: skip
+    return lambda q, k, v, a, b: fn(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), a, b
+    )
 
 
 def correctness_part(cases, dtype, interpret):
@@ -150,8 +166,12 @@ def correctness_part(cases, dtype, interpret):
     for shape, kv_heads, kind, level in cases:
         batch, seq, heads, _ = shape
         q, k, v, ct = random_qkv(shape, kv_heads, dtype, seed=seq)
-        args = (q, k, v, *map(jnp.asarray, sparse_inputs(kind, level, batch, seq, heads,
-                                                         kv_heads, seed=seq)))  # fmt: skip
+        args = (
+            q,
+            k,
+            v,
+            *map(jnp.asarray, sparse_inputs(kind, level, batch, seq, heads, kv_heads, seed=seq)),
+        )
         fn, ref = sparse_kernel(kind, interpret), sparse_reference(kind)
         grads = jax.jit(jax.grad(loss_of(fn, ct), argnums=(0, 1, 2)))(*args)
         ref_grads = jax.jit(jax.grad(loss_of(ref, ct), argnums=(0, 1, 2)))(*args)
@@ -160,23 +180,35 @@ def correctness_part(cases, dtype, interpret):
         out_err = max_err(jax.jit(fn)(*args), jax.jit(ref)(*args))
         # bf16 inputs: outputs within 5e-2 (jax's own Pallas tests), gradients 5e-2 relative.
         ok = out_err < 5e-2 and grad_err < 5e-2 * max(1.0, grad_scale)
-        rows.append(dict(part="sparse correctness", shape=list(shape), kv_heads=kv_heads,
-                         kind=kind, level=level, max_abs_err_out=out_err,
-                         max_abs_err_grad=grad_err, max_abs_grad=grad_scale, ok=ok))  # fmt: skip
+        rows.append(
+            dict(
+                part="sparse correctness",
+                shape=list(shape),
+                kv_heads=kv_heads,
+                kind=kind,
+                level=level,
+                max_abs_err_out=out_err,
+                max_abs_err_grad=grad_err,
+                max_abs_grad=grad_scale,
+                ok=ok,
+            )
+        )
     print(f"\n## 2. sparse kernels vs dense masked float32 reference ({jnp.dtype(dtype).name} in)")
     print("| [b, s, h, d] | kv heads | pattern | max err out | max err grad | max abs grad | ok |")
     print("|---|---:|---|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['kv_heads']} | {r['kind']} {r['level']} | "
-              f"{r['max_abs_err_out']:.2e} | {r['max_abs_err_grad']:.2e} | "
-              f"{r['max_abs_grad']:.2e} | {r['ok']} |")  # fmt: skip
+        print(
+            f"| {r['shape']} | {r['kv_heads']} | {r['kind']} {r['level']} | "
+            f"{r['max_abs_err_out']:.2e} | {r['max_abs_err_grad']:.2e} | "
+            f"{r['max_abs_grad']:.2e} | {r['ok']} |"
+        )
     return rows
 
 
 def executed_flops(kind, a, b, seq, dim, block_sizes: sa.BlockSizes | None = None):
     """Matmul FLOPs the kernels issue on their live tiles, forward + both backward passes."""
     block_sizes = sa.BlockSizes() if block_sizes is None else block_sizes
-    fit = lambda blk: max(16, min(blk, 1 << (seq - 1).bit_length()))  # noqa: E731
+    fit = lambda blk: max(16, min(blk, 1 << (seq - 1).bit_length()))
     if kind == "hash":
         (q_order, qb), (k_order, kb) = (
             sa.bucket_order(jnp.asarray(a)),
@@ -188,16 +220,19 @@ def executed_flops(kind, a, b, seq, dim, block_sizes: sa.BlockSizes | None = Non
         q_pos = jnp.where(q_kept, q_order, -1)
         k_pos = jnp.where(k_kept, k_order, 2**30)
         qb, kb = jnp.zeros_like(q_pos), jnp.zeros_like(k_pos)
-    rows = lambda x: x.transpose(0, 2, 1)  # noqa: E731
+    rows = lambda x: x.transpose(0, 2, 1)
     total = 0.0
     # (tiles, matmuls per tile pair): forward 2 (QK^T, PV); dQ 3 (QK^T, dO V^T, dS K);
     # dK/dV 4 (QK^T, P^T dO, dO V^T, dS^T Q).
-    for bq, bk, passes in ((fit(block_sizes.block_q), fit(block_sizes.block_k), ((0, 2),)),
-                           (fit(block_sizes.block_q_bwd), fit(block_sizes.block_k_bwd),
-                            ((0, 3), (1, 4)))):  # fmt: skip
+    for bq, bk, passes in (
+        (fit(block_sizes.block_q), fit(block_sizes.block_k), ((0, 2),)),
+        (fit(block_sizes.block_q_bwd), fit(block_sizes.block_k_bwd), ((0, 3), (1, 4))),
+    ):
         extra = -(-seq // max(bq, bk)) * max(bq, bk) - seq
-        padded = [jnp.pad(rows(x), ((0, 0), (0, 0), (0, extra)), constant_values=value)
-                  for x, value in ((q_pos, -1), (k_pos, 2**30), (qb, 0), (kb, 0))]  # fmt: skip
+        padded = [
+            jnp.pad(rows(x), ((0, 0), (0, 0), (0, extra)), constant_values=value)
+            for x, value in ((q_pos, -1), (k_pos, 2**30), (qb, 0), (kb, 0))
+        ]
         _, kv_count, _, q_count = sa.live_tiles(*padded, bq, bk)
         tiles = (float(jnp.sum(kv_count)), float(jnp.sum(q_count)))
         for which, matmuls in passes:
@@ -221,8 +256,10 @@ def sweep_part(seqs, full_sweep_seq, batch, heads, dim, dtype, interpret, repeat
         q, k, v, ct = random_qkv((batch, seq, heads, dim), heads, dtype, seed=seq)
         dense_pairs = batch * heads * seq * (seq + 1) // 2
         # name -> (fn, masks, allowed pairs, executed FLOPs or None for dense)
-        entries = {name: (impls[name], (), dense_pairs, None)
-                   for name in ("jax pallas mha", "jax.nn.dot_product_attention")}  # fmt: skip
+        entries = {
+            name: (impls[name], (), dense_pairs, None)
+            for name in ("jax pallas mha", "jax.nn.dot_product_attention")
+        }
         if seq == full_sweep_seq:  # the paper's sweep
             sweep = sparsity_sweep((2, 4, 8, 16, 32, 64), (0.2, 0.4, 0.5, 0.6, 0.8))
         else:
@@ -230,39 +267,64 @@ def sweep_part(seqs, full_sweep_seq, batch, heads, dim, dtype, interpret, repeat
         for label, kind, level in sweep:
             a, b = sparse_inputs(kind, level, batch, seq, heads, heads, seed=seq)
             masks = (jnp.asarray(a), jnp.asarray(b))
-            entries[label] = (sparse_kernel(kind, interpret), masks, allowed_pairs(kind, a, b),
-                              executed_flops(kind, a, b, seq, dim))  # fmt: skip
+            entries[label] = (
+                sparse_kernel(kind, interpret),
+                masks,
+                allowed_pairs(kind, a, b),
+                executed_flops(kind, a, b, seq, dim),
+            )
         base_ms = None
         for name, (fn, masks, pairs, flops) in entries.items():
             if time.perf_counter() > deadline:
                 print(f"(budget reached during seq {seq})")
                 break
-            ms = timed(jax.jit(jax.grad(loss_of(fn, ct), argnums=(0, 1, 2))), q, k, v, *masks,
-                       repeats=repeats)  # fmt: skip
+            ms = timed(
+                jax.jit(jax.grad(loss_of(fn, ct), argnums=(0, 1, 2))),
+                q,
+                k,
+                v,
+                *masks,
+                repeats=repeats,
+            )
             base_ms = ms if name == "jax pallas mha" else base_ms
             useful = 3.5 * 4 * dim * pairs  # forward 4*d per pair; backward 2.5x the forward
             executed = useful if flops is None else flops
-            rows.append(dict(part="sweep", seq=seq, impl=name, fwd_bwd_ms=ms,
-                             speedup_vs_pallas_mha=base_ms / ms,
-                             ideal=dense_pairs / max(pairs, 1),
-                             executed_tflops=executed / ms / 1e9,
-                             roofline_fraction=of_peak(executed, ms),
-                             useful_fraction=of_peak(useful, ms)))  # fmt: skip
+            rows.append(
+                dict(
+                    part="sweep",
+                    seq=seq,
+                    impl=name,
+                    fwd_bwd_ms=ms,
+                    speedup_vs_pallas_mha=base_ms / ms,
+                    ideal=dense_pairs / max(pairs, 1),
+                    executed_tflops=executed / ms / 1e9,
+                    roofline_fraction=of_peak(executed, ms),
+                    useful_fraction=of_peak(useful, ms),
+                )
+            )
             r = rows[-1]
-            print(f"seq {seq:6d} {name:30s} {ms:9.3f} ms  {r['speedup_vs_pallas_mha']:5.2f}x",
-                  flush=True)  # fmt: skip
-    print(f"\n## 3. forward+backward, [b={batch}, s, h={heads}, d={dim}] "
-          f"{jnp.dtype(dtype).name}, median of {repeats}, sort/gather/scatter included; "
-          f"peak {peak} FLOP/s ({device})")  # fmt: skip
-    print("| seq | implementation | fwd+bwd ms | speedup vs pallas mha | ideal | "
-          "executed TFLOP/s | of peak (executed tiles) | of peak (useful pairs) |")  # fmt: skip
+            print(
+                f"seq {seq:6d} {name:30s} {ms:9.3f} ms  {r['speedup_vs_pallas_mha']:5.2f}x",
+                flush=True,
+            )
+    print(
+        f"\n## 3. forward+backward, [b={batch}, s, h={heads}, d={dim}] "
+        f"{jnp.dtype(dtype).name}, median of {repeats}, sort/gather/scatter included; "
+        f"peak {peak} FLOP/s ({device})"
+    )
+    print(
+        "| seq | implementation | fwd+bwd ms | speedup vs pallas mha | ideal | "
+        "executed TFLOP/s | of peak (executed tiles) | of peak (useful pairs) |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     for r in rows:
-        print(f"| {r['seq']} | {r['impl']} | {r['fwd_bwd_ms']:.3f} | "
-              f"{r['speedup_vs_pallas_mha']:.2f}x | {r['ideal']:.2f}x | "
-              f"{r['executed_tflops']:.1f} | {pct(r['roofline_fraction'])} | "
-              f"{pct(r['useful_fraction'])} |")  # fmt: skip
+        print(
+            f"| {r['seq']} | {r['impl']} | {r['fwd_bwd_ms']:.3f} | "
+            f"{r['speedup_vs_pallas_mha']:.2f}x | {r['ideal']:.2f}x | "
+            f"{r['executed_tflops']:.1f} | {pct(r['roofline_fraction'])} | "
+            f"{pct(r['useful_fraction'])} |"
+        )
     return rows
 
 
@@ -271,10 +333,12 @@ def scan_fn(kind, impl, *, A, interpret):
     from jaxlab.ops import scan
 
     if kind == "selective_scan":
-        return lambda x, dt, B, C: scan.selective_scan(x, dt, A, B, C, delta_softplus=True,
-                                                       impl=impl, interpret=interpret)  # fmt: skip
-    return lambda x, dt, B, C: scan.ssd(x, dt, A, B, C, dt_softplus=True, impl=impl,
-                                        chunk_size=64, interpret=interpret)  # fmt: skip
+        return lambda x, dt, B, C: scan.selective_scan(
+            x, dt, A, B, C, delta_softplus=True, impl=impl, interpret=interpret
+        )
+    return lambda x, dt, B, C: scan.ssd(
+        x, dt, A, B, C, dt_softplus=True, impl=impl, chunk_size=64, interpret=interpret
+    )
 
 
 def scan_part(shapes, dtype, interpret, repeats, deadline):
@@ -307,26 +371,42 @@ def scan_part(shapes, dtype, interpret, repeats, deadline):
             f = fn(impl)
             err = max_err(jax.jit(f)(*args), ref) / scale
             grad = jax.jit(jax.grad(loss_of(f, ct), argnums=(0, 1, 2, 3)))
-            timings[impl] = dict(fwd_ms=timed(jax.jit(f), *args, repeats=repeats),
-                                 fwd_bwd_ms=timed(grad, *args, repeats=repeats),
-                                 rel_err_out=err)  # fmt: skip
+            timings[impl] = dict(
+                fwd_ms=timed(jax.jit(f), *args, repeats=repeats),
+                fwd_bwd_ms=timed(grad, *args, repeats=repeats),
+                rel_err_out=err,
+            )
         # Bytes the forward must move at least: inputs and output once (the states stay on chip).
         item = jnp.dtype(dtype).itemsize
         io = (x.size * 3 + dt.size + B.size * 2) * item
         for impl, t in timings.items():
             speedup = timings["chunked"]["fwd_bwd_ms"] / t["fwd_bwd_ms"]
-            rows.append(dict(part="scan", kind=kind, shape=[batch, seq, width, state], impl=impl,
-                             **t, speedup_vs_chunked=speedup,
-                             fwd_gb_per_s=io / (t["fwd_ms"] * 1e-3) / 1e9))  # fmt: skip
-    print(f"\n## 4. selective scan and SSD, {jnp.dtype(dtype).name}, median of {repeats}; err "
-          "relative to the output scale vs the sequential float32 reference")  # fmt: skip
-    print("| scan | [b, L, width, state] | impl | fwd ms | fwd GB/s (in+out) | fwd+bwd ms | "
-          "speedup vs chunked XLA | rel err |")  # fmt: skip
+            rows.append(
+                dict(
+                    part="scan",
+                    kind=kind,
+                    shape=[batch, seq, width, state],
+                    impl=impl,
+                    **t,
+                    speedup_vs_chunked=speedup,
+                    fwd_gb_per_s=io / (t["fwd_ms"] * 1e-3) / 1e9,
+                )
+            )
+    print(
+        f"\n## 4. selective scan and SSD, {jnp.dtype(dtype).name}, median of {repeats}; err "
+        "relative to the output scale vs the sequential float32 reference"
+    )
+    print(
+        "| scan | [b, L, width, state] | impl | fwd ms | fwd GB/s (in+out) | fwd+bwd ms | "
+        "speedup vs chunked XLA | rel err |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['kind']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | "
-              f"{r['fwd_gb_per_s']:.1f} | {r['fwd_bwd_ms']:.3f} | "
-              f"{r['speedup_vs_chunked']:.2f}x | {r['rel_err_out']:.1e} |")  # fmt: skip
+        print(
+            f"| {r['kind']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | "
+            f"{r['fwd_gb_per_s']:.1f} | {r['fwd_bwd_ms']:.3f} | "
+            f"{r['speedup_vs_chunked']:.2f}x | {r['rel_err_out']:.1e} |"
+        )
     return rows
 
 
@@ -336,8 +416,10 @@ def main(argv):
     deadline = start + FLAGS.budget_s
     backend = jax.default_backend()
     if backend == "cpu" and not FLAGS.allow_cpu:
-        raise SystemExit(f"bench-gpu needs an accelerator; jax sees {jax.devices()} "
-                         "(pass --allow_cpu for a smoke run)")  # fmt: skip
+        raise SystemExit(
+            f"bench-gpu needs an accelerator; jax sees {jax.devices()} "
+            "(pass --allow_cpu for a smoke run)"
+        )
     interpret = backend == "cpu"
     dtype = jnp.float32 if interpret else jnp.bfloat16
     repeats = 2 if interpret else FLAGS.repeats
@@ -348,13 +430,23 @@ def main(argv):
         result["elapsed_s"] = time.perf_counter() - start
         write_json(FLAGS.out, result)
 
-    save(dense_part([(1, 128, 2, 32)] if interpret else [(4, 2048, 16, 64), (1, 8192, 16, 128)],
-                    dtype, interpret, repeats))  # fmt: skip
+    save(
+        dense_part(
+            [(1, 128, 2, 32)] if interpret else [(4, 2048, 16, 64), (1, 8192, 16, 128)],
+            dtype,
+            interpret,
+            repeats,
+        )
+    )
     if interpret:
         cases = [((1, 100, 4, 32), 2, "hash", 4), ((1, 100, 4, 32), 2, "qk", 0.5)]
     else:
-        cases = [((2, 1000, 8, 64), 2, "hash", 8), ((2, 1000, 8, 64), 2, "qk", 0.5),
-                 ((1, 2048, 4, 128), 4, "hash", 16), ((1, 2048, 4, 128), 4, "qk", 0.3)]  # fmt: skip
+        cases = [
+            ((2, 1000, 8, 64), 2, "hash", 8),
+            ((2, 1000, 8, 64), 2, "qk", 0.5),
+            ((1, 2048, 4, 128), 4, "hash", 16),
+            ((1, 2048, 4, 128), 4, "qk", 0.3),
+        ]
     save(correctness_part(cases, dtype, interpret))
     if interpret:
         seqs, full_seq, shape = (256,), 0, (1, 2, 32)
@@ -364,10 +456,12 @@ def main(argv):
     if interpret:
         scan_shapes = [("selective_scan", (1, 64, 32, 16)), ("ssd", (1, 64, 128, 32))]
     else:
-        scan_shapes = [("selective_scan", (8, 2048, 2048, 16)),
-                       ("ssd", (8, 2048, 2048, 128)),
-                       ("selective_scan", (2, 8192, 2048, 16)),
-                       ("ssd", (2, 8192, 2048, 128))]  # fmt: skip
+        scan_shapes = [
+            ("selective_scan", (8, 2048, 2048, 16)),
+            ("ssd", (8, 2048, 2048, 128)),
+            ("selective_scan", (2, 8192, 2048, 16)),
+            ("ssd", (2, 8192, 2048, 128)),
+        ]
     save(scan_part(scan_shapes, dtype, interpret, repeats, deadline + 120))
     print(f"wrote {FLAGS.out} ({time.perf_counter() - start:.0f} s)")
 

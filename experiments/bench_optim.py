@@ -49,8 +49,9 @@ def make_params(width: int, layers: int, vocab: int) -> dict:
         shapes[f"l{i}.down"] = (4 * width, width)
         shapes[f"l{i}.norm"] = (width,)
     keys = jax.random.split(key, len(shapes))
-    return {n: jax.random.normal(k, s) * 0.02 for (n, s), k in zip(shapes.items(), keys,
-                                                                   strict=True)}  # fmt: skip
+    return {
+        n: jax.random.normal(k, s) * 0.02 for (n, s), k in zip(shapes.items(), keys, strict=True)
+    }
 
 
 def state_bytes(state) -> int:
@@ -98,8 +99,10 @@ def main(argv):
     params = make_params(width, layers, vocab)
     n = sum(x.size for x in jax.tree.leaves(params))
     grads = jax.tree.map(lambda x: jnp.sin(x * 1000.0), params)
-    print(f"{n / 1e6:.1f}M float32 parameters in {len(params)} arrays; median of {repeats} "
-          f"steps (update + apply_updates, donated); {jax.default_backend()}")  # fmt: skip
+    print(
+        f"{n / 1e6:.1f}M float32 parameters in {len(params)} arrays; median of {repeats} "
+        f"steps (update + apply_updates, donated); {jax.default_backend()}"
+    )
     rows = time_optimizers(optimizers(), params, grads, repeats)
     base = rows["optax.adamw"]
     goals = {"jaxlab ademamix": 1.3, "jaxlab ademamix b1=0": 1.05}

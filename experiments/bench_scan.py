@@ -39,18 +39,22 @@ def scan_inputs(kind, seq, key):
     ks = jax.random.split(key, 6)
     if kind == "selective_scan":
         batch, dim, groups, state = 2, 256, 1, 16
-        args = (jax.random.normal(ks[0], (batch, seq, dim)),
-                0.1 * jax.random.normal(ks[1], (batch, seq, dim)),
-                -jnp.exp(jax.random.normal(ks[2], (dim, state))),
-                jax.random.normal(ks[3], (batch, seq, groups, state)),
-                jax.random.normal(ks[4], (batch, seq, groups, state)))  # fmt: skip
+        args = (
+            jax.random.normal(ks[0], (batch, seq, dim)),
+            0.1 * jax.random.normal(ks[1], (batch, seq, dim)),
+            -jnp.exp(jax.random.normal(ks[2], (dim, state))),
+            jax.random.normal(ks[3], (batch, seq, groups, state)),
+            jax.random.normal(ks[4], (batch, seq, groups, state)),
+        )
         return args, jax.random.normal(ks[5], (batch, seq, dim))
     batch, heads, head_dim, groups, state = 2, 8, 32, 1, 64
-    args = (jax.random.normal(ks[0], (batch, seq, heads, head_dim)),
-            0.1 * jax.random.normal(ks[1], (batch, seq, heads)),
-            -jnp.exp(jax.random.normal(ks[2], (heads,))),
-            jax.random.normal(ks[3], (batch, seq, groups, state)),
-            jax.random.normal(ks[4], (batch, seq, groups, state)))  # fmt: skip
+    args = (
+        jax.random.normal(ks[0], (batch, seq, heads, head_dim)),
+        0.1 * jax.random.normal(ks[1], (batch, seq, heads)),
+        -jnp.exp(jax.random.normal(ks[2], (heads,))),
+        jax.random.normal(ks[3], (batch, seq, groups, state)),
+        jax.random.normal(ks[4], (batch, seq, groups, state)),
+    )
     return args, jax.random.normal(ks[5], (batch, seq, heads, head_dim))
 
 
@@ -62,12 +66,14 @@ def scan_part(seqs, repeats):
             fns = {}
             for impl in ("sequential", "associative", "chunked"):
                 if kind == "selective_scan":
-                    fn = lambda *a, impl=impl: scan.selective_scan(*a, delta_softplus=True,  # noqa: E731
-                                                                   impl=impl, chunk=64)  # fmt: skip
+                    fn = lambda *a, impl=impl: scan.selective_scan(
+                        *a, delta_softplus=True, impl=impl, chunk=64
+                    )
                 else:
-                    fn = lambda *a, impl=impl: scan.ssd(*a, dt_softplus=True, impl=impl,  # noqa: E731
-                                                        chunk_size=64)  # fmt: skip
-                loss = lambda *a, fn=fn, ct=ct: jnp.sum(fn(*a) * ct)  # noqa: E731
+                    fn = lambda *a, impl=impl: scan.ssd(
+                        *a, dt_softplus=True, impl=impl, chunk_size=64
+                    )
+                loss = lambda *a, fn=fn, ct=ct: jnp.sum(fn(*a) * ct)
                 fns[impl] = (jax.jit(fn), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))))
             for fwd, bwd in fns.values():
                 jax.block_until_ready((fwd(*args), bwd(*args)))
@@ -79,32 +85,60 @@ def scan_part(seqs, repeats):
             base = [statistics.median(t) for t in times["sequential"]]
             for impl, (f, b) in times.items():
                 f, b = statistics.median(f), statistics.median(b)
-                rows.append(dict(kind=kind, seq=seq, impl=impl, forward_ms=f, fwd_bwd_ms=b,
-                                 forward_speedup=base[0] / f,
-                                 fwd_bwd_speedup=base[1] / b))  # fmt: skip
-                print(f"{kind:15s} seq {seq:5d} {impl:12s} fwd {f:9.2f} ms "
-                      f"({base[0] / f:5.2f}x)  fwd+bwd {b:9.2f} ms ({base[1] / b:5.2f}x)",
-                      flush=True)  # fmt: skip
+                rows.append(
+                    dict(
+                        kind=kind,
+                        seq=seq,
+                        impl=impl,
+                        forward_ms=f,
+                        fwd_bwd_ms=b,
+                        forward_speedup=base[0] / f,
+                        fwd_bwd_speedup=base[1] / b,
+                    )
+                )
+                print(
+                    f"{kind:15s} seq {seq:5d} {impl:12s} fwd {f:9.2f} ms "
+                    f"({base[0] / f:5.2f}x)  fwd+bwd {b:9.2f} ms ({base[1] / b:5.2f}x)",
+                    flush=True,
+                )
     return rows
 
 
 def generation_part(prompts, batch, new_tokens, repeats, small):
     width = dict(hidden_size=64 if small else 256, num_layers=2 if small else 4)
     transformer = models.TransformerConfig(
-        vocab_size=259, intermediate_size=4 * width["hidden_size"], num_heads=8, num_kv_heads=4,
-        max_seq_len=max(prompts) + new_tokens, tie_embeddings=True, **width,
-    )  # fmt: skip
-    mamba = models.MambaConfig(vocab_size=259, mixer="mamba1", expand=2, state_size=16,
-                               tie_embeddings=True, max_seq_len=max(prompts) + new_tokens,
-                               **width)  # fmt: skip
-    built = {name: models.build(c, nnx.Rngs(0)) for name, c in
-             (("Transformer", transformer), ("Mamba-1", mamba))}  # fmt: skip
+        vocab_size=259,
+        intermediate_size=4 * width["hidden_size"],
+        num_heads=8,
+        num_kv_heads=4,
+        max_seq_len=max(prompts) + new_tokens,
+        tie_embeddings=True,
+        **width,
+    )
+    mamba = models.MambaConfig(
+        vocab_size=259,
+        mixer="mamba1",
+        expand=2,
+        state_size=16,
+        tie_embeddings=True,
+        max_seq_len=max(prompts) + new_tokens,
+        **width,
+    )
+    built = {
+        name: models.build(c, nnx.Rngs(0))
+        for name, c in (("Transformer", transformer), ("Mamba-1", mamba))
+    }
     rows = []
     for prompt in prompts:
         tokens = np.random.default_rng(prompt).integers(0, 259, (batch, prompt)).astype(np.int32)
-        run = {name: (lambda m=m, tokens=tokens: jax.block_until_ready(
-                   generate(m, tokens, max_new_tokens=new_tokens, stop_tokens=()).tokens))
-               for name, m in built.items()}  # fmt: skip
+        run = {
+            name: (
+                lambda m=m, tokens=tokens: jax.block_until_ready(
+                    generate(m, tokens, max_new_tokens=new_tokens, stop_tokens=()).tokens
+                )
+            )
+            for name, m in built.items()
+        }
         for fn in run.values():
             fn()
         times = {name: [] for name in run}
@@ -114,12 +148,20 @@ def generation_part(prompts, batch, new_tokens, repeats, small):
                 fn()
                 times[name].append(time.perf_counter() - start)
         rate = {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
-        rows.append(dict(prompt=prompt, batch=batch, new_tokens=new_tokens,
-                         tokens_per_s=rate, mamba_over_transformer=rate["Mamba-1"] /
-                         rate["Transformer"]))  # fmt: skip
-        print(f"prompt {prompt:5d}: Transformer {rate['Transformer']:8.1f} tok/s, Mamba-1 "
-              f"{rate['Mamba-1']:8.1f} tok/s ({rows[-1]['mamba_over_transformer']:.2f}x)",
-              flush=True)  # fmt: skip
+        rows.append(
+            dict(
+                prompt=prompt,
+                batch=batch,
+                new_tokens=new_tokens,
+                tokens_per_s=rate,
+                mamba_over_transformer=rate["Mamba-1"] / rate["Transformer"],
+            )
+        )
+        print(
+            f"prompt {prompt:5d}: Transformer {rate['Transformer']:8.1f} tok/s, Mamba-1 "
+            f"{rate['Mamba-1']:8.1f} tok/s ({rows[-1]['mamba_over_transformer']:.2f}x)",
+            flush=True,
+        )
     return rows
 
 
@@ -130,16 +172,21 @@ def main(argv):
     seqs = (128,) if FLAGS.quick else (512, 1024, 4096)
     scans = scan_part(seqs, repeats)
     prompts = (32,) if FLAGS.quick else (128, 512, 2048)
-    gen = generation_part(prompts, 2 if FLAGS.quick else 8, 8 if FLAGS.quick else 64, repeats,
-                          FLAGS.quick)  # fmt: skip
-    print(f"\nCPU ({env['cpu_count']} cores), float32, median of {repeats}; speedup = "
-          "sequential time / time")  # fmt: skip
+    gen = generation_part(
+        prompts, 2 if FLAGS.quick else 8, 8 if FLAGS.quick else 64, repeats, FLAGS.quick
+    )
+    print(
+        f"\nCPU ({env['cpu_count']} cores), float32, median of {repeats}; speedup = "
+        "sequential time / time"
+    )
     print("| scan | seq | implementation | fwd ms | fwd speedup | fwd+bwd ms | fwd+bwd speedup |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for r in scans:
-        print(f"| {r['kind']} | {r['seq']} | {r['impl']} | {r['forward_ms']:.2f} | "
-              f"{r['forward_speedup']:.2f}x | {r['fwd_bwd_ms']:.2f} | "
-              f"{r['fwd_bwd_speedup']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['kind']} | {r['seq']} | {r['impl']} | {r['forward_ms']:.2f} | "
+            f"{r['forward_speedup']:.2f}x | {r['fwd_bwd_ms']:.2f} | "
+            f"{r['fwd_bwd_speedup']:.2f}x |"
+        )
     print(
         "\n| prompt | batch | new tokens | Transformer tok/s | Mamba-1 tok/s | "
         "Mamba / Transformer |"
@@ -147,8 +194,10 @@ def main(argv):
     print("|---:|---:|---:|---:|---:|---:|")
     for r in gen:
         t = r["tokens_per_s"]
-        print(f"| {r['prompt']} | {r['batch']} | {r['new_tokens']} | {t['Transformer']:.1f} | "
-              f"{t['Mamba-1']:.1f} | {r['mamba_over_transformer']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['prompt']} | {r['batch']} | {r['new_tokens']} | {t['Transformer']:.1f} | "
+            f"{t['Mamba-1']:.1f} | {r['mamba_over_transformer']:.2f}x |"
+        )
     write_json(FLAGS.out, dict(environment=env, repeats=repeats, scans=scans, generation=gen))
     print(f"wrote {FLAGS.out}")
 

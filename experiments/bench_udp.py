@@ -40,7 +40,7 @@ def setups():
             y,
             128,
             0.3,
-        ),  # fmt: skip
+        ),
         "lenet_28x28": (SmallCNN((28, 28, 1), 10, rngs=nnx.Rngs(0)), images, labels, 64, 0.1),
     }
 
@@ -53,10 +53,12 @@ def main(argv):
         apply_fn, params = functional(model)
         optimizer = optax.adam(1e-3)
         ball = dict(epsilon=eps, step_size=eps / FLAGS.steps, num_steps=FLAGS.steps)
-        methods = {"erm": (None, "clean"),
-                   "udp": (R.perturbation("udp", apply_fn, **ball), "perturbed"),
-                   "pgd": (R.perturbation("pgd", apply_fn, **ball), "perturbed"),
-                   "trades": (R.perturbation("trades", apply_fn, **ball), "trades")}  # fmt: skip
+        methods = {
+            "erm": (None, "clean"),
+            "udp": (R.perturbation("udp", apply_fn, **ball), "perturbed"),
+            "pgd": (R.perturbation("pgd", apply_fn, **ball), "perturbed"),
+            "trades": (R.perturbation("trades", apply_fn, **ball), "trades"),
+        }
         base = None
         for method, (transform, mode) in methods.items():
             step = R.make_train_step(apply_fn, optimizer, transform=transform, mode=mode)
@@ -73,8 +75,15 @@ def main(argv):
 
             ms = timed_median(epoch, repeats) / num_batches * 1e3
             base = ms if method == "erm" else base
-            rows.append(dict(model=name, method=method, ms_per_step=ms, ratio_to_erm=ms / base,
-                             ascent_steps=0 if transform is None else FLAGS.steps))  # fmt: skip
+            rows.append(
+                dict(
+                    model=name,
+                    method=method,
+                    ms_per_step=ms,
+                    ratio_to_erm=ms / base,
+                    ascent_steps=0 if transform is None else FLAGS.steps,
+                )
+            )
             print(f"{name:12s} {method:7s} {ms:8.2f} ms/step  x{ms / base:5.2f} vs ERM", flush=True)
     write_json(FLAGS.out, dict(environment=environment(), rows=rows))
 

@@ -177,16 +177,19 @@ QK_DROP_RATES = (0.2, 0.5, 0.8)
 
 def sparsity_sweep(hash_buckets=HASH_BUCKETS, drop_rates=QK_DROP_RATES):
     """[(label, kind, level)]: hash with ``level`` buckets, qk with drop rate ``level``."""
-    return ([(f"hash nb={n}", "hash", n) for n in hash_buckets]
-            + [(f"qk drop={p:.1f}", "qk", p) for p in drop_rates])  # fmt: skip
+    return [(f"hash nb={n}", "hash", n) for n in hash_buckets] + [
+        (f"qk drop={p:.1f}", "qk", p) for p in drop_rates
+    ]
 
 
 def sparse_inputs(kind: str, level, batch: int, seq: int, heads: int, kv_heads: int, seed=0):
     """Random bucket ids (uniform over ``level`` buckets) or keep masks (drop rate ``level``)."""
     rng = np.random.default_rng(seed)
     if kind == "hash":
-        return (rng.integers(0, level, (batch, seq, heads), dtype=np.int32),
-                rng.integers(0, level, (batch, seq, kv_heads), dtype=np.int32))  # fmt: skip
+        return (
+            rng.integers(0, level, (batch, seq, heads), dtype=np.int32),
+            rng.integers(0, level, (batch, seq, kv_heads), dtype=np.int32),
+        )
     return (rng.random((batch, seq, heads)) >= level, rng.random((batch, seq, kv_heads)) >= level)
 
 

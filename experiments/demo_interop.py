@@ -28,9 +28,11 @@ from jaxlab.interop.hf import load_hf_llama, save_hf_llama
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Directory for the checkpoint, report and plot.")
 config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_interop.py"),
-    "Demo configuration.", lock_config=True,
-)  # fmt: skip
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "configs", "demo_interop.py"),
+    "Demo configuration.",
+    lock_config=True,
+)
 
 
 def _transformers_logits(path: str, tokens: np.ndarray) -> np.ndarray | None:
@@ -50,8 +52,10 @@ def main(argv):
     config, workdir = FLAGS.config, FLAGS.workdir
     os.makedirs(workdir, exist_ok=True)
     tokenizer = ByteTokenizer()
-    print(f"[1/5] building a {config.model.num_layers}-layer, {config.model.hidden_size}-wide "
-          f"Llama (vocab {config.model.vocab_size}) on {jax.default_backend()}")  # fmt: skip
+    print(
+        f"[1/5] building a {config.model.num_layers}-layer, {config.model.hidden_size}-wide "
+        f"Llama (vocab {config.model.vocab_size}) on {jax.default_backend()}"
+    )
     model = models.build(config.model, nnx.Rngs(config.seed))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
@@ -70,9 +74,14 @@ def main(argv):
     plot = None
     if hf is not None:
         plot = os.path.join(workdir, "logits_agreement.png")
-        scatter_agreement(hf.ravel(), ours.ravel(), "transformers logits", "jaxlab logits",
-                          f"{tokens.shape[1]} positions x {ours.shape[-1]} vocab; max |diff| "
-                          f"{diff_hf:.2e}", plot)  # fmt: skip
+        scatter_agreement(
+            hf.ravel(),
+            ours.ravel(),
+            "transformers logits",
+            "jaxlab logits",
+            f"{tokens.shape[1]} positions x {ours.shape[-1]} vocab; max |diff| {diff_hf:.2e}",
+            plot,
+        )
 
     print("[4/5] generating (greedy, then nucleus sampling)")
     prompt = np.asarray([tokenizer.encode(config.prompt, add_bos=True)])
@@ -80,12 +89,24 @@ def main(argv):
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p)
     batch = np.repeat(prompt, config.num_samples, axis=0)
     # Same static arguments for both calls, so the second one is timed without compilation.
-    sampled = generate(reloaded, batch, max_new_tokens=config.max_new_tokens, sampling=sampling,
-                       rng=jax.random.PRNGKey(config.seed), stop_tokens=())  # fmt: skip
+    sampled = generate(
+        reloaded,
+        batch,
+        max_new_tokens=config.max_new_tokens,
+        sampling=sampling,
+        rng=jax.random.PRNGKey(config.seed),
+        stop_tokens=(),
+    )
     jax.block_until_ready(sampled.tokens)
     start = time.perf_counter()
-    timed = generate(reloaded, batch, max_new_tokens=config.max_new_tokens, sampling=sampling,
-                     rng=jax.random.PRNGKey(config.seed + 1), stop_tokens=())  # fmt: skip
+    timed = generate(
+        reloaded,
+        batch,
+        max_new_tokens=config.max_new_tokens,
+        sampling=sampling,
+        rng=jax.random.PRNGKey(config.seed + 1),
+        stop_tokens=(),
+    )
     jax.block_until_ready(timed.tokens)
     seconds = time.perf_counter() - start
     tok_per_s = config.num_samples * config.max_new_tokens / seconds

@@ -27,9 +27,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics, plot, report.")
 flags.DEFINE_string("prompt", "def main(argv):\n    ", "Text the generated samples start from.")
 config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "lm_tiny.py"),
-    "Training configuration.", lock_config=True,
-)  # fmt: skip
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "configs", "lm_tiny.py"),
+    "Training configuration.",
+    lock_config=True,
+)
 
 
 def unigram_perplexity(config, tokenizer, eval_data) -> float:
@@ -64,17 +66,23 @@ def main(argv):
     evals = [r for r in records if "eval_loss" in r]
     before, after = evals[0], evals[-1]
 
-    eval_data = pipeline.eval_batches(config.data, exp.tokenizer, config.seq_len,
-                                      config.batch_size, config.eval_batches)  # fmt: skip
+    eval_data = pipeline.eval_batches(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, config.eval_batches
+    )
     print("computing the unigram baseline on the same held-out tokens")
     unigram = unigram_perplexity(config, exp.tokenizer, eval_data)
 
     model = nnx.merge(exp.graphdef, summary["state"].params)
     prompt = np.asarray([exp.tokenizer.encode(FLAGS.prompt, add_bos=True)] * 2)
     max_new = min(200, exp.model_config.max_seq_len - prompt.shape[1])
-    out = generate(model, prompt, max_new_tokens=max_new, stop_tokens=(exp.tokenizer.eos_id,),
-                   sampling=SamplingConfig(temperature=0.7, top_p=0.95),
-                   rng=jax.random.PRNGKey(config.seed))  # fmt: skip
+    out = generate(
+        model,
+        prompt,
+        max_new_tokens=max_new,
+        stop_tokens=(exp.tokenizer.eos_id,),
+        sampling=SamplingConfig(temperature=0.7, top_p=0.95),
+        rng=jax.random.PRNGKey(config.seed),
+    )
     samples = [
         FLAGS.prompt + exp.tokenizer.decode(np.asarray(out.tokens[i, : int(out.lengths[i])]))
         for i in range(2)

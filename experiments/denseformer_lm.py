@@ -60,7 +60,7 @@ def decode_tokens_per_s(summary, batch: int, new_tokens: int) -> float:
     exp = summary["experiment"]
     model = nnx.merge(exp.graphdef, summary["state"].params)
     prompts = np.full((batch, 16), exp.tokenizer.bos_id, np.int32)
-    run = lambda: jax.block_until_ready(  # noqa: E731
+    run = lambda: jax.block_until_ready(
         generate(model, prompts, max_new_tokens=new_tokens, stop_tokens=()).tokens
     )
     run()
@@ -89,7 +89,7 @@ def main(argv):
             parameters=int(params),
             decode_tokens_per_s=decode_tokens_per_s(
                 summary, FLAGS.decode_batch, FLAGS.decode_tokens
-            ),  # fmt: skip
+            ),
         )
         if dwa is not None:
             exp = summary["experiment"]
@@ -97,9 +97,12 @@ def main(argv):
             matrix = model.dwa.weight_matrix()
             results[name]["dwa_weights"] = np.where(np.isnan(matrix), None, matrix).tolist()
             tag = f"{dwa['dilation']}x{dwa['period']}"
-            plot_dwa_weights(matrix, f"learned DWA weights, {tag} DenseFormer, L={layers}",
-                             os.path.join(workdir, f"dwa_weights_{tag}.png"),
-                             dwa_positions(layers, DWAConfig(**dwa)))  # fmt: skip
+            plot_dwa_weights(
+                matrix,
+                f"learned DWA weights, {tag} DenseFormer, L={layers}",
+                os.path.join(workdir, f"dwa_weights_{tag}.png"),
+                dwa_positions(layers, DWAConfig(**dwa)),
+            )
 
     names = list(results)
     dense, deep = names[1], names[3]
@@ -117,7 +120,7 @@ def main(argv):
             f"| {n} | {r['parameters']:,} | {r['eval_loss']:.4f} | "
             f"{r['decode_tokens_per_s']:,.0f} |"
             for n, r in results.items()
-        ),  # fmt: skip
+        ),
         "",
         f"{dense} decodes at {speedup:.2f}x the speed of {deep}; held-out loss "
         f"{results[dense]['eval_loss']:.4f} vs "

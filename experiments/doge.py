@@ -57,8 +57,9 @@ def per_domain_perplexity(summary, config, domains, eval_batches):
     for domain in domains:
         data = copy.deepcopy(config.data)
         data.sources, data.weights, data.weights_file = (f"embedded:{domain}",), (), ""
-        batches = pipeline.eval_batches(data, exp.tokenizer, config.seq_len, config.batch_size,
-                                        eval_batches)  # fmt: skip
+        batches = pipeline.eval_batches(
+            data, exp.tokenizer, config.seq_len, config.batch_size, eval_batches
+        )
         loss = loop.evaluate(exp, summary["state"].params, batches, eval_step)["eval_loss"]
         out[domain] = math.exp(loss)
     return out
@@ -78,13 +79,29 @@ def corpus_seed(c, workdir, seed):
         return run_dir
 
     uniform_dir = train("uniform", corpus_config(c, seed, sources=domains, weights=[1.0] * k))
-    doge_dir = train("doge_proxy", corpus_config(
-        c, seed, sources=(*domains, target),
-        mixer=dict(name="doge", mu=c.mu, target_sources=(target,))))  # fmt: skip
-    doremi_dir = train("doremi_proxy", corpus_config(
-        c, seed, sources=domains,
-        mixer=dict(name="doremi", step_size=c.doremi_step_size, smoothing=c.doremi_smoothing,
-                   reference_workdir=uniform_dir)))  # fmt: skip
+    doge_dir = train(
+        "doge_proxy",
+        corpus_config(
+            c,
+            seed,
+            sources=(*domains, target),
+            mixer=dict(name="doge", mu=c.mu, target_sources=(target,)),
+        ),
+    )
+    doremi_dir = train(
+        "doremi_proxy",
+        corpus_config(
+            c,
+            seed,
+            sources=domains,
+            mixer=dict(
+                name="doremi",
+                step_size=c.doremi_step_size,
+                smoothing=c.doremi_smoothing,
+                reference_workdir=uniform_dir,
+            ),
+        ),
+    )
     weights = {"uniform": dict(zip(domains, [1.0 / k] * k, strict=True))}
     for name, run_dir in (("doge", doge_dir), ("doremi", doremi_dir)):
         weights_file = os.path.join(run_dir, "domain_weights.json")
@@ -95,8 +112,9 @@ def corpus_seed(c, workdir, seed):
     perplexity = {}
     for name, run in (("uniform", "uniform"), ("doge", "base_doge"), ("doremi", "base_doremi")):
         summary, config, _ = runs[run]
-        perplexity[name] = per_domain_perplexity(summary, config, (*domains, target),
-                                                 c.eval_batches)  # fmt: skip
+        perplexity[name] = per_domain_perplexity(
+            summary, config, (*domains, target), c.eval_batches
+        )
     trajectories = {}
     for name in ("doge_proxy", "doremi_proxy"):
         metrics = loop.read_metrics(runs[name][2])
@@ -108,8 +126,11 @@ def corpus_seed(c, workdir, seed):
 
 def corpus(c, workdir):
     """``corpus_seed`` for every seed in ``c.seeds``."""
-    return dict(seeds=[corpus_seed(c, workdir, seed) for seed in c.seeds],
-                domains=list(c.domains), target=c.target)  # fmt: skip
+    return dict(
+        seeds=[corpus_seed(c, workdir, seed) for seed in c.seeds],
+        domains=list(c.domains),
+        target=c.target,
+    )
 
 
 def plot(workdir, synthetic_results, corpus_result):
@@ -138,8 +159,10 @@ def plot(workdir, synthetic_results, corpus_result):
     for ax, (name, t) in zip(axes, first_seed["trajectories"].items(), strict=True):
         for domain, values in t["weights"].items():
             ax.plot(t["steps"], values, label=domain)
-        ax.set_title(f"corpus {name}, seed {first_seed['seed']} (target "
-                     f"{corpus_result['target']})", fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"corpus {name}, seed {first_seed['seed']} (target {corpus_result['target']})",
+            fontsize=9,
+        )
         ax.set_xlabel("step")
         ax.set_ylabel("domain weight")
         ax.legend(fontsize=7)
@@ -150,53 +173,82 @@ def plot(workdir, synthetic_results, corpus_result):
 
 def report(config, synthetic_results, corpus_result):
     s = config.synthetic
-    lines = ["# DoGE against uniform and DoReMi weights", "",
-             "## Generated domains (roles: a seeded permutation per seed)", "",
-             f"MLP {tuple(s.hidden)} proxy, {s.proxy_steps} steps, batch {s.batch_size} per "
-             f"domain, Adam {s.learning_rate} cosine to x{s.final_lr_ratio}; DoGE mu "
-             f"{s.mu_ood} (OOD) / {s.mu_universal} (universal), scores clipped to "
-             f"{tuple(s.score_clip)} x lr; DoReMi step {s.doremi_step_size}, smoothing "
-             f"{s.doremi_smoothing}, reference = the uniform proxy. Averaged weights by role "
-             "(related = the two related domains summed).", "",
-             "| seed | method | related (2) | duplicate | unrelated | noise |",
-             "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "# DoGE against uniform and DoReMi weights",
+        "",
+        "## Generated domains (roles: a seeded permutation per seed)",
+        "",
+        f"MLP {tuple(s.hidden)} proxy, {s.proxy_steps} steps, batch {s.batch_size} per "
+        f"domain, Adam {s.learning_rate} cosine to x{s.final_lr_ratio}; DoGE mu "
+        f"{s.mu_ood} (OOD) / {s.mu_universal} (universal), scores clipped to "
+        f"{tuple(s.score_clip)} x lr; DoReMi step {s.doremi_step_size}, smoothing "
+        f"{s.doremi_smoothing}, reference = the uniform proxy. Averaged weights by role "
+        "(related = the two related domains summed).",
+        "",
+        "| seed | method | related (2) | duplicate | unrelated | noise |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for r in synthetic_results:
         for method in r["weights"]:
             shares = doge_synthetic.role_shares(r, method)
-            lines.append(f"| {r['seed']} | {method} | {shares['related']:.3f} | "
-                         f"{shares['duplicate']:.3f} | {shares['unrelated']:.3f} | "
-                         f"{shares['noise']:.3f} |")  # fmt: skip
-    lines += ["", "Score signs (DoGE-OOD proxy at the end): domains whose score "
-              "<g_i, g_target> has the opposite sign of the central finite difference "
-              f"L_T(theta - h g_i) - L_T(theta + h g_i), h = {s.fd_step}:", ""]  # fmt: skip
+            lines.append(
+                f"| {r['seed']} | {method} | {shares['related']:.3f} | "
+                f"{shares['duplicate']:.3f} | {shares['unrelated']:.3f} | "
+                f"{shares['noise']:.3f} |"
+            )
+    lines += [
+        "",
+        "Score signs (DoGE-OOD proxy at the end): domains whose score "
+        "<g_i, g_target> has the opposite sign of the central finite difference "
+        f"L_T(theta - h g_i) - L_T(theta + h g_i), h = {s.fd_step}:",
+        "",
+    ]
     for r in synthetic_results:
         ratio = np.asarray(r["signs"]["changes"]) / (
             -2 * s.fd_step * np.asarray(r["signs"]["scores"])
         )
-        lines.append(f"- seed {r['seed']}: {r['signs']['agree']}/{len(r['roles'])} agree; "
-                     f"finite difference / (-2 h score) = "
-                     f"{np.round(ratio, 3).tolist()}")  # fmt: skip
-    lines += ["", f"Target loss of a fresh MLP trained {s.base_steps} steps on batches sampled "
-              "with each weight vector (held-out target sample of 20000):", "",
-              "| seed | uniform | DoGE-OOD | DoReMi |", "|---:|---:|---:|---:|"]  # fmt: skip
+        lines.append(
+            f"- seed {r['seed']}: {r['signs']['agree']}/{len(r['roles'])} agree; "
+            f"finite difference / (-2 h score) = "
+            f"{np.round(ratio, 3).tolist()}"
+        )
+    lines += [
+        "",
+        f"Target loss of a fresh MLP trained {s.base_steps} steps on batches sampled "
+        "with each weight vector (held-out target sample of 20000):",
+        "",
+        "| seed | uniform | DoGE-OOD | DoReMi |",
+        "|---:|---:|---:|---:|",
+    ]
     for r in synthetic_results:
         t = r["target_loss"]
-        lines.append(f"| {r['seed']} | {t['uniform']:.4f} | {t['doge-ood']:.4f} | "
-                     f"{t['doremi']:.4f} |")  # fmt: skip
-    means = {m: [r["target_loss"][m] for r in synthetic_results] for m in ("uniform", "doge-ood",
-                                                                            "doremi")}  # fmt: skip
-    lines.append("| mean +- std | " + " | ".join(f"{np.mean(v):.4f} +- {np.std(v):.4f}"
-                                                 for v in means.values()) + " |")  # fmt: skip
+        lines.append(
+            f"| {r['seed']} | {t['uniform']:.4f} | {t['doge-ood']:.4f} | {t['doremi']:.4f} |"
+        )
+    means = {
+        m: [r["target_loss"][m] for r in synthetic_results]
+        for m in ("uniform", "doge-ood", "doremi")
+    }
+    lines.append(
+        "| mean +- std | "
+        + " | ".join(f"{np.mean(v):.4f} +- {np.std(v):.4f}" for v in means.values())
+        + " |"
+    )
     if corpus_result is not None:
         c = config.corpus
         domains, target = corpus_result["domains"], corpus_result["target"]
-        lines += ["", f"## Embedded corpus: domains {domains}, OOD target {target}", "",
-                  f"Byte-level Llama ({c.lm.model.num_layers} layers, {c.lm.model.hidden_size} "
-                  f"wide), {c.steps} steps for every run, batch {c.lm.batch_size} x "
-                  f"{c.lm.seq_len}; DoGE-OOD mu {c.mu}; DoReMi step {c.doremi_step_size}, "
-                  f"smoothing {c.doremi_smoothing}, reference = the uniform base run.", "",
-                  "| weights (mean over seeds) | " + " | ".join(domains) + " |",
-                  "|---|" + "---:|" * len(domains)]  # fmt: skip
+        lines += [
+            "",
+            f"## Embedded corpus: domains {domains}, OOD target {target}",
+            "",
+            f"Byte-level Llama ({c.lm.model.num_layers} layers, {c.lm.model.hidden_size} "
+            f"wide), {c.steps} steps for every run, batch {c.lm.batch_size} x "
+            f"{c.lm.seq_len}; DoGE-OOD mu {c.mu}; DoReMi step {c.doremi_step_size}, "
+            f"smoothing {c.doremi_smoothing}, reference = the uniform base run.",
+            "",
+            "| weights (mean over seeds) | " + " | ".join(domains) + " |",
+            "|---|" + "---:|" * len(domains),
+        ]
         seeds = corpus_result["seeds"]
         for name in seeds[0]["weights"]:
             mean = {d: np.mean([r["weights"][name][d] for r in seeds]) for d in domains}
@@ -208,17 +260,24 @@ def report(config, synthetic_results, corpus_result):
                     + " | ".join(f"{r['weights'][name][d]:.3f}" for d in domains)
                     + " |"
                 )
-        lines += ["", f"Validation perplexity of the base models (byte level), mean +- std over "
-                  f"seeds {tuple(c.seeds)}:", "",
-                  "| base model | " + " | ".join(domains) + f" | average | {target} (OOD) |",
-                  "|---|" + "---:|" * (len(domains) + 2)]  # fmt: skip
+        lines += [
+            "",
+            f"Validation perplexity of the base models (byte level), mean +- std over "
+            f"seeds {tuple(c.seeds)}:",
+            "",
+            "| base model | " + " | ".join(domains) + f" | average | {target} (OOD) |",
+            "|---|" + "---:|" * (len(domains) + 2),
+        ]
         for name in seeds[0]["perplexity"]:
             per_seed = [r["perplexity"][name] for r in seeds]
             columns = [[p[d] for p in per_seed] for d in domains]
             columns.append([np.mean([p[d] for d in domains]) for p in per_seed])
             columns.append([p[target] for p in per_seed])
-            lines.append(f"| {name} | " + " | ".join(f"{np.mean(v):.3f} +- {np.std(v):.3f}"
-                                                     for v in columns) + " |")  # fmt: skip
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{np.mean(v):.3f} +- {np.std(v):.3f}" for v in columns)
+                + " |"
+            )
     lines += ["", "![synthetic weights](synthetic_weights.png)"]
     if corpus_result is not None:
         lines.append("![corpus weights](corpus_weights.png)")

@@ -36,8 +36,12 @@ def domain_batches(task, batch_size, rng):
     while True:
         parts = [synthetic.sample_domain(task, i, batch_size, rng) for i in range(k)]
         tx, ty = synthetic.sample_domain(task, "target", batch_size, rng)
-        yield {"x": np.stack([p[0] for p in parts]), "y": np.stack([p[1] for p in parts]),
-               "target_x": tx, "target_y": ty}  # fmt: skip
+        yield {
+            "x": np.stack([p[0] for p in parts]),
+            "y": np.stack([p[1] for p in parts]),
+            "target_x": tx,
+            "target_y": ty,
+        }
 
 
 def train_proxy(task, c, method: str, seed: int, reference_params=None):
@@ -61,14 +65,19 @@ def train_proxy(task, c, method: str, seed: int, reference_params=None):
 
     if method.startswith("doge"):
         objective = method.split("-")[1]
-        mixer = mixing.doge(num_domains=k, mu=c.mu_ood if objective == "ood" else c.mu_universal,
-                            lr_schedule=schedule, objective=objective,
-                            score_clip=tuple(c.score_clip))  # fmt: skip
+        mixer = mixing.doge(
+            num_domains=k,
+            mu=c.mu_ood if objective == "ood" else c.mu_universal,
+            lr_schedule=schedule,
+            objective=objective,
+            score_clip=tuple(c.score_clip),
+        )
         targets = target_losses if objective == "ood" else None
         step = mixing.make_doge_step(domain_losses, optimizer, mixer, target_losses=targets)
     elif method == "doremi":
-        mixer = mixing.doremi(num_domains=k, step_size=c.doremi_step_size,
-                              smoothing=c.doremi_smoothing)  # fmt: skip
+        mixer = mixing.doremi(
+            num_domains=k, step_size=c.doremi_step_size, smoothing=c.doremi_smoothing
+        )
         step = mixing.make_doremi_step(example_losses, optimizer, mixer, reference_params)
     elif method == "uniform":
         mixer = mixing.doge(num_domains=k, mu=1.0, lr_schedule=0.0)  # lr 0: weights stay uniform
@@ -82,9 +91,14 @@ def train_proxy(task, c, method: str, seed: int, reference_params=None):
     for _ in range(c.proxy_steps):
         state, metrics = step(state, next(data))
         trajectory.append(metrics["weights"])
-    return dict(params=state.params, average=np.asarray(mixing.averaged_weights(state.mixer)),
-                trajectory=np.asarray(jax.device_get(trajectory)), apply_fn=apply_fn,
-                domain_losses=domain_losses, target_losses=target_losses)  # fmt: skip
+    return dict(
+        params=state.params,
+        average=np.asarray(mixing.averaged_weights(state.mixer)),
+        trajectory=np.asarray(jax.device_get(trajectory)),
+        apply_fn=apply_fn,
+        domain_losses=domain_losses,
+        target_losses=target_losses,
+    )
 
 
 def score_signs(task, proxy, c, seed):
@@ -98,30 +112,36 @@ def score_signs(task, proxy, c, seed):
     apply_fn = proxy["apply_fn"]
     with jax.enable_x64(True):
         params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), proxy["params"])
-        batch = {k: jnp.asarray(v, jnp.float64) if v.dtype.kind == "f" else jnp.asarray(v)
-                 for k, v in batch.items()}  # fmt: skip
+        batch = {
+            k: jnp.asarray(v, jnp.float64) if v.dtype.kind == "f" else jnp.asarray(v)
+            for k, v in batch.items()
+        }
         tx = jnp.asarray(tx, jnp.float64)
         _, grads = mixing.domain_gradients(lambda p: proxy["domain_losses"](p, batch), params)
         target = jax.grad(lambda p: ce(apply_fn, p, tx, ty))(params)
         flat_target = mixing.flatten_selected(jax.tree.map(lambda t: t[None], target))[0]
-        scores = np.asarray(jnp.asarray(mixing.flatten_selected(grads), jnp.float64)
-                            @ flat_target)  # fmt: skip
+        scores = np.asarray(jnp.asarray(mixing.flatten_selected(grads), jnp.float64) @ flat_target)
         changes = []
         for i in range(len(task.roles)):
-            step = lambda sign, i=i: jax.tree.map(lambda p, g: p + sign * c.fd_step * g[i],  # noqa: E731
-                                                  params, grads)  # fmt: skip
+            step = lambda sign, i=i: jax.tree.map(
+                lambda p, g: p + sign * c.fd_step * g[i], params, grads
+            )
             changes.append(float(ce(apply_fn, step(-1), tx, ty) - ce(apply_fn, step(1), tx, ty)))
     changes = np.asarray(changes)
-    return dict(scores=scores.tolist(), changes=changes.tolist(),
-                agree=int(np.sum(np.sign(scores) == -np.sign(changes))))  # fmt: skip
+    return dict(
+        scores=scores.tolist(),
+        changes=changes.tolist(),
+        agree=int(np.sum(np.sign(scores) == -np.sign(changes))),
+    )
 
 
 def train_base(task, weights, c, seed):
     """A fresh model on batches whose domains are drawn from ``weights``; the target's held-out
     loss at the end."""
     apply_fn, params = model(task, c.hidden, 1000 + seed)
-    optimizer = optax.adam(optax.cosine_decay_schedule(c.learning_rate, c.base_steps,
-                                                       alpha=c.final_lr_ratio))  # fmt: skip
+    optimizer = optax.adam(
+        optax.cosine_decay_schedule(c.learning_rate, c.base_steps, alpha=c.final_lr_ratio)
+    )
 
     @jax.jit
     def step(params, opt_state, x, y):

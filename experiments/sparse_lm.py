@@ -76,8 +76,11 @@ def main(argv):
             seq_len=config.seq_len,
             batch_size=config.batch_size,
         )
-    plot_loss_curves(curves, os.path.join(workdir, "loss.png"),
-                     "tiny LM, dense vs sparse attention (same data and steps)")  # fmt: skip
+    plot_loss_curves(
+        curves,
+        os.path.join(workdir, "loss.png"),
+        "tiny LM, dense vs sparse attention (same data and steps)",
+    )
     dense = results["dense"]
     cfg = next(iter(results.values()))
 

@@ -26,13 +26,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)  # fmt: skip
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep library INFO lines out of the progress bar
     if jax.process_count() > 1:
-        print(f"process {jax.process_index()} of {jax.process_count()}: "
-              f"{jax.local_device_count()} local devices of {jax.device_count()}")  # fmt: skip
+        print(
+            f"process {jax.process_index()} of {jax.process_count()}: "
+            f"{jax.local_device_count()} local devices of {jax.device_count()}"
+        )
     summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if "eval" in summary:
         print(f"final eval: {summary['eval']}")

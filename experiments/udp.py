@@ -32,13 +32,36 @@ config_flags.DEFINE_config_file("config", "configs/udp.py", "Experiment configur
 FLAGS = flags.FLAGS
 
 
-def run(apply_fn, params, optimizer, data, steps, *, method=None, mode="perturbed", seed=0,
-        log_every=0, callback=None, progress="", **perturb):  # fmt: skip
+def run(
+    apply_fn,
+    params,
+    optimizer,
+    data,
+    steps,
+    *,
+    method=None,
+    mode="perturbed",
+    seed=0,
+    log_every=0,
+    callback=None,
+    progress="",
+    **perturb,
+):
     transform = None if method is None else R.perturbation(method, apply_fn, **perturb)
-    step = R.make_train_step(apply_fn, optimizer, transform=transform,
-                             mode="clean" if method is None else mode)  # fmt: skip
-    return R.train(step, params, optimizer, data, num_steps=steps, seed=seed, log_every=log_every,
-                   callback=callback, progress=progress)  # fmt: skip
+    step = R.make_train_step(
+        apply_fn, optimizer, transform=transform, mode="clean" if method is None else mode
+    )
+    return R.train(
+        step,
+        params,
+        optimizer,
+        data,
+        num_steps=steps,
+        seed=seed,
+        log_every=log_every,
+        callback=callback,
+        progress=progress,
+    )
 
 
 def margins(config):
@@ -57,36 +80,63 @@ def margins(config):
         methods = {"erm": dict(method=None)}
         for f in c.eps_factors:
             eps = f * svm.margin
-            ball = dict(epsilon=eps, step_size=eps / c.num_steps, num_steps=c.num_steps,
-                        norm=c.norm)  # fmt: skip
+            ball = dict(
+                epsilon=eps, step_size=eps / c.num_steps, num_steps=c.num_steps, norm=c.norm
+            )
             methods[f"pgd {f}"] = dict(method="pgd", random_start=False, **ball)
             methods[f"udp {f}"] = dict(method="udp", random_stop=True, **ball)
         for name, kw in methods.items():
             optimizer = optax.sgd(c.learning_rate)
-            result = run(apply_fn, params0, optimizer, R.batches(x, data.y, None, seed), c.steps,
-                         seed=seed, log_every=c.log_every, callback=ratio, **kw)  # fmt: skip
+            result = run(
+                apply_fn,
+                params0,
+                optimizer,
+                R.batches(x, data.y, None, seed),
+                c.steps,
+                seed=seed,
+                log_every=c.log_every,
+                callback=ratio,
+                **kw,
+            )
             steps, values = zip(*result.history, strict=True)
             curves.setdefault(name, []).append(values)
             reach = next((s for s, v in zip(steps, values, strict=True) if v >= 0.95), None)
-            row = dict(seed=seed, method=name, ratio=values[-1], first_095=reach,
-                       ratio_at_1000=values[steps.index(1000)] if 1000 in steps else None,
-                       svm_gap=svm.gap)  # fmt: skip
+            row = dict(
+                seed=seed,
+                method=name,
+                ratio=values[-1],
+                first_095=reach,
+                ratio_at_1000=values[steps.index(1000)] if 1000 in steps else None,
+                svm_gap=svm.gap,
+            )
             if kw["method"] is not None:  # does the perturbation cross the final boundary?
-                moved = R.perturbation(kw["method"], apply_fn, **{k: v for k, v in kw.items()
-                                                                 if k != "method"})  # fmt: skip
-                batch = moved(result.params, {"x": jnp.asarray(x), "y": jnp.asarray(data.y)},
-                              jax.random.PRNGKey(seed))  # fmt: skip
+                moved = R.perturbation(
+                    kw["method"], apply_fn, **{k: v for k, v in kw.items() if k != "method"}
+                )
+                batch = moved(
+                    result.params,
+                    {"x": jnp.asarray(x), "y": jnp.asarray(data.y)},
+                    jax.random.PRNGKey(seed),
+                )
                 row["flipped"] = R.flip_fraction(apply_fn, result.params, x, batch["x_perturbed"])
             if name.startswith("udp") and float(name.split()[1]) > 1:  # longer: to convergence
-                long = run(apply_fn, params0, optax.sgd(c.learning_rate),
-                           R.batches(x, data.y, None, seed), c.long_steps, seed=seed,
-                           callback=ratio, **kw)  # fmt: skip
+                long = run(
+                    apply_fn,
+                    params0,
+                    optax.sgd(c.learning_rate),
+                    R.batches(x, data.y, None, seed),
+                    c.long_steps,
+                    seed=seed,
+                    callback=ratio,
+                    **kw,
+                )
                 row["ratio_long"] = long.history[-1][1]
             rows.append(row)
         done = [f"{r['method']} {r['ratio']:.3f}" for r in rows if r["seed"] == seed]
         print(f"margin seed {seed}: " + ", ".join(done), flush=True)
-    return dict(curves={k: np.asarray(v) for k, v in curves.items()}, rows=rows,
-                steps=np.asarray(steps))  # fmt: skip
+    return dict(
+        curves={k: np.asarray(v) for k, v in curves.items()}, rows=rows, steps=np.asarray(steps)
+    )
 
 
 def slabs(config):
@@ -99,19 +149,42 @@ def slabs(config):
         apply_fn, params0 = functional(MLPClassifier(2, tuple(c.hidden), 2, rngs=nnx.Rngs(seed)))
         methods = {"erm": dict(method=None)}
         for eps in c.udp_epsilons:
-            methods[f"udp {eps}"] = dict(method="udp", epsilon=eps, step_size=eps / c.num_steps,
-                                         num_steps=c.num_steps, norm=c.norm)  # fmt: skip
+            methods[f"udp {eps}"] = dict(
+                method="udp",
+                epsilon=eps,
+                step_size=eps / c.num_steps,
+                num_steps=c.num_steps,
+                norm=c.norm,
+            )
         eps = c.pgd_epsilon
-        methods[f"pgd {eps}"] = dict(method="pgd", epsilon=eps, step_size=2.5 * eps / c.num_steps,
-                                     num_steps=c.num_steps, norm=c.norm)  # fmt: skip
+        methods[f"pgd {eps}"] = dict(
+            method="pgd",
+            epsilon=eps,
+            step_size=2.5 * eps / c.num_steps,
+            num_steps=c.num_steps,
+            norm=c.norm,
+        )
         for name, kw in methods.items():
-            result = run(apply_fn, params0, optax.adam(c.learning_rate),
-                         R.batches(x, y, c.batch_size, seed), c.steps, seed=seed, **kw)  # fmt: skip
+            result = run(
+                apply_fn,
+                params0,
+                optax.adam(c.learning_rate),
+                R.batches(x, y, c.batch_size, seed),
+                c.steps,
+                seed=seed,
+                **kw,
+            )
             p = result.params
             shuffled = [R.randomized_feature_accuracy(apply_fn, p, xt, yt, [i]) for i in (0, 1)]
-            rows.append(dict(seed=seed, method=name, clean=R.accuracy(apply_fn, p, xt, yt),
-                             simple_shuffled=shuffled[0],
-                             complex_shuffled=shuffled[1]))  # fmt: skip
+            rows.append(
+                dict(
+                    seed=seed,
+                    method=name,
+                    clean=R.accuracy(apply_fn, p, xt, yt),
+                    simple_shuffled=shuffled[0],
+                    complex_shuffled=shuffled[1],
+                )
+            )
         print(f"slab seed {seed} done", flush=True)
     return rows
 
@@ -123,15 +196,31 @@ def moons(config):
     x, xt = x.astype(np.float32), xt.astype(np.float32)
     apply_fn, params0 = functional(MLPClassifier(2, tuple(c.hidden), 2, rngs=nnx.Rngs(c.seed)))
     ball = dict(epsilon=c.epsilon, num_steps=c.num_steps, norm=c.norm)
-    methods = {"erm": dict(method=None),
-               "pgd": dict(method="pgd", step_size=2.5 * c.epsilon / c.num_steps, **ball),
-               "udp": dict(method="udp", step_size=c.epsilon / c.num_steps, **ball)}  # fmt: skip
+    methods = {
+        "erm": dict(method=None),
+        "pgd": dict(method="pgd", step_size=2.5 * c.epsilon / c.num_steps, **ball),
+        "udp": dict(method="udp", step_size=c.epsilon / c.num_steps, **ball),
+    }
     out = {}
     for name, kw in methods.items():
-        result = run(apply_fn, params0, optax.adam(c.learning_rate),
-                     R.batches(x, y, c.batch_size, c.seed), c.steps, seed=c.seed, **kw)  # fmt: skip
-        robust = R.robust_accuracy(apply_fn, result.params, xt, yt, jax.random.PRNGKey(0),
-                                   epsilons=(0.0, *c.attack_epsilons), norm=c.norm)  # fmt: skip
+        result = run(
+            apply_fn,
+            params0,
+            optax.adam(c.learning_rate),
+            R.batches(x, y, c.batch_size, c.seed),
+            c.steps,
+            seed=c.seed,
+            **kw,
+        )
+        robust = R.robust_accuracy(
+            apply_fn,
+            result.params,
+            xt,
+            yt,
+            jax.random.PRNGKey(0),
+            epsilons=(0.0, *c.attack_epsilons),
+            norm=c.norm,
+        )
         out[name] = dict(params=result.params, robust=robust)
     return dict(apply_fn=apply_fn, x=x, y=y, methods=out)
 
@@ -151,8 +240,11 @@ def plot_margins(workdir, result, config):
     ax.set_ylim(-0.2, 1.02)
     ax.set_xlabel("gradient step")
     ax.set_ylabel("margin / certified max margin")
-    ax.set_title(f"linear model, mean over seeds {tuple(config.margin.seeds)}; "
-                 f"eps = factor x max margin, {config.margin.norm}", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"linear model, mean over seeds {tuple(config.margin.seeds)}; "
+        f"eps = factor x max margin, {config.margin.norm}",
+        fontsize=9,
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "margin_ratio.png"), dpi=120)
@@ -182,15 +274,21 @@ def plot_moons(workdir, result):
 
 def report(config, margin_result, slab_rows, moon_result):
     c = config.margin
-    lines = ["# UDP against ERM and PGD training", "",
-             f"## (a) Linear model, certified max margin (dim {c.dim}, seeds {tuple(c.seeds)})", "",
-             f"Full-batch GD (lr {c.learning_rate}) on the logistic loss from w = 0, {c.steps} "
-             f"steps; PGD / UDP: {c.norm} ball of radius factor x max margin, {c.num_steps} steps "
-             "of radius / steps, UDP with per-sample random stopping. flipped = fraction of "
-             "training points whose prediction the method's perturbation flips on the final "
-             f"model. long = UDP after {c.long_steps} steps.", "",
-             "| method | margin ratio (mean, min) | at step 1000 | first step >= 0.95 | flipped | "
-             "long |", "|---|---|---:|---|---:|---:|"]  # fmt: skip
+    lines = [
+        "# UDP against ERM and PGD training",
+        "",
+        f"## (a) Linear model, certified max margin (dim {c.dim}, seeds {tuple(c.seeds)})",
+        "",
+        f"Full-batch GD (lr {c.learning_rate}) on the logistic loss from w = 0, {c.steps} "
+        f"steps; PGD / UDP: {c.norm} ball of radius factor x max margin, {c.num_steps} steps "
+        "of radius / steps, UDP with per-sample random stopping. flipped = fraction of "
+        "training points whose prediction the method's perturbation flips on the final "
+        f"model. long = UDP after {c.long_steps} steps.",
+        "",
+        "| method | margin ratio (mean, min) | at step 1000 | first step >= 0.95 | flipped | "
+        "long |",
+        "|---|---|---:|---|---:|---:|",
+    ]
     by_method = {}
     for row in margin_result["rows"]:
         by_method.setdefault(row["method"], []).append(row)
@@ -198,36 +296,55 @@ def report(config, margin_result, slab_rows, moon_result):
         ratios = [r["ratio"] for r in rows]
         early = np.mean([r["ratio_at_1000"] for r in rows if r["ratio_at_1000"] is not None])
         first = [r["first_095"] for r in rows]
-        first_text = ("never" if all(f is None for f in first)
-                      else f"{sum(f is not None for f in first)}/{len(first)} seeds, median "
-                      f"{int(np.median([f for f in first if f is not None]))}")  # fmt: skip
-        flipped = (f"{np.mean([r['flipped'] for r in rows]):.3f}" if "flipped" in rows[0]
-                   else "")  # fmt: skip
-        long = (f"{np.mean([r['ratio_long'] for r in rows]):.3f} (min "
-                f"{np.min([r['ratio_long'] for r in rows]):.3f})" if "ratio_long" in rows[0]
-                else "")  # fmt: skip
-        lines.append(f"| {name} | {np.mean(ratios):.3f}, {np.min(ratios):.3f} | {early:.3f} | "
-                     f"{first_text} | {flipped} | {long} |")  # fmt: skip
+        first_text = (
+            "never"
+            if all(f is None for f in first)
+            else f"{sum(f is not None for f in first)}/{len(first)} seeds, median "
+            f"{int(np.median([f for f in first if f is not None]))}"
+        )
+        flipped = f"{np.mean([r['flipped'] for r in rows]):.3f}" if "flipped" in rows[0] else ""
+        long = (
+            f"{np.mean([r['ratio_long'] for r in rows]):.3f} (min "
+            f"{np.min([r['ratio_long'] for r in rows]):.3f})"
+            if "ratio_long" in rows[0]
+            else ""
+        )
+        lines.append(
+            f"| {name} | {np.mean(ratios):.3f}, {np.min(ratios):.3f} | {early:.3f} | "
+            f"{first_text} | {flipped} | {long} |"
+        )
     s = config.slab
-    lines += ["", "## (b) LMS-7 slab data, MLP " + str(tuple(s.hidden)), "",
-              f"Adam {s.learning_rate}, batch {s.batch_size}, {s.steps} steps; {s.norm} balls; "
-              "accuracy on test data with one coordinate shuffled across samples (0.5 = the "
-              "model ignores the unshuffled one). Mean over seeds " + str(tuple(s.seeds)) + ".",
-              "", "| method | clean | simple shuffled | complex shuffled |",
-              "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "## (b) LMS-7 slab data, MLP " + str(tuple(s.hidden)),
+        "",
+        f"Adam {s.learning_rate}, batch {s.batch_size}, {s.steps} steps; {s.norm} balls; "
+        "accuracy on test data with one coordinate shuffled across samples (0.5 = the "
+        "model ignores the unshuffled one). Mean over seeds " + str(tuple(s.seeds)) + ".",
+        "",
+        "| method | clean | simple shuffled | complex shuffled |",
+        "|---|---:|---:|---:|",
+    ]
     by_method = {}
     for row in slab_rows:
         by_method.setdefault(row["method"], []).append(row)
     for name, rows in by_method.items():
-        mean = lambda k, rows=rows: np.mean([r[k] for r in rows])  # noqa: E731
-        lines.append(f"| {name} | {mean('clean'):.3f} | {mean('simple_shuffled'):.3f} | "
-                     f"{mean('complex_shuffled'):.3f} |")  # fmt: skip
+        mean = lambda k, rows=rows: np.mean([r[k] for r in rows])
+        lines.append(
+            f"| {name} | {mean('clean'):.3f} | {mean('simple_shuffled'):.3f} | "
+            f"{mean('complex_shuffled'):.3f} |"
+        )
     m = config.moons
     eps = (0.0, *m.attack_epsilons)
-    lines += ["", f"## (c) Two moons, MLP {tuple(m.hidden)}: PGD ({m.norm}) robust accuracy", "",
-              f"Training radius {m.epsilon}.", "",
-              "| method | " + " | ".join(f"eps {e}" for e in eps) + " |",
-              "|---|" + "---:|" * len(eps)]  # fmt: skip
+    lines += [
+        "",
+        f"## (c) Two moons, MLP {tuple(m.hidden)}: PGD ({m.norm}) robust accuracy",
+        "",
+        f"Training radius {m.epsilon}.",
+        "",
+        "| method | " + " | ".join(f"eps {e}" for e in eps) + " |",
+        "|---|" + "---:|" * len(eps),
+    ]
     for name, r in moon_result["methods"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['robust'][e]:.3f}" for e in eps) + " |")
     lines += ["", "![margin ratio](margin_ratio.png) ![boundaries](moons_boundaries.png)"]
@@ -247,8 +364,10 @@ def main(argv):
     with open(os.path.join(workdir, "REPORT.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        robust = {k: {str(e): a for e, a in v["robust"].items()}
-                  for k, v in moon_result["methods"].items()}  # fmt: skip
+        robust = {
+            k: {str(e): a for e, a in v["robust"].items()}
+            for k, v in moon_result["methods"].items()
+        }
         json.dump(dict(margin=margin_result["rows"], slab=slab_rows, moons=robust), f, indent=2)
     print("\n".join(lines))
 

@@ -79,14 +79,24 @@ def finish_output(y, u, D, z, dtype, out_dtype):
     return y.astype(out_dtype)
 
 
-def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False, initial_state=None,
-                             return_final_state=False):  # fmt: skip
+def selective_scan_reference(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
     """The recurrence step by step (``lax.scan``), in float32 or wider; same arguments."""
     dtype, delta = prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, _, dim = u.shape
     groups, state = B.shape[2], B.shape[3]
-    rep = lambda x: jnp.repeat(x.astype(dtype), dim // groups, axis=2)  # noqa: E731
+    rep = lambda x: jnp.repeat(x.astype(dtype), dim // groups, axis=2)
     Bd, Cd = rep(B), rep(C)  # [batch, seq, dim, state]
     h0 = jnp.zeros((batch, dim, state), dtype) if initial_state is None else initial_state
     A = A.astype(dtype)
@@ -102,23 +112,33 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return (out, h) if return_final_state else out
 
 
-def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                           delta_softplus=False):  # fmt: skip
+def selective_state_update(
+    state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+):
     """One decoding step: state ``[batch, dim, state]``, u/delta/z ``[batch, dim]``, B/C
     ``[batch, groups, state]`` -> (out ``[batch, dim]``, new state). Same math as the scan."""
     out, new_state = selective_scan_reference(
-        u[:, None], delta[:, None], A, B[:, None], C[:, None], D=D,
-        z=None if z is None else z[:, None], delta_bias=delta_bias,
-        delta_softplus=delta_softplus, initial_state=state, return_final_state=True,
-    )  # fmt: skip
+        u[:, None],
+        delta[:, None],
+        A,
+        B[:, None],
+        C[:, None],
+        D=D,
+        z=None if z is None else z[:, None],
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        initial_state=state,
+        return_final_state=True,
+    )
     return out[:, 0], new_state.astype(state.dtype)
 
 
 # -------------------------------------------------------------------------------------- kernels
 
 
-def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, starts_ref, hL_ref, *,
-                    chunk, num_chunks):  # fmt: skip
+def _forward_kernel(
+    u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, starts_ref, hL_ref, *, chunk, num_chunks
+):
     A = A_ref[...]
 
     def run_chunk(c, h):
@@ -136,9 +156,25 @@ def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, starts
     hL_ref[...] = lax.fori_loop(0, num_chunks, run_chunk, h0_ref[...])
 
 
-def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, starts_ref, dy_ref, dhL_ref,
-                     du_ref, ddelta_ref, dA_ref, dB_ref, dC_ref, dh0_ref, *, chunk,
-                     num_chunks):  # fmt: skip
+def _backward_kernel(
+    u_ref,
+    delta_ref,
+    A_ref,
+    B_ref,
+    C_ref,
+    starts_ref,
+    dy_ref,
+    dhL_ref,
+    du_ref,
+    ddelta_ref,
+    dA_ref,
+    dB_ref,
+    dC_ref,
+    dh0_ref,
+    *,
+    chunk,
+    num_chunks,
+):
     A = A_ref[...]
 
     def run_chunk(r, carry):
@@ -212,7 +248,7 @@ def _forward(static, u, delta, A, B, C, h0):
             jax.ShapeDtypeStruct((batch, seq, dim), f32),
             jax.ShapeDtypeStruct((batch, num_chunks, dim, state), f32),
             jax.ShapeDtypeStruct((batch, dim, state), f32),
-        ],  # fmt: skip
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=static.num_warps, num_stages=1),
         interpret=static.interpret,
         name="selective_scan_fwd",
@@ -242,13 +278,13 @@ def _backward(static, u, delta, A, B, C, starts, dy, dhL):
             jax.ShapeDtypeStruct((batch, seq, tiles, state), f32),
             jax.ShapeDtypeStruct((batch, seq, tiles, state), f32),
             jax.ShapeDtypeStruct((batch, dim, state), f32),
-        ],  # fmt: skip
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=static.num_warps, num_stages=1),
         interpret=static.interpret,
         name="selective_scan_bwd",
     )(u, delta, A, B, C, starts, dy, dhL)
     # Per-tile partial sums of dB, dC -> per group.
-    fold = lambda x: x.reshape(batch, seq, groups, tiles // groups, state).sum(axis=3)  # noqa: E731
+    fold = lambda x: x.reshape(batch, seq, groups, tiles // groups, state).sum(axis=3)
     return du, ddelta, dA.sum(axis=0), fold(dB), fold(dC), dh0
 
 
@@ -285,19 +321,29 @@ def scan_recurrence(u, delta, A, B, C, h0, *, block_sizes, interpret):
     groups, state = B.shape[2], B.shape[3]
     bs = block_sizes
     per_group = dim // groups
-    static = _Static(chunk=bs.chunk, block_d=_largest_power_of_2_dividing(per_group, bs.block_d),
-                     block_d_bwd=_largest_power_of_2_dividing(per_group, bs.block_d_bwd),
-                     num_warps=bs.num_warps, interpret=bool(interpret))  # fmt: skip
+    static = _Static(
+        chunk=bs.chunk,
+        block_d=_largest_power_of_2_dividing(per_group, bs.block_d),
+        block_d_bwd=_largest_power_of_2_dividing(per_group, bs.block_d_bwd),
+        num_warps=bs.num_warps,
+        interpret=bool(interpret),
+    )
     # Padded steps have delta = 0 (state unchanged, no input); padded state slots have A = 0 and
     # B = C = 0 (they stay 0 and contribute nothing).
     seq_pad = -(-seq // bs.chunk) * bs.chunk - seq
     state_pad = max(2, 1 << (state - 1).bit_length()) - state
     f32 = jnp.float32
-    pad_rows = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0)))  # noqa: E731
-    pad_bc = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0), (0, state_pad)))  # noqa: E731
-    y, hL = _core(static, pad_rows(u), pad_rows(delta),
-                  jnp.pad(A.astype(f32), ((0, 0), (0, state_pad))), pad_bc(B), pad_bc(C),
-                  jnp.pad(h0.astype(f32), ((0, 0), (0, 0), (0, state_pad))))  # fmt: skip
+    pad_rows = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0)))
+    pad_bc = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0), (0, state_pad)))
+    y, hL = _core(
+        static,
+        pad_rows(u),
+        pad_rows(delta),
+        jnp.pad(A.astype(f32), ((0, 0), (0, state_pad))),
+        pad_bc(B),
+        pad_bc(C),
+        jnp.pad(h0.astype(f32), ((0, 0), (0, 0), (0, state_pad))),
+    )
     return y[:, :seq], hL[:, :, :state]
 
 
@@ -313,22 +359,42 @@ def check_scan_arguments(name, u, delta, A, B, C, D, z, delta_bias, initial_stat
         raise ValueError(f"{name}: A must be [dim={dim}, state], got shape {A.shape}")
     state = A.shape[1]
     if B.ndim != 4 or B.shape[:2] != (batch, seq) or B.shape[3] != state:
-        raise ValueError(f"{name}: B must be [batch={batch}, seq={seq}, groups, state={state}], "
-                         f"got shape {B.shape}")  # fmt: skip
+        raise ValueError(
+            f"{name}: B must be [batch={batch}, seq={seq}, groups, state={state}], "
+            f"got shape {B.shape}"
+        )
     groups = B.shape[2]
     if dim % groups:
         raise ValueError(f"{name}: groups={groups} (B.shape[2]) must divide dim={dim}")
-    expected = {"delta": (delta, u.shape), "C": (C, B.shape), "z": (z, u.shape),
-                "D": (D, (dim,)), "delta_bias": (delta_bias, (dim,)),
-                "initial_state": (initial_state, (batch, dim, state))}  # fmt: skip
+    expected = {
+        "delta": (delta, u.shape),
+        "C": (C, B.shape),
+        "z": (z, u.shape),
+        "D": (D, (dim,)),
+        "delta_bias": (delta_bias, (dim,)),
+        "initial_state": (initial_state, (batch, dim, state)),
+    }
     for arg, (x, shape) in expected.items():
         if x is not None and x.shape != shape:
             raise ValueError(f"{name}: {arg} must have shape {shape}, got {x.shape}")
 
 
-def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, block_sizes=None,
-                   interpret=None):  # fmt: skip
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    block_sizes=None,
+    interpret=None,
+):
     """Mamba-1 selective scan (see the module docstring for the math and layouts).
 
     Returns ``out [batch, seq, dim]`` in ``u``'s dtype, and the final state ``[batch, dim,
@@ -339,12 +405,15 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     if jax.default_backend() == "tpu" and not interpret:
-        raise NotImplementedError("selective_scan kernels lower to Triton (GPU) only; use "
-                                  "jaxlab.ops.selective_scan with impl='xla' on TPU")  # fmt: skip
+        raise NotImplementedError(
+            "selective_scan kernels lower to Triton (GPU) only; use "
+            "jaxlab.ops.selective_scan with impl='xla' on TPU"
+        )
     dtype, delta = prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, _, dim = u.shape
-    h0 = (jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None
-          else initial_state)  # fmt: skip
+    h0 = (
+        jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None else initial_state
+    )
     y, hL = scan_recurrence(u, delta, A, B, C, h0, block_sizes=block_sizes, interpret=interpret)
     out = finish_output(y.astype(dtype), u, D, z, dtype, u.dtype)
     return (out, hL) if return_final_state else out

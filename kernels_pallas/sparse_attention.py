@@ -121,13 +121,11 @@ def qk_sparse_attention_reference(q, k, v, q_keep, k_keep, sm_scale=None, segmen
     """Dense masked QK-sparse attention (same arguments as :func:`qk_sparse_attention`)."""
     causal = _causal(q.shape[1], segment_ids)
     kk = _group_heads(k_keep, q.shape[2])
-    mask = (q_keep.transpose(0, 2, 1)[:, :, :, None] & kk.transpose(0, 2, 1)[:, :, None, :]
-            & causal)  # fmt: skip
+    mask = q_keep.transpose(0, 2, 1)[:, :, :, None] & kk.transpose(0, 2, 1)[:, :, None, :] & causal
     return masked_attention_reference(q, k, v, mask, sm_scale)
 
 
-def hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets, sm_scale=None,
-                                    segment_ids=None):  # fmt: skip
+def hash_sparse_attention_reference(q, k, v, q_buckets, k_buckets, sm_scale=None, segment_ids=None):
     """Dense masked hash-sparse attention (same arguments as :func:`hash_sparse_attention`)."""
     causal = _causal(q.shape[1], segment_ids)
     kb = _group_heads(k_buckets, q.shape[2])
@@ -175,9 +173,11 @@ def live_tiles(q_pos, k_pos, q_buckets, k_buckets, block_q, block_k):
     k_min = jnp.repeat(jnp.min(kp, axis=-1), groups, axis=1)  # [b, h, nk]
     kbmin = jnp.repeat(kbmin, groups, axis=1)
     kbmax = jnp.repeat(kbmax, groups, axis=1)
-    live = ((k_min[:, :, None, :] <= q_max[:, :, :, None])
-            & (kbmin[:, :, None, :] <= qbmax[:, :, :, None])
-            & (kbmax[:, :, None, :] >= qbmin[:, :, :, None]))  # fmt: skip
+    live = (
+        (k_min[:, :, None, :] <= q_max[:, :, :, None])
+        & (kbmin[:, :, None, :] <= qbmax[:, :, :, None])
+        & (kbmax[:, :, None, :] >= qbmin[:, :, :, None])
+    )
 
     def compact(mask):
         order = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
@@ -200,8 +200,19 @@ def _logits_and_mask(q, k, qp, kp, qb, kb, scale):
     return s, mask
 
 
-def _forward_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, *rest,
-                    scale, block_k, use_buckets):  # fmt: skip
+def _forward_kernel(
+    kv_tiles_ref,
+    kv_count_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qp_ref,
+    kp_ref,
+    *rest,
+    scale,
+    block_k,
+    use_buckets,
+):
     if use_buckets:
         qb_ref, kb_ref, o_ref, lse_ref = rest
     else:
@@ -222,8 +233,9 @@ def _forward_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_
         # The where matters while every key so far was masked (m_new is still the mask value).
         p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
         v = v_ref[keys, :]
-        acc = correction[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
-                                                  preferred_element_type=jnp.float32)  # fmt: skip
+        acc = correction[:, None] * acc + jnp.dot(
+            p.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
         return acc, m_new, correction * row_sum + jnp.sum(p, axis=1)
 
     init = (
@@ -238,8 +250,23 @@ def _forward_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_
     lse_ref[...] = jnp.where(seen, row_max + jnp.log2(safe_l), 0.0)
 
 
-def _dq_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref,
-               delta_ref, *rest, scale, sm_scale, block_k, use_buckets):  # fmt: skip
+def _dq_kernel(
+    kv_tiles_ref,
+    kv_count_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qp_ref,
+    kp_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *rest,
+    scale,
+    sm_scale,
+    block_k,
+    use_buckets,
+):
     if use_buckets:
         qb_ref, kb_ref, dq_ref = rest
     else:
@@ -258,13 +285,28 @@ def _dq_kernel(kv_tiles_ref, kv_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, 
         ds = p * (dp - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = lax.fori_loop(0, kv_count_ref[pl.program_id(0)], body,
-                       jnp.zeros(q.shape, jnp.float32))  # fmt: skip
+    dq = lax.fori_loop(0, kv_count_ref[pl.program_id(0)], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_tiles_ref, q_count_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref,
-                delta_ref, *rest, scale, sm_scale, block_q, groups, use_buckets):  # fmt: skip
+def _dkv_kernel(
+    q_tiles_ref,
+    q_count_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qp_ref,
+    kp_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *rest,
+    scale,
+    sm_scale,
+    block_q,
+    groups,
+    use_buckets,
+):
     if use_buckets:
         qb_ref, kb_ref, dk_ref, dv_ref = rest
     else:
@@ -338,15 +380,21 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
     sp = _query_tile_specs(bq, nq, nk, kv_len, head_dim, groups)
     q_block, kv_block, q_row, kv_row = sp["q"], sp["kv"], sp["q_row"], sp["kv_row"]
     in_specs = [
-        sp["kv_tiles"], sp["kv_count"],
-        q_block, kv_block, kv_block, q_row, kv_row,
-    ]  # fmt: skip
+        sp["kv_tiles"],
+        sp["kv_count"],
+        q_block,
+        kv_block,
+        kv_block,
+        q_row,
+        kv_row,
+    ]
     args = [kv_tiles, kv_count, q, k, v, q_pos, k_pos]
     if use_buckets:
         in_specs += [q_row, kv_row]
         args += [q_bkt, k_bkt]
-    kernel = functools.partial(_forward_kernel, scale=static.sm_scale * _LOG2E, block_k=bk,
-                               use_buckets=use_buckets)  # fmt: skip
+    kernel = functools.partial(
+        _forward_kernel, scale=static.sm_scale * _LOG2E, block_k=bk, use_buckets=use_buckets
+    )
     return pl.pallas_call(
         kernel,
         grid=(nq, batch, heads),
@@ -355,7 +403,7 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
-        ],  # fmt: skip
+        ],
         compiler_params=_compiler_params(static),
         interpret=static.interpret,
         name="sparse_flash_attention_fwd",
@@ -380,9 +428,17 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     sp = _query_tile_specs(bq, nq, nk, kv_len, head_dim, groups)
     q_block, kv_block, q_row, kv_row = sp["q"], sp["kv"], sp["q_row"], sp["kv_row"]
     in_specs = [
-        sp["kv_tiles"], sp["kv_count"],
-        q_block, kv_block, kv_block, q_row, kv_row, q_block, q_row, q_row,
-    ]  # fmt: skip
+        sp["kv_tiles"],
+        sp["kv_count"],
+        q_block,
+        kv_block,
+        kv_block,
+        q_row,
+        kv_row,
+        q_block,
+        q_row,
+        q_row,
+    ]
     args = [kv_tiles, kv_count, q, k, v, q_pos, k_pos, do, lse, delta]
     if use_buckets:
         in_specs += [q_row, kv_row]
@@ -390,7 +446,7 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     dq = pl.pallas_call(
         functools.partial(
             _dq_kernel, scale=scale, sm_scale=static.sm_scale, block_k=bk, use_buckets=use_buckets
-        ),  # fmt: skip
+        ),
         grid=(nq, batch, heads),
         in_specs=in_specs,
         out_specs=q_block,
@@ -407,8 +463,15 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     in_specs = [
         pl.BlockSpec((None, groups, None, nq), lambda j, b, g: (b, g, j, 0)),
         pl.BlockSpec((None, groups, None), lambda j, b, g: (b, g, j)),
-        q_group, k_block, k_block, group_rows, k_row, q_group, group_rows, group_rows,
-    ]  # fmt: skip
+        q_group,
+        k_block,
+        k_block,
+        group_rows,
+        k_row,
+        q_group,
+        group_rows,
+        group_rows,
+    ]
     args = [q_tiles, q_count, q, k, v, q_pos, k_pos, do, lse, delta]
     if use_buckets:
         in_specs += [group_rows, k_row]
@@ -421,7 +484,7 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
             block_q=bq,
             groups=groups,
             use_buckets=use_buckets,
-        ),  # fmt: skip
+        ),
         grid=(nk, batch, kv_heads),
         in_specs=in_specs,
         out_specs=[k_block, k_block],
@@ -459,8 +522,9 @@ def _next_power_of_2(n):
     return 1 << max(n - 1, 0).bit_length()
 
 
-def index_masked_attention(q, k, v, q_pos, k_pos, q_buckets=None, k_buckets=None, *, sm_scale,
-                           block_sizes, interpret):  # fmt: skip
+def index_masked_attention(
+    q, k, v, q_pos, k_pos, q_buckets=None, k_buckets=None, *, sm_scale, block_sizes, interpret
+):
     """Causal flash attention on reordered rows, masked on original positions (and buckets).
 
     This is the shared core; most users want :func:`qk_sparse_attention` or
@@ -482,7 +546,7 @@ def index_masked_attention(q, k, v, q_pos, k_pos, q_buckets=None, k_buckets=None
     d_full = max(16, _next_power_of_2(head_dim))
     # Wide rows (fp32 at head_dim 128, bf16 at 256) halve the tiles to stay in shared memory.
     shrink = 2 if d_full * q.dtype.itemsize >= 512 else 1
-    fit = lambda blk, n: max(16, min(blk // shrink, _next_power_of_2(n)))  # noqa: E731
+    fit = lambda blk, n: max(16, min(blk // shrink, _next_power_of_2(n)))
     bq, bq_bwd = fit(bs.block_q, q_len), fit(bs.block_q_bwd, q_len)
     bk, bk_bwd = fit(bs.block_k, kv_len), fit(bs.block_k_bwd, kv_len)
     q_pad = _round_up(q_len, max(bq, bq_bwd)) - q_len
@@ -491,17 +555,26 @@ def index_masked_attention(q, k, v, q_pos, k_pos, q_buckets=None, k_buckets=None
     q = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, d_pad)))
     k = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
     v = jnp.pad(v, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
-    q_pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, 0), (0, q_pad)),
-                    constant_values=_PAD_Q_POS)  # fmt: skip
-    k_pos = jnp.pad(k_pos.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)),
-                    constant_values=_PAD_K_POS)  # fmt: skip
+    q_pos = jnp.pad(
+        q_pos.astype(jnp.int32), ((0, 0), (0, 0), (0, q_pad)), constant_values=_PAD_Q_POS
+    )
+    k_pos = jnp.pad(
+        k_pos.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=_PAD_K_POS
+    )
     if q_buckets is not None:
         q_buckets = jnp.pad(q_buckets.astype(jnp.int32), ((0, 0), (0, 0), (0, q_pad)))
         k_buckets = jnp.pad(k_buckets.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)))
     num_warps = bs.num_warps if bs.num_warps is not None else (4 if head_dim <= 64 else 8)
-    static = _Static(sm_scale=float(sm_scale), block_q=bq, block_k=bk, block_q_bwd=bq_bwd,
-                     block_k_bwd=bk_bwd, num_warps=num_warps, num_stages=bs.num_stages,
-                     interpret=bool(interpret))  # fmt: skip
+    static = _Static(
+        sm_scale=float(sm_scale),
+        block_q=bq,
+        block_k=bk,
+        block_q_bwd=bq_bwd,
+        block_k_bwd=bk_bwd,
+        num_warps=num_warps,
+        num_stages=bs.num_stages,
+        interpret=bool(interpret),
+    )
     out = _core(static, q, k, v, q_pos, k_pos, q_buckets, k_buckets)
     return out[:, :q_len, :, :head_dim]
 
@@ -511,8 +584,10 @@ def index_masked_attention(q, k, v, q_pos, k_pos, q_buckets=None, k_buckets=None
 
 def _check_qkv(name, q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"{name}: q, k, v must be rank 4 [batch, seq, heads, head_dim], got "
-                         f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}")  # fmt: skip
+        raise ValueError(
+            f"{name}: q, k, v must be rank 4 [batch, seq, heads, head_dim], got "
+            f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}"
+        )
     batch, seq, heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[1] != seq or k.shape[3] != head_dim:
         raise ValueError(
@@ -520,8 +595,10 @@ def _check_qkv(name, q, k, v):
             f"head_dim={head_dim}], got k.shape={k.shape}, v.shape={v.shape}"
         )
     if heads % k.shape[2]:
-        raise ValueError(f"{name}: heads={heads} (q.shape[2]) must be a multiple of "
-                         f"kv_heads={k.shape[2]} (k.shape[2])")  # fmt: skip
+        raise ValueError(
+            f"{name}: heads={heads} (q.shape[2]) must be a multiple of "
+            f"kv_heads={k.shape[2]} (k.shape[2])"
+        )
     for arg, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name}: {arg} must be floating point, got dtype {x.dtype}")
@@ -529,8 +606,9 @@ def _check_qkv(name, q, k, v):
 
 def _check_rows(name, arg, x, shape, kind):
     if x.shape != shape:
-        raise ValueError(f"{name}: {arg} must have shape {shape} [batch, seq, heads], "
-                         f"got {x.shape}")  # fmt: skip
+        raise ValueError(
+            f"{name}: {arg} must have shape {shape} [batch, seq, heads], got {x.shape}"
+        )
     if kind == "bool" and x.dtype != jnp.bool_:
         raise ValueError(f"{name}: {arg} must be a bool mask, got dtype {x.dtype}")
     if kind == "int" and not jnp.issubdtype(x.dtype, jnp.integer):
@@ -653,8 +731,9 @@ def _reordered(q, k, v, q_order, k_order, q_pos, k_pos, q_bkt, k_bkt, static_arg
     return permute_rows(out, q_inverse, q_order)
 
 
-def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None,
-                        block_sizes=None, interpret=None):  # fmt: skip
+def qk_sparse_attention(
+    q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None, block_sizes=None, interpret=None
+):
     """Causal attention with dropped queries and keys, skipping the dropped work.
 
     Args:
@@ -670,8 +749,17 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=N
     """
     check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
     sm_scale, block_sizes, interpret = _resolve(q, sm_scale, block_sizes, interpret)
-    return _qk_sparse(q, k, v, q_keep, k_keep, segment_ids, sm_scale=sm_scale,
-                      block_sizes=block_sizes, interpret=interpret)  # fmt: skip
+    return _qk_sparse(
+        q,
+        k,
+        v,
+        q_keep,
+        k_keep,
+        segment_ids,
+        sm_scale=sm_scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
 
 
 def compact_order(keep):
@@ -697,8 +785,18 @@ def _qk_sparse(q, k, v, q_keep, k_keep, segment_ids, *, sm_scale, block_sizes, i
     return _reordered(q, k, v, q_order, k_order, q_pos, k_pos, q_seg, k_seg, static_args)
 
 
-def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, segment_ids=None, sm_scale=None,
-                          block_sizes=None, interpret=None):  # fmt: skip
+def hash_sparse_attention(
+    q,
+    k,
+    v,
+    q_buckets,
+    k_buckets,
+    *,
+    segment_ids=None,
+    sm_scale=None,
+    block_sizes=None,
+    interpret=None,
+):
     """Causal attention within hash buckets, skipping the tiles of other buckets.
 
     Args:
@@ -712,8 +810,17 @@ def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, segment_ids=None, sm
     """
     check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
     sm_scale, block_sizes, interpret = _resolve(q, sm_scale, block_sizes, interpret)
-    return _hash_sparse(q, k, v, q_buckets, k_buckets, segment_ids, sm_scale=sm_scale,
-                        block_sizes=block_sizes, interpret=interpret)  # fmt: skip
+    return _hash_sparse(
+        q,
+        k,
+        v,
+        q_buckets,
+        k_buckets,
+        segment_ids,
+        sm_scale=sm_scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
 
 
 def segmented_buckets(q_buckets, k_buckets, segment_ids):
@@ -732,11 +839,9 @@ def bucket_order(buckets):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
-def _hash_sparse(q, k, v, q_buckets, k_buckets, segment_ids, *, sm_scale, block_sizes,
-                 interpret):  # fmt: skip
+def _hash_sparse(q, k, v, q_buckets, k_buckets, segment_ids, *, sm_scale, block_sizes, interpret):
     q_buckets, k_buckets = segmented_buckets(q_buckets, k_buckets, segment_ids)
     q_order, q_sorted = bucket_order(q_buckets)
     k_order, k_sorted = bucket_order(k_buckets)
     static_args = dict(sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
-    return _reordered(q, k, v, q_order, k_order, q_order, k_order, q_sorted, k_sorted,
-                      static_args)  # fmt: skip
+    return _reordered(q, k, v, q_order, k_order, q_order, k_order, q_sorted, k_sorted, static_args)

@@ -64,14 +64,21 @@ def check_ssd_arguments(name, x, dt, A, B, C, D, z, dt_bias, initial_state, chun
         raise ValueError(f"{name}: x must be [batch, seq, heads, head_dim], got shape {x.shape}")
     batch, seq, heads, head_dim = x.shape
     if B.ndim != 4 or B.shape[:2] != (batch, seq):
-        raise ValueError(f"{name}: B must be [batch={batch}, seq={seq}, groups, state], got shape "
-                         f"{B.shape}")  # fmt: skip
+        raise ValueError(
+            f"{name}: B must be [batch={batch}, seq={seq}, groups, state], got shape {B.shape}"
+        )
     groups, state = B.shape[2], B.shape[3]
     if heads % groups:
         raise ValueError(f"{name}: groups={groups} (B.shape[2]) must divide heads={heads}")
-    expected = {"dt": (dt, (batch, seq, heads)), "A": (A, (heads,)), "C": (C, B.shape),
-                "D": (D, (heads,)), "z": (z, x.shape), "dt_bias": (dt_bias, (heads,)),
-                "initial_state": (initial_state, (batch, heads, head_dim, state))}  # fmt: skip
+    expected = {
+        "dt": (dt, (batch, seq, heads)),
+        "A": (A, (heads,)),
+        "C": (C, B.shape),
+        "D": (D, (heads,)),
+        "z": (z, x.shape),
+        "dt_bias": (dt_bias, (heads,)),
+        "initial_state": (initial_state, (batch, heads, head_dim, state)),
+    }
     for arg, (v, shape) in expected.items():
         if v is not None and v.shape != shape:
             raise ValueError(f"{name}: {arg} must have shape {shape}, got {v.shape}")
@@ -79,15 +86,30 @@ def check_ssd_arguments(name, x, dt, A, B, C, D, z, dt_bias, initial_state, chun
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def ssd_reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
-                  initial_state=None, return_final_state=False):  # fmt: skip
+def ssd_reference(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
     """The recurrence step by step, in float32 or wider."""
     dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, _, heads, head_dim = x.shape
     state = B.shape[3]
     Bh, Ch = _heads(B.astype(dtype), heads), _heads(C.astype(dtype), heads)
-    s0 = (jnp.zeros((batch, heads, head_dim, state), dtype) if initial_state is None
-          else initial_state.astype(dtype))  # fmt: skip
+    s0 = (
+        jnp.zeros((batch, heads, head_dim, state), dtype)
+        if initial_state is None
+        else initial_state.astype(dtype)
+    )
     A = A.astype(dtype)
 
     def step(s, inputs):
@@ -106,10 +128,18 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     """One decoding step: state ``[batch, heads, head_dim, state]``, x/z ``[batch, heads,
     head_dim]``, dt ``[batch, heads]``, B/C ``[batch, groups, state]`` -> (out, new state)."""
     out, new_state = ssd_reference(
-        x[:, None], dt[:, None], A, B[:, None], C[:, None], D=D,
-        z=None if z is None else z[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
-        initial_state=state, return_final_state=True,
-    )  # fmt: skip
+        x[:, None],
+        dt[:, None],
+        A,
+        B[:, None],
+        C[:, None],
+        D=D,
+        z=None if z is None else z[:, None],
+        dt_bias=dt_bias,
+        dt_softplus=dt_softplus,
+        initial_state=state,
+        return_final_state=True,
+    )
     return out[:, 0], new_state.astype(state.dtype)
 
 
@@ -122,8 +152,21 @@ def _segsum(a):
     return jnp.where(jnp.tril(jnp.ones((t, t), bool)), sums, -jnp.inf)
 
 
-def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                initial_state=None, return_final_state=False):  # fmt: skip
+def ssd_chunked(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
     """The chunked SSD algorithm (Dao & Gu 2024, listing 1) in jnp, any sequence length."""
     dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, seq, heads, head_dim = x.shape
@@ -132,8 +175,8 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_
     pad = -(-seq // q) * q - seq
     chunks = (seq + pad) // q
     # Padded steps have dt = 0: no decay, no input, so the final state is unchanged.
-    padded = lambda v: jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2))  # noqa: E731
-    split = lambda v: v.reshape(batch, chunks, q, *v.shape[2:])  # noqa: E731
+    padded = lambda v: jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2))
+    split = lambda v: v.reshape(batch, chunks, q, *v.shape[2:])
     xdt = split(padded(x.astype(dtype) * dt[..., None]))  # [b, c, q, h, p]
     a = split(padded(dt * A.astype(dtype))).transpose(0, 3, 1, 2)  # [b, h, c, q]
     Bh = split(padded(_heads(B.astype(dtype), heads)))  # [b, c, q, h, n]
@@ -151,8 +194,11 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_
     weighted = xdt * decay_to_end.transpose(0, 2, 3, 1)[..., None]  # [b, c, q, h, p]
     chunk_states = jnp.einsum("bclhn,bclhp->bchpn", Bh, weighted)
     # 3. Pass states between chunks: S_c = exp(sum of chunk c's a) S_{c-1} + chunk state.
-    s0 = (jnp.zeros((batch, heads, head_dim, state), dtype) if initial_state is None
-          else initial_state.astype(dtype))  # fmt: skip
+    s0 = (
+        jnp.zeros((batch, heads, head_dim, state), dtype)
+        if initial_state is None
+        else initial_state.astype(dtype)
+    )
     chunk_states = jnp.concatenate([s0[:, None], chunk_states], axis=1)  # [b, c+1, h, p, n]
     decay_chunks = jnp.exp(_segsum(jnp.pad(a_cum[..., -1], ((0, 0), (0, 0), (1, 0)))))
     states = jnp.einsum("bhzc,bchpn->bzhpn", decay_chunks, chunk_states)
@@ -194,8 +240,9 @@ def _ssd_chunk_terms(x, dt, B, C, A):
     return c, c_last, L, G, xd, e, w
 
 
-def _ssd_forward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, s0_ref, y_ref, starts_ref, sL_ref, *,
-                        q, num_chunks):  # fmt: skip
+def _ssd_forward_kernel(
+    x_ref, dt_ref, A_ref, B_ref, C_ref, s0_ref, y_ref, starts_ref, sL_ref, *, q, num_chunks
+):
     A = A_ref[0]
 
     def run_chunk(k, S):
@@ -206,15 +253,32 @@ def _ssd_forward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, s0_ref, y_ref, start
         y = jnp.dot(G * L, xd, preferred_element_type=jnp.float32)
         y += e[:, None] * jnp.dot(C, S.T, preferred_element_type=jnp.float32)
         y_ref[rows, :] = y
-        return jnp.exp(c_last) * S + jnp.dot(xd.T, B * w[:, None],
-                                               preferred_element_type=jnp.float32)  # fmt: skip
+        return jnp.exp(c_last) * S + jnp.dot(
+            xd.T, B * w[:, None], preferred_element_type=jnp.float32
+        )
 
     sL_ref[...] = lax.fori_loop(0, num_chunks, run_chunk, s0_ref[...])
 
 
-def _ssd_backward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, starts_ref, dy_ref, dsL_ref,
-                         dx_ref, ddt_ref, dA_ref, dB_ref, dC_ref, ds0_ref, *, q,
-                         num_chunks):  # fmt: skip
+def _ssd_backward_kernel(
+    x_ref,
+    dt_ref,
+    A_ref,
+    B_ref,
+    C_ref,
+    starts_ref,
+    dy_ref,
+    dsL_ref,
+    dx_ref,
+    ddt_ref,
+    dA_ref,
+    dB_ref,
+    dC_ref,
+    ds0_ref,
+    *,
+    q,
+    num_chunks,
+):
     A = A_ref[0]
 
     def run_chunk(r, carry):
@@ -296,7 +360,7 @@ def _ssd_forward(static, x, dt, A, B, C, s0):
             jax.ShapeDtypeStruct(x.shape, f32),
             jax.ShapeDtypeStruct((batch, heads, num_chunks, head_dim, state), f32),
             jax.ShapeDtypeStruct(s0.shape, f32),
-        ],  # fmt: skip
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=static.num_warps, num_stages=1),
         interpret=static.interpret,
         name="ssd_chunked_fwd",
@@ -308,8 +372,9 @@ def _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL):
     groups, state = B.shape[2], B.shape[3]
     num_chunks = seq // static.chunk
     xs, dts, bc, a, s = _ssd_specs(seq, heads, groups, head_dim, state)
-    starts_spec = pl.BlockSpec((None, None, num_chunks, head_dim, state),
-                               lambda h, b: (b, h, 0, 0, 0))  # fmt: skip
+    starts_spec = pl.BlockSpec(
+        (None, None, num_chunks, head_dim, state), lambda h, b: (b, h, 0, 0, 0)
+    )
     per_head = pl.BlockSpec((None, seq, None, state), lambda h, b: (b, 0, h, 0))
     dA_spec = pl.BlockSpec((None, None, 16), lambda h, b: (b, h, 0))
     f32 = jnp.float32
@@ -325,13 +390,13 @@ def _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL):
             jax.ShapeDtypeStruct((batch, seq, heads, state), f32),
             jax.ShapeDtypeStruct((batch, seq, heads, state), f32),
             jax.ShapeDtypeStruct(dsL.shape, f32),
-        ],  # fmt: skip
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=static.num_warps, num_stages=1),
         interpret=static.interpret,
         name="ssd_chunked_bwd",
     )(x, dt, A, B, C, starts, dy, dsL)
     # Heads of a group share B and C: their gradients add up.
-    fold = lambda v: v.reshape(batch, seq, groups, heads // groups, state).sum(axis=3)  # noqa: E731
+    fold = lambda v: v.reshape(batch, seq, groups, heads // groups, state).sum(axis=3)
     return dx, ddt, dA[..., 0].sum(axis=0), fold(dB), fold(dC), ds0
 
 
@@ -355,9 +420,23 @@ def _ssd_core_bwd(static, residuals, cotangents):
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 
 
-def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False,
-        initial_state=None, return_final_state=False, num_warps=None,
-        interpret=None):  # fmt: skip
+def ssd(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    chunk_size=None,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    num_warps=None,
+    interpret=None,
+):
     """SSD with the chunked Pallas kernels; same arguments as :func:`ssd_chunked`.
 
     ``chunk_size`` (default 64) is rounded up to a power of two in [16, 64] for the kernels' tiles;
@@ -372,9 +451,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
     state = B.shape[3]
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     if jax.default_backend() == "tpu" and not interpret:
-        raise NotImplementedError("ssd kernels lower to Triton (GPU) only; use jaxlab.ops.ssd "
-                                  "with impl='chunked' on TPU")  # fmt: skip
-    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731
+        raise NotImplementedError(
+            "ssd kernels lower to Triton (GPU) only; use jaxlab.ops.ssd with impl='chunked' on TPU"
+        )
+    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())
     # The kernels' chunk is at most 64 whatever the model's: [q, q] float32 tiles beyond that do
     # not fit a GPU's registers/shared memory, and the result does not depend on it.
     q = min(pow2(chunk_size or 64), 64)
@@ -383,9 +463,12 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
     # Padded steps have dt = 0 (no decay, no input); padded head_dim/state slots stay 0.
     xp = jnp.pad(x.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, p_pad)))
     dtp = jnp.pad(dt.astype(f32), ((0, 0), (0, t_pad), (0, 0)))
-    pad_bc = lambda v: jnp.pad(v.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, n_pad)))  # noqa: E731
-    s0 = (jnp.zeros((batch, heads, head_dim, state), f32) if initial_state is None
-          else initial_state.astype(f32))  # fmt: skip
+    pad_bc = lambda v: jnp.pad(v.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, n_pad)))
+    s0 = (
+        jnp.zeros((batch, heads, head_dim, state), f32)
+        if initial_state is None
+        else initial_state.astype(f32)
+    )
     s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, p_pad), (0, n_pad)))
     if num_warps is None:
         num_warps = 8 if pow2(head_dim) * pow2(state) >= 4096 else 4

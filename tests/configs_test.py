@@ -39,9 +39,10 @@ def test_pod_config_shardings_build_abstractly(name):
     # Parameters are split over the devices: each holds an eighth (norm scales aside).
     per_device = sum(
         math.prod(s.shard_shape(x.shape))
-        for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(exp.state_shardings.params),
-                        strict=True)
-    )  # fmt: skip
+        for x, s in zip(
+            jax.tree.leaves(params), jax.tree.leaves(exp.state_shardings.params), strict=True
+        )
+    )
     assert per_device < 1.01 * count / 8
 
 

@@ -15,9 +15,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """Runs ``python -m module args`` from the repository root, capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=REPO,
-    )  # fmt: skip
+    )
 
 
 def test_demo_interop_runs_and_writes_report(tmp_path):
@@ -105,8 +108,10 @@ def test_bench_denseformer_quick(tmp_path):
     result = run_module("experiments.bench_denseformer", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads(out.read_text())["rows_ms"]) == {
-        "Transformer", "DenseFormer 1x1", "DenseFormer 2x2"
-    }  # fmt: skip
+        "Transformer",
+        "DenseFormer 1x1",
+        "DenseFormer 2x2",
+    }
 
 
 def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
@@ -115,8 +120,11 @@ def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     dense = [r for r in rows if r["part"] == "dense"]
-    assert {r["impl"] for r in dense} == {"jaxlab xla", "jax.nn.dot_product_attention",
-                                          "jax pallas mha"}  # fmt: skip
+    assert {r["impl"] for r in dense} == {
+        "jaxlab xla",
+        "jax.nn.dot_product_attention",
+        "jax pallas mha",
+    }
     assert max(r["max_abs_err_out"] for r in dense) < 1e-4
     sparse = [r for r in rows if r["part"] == "sparse correctness"]
     assert {r["kind"] for r in sparse} == {"hash", "qk"} and all(r["ok"] for r in sparse)
@@ -144,8 +152,9 @@ def test_bench_attention_quick(tmp_path):
 
 
 def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
-    result = run_module("experiments.sparse_lm", f"--workdir={tmp_path}", "--num_steps=4",
-                        "--seq_len=64")  # fmt: skip
+    result = run_module(
+        "experiments.sparse_lm", f"--workdir={tmp_path}", "--num_steps=4", "--seq_len=64"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"dense", "hash, 8 buckets", "qk, keep 0.5"}
@@ -166,10 +175,18 @@ def test_bench_scan_quick(tmp_path):
 
 
 def test_acvi_experiment_smoke(tmp_path):
-    result = run_module("experiments.acvi", f"--workdir={tmp_path}", "--config.dim=10",
-                        "--config.etas=(0.5,)", "--config.seeds=(0,)", "--config.rate_steps=200",
-                        "--config.max_steps=100", "--config.gan.seeds=(0,)",
-                        "--config.gan.evaluations=200", "--config.gan.hidden=(8,)")  # fmt: skip
+    result = run_module(
+        "experiments.acvi",
+        f"--workdir={tmp_path}",
+        "--config.dim=10",
+        "--config.etas=(0.5,)",
+        "--config.seeds=(0,)",
+        "--config.rate_steps=200",
+        "--config.max_steps=100",
+        "--config.gan.seeds=(0,)",
+        "--config.gan.evaluations=200",
+        "--config.gan.hidden=(8,)",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["hbg"]["0.5"]["acvi"]["reached"] == 1
@@ -189,13 +206,22 @@ def test_acvi_gan_reads_local_mnist_files(tmp_path):
     for prefix, n in (("train", 64), ("t10k", 32)):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    result = run_module("experiments.acvi", f"--workdir={tmp_path / 'run'}", "--config.dim=5",
-                        "--config.etas=(0.5,)", "--config.seeds=(0,)", "--config.rate_steps=60",
-                        "--config.max_steps=20", "--config.gan.seeds=(0,)",
-                        "--config.gan.evaluations=20", "--config.gan.every=10",
-                        "--config.gan.hidden=(8,)", "--config.gan.sample_size=16",
-                        "--config.gan.num_constraints=5",
-                        f"--config.gan.mnist_path={tmp_path}")  # fmt: skip
+    result = run_module(
+        "experiments.acvi",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.dim=5",
+        "--config.etas=(0.5,)",
+        "--config.seeds=(0,)",
+        "--config.rate_steps=60",
+        "--config.max_steps=20",
+        "--config.gan.seeds=(0,)",
+        "--config.gan.evaluations=20",
+        "--config.gan.every=10",
+        "--config.gan.hidden=(8,)",
+        "--config.gan.sample_size=16",
+        "--config.gan.num_constraints=5",
+        f"--config.gan.mnist_path={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "run" / "REPORT.md").read_text()
     assert "Constrained GAN (mnist" in report
@@ -211,11 +237,18 @@ def test_bench_acvi_quick(tmp_path):
 
 
 def test_udp_experiment_smoke(tmp_path):
-    result = run_module("experiments.udp", f"--workdir={tmp_path}", "--config.margin.seeds=(0,)",
-                        "--config.margin.steps=300", "--config.margin.long_steps=400",
-                        "--config.margin.eps_factors=(0.5,1.5)", "--config.slab.seeds=(0,)",
-                        "--config.slab.steps=100", "--config.slab.udp_epsilons=(0.3,)",
-                        "--config.moons.steps=100")  # fmt: skip
+    result = run_module(
+        "experiments.udp",
+        f"--workdir={tmp_path}",
+        "--config.margin.seeds=(0,)",
+        "--config.margin.steps=300",
+        "--config.margin.long_steps=400",
+        "--config.margin.eps_factors=(0.5,1.5)",
+        "--config.slab.seeds=(0,)",
+        "--config.slab.steps=100",
+        "--config.slab.udp_epsilons=(0.3,)",
+        "--config.moons.steps=100",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     methods = {r["method"] for r in results["margin"]}
@@ -239,12 +272,17 @@ def test_bench_udp_quick(tmp_path):
 
 
 def test_doge_experiment_smoke(tmp_path):
-    result = run_module("experiments.doge", f"--workdir={tmp_path}",
-                        "--config.synthetic.seeds=(0,)", "--config.synthetic.proxy_steps=30",
-                        "--config.synthetic.base_steps=30", "--config.corpus.steps=6",
-                        "--config.corpus.eval_batches=1",
-                        "--config.corpus.domains=('email','asyncio')",
-                        "--config.corpus.seeds=(0,)")  # fmt: skip
+    result = run_module(
+        "experiments.doge",
+        f"--workdir={tmp_path}",
+        "--config.synthetic.seeds=(0,)",
+        "--config.synthetic.proxy_steps=30",
+        "--config.synthetic.base_steps=30",
+        "--config.corpus.steps=6",
+        "--config.corpus.eval_batches=1",
+        "--config.corpus.domains=('email','asyncio')",
+        "--config.corpus.seeds=(0,)",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     corpus = results["corpus"]["seeds"][0]

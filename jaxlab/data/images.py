@@ -66,11 +66,14 @@ def load_mnist(path: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]
         images = read_idx(_find(path, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(path, f"{prefix}-labels-idx1-ubyte"))
     else:
-        raise FileNotFoundError(f"load_mnist: path must be a directory of IDX files or an .npz "
-                                f"file, got {path!r}")  # fmt: skip
+        raise FileNotFoundError(
+            f"load_mnist: path must be a directory of IDX files or an .npz file, got {path!r}"
+        )
     if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"load_mnist: expected images [n, H, W] and labels [n], got "
-                         f"{images.shape} and {labels.shape}")  # fmt: skip
+        raise ValueError(
+            f"load_mnist: expected images [n, H, W] and labels [n], got "
+            f"{images.shape} and {labels.shape}"
+        )
     return images.astype(np.uint8)[..., None], labels.astype(np.int32)
 
 

@@ -241,8 +241,13 @@ class Component:
     validation: Sequence[str]
 
 
-def resolve_source(spec: str, *, text_field: str = "text", validation_fraction: float = 0.05,
-                   tfds_data_dir: str | None = None) -> list[Component]:  # fmt: skip
+def resolve_source(
+    spec: str,
+    *,
+    text_field: str = "text",
+    validation_fraction: float = 0.05,
+    tfds_data_dir: str | None = None,
+) -> list[Component]:
     """Components named by ``spec``.
 
     Specs: ``embedded`` (the whole standard-library corpus as one component),
@@ -271,8 +276,13 @@ def resolve_source(spec: str, *, text_field: str = "text", validation_fraction: 
     if not arg:
         raise ValueError(f"data source {spec!r}: needs an argument, as in '{kind}:PATH'")
     if kind == "text":
-        return [Component(arg, sources.text_files(arg, "train", **vf),
-                          sources.text_files(arg, "validation", **vf))]  # fmt: skip
+        return [
+            Component(
+                arg,
+                sources.text_files(arg, "train", **vf),
+                sources.text_files(arg, "validation", **vf),
+            )
+        ]
     if kind == "jsonl":
         read = lambda split: sources.jsonl_documents(arg, split, text_field=text_field, **vf)
         return [Component(arg, read("train"), read("validation"))]
@@ -355,10 +365,12 @@ def mixture_weights(data_config, components: Sequence[Component]) -> list[float]
         missing = sorted(set(record["domains"]) - set(names))
         unknown = sorted(set(names) - set(by_name))
         if missing or unknown:
-            raise ValueError(f"config.data.weights_file {weights_file!r} weights domains "
-                             f"{record['domains']} (targets {record.get('targets', [])}), but "
-                             f"the components are {names}: missing {missing}, "
-                             f"unknown {unknown}")  # fmt: skip
+            raise ValueError(
+                f"config.data.weights_file {weights_file!r} weights domains "
+                f"{record['domains']} (targets {record.get('targets', [])}), but "
+                f"the components are {names}: missing {missing}, "
+                f"unknown {unknown}"
+            )
         return [float(by_name[n]) for n in names]
     if not data_config.weights:
         sizes = [float(_size(c.train)) for c in components]
@@ -400,9 +412,14 @@ def _qa_options(data_config) -> dict[str, Any] | None:
     return dict(prompts.parse_qa_spec(qa[0]), validation_fraction=data_config.validation_fraction)
 
 
-def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                   components: Sequence[Component] | None = None,
-                   weights: Sequence[float] | None = None) -> DataIterator:  # fmt: skip
+def train_iterator(
+    data_config,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    components: Sequence[Component] | None = None,
+    weights: Sequence[float] | None = None,
+) -> DataIterator:
     """The training batches described by ``config.data`` (``weights`` overrides its mixture).
 
     Each source packs ``config.data.lanes`` documents side by side (0 = ``batch_size``). A
@@ -439,9 +456,14 @@ def train_iterator(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: 
     )
 
 
-def eval_batches(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                 num_batches: int, components: Sequence[Component] | None = None
-                 ) -> list[dict[str, np.ndarray]]:  # fmt: skip
+def eval_batches(
+    data_config,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    components: Sequence[Component] | None = None,
+) -> list[dict[str, np.ndarray]]:
     """A fixed list of held-out batches: one window from each of the components' validation
     documents, in a fixed shuffled order (documents repeat only if there are too few). A ``qa:``
     source gives its ``validation`` split's records, in order."""
@@ -468,7 +490,8 @@ def eval_batches(data_config, tokenizer: Tokenizer, seq_len: int, batch_size: in
     valid = [c.validation for c in components if len(c.validation)]
     if not valid:
         raise ValueError("eval_batches: no component has validation documents")
-    stream = PackedStream(_concat(valid), tokenizer, seq_len, seed=data_config.seed,
-                          one_window_per_document=True)  # fmt: skip
+    stream = PackedStream(
+        _concat(valid), tokenizer, seq_len, seed=data_config.seed, one_window_per_document=True
+    )
     iterator = DataIterator([stream], batch_size)
     return [next(iterator) for _ in range(num_batches)]

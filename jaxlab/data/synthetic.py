@@ -35,10 +35,18 @@ def _random_rotation(rng: np.random.Generator, dim: int) -> np.ndarray:
     return q * np.sign(np.diag(r))  # Haar-distributed orthogonal matrix
 
 
-def max_margin_data(num_pairs: int = 8, num_bulk: int = 200, *, dim: int = 2,
-                    margin: float = 1.0, spread: float = 4.0,
-                    offset: tuple[float, float] = (3.0, 6.0), noise: float = 0.5,
-                    rotate: bool = True, seed: int = 0) -> MarginData:  # fmt: skip
+def max_margin_data(
+    num_pairs: int = 8,
+    num_bulk: int = 200,
+    *,
+    dim: int = 2,
+    margin: float = 1.0,
+    spread: float = 4.0,
+    offset: tuple[float, float] = (3.0, 6.0),
+    noise: float = 0.5,
+    rotate: bool = True,
+    seed: int = 0,
+) -> MarginData:
     """Separable data with a certified max margin (module doc).
 
     In the unrotated frame the class +1 support points are ``(margin, t)`` and the class -1 ones
@@ -48,15 +56,21 @@ def max_margin_data(num_pairs: int = 8, num_bulk: int = 200, *, dim: int = 2,
     resampled until their first coordinate clears ``margin`` by 10%. Coordinates beyond the
     second are noise; ``rotate`` applies a random rotation to all ``dim`` coordinates."""
     if dim < 2 or num_pairs < 2 or margin <= 0 or num_bulk < 0:
-        raise ValueError(f"max_margin_data: need dim >= 2, num_pairs >= 2, margin > 0 and "
-                         f"num_bulk >= 0, got {dim}, {num_pairs}, {margin}, "
-                         f"{num_bulk}")  # fmt: skip
+        raise ValueError(
+            f"max_margin_data: need dim >= 2, num_pairs >= 2, margin > 0 and "
+            f"num_bulk >= 0, got {dim}, {num_pairs}, {margin}, "
+            f"{num_bulk}"
+        )
     if offset[0] <= 1.1 * margin:
         raise ValueError(f"max_margin_data: offset[0] must exceed 1.1 * margin, got {offset}")
     rng = np.random.default_rng(seed)
     t = np.linspace(-spread, spread, num_pairs)
-    support = np.concatenate([np.stack([np.full(num_pairs, margin), t], 1),
-                              np.stack([np.full(num_pairs, -margin), -t], 1)])  # fmt: skip
+    support = np.concatenate(
+        [
+            np.stack([np.full(num_pairs, margin), t], 1),
+            np.stack([np.full(num_pairs, -margin), -t], 1),
+        ]
+    )
     labels = [np.ones(num_pairs, int), np.zeros(num_pairs, int)]
     bulk = []
     for sign in (1.0, -1.0):
@@ -76,8 +90,15 @@ def max_margin_data(num_pairs: int = 8, num_bulk: int = 200, *, dim: int = 2,
     return MarginData(x[order], y[order], w_star, float(margin))
 
 
-def slab_data(num_samples: int, *, num_slabs: int = 7, linear_margin: float = 0.1,
-              slab_gap: float = 0.1, noise_dims: int = 0, seed: int = 0):  # fmt: skip
+def slab_data(
+    num_samples: int,
+    *,
+    num_slabs: int = 7,
+    linear_margin: float = 0.1,
+    slab_gap: float = 0.1,
+    noise_dims: int = 0,
+    seed: int = 0,
+):
     """LMS-k data (Shah et al. 2020): returns ``(x [n, 2 + noise_dims], y [n])``.
 
     Coordinate 0 (simple): ``s U[linear_margin, 1]`` with ``s = 2 y - 1``. Coordinate 1 (complex):
@@ -86,9 +107,11 @@ def slab_data(num_samples: int, *, num_slabs: int = 7, linear_margin: float = 0.
     fraction of the slab width) empty at each slab edge. Both coordinates separate the classes
     alone; the rest are ``U[-1, 1]`` noise."""
     if num_slabs < 2 or not 0 <= slab_gap < 0.5 or not 0 <= linear_margin < 1:
-        raise ValueError(f"slab_data: need num_slabs >= 2, 0 <= slab_gap < 0.5 and "
-                         f"0 <= linear_margin < 1, got {num_slabs}, {slab_gap}, "
-                         f"{linear_margin}")  # fmt: skip
+        raise ValueError(
+            f"slab_data: need num_slabs >= 2, 0 <= slab_gap < 0.5 and "
+            f"0 <= linear_margin < 1, got {num_slabs}, {slab_gap}, "
+            f"{linear_margin}"
+        )
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, num_samples)
     sign = 2 * y - 1
@@ -101,8 +124,9 @@ def slab_data(num_samples: int, *, num_slabs: int = 7, linear_margin: float = 0.
         slabs = rng.choice(np.flatnonzero(slab_labels == label), len(rows))
         inside = rng.uniform(slab_gap, 1.0 - slab_gap, len(rows))
         complex_[rows] = -1.0 + width * (slabs + inside)
-    x = np.concatenate([np.stack([simple, complex_], 1),
-                        rng.uniform(-1.0, 1.0, (num_samples, noise_dims))], axis=1)  # fmt: skip
+    x = np.concatenate(
+        [np.stack([simple, complex_], 1), rng.uniform(-1.0, 1.0, (num_samples, noise_dims))], axis=1
+    )
     return x, y
 
 
@@ -138,9 +162,15 @@ class DomainTask(NamedTuple):
     num_classes: int
 
 
-def related_domains(*, dim: int = 32, num_classes: int = 8, relatedness: float = 0.2,
-                    duplicate: float = 0.02, scale: float = 3.0,
-                    seed: int = 0) -> DomainTask:  # fmt: skip
+def related_domains(
+    *,
+    dim: int = 32,
+    num_classes: int = 8,
+    relatedness: float = 0.2,
+    duplicate: float = 0.02,
+    scale: float = 3.0,
+    seed: int = 0,
+) -> DomainTask:
     """Five domains and a target (DoGE brief section 1.9): two *related* domains and the target
     are ``W_shared + relatedness U``, a *duplicate* is one related domain plus ``duplicate U``,
     *unrelated* has an independent ``W``, *noise* has uniform labels. Which index plays which
@@ -153,8 +183,12 @@ def related_domains(*, dim: int = 32, num_classes: int = 8, relatedness: float =
     shared = matrix()
     related = [shared + relatedness * matrix() for _ in range(2)]
     target = shared + relatedness * matrix()
-    by_role = {"related": related, "duplicate": related[0] + duplicate * matrix(),
-               "unrelated": matrix(), "noise": None}  # fmt: skip
+    by_role = {
+        "related": related,
+        "duplicate": related[0] + duplicate * matrix(),
+        "unrelated": matrix(),
+        "noise": None,
+    }
     roles = tuple(DOMAIN_ROLES[i] for i in rng.permutation(len(DOMAIN_ROLES)))
     matrices, used = [], 0
     for role in roles:
@@ -166,8 +200,7 @@ def related_domains(*, dim: int = 32, num_classes: int = 8, relatedness: float =
     return DomainTask(tuple(matrices), target, roles, num_classes)
 
 
-def sample_domain(task: DomainTask, domain: int | str, num_samples: int,
-                  rng: np.random.Generator):  # fmt: skip
+def sample_domain(task: DomainTask, domain: int | str, num_samples: int, rng: np.random.Generator):
     """``(x [n, dim] float32, y [n] int)`` from domain ``domain`` (an index, or ``"target"``)."""
     matrix = task.target if domain == "target" else task.matrices[domain]
     dim = task.target.shape[0]

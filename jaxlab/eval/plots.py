@@ -9,8 +9,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def scatter_agreement(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str,
-                      path: str) -> None:  # fmt: skip
+def scatter_agreement(
+    x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str, path: str
+) -> None:
     """Scatter of two implementations' values against each other, with the diagonal."""
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(x, y, s=2, alpha=0.4)

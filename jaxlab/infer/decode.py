@@ -402,8 +402,9 @@ def _generate(
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompts.shape
     cache = models.make_cache(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = prefill(model, prompts, cache, logits_at=prompt_lengths - 1,
-                            lengths=prompt_lengths)  # fmt: skip
+    logits, cache = prefill(
+        model, prompts, cache, logits_at=prompt_lengths - 1, lengths=prompt_lengths
+    )
     last = logits[:, 0]
     if num_samples > 1:
         # One prefill, n copies: rows b*n .. b*n + n-1 continue prompt b.

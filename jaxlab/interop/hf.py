@@ -48,18 +48,46 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 # Config keys read here, and keys that carry no architectural meaning for inference.
 _IGNORED_CONFIG_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "initializer_range", "pad_token_id", "attention_dropout", "pretraining_tp", "output_attentions",
-    "output_hidden_states", "return_dict", "_name_or_path", "tokenizer_class",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "initializer_range",
+    "pad_token_id",
+    "attention_dropout",
+    "pretraining_tp",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_name_or_path",
+    "tokenizer_class",
     "_attn_implementation_autoset",
-}  # fmt: skip
+}
 _CONFIG_KEYS = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias",
-    "mlp_bias", "sliding_window", "bos_token_id", "eos_token_id", "max_window_layers",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "bos_token_id",
+    "eos_token_id",
+    "max_window_layers",
     "use_sliding_window",
-}  # fmt: skip
+}
 # Non-parameter buffers some exporters wrote into checkpoints.
 _IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
 # safetensors dtype codes we read: floating point only (an integer or bool tensor in a float
@@ -332,11 +360,19 @@ class _Entry:
 
 
 def _weight_table(c: TransformerConfig) -> list[_Entry]:
-    E, H, K, D, M, V = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                        c.intermediate_size, c.vocab_size)  # fmt: skip
+    E, H, K, D, M, V = (
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+    )
     same = lambda x: x
-    table = [_Entry("model.embed_tokens.weight", ("embed",), (V, E), same, same),
-             _Entry("model.norm.weight", ("final_norm", "scale"), (E,), same, same)]  # fmt: skip
+    table = [
+        _Entry("model.embed_tokens.weight", ("embed",), (V, E), same, same),
+        _Entry("model.norm.weight", ("final_norm", "scale"), (E,), same, same),
+    ]
     if not c.tie_embeddings:
         table.append(_Entry("lm_head.weight", ("lm_head",), (V, E), jnp.transpose, jnp.transpose))
 
@@ -351,34 +387,71 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
         p, layer = f"model.layers.{i}.", ("layers", i)
         table += [
             _Entry(p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (E,), same, same),
-            _Entry(p + "post_attention_layernorm.weight", (*layer, "post_attention_norm", "scale"),
-                   (E,), same, same),
-            _Entry(p + "self_attn.q_proj.weight", (*layer, "attn", "q_proj"), (H * D, E),
-                   *in_proj(H)),
-            _Entry(p + "self_attn.k_proj.weight", (*layer, "attn", "k_proj"), (K * D, E),
-                   *in_proj(K)),
-            _Entry(p + "self_attn.v_proj.weight", (*layer, "attn", "v_proj"), (K * D, E),
-                   *in_proj(K)),
-            _Entry(p + "self_attn.o_proj.weight", (*layer, "attn", "o_proj"), (E, H * D),
-                   *out_proj),
-            _Entry(p + "mlp.gate_proj.weight", (*layer, "mlp", "gate_proj"), (M, E),
-                   jnp.transpose, jnp.transpose),
-            _Entry(p + "mlp.up_proj.weight", (*layer, "mlp", "up_proj"), (M, E),
-                   jnp.transpose, jnp.transpose),
-            _Entry(p + "mlp.down_proj.weight", (*layer, "mlp", "down_proj"), (E, M),
-                   jnp.transpose, jnp.transpose),
-        ]  # fmt: skip
+            _Entry(
+                p + "post_attention_layernorm.weight",
+                (*layer, "post_attention_norm", "scale"),
+                (E,),
+                same,
+                same,
+            ),
+            _Entry(
+                p + "self_attn.q_proj.weight", (*layer, "attn", "q_proj"), (H * D, E), *in_proj(H)
+            ),
+            _Entry(
+                p + "self_attn.k_proj.weight", (*layer, "attn", "k_proj"), (K * D, E), *in_proj(K)
+            ),
+            _Entry(
+                p + "self_attn.v_proj.weight", (*layer, "attn", "v_proj"), (K * D, E), *in_proj(K)
+            ),
+            _Entry(
+                p + "self_attn.o_proj.weight", (*layer, "attn", "o_proj"), (E, H * D), *out_proj
+            ),
+            _Entry(
+                p + "mlp.gate_proj.weight",
+                (*layer, "mlp", "gate_proj"),
+                (M, E),
+                jnp.transpose,
+                jnp.transpose,
+            ),
+            _Entry(
+                p + "mlp.up_proj.weight",
+                (*layer, "mlp", "up_proj"),
+                (M, E),
+                jnp.transpose,
+                jnp.transpose,
+            ),
+            _Entry(
+                p + "mlp.down_proj.weight",
+                (*layer, "mlp", "down_proj"),
+                (E, M),
+                jnp.transpose,
+                jnp.transpose,
+            ),
+        ]
         if c.attention_bias:
             for name, heads in (("q", H), ("k", K), ("v", K)):
-                table.append(_Entry(p + f"self_attn.{name}_proj.bias",
-                                    (*layer, "attn", f"{name}_bias"), (heads * D,),
-                                    *head_bias(heads)))  # fmt: skip
-            table.append(_Entry(p + "self_attn.o_proj.bias", (*layer, "attn", "o_bias"), (E,),
-                                same, same))  # fmt: skip
+                table.append(
+                    _Entry(
+                        p + f"self_attn.{name}_proj.bias",
+                        (*layer, "attn", f"{name}_bias"),
+                        (heads * D,),
+                        *head_bias(heads),
+                    )
+                )
+            table.append(
+                _Entry(p + "self_attn.o_proj.bias", (*layer, "attn", "o_bias"), (E,), same, same)
+            )
         if c.mlp_bias:
             for name, size in (("gate", M), ("up", M), ("down", E)):
-                table.append(_Entry(p + f"mlp.{name}_proj.bias", (*layer, "mlp", f"{name}_bias"),
-                                    (size,), same, same))  # fmt: skip
+                table.append(
+                    _Entry(
+                        p + f"mlp.{name}_proj.bias",
+                        (*layer, "mlp", f"{name}_bias"),
+                        (size,),
+                        same,
+                        same,
+                    )
+                )
     return table
 
 

@@ -58,8 +58,10 @@ def check_initial_weights(initial_weights, num_domains: int) -> np.ndarray:
         return np.full(num_domains, 1.0 / num_domains)
     w = np.asarray(initial_weights, np.float64)
     if w.shape != (num_domains,) or np.any(w <= 0) or abs(w.sum() - 1.0) > 1e-6:
-        raise ValueError(f"initial_weights must be {num_domains} positive numbers summing to 1 "
-                         f"(a point inside the simplex), got {list(np.atleast_1d(w))}")  # fmt: skip
+        raise ValueError(
+            f"initial_weights must be {num_domains} positive numbers summing to 1 "
+            f"(a point inside the simplex), got {list(np.atleast_1d(w))}"
+        )
     return w
 
 
@@ -79,11 +81,16 @@ def weighted_sum(weights, domain_grads):
 
 def clip_per_domain(domain_grads, max_norm: float):
     """Each domain's gradient (slice of the leading axis) clipped to global norm ``max_norm``."""
-    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1).astype(jnp.float32) ** 2, axis=1)
-                         for g in jax.tree.leaves(domain_grads)))  # fmt: skip
+    norms = jnp.sqrt(
+        sum(
+            jnp.sum(g.reshape(g.shape[0], -1).astype(jnp.float32) ** 2, axis=1)
+            for g in jax.tree.leaves(domain_grads)
+        )
+    )
     scale = jnp.minimum(1.0, max_norm / jnp.maximum(norms, 1e-12))
-    return jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype),
-                        domain_grads)  # fmt: skip
+    return jax.tree.map(
+        lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), domain_grads
+    )
 
 
 def flatten_selected(domain_grads, param_filter=None) -> jax.Array:
@@ -99,10 +106,18 @@ def flatten_selected(domain_grads, param_filter=None) -> jax.Array:
     return jnp.concatenate([g.reshape(g.shape[0], -1).astype(jnp.float32) for g in leaves], 1)
 
 
-def doge(*, num_domains: int, mu: float, lr_schedule: optax.ScalarOrSchedule,
-         score_clip: tuple[float, float] = (0.0, 5.0), objective: str = "universal",
-         param_filter=None, smoothing: float = 0.0, grad_clip: float | None = None,
-         initial_weights=None) -> Mixer:  # fmt: skip
+def doge(
+    *,
+    num_domains: int,
+    mu: float,
+    lr_schedule: optax.ScalarOrSchedule,
+    score_clip: tuple[float, float] = (0.0, 5.0),
+    objective: str = "universal",
+    param_filter=None,
+    smoothing: float = 0.0,
+    grad_clip: float | None = None,
+    initial_weights=None,
+) -> Mixer:
     """The DoGE mixer (module doc). ``lr_schedule``: the proxy's learning rate (a float or an
     optax schedule of the update count), which scales the scores as in the authors' code."""
     if objective not in OBJECTIVES:
@@ -118,18 +133,24 @@ def doge(*, num_domains: int, mu: float, lr_schedule: optax.ScalarOrSchedule,
     schedule = lr_schedule if callable(lr_schedule) else (lambda _: lr_schedule)
 
     def init() -> DoGEState:
-        return DoGEState(jnp.log(jnp.asarray(start, jnp.float32)),
-                         jnp.zeros(num_domains, jnp.float32), jnp.zeros((), jnp.int32))  # fmt: skip
+        return DoGEState(
+            jnp.log(jnp.asarray(start, jnp.float32)),
+            jnp.zeros(num_domains, jnp.float32),
+            jnp.zeros((), jnp.int32),
+        )
 
     def update(domain_grads, state: DoGEState, target_grads=None):
         leading = {g.shape[0] for g in jax.tree.leaves(domain_grads)}
         if leading != {num_domains}:
-            raise ValueError(f"doge: domain_grads must have a leading axis of num_domains="
-                             f"{num_domains} on every leaf, got {sorted(leading)}")  # fmt: skip
+            raise ValueError(
+                f"doge: domain_grads must have a leading axis of num_domains="
+                f"{num_domains} on every leaf, got {sorted(leading)}"
+            )
         if (objective == "ood") != (target_grads is not None):
-            raise ValueError(f"doge: objective {objective!r} "
-                             + ("needs target_grads" if objective == "ood"
-                                else "takes no target_grads"))  # fmt: skip
+            raise ValueError(
+                f"doge: objective {objective!r} "
+                + ("needs target_grads" if objective == "ood" else "takes no target_grads")
+            )
         domain_grads = prepare(domain_grads)  # a no-op on already prepared gradients
         if target_grads is not None:
             target_grads = prepare(target_grads)
@@ -182,9 +203,12 @@ def domain_gradients(domain_losses: Callable[[Any], Any], params, *, has_aux: bo
 def cancellation_ratios(grads, old_params, new_params):
     """Per parameter tensor ``||grad|| / ||W_t - W_{t-1}||``: the authors' pre-run statistic for
     parameter selection (summed over its steps; large when updates cancel out)."""
-    return jax.tree.map(lambda g, a, b: jnp.linalg.norm(g) / jnp.maximum(jnp.linalg.norm(b - a),
-                                                                         1e-12),
-                        grads, old_params, new_params)  # fmt: skip
+    return jax.tree.map(
+        lambda g, a, b: jnp.linalg.norm(g) / jnp.maximum(jnp.linalg.norm(b - a), 1e-12),
+        grads,
+        old_params,
+        new_params,
+    )
 
 
 def select_parameters(ratio_sums, count: int):
@@ -192,15 +216,21 @@ def select_parameters(ratio_sums, count: int):
     the code's ``cc_ns`` default 10) or the ``-count`` largest (``count < 0``)."""
     leaves, treedef = jax.tree.flatten(ratio_sums)
     if count == 0 or abs(count) > len(leaves):
-        raise ValueError(f"select_parameters: count must be nonzero with |count| <= "
-                         f"{len(leaves)} tensors, got {count}")  # fmt: skip
+        raise ValueError(
+            f"select_parameters: count must be nonzero with |count| <= "
+            f"{len(leaves)} tensors, got {count}"
+        )
     order = np.argsort([float(v) for v in leaves], kind="stable")
     keep = set((order[:count] if count > 0 else order[count:]).tolist())
     return jax.tree.unflatten(treedef, [i in keep for i in range(len(leaves))])
 
 
-def cancellation_prerun(loss_fn: Callable[[Any, Any], jax.Array], params,
-                        optimizer: optax.GradientTransformation, batches) -> Any:  # fmt: skip
+def cancellation_prerun(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params,
+    optimizer: optax.GradientTransformation,
+    batches,
+) -> Any:
     """The authors' selection pre-run: plain training on ``batches`` (``loss_fn(params, batch)``
     a scalar), summing each tensor's :func:`cancellation_ratios` ``||g_t|| / ||W_t - W_{t-1}||``
     (the gradient at ``W_t`` over the update that led to ``W_t``; the first step has no previous

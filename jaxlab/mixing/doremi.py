@@ -34,8 +34,9 @@ def domain_excess(losses, reference_losses, masks, clip: float = 0.0):
     return excess, counts > 0
 
 
-def doremi(*, num_domains: int, step_size: float = 1.0, smoothing: float = 1e-4,
-           initial_weights=None) -> Mixer:  # fmt: skip
+def doremi(
+    *, num_domains: int, step_size: float = 1.0, smoothing: float = 1e-4, initial_weights=None
+) -> Mixer:
     if not step_size > 0:
         raise ValueError(f"doremi: step_size must be > 0, got {step_size}")
     if not 0 <= smoothing < 1:
@@ -49,8 +50,7 @@ def doremi(*, num_domains: int, step_size: float = 1.0, smoothing: float = 1e-4,
     def update(excess, state: DoReMiState, present=None):
         excess = jnp.asarray(excess)
         if excess.shape != (num_domains,):
-            raise ValueError(f"doremi: excess must have shape ({num_domains},), got "
-                             f"{excess.shape}")  # fmt: skip
+            raise ValueError(f"doremi: excess must have shape ({num_domains},), got {excess.shape}")
         if present is not None:
             excess = jnp.where(present, excess, 0.0)
         weights, log_weights = mirror_step(state.log_weights, step_size * excess, smoothing)

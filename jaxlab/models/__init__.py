@@ -25,8 +25,12 @@ _REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module], Callable[..., Any]]]
 }
 
 
-def register(name: str, config_cls: type, module_cls: Callable[..., nnx.Module],
-             cache_factory: Callable[..., Any]) -> None:  # fmt: skip
+def register(
+    name: str,
+    config_cls: type,
+    module_cls: Callable[..., nnx.Module],
+    cache_factory: Callable[..., Any],
+) -> None:
     """Makes ``build`` construct ``module_cls`` for configs whose ``name`` is ``name``, and
     :func:`make_cache` call ``cache_factory(config, batch, max_len)``."""
     _REGISTRY[name] = (config_cls, module_cls, cache_factory)

@@ -18,8 +18,9 @@ class LinearClassifier(nnx.Module):
     """``logits = x W + b`` on flattened inputs; zero-initialised (convex training from w = 0)."""
 
     def __init__(self, in_features: int, num_classes: int = 2, *, rngs: nnx.Rngs):
-        self.linear = nnx.Linear(in_features, num_classes, kernel_init=nnx.initializers.zeros,
-                                 rngs=rngs)  # fmt: skip
+        self.linear = nnx.Linear(
+            in_features, num_classes, kernel_init=nnx.initializers.zeros, rngs=rngs
+        )
 
     def __call__(self, x):
         return self.linear(x.reshape(x.shape[0], -1))
@@ -28,8 +29,9 @@ class LinearClassifier(nnx.Module):
 class MLPClassifier(nnx.Module):
     """ReLU MLP on flattened inputs."""
 
-    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int = 2, *,
-                 rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], num_classes: int = 2, *, rngs: nnx.Rngs
+    ):
         sizes = (in_features, *hidden)
         pairs = zip(sizes[:-1], sizes[1:], strict=True)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in pairs])
@@ -46,8 +48,7 @@ class SmallCNN(nnx.Module):
     """LeNet-5 style: conv 5x5 (6) - pool - conv 5x5 (16) - pool - 120 - 84 - classes, on
     ``[batch, H, W, C]`` images (28x28 MNIST or 32x32 CIFAR)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int = 10, *,
-                 rngs: nnx.Rngs):  # fmt: skip
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int = 10, *, rngs: nnx.Rngs):
         height, width, channels = image_shape
         self.conv1 = nnx.Conv(channels, 6, (5, 5), padding="SAME", rngs=rngs)
         self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", rngs=rngs)
@@ -57,7 +58,7 @@ class SmallCNN(nnx.Module):
         self.out = nnx.Linear(84, num_classes, rngs=rngs)
 
     def __call__(self, x):
-        pool = lambda h: nnx.avg_pool(h, (2, 2), strides=(2, 2))  # noqa: E731
+        pool = lambda h: nnx.avg_pool(h, (2, 2), strides=(2, 2))
         h = pool(jax.nn.relu(self.conv1(x)))
         h = pool(jax.nn.relu(self.conv2(h)))
         h = h.reshape(h.shape[0], -1)

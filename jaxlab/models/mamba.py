@@ -142,8 +142,18 @@ class MambaConfig:
             object.__setattr__(self, "dt_rank", math.ceil(self.hidden_size / 16))
         layers = tuple(int(i) for i in self.attention_layers)
         object.__setattr__(self, "attention_layers", layers)
-        positive = ("vocab_size", "hidden_size", "num_layers", "inner_size", "state_size",
-                    "conv_kernel", "dt_rank", "head_dim", "num_groups", "chunk_size")  # fmt: skip
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "inner_size",
+            "state_size",
+            "conv_kernel",
+            "dt_rank",
+            "head_dim",
+            "num_groups",
+            "chunk_size",
+        )
         for field in positive:
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -152,22 +162,29 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
         if self.mixer != "mamba1":
             if self.inner_size % self.head_dim:
-                raise ValueError(f"MambaConfig.head_dim={self.head_dim} must divide "
-                                 f"inner_size={self.inner_size}")  # fmt: skip
+                raise ValueError(
+                    f"MambaConfig.head_dim={self.head_dim} must divide inner_size={self.inner_size}"
+                )
             heads = self.inner_size // self.head_dim
             if self.mixer == "mamba2" and heads % self.num_groups:
-                raise ValueError(f"MambaConfig.num_groups={self.num_groups} must divide the "
-                                 f"{heads} heads")  # fmt: skip
+                raise ValueError(
+                    f"MambaConfig.num_groups={self.num_groups} must divide the {heads} heads"
+                )
         bad = [i for i in self.attention_layers if not 0 <= i < self.num_layers]
         if bad:
-            raise ValueError(f"MambaConfig.attention_layers {bad} are not layers of "
-                             f"0..{self.num_layers - 1}")  # fmt: skip
+            raise ValueError(
+                f"MambaConfig.attention_layers {bad} are not layers of 0..{self.num_layers - 1}"
+            )
         if self.attention_layers and self.intermediate_size < 1:
-            raise ValueError("MambaConfig: attention_layers need intermediate_size > 0 (Llama "
-                             "blocks have an MLP)")  # fmt: skip
+            raise ValueError(
+                "MambaConfig: attention_layers need intermediate_size > 0 (Llama "
+                "blocks have an MLP)"
+            )
         if self.scan_impl not in scan_ops.SCAN_IMPLS:
-            raise ValueError(f"MambaConfig.scan_impl must be one of {scan_ops.SCAN_IMPLS}, "
-                             f"got {self.scan_impl!r}")  # fmt: skip
+            raise ValueError(
+                f"MambaConfig.scan_impl must be one of {scan_ops.SCAN_IMPLS}, "
+                f"got {self.scan_impl!r}"
+            )
         for field in ("param_dtype", "dtype"):  # canonical names: configs stay JSON and compare
             value = canonical_dtype(getattr(self, field), f"MambaConfig.{field}")
             object.__setattr__(self, field, value)
@@ -202,16 +219,26 @@ class MambaConfig:
     def attention_config(self) -> TransformerConfig:
         """The Llama configuration of this model's attention blocks."""
         return TransformerConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.attention_head_dim, rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling, attention_bias=self.attention_bias,
-            mlp_bias=self.mlp_bias, sliding_window=self.sliding_window,
-            max_seq_len=self.max_seq_len, rms_norm_eps=self.rms_norm_eps,
-            initializer_range=self.initializer_range, param_dtype=self.param_dtype,
-            dtype=self.dtype, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-        )  # fmt: skip
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.attention_head_dim,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            attention_bias=self.attention_bias,
+            mlp_bias=self.mlp_bias,
+            sliding_window=self.sliding_window,
+            max_seq_len=self.max_seq_len,
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range,
+            param_dtype=self.param_dtype,
+            dtype=self.dtype,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
 
 
 class MixerCache(NamedTuple):
@@ -251,8 +278,9 @@ class MambaMixer(nnx.Module):
         else:
             in_width = 2 * d + 2 * c.heads * n + c.heads
         self.in_proj = param(rngs, (c.hidden_size, in_width), ("embed", "mlp"), dtype=pd, std=std)
-        self.conv_weight = param(rngs, (c.conv_kernel, conv), (None, "mlp"), dtype=pd,
-                                 std=1.0 / math.sqrt(c.conv_kernel))  # fmt: skip
+        self.conv_weight = param(
+            rngs, (c.conv_kernel, conv), (None, "mlp"), dtype=pd, std=1.0 / math.sqrt(c.conv_kernel)
+        )
         self.conv_bias = param(rngs, (conv,), ("mlp",), dtype=pd, value=0.0)
         self.out_proj = param(rngs, (d, c.hidden_size), ("mlp", "embed"), dtype=pd, std=std)
         # dt initialised log-uniform in [1e-3, 1e-1] (through the bias), as mamba_ssm does.
@@ -264,8 +292,7 @@ class MambaMixer(nnx.Module):
             self.dt_bias = nnx.Param(_inverse_softplus(dt).astype(pd), logical_axes=("mlp",))
         if c.mixer == "mamba1":
             self.x_proj = param(rngs, (d, c.dt_rank + 2 * n), ("mlp", None), dtype=pd, std=std)
-            self.dt_proj = param(rngs, (c.dt_rank, d), (None, "mlp"), dtype=pd,
-                                 std=c.dt_rank**-0.5)  # fmt: skip
+            self.dt_proj = param(rngs, (c.dt_rank, d), (None, "mlp"), dtype=pd, std=c.dt_rank**-0.5)
             a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n)))
             self.A_log = nnx.Param(a_log.astype(pd), logical_axes=("mlp", "state"))
             self.D = param(rngs, (d,), ("mlp",), dtype=pd, value=1.0)
@@ -285,8 +312,11 @@ class MambaMixer(nnx.Module):
         each row's ``lengths`` (all ``seq`` when None).
         """
         k = self.config.conv_kernel
-        past = (jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype) if cache_conv is None
-                else cache_conv.astype(x.dtype))  # fmt: skip
+        past = (
+            jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype)
+            if cache_conv is None
+            else cache_conv.astype(x.dtype)
+        )
         full = jnp.concatenate([past, x], axis=1)
         w = self.conv_weight[...].astype(x.dtype)
         out = sum(full[:, i : i + x.shape[1]] * w[i] for i in range(k))
@@ -319,14 +349,23 @@ class MambaMixer(nnx.Module):
             x = jax.nn.silu(x)
             dbc = x @ self.x_proj[...].astype(dt_)
             dt_low, B, C = jnp.split(dbc, [c.dt_rank, c.dt_rank + n], axis=-1)
-            delta = jax.nn.softplus((dt_low @ self.dt_proj[...].astype(dt_)).astype(f32)
-                                    + self.dt_bias[...].astype(f32))  # fmt: skip
+            delta = jax.nn.softplus(
+                (dt_low @ self.dt_proj[...].astype(dt_)).astype(f32) + self.dt_bias[...].astype(f32)
+            )
             delta = delta * valid
             y, new_state = scan_ops.selective_scan(
-                x, delta, -jnp.exp(self.A_log[...].astype(f32)), B[:, :, None, :],
-                C[:, :, None, :], D=self.D[...], z=z, initial_state=state,
-                return_final_state=True, impl=c.scan_impl, chunk=c.chunk_size,
-            )  # fmt: skip
+                x,
+                delta,
+                -jnp.exp(self.A_log[...].astype(f32)),
+                B[:, :, None, :],
+                C[:, :, None, :],
+                D=self.D[...],
+                z=z,
+                initial_state=state,
+                return_final_state=True,
+                impl=c.scan_impl,
+                chunk=c.chunk_size,
+            )
         else:
             groups = c.num_groups if c.mixer == "mamba2" else c.heads
             xbc_width = d + 2 * groups * n
@@ -344,10 +383,17 @@ class MambaMixer(nnx.Module):
             if c.mixer == "mamba2":
                 step = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...].astype(f32)) * valid
                 y, new_state = scan_ops.ssd(
-                    x, step, -jnp.exp(self.A_log[...].astype(f32)), B, C,
-                    chunk_size=c.chunk_size, D=self.D[...], initial_state=state,
-                    return_final_state=True, impl=c.scan_impl,
-                )  # fmt: skip
+                    x,
+                    step,
+                    -jnp.exp(self.A_log[...].astype(f32)),
+                    B,
+                    C,
+                    chunk_size=c.chunk_size,
+                    D=self.D[...],
+                    initial_state=state,
+                    return_final_state=True,
+                    impl=c.scan_impl,
+                )
                 y = self.norm(y.reshape(batch, seq, d) * jax.nn.silu(z))
             else:
                 # Decay exp(-softplus(a)) with an input not scaled by the step: the SSD multiplies
@@ -359,9 +405,16 @@ class MambaMixer(nnx.Module):
                     step = step * valid
                     x_in = jnp.where(valid[..., None] > 0, x_in, 0)
                 y, new_state = scan_ops.ssd(
-                    x_in, step, -jnp.ones(c.heads), B, C, chunk_size=c.chunk_size,
-                    initial_state=state, return_final_state=True, impl=c.scan_impl,
-                )  # fmt: skip
+                    x_in,
+                    step,
+                    -jnp.ones(c.heads),
+                    B,
+                    C,
+                    chunk_size=c.chunk_size,
+                    initial_state=state,
+                    return_final_state=True,
+                    impl=c.scan_impl,
+                )
                 # The skip connection uses x itself, not the rescaled input.
                 y = y + self.D[...].astype(f32)[:, None] * x.astype(f32)
                 y = y.reshape(batch, seq, d) * jax.nn.silu(z + self.z_bias[...].astype(dt_))
@@ -412,16 +465,31 @@ class MambaLM(nnx.Module):
 
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
         c = self.config = config
-        self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
-                           dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+        self.embed = param(
+            rngs,
+            (c.vocab_size, c.hidden_size),
+            ("vocab", "embed"),
+            dtype=c.storage_dtype,
+            std=c.initializer_range,
+        )
         att = c.attention_config() if c.attention_layers else None
-        self.layers = nnx.List([Block(att, rngs, i) if i in c.attention_layers
-                                else MambaBlock(c, rngs) for i in range(c.num_layers)])  # fmt: skip
-        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype,
-                                  rngs=rngs)  # fmt: skip
+        self.layers = nnx.List(
+            [
+                Block(att, rngs, i) if i in c.attention_layers else MambaBlock(c, rngs)
+                for i in range(c.num_layers)
+            ]
+        )
+        self.final_norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype, rngs=rngs
+        )
         if not c.tie_embeddings:
-            self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
-                                 dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+            self.lm_head = param(
+                rngs,
+                (c.hidden_size, c.vocab_size),
+                ("embed", "vocab"),
+                dtype=c.storage_dtype,
+                std=c.initializer_range,
+            )
 
     def __call__(
         self,
@@ -458,8 +526,9 @@ class MambaLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if cache is not None and len(cache) != c.num_layers:
-            raise ValueError(f"MambaLM: cache has {len(cache)} layers, the model has "
-                             f"{c.num_layers}")  # fmt: skip
+            raise ValueError(
+                f"MambaLM: cache has {len(cache)} layers, the model has {c.num_layers}"
+            )
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         axes = ("batch", "seq", "embed")
         x = constrain(x, axes)
@@ -488,8 +557,9 @@ class MambaLM(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bse,ev->bsv", x, head.astype(x.dtype),
-                            preferred_element_type=jnp.float32)  # fmt: skip
+        logits = jnp.einsum(
+            "bse,ev->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32
+        )
         logits = constrain(logits, ("batch", "seq", "vocab"))
         outputs = (logits,) if cache is None else (logits, new_cache)
         if collect:

@@ -95,8 +95,9 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def keep_mask(config: SparseAttentionConfig, layer: int, role: int, positions: jax.Array,
-              heads: int) -> jax.Array:  # fmt: skip
+def keep_mask(
+    config: SparseAttentionConfig, layer: int, role: int, positions: jax.Array, heads: int
+) -> jax.Array:
     """[batch, seq, heads] bool: keep decisions for queries (role 0) or keys (role 1)."""
     salt = _mix(jnp.uint32((config.seed * 7919 + layer * 2 + role + 1) % 2**32))
     pos = positions.astype(jnp.uint32)[:, :, None]
@@ -115,26 +116,40 @@ def sparse_attention(config: SparseAttentionConfig, layer: int, q, k, v, positio
         block = min(128, seq)
         window = sparse_ops.hash_window(seq, config.num_buckets, block, config.slack)
         return sparse_ops.hash_sparse_attention(
-            q, k, v, hash_buckets(q, r), hash_buckets(k, r), segment_ids=segment_ids,
-            impl=config.impl, window=window, block=block,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            hash_buckets(q, r),
+            hash_buckets(k, r),
+            segment_ids=segment_ids,
+            impl=config.impl,
+            window=window,
+            block=block,
+        )
     q_keep = keep_mask(config, layer, 0, positions, heads)
     k_keep = keep_mask(config, layer, 1, positions, kv_heads)
     p = config.keep_rate
     rows = min(seq, math.ceil(seq * p + config.slack * 2.0 * math.sqrt(seq * p * (1 - p)) + 1))
     return sparse_ops.qk_sparse_attention(
-        q, k, v, q_keep, k_keep, segment_ids=segment_ids, impl=config.impl,
+        q,
+        k,
+        v,
+        q_keep,
+        k_keep,
+        segment_ids=segment_ids,
+        impl=config.impl,
         capacity=(rows, rows),
-    )  # fmt: skip
+    )
 
 
-def sparse_attention_mask(config: SparseAttentionConfig, layer: int, q, k, q_positions,
-                          kv_positions) -> jax.Array:  # fmt: skip
+def sparse_attention_mask(
+    config: SparseAttentionConfig, layer: int, q, k, q_positions, kv_positions
+) -> jax.Array:
     """[batch, heads, q_len, kv_len] bool: the sparse pattern (causal included) for decoding."""
     heads, kv_heads = q.shape[2], k.shape[2]
     groups = heads // kv_heads
     causal = kv_positions[:, None, None, :] <= q_positions[:, None, :, None]
-    to_rows = lambda x: x.transpose(0, 2, 1)  # noqa: E731
+    to_rows = lambda x: x.transpose(0, 2, 1)
     if config.kind == "hash":
         r = hash_projections(config, layer, kv_heads, q.shape[3])
         qb = to_rows(hash_buckets(q, r))

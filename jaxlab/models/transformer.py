@@ -289,21 +289,44 @@ class Attention(nnx.Module):
         self.config = c
         self.layer = layer  # seeds the sparse-attention hashes of this layer
         pd, std = c.storage_dtype, c.initializer_range
-        self.q_proj = param(rngs, (c.hidden_size, c.num_heads, c.head_dim),
-                            ("embed", "heads", "head_dim"), dtype=pd, std=std)  # fmt: skip
-        self.k_proj = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
-                            ("embed", "kv_heads", "head_dim"), dtype=pd, std=std)  # fmt: skip
-        self.v_proj = param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim),
-                            ("embed", "kv_heads", "head_dim"), dtype=pd, std=std)  # fmt: skip
-        self.o_proj = param(rngs, (c.num_heads, c.head_dim, c.hidden_size),
-                            ("heads", "head_dim", "embed"), dtype=pd, std=std)  # fmt: skip
+        self.q_proj = param(
+            rngs,
+            (c.hidden_size, c.num_heads, c.head_dim),
+            ("embed", "heads", "head_dim"),
+            dtype=pd,
+            std=std,
+        )
+        self.k_proj = param(
+            rngs,
+            (c.hidden_size, c.num_kv_heads, c.head_dim),
+            ("embed", "kv_heads", "head_dim"),
+            dtype=pd,
+            std=std,
+        )
+        self.v_proj = param(
+            rngs,
+            (c.hidden_size, c.num_kv_heads, c.head_dim),
+            ("embed", "kv_heads", "head_dim"),
+            dtype=pd,
+            std=std,
+        )
+        self.o_proj = param(
+            rngs,
+            (c.num_heads, c.head_dim, c.hidden_size),
+            ("heads", "head_dim", "embed"),
+            dtype=pd,
+            std=std,
+        )
         if c.attention_bias:
-            self.q_bias = param(rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"),
-                                dtype=pd, value=0.0)  # fmt: skip
-            self.k_bias = param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
-                                dtype=pd, value=0.0)  # fmt: skip
-            self.v_bias = param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
-                                dtype=pd, value=0.0)  # fmt: skip
+            self.q_bias = param(
+                rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"), dtype=pd, value=0.0
+            )
+            self.k_bias = param(
+                rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype=pd, value=0.0
+            )
+            self.v_bias = param(
+                rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype=pd, value=0.0
+            )
             self.o_bias = param(rngs, (c.hidden_size,), ("embed",), dtype=pd, value=0.0)
 
     def __call__(
@@ -339,8 +362,10 @@ class Attention(nnx.Module):
         else:
             # Row b's new tokens occupy slots positions[b, 0] .. positions[b, 0] + seq - 1.
             starts = positions[:, 0]
-            cache = LayerCache(_write_rows(cache.k, k.astype(cache.k.dtype), starts),
-                               _write_rows(cache.v, v.astype(cache.v.dtype), starts))  # fmt: skip
+            cache = LayerCache(
+                _write_rows(cache.k, k.astype(cache.k.dtype), starts),
+                _write_rows(cache.v, v.astype(cache.v.dtype), starts),
+            )
             k, v = cache.k.astype(dt), cache.v.astype(dt)
             kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
             kv_segments = None
@@ -402,12 +427,15 @@ class MLP(nnx.Module):
         c = config
         self.use_bias = c.mlp_bias
         pd, std = c.storage_dtype, c.initializer_range
-        self.gate_proj = param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"),
-                               dtype=pd, std=std)  # fmt: skip
-        self.up_proj = param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"),
-                             dtype=pd, std=std)  # fmt: skip
-        self.down_proj = param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"),
-                               dtype=pd, std=std)  # fmt: skip
+        self.gate_proj = param(
+            rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=pd, std=std
+        )
+        self.up_proj = param(
+            rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=pd, std=std
+        )
+        self.down_proj = param(
+            rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=pd, std=std
+        )
         if c.mlp_bias:
             self.gate_bias = param(rngs, (c.intermediate_size,), ("mlp",), dtype=pd, value=0.0)
             self.up_bias = param(rngs, (c.intermediate_size,), ("mlp",), dtype=pd, value=0.0)
@@ -450,14 +478,25 @@ class Transformer(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
-                           dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+        self.embed = param(
+            rngs,
+            (c.vocab_size, c.hidden_size),
+            ("vocab", "embed"),
+            dtype=c.storage_dtype,
+            std=c.initializer_range,
+        )
         self.layers = nnx.List([Block(c, rngs, i) for i in range(c.num_layers)])
-        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype,
-                                  rngs=rngs)  # fmt: skip
+        self.final_norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype, rngs=rngs
+        )
         if not c.tie_embeddings:
-            self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
-                                 dtype=c.storage_dtype, std=c.initializer_range)  # fmt: skip
+            self.lm_head = param(
+                rngs,
+                (c.hidden_size, c.vocab_size),
+                ("embed", "vocab"),
+                dtype=c.storage_dtype,
+                std=c.initializer_range,
+            )
         if c.dwa is not None:
             self.dwa = DepthWeightedAverages(c.num_layers, c.dwa, param_dtype=c.storage_dtype)
 

@@ -56,17 +56,15 @@ def _recurrence_xla(u, delta, A, B, C, h0, impl, chunk):
     """(y, h_L) of the bare recurrence in float32 by the associative or chunked method."""
     batch, seq, dim = u.shape
     groups = B.shape[2]
-    rep = lambda x: jnp.repeat(x, dim // groups, axis=2)  # noqa: E731
+    rep = lambda x: jnp.repeat(x, dim // groups, axis=2)
     f32 = jnp.float32
     u, delta, A, B, C, h0 = (x.astype(f32) for x in (u, delta, A, B, C, h0))
     if impl == "associative":
         return _scan_block(u, delta, A, rep(B), rep(C), h0)
     pad = -(-seq // chunk) * chunk - seq  # padded steps: delta = 0, the state is unchanged
-    padded = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-    chunks = (
-        lambda x: jnp.moveaxis(  # noqa: E731
-            padded(x).reshape(batch, (seq + pad) // chunk, chunk, *x.shape[2:]), 1, 0
-        )
+    padded = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    chunks = lambda x: jnp.moveaxis(
+        padded(x).reshape(batch, (seq + pad) // chunk, chunk, *x.shape[2:]), 1, 0
     )
 
     @jax.checkpoint
@@ -79,9 +77,24 @@ def _recurrence_xla(u, delta, A, B, C, h0, impl, chunk):
     return jnp.moveaxis(y, 0, 1).reshape(batch, seq + pad, dim)[:, :seq], h
 
 
-def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, impl="auto", chunk=64,
-                   block_sizes=None, interpret=None):  # fmt: skip
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    impl="auto",
+    chunk=64,
+    block_sizes=None,
+    interpret=None,
+):
     """Mamba-1 selective scan; see :func:`kernels_pallas.selective_scan.selective_scan`.
 
     Args:
@@ -89,11 +102,18 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
     """
     name = "selective_scan"
     impl = _resolve(name, impl, "pallas", u.shape[1] if u.ndim == 3 else 0)
-    kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              initial_state=initial_state, return_final_state=return_final_state)  # fmt: skip
+    kw = dict(
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
     if impl == "pallas":
-        return mamba1_kernels.selective_scan(u, delta, A, B, C, block_sizes=block_sizes,
-                                             interpret=interpret, **kw)  # fmt: skip
+        return mamba1_kernels.selective_scan(
+            u, delta, A, B, C, block_sizes=block_sizes, interpret=interpret, **kw
+        )
     mamba1_kernels.check_scan_arguments(name, u, delta, A, B, C, D, z, delta_bias, initial_state)
     if impl == "sequential":
         return mamba1_kernels.selective_scan_reference(u, delta, A, B, C, **kw)
@@ -101,35 +121,59 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
         raise ValueError(f"{name}: chunk must be a positive int, got {chunk!r}")
     dtype, delta = mamba1_kernels.prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, _, dim = u.shape
-    h0 = (jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None
-          else initial_state)  # fmt: skip
+    h0 = (
+        jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None else initial_state
+    )
     # Never pad a short input (a decoding step) up to a whole chunk.
     y, h = _recurrence_xla(u, delta, A, B, C, h0, impl, min(chunk, u.shape[1]))
     out = mamba1_kernels.finish_output(y.astype(dtype), u, D, z, dtype, u.dtype)
     return (out, h) if return_final_state else out
 
 
-def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
-        initial_state=None, return_final_state=False, impl="auto", interpret=None):  # fmt: skip
+def ssd(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    chunk_size=64,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    impl="auto",
+    interpret=None,
+):
     """Mamba-2 SSD; see :mod:`kernels_pallas.ssd`. ``chunk_size``: the chunked algorithm's chunk."""
     name = "ssd"
     impl = _resolve(name, impl, "pallas", x.shape[1] if x.ndim == 4 else 0)
-    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
-              return_final_state=return_final_state)  # fmt: skip
+    kw = dict(
+        D=D,
+        z=z,
+        dt_bias=dt_bias,
+        dt_softplus=dt_softplus,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
     if impl == "pallas":
         return ssd_kernels.ssd(x, dt, A, B, C, chunk_size=chunk_size, interpret=interpret, **kw)
     ssd_kernels.check_ssd_arguments(name, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
     if impl == "sequential":
         return ssd_kernels.ssd_reference(x, dt, A, B, C, **kw)
     if impl == "chunked":
-        return ssd_kernels.ssd_chunked(x, dt, A, B, C, chunk_size=min(chunk_size, x.shape[1]),
-                                       **kw)  # fmt: skip
+        return ssd_kernels.ssd_chunked(x, dt, A, B, C, chunk_size=min(chunk_size, x.shape[1]), **kw)
     # associative: the selective scan with one channel per (head, head_dim) pair.
     batch, seq, heads, head_dim = x.shape
     state = B.shape[3]
     dtype, dt = ssd_kernels.prepare_delta(x, dt, dt_bias, dt_softplus)
-    s0 = (jnp.zeros((batch, heads, head_dim, state), jnp.float32) if initial_state is None
-          else initial_state)  # fmt: skip
+    s0 = (
+        jnp.zeros((batch, heads, head_dim, state), jnp.float32)
+        if initial_state is None
+        else initial_state
+    )
     A_ch = jnp.broadcast_to(jnp.repeat(A, head_dim)[:, None], (heads * head_dim, state))
     u, delta = x.reshape(batch, seq, -1), jnp.repeat(dt, head_dim, axis=2)
     h0 = s0.reshape(batch, heads * head_dim, state)

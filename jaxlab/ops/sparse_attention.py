@@ -39,7 +39,7 @@ def _resolve_impl(name: str, impl: str) -> str:
 def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
     """Dense masked attention of reordered rows; *_pos/*_bkt: [batch, rows, heads or kv_heads]."""
     groups = qs.shape[2] // ks.shape[2]
-    rep = lambda x: jnp.repeat(x, groups, axis=2).transpose(0, 2, 1)  # noqa: E731
+    rep = lambda x: jnp.repeat(x, groups, axis=2).transpose(0, 2, 1)
     mask = q_pos.transpose(0, 2, 1)[..., :, None] >= rep(k_pos)[..., None, :]
     if q_bkt is not None:
         mask &= q_bkt.transpose(0, 2, 1)[..., :, None] == rep(k_bkt)[..., None, :]
@@ -107,8 +107,9 @@ def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0
     return min(tiles, math.ceil(seq / block))
 
 
-def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None, block=128,
-                    window=None):  # fmt: skip
+def hash_sparse_xla(
+    q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None, block=128, window=None
+):
     """XLA hash-sparse attention: sort by bucket, query tiles attend to windows of key tiles."""
     batch, seq, heads, _ = q.shape
     groups = heads // k.shape[2]
@@ -118,7 +119,7 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
     q_buckets, k_buckets = kernels.segmented_buckets(q_buckets, k_buckets, segment_ids)
     q_order, q_sorted = kernels.bucket_order(q_buckets)
     k_order, k_sorted = kernels.bucket_order(k_buckets)
-    pad = lambda x, value: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)), constant_values=value)  # noqa: E731
+    pad = lambda x, value: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)), constant_values=value)
     # Keys per query head (GQA), sorted by bucket; padding sorts last and matches nothing.
     head_of = jnp.arange(heads) // groups
     q_inverse = kernels.inverse_permutation(q_order)
@@ -128,33 +129,42 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
     ks = jnp.pad(ks, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
     vs = jnp.pad(vs, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
     k_pos, k_bkt = pad(k_order[:, :, head_of], _BIG), pad(k_sorted[:, :, head_of], _BIG)
-    qs = jnp.pad(kernels.permute_rows(q, q_order, q_inverse),
-                 ((0, 0), (0, padded - seq), (0, 0), (0, 0)))  # fmt: skip
+    qs = jnp.pad(
+        kernels.permute_rows(q, q_order, q_inverse), ((0, 0), (0, padded - seq), (0, 0), (0, 0))
+    )
     q_pos, q_bkt = pad(q_order, -1), pad(q_sorted, -1)
 
-    tile_rows = lambda x: x.reshape(batch, tiles, block, *x.shape[2:])  # noqa: E731
+    tile_rows = lambda x: x.reshape(batch, tiles, block, *x.shape[2:])
 
     def run(width):
         start = jnp.clip(first, 0, tiles - width)  # [batch, q_tiles, heads]
         rows = start[..., None] * block + jnp.arange(width * block)  # [b, qt, h, width*block]
         rows = rows.transpose(0, 1, 3, 2)  # [b, qt, width*block, h]
-        gather = lambda x: jnp.take_along_axis(  # noqa: E731
+        gather = lambda x: jnp.take_along_axis(
             x[:, None], rows.reshape(rows.shape + (1,) * (x.ndim - 3)), axis=2
         )
         kw, vw, kpw, kbw = gather(ks), gather(vs), gather(k_pos), gather(k_bkt)
-        qt = lambda x: tile_rows(x)  # noqa: E731
-        rows_q = lambda x: qt(x).transpose(0, 1, 3, 2)[..., :, None]  # noqa: E731
-        cols_k = lambda x: x.transpose(0, 1, 3, 2)[..., None, :]  # noqa: E731
+        qt = lambda x: tile_rows(x)
+        rows_q = lambda x: qt(x).transpose(0, 1, 3, 2)[..., :, None]
+        cols_k = lambda x: x.transpose(0, 1, 3, 2)[..., None, :]
         mask = (rows_q(q_pos) >= cols_k(kpw)) & (rows_q(q_bkt) == cols_k(kbw))
-        fold = lambda x: x.reshape(batch * tiles, *x.shape[2:])  # noqa: E731
+        fold = lambda x: x.reshape(batch * tiles, *x.shape[2:])
         out = kernels.masked_attention_reference(
             fold(qt(qs)), fold(kw), fold(vw), fold(mask), sm_scale
         )
         return _unsort(out.reshape(batch, padded, heads, -1)[:, :seq], q_order, q_inverse)
 
     def dense():  # every query against every key, on the sorted rows
-        out = _masked(qs[:, :seq], ks[:, :seq], vs[:, :seq], q_pos[:, :seq], k_pos[:, :seq],
-                      q_bkt[:, :seq], k_bkt[:, :seq], sm_scale)  # fmt: skip
+        out = _masked(
+            qs[:, :seq],
+            ks[:, :seq],
+            vs[:, :seq],
+            q_pos[:, :seq],
+            k_pos[:, :seq],
+            q_bkt[:, :seq],
+            k_bkt[:, :seq],
+            sm_scale,
+        )
         return _unsort(out, q_order, q_inverse)
 
     if window is None or window >= tiles:
@@ -169,8 +179,20 @@ def hash_sparse_xla(q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None
     return _exact_cond(fits, lambda: run(window), dense)
 
 
-def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=None, impl="auto",
-                        block_sizes=None, interpret=None, capacity=None):  # fmt: skip
+def qk_sparse_attention(
+    q,
+    k,
+    v,
+    q_keep,
+    k_keep,
+    *,
+    segment_ids=None,
+    sm_scale=None,
+    impl="auto",
+    block_sizes=None,
+    interpret=None,
+    capacity=None,
+):
     """QK-sparse causal attention (as ``kernels_pallas.sparse_attention.qk_sparse_attention``).
 
     Args:
@@ -178,18 +200,39 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, segment_ids=None, sm_scale=N
     """
     name = "qk_sparse_attention"
     if _resolve_impl(name, impl) == "pallas":
-        return kernels.qk_sparse_attention(q, k, v, q_keep, k_keep, segment_ids=segment_ids,
-                                           sm_scale=sm_scale, block_sizes=block_sizes,
-                                           interpret=interpret)  # fmt: skip
+        return kernels.qk_sparse_attention(
+            q,
+            k,
+            v,
+            q_keep,
+            k_keep,
+            segment_ids=segment_ids,
+            sm_scale=sm_scale,
+            block_sizes=block_sizes,
+            interpret=interpret,
+        )
     kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return qk_sparse_xla(q, k, v, q_keep, k_keep, sm_scale=sm_scale, segment_ids=segment_ids,
-                         capacity=capacity)  # fmt: skip
+    return qk_sparse_xla(
+        q, k, v, q_keep, k_keep, sm_scale=sm_scale, segment_ids=segment_ids, capacity=capacity
+    )
 
 
-def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, segment_ids=None, sm_scale=None,
-                          impl="auto", block_sizes=None, interpret=None, window=None,
-                          block=128):  # fmt: skip
+def hash_sparse_attention(
+    q,
+    k,
+    v,
+    q_buckets,
+    k_buckets,
+    *,
+    segment_ids=None,
+    sm_scale=None,
+    impl="auto",
+    block_sizes=None,
+    interpret=None,
+    window=None,
+    block=128,
+):
     """Hash-sparse causal attention (as ``kernels_pallas.sparse_attention.hash_sparse_attention``).
 
     Args:
@@ -210,5 +253,14 @@ def hash_sparse_attention(q, k, v, q_buckets, k_buckets, *, segment_ids=None, sm
         )
     kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return hash_sparse_xla(q, k, v, q_buckets, k_buckets, sm_scale=sm_scale,
-                           segment_ids=segment_ids, block=block, window=window)  # fmt: skip
+    return hash_sparse_xla(
+        q,
+        k,
+        v,
+        q_buckets,
+        k_buckets,
+        sm_scale=sm_scale,
+        segment_ids=segment_ids,
+        block=block,
+        window=window,
+    )

@@ -66,25 +66,37 @@ def _get(config, name, default):
 
 register_optimizer(
     "adamw",
-    lambda c, lr: optax.adamw(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.999),
-                              eps=_get(c, "eps", 1e-8), weight_decay=_get(c, "weight_decay", 0.0),
-                              mask=_decay_mask(c)),
-)  # fmt: skip
+    lambda c, lr: optax.adamw(
+        lr,
+        b1=_get(c, "b1", 0.9),
+        b2=_get(c, "b2", 0.999),
+        eps=_get(c, "eps", 1e-8),
+        weight_decay=_get(c, "weight_decay", 0.0),
+        mask=_decay_mask(c),
+    ),
+)
 register_optimizer(
     "adam",
-    lambda c, lr: optax.adam(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.999),
-                             eps=_get(c, "eps", 1e-8)),
-)  # fmt: skip
+    lambda c, lr: optax.adam(
+        lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.999), eps=_get(c, "eps", 1e-8)
+    ),
+)
 register_optimizer(
     "sgd",
-    lambda c, lr: optax.sgd(lr, momentum=_get(c, "momentum", 0.0) or None,
-                            nesterov=_get(c, "nesterov", False)),
-)  # fmt: skip
+    lambda c, lr: optax.sgd(
+        lr, momentum=_get(c, "momentum", 0.0) or None, nesterov=_get(c, "nesterov", False)
+    ),
+)
 register_optimizer(
     "lion",
-    lambda c, lr: optax.lion(lr, b1=_get(c, "b1", 0.9), b2=_get(c, "b2", 0.99),
-                             weight_decay=_get(c, "weight_decay", 0.0), mask=_decay_mask(c)),
-)  # fmt: skip
+    lambda c, lr: optax.lion(
+        lr,
+        b1=_get(c, "b1", 0.9),
+        b2=_get(c, "b2", 0.99),
+        weight_decay=_get(c, "weight_decay", 0.0),
+        mask=_decay_mask(c),
+    ),
+)
 
 
 def _ademamix_from_config(c, lr):
@@ -188,7 +200,7 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
         # Frozen leaves get zero updates and no optimizer state (no moments are allocated for
         # them); clipping sees only the trained leaves. Not strict: optax also calls the labels
         # on placeholders; the engine checks the patterns against the parameters.
-        labels = lambda params: jax.tree.map(  # noqa: E731
+        labels = lambda params: jax.tree.map(
             lambda f: "frozen" if f else "trained",
             params_matching(params, frozen, "config.optim.frozen", strict=False),
         )

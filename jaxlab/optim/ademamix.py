@@ -238,9 +238,8 @@ def scale_by_ademamix(
             )
 
         m1_tree = state.m1 if state.m1 is not None else jax.tree.map(lambda _: None, updates)
-        out = jax.tree.map(leaf, updates, m1_tree, state.m2, state.nu,
-                           is_leaf=lambda x: x is None)  # fmt: skip
-        pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)  # noqa: E731
+        out = jax.tree.map(leaf, updates, m1_tree, state.m2, state.nu, is_leaf=lambda x: x is None)
+        pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
         new_updates, m1, m2, nu = pick(0), pick(1), pick(2), pick(3)
         return new_updates, ScaleByAdemamixState(count, None if state.m1 is None else m1, m2, nu)
 
@@ -281,8 +280,16 @@ def ademamix(
       [ 0.699 -1.698]
     """
     return optax.chain(
-        scale_by_ademamix(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root,
-                          mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+        scale_by_ademamix(
+            b1=b1,
+            b2=b2,
+            b3=b3,
+            alpha=alpha,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    )  # fmt: skip
+    )

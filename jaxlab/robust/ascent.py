@@ -25,8 +25,9 @@ def check_ball(epsilon, step_size, num_steps, norm):
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not epsilon >= 0 or not step_size > 0:
-        raise ValueError(f"need epsilon >= 0 and step_size > 0, got epsilon={epsilon}, "
-                         f"step_size={step_size}")  # fmt: skip
+        raise ValueError(
+            f"need epsilon >= 0 and step_size > 0, got epsilon={epsilon}, step_size={step_size}"
+        )
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
 
@@ -60,15 +61,26 @@ def random_in_ball(rng, shape, epsilon, norm: str, dtype):
     dim = 1
     for size in shape[1:]:
         dim *= size
-    radius = epsilon * jax.random.uniform(radius_rng, (shape[0],) + (1,) * (len(shape) - 1),
-                                          dtype) ** (1.0 / dim)  # fmt: skip
+    radius = epsilon * jax.random.uniform(
+        radius_rng, (shape[0],) + (1,) * (len(shape) - 1), dtype
+    ) ** (1.0 / dim)
     return direction * radius
 
 
-def ascend(objective: Callable[[jax.Array], jax.Array], x, rng, *, epsilon: float,
-           step_size: float, num_steps: int, norm: str = "linf", random_start: bool = False,
-           random_stop: bool = False, clip: tuple[float, float] | None = None,
-           initial_delta=None):  # fmt: skip
+def ascend(
+    objective: Callable[[jax.Array], jax.Array],
+    x,
+    rng,
+    *,
+    epsilon: float,
+    step_size: float,
+    num_steps: int,
+    norm: str = "linf",
+    random_start: bool = False,
+    random_stop: bool = False,
+    clip: tuple[float, float] | None = None,
+    initial_delta=None,
+):
     """``x + delta`` after projected ascent of ``objective(x_adv) -> [batch]`` (module doc).
     ``delta`` starts at 0, uniform in the ball (``random_start``) or at ``initial_delta``."""
     check_ball(epsilon, step_size, num_steps, norm)

@@ -54,8 +54,11 @@ def hard_margin_svm(x, y, *, tol: float = 1e-9, max_iterations: int = 200_000) -
         raise ValueError("hard_margin_svm: need samples of both classes 0 and 1")
     stacked = np.concatenate([pos, -neg])
     with jax.enable_x64(True):
-        u = np.asarray(_hull_distance(jnp.asarray(stacked), len(pos), max_iterations,
-                                      np.linalg.norm(stacked, 2) ** 2, tol))  # fmt: skip
+        u = np.asarray(
+            _hull_distance(
+                jnp.asarray(stacked), len(pos), max_iterations, np.linalg.norm(stacked, 2) ** 2, tol
+            )
+        )
     w = stacked.T @ u
     norm = np.linalg.norm(w)
     if norm == 0:
@@ -64,8 +67,9 @@ def hard_margin_svm(x, y, *, tol: float = 1e-9, max_iterations: int = 200_000) -
     margin = (low - high) / (2 * norm)
     if margin <= 0:
         raise ValueError(f"hard_margin_svm: data not linearly separable (margin {margin:g})")
-    return MaxMargin(w / norm, float(-(low + high) / (2 * norm)), float(margin),
-                     float(norm / 2 - margin))  # fmt: skip
+    return MaxMargin(
+        w / norm, float(-(low + high) / (2 * norm)), float(margin), float(norm / 2 - margin)
+    )
 
 
 @jax.jit(static_argnums=(1, 2))
@@ -102,9 +106,18 @@ def accuracy(apply_fn: Callable, params, x, y) -> float:
     return float(jnp.mean(jnp.argmax(apply_fn(params, jnp.asarray(x)), -1) == jnp.asarray(y)))
 
 
-def robust_accuracy(apply_fn: Callable, params, x, y, rng, *, epsilons: Sequence[float],
-                    norm: str = "linf", num_steps: int = 20,
-                    clip: tuple[float, float] | None = None) -> dict[float, float]:  # fmt: skip
+def robust_accuracy(
+    apply_fn: Callable,
+    params,
+    x,
+    y,
+    rng,
+    *,
+    epsilons: Sequence[float],
+    norm: str = "linf",
+    num_steps: int = 20,
+    clip: tuple[float, float] | None = None,
+) -> dict[float, float]:
     """Accuracy under a PGD attack (random start, ``num_steps`` steps of ``2.5 epsilon /
     num_steps``) at each epsilon."""
     out = {}
@@ -112,15 +125,25 @@ def robust_accuracy(apply_fn: Callable, params, x, y, rng, *, epsilons: Sequence
         if epsilon == 0:
             out[epsilon] = accuracy(apply_fn, params, x, y)
             continue
-        adv = pgd_perturb(apply_fn, params, jnp.asarray(x), jnp.asarray(y), rng, epsilon=epsilon,
-                          step_size=2.5 * epsilon / num_steps, num_steps=num_steps, norm=norm,
-                          clip=clip)  # fmt: skip
+        adv = pgd_perturb(
+            apply_fn,
+            params,
+            jnp.asarray(x),
+            jnp.asarray(y),
+            rng,
+            epsilon=epsilon,
+            step_size=2.5 * epsilon / num_steps,
+            num_steps=num_steps,
+            norm=norm,
+            clip=clip,
+        )
         out[epsilon] = accuracy(apply_fn, params, adv, y)
     return out
 
 
-def randomized_feature_accuracy(apply_fn: Callable, params, x, y, columns: Sequence[int],
-                                seed: int = 0) -> float:  # fmt: skip
+def randomized_feature_accuracy(
+    apply_fn: Callable, params, x, y, columns: Sequence[int], seed: int = 0
+) -> float:
     """Accuracy after shuffling ``columns`` of ``x`` across samples (Shah et al.'s test of which
     features a model relies on: shuffling a relied-on feature drops accuracy to chance)."""
     x = np.array(x, copy=True)

@@ -56,7 +56,7 @@ def perturbation(method: str, apply_fn: Callable, **kwargs) -> Transform:
 
 def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weight: float = 1.0):
     """The loss of ``mode`` on a batch (``x_perturbed`` needed except for ``clean``)."""
-    ce = lambda logits: jnp.mean(  # noqa: E731
+    ce = lambda logits: jnp.mean(
         optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
     )
     if mode == "clean":
@@ -75,9 +75,14 @@ def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weig
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    transform: Transform | None = None, mode: str = "clean",
-                    weight: float = 1.0):  # fmt: skip
+def make_train_step(
+    apply_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    transform: Transform | None = None,
+    mode: str = "clean",
+    weight: float = 1.0,
+):
     """``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``, jitted."""
     if mode not in MODES:
         raise ValueError(f"make_train_step: mode must be one of {MODES}, got {mode!r}")
@@ -110,8 +115,9 @@ def batches(x, y, batch_size: int | None, seed: int) -> Iterator[dict]:
     """Endless shuffled minibatches (the full batch, unshuffled, when ``batch_size`` is None)."""
     x, y = jnp.asarray(x), jnp.asarray(y)
     if batch_size is not None and not 1 <= batch_size <= len(x):
-        raise ValueError(f"batches: batch_size must be in [1, {len(x)}] (the data size), got "
-                         f"{batch_size}")  # fmt: skip
+        raise ValueError(
+            f"batches: batch_size must be in [1, {len(x)}] (the data size), got {batch_size}"
+        )
     if batch_size is None:
         while True:
             yield {"x": x, "y": y}
@@ -123,10 +129,18 @@ def batches(x, y, batch_size: int | None, seed: int) -> Iterator[dict]:
             yield {"x": x[rows], "y": y[rows]}
 
 
-def train(step, params, optimizer: optax.GradientTransformation, data: Iterator[dict], *,
-          num_steps: int, seed: int = 0, log_every: int = 0,
-          callback: Callable[[Any], Any] | None = None,
-          progress: str = "") -> TrainResult:  # fmt: skip
+def train(
+    step,
+    params,
+    optimizer: optax.GradientTransformation,
+    data: Iterator[dict],
+    *,
+    num_steps: int,
+    seed: int = 0,
+    log_every: int = 0,
+    callback: Callable[[Any], Any] | None = None,
+    progress: str = "",
+) -> TrainResult:
     """Runs ``step`` for ``num_steps`` batches of ``data``; records ``callback(params)`` every
     ``log_every`` steps (and at the end) and prints progress lines when ``progress`` names the
     run."""

@@ -23,11 +23,31 @@ def predictive_entropy(logits):
     return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
-def udp_perturb(apply_fn: Callable, params, x, rng, *, epsilon: float, step_size: float,
-                num_steps: int, norm: str = "linf", random_stop: bool = True,
-                random_start: bool = False, clip: tuple[float, float] | None = None):  # fmt: skip
+def udp_perturb(
+    apply_fn: Callable,
+    params,
+    x,
+    rng,
+    *,
+    epsilon: float,
+    step_size: float,
+    num_steps: int,
+    norm: str = "linf",
+    random_stop: bool = True,
+    random_start: bool = False,
+    clip: tuple[float, float] | None = None,
+):
     """Inputs perturbed by entropy ascent (``jaxlab.robust.ascent.ascend`` for the steps, the
     ball, per-sample random stopping and clipping)."""
-    return ascend(lambda xa: predictive_entropy(apply_fn(params, xa)), x, rng, epsilon=epsilon,
-                  step_size=step_size, num_steps=num_steps, norm=norm,
-                  random_start=random_start, random_stop=random_stop, clip=clip)  # fmt: skip
+    return ascend(
+        lambda xa: predictive_entropy(apply_fn(params, xa)),
+        x,
+        rng,
+        epsilon=epsilon,
+        step_size=step_size,
+        num_steps=num_steps,
+        norm=norm,
+        random_start=random_start,
+        random_stop=random_stop,
+        clip=clip,
+    )

@@ -72,26 +72,39 @@ class ACVIConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"ACVIConfig.{name} must be > 0, got {getattr(self, name)}")
         if not self.mu0 >= 0 or not 0 < self.delta <= 1:
-            raise ValueError(f"ACVIConfig: need mu0 >= 0 and 0 < delta <= 1, got mu0={self.mu0}, "
-                             f"delta={self.delta}")  # fmt: skip
-        for name in ("outer_steps", "inner_steps", "last_inner_steps", "subproblem_steps",
-                     "newton_steps"):  # fmt: skip
+            raise ValueError(
+                f"ACVIConfig: need mu0 >= 0 and 0 < delta <= 1, got mu0={self.mu0}, "
+                f"delta={self.delta}"
+            )
+        for name in (
+            "outer_steps",
+            "inner_steps",
+            "last_inner_steps",
+            "subproblem_steps",
+            "newton_steps",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ACVIConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.warmup_subproblem_steps, int) or self.warmup_subproblem_steps < 0:
-            raise ValueError(f"ACVIConfig.warmup_subproblem_steps must be an int >= 0, got "
-                             f"{self.warmup_subproblem_steps!r}")  # fmt: skip
-        if self.x_step != "inexact" and (self.subproblem_optimizer is not None
-                                         or self.warmup_subproblem_steps):  # fmt: skip
-            raise ValueError("ACVIConfig: subproblem_optimizer and warmup_subproblem_steps apply "
-                             f"to x_step='inexact' only, got x_step={self.x_step!r}")  # fmt: skip
+            raise ValueError(
+                f"ACVIConfig.warmup_subproblem_steps must be an int >= 0, got "
+                f"{self.warmup_subproblem_steps!r}"
+            )
+        if self.x_step != "inexact" and (
+            self.subproblem_optimizer is not None or self.warmup_subproblem_steps
+        ):
+            raise ValueError(
+                "ACVIConfig: subproblem_optimizer and warmup_subproblem_steps apply "
+                f"to x_step='inexact' only, got x_step={self.x_step!r}"
+            )
 
     def mu_schedule(self) -> np.ndarray:
         """mu at every iteration: outer stage t = 1..T runs at mu0 delta^t (the authors decay mu
         before each stage, so mu0 itself is never used)."""
-        stages = [np.full(self.inner_steps, self.mu0 * self.delta**t)
-                  for t in range(1, self.outer_steps)]  # fmt: skip
+        stages = [
+            np.full(self.inner_steps, self.mu0 * self.delta**t) for t in range(1, self.outer_steps)
+        ]
         stages.append(np.full(self.last_inner_steps, self.mu0 * self.delta**self.outer_steps))
         return np.concatenate(stages)
 
@@ -144,8 +157,14 @@ class ACVIResult(NamedTuple):
     residual: jax.Array
 
 
-def acvi_until(problem: VIProblem, x0, config: ACVIConfig = ACVIConfig(), *, tol: float = 1e-8,  # noqa: B008
-               max_iterations: int = 10_000) -> ACVIResult:  # fmt: skip
+def acvi_until(
+    problem: VIProblem,
+    x0,
+    config: ACVIConfig = ACVIConfig(),
+    *,
+    tol: float = 1e-8,  # noqa: B008
+    max_iterations: int = 10_000,
+) -> ACVIResult:
     """ACVI in a ``lax.while_loop`` until the primal residual ``||x - y||`` and the step
     ``||x_k - x_{k-1}||`` are both below ``tol`` (or ``max_iterations``); mu follows the config's
     schedule and then stays at its last value."""
@@ -158,9 +177,11 @@ def _validate(problem: VIProblem, x0, config: ACVIConfig):
     if x0.shape != (problem.dim,):
         raise ValueError(f"acvi: x0 must have shape ({problem.dim},), got {x0.shape}")
     if config.y_step == "barrier" and not bool(problem.inequality.interior(x0)):
-        raise ValueError(f"acvi: x0 must be strictly inside the inequality set "
-                         f"{problem.inequality} for the log barrier (y_step='barrier'); "
-                         f"use y_step='projection' for an infeasible start")  # fmt: skip
+        raise ValueError(
+            f"acvi: x0 must be strictly inside the inequality set "
+            f"{problem.inequality} for the log barrier (y_step='barrier'); "
+            f"use y_step='projection' for an infeasible start"
+        )
 
 
 def _make_step(problem: VIProblem, config: ACVIConfig, x0):
@@ -213,8 +234,9 @@ def _make_step(problem: VIProblem, config: ACVIConfig, x0):
         opt_state = () if optimizer is None else optimizer.init(x0)
         x = x0
         if config.warmup_subproblem_steps:
-            x, opt_state = subproblem_steps(x0, opt_state, proj(x0) + shift,
-                                            config.warmup_subproblem_steps)  # fmt: skip
+            x, opt_state = subproblem_steps(
+                x0, opt_state, proj(x0) + shift, config.warmup_subproblem_steps
+            )
         return ACVIState(x, x0, jnp.zeros_like(x0), opt_state)
 
     def step(state, mu):

@@ -38,8 +38,10 @@ def _check(problem: VIProblem, x0, step_size, num_steps, optimizer):
     if x0.shape != (problem.dim,):
         raise ValueError(f"{problem.name}: x0 must have shape ({problem.dim},), got {x0.shape}")
     if (step_size is None) == (optimizer is None):
-        raise ValueError(f"give exactly one of step_size and optimizer, got step_size={step_size} "
-                         f"and optimizer={optimizer}")  # fmt: skip
+        raise ValueError(
+            f"give exactly one of step_size and optimizer, got step_size={step_size} "
+            f"and optimizer={optimizer}"
+        )
     if step_size is not None and not step_size > 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
     if not (isinstance(num_steps, int) and num_steps >= 1):
@@ -55,8 +57,14 @@ def _stepper(optimizer: Optimizer, step_size):
     return optimizer.init, optimizer.update
 
 
-def run_gda(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
-            optimizer: Optimizer = None) -> Trajectory:  # fmt: skip
+def run_gda(
+    problem: VIProblem,
+    x0,
+    *,
+    num_steps: int,
+    step_size: float | None = None,
+    optimizer: Optimizer = None,
+) -> Trajectory:
     x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
     return _gda(problem, num_steps, optimizer, x0, step_size)
 
@@ -77,8 +85,14 @@ def _gda(problem, num_steps, optimizer, x0, step_size):
     return Trajectory(xs, jnp.arange(1, num_steps + 1))
 
 
-def run_extragradient(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
-                      optimizer: Optimizer = None) -> Trajectory:  # fmt: skip
+def run_extragradient(
+    problem: VIProblem,
+    x0,
+    *,
+    num_steps: int,
+    step_size: float | None = None,
+    optimizer: Optimizer = None,
+) -> Trajectory:
     x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
     return _extragradient(problem, num_steps, optimizer, x0, step_size)
 
@@ -99,8 +113,14 @@ def _extragradient(problem, num_steps, optimizer, x0, step_size):
     return Trajectory(xs, 2 * jnp.arange(1, num_steps + 1))
 
 
-def run_optimistic_gda(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
-                       optimizer: Optimizer = None) -> Trajectory:  # fmt: skip
+def run_optimistic_gda(
+    problem: VIProblem,
+    x0,
+    *,
+    num_steps: int,
+    step_size: float | None = None,
+    optimizer: Optimizer = None,
+) -> Trajectory:
     x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
     return _optimistic(problem, num_steps, optimizer, x0, step_size)
 
@@ -120,9 +140,16 @@ def _optimistic(problem, num_steps, optimizer, x0, step_size):
     return Trajectory(xs, jnp.arange(1, num_steps + 1) + 1)
 
 
-def run_lookahead_gda(problem: VIProblem, x0, *, num_steps: int, step_size: float | None = None,
-                      optimizer: Optimizer = None, k: int = 5,
-                      alpha: float = 0.5) -> Trajectory:  # fmt: skip
+def run_lookahead_gda(
+    problem: VIProblem,
+    x0,
+    *,
+    num_steps: int,
+    step_size: float | None = None,
+    optimizer: Optimizer = None,
+    k: int = 5,
+    alpha: float = 0.5,
+) -> Trajectory:
     x0, step_size = _check(problem, x0, step_size, num_steps, optimizer)
     return _lookahead(problem, num_steps, optimizer, k, x0, step_size, alpha)
 

@@ -45,13 +45,16 @@ class GANGame(NamedTuple):
     generator_size: int  # x[:generator_size] are the generator's parameters
 
 
-def mixture_of_gaussians(num_samples: int, *, modes: int = 8, radius: float = 2.0,
-                         std: float = 0.05, seed: int = 0):  # fmt: skip
+def mixture_of_gaussians(
+    num_samples: int, *, modes: int = 8, radius: float = 2.0, std: float = 0.05, seed: int = 0
+):
     """``num_samples`` points from ``modes`` equal-weight Gaussians on a circle; returns
     ``(samples [n, 2], centers [modes, 2])``."""
     if modes < 1 or num_samples < 1 or not std > 0:
-        raise ValueError(f"mixture_of_gaussians: need modes >= 1, num_samples >= 1 and std > 0, "
-                         f"got {modes}, {num_samples}, {std}")  # fmt: skip
+        raise ValueError(
+            f"mixture_of_gaussians: need modes >= 1, num_samples >= 1 and std > 0, "
+            f"got {modes}, {num_samples}, {std}"
+        )
     angles = 2 * np.pi * np.arange(modes) / modes
     centers = radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     rng = np.random.default_rng(seed)
@@ -76,10 +79,18 @@ def _mlp(layers, h, output: str = "linear"):
     return jnp.tanh(h) if output == "tanh" else h
 
 
-def gan_game(data, *, noise_dim: int = 2, hidden: tuple[int, ...] = (32, 32),
-             num_constraints: int = 100, radius_range: tuple[float, float] = (3.0, 10.0),
-             sample_size: int = 512, output: str = "linear", seed: int = 0,
-             name: str = "gan") -> GANGame:  # fmt: skip
+def gan_game(
+    data,
+    *,
+    noise_dim: int = 2,
+    hidden: tuple[int, ...] = (32, 32),
+    num_constraints: int = 100,
+    radius_range: tuple[float, float] = (3.0, 10.0),
+    sample_size: int = 512,
+    output: str = "linear",
+    seed: int = 0,
+    name: str = "gan",
+) -> GANGame:
     """The constrained GAN game on ``data`` ``[n, d]`` (see the module doc)."""
     data = np.asarray(data, np.float64)
     if data.ndim != 2 or data.shape[0] < 1:
@@ -90,8 +101,10 @@ def gan_game(data, *, noise_dim: int = 2, hidden: tuple[int, ...] = (32, 32),
     if not 0 < lo <= hi:
         raise ValueError(f"gan_game: radius_range must satisfy 0 < lo <= hi, got {radius_range}")
     if num_constraints < 1 or sample_size < 1 or noise_dim < 1:
-        raise ValueError(f"gan_game: num_constraints, sample_size and noise_dim must be >= 1, "
-                         f"got {num_constraints}, {sample_size}, {noise_dim}")  # fmt: skip
+        raise ValueError(
+            f"gan_game: num_constraints, sample_size and noise_dim must be >= 1, "
+            f"got {num_constraints}, {sample_size}, {noise_dim}"
+        )
     rng = np.random.default_rng(seed)
     d = data.shape[1]
     params = (_init_mlp(rng, (noise_dim, *hidden, d)), _init_mlp(rng, (d, *hidden, 1)))

@@ -118,8 +118,9 @@ class Polyhedron:
     def __post_init__(self):
         G, h = np.asarray(self.G), np.asarray(self.h)
         if G.ndim != 2 or h.shape != (G.shape[0],):
-            raise ValueError(f"Polyhedron: G must be [m, dim] and h [m], got shapes {G.shape} and "
-                             f"{h.shape}")  # fmt: skip
+            raise ValueError(
+                f"Polyhedron: G must be [m, dim] and h [m], got shapes {G.shape} and {h.shape}"
+            )
 
     def interior(self, x):
         return jnp.all(jnp.asarray(self.G, x.dtype) @ x < jnp.asarray(self.h, x.dtype))
@@ -164,8 +165,9 @@ class Polyhedron:
             hess = mu * (G.T * (1.0 / slack**2)) @ G + beta * jnp.eye(c.shape[0], dtype=c.dtype)
             dy = -jnp.linalg.solve(hess, grad)
             rate = G @ dy
-            limit = jnp.min(jnp.where(rate > 0, 0.99 * slack / jnp.where(rate > 0, rate, 1.0),
-                                      jnp.inf))  # fmt: skip
+            limit = jnp.min(
+                jnp.where(rate > 0, 0.99 * slack / jnp.where(rate > 0, rate, 1.0), jnp.inf)
+            )
             return y + jnp.minimum(1.0, limit) * dy
 
         return jax.lax.fori_loop(0, self.newton_steps, newton, start)
@@ -185,8 +187,10 @@ class Inequalities:
         return jnp.all(self.phi(x) < 0)
 
     def project(self, x):
-        raise NotImplementedError("Inequalities(phi): no Euclidean projection onto a general set; "
-                                  "use the barrier variants of ACVI")  # fmt: skip
+        raise NotImplementedError(
+            "Inequalities(phi): no Euclidean projection onto a general set; "
+            "use the barrier variants of ACVI"
+        )
 
     def barrier_prox(self, c, mu, beta, start=None):
         """argmin_y -mu sum log(-phi(y)) + beta/2 ||y - c||^2 by damped Newton from ``start``."""
@@ -246,15 +250,20 @@ class VIProblem:
         if self.equality is not None:
             E, e = (np.asarray(v, np.float64) for v in self.equality)
             if E.ndim != 2 or E.shape[1] != self.dim or e.shape != (E.shape[0],):
-                raise ValueError(f"VIProblem.equality must be (E [m, {self.dim}], e [m]), got "
-                                 f"shapes {E.shape} and {e.shape}")  # fmt: skip
+                raise ValueError(
+                    f"VIProblem.equality must be (E [m, {self.dim}], e [m]), got "
+                    f"shapes {E.shape} and {e.shape}"
+                )
             rank = np.linalg.matrix_rank(E)
             if rank < E.shape[0]:
-                raise ValueError(f"VIProblem.equality: E must have full row rank, got rank {rank} "
-                                 f"for {E.shape[0]} rows (dependent constraints)")  # fmt: skip
+                raise ValueError(
+                    f"VIProblem.equality: E must have full row rank, got rank {rank} "
+                    f"for {E.shape[0]} rows (dependent constraints)"
+                )
         if self.simplex_blocks is not None and sum(self.simplex_blocks) != self.dim:
-            raise ValueError(f"VIProblem.simplex_blocks {self.simplex_blocks} must sum to "
-                             f"dim={self.dim}")  # fmt: skip
+            raise ValueError(
+                f"VIProblem.simplex_blocks {self.simplex_blocks} must sum to dim={self.dim}"
+            )
 
     def project(self, x):
         """Euclidean projection onto ``K`` (exact for S alone or for products of simplices)."""
@@ -265,8 +274,10 @@ class VIProblem:
                 start += size
             return jnp.concatenate(parts)
         if self.equality is not None:
-            raise NotImplementedError(f"{self.name}: projection onto equality-constrained sets "
-                                      "other than products of simplices")  # fmt: skip
+            raise NotImplementedError(
+                f"{self.name}: projection onto equality-constrained sets "
+                "other than products of simplices"
+            )
         return self.inequality.project(x)
 
     def relative_error(self, x):
@@ -314,8 +325,15 @@ def project_simplex(v):
 def bilinear_2d():
     """F(x) = A x, A = [[0.1, 1], [-1, 0.1]], x >= 0; solution (0, 0); start (1, 1)."""
     A = np.array([[0.1, 1.0], [-1.0, 0.1]])
-    return VIProblem(lambda x: jnp.asarray(A, x.dtype) @ x, 2, Nonnegative(), matrix=A,
-                     offset=np.zeros(2), solution=np.zeros(2), name="bilinear_2d")  # fmt: skip
+    return VIProblem(
+        lambda x: jnp.asarray(A, x.dtype) @ x,
+        2,
+        Nonnegative(),
+        matrix=A,
+        offset=np.zeros(2),
+        solution=np.zeros(2),
+        name="bilinear_2d",
+    )
 
 
 def von_neumann_ratio_game():
@@ -336,8 +354,13 @@ def von_neumann_ratio_game():
         du, dv = jax.grad(value, argnums=(0, 1))(x[0], x[1])
         return jnp.stack([du, -dv])
 
-    return VIProblem(operator, 2, Box(0.0, 1.0), solution=np.array([0.95194102, 0.05048525]),
-                     name="von_neumann_ratio")  # fmt: skip
+    return VIProblem(
+        operator,
+        2,
+        Box(0.0, 1.0),
+        solution=np.array([0.95194102, 0.05048525]),
+        name="von_neumann_ratio",
+    )
 
 
 def forsaken_game():
@@ -351,8 +374,9 @@ def forsaken_game():
         u, v = x[0], x[1]
         return jnp.stack([u**5 - 2 * u**3 + 0.5 * u + v - 0.45, v**5 - 2 * v**3 + 0.5 * v - u])
 
-    return VIProblem(operator, 2, Ball(2.0), solution=np.array([0.07802667, 0.41193385]),
-                     name="forsaken")  # fmt: skip
+    return VIProblem(
+        operator, 2, Ball(2.0), solution=np.array([0.07802667, 0.41193385]), name="forsaken"
+    )
 
 
 def bilinear_simplex_game(dim: int = 100, eta: float = 0.05, dense_matrix: bool | None = None):
@@ -379,10 +403,17 @@ def bilinear_simplex_game(dim: int = 100, eta: float = 0.05, dense_matrix: bool 
         x1, x2 = x[:dim], x[dim:]
         return jnp.concatenate([eta * x1 + (1 - eta) * x2, -(1 - eta) * x1 + eta * x2])
 
-    return VIProblem(operator, 2 * dim, Nonnegative(), equality=(E, np.ones(2)), matrix=A,
-                     offset=np.zeros(2 * dim), solution=np.full(2 * dim, 1.0 / dim),
-                     simplex_blocks=(dim, dim),
-                     name=f"bilinear_simplex_{dim}_eta{eta}")  # fmt: skip
+    return VIProblem(
+        operator,
+        2 * dim,
+        Nonnegative(),
+        equality=(E, np.ones(2)),
+        matrix=A,
+        offset=np.zeros(2 * dim),
+        solution=np.full(2 * dim, 1.0 / dim),
+        simplex_blocks=(dim, dim),
+        name=f"bilinear_simplex_{dim}_eta{eta}",
+    )
 
 
 def matrix_game(M: np.ndarray):
@@ -399,6 +430,13 @@ def matrix_game(M: np.ndarray):
         Mx = jnp.asarray(M, x.dtype)
         return jnp.concatenate([Mx @ x[m:], -Mx.T @ x[:m]])
 
-    return VIProblem(operator, m + n, Nonnegative(), equality=(E, np.ones(2)), matrix=A,
-                     offset=np.zeros(m + n), simplex_blocks=(m, n),
-                     name=f"matrix_game_{m}x{n}")  # fmt: skip
+    return VIProblem(
+        operator,
+        m + n,
+        Nonnegative(),
+        equality=(E, np.ones(2)),
+        matrix=A,
+        offset=np.zeros(m + n),
+        simplex_blocks=(m, n),
+        name=f"matrix_game_{m}x{n}",
+    )

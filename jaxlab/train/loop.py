@@ -300,11 +300,10 @@ def compile_steps(exp: Experiment):
     )
     train_step = jax.jit(
         pinned(step),
-        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh),
-                      exp.frozen_shardings),
+        in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh), exp.frozen_shardings),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
-    )  # fmt: skip
+    )
     eval_step = jax.jit(
         pinned(make_eval_step(exp.graphdef)),
         in_shardings=(exp.state_shardings.params, sharding.batch_sharding(exp.mesh)),
@@ -554,8 +553,9 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> d
         last["tokens_per_s"] = sum(m["tokens"] for _, m in fetched) / max(elapsed, 1e-9)
         return last
 
-    progress = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not lead)  # fmt: skip
+    progress = tqdm(
+        total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not lead
+    )
     prefetcher = _Prefetcher(data)
     last_train: dict[str, float] = {}
     try:
@@ -568,8 +568,10 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> d
             should_save = step % config.checkpoint_every == 0 or step == end
             if step % config.log_every == 0 or should_eval or should_save:
                 last_train = flush() or last_train
-                progress.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}",
-                                     tok_s=f"{last_train.get('tokens_per_s', 0):,.0f}")  # fmt: skip
+                progress.set_postfix(
+                    loss=f"{last_train.get('loss', float('nan')):.4f}",
+                    tok_s=f"{last_train.get('tokens_per_s', 0):,.0f}",
+                )
             if should_eval:
                 result = evaluate(exp, state.params, eval_data, eval_step)
                 metrics_writer.write({"step": step, **result})
@@ -578,8 +580,10 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> d
                     with open(os.path.join(workdir, "eval.json"), "w") as f:
                         json.dump({"step": step, **result}, f, indent=2)
                 if lead:
-                    progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}, "
-                                   f"perplexity {result['eval_perplexity']:.3f}")  # fmt: skip
+                    progress.write(
+                        f"step {step}: eval loss {result['eval_loss']:.4f}, "
+                        f"perplexity {result['eval_perplexity']:.3f}"
+                    )
             if should_save:
                 try:
                     checkpointer.save(step, state, prefetcher.state, config_json)

@@ -337,7 +337,7 @@ def load_params(
         values = {n: flat[source_name[n]] for n in copied}
     for name, (_, size) in grown.items():
         axis = _VOCAB_AXIS[name]
-        grow = lambda x, axis=axis, size=size: jnp.moveaxis(  # noqa: E731
+        grow = lambda x, axis=axis, size=size: jnp.moveaxis(
             resize_rows(jnp.moveaxis(x, axis, 0), size), 0, axis
         )
         values[name] = jax.jit(grow, out_shardings=targets[name].sharding)(values[name])

@@ -55,8 +55,7 @@ def test_mnist_npz(tmp_path):
     rng = np.random.default_rng(1)
     x_train, x_test = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in (5, 2))
     y_train, y_test = rng.integers(0, 10, 5), rng.integers(0, 10, 2)
-    np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test,
-             y_test=y_test)  # fmt: skip
+    np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     x, y = images.load_mnist(str(tmp_path / "mnist.npz"), "test")
     np.testing.assert_array_equal(x[..., 0], x_test)
     np.testing.assert_array_equal(y, y_test)

@@ -120,15 +120,22 @@ def test_bad_weights_are_named(weights):
 
 def test_embedded_components_and_natural_weights():
     config = ml_collections.ConfigDict(
-        dict(sources=("embedded:json", "embedded:email"), weights=(), text_field="text",
-             validation_fraction=0.05, tfds_data_dir="", seed=0)
-    )  # fmt: skip
+        dict(
+            sources=("embedded:json", "embedded:email"),
+            weights=(),
+            text_field="text",
+            validation_fraction=0.05,
+            tfds_data_dir="",
+            seed=0,
+        )
+    )
     comps = pipeline.build_components(config)
     assert [c.name for c in comps] == ["json", "email"]
     weights = pipeline.mixture_weights(config, comps)
     sizes = [sum(len(doc.encode()) for doc in c.train) for c in comps]
-    np.testing.assert_allclose(np.array(weights) / sum(weights), np.array(sizes) / sum(sizes),
-                               rtol=0.02)  # fmt: skip
+    np.testing.assert_allclose(
+        np.array(weights) / sum(weights), np.array(sizes) / sum(sizes), rtol=0.02
+    )
     # The whole corpus as one component reads its few non-UTF-8 test files as the domains do.
     (whole,) = pipeline.resolve_source("embedded")
     assert whole.train.errors == "replace" and comps[0].train.errors == "replace"
@@ -146,9 +153,15 @@ def test_tfds_and_jsonl_sources_feed_the_pipeline(tmp_path):
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in texts), encoding="utf-8")
     dataset_dir = build_text_dataset(str(jsonl), str(tmp_path / "tfds"), validation_fraction=0.2)
     config = ml_collections.ConfigDict(
-        dict(sources=(f"tfds:{dataset_dir}", f"jsonl:{jsonl}"), weights=(0.5, 0.5),
-             text_field="text", validation_fraction=0.2, tfds_data_dir="", seed=0)
-    )  # fmt: skip
+        dict(
+            sources=(f"tfds:{dataset_dir}", f"jsonl:{jsonl}"),
+            weights=(0.5, 0.5),
+            text_field="text",
+            validation_fraction=0.2,
+            tfds_data_dir="",
+            seed=0,
+        )
+    )
     comps = pipeline.build_components(config)
     assert sorted(list(comps[0].train) + list(comps[0].validation)) == sorted(texts)
     assert sorted(list(comps[1].train) + list(comps[1].validation)) == sorted(texts)
@@ -160,8 +173,9 @@ def test_tfds_and_jsonl_sources_feed_the_pipeline(tmp_path):
 
 def test_eval_stream_takes_one_window_per_document():
     docs = _random_docs(5, 30, max_len=400)
-    stream = pipeline.PackedStream(docs, TOK, seq_len=16, shuffle=False,
-                                   one_window_per_document=True)  # fmt: skip
+    stream = pipeline.PackedStream(
+        docs, TOK, seq_len=16, shuffle=False, one_window_per_document=True
+    )
     seen = []
     for _ in range(10):
         e = stream.next_example()

@@ -175,7 +175,7 @@ def test_loss_is_answer_only_cross_entropy(template, layout, byte_chatml, tiny_m
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_state_round_trips(layout, byte_chatml):
     records = random_records(3, count=11)
-    make = lambda: prompts.prompt_answer_batches(  # noqa: E731
+    make = lambda: prompts.prompt_answer_batches(
         records,
         byte_chatml,
         64,
@@ -360,7 +360,7 @@ def test_too_long_policies(tmp_path, byte_chatml):
         {"prompt": "p" * 4, "answer": "a" * 30},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    make = lambda **kw: prompts.prompt_answer_eval_batches(str(path), byte_chatml, 20, 3, **kw)  # noqa: E731
+    make = lambda **kw: prompts.prompt_answer_eval_batches(str(path), byte_chatml, 20, 3, **kw)
     # "none": [bos] prompt answer [eos]: 12, 35 and 36 tokens; seq_len + 1 = 21.
     with pytest.raises(
         ValueError,

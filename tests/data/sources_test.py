@@ -40,8 +40,9 @@ def test_text_files_and_jsonl(tmp_path):
 
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps({"body": f"line {i}"}) for i in range(10)))
-    docs = list(sources.jsonl_documents(str(path), "train", text_field="body",
-                                        validation_fraction=0.0))  # fmt: skip
+    docs = list(
+        sources.jsonl_documents(str(path), "train", text_field="body", validation_fraction=0.0)
+    )
     assert docs == [f"line {i}" for i in range(10)]
     path.write_text(json.dumps({"body": "ok"}) + "\n" + json.dumps({"text": "no body"}))
     with pytest.raises(ValueError, match=r"data.jsonl:2: expected an object with a string field"):

@@ -21,8 +21,9 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
-def numpy_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus_=False,
-                         h0=None):  # fmt: skip
+def numpy_selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus_=False, h0=None
+):
     """h_t = exp(delta A) h + delta u B; y = C h + D u; y *= silu(z). float64, step by step."""
     u, delta, A, B, C = (np.asarray(x, np.float64) for x in (u, delta, A, B, C))
     batch, seq, dim = u.shape
@@ -36,8 +37,10 @@ def numpy_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, sof
     for t in range(seq):
         for d in range(dim):
             g = d // per_group
-            h[:, d] = (np.exp(delta[:, t, d, None] * A[d]) * h[:, d]
-                       + (delta[:, t, d] * u[:, t, d])[:, None] * B[:, t, g])  # fmt: skip
+            h[:, d] = (
+                np.exp(delta[:, t, d, None] * A[d]) * h[:, d]
+                + (delta[:, t, d] * u[:, t, d])[:, None] * B[:, t, g]
+            )
             y[:, t, d] = np.sum(h[:, d] * C[:, t, g], axis=-1)
     if D is not None:
         y = y + u * np.asarray(D, np.float64)
@@ -73,23 +76,39 @@ def numpy_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus_=False, s0=
 
 def scan_inputs(seed, batch, seq, dim, groups, state, dtype=jnp.float32, full=True):
     rng = np.random.default_rng(seed)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    args = dict(u=f(batch, seq, dim).astype(dtype), delta=(0.5 * f(batch, seq, dim)).astype(dtype),
-                A=-jnp.exp(f(dim, state)), B=f(batch, seq, groups, state).astype(dtype),
-                C=f(batch, seq, groups, state).astype(dtype))  # fmt: skip
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    args = dict(
+        u=f(batch, seq, dim).astype(dtype),
+        delta=(0.5 * f(batch, seq, dim)).astype(dtype),
+        A=-jnp.exp(f(dim, state)),
+        B=f(batch, seq, groups, state).astype(dtype),
+        C=f(batch, seq, groups, state).astype(dtype),
+    )
     options = {}
     if full:
-        options = dict(D=f(dim), z=f(batch, seq, dim).astype(dtype), delta_bias=f(dim),
-                       delta_softplus=True, initial_state=f(batch, dim, state))  # fmt: skip
+        options = dict(
+            D=f(dim),
+            z=f(batch, seq, dim).astype(dtype),
+            delta_bias=f(dim),
+            delta_softplus=True,
+            initial_state=f(batch, dim, state),
+        )
     return rng, args, options
 
 
 def numpy_of(args, options):
     return numpy_selective_scan(
-        args["u"], args["delta"], args["A"], args["B"], args["C"], options.get("D"),
-        options.get("z"), options.get("delta_bias"), options.get("delta_softplus", False),
+        args["u"],
+        args["delta"],
+        args["A"],
+        args["B"],
+        args["C"],
+        options.get("D"),
+        options.get("z"),
+        options.get("delta_bias"),
+        options.get("delta_softplus", False),
         options.get("initial_state"),
-    )  # fmt: skip
+    )
 
 
 def grads(fn, args, options, ct, ct_state):
@@ -107,11 +126,17 @@ def grads(fn, args, options, ct, ct_state):
 
 def reference_grads(args, options, ct, ct_state):
     with jax.enable_x64(True):
-        to64 = lambda d: {k: (jnp.asarray(np.asarray(v, np.float64)) if hasattr(v, "shape")  # noqa: E731
-                              else v) for k, v in d.items()}  # fmt: skip
-        got = grads(ss.selective_scan_reference, to64(args), to64(options),
-                    jnp.asarray(np.asarray(ct, np.float64)),
-                    jnp.asarray(np.asarray(ct_state, np.float64)))  # fmt: skip
+        to64 = lambda d: {
+            k: (jnp.asarray(np.asarray(v, np.float64)) if hasattr(v, "shape") else v)
+            for k, v in d.items()
+        }
+        got = grads(
+            ss.selective_scan_reference,
+            to64(args),
+            to64(options),
+            jnp.asarray(np.asarray(ct, np.float64)),
+            jnp.asarray(np.asarray(ct_state, np.float64)),
+        )
         return {k: np.asarray(v) for k, v in got.items()}
 
 
@@ -125,12 +150,14 @@ def assert_grads_close(got, want, rtol):
 def test_reference_is_the_numpy_recurrence():
     _, args, options = scan_inputs(0, 2, 13, 6, 3, 4)
     with jax.enable_x64(True):
-        out, h = ss.selective_scan_reference(**{k: jnp.asarray(np.asarray(v, np.float64))
-                                                 for k, v in args.items()},
-                                              **{k: (jnp.asarray(np.asarray(v, np.float64))
-                                                     if hasattr(v, "shape") else v)
-                                                 for k, v in options.items()},
-                                              return_final_state=True)  # fmt: skip
+        out, h = ss.selective_scan_reference(
+            **{k: jnp.asarray(np.asarray(v, np.float64)) for k, v in args.items()},
+            **{
+                k: (jnp.asarray(np.asarray(v, np.float64)) if hasattr(v, "shape") else v)
+                for k, v in options.items()
+            },
+            return_final_state=True,
+        )
     want_out, want_h = numpy_of(args, options)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=1e-10)
     np.testing.assert_allclose(np.asarray(h), want_h, atol=1e-10)
@@ -155,9 +182,12 @@ def test_pallas_scan_matches_float64_recurrence_and_gradients(case):
     np.testing.assert_allclose(np.asarray(h), want_h, atol=2e-4, rtol=1e-4)
     ct = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
     ct_state = jnp.asarray(rng.standard_normal(h.shape), jnp.float32)
-    kernel = lambda **kw: ss.selective_scan(**kw, block_sizes=blocks)  # noqa: E731
-    assert_grads_close(grads(kernel, args, options, ct, ct_state),
-                       reference_grads(args, options, ct, ct_state), rtol=1e-4)  # fmt: skip
+    kernel = lambda **kw: ss.selective_scan(**kw, block_sizes=blocks)
+    assert_grads_close(
+        grads(kernel, args, options, ct, ct_state),
+        reference_grads(args, options, ct, ct_state),
+        rtol=1e-4,
+    )
 
 
 def test_bf16_inputs():
@@ -176,10 +206,17 @@ def test_state_update_steps_equal_the_scan():
     state = options["initial_state"]
     for t in range(9):
         out, state = ss.selective_state_update(
-            state, args["u"][:, t], args["delta"][:, t], args["A"], args["B"][:, t],
-            args["C"][:, t], D=options["D"], z=options["z"][:, t],
-            delta_bias=options["delta_bias"], delta_softplus=True,
-        )  # fmt: skip
+            state,
+            args["u"][:, t],
+            args["delta"][:, t],
+            args["A"],
+            args["B"][:, t],
+            args["C"][:, t],
+            D=options["D"],
+            z=options["z"][:, t],
+            delta_bias=options["delta_bias"],
+            delta_softplus=True,
+        )
         np.testing.assert_allclose(np.asarray(out), want_out[:, t], atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(state), want_h, atol=2e-4, rtol=1e-4)
 
@@ -204,16 +241,25 @@ def test_scan_kernels_lower_to_triton_for_cuda(dtype):
 
     def forward_backward(u, delta, A, B, C, h0):
         def run(*a):
-            return ss.selective_scan(*a[:5], initial_state=a[5], delta_softplus=True,
-                                     return_final_state=True, interpret=False)  # fmt: skip
+            return ss.selective_scan(
+                *a[:5],
+                initial_state=a[5],
+                delta_softplus=True,
+                return_final_state=True,
+                interpret=False,
+            )
 
         out, vjp = jax.vjp(run, u, delta, A, B, C, h0)
         return out, vjp(out)
 
-    args = (spec((batch, seq, dim), dtype), spec((batch, seq, dim), dtype),
-            spec((dim, state), jnp.float32), spec((batch, seq, groups, state), dtype),
-            spec((batch, seq, groups, state), dtype),
-            spec((batch, dim, state), jnp.float32))  # fmt: skip
+    args = (
+        spec((batch, seq, dim), dtype),
+        spec((batch, seq, dim), dtype),
+        spec((dim, state), jnp.float32),
+        spec((batch, seq, groups, state), dtype),
+        spec((batch, seq, groups, state), dtype),
+        spec((batch, dim, state), jnp.float32),
+    )
     text = jax.jit(forward_backward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_fwd" in text and "selective_scan_bwd" in text
     assert text.count("__gpu$xla.gpu.triton") >= 2
@@ -224,18 +270,37 @@ def test_scan_kernels_lower_to_triton_for_cuda(dtype):
 
 def ssd_inputs(seed, batch, seq, heads, head_dim, groups, state):
     rng = np.random.default_rng(seed)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    args = dict(x=f(batch, seq, heads, head_dim), dt=0.5 * f(batch, seq, heads),
-                A=-jnp.exp(f(heads)), B=f(batch, seq, groups, state),
-                C=f(batch, seq, groups, state))  # fmt: skip
-    options = dict(D=f(heads), z=f(batch, seq, heads, head_dim), dt_bias=f(heads),
-                   dt_softplus=True, initial_state=f(batch, heads, head_dim, state))  # fmt: skip
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    args = dict(
+        x=f(batch, seq, heads, head_dim),
+        dt=0.5 * f(batch, seq, heads),
+        A=-jnp.exp(f(heads)),
+        B=f(batch, seq, groups, state),
+        C=f(batch, seq, groups, state),
+    )
+    options = dict(
+        D=f(heads),
+        z=f(batch, seq, heads, head_dim),
+        dt_bias=f(heads),
+        dt_softplus=True,
+        initial_state=f(batch, heads, head_dim, state),
+    )
     return rng, args, options
 
 
 def numpy_ssd_of(args, options):
-    return numpy_ssd(args["x"], args["dt"], args["A"], args["B"], args["C"], options["D"],
-                     options["z"], options["dt_bias"], True, options["initial_state"])  # fmt: skip
+    return numpy_ssd(
+        args["x"],
+        args["dt"],
+        args["A"],
+        args["B"],
+        args["C"],
+        options["D"],
+        options["z"],
+        options["dt_bias"],
+        True,
+        options["initial_state"],
+    )
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
@@ -266,9 +331,13 @@ def test_ssd_gradients_match_the_float64_reference():
 
     values = [args[n] if n in args else options[n] for n in names]
     with jax.enable_x64(True):
-        to64 = lambda v: jnp.asarray(np.asarray(v, np.float64))  # noqa: E731
-        want = [np.asarray(g) for g in grads_of(ssd_lib.ssd_reference, [to64(v) for v in values],
-                                                to64(ct), to64(ct_s))]  # fmt: skip
+        to64 = lambda v: jnp.asarray(np.asarray(v, np.float64))
+        want = [
+            np.asarray(g)
+            for g in grads_of(
+                ssd_lib.ssd_reference, [to64(v) for v in values], to64(ct), to64(ct_s)
+            )
+        ]
     for fn in (ssd_lib.ssd_chunked, ssd_lib.ssd):
         got = grads_of(fn, values, ct, ct_s, chunk_size=8)
         for name, g, w in zip(names, got, want, strict=True):
@@ -282,9 +351,17 @@ def test_ssd_state_update_steps_equal_the_recurrence():
     state = options["initial_state"]
     for t in range(7):
         out, state = ssd_lib.ssd_state_update(
-            state, args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t], args["C"][:, t],
-            D=options["D"], z=options["z"][:, t], dt_bias=options["dt_bias"], dt_softplus=True,
-        )  # fmt: skip
+            state,
+            args["x"][:, t],
+            args["dt"][:, t],
+            args["A"],
+            args["B"][:, t],
+            args["C"][:, t],
+            D=options["D"],
+            z=options["z"][:, t],
+            dt_bias=options["dt_bias"],
+            dt_softplus=True,
+        )
         np.testing.assert_allclose(np.asarray(out), want_out[:, t], atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(state), want_s, atol=2e-4, rtol=1e-4)
 
@@ -307,16 +384,25 @@ def test_ssd_kernels_lower_to_triton_for_cuda(dtype):
 
     def forward_backward(x, dt, A, B, C, s0):
         def run(*a):
-            return ssd_lib.ssd(*a[:5], initial_state=a[5], dt_softplus=True,
-                               return_final_state=True, interpret=False)  # fmt: skip
+            return ssd_lib.ssd(
+                *a[:5],
+                initial_state=a[5],
+                dt_softplus=True,
+                return_final_state=True,
+                interpret=False,
+            )
 
         out, vjp = jax.vjp(run, x, dt, A, B, C, s0)
         return out, vjp(out)
 
-    args = (spec((batch, seq, heads, head_dim), dtype), spec((batch, seq, heads), dtype),
-            spec((heads,), jnp.float32), spec((batch, seq, groups, state), dtype),
-            spec((batch, seq, groups, state), dtype),
-            spec((batch, heads, head_dim, state), jnp.float32))  # fmt: skip
+    args = (
+        spec((batch, seq, heads, head_dim), dtype),
+        spec((batch, seq, heads), dtype),
+        spec((heads,), jnp.float32),
+        spec((batch, seq, groups, state), dtype),
+        spec((batch, seq, groups, state), dtype),
+        spec((batch, heads, head_dim, state), jnp.float32),
+    )
     text = jax.jit(forward_backward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "ssd_chunked_fwd" in text and "ssd_chunked_bwd" in text
     assert text.count("__gpu$xla.gpu.triton") >= 2

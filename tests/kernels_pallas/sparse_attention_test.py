@@ -67,8 +67,9 @@ def reference_grads(q, k, v, mask, cotangent):
 
 
 def kernel_grads(fn, q, k, v, cotangent):
-    return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent),
-                    argnums=(0, 1, 2))(q, k, v)  # fmt: skip
+    return jax.grad(
+        lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent), argnums=(0, 1, 2)
+    )(q, k, v)
 
 
 # (batch, seq, heads, kv_heads, head_dim, block sizes): lengths that are not multiples of the
@@ -89,8 +90,9 @@ def test_qk_sparse_forward_and_gradients_match_float64_reference(shape):
     k_keep = rng.random((batch, seq, kv_heads)) < rng.uniform(0.2, 0.9, kv_heads)
     q_keep[0, :, 0] = False  # an all-dropped head
     mask = qk_mask(q_keep, k_keep, heads)
-    fn = lambda q, k, v: sa.qk_sparse_attention(q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep),
-                                                block_sizes=blocks)  # noqa: E731  # fmt: skip
+    fn = lambda q, k, v: sa.qk_sparse_attention(
+        q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep), block_sizes=blocks
+    )
     out = np.asarray(fn(q, k, v))
     np.testing.assert_allclose(out, dense_reference(q, k, v, mask), atol=2e-5)
     assert np.all(out.transpose(0, 2, 1, 3)[~mask.any(-1)] == 0.0)  # exactly 0, not just small
@@ -109,8 +111,9 @@ def test_hash_sparse_forward_and_gradients_match_float64_reference(shape):
     k_buckets = rng.integers(0, num_buckets, (batch, seq, kv_heads), dtype=np.int32)
     q_buckets[0, :, 0] = num_buckets  # a bucket with no keys: the whole head is empty
     mask = hash_mask(q_buckets, k_buckets, heads)
-    fn = lambda q, k, v: sa.hash_sparse_attention(q, k, v, jnp.asarray(q_buckets),
-                                                  jnp.asarray(k_buckets), block_sizes=blocks)  # noqa: E731  # fmt: skip
+    fn = lambda q, k, v: sa.hash_sparse_attention(
+        q, k, v, jnp.asarray(q_buckets), jnp.asarray(k_buckets), block_sizes=blocks
+    )
     out = np.asarray(fn(q, k, v))
     np.testing.assert_allclose(out, dense_reference(q, k, v, mask), atol=2e-5)
     assert np.all(out.transpose(0, 2, 1, 3)[~mask.any(-1)] == 0.0)
@@ -126,12 +129,14 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     q_keep = rng.random((1, 96, 4)) < 0.5
     k_keep = rng.random((1, 96, 2)) < 0.5
     mask = qk_mask(q_keep, k_keep, 4)
-    fn = lambda q, k, v: sa.qk_sparse_attention(q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep),
-                                                block_sizes=SMALL)  # noqa: E731  # fmt: skip
+    fn = lambda q, k, v: sa.qk_sparse_attention(
+        q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep), block_sizes=SMALL
+    )
     out = fn(q, k, v)
     assert out.dtype == dtype
-    np.testing.assert_allclose(np.asarray(out, np.float64), dense_reference(q, k, v, mask),
-                               atol=3e-2)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64), dense_reference(q, k, v, mask), atol=3e-2
+    )
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     pairs = zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True)
     for got, want in pairs:
@@ -146,8 +151,8 @@ def test_one_bucket_is_dense_causal_attention_and_all_kept_likewise():
 
     rng, (q, k, v) = make_inputs(3, 2, 70, 4, 2, 64)
     want = ops.attention(q, k, v, causal=True)
-    zeros = lambda hh: jnp.zeros((2, 70, hh), jnp.int32)  # noqa: E731
-    ones = lambda hh: jnp.ones((2, 70, hh), bool)  # noqa: E731
+    zeros = lambda hh: jnp.zeros((2, 70, hh), jnp.int32)
+    ones = lambda hh: jnp.ones((2, 70, hh), bool)
     got_hash = sa.hash_sparse_attention(q, k, v, zeros(4), zeros(2), block_sizes=SMALL)
     got_qk = sa.qk_sparse_attention(q, k, v, ones(4), ones(2), block_sizes=SMALL)
     np.testing.assert_allclose(np.asarray(got_hash), np.asarray(want), atol=2e-5)
@@ -185,12 +190,14 @@ def test_live_tile_lists_skip_exactly_the_empty_tiles_for_qk_and_cover_hash():
     buckets_k = rng.integers(0, 8, (batch, seq, kv_heads), dtype=np.int32)
     q_order, q_sorted = sa.bucket_order(jnp.asarray(buckets_q))
     k_order, k_sorted = sa.bucket_order(jnp.asarray(buckets_k))
-    rows = lambda x: np.asarray(x).transpose(0, 2, 1)  # noqa: E731
-    kv_tiles, kv_count, _, _ = sa.live_tiles(rows(q_order), rows(k_order), rows(q_sorted),
-                                             rows(k_sorted), bq, bk)  # fmt: skip
-    k_rep = lambda x: np.repeat(rows(x), heads // kv_heads, axis=1)  # noqa: E731
-    mask = ((rows(q_order)[..., :, None] >= k_rep(k_order)[..., None, :])
-            & (rows(q_sorted)[..., :, None] == k_rep(k_sorted)[..., None, :]))  # fmt: skip
+    rows = lambda x: np.asarray(x).transpose(0, 2, 1)
+    kv_tiles, kv_count, _, _ = sa.live_tiles(
+        rows(q_order), rows(k_order), rows(q_sorted), rows(k_sorted), bq, bk
+    )
+    k_rep = lambda x: np.repeat(rows(x), heads // kv_heads, axis=1)
+    mask = (rows(q_order)[..., :, None] >= k_rep(k_order)[..., None, :]) & (
+        rows(q_sorted)[..., :, None] == k_rep(k_sorted)[..., None, :]
+    )
     exact = exact_live(mask, bq, bk)
     listed = np.zeros_like(exact)
     kv_tiles, kv_count = np.asarray(kv_tiles), np.asarray(kv_count)
@@ -211,8 +218,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="k and v must both be"):
         sa.qk_sparse_attention(q, k, jnp.zeros((1, 7, 2, 16)), keep_q, keep_k)
     with pytest.raises(ValueError, match="heads=4 .* multiple of kv_heads=3"):
-        sa.qk_sparse_attention(q, jnp.zeros((1, 8, 3, 16)), jnp.zeros((1, 8, 3, 16)), keep_q,
-                               jnp.ones((1, 8, 3), bool))  # fmt: skip
+        sa.qk_sparse_attention(
+            q, jnp.zeros((1, 8, 3, 16)), jnp.zeros((1, 8, 3, 16)), keep_q, jnp.ones((1, 8, 3), bool)
+        )
     buckets_q, buckets_k = jnp.zeros((1, 8, 4), jnp.int32), jnp.zeros((1, 8, 2), jnp.int32)
     with pytest.raises(ValueError, match="k_buckets must be >= 0, got a minimum of -1"):
         sa.hash_sparse_attention(q, k, k, buckets_q, buckets_k.at[0, 3, 1].set(-1))
@@ -242,8 +250,11 @@ def test_forward_and_backward_lower_to_triton_for_cuda(kind, dtype, dim):
 
     lowered = jax.jit(forward_backward).trace(q, k, k, *masks).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
-    for kernel in ("sparse_flash_attention_fwd", "sparse_flash_attention_dq",
-                   "sparse_flash_attention_dkv"):  # fmt: skip
+    for kernel in (
+        "sparse_flash_attention_fwd",
+        "sparse_flash_attention_dq",
+        "sparse_flash_attention_dkv",
+    ):
         assert kernel in text
     assert text.count("__gpu$xla.gpu.triton") >= 3
 
@@ -266,8 +277,15 @@ def test_packed_segments_restrict_attention_to_each_document(kind):
         b = rng.integers(0, 3, (2, 90, 2), dtype=np.int32)
         mask = hash_mask(a, b, 4) & segment_mask(segment_ids)
         fn = sa.hash_sparse_attention
-    out = fn(q, k, v, jnp.asarray(a), jnp.asarray(b), segment_ids=jnp.asarray(segment_ids),
-             block_sizes=SMALL)  # fmt: skip
+    out = fn(
+        q,
+        k,
+        v,
+        jnp.asarray(a),
+        jnp.asarray(b),
+        segment_ids=jnp.asarray(segment_ids),
+        block_sizes=SMALL,
+    )
     np.testing.assert_allclose(np.asarray(out), dense_reference(q, k, v, mask), atol=2e-5)
     with pytest.raises(ValueError, match=r"segment_ids must be integers of shape \(2, 90\)"):
         fn(q, k, v, jnp.asarray(a), jnp.asarray(b), segment_ids=jnp.zeros((2, 91), jnp.int32))

@@ -11,8 +11,20 @@ import pytest
 from jaxlab import mixing
 
 
-def numpy_doge(grads, log_w, step, *, lr, mu, clip, objective, target=None, smoothing=0.0,
-               grad_clip=None, keep=None):  # fmt: skip
+def numpy_doge(
+    grads,
+    log_w,
+    step,
+    *,
+    lr,
+    mu,
+    clip,
+    objective,
+    target=None,
+    smoothing=0.0,
+    grad_clip=None,
+    keep=None,
+):
     """The rule of brief section 1.2 in float64, domain by domain (grads: list of leaf lists)."""
     grads = [[np.asarray(g, np.float64) for g in domain] for domain in grads]
     target = None if target is None else [[np.asarray(g, np.float64) for g in d] for d in target]
@@ -44,9 +56,14 @@ def random_grads(rng, k, scale=1.0):
     """A pytree of per-domain gradients sharing a common direction (so scores have both signs)."""
     shapes = {"a": (4, 3), "b": (5,), "c": (2, 2, 2)}
     common = {n: rng.standard_normal(s) for n, s in shapes.items()}
-    return {n: jnp.asarray(np.stack([rng.uniform(-1, 1) * common[n] + rng.standard_normal(s)
-                                     for _ in range(k)]) * scale, jnp.float32)
-            for n, s in shapes.items()}  # fmt: skip
+    return {
+        n: jnp.asarray(
+            np.stack([rng.uniform(-1, 1) * common[n] + rng.standard_normal(s) for _ in range(k)])
+            * scale,
+            jnp.float32,
+        )
+        for n, s in shapes.items()
+    }
 
 
 def as_lists(tree, k):
@@ -61,9 +78,16 @@ def test_doge_update_matches_numpy(objective, seed):
     k = 5
     schedule = optax.cosine_decay_schedule(1e-2, 10, alpha=0.1)
     keep = {"a": True, "b": False, "c": True}
-    mixer = mixing.doge(num_domains=k, mu=0.05, lr_schedule=schedule, objective=objective,
-                        score_clip=(0.0, 5.0), grad_clip=4.0, smoothing=0.01,
-                        param_filter=keep)  # fmt: skip
+    mixer = mixing.doge(
+        num_domains=k,
+        mu=0.05,
+        lr_schedule=schedule,
+        objective=objective,
+        score_clip=(0.0, 5.0),
+        grad_clip=4.0,
+        smoothing=0.01,
+        param_filter=keep,
+    )
     state = mixer.init()
     log_w = np.log(np.full(k, 1.0 / k))
     clipped_somewhere = False
@@ -71,17 +95,27 @@ def test_doge_update_matches_numpy(objective, seed):
         grads = random_grads(rng, k, scale=rng.uniform(0.5, 3.0))
         target = random_grads(rng, 2) if objective == "ood" else None
         weights, state = jax.jit(mixer.update)(grads, state, target)
-        expected = numpy_doge(as_lists(grads, k), log_w, step, lr=float(schedule(step)), mu=0.05,
-                              clip=(0.0, 5.0), objective=objective,
-                              target=None if target is None else as_lists(target, 2),
-                              smoothing=0.01, grad_clip=4.0,
-                              keep=[True, False, True])  # fmt: skip
+        expected = numpy_doge(
+            as_lists(grads, k),
+            log_w,
+            step,
+            lr=float(schedule(step)),
+            mu=0.05,
+            clip=(0.0, 5.0),
+            objective=objective,
+            target=None if target is None else as_lists(target, 2),
+            smoothing=0.01,
+            grad_clip=4.0,
+            keep=[True, False, True],
+        )
         np.testing.assert_allclose(np.asarray(weights), expected, rtol=2e-5, atol=1e-7)
         assert float(jnp.sum(weights)) == pytest.approx(1.0, abs=1e-6)
         assert np.all(np.asarray(weights) > 0)
         log_w = np.log(expected)
-        norms = [np.sqrt(sum(float(jnp.sum(g[i] ** 2)) for g in jax.tree.leaves(grads)))
-                 for i in range(k)]  # fmt: skip
+        norms = [
+            np.sqrt(sum(float(jnp.sum(g[i] ** 2)) for g in jax.tree.leaves(grads)))
+            for i in range(k)
+        ]
         clipped_somewhere |= max(norms) > 4.0
     assert clipped_somewhere  # the gradient clip was exercised
     avg = np.asarray(mixing.averaged_weights(state))
@@ -97,20 +131,30 @@ def test_score_clipping_is_active_and_harmful_domains_lose_weight():
     weights, _ = mixer.update(grads, mixer.init())
     w = np.asarray(weights)
     assert w[3] < 0.25 and w[3] == pytest.approx(min(w))
-    raw = numpy_doge(as_lists(grads, 4), np.log(np.full(4, 0.25)), 0, lr=1.0, mu=10.0,
-                     clip=(-np.inf, np.inf), objective="universal")  # fmt: skip
+    raw = numpy_doge(
+        as_lists(grads, 4),
+        np.log(np.full(4, 0.25)),
+        0,
+        lr=1.0,
+        mu=10.0,
+        clip=(-np.inf, np.inf),
+        objective="universal",
+    )
     assert raw[3] < w[3]  # unclipped, the negative score would push it lower still
     saturated = mixing.doge(num_domains=4, mu=0.01, lr_schedule=1.0, score_clip=(0.0, 1e-3))
     weights, _ = saturated.update(grads, saturated.init())
     top = np.exp(1e-3 / 0.01)
-    np.testing.assert_allclose(np.asarray(weights), np.array([top, top, top, 1.0]) / (3 * top + 1),
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(weights), np.array([top, top, top, 1.0]) / (3 * top + 1), rtol=1e-5
+    )
 
 
 def test_domain_gradients_equal_separate_grads():
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
-              "b": jnp.asarray(rng.standard_normal(4), jnp.float32)}  # fmt: skip
+    params = {
+        "w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(4), jnp.float32),
+    }
     x = jnp.asarray(rng.standard_normal((30, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 4, 30))
     domain = jnp.asarray(rng.integers(0, 3, 30))
@@ -123,13 +167,17 @@ def test_domain_gradients_equal_separate_grads():
         mask = (domain == i).astype(jnp.float32)
         return jnp.sum(per_example(p) * mask) / jnp.sum(mask)
 
-    losses, grads = jax.jit(lambda p: mixing.domain_gradients(
-        lambda q: jnp.stack([domain_loss(q, i) for i in range(3)]), p))(params)  # fmt: skip
+    losses, grads = jax.jit(
+        lambda p: mixing.domain_gradients(
+            lambda q: jnp.stack([domain_loss(q, i) for i in range(3)]), p
+        )
+    )(params)
     for i in range(3):
         expected = jax.grad(domain_loss)(params, i)
         for name in params:
-            np.testing.assert_allclose(np.asarray(grads[name][i]), np.asarray(expected[name]),
-                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+            np.testing.assert_allclose(
+                np.asarray(grads[name][i]), np.asarray(expected[name]), rtol=1e-5, atol=1e-6
+            )
         assert float(losses[i]) == pytest.approx(float(domain_loss(params, i)), rel=1e-6)
 
 
@@ -145,13 +193,19 @@ def test_doremi_update_matches_numpy():
         losses, ref = rng.uniform(1, 3, tokens), rng.uniform(1, 3, tokens)
         domain = rng.integers(0, k - 1 if step == 1 else k, tokens)  # domain 3 absent at step 1
         masks = (domain[None] == np.arange(k)[:, None]).astype(np.float32)
-        excess, present = mixing.domain_excess(jnp.asarray(losses), jnp.asarray(ref),
-                                               jnp.asarray(masks))  # fmt: skip
-        expected_excess = np.array([np.maximum(losses - ref, 0)[domain == i].mean()
-                                    if np.any(domain == i) else 0.0 for i in range(k)])  # fmt: skip
+        excess, present = mixing.domain_excess(
+            jnp.asarray(losses), jnp.asarray(ref), jnp.asarray(masks)
+        )
+        expected_excess = np.array(
+            [
+                np.maximum(losses - ref, 0)[domain == i].mean() if np.any(domain == i) else 0.0
+                for i in range(k)
+            ]
+        )
         np.testing.assert_allclose(np.asarray(excess), expected_excess, rtol=1e-5, atol=1e-7)
-        means = np.array([(losses - ref)[domain == i].mean() if np.any(domain == i) else 0.0
-                          for i in range(k)])  # fmt: skip
+        means = np.array(
+            [(losses - ref)[domain == i].mean() if np.any(domain == i) else 0.0 for i in range(k)]
+        )
         assert np.all(expected_excess >= np.maximum(means, 0) - 1e-12)  # Jensen: per token >=
         weights, state = mixer.update(excess, state, present)
         z = log_w + 0.5 * expected_excess * np.asarray(present)
@@ -166,8 +220,9 @@ def test_model_update_uses_the_clipped_domain_gradients():
     mixer = mixing.doge(num_domains=2, mu=1.0, lr_schedule=0.0, grad_clip=1.0)
     params = {"w": jnp.zeros(2)}
     grads_by_domain = jnp.asarray([[100.0, 0.0], [0.0, 1.0]])
-    step = mixing.make_doge_step(lambda p, _: jnp.stack([p["w"] @ g for g in grads_by_domain]),
-                                 optax.sgd(1.0), mixer)  # fmt: skip
+    step = mixing.make_doge_step(
+        lambda p, _: jnp.stack([p["w"] @ g for g in grads_by_domain]), optax.sgd(1.0), mixer
+    )
     state = mixing.ProxyState(params, optax.sgd(1.0).init(params), mixer.init())
     new, _ = step(state, None)
     np.testing.assert_allclose(np.asarray(new.params["w"]), [-0.5, -0.5], atol=1e-6)
@@ -203,8 +258,9 @@ def test_state_checkpoints_and_resumes_with_orbax(tmp_path):
     a, _ = mixer.update(grads, state)
     b, _ = mixer.update(grads, restored)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(np.asarray(mixing.averaged_weights(restored)),
-                                  np.asarray(mixing.averaged_weights(state)))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(mixing.averaged_weights(restored)), np.asarray(mixing.averaged_weights(state))
+    )
 
 
 def test_bad_arguments_are_named():
@@ -224,10 +280,18 @@ def test_bad_arguments_are_named():
 
 def test_parameter_selection_ranking():
     ratios = {"a": 3.0, "b": 0.5, "c": 2.0, "d": 9.0}
-    assert mixing.doge_module.select_parameters(ratios, 2) == {"a": False, "b": True, "c": True,
-                                                               "d": False}  # fmt: skip
-    assert mixing.doge_module.select_parameters(ratios, -1) == {"a": False, "b": False,
-                                                                "c": False, "d": True}  # fmt: skip
+    assert mixing.doge_module.select_parameters(ratios, 2) == {
+        "a": False,
+        "b": True,
+        "c": True,
+        "d": False,
+    }
+    assert mixing.doge_module.select_parameters(ratios, -1) == {
+        "a": False,
+        "b": False,
+        "c": False,
+        "d": True,
+    }
     old = {"w": jnp.ones(4)}
     new = {"w": jnp.ones(4) * 1.5}
     grads = {"w": jnp.full(4, 2.0)}
@@ -239,8 +303,10 @@ def test_cancellation_prerun_against_numpy_and_selection():
     """||g_t|| / ||W_t - W_{t-1}|| summed from the second step, recomputed with NumPy gradients
     of a linear softmax model under plain SGD; select_parameters keeps the requested end."""
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
-              "b": jnp.asarray(rng.standard_normal(2), jnp.float32)}  # fmt: skip
+    params = {
+        "w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(2), jnp.float32),
+    }
     batches = [(rng.standard_normal((8, 3)), rng.integers(0, 2, 8)) for _ in range(5)]
 
     def loss(p, batch):
@@ -293,6 +359,7 @@ def test_doremi_proxy_step_gradient_is_the_weighted_loss_gradient():
     new, metrics = jax.jit(step)(state, (x, y))
     weights = metrics["weights"]
     expected = jax.grad(lambda p: jnp.dot(weights, jnp.mean(example_losses(p, (x, y)), 1)))(params)
-    np.testing.assert_allclose(np.asarray(params["w"] - new.params["w"]),
-                               np.asarray(expected["w"]), rtol=1e-5, atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(params["w"] - new.params["w"]), np.asarray(expected["w"]), rtol=1e-5, atol=1e-7
+    )
     assert not np.allclose(np.asarray(weights), 1 / k)  # the weights moved

@@ -9,10 +9,22 @@ import pytest
 from experiments import doge_synthetic
 
 CONFIG = ml_collections.ConfigDict(
-    dict(seeds=(4,), hidden=(64,), learning_rate=1e-2, final_lr_ratio=0.1, proxy_steps=400,
-         base_steps=400, batch_size=64, mu_ood=0.05, mu_universal=0.01, score_clip=(0.0, 5.0),
-         doremi_step_size=1.0, doremi_smoothing=1e-4, fd_step=1e-3)
-)  # fmt: skip
+    dict(
+        seeds=(4,),
+        hidden=(64,),
+        learning_rate=1e-2,
+        final_lr_ratio=0.1,
+        proxy_steps=400,
+        base_steps=400,
+        batch_size=64,
+        mu_ood=0.05,
+        mu_universal=0.01,
+        score_clip=(0.0, 5.0),
+        doremi_step_size=1.0,
+        doremi_smoothing=1e-4,
+        fd_step=1e-3,
+    )
+)
 
 
 @pytest.fixture(scope="module")

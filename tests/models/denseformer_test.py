@@ -13,8 +13,15 @@ from jaxlab.infer import decode_step, prefill
 from jaxlab.interop.hf import CheckpointError, save_hf_llama
 from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig, dwa_inputs
 
-BASE = models.TransformerConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=6,
-                                num_heads=4, num_kv_heads=2, max_seq_len=64)  # fmt: skip
+BASE = models.TransformerConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=6,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
+)
 VARIANTS = [(1, 1), (2, 1), (1, 2), (2, 3), (4, 5)]
 
 

@@ -13,8 +13,17 @@ from jaxlab import models
 from jaxlab.models.mamba import MambaConfig, init_cache
 from jaxlab.train import loop
 
-BASE = MambaConfig(vocab_size=53, hidden_size=32, num_layers=3, state_size=8, head_dim=16,
-                   chunk_size=8, num_heads=4, num_kv_heads=2, max_seq_len=64)  # fmt: skip
+BASE = MambaConfig(
+    vocab_size=53,
+    hidden_size=32,
+    num_layers=3,
+    state_size=8,
+    head_dim=16,
+    chunk_size=8,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
+)
 VARIANTS = {
     "mamba1": dict(mixer="mamba1"),
     "mamba2": dict(mixer="mamba2", num_groups=2),
@@ -63,9 +72,16 @@ def test_bad_configs_are_named():
 def test_tiny_mamba_lms_train_on_eight_devices(tmp_path, variant):
     config = lm_smoke.get_config()
     config.model = mamba_lm.get_config(variant).model
-    config.model.update(hidden_size=32, intermediate_size=64 if variant == "hybrid" else 0,
-                        head_dim=16, state_size=8, chunk_size=16, num_heads=4, num_kv_heads=2,
-                        max_seq_len=64)  # fmt: skip
+    config.model.update(
+        hidden_size=32,
+        intermediate_size=64 if variant == "hybrid" else 0,
+        head_dim=16,
+        state_size=8,
+        chunk_size=16,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+    )
     config.num_steps = 24
     config.eval_every = config.checkpoint_every = 24
     config.mesh.update(data=4, fsdp=1, tensor=2)
@@ -111,10 +127,17 @@ def test_discrete_mamba2_mixer_is_the_llamba_recurrence_in_float64():
     hidden = jax.random.normal(jax.random.key(1), (2, 11, config.hidden_size))
     got, _ = mixer(hidden, None)
 
-    p = {k: np.asarray(getattr(mixer, k)[...], np.float64)
-         for k in ("in_proj", "conv_weight", "conv_bias", "out_proj", "D", "z_bias")}  # fmt: skip
-    d, n, heads, hd, k = (config.inner_size, config.state_size, config.heads, config.head_dim,
-                          config.conv_kernel)  # fmt: skip
+    p = {
+        k: np.asarray(getattr(mixer, k)[...], np.float64)
+        for k in ("in_proj", "conv_weight", "conv_bias", "out_proj", "D", "z_bias")
+    }
+    d, n, heads, hd, k = (
+        config.inner_size,
+        config.state_size,
+        config.heads,
+        config.head_dim,
+        config.conv_kernel,
+    )
     proj = np.asarray(hidden, np.float64) @ p["in_proj"]
     xbc, z, a = np.split(proj, [d + 2 * heads * n, 2 * d + 2 * heads * n], axis=-1)
     padded = np.concatenate([np.zeros((2, k - 1, xbc.shape[-1])), xbc], axis=1)

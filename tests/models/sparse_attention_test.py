@@ -14,15 +14,23 @@ from jaxlab.models import sparse_attention as sparse
 from jaxlab.models.transformer import TransformerConfig, init_cache
 from jaxlab.train import loop
 
-BASE = TransformerConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_layers=2,
-                         num_heads=4, num_kv_heads=2, max_seq_len=64)  # fmt: skip
+BASE = TransformerConfig(
+    vocab_size=61,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
+)
 
 
 @pytest.mark.parametrize("kind", ["hash", "qk"])
 def test_cached_decoding_equals_the_full_forward(kind):
     """Prefill + token-by-token steps (dense masked path) match the sparse training path."""
-    config = dataclasses.replace(BASE, sparse_attention=dict(kind=kind, num_buckets=4,
-                                                             keep_rate=0.6))  # fmt: skip
+    config = dataclasses.replace(
+        BASE, sparse_attention=dict(kind=kind, num_buckets=4, keep_rate=0.6)
+    )
     model = models.build(config, nnx.Rngs(1))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (3, 24)))
     full = model(tokens)
@@ -40,8 +48,9 @@ def test_sparse_patterns_change_the_model_and_keep_everything_is_dense():
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 30)))
     dense = models.build(BASE, nnx.Rngs(0))(tokens)
     keep_all = dataclasses.replace(BASE, sparse_attention=dict(kind="qk", keep_rate=1.0))
-    np.testing.assert_allclose(np.asarray(models.build(keep_all, nnx.Rngs(0))(tokens)),
-                               np.asarray(dense), atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(models.build(keep_all, nnx.Rngs(0))(tokens)), np.asarray(dense), atol=1e-5
+    )
     for pattern in (dict(kind="qk", keep_rate=0.5), dict(kind="hash", num_buckets=4)):
         config = dataclasses.replace(BASE, sparse_attention=pattern)
         assert np.abs(np.asarray(models.build(config, nnx.Rngs(0))(tokens) - dense)).max() > 1e-3
@@ -65,8 +74,11 @@ def test_hash_buckets_are_random_projection_argmax_in_float64():
 def test_keep_decisions_have_the_rate_and_differ_by_layer_head_role():
     config = sparse.SparseAttentionConfig(kind="qk", keep_rate=0.3)
     positions = jnp.broadcast_to(jnp.arange(4096), (2, 4096))
-    masks = [np.asarray(sparse.keep_mask(config, layer, role, positions, 8))
-             for layer in (0, 1) for role in (0, 1)]  # fmt: skip
+    masks = [
+        np.asarray(sparse.keep_mask(config, layer, role, positions, 8))
+        for layer in (0, 1)
+        for role in (0, 1)
+    ]
     for m in masks:
         n = m.size
         assert abs(m.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)

@@ -35,8 +35,9 @@ def test_selective_scan_xla_gradients(impl):
 
     def loss(*values):
         kw = dict(zip(names, values, strict=True))
-        out, h = scan.selective_scan(**kw, delta_softplus=True, return_final_state=True,
-                                     impl=impl, chunk=4)  # fmt: skip
+        out, h = scan.selective_scan(
+            **kw, delta_softplus=True, return_final_state=True, impl=impl, chunk=4
+        )
         return jnp.sum(out * ct) + jnp.sum(h * ct_state)
 
     values = [args[n] if n in args else options[n] for n in names]

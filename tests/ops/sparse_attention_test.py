@@ -24,8 +24,9 @@ def test_qk_sparse_xla_matches_reference_with_and_without_capacity(capacity):
     mask = qk_mask(q_keep, k_keep, 4)
 
     def fn(q, k, v):
-        return ops.qk_sparse_attention(q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep),
-                                       impl="xla", capacity=capacity)  # fmt: skip
+        return ops.qk_sparse_attention(
+            q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep), impl="xla", capacity=capacity
+        )
 
     out = np.asarray(jax.jit(fn)(q, k, v))
     np.testing.assert_allclose(out, dense_reference(q, k, v, mask), atol=2e-5)
@@ -44,11 +45,20 @@ def test_hash_sparse_xla_matches_reference_for_any_window(window, block):
     mask = hash_mask(q_buckets, k_buckets, 4)
 
     def fn(q, k, v):
-        return ops.hash_sparse_attention(q, k, v, jnp.asarray(q_buckets), jnp.asarray(k_buckets),
-                                         impl="xla", window=window, block=block)  # fmt: skip
+        return ops.hash_sparse_attention(
+            q,
+            k,
+            v,
+            jnp.asarray(q_buckets),
+            jnp.asarray(k_buckets),
+            impl="xla",
+            window=window,
+            block=block,
+        )
 
-    np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, k, v)), dense_reference(q, k, v, mask),
-                               atol=2e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(fn)(q, k, v)), dense_reference(q, k, v, mask), atol=2e-5
+    )
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     got = jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2))(q, k, v)
     for g, want in zip(got, reference_grads(q, k, v, mask, ct), strict=True):
@@ -80,15 +90,30 @@ def test_xla_paths_respect_packed_segments():
     segment_ids = np.cumsum(rng.random((2, 100)) < 0.05, axis=1).astype(np.int32)
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     q_keep, k_keep = rng.random((2, 100, 4)) < 0.5, rng.random((2, 100, 2)) < 0.5
-    out = ops.qk_sparse_attention(q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep),
-                                  segment_ids=jnp.asarray(segment_ids), impl="xla",
-                                  capacity=(80, 80))  # fmt: skip
+    out = ops.qk_sparse_attention(
+        q,
+        k,
+        v,
+        jnp.asarray(q_keep),
+        jnp.asarray(k_keep),
+        segment_ids=jnp.asarray(segment_ids),
+        impl="xla",
+        capacity=(80, 80),
+    )
     want = dense_reference(q, k, v, qk_mask(q_keep, k_keep, 4) & same)
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)
     qb = rng.integers(0, 4, (2, 100, 4), dtype=np.int32)
     kb = rng.integers(0, 4, (2, 100, 2), dtype=np.int32)
-    out = ops.hash_sparse_attention(q, k, v, jnp.asarray(qb), jnp.asarray(kb),
-                                    segment_ids=jnp.asarray(segment_ids), impl="xla", block=16,
-                                    window=3)  # fmt: skip
+    out = ops.hash_sparse_attention(
+        q,
+        k,
+        v,
+        jnp.asarray(qb),
+        jnp.asarray(kb),
+        segment_ids=jnp.asarray(segment_ids),
+        impl="xla",
+        block=16,
+        window=3,
+    )
     want = dense_reference(q, k, v, hash_mask(qb, kb, 4) & same)
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)

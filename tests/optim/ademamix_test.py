@@ -87,11 +87,27 @@ def numpy_ademamix(params, grads, *, lr, b1, b2, b3_end, alpha_end, warmup, eps,
 @pytest.mark.parametrize("warmup", [0, 30])
 def test_equals_float64_numpy_algorithm_1(warmup):
     params, grads = _tree(2), _grads(3, 60)
-    tx = ademamix(1e-2, b1=0.9, b2=0.999, b3=beta3_schedule(0.9, 0.9999, warmup),
-                  alpha=alpha_schedule(5.0, warmup), weight_decay=0.05)  # fmt: skip
+    tx = ademamix(
+        1e-2,
+        b1=0.9,
+        b2=0.999,
+        b3=beta3_schedule(0.9, 0.9999, warmup),
+        alpha=alpha_schedule(5.0, warmup),
+        weight_decay=0.05,
+    )
     ours, _ = _run(tx, params, grads)
-    ref = numpy_ademamix(params, grads, lr=1e-2, b1=0.9, b2=0.999, b3_end=0.9999, alpha_end=5.0,
-                         warmup=warmup, eps=1e-8, wd=0.05)  # fmt: skip
+    ref = numpy_ademamix(
+        params,
+        grads,
+        lr=1e-2,
+        b1=0.9,
+        b2=0.999,
+        b3_end=0.9999,
+        alpha_end=5.0,
+        warmup=warmup,
+        eps=1e-8,
+        wd=0.05,
+    )
     _close(ours, ref, atol=2e-5)
 
 
@@ -117,8 +133,11 @@ def test_schedules_match_closed_forms():
 
 
 def test_warmup_zero_and_beta_start_zero_are_finite():
-    for schedule in (beta3_schedule(0.9, 0.9999, 0), beta3_schedule(0.0, 0.9999, 10),
-                     alpha_schedule(5.0, 0)):  # fmt: skip
+    for schedule in (
+        beta3_schedule(0.9, 0.9999, 0),
+        beta3_schedule(0.0, 0.9999, 10),
+        alpha_schedule(5.0, 0),
+    ):
         values = np.array([float(schedule(s)) for s in range(0, 30)])
         assert np.isfinite(values).all()
     assert float(beta3_schedule(0.0, 0.9999, 10)(0)) == 0.0
@@ -132,8 +151,9 @@ def test_bf16_state_stays_bf16_and_second_moment_stays_fp32():
     core = state[0]
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((core.m1, core.m2)))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(core.nu))
-    _, state = _run(ademamix(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), _tree(8),
-                    _grads(9, 3))  # fmt: skip
+    _, state = _run(
+        ademamix(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), _tree(8), _grads(9, 3)
+    )
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state[0].nu))
 
 
@@ -146,15 +166,26 @@ def test_b1_zero_has_no_fast_ema_and_uses_the_gradient():
     assert len(jax.tree.leaves(state[0])) == 1 + 2 * n_params  # count, m2, nu: AdamW's size
     adamw_leaves = len(jax.tree.leaves(optax.adamw(1e-2).init(params)))
     assert len(jax.tree.leaves(tx.init(params))) <= adamw_leaves
-    ref = numpy_ademamix(params, grads, lr=1e-2, b1=0.0, b2=0.999, b3_end=0.99, alpha_end=3.0,
-                         warmup=0, eps=1e-8, wd=0.0)  # fmt: skip
+    ref = numpy_ademamix(
+        params,
+        grads,
+        lr=1e-2,
+        b1=0.0,
+        b2=0.999,
+        b3_end=0.99,
+        alpha_end=3.0,
+        warmup=0,
+        eps=1e-8,
+        wd=0.0,
+    )
     _close(ours, ref, atol=2e-5)
 
 
 def test_inject_hyperparams_mask_and_multisteps():
     params, grads = _tree(12), _grads(13, 8)
-    injected = optax.inject_hyperparams(ademamix)(learning_rate=1e-2, alpha=4.0, b3=0.99,
-                                                  weight_decay=0.1)  # fmt: skip
+    injected = optax.inject_hyperparams(ademamix)(
+        learning_rate=1e-2, alpha=4.0, b3=0.99, weight_decay=0.1
+    )
     plain = ademamix(1e-2, alpha=4.0, b3=0.99, weight_decay=0.1)
     _close(_run(injected, params, grads)[0], _run(plain, params, grads)[0], atol=1e-6)
 
@@ -189,14 +220,35 @@ def test_state_shardings_follow_parameter_shardings():
 
 
 def test_registry_wires_the_schedulers_from_config():
-    cfg = ml_collections.ConfigDict(dict(name="ademamix", learning_rate=1e-2, warmup_steps=0,
-                                         schedule="constant", b1=0.9, b2=0.999, b3=0.999,
-                                         alpha=5.0, warmup_alpha_b3=20, weight_decay=0.0,
-                                         clip_norm=0.0))  # fmt: skip
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="ademamix",
+            learning_rate=1e-2,
+            warmup_steps=0,
+            schedule="constant",
+            b1=0.9,
+            b2=0.999,
+            b3=0.999,
+            alpha=5.0,
+            warmup_alpha_b3=20,
+            weight_decay=0.0,
+            clip_norm=0.0,
+        )
+    )
     params, grads = _tree(14), _grads(15, 25)
     ours, _ = _run(optim.build_optimizer(cfg, 100), params, grads)
-    ref = numpy_ademamix(params, grads, lr=1e-2, b1=0.9, b2=0.999, b3_end=0.999, alpha_end=5.0,
-                         warmup=20, eps=1e-8, wd=0.0)  # fmt: skip
+    ref = numpy_ademamix(
+        params,
+        grads,
+        lr=1e-2,
+        b1=0.9,
+        b2=0.999,
+        b3_end=0.999,
+        alpha_end=5.0,
+        warmup=20,
+        eps=1e-8,
+        wd=0.0,
+    )
     _close(ours, ref, atol=2e-5)
 
 

@@ -11,9 +11,19 @@ from jaxlab import optim
 
 
 def _config(**kw):
-    base = dict(name="adamw", learning_rate=1e-2, warmup_steps=0, schedule="constant",
-                final_lr_fraction=0.1, decay_steps=0, b1=0.9, b2=0.95, eps=1e-8,
-                weight_decay=0.1, clip_norm=0.0)  # fmt: skip
+    base = dict(
+        name="adamw",
+        learning_rate=1e-2,
+        warmup_steps=0,
+        schedule="constant",
+        final_lr_fraction=0.1,
+        decay_steps=0,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        clip_norm=0.0,
+    )
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
@@ -21,8 +31,9 @@ def _config(**kw):
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
 def test_schedule_closed_forms(decay):
     peak, warmup, total, final = 2.0, 10, 110, 0.1
-    s = optim.warmup_decay_schedule(peak, total_steps=total, warmup_steps=warmup, decay=decay,
-                                    final_fraction=final)  # fmt: skip
+    s = optim.warmup_decay_schedule(
+        peak, total_steps=total, warmup_steps=warmup, decay=decay, final_fraction=final
+    )
     for step in [0, 3, 10, 35, 60, 109, 110, 500]:
         if step < warmup:
             expected = peak * step / warmup
@@ -55,8 +66,9 @@ def test_adamw_matches_numpy_reference_with_matrix_only_decay_and_clipping():
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v2 = {k: np.zeros_like(v) for k, v in params.items()}
     for t, g in enumerate(grads):
-        updates, state = tx.update({k: jnp.asarray(x, jnp.float32) for k, x in g.items()}, state,
-                                   jp)  # fmt: skip
+        updates, state = tx.update(
+            {k: jnp.asarray(x, jnp.float32) for k, x in g.items()}, state, jp
+        )
         jp = {k: jp[k] + updates[k] for k in jp}
         norm = math.sqrt(sum((x**2).sum() for x in g.values()))
         scale = min(1.0, 1.5 / norm)
@@ -104,12 +116,28 @@ def test_decay_mask_skips_biases_and_norms_of_a_real_model():
     from jaxlab import models
 
     model = models.build(
-        dict(name="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
-             num_heads=4, num_kv_heads=2, attention_bias=True, mlp_bias=True),
+        dict(
+            name="llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+            attention_bias=True,
+            mlp_bias=True,
+        ),
         nnx.Rngs(0),
-    )  # fmt: skip
+    )
     mask = optim.decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     attn, mlp = mask["layers"][0]["attn"], mask["layers"][0]["mlp"]
     assert attn["q_proj"] and attn["o_proj"] and mlp["up_proj"] and mask["embed"]
-    assert not any([attn["q_bias"], attn["k_bias"], attn["o_bias"], mlp["up_bias"],
-                    mask["final_norm"]["scale"]])  # fmt: skip
+    assert not any(
+        [
+            attn["q_bias"],
+            attn["k_bias"],
+            attn["o_bias"],
+            mlp["up_bias"],
+            mask["final_norm"]["scale"],
+        ]
+    )

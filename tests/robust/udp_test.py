@@ -33,9 +33,18 @@ def test_udp_stays_in_the_ball_and_the_clip_range(norm, seed):
     apply_fn, params = random_mlp(seed)
     x = jnp.asarray(np.random.default_rng(seed).uniform(0, 1, (64, 5)), jnp.float32)
     for clip in (None, (0.0, 1.0)):
-        adv = R.udp_perturb(apply_fn, params, x, jax.random.PRNGKey(seed), epsilon=0.3,
-                            step_size=0.1, num_steps=8, norm=norm, random_start=True,
-                            clip=clip)  # fmt: skip
+        adv = R.udp_perturb(
+            apply_fn,
+            params,
+            x,
+            jax.random.PRNGKey(seed),
+            epsilon=0.3,
+            step_size=0.1,
+            num_steps=8,
+            norm=norm,
+            random_start=True,
+            clip=clip,
+        )
         delta = np.asarray(adv - x)
         size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
         assert size.max() <= 0.3 + 1e-6 and size.max() > 0.1
@@ -48,13 +57,16 @@ def test_udp_never_reads_labels():
     assert not {"y", "labels", "targets"} & set(parameters)
     apply_fn, params = random_mlp(3)
     rng = np.random.default_rng(3)
-    batch = {"x": jnp.asarray(rng.standard_normal((32, 5)), jnp.float32),
-             "y": jnp.asarray(rng.integers(0, 3, 32))}  # fmt: skip
+    batch = {
+        "x": jnp.asarray(rng.standard_normal((32, 5)), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, 3, 32)),
+    }
     transform = R.perturbation("udp", apply_fn, epsilon=0.5, step_size=0.1, num_steps=5)
     key = jax.random.PRNGKey(0)
     a = transform(params, batch, key)["x_perturbed"]
-    b = transform(params, batch | {"y": jnp.asarray(rng.permutation(np.asarray(batch["y"])))},
-                  key)["x_perturbed"]  # fmt: skip
+    b = transform(params, batch | {"y": jnp.asarray(rng.permutation(np.asarray(batch["y"])))}, key)[
+        "x_perturbed"
+    ]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # PGD does read them: a different labelling moves the points differently.
     pgd = R.perturbation("pgd", apply_fn, epsilon=0.5, step_size=0.1, num_steps=5)
@@ -70,9 +82,17 @@ def test_udp_raises_the_mean_entropy_at_every_step(norm, seed):
     x = jnp.asarray(np.random.default_rng(seed + 10).standard_normal((128, 5)), jnp.float32)
     entropies = []
     for steps in range(1, 7):  # the same rng: run k is run k-1 plus one step
-        adv = R.udp_perturb(apply_fn, params, x, jax.random.PRNGKey(0), epsilon=10.0,
-                            step_size=0.02, num_steps=steps, norm=norm,
-                            random_stop=False)  # fmt: skip
+        adv = R.udp_perturb(
+            apply_fn,
+            params,
+            x,
+            jax.random.PRNGKey(0),
+            epsilon=10.0,
+            step_size=0.02,
+            num_steps=steps,
+            norm=norm,
+            random_stop=False,
+        )
         entropies.append(float(jnp.mean(R.predictive_entropy(apply_fn(params, adv)))))
     start = float(jnp.mean(R.predictive_entropy(apply_fn(params, x))))
     assert np.all(np.diff([start, *entropies]) > 0), entropies
@@ -88,9 +108,18 @@ def test_udp_on_a_linear_model_walks_straight_to_the_boundary():
     x = rng.standard_normal((200, dim)).astype(np.float32)
     x += (np.sign(x @ w + c) * 3.0 / np.linalg.norm(w))[:, None] * w  # every point far away
     step, steps = 0.05, 6
-    adv = np.asarray(R.udp_perturb(apply_fn, params, jnp.asarray(x), jax.random.PRNGKey(1),
-                                   epsilon=1.0, step_size=step, num_steps=steps,
-                                   norm="l2"))  # fmt: skip
+    adv = np.asarray(
+        R.udp_perturb(
+            apply_fn,
+            params,
+            jnp.asarray(x),
+            jax.random.PRNGKey(1),
+            epsilon=1.0,
+            step_size=step,
+            num_steps=steps,
+            norm="l2",
+        )
+    )
     delta = adv - x
     taken = np.linalg.norm(delta, axis=1) / step
     np.testing.assert_allclose(taken, np.round(taken), atol=1e-3)
@@ -107,13 +136,22 @@ def test_pgd_on_a_linear_model_matches_the_closed_form():
     w, _ = R.binary_linear(params)
     rng = np.random.default_rng(7)
     x, y = rng.standard_normal((50, dim)).astype(np.float32), rng.integers(0, 2, 50)
-    adv = R.pgd_perturb(apply_fn, params, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0),
-                        epsilon=0.4, step_size=0.1, num_steps=10, norm="l2",
-                        random_start=False)  # fmt: skip
+    adv = R.pgd_perturb(
+        apply_fn,
+        params,
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jax.random.PRNGKey(0),
+        epsilon=0.4,
+        step_size=0.1,
+        num_steps=10,
+        norm="l2",
+        random_start=False,
+    )
     s = 2 * y - 1
     expected = x - 0.4 * s[:, None] * w / np.linalg.norm(w)
     np.testing.assert_allclose(np.asarray(adv), expected, atol=1e-5)
-    loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, z), y)  # noqa: E731
+    loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, z), y)
     assert np.all(np.asarray(loss(adv)) > np.asarray(loss(jnp.asarray(x))))
 
 
@@ -122,8 +160,9 @@ def test_trades_perturbation_and_losses_against_numpy():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((16, 5)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 16))
-    adv = R.trades_perturb(apply_fn, params, x, jax.random.PRNGKey(0), epsilon=0.2,
-                           step_size=0.05, num_steps=5)  # fmt: skip
+    adv = R.trades_perturb(
+        apply_fn, params, x, jax.random.PRNGKey(0), epsilon=0.2, step_size=0.05, num_steps=5
+    )
     assert float(jnp.max(jnp.abs(adv - x))) <= 0.2 + 1e-6
     batch = {"x": x, "y": y, "x_perturbed": adv}
 
@@ -139,9 +178,12 @@ def test_trades_perturbation_and_losses_against_numpy():
     ce_clean = -lp[np.arange(16), np.asarray(y)].mean()
     ce_adv = -lq[np.arange(16), np.asarray(y)].mean()
     kl = (np.exp(lp) * (lp - lq)).sum(1).mean()
-    for mode, expected in (("clean", ce_clean), ("perturbed", ce_adv),
-                           ("clean+perturbed", ce_clean + 0.5 * ce_adv),
-                           ("trades", ce_clean + 0.5 * kl)):  # fmt: skip
+    for mode, expected in (
+        ("clean", ce_clean),
+        ("perturbed", ce_adv),
+        ("clean+perturbed", ce_clean + 0.5 * ce_adv),
+        ("trades", ce_clean + 0.5 * kl),
+    ):
         got = float(R.classification_loss(apply_fn, params, batch, mode, 0.5))
         assert got == pytest.approx(expected, rel=1e-5), mode
     assert kl > 0
@@ -197,8 +239,9 @@ def test_feature_reliance_and_flip_metrics():
     moved = x.copy()
     moved[:10, 0] *= -1
     assert R.flip_fraction(apply_fn, params, x, moved) == pytest.approx(10 / 2000)
-    robust = R.robust_accuracy(apply_fn, params, x, y, jax.random.PRNGKey(0),
-                               epsilons=(0.0, 0.05, 2.0))  # fmt: skip
+    robust = R.robust_accuracy(
+        apply_fn, params, x, y, jax.random.PRNGKey(0), epsilons=(0.0, 0.05, 2.0)
+    )
     # Linf PGD against w = (2, 0): a point is broken iff |x0| <= eps.
     assert robust[0.0] == 1.0 and robust[2.0] == 0.0
     assert robust[0.05] == pytest.approx(np.mean(np.abs(x[:, 0]) > 0.05), abs=1e-3)
@@ -210,8 +253,9 @@ def test_train_step_with_a_transform_and_bad_arguments():
     optimizer = optax.adam(1e-2)
     transform = R.perturbation("udp", apply_fn, epsilon=0.05, step_size=0.01, num_steps=5)
     step = R.make_train_step(apply_fn, optimizer, transform=transform, mode="clean+perturbed")
-    result = R.train(step, params, optimizer, R.batches(x.astype(np.float32), y, 128, 0),
-                     num_steps=300)  # fmt: skip
+    result = R.train(
+        step, params, optimizer, R.batches(x.astype(np.float32), y, 128, 0), num_steps=300
+    )
     assert result.losses[-20:].mean() < 0.5 * result.losses[:5].mean()
     assert R.accuracy(apply_fn, result.params, x, y) > 0.95
     with pytest.raises(ValueError, match="needs a transform"):
@@ -221,8 +265,16 @@ def test_train_step_with_a_transform_and_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
         R.perturbation("fgsm", apply_fn)
     with pytest.raises(ValueError, match="norm must be one of"):
-        R.udp_perturb(apply_fn, params, jnp.zeros((2, 2)), jax.random.PRNGKey(0), epsilon=0.1,
-                      step_size=0.1, num_steps=1, norm="l1")  # fmt: skip
+        R.udp_perturb(
+            apply_fn,
+            params,
+            jnp.zeros((2, 2)),
+            jax.random.PRNGKey(0),
+            epsilon=0.1,
+            step_size=0.1,
+            num_steps=1,
+            norm="l1",
+        )
 
 
 def test_small_cnn_matches_its_module_call():
@@ -230,8 +282,16 @@ def test_small_cnn_matches_its_module_call():
     apply_fn, params = functional(model)
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (3, 28, 28, 1)), jnp.float32)
     np.testing.assert_allclose(np.asarray(apply_fn(params, x)), np.asarray(model(x)), atol=1e-6)
-    adv = R.udp_perturb(apply_fn, params, x, jax.random.PRNGKey(0), epsilon=0.1, step_size=0.05,
-                        num_steps=3, clip=(0.0, 1.0))  # fmt: skip
+    adv = R.udp_perturb(
+        apply_fn,
+        params,
+        x,
+        jax.random.PRNGKey(0),
+        epsilon=0.1,
+        step_size=0.05,
+        num_steps=3,
+        clip=(0.0, 1.0),
+    )
     assert adv.shape == x.shape and float(jnp.max(jnp.abs(adv - x))) <= 0.1 + 1e-6
 
 
@@ -264,19 +324,25 @@ def test_vat_mode_holds_the_clean_distribution_constant_and_batches_check_the_si
     def kl_grad(mode):
         kl = lambda p: (
             R.classification_loss(apply_fn, p, batch, mode)
-            - R.classification_loss(  # noqa: E731
-                apply_fn, p, batch, "clean"
-            )
+            - R.classification_loss(apply_fn, p, batch, "clean")
         )
         return jax.grad(kl)(params)
 
     def numpy_vat_grad():  # d/dparams of KL with p(x) fixed: -E_p[grad log q(x')]
         log_p = jax.lax.stop_gradient(jax.nn.log_softmax(apply_fn(params, x)))
-        return jax.grad(lambda p: -jnp.mean(jnp.sum(jnp.exp(log_p) * jax.nn.log_softmax(
-            apply_fn(p, batch["x_perturbed"])), -1)))(params)  # fmt: skip
+        return jax.grad(
+            lambda p: (
+                -jnp.mean(
+                    jnp.sum(
+                        jnp.exp(log_p) * jax.nn.log_softmax(apply_fn(p, batch["x_perturbed"])), -1
+                    )
+                )
+            )
+        )(params)
 
-    for a, b in zip(jax.tree.leaves(kl_grad("vat")), jax.tree.leaves(numpy_vat_grad()),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(kl_grad("vat")), jax.tree.leaves(numpy_vat_grad()), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     trades, vat = jax.tree.leaves(kl_grad("trades")), jax.tree.leaves(kl_grad("vat"))
     same = [np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(trades, vat, strict=True)]

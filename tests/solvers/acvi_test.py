@@ -31,8 +31,9 @@ def test_projected_baselines_reproduce_the_2d_bilinear_table():
 def test_lookahead_reproduces_the_notebooks_la5_row():
     """The notebook's "LA5-GDA" runs range(1, 5) = 4 GDA steps per lookahead step (alpha 0.5) for
     49 lookahead steps: our k=4 over 196 GDA steps lands on its printed (3.6e-15, 0.520546)."""
-    trajectory = S.run_lookahead_gda(S.bilinear_2d(), jnp.array([1.0, 1.0]), step_size=0.1,
-                                     num_steps=49 * 4, k=4)  # fmt: skip
+    trajectory = S.run_lookahead_gda(
+        S.bilinear_2d(), jnp.array([1.0, 1.0]), step_size=0.1, num_steps=49 * 4, k=4
+    )
     np.testing.assert_allclose(np.asarray(trajectory.iterates[-1]), [0.0, 0.520546], atol=1e-6)
 
 
@@ -61,14 +62,26 @@ def numpy_newton_root(F, z):
 # 4 (ratio) and 3 (forsaken) GDA steps per lookahead step. Its ratio-game OGDA read a stale
 # variable from an earlier cell (brief/helper notes), so that entry is not compared.
 NOTEBOOK_2D = {
-    "von_neumann_ratio": (ratio_operator, 4, {"gda": (1.0, 0.40899025),
-                                              "extragradient": (1.0, 0.31963852),
-                                              "lookahead_gda": (0.93046437, 0.0715176)}),
-    "forsaken": (forsaken_operator, 3, {"gda": (0.15297475, -1.33053591),
-                                        "extragradient": (0.53860144, -1.20651963),
-                                        "optimistic_gda": (0.52383978, -1.22440338),
-                                        "lookahead_gda": (1.03260899, 1.40345432)}),
-}  # fmt: skip
+    "von_neumann_ratio": (
+        ratio_operator,
+        4,
+        {
+            "gda": (1.0, 0.40899025),
+            "extragradient": (1.0, 0.31963852),
+            "lookahead_gda": (0.93046437, 0.0715176),
+        },
+    ),
+    "forsaken": (
+        forsaken_operator,
+        3,
+        {
+            "gda": (0.15297475, -1.33053591),
+            "extragradient": (0.53860144, -1.20651963),
+            "optimistic_gda": (0.52383978, -1.22440338),
+            "lookahead_gda": (1.03260899, 1.40345432),
+        },
+    ),
+}
 
 
 @pytest.mark.parametrize("make", [S.von_neumann_ratio_game, S.forsaken_game])
@@ -77,8 +90,9 @@ def test_nonmonotone_2d_games_baselines_and_acvi(make):
     operator, inner, table = NOTEBOOK_2D[problem.name]
     rng = np.random.default_rng(0)
     for z in rng.uniform(0.0, 1.0, (5, 2)):  # the jax operator equals the hand derivatives
-        np.testing.assert_allclose(np.asarray(problem.operator(jnp.asarray(z))), operator(z),
-                                   rtol=1e-10, atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(problem.operator(jnp.asarray(z))), operator(z), rtol=1e-10, atol=1e-12
+        )
     x_star = numpy_newton_root(operator, np.asarray(problem.solution) + 0.01)
     np.testing.assert_allclose(problem.solution, x_star, atol=1e-7)
     x0 = jnp.array([0.5, 0.5])
@@ -134,11 +148,19 @@ def test_acvi_reaches_an_independent_kkt_solution(seed):
     M = 0.2 * np.eye(n) + skew  # strongly monotone, mostly rotational
     q = rng.standard_normal(n)
     x_star = kkt_solution(M, q)
-    problem = S.VIProblem(lambda x: jnp.asarray(M) @ x + jnp.asarray(q), n, S.Nonnegative(),
-                          equality=(np.ones((1, n)), np.ones(1)), matrix=M, offset=q,
-                          solution=x_star, simplex_blocks=(n,))  # fmt: skip
-    config = S.ACVIConfig(beta=0.5, mu0=1e-4, delta=0.5, outer_steps=25, inner_steps=20,
-                          last_inner_steps=400)  # fmt: skip
+    problem = S.VIProblem(
+        lambda x: jnp.asarray(M) @ x + jnp.asarray(q),
+        n,
+        S.Nonnegative(),
+        equality=(np.ones((1, n)), np.ones(1)),
+        matrix=M,
+        offset=q,
+        solution=x_star,
+        simplex_blocks=(n,),
+    )
+    config = S.ACVIConfig(
+        beta=0.5, mu0=1e-4, delta=0.5, outer_steps=25, inner_steps=20, last_inner_steps=400
+    )
     trajectory = S.acvi(problem, jnp.full(n, 1.0 / n), config)
     x, y = trajectory.x[-1], trajectory.y[-1]
     assert float(jnp.linalg.norm(x - x_star)) < 1e-4
@@ -161,11 +183,21 @@ def test_acvi_and_inexact_acvi_beat_extragradient_on_the_simplex_game(eta, seed)
         return int(trajectory.evaluations[hit[0]])
 
     eg = S.run_extragradient(problem, x0, step_size=0.3, num_steps=400)
-    exact = S.acvi(problem, x0, S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10,
-                                             last_inner_steps=100))  # fmt: skip
-    inexact_config = S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10,
-                                  last_inner_steps=100, x_step="inexact", subproblem_steps=5,
-                                  subproblem_step_size=0.3)  # fmt: skip
+    exact = S.acvi(
+        problem,
+        x0,
+        S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10, last_inner_steps=100),
+    )
+    inexact_config = S.ACVIConfig(
+        beta=0.5,
+        mu0=1e-6,
+        delta=0.5,
+        outer_steps=10,
+        last_inner_steps=100,
+        x_step="inexact",
+        subproblem_steps=5,
+        subproblem_step_size=0.3,
+    )
     inexact = S.acvi(problem, x0, inexact_config)
     eg_evals = evaluations_to(eg, eg.iterates)
     assert evaluations_to(exact, exact.x) < eg_evals
@@ -236,8 +268,10 @@ def test_tolerance_loop_matches_the_scan_and_loops_compile_once():
     problem = S.bilinear_simplex_game(30, 0.3)
     config = S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10, last_inner_steps=200)
     rng = np.random.default_rng(0)
-    starts = [jnp.asarray(np.concatenate([rng.dirichlet(np.ones(30)) for _ in range(2)]))
-              for _ in range(3)]  # fmt: skip
+    starts = [
+        jnp.asarray(np.concatenate([rng.dirichlet(np.ones(30)) for _ in range(2)]))
+        for _ in range(3)
+    ]
     before = acvi_module._run._cache_size()
     for x0 in starts:
         trajectory = S.acvi(problem, x0, config)
@@ -246,8 +280,9 @@ def test_tolerance_loop_matches_the_scan_and_loops_compile_once():
     k = int(result.iterations)
     assert k < 209  # stopped by the tolerance, not by the iteration cap
     assert float(result.residual) <= 1e-10
-    np.testing.assert_allclose(np.asarray(result.state.x), np.asarray(trajectory.x[k - 1]),
-                               atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(result.state.x), np.asarray(trajectory.x[k - 1]), atol=1e-12
+    )
     assert int(result.evaluations) == int(trajectory.evaluations[k - 1])
 
 
@@ -280,10 +315,17 @@ def test_acvi_on_a_polyhedron_reaches_the_kkt_solution(seed):
     q = 2.0 * rng.standard_normal(n)  # pushes the solution onto the boundary
     x_star = polyhedral_kkt_solution(M, q, G, h)
     polytope = S.Polyhedron(G, h)
-    problem = S.VIProblem(lambda x: jnp.asarray(M) @ x + jnp.asarray(q), n, polytope, matrix=M,
-                          offset=q, solution=x_star)  # fmt: skip
-    config = S.ACVIConfig(beta=0.5, mu0=1e-3, delta=0.5, outer_steps=20, inner_steps=20,
-                          last_inner_steps=300)  # fmt: skip
+    problem = S.VIProblem(
+        lambda x: jnp.asarray(M) @ x + jnp.asarray(q),
+        n,
+        polytope,
+        matrix=M,
+        offset=q,
+        solution=x_star,
+    )
+    config = S.ACVIConfig(
+        beta=0.5, mu0=1e-3, delta=0.5, outer_steps=20, inner_steps=20, last_inner_steps=300
+    )
     trajectory = S.acvi(problem, jnp.zeros(n), config)
     assert float(jnp.linalg.norm(trajectory.x[-1] - x_star)) < 1e-4
     assert bool(polytope.interior(trajectory.y[-1]))
@@ -308,8 +350,9 @@ def test_the_acvi_loop_traces_once_for_many_starts():
     acvi_module = importlib.import_module("jaxlab.solvers.acvi")
     problem = S.bilinear_simplex_game(10, 0.5)
     config = S.ACVIConfig(beta=0.5, outer_steps=3, last_inner_steps=5)
-    traced = jax.jit(chex.assert_max_traces(acvi_module._run_trajectory, n=1),
-                     static_argnums=(0, 1))  # fmt: skip
+    traced = jax.jit(
+        chex.assert_max_traces(acvi_module._run_trajectory, n=1), static_argnums=(0, 1)
+    )
     rng = np.random.default_rng(0)
     for _ in range(3):
         x0 = jnp.asarray(np.concatenate([rng.dirichlet(np.ones(10)) for _ in range(2)]))
@@ -324,9 +367,10 @@ def test_general_inequalities_agree_with_the_closed_form_ball():
     G = rng.standard_normal((n, n))
     M = 0.5 * np.eye(n) + G - G.T
     q = 3.0 * rng.standard_normal(n)
-    operator = lambda x: jnp.asarray(M) @ x + jnp.asarray(q)  # noqa: E731
-    config = S.ACVIConfig(beta=0.5, mu0=1e-3, delta=0.5, outer_steps=15, inner_steps=10,
-                          last_inner_steps=200)  # fmt: skip
+    operator = lambda x: jnp.asarray(M) @ x + jnp.asarray(q)
+    config = S.ACVIConfig(
+        beta=0.5, mu0=1e-3, delta=0.5, outer_steps=15, inner_steps=10, last_inner_steps=200
+    )
     ball = S.VIProblem(operator, n, S.Ball(1.0), matrix=M, offset=q)
     unit_ball = S.Inequalities(lambda x: jnp.sum(x * x, keepdims=True) - 1.0)
     general = S.VIProblem(operator, n, unit_ball, matrix=M, offset=q)

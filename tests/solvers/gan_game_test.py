@@ -60,8 +60,9 @@ def test_mixture_metrics_on_known_samples():
     assert float(GG.mmd(a, b)) < 0.02 < float(GG.mmd(a, jnp.asarray(collapsed)))
     # The biased MMD^2 equals the float64 NumPy double sum.
     u, v = samples[:50], collapsed[:40]
-    k = lambda p, q: sum(np.exp(-np.sum((p[:, None] - q[None]) ** 2, -1) / (2 * s * s))  # noqa: E731
-                         for s in (0.05, 0.2, 1.0))  # fmt: skip
+    k = lambda p, q: sum(
+        np.exp(-np.sum((p[:, None] - q[None]) ** 2, -1) / (2 * s * s)) for s in (0.05, 0.2, 1.0)
+    )
     expected = k(u, u).mean() + k(v, v).mean() - 2 * k(u, v).mean()
     assert float(GG.mmd(jnp.asarray(u), jnp.asarray(v))) == pytest.approx(expected, rel=1e-10)
 
@@ -75,9 +76,15 @@ def test_pi_acvi_learns_the_mixture_and_stays_feasible():
     def score(x):
         return float(GG.mmd(game.generate(x, z), target))
 
-    config = S.ACVIConfig(beta=0.5, outer_steps=1, last_inner_steps=120, x_step="inexact",
-                          y_step="projection", subproblem_steps=5,
-                          subproblem_optimizer=optax.adam(3e-3, b1=0.05))  # fmt: skip
+    config = S.ACVIConfig(
+        beta=0.5,
+        outer_steps=1,
+        last_inner_steps=120,
+        x_step="inexact",
+        y_step="projection",
+        subproblem_steps=5,
+        subproblem_optimizer=optax.adam(3e-3, b1=0.05),
+    )
     trajectory = S.acvi(problem, game.x0, config)
     assert int(trajectory.evaluations[-1]) == 600
     assert score(trajectory.y[-1]) < 0.5 * score(game.x0)

@@ -32,8 +32,9 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert resumed["start_step"] == 4
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
     assert len(losses(tmp_path / "full")) == 8
-    for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
 
@@ -61,8 +62,9 @@ def test_sharded_training_follows_single_device(tmp_path, mesh):
 @pytest.mark.parametrize("mesh", [{}, {"mesh.data": 2, "mesh.tensor": 2, "mesh.num_devices": 4}])
 def test_gradient_accumulation_matches_full_batch(tmp_path, mesh):
     loop.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / "full"))
-    loop.train_and_evaluate(tiny_config(num_steps=4, accum_steps=4, **mesh),
-                            str(tmp_path / "accum"))  # fmt: skip
+    loop.train_and_evaluate(
+        tiny_config(num_steps=4, accum_steps=4, **mesh), str(tmp_path / "accum")
+    )
     a, b = losses(tmp_path / "full"), losses(tmp_path / "accum")
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
 
@@ -81,8 +83,11 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(loop, "make_train_step", poisoned)
-    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 6; the last good "
-                       r"checkpoint is step 4 in .*checkpoints/4"):  # fmt: skip
+    with pytest.raises(
+        loop.NonFiniteLossError,
+        match=r"loss is nan at step 6; the last good "
+        r"checkpoint is step 4 in .*checkpoints/4",
+    ):
         loop.train_and_evaluate(tiny_config(), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
     monkeypatch.undo()
@@ -101,7 +106,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
             {"batch_size": 6, "accum_steps": 4},
             r"config.batch_size=6 must be divisible by "
             r"config.accum_steps=4",
-        ),  # fmt: skip
+        ),
         ({"optim.name": "adamax"}, r"config.optim.name='adamax' is not one of"),
         ({"model.num_kv_heads": 3}, r"num_heads=4 must be a multiple of num_kv_heads=3"),
         ({"optim.warmup_steps": 100}, r"config.optim: schedule warmup_steps"),
@@ -123,10 +128,19 @@ def test_metrics_and_config_are_written(tmp_path):
 
 def test_non_finite_parameters_are_never_saved(tmp_path):
     # A finite but absurd learning rate: the first update overflows the parameter norm.
-    config = tiny_config(**{"optim.learning_rate": 1e38, "optim.warmup_steps": 0,
-                            "optim.clip_norm": 0.0, "checkpoint_every": 1})  # fmt: skip
-    with pytest.raises(loop.NonFiniteLossError, match=r"param_norm is inf at step 1; no "
-                       r"checkpoint was saved yet"):  # fmt: skip
+    config = tiny_config(
+        **{
+            "optim.learning_rate": 1e38,
+            "optim.warmup_steps": 0,
+            "optim.clip_norm": 0.0,
+            "checkpoint_every": 1,
+        }
+    )
+    with pytest.raises(
+        loop.NonFiniteLossError,
+        match=r"param_norm is inf at step 1; no "
+        r"checkpoint was saved yet",
+    ):
         loop.train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == []
 
@@ -145,10 +159,11 @@ def test_denseformer_trains_sharded_like_single_device(tmp_path):
     dwa = {"model.dwa": {"dilation": 1, "period": 1}}
     loop.train_and_evaluate(tiny_config(num_steps=4, **dwa), str(tmp_path / "one"))
     sharded = loop.train_and_evaluate(
-        tiny_config(num_steps=4, **dwa, **{"mesh.data": 4, "mesh.tensor": 2,
-                                           "mesh.num_devices": 0}),
+        tiny_config(
+            num_steps=4, **dwa, **{"mesh.data": 4, "mesh.tensor": 2, "mesh.num_devices": 0}
+        ),
         str(tmp_path / "eight"),
-    )  # fmt: skip
+    )
     weights = sharded["state"].params["dwa"]["weights"]
     assert not np.allclose(np.asarray(weights[1]), [0, 0, 1])  # the DWA weights trained
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")

@@ -42,8 +42,9 @@ def test_doge_proxy_run_writes_weights_and_the_step_matches_the_rule(tmp_path):
     # jax.grad calls, the mixer rule, the weighted gradient.
     exp = summary["experiment"]
     state = summary["state"]
-    iterator = loop.pipeline.train_iterator(config.data, exp.tokenizer, config.seq_len,
-                                            config.batch_size, weights=[1.0] * 3)  # fmt: skip
+    iterator = loop.pipeline.train_iterator(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, weights=[1.0] * 3
+    )
     batch = next(iter(iterator))
     keys = (*loop.MODEL_INPUTS, "domain")
     device_batch = {k: jnp.asarray(batch[k]) for k in keys}
@@ -87,8 +88,9 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     doremi = lm_smoke.get_config()
     doremi.data.sources = ("embedded:json", "embedded:email")
     doremi.objective.name = "doremi"
-    doremi.mixer.update(step_size=1.0, smoothing=1e-3,
-                        reference_workdir=str(tmp_path / "reference"))  # fmt: skip
+    doremi.mixer.update(
+        step_size=1.0, smoothing=1e-3, reference_workdir=str(tmp_path / "reference")
+    )
     summary = loop.train_and_evaluate(doremi, str(tmp_path / "doremi"))
     weights = json.loads((tmp_path / "doremi" / "domain_weights.json").read_text())
     assert weights["mixer"] == "doremi" and sum(weights["average"]) == pytest.approx(1, abs=1e-5)
@@ -97,10 +99,14 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     exp, state = summary["experiment"], summary["state"]
     frozen = loop.load_frozen(exp)
     reference_params = frozen["reference"]
-    iterator = loop.pipeline.train_iterator(doremi.data, exp.tokenizer, doremi.seq_len,
-                                            doremi.batch_size, weights=[1.0, 1.0])  # fmt: skip
-    batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items()
-             if k in (*loop.MODEL_INPUTS, "domain")}  # fmt: skip
+    iterator = loop.pipeline.train_iterator(
+        doremi.data, exp.tokenizer, doremi.seq_len, doremi.batch_size, weights=[1.0, 1.0]
+    )
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in next(iter(iterator)).items()
+        if k in (*loop.MODEL_INPUTS, "domain")
+    }
     mask = batch["loss_mask"].astype(jnp.float32)
     masks = jnp.stack([(batch["domain"] == d).astype(jnp.float32) * mask for d in (0, 1)])
     now = token_losses(exp.graphdef, state.params, batch)[0]
@@ -124,19 +130,23 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     base = lm_smoke.get_config()
     base.data.sources = ("embedded:email", "embedded:json")  # any order: matched by name
     base.data.weights_file = str(tmp_path / "ood" / "domain_weights.json")
-    iterator = loop.pipeline.train_iterator(base.data, load_tokenizer("byte"),
-                                            base.seq_len, base.batch_size)  # fmt: skip
+    iterator = loop.pipeline.train_iterator(
+        base.data, load_tokenizer("byte"), base.seq_len, base.batch_size
+    )
     by_name = dict(zip(record["domains"], record["average"], strict=True))
-    np.testing.assert_allclose(iterator.weights / iterator.weights.sum(),
-                               [by_name["email"], by_name["json"]], rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        iterator.weights / iterator.weights.sum(), [by_name["email"], by_name["json"]], rtol=1e-6
+    )
     base.data.sources = ("embedded:email", "embedded:json", "embedded:html")  # + the OOD target
-    iterator = loop.pipeline.train_iterator(base.data, load_tokenizer("byte"),
-                                            base.seq_len, base.batch_size)  # fmt: skip
+    iterator = loop.pipeline.train_iterator(
+        base.data, load_tokenizer("byte"), base.seq_len, base.batch_size
+    )
     assert iterator.weights[2] == 0.0 and iterator.weights[:2].sum() > 0
     base.data.sources = ("embedded:email", "embedded:xml")
     with pytest.raises(ValueError, match="weights_file"):
-        loop.pipeline.train_iterator(base.data, load_tokenizer("byte"), base.seq_len,
-                                     base.batch_size)  # fmt: skip
+        loop.pipeline.train_iterator(
+            base.data, load_tokenizer("byte"), base.seq_len, base.batch_size
+        )
 
 
 def test_selected_parameters_restrict_the_scores():
@@ -148,8 +158,11 @@ def test_selected_parameters_restrict_the_scores():
     state = loop.init_state(exp)
     state = state._replace(objective=state.objective._replace(step=jnp.int32(5)))  # lr > 0
     chosen = params_matching(state.params, ("layers/1/mlp",), "selected")
-    paths = [jax.tree_util.keystr(p) for p, keep in jax.tree_util.tree_flatten_with_path(chosen)[0]
-             if keep]  # fmt: skip
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, keep in jax.tree_util.tree_flatten_with_path(chosen)[0]
+        if keep
+    ]
     assert paths and all("1" in p and "mlp" in p for p in paths)
     iterator = loop.pipeline.train_iterator(
         selected.data, exp.tokenizer, selected.seq_len, selected.batch_size, weights=[1.0] * 3

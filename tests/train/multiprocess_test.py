@@ -28,8 +28,12 @@ def test_two_processes_match_one_process(tmp_path):
     assert single["experiment"].mesh.size == 8
 
     port = _free_port()
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               JAX_PLATFORMS="cpu")  # fmt: skip
+    env = dict(
+        os.environ,
+        JAX_NUM_CPU_DEVICES="4",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        JAX_PLATFORMS="cpu",
+    )
     workdir = tmp_path / "multi"
     procs = [
         subprocess.Popen(
@@ -50,7 +54,7 @@ def test_two_processes_match_one_process(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outputs = []

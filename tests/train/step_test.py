@@ -44,9 +44,11 @@ def test_loss_and_gradients_match_pytorch(tmp_path):
     named = dict(hf_model.named_parameters())
     embed_grad = named["model.embed_tokens.weight"].grad.numpy()
     np.testing.assert_allclose(np.asarray(grads["embed"]), embed_grad, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(grads["layers"][1]["mlp"]["down_proj"]),
-                               named["model.layers.1.mlp.down_proj.weight"].grad.numpy().T,
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(grads["layers"][1]["mlp"]["down_proj"]),
+        named["model.layers.1.mlp.down_proj.weight"].grad.numpy().T,
+        atol=1e-5,
+    )
     q_grad = named["model.layers.0.self_attn.q_proj.weight"].grad.numpy().T.reshape(64, 4, 16)
     np.testing.assert_allclose(np.asarray(grads["layers"][0]["attn"]["q_proj"]), q_grad, atol=1e-5)
 
@@ -73,14 +75,25 @@ def test_one_adamw_step_matches_torch_adamw(tmp_path):
     hf_model = make_hf_model("llama3_rope_tied", seed=23)
     hf_model.save_pretrained(str(tmp_path))
     graphdef, state = nnx.split(load_hf_llama(str(tmp_path)), nnx.Param)
-    cfg = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-2, warmup_steps=0,
-                                         schedule="constant", b1=0.9, b2=0.95, eps=1e-8,
-                                         weight_decay=0.0, clip_norm=0.0))  # fmt: skip
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=1e-2,
+            warmup_steps=0,
+            schedule="constant",
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=0.0,
+        )
+    )
     tx = optim.build_optimizer(cfg, 10)
     train_step = jax.jit(make_train_step(graphdef, tx))
     train_state = init_train_state(nnx.to_pure_dict(state), tx)
-    torch_opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                                  weight_decay=0.0)  # fmt: skip
+    torch_opt = torch.optim.AdamW(
+        hf_model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
+    )
     rng = np.random.default_rng(2)
     for _ in range(2):
         tokens = rng.integers(0, 97, (2, 9))
