@@ -1,19 +1,27 @@
-"""Matplotlib (Agg) plots saved as PNG next to the metrics."""
+"""Matplotlib plots saved as PNG next to the metrics.
+
+Figures are made with ``matplotlib.figure.Figure`` directly, not through pyplot, so drawing them
+needs no display and never changes the process's matplotlib backend (importing this module in a
+notebook leaves its inline plots working).
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _figure(figsize) -> tuple[Figure, object]:
+    """A figure with one axes, outside pyplot (``savefig`` renders it with Agg)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def scatter_agreement(
     x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str, path: str
 ) -> None:
     """Scatter of two implementations' values against each other, with the diagonal."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _figure((5, 5))
     ax.scatter(x, y, s=2, alpha=0.4)
     lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
     ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
@@ -22,14 +30,13 @@ def scatter_agreement(
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_loss_curve(records: list[dict], path: str) -> None:
     """Training loss per step and held-out loss at each evaluation, from metrics records."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
@@ -40,7 +47,6 @@ def plot_loss_curve(records: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_dwa_weights(
@@ -48,7 +54,7 @@ def plot_dwa_weights(
 ) -> None:
     """Heatmap of DenseFormer weights: row = the DWA after block ``blocks[row]``, column =
     representation j (0 = embedding); blank where a DWA does not read that representation."""
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * matrix.shape[1], 1 + 0.6 * matrix.shape[0]))
+    fig, ax = _figure((1 + 0.6 * matrix.shape[1], 1 + 0.6 * matrix.shape[0]))
     limit = float(np.nanmax(np.abs(matrix)))
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu_r", vmin=-limit, vmax=limit)
     for (r, c), v in np.ndenumerate(matrix):
@@ -63,12 +69,11 @@ def plot_dwa_weights(
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_loss_curves(runs: dict[str, list[dict]], path: str, title: str = "") -> None:
     """Training loss (thin) and held-out loss (markers) of several runs on shared axes."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _figure((6.5, 4))
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i}"
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -85,4 +90,3 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: str, title: str = "") ->
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
