@@ -178,7 +178,11 @@ def rate(config):
     )
     k = np.arange(1, config.rate_steps + 1)
     keep = k >= 50
-    slope = lambda g: float(np.polyfit(np.log(k[keep]), np.log(g[keep]), 1)[0])
+
+    def slope(g):
+        """The log-log slope of g against k over the kept iterations."""
+        return float(np.polyfit(np.log(k[keep]), np.log(g[keep]), 1)[0])
+
     return dict(
         acvi=acvi_gaps, gda=gda_gaps, acvi_slope=slope(acvi_gaps), gda_slope=slope(gda_gaps)
     )
@@ -189,7 +193,10 @@ def gan(config):
     on the x-subproblem, projection y-step) at equal operator evaluations, over seeds."""
     c = config.gan
     if c.mnist_path:  # flattened local MNIST images in [-1, 1]; no FID model offline: MMD only
-        flat = lambda x: x.reshape(x.shape[0], -1).astype(np.float32) / 127.5 - 1.0
+
+        def flat(x):
+            return x.reshape(x.shape[0], -1).astype(np.float32) / 127.5 - 1.0
+
         data = flat(load_mnist(c.mnist_path, "train")[0])
         held_out = jnp.asarray(flat(load_mnist(c.mnist_path, "test")[0][:1000]))
         centers, output = None, "tanh"
@@ -361,7 +368,9 @@ def plots(workdir, paths2d, gaps):
 
 
 def report(config, paths2d, table, gaps, gan_result):
-    fmt = lambda v: "not reached" if not np.isfinite(v) else f"{v:g}"
+    def fmt(v):
+        return "not reached" if not np.isfinite(v) else f"{v:g}"
+
     lines = [
         "# ACVI against projected first-order methods",
         "",

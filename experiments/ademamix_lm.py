@@ -78,9 +78,10 @@ def probe_losses(optimizer, lr, num_steps, inject_step: int | None, watch_from: 
     (probe,) = pipeline.eval_batches(
         config.data, exp.tokenizer, config.seq_len, config.batch_size, 1, components
     )
-    on_device = lambda batch: sharding.global_batch_to_devices(
-        {k: batch[k] for k in MODEL_INPUTS}, exp.mesh
-    )
+
+    def on_device(batch):
+        return sharding.global_batch_to_devices({k: batch[k] for k in MODEL_INPUTS}, exp.mesh)
+
     probe_d = on_device(probe)
     record = []
     for step in range(1, num_steps + 1):

@@ -109,7 +109,10 @@ def main(argv):
                     f"{t['iterations']} it, {t['evaluations']} evals",
                     flush=True,
                 )
-    show = lambda v, f: "not reached" if v is None else f.format(v)
+
+    def show(v, f):
+        return "not reached" if v is None else f.format(v)
+
     print(
         f"\nCPU ({env['cpu_count']} cores), float64, eta 0.05, median of {repeats}; ratios "
         "to extragradient in the same run (lower is faster)"

@@ -208,7 +208,11 @@ def correctness_part(cases, dtype, interpret):
 def executed_flops(kind, a, b, seq, dim, block_sizes: sa.BlockSizes | None = None):
     """Matmul FLOPs the kernels issue on their live tiles, forward + both backward passes."""
     block_sizes = sa.BlockSizes() if block_sizes is None else block_sizes
-    fit = lambda blk: max(16, min(blk, 1 << (seq - 1).bit_length()))
+
+    def fit_block(blk):
+        """blk capped at seq's next power of two, at least 16, as the kernels fit it."""
+        return max(16, min(blk, 1 << (seq - 1).bit_length()))
+
     if kind == "hash":
         (q_order, qb), (k_order, kb) = (
             sa.bucket_order(jnp.asarray(a)),
@@ -220,13 +224,16 @@ def executed_flops(kind, a, b, seq, dim, block_sizes: sa.BlockSizes | None = Non
         q_pos = jnp.where(q_kept, q_order, -1)
         k_pos = jnp.where(k_kept, k_order, 2**30)
         qb, kb = jnp.zeros_like(q_pos), jnp.zeros_like(k_pos)
-    rows = lambda x: x.transpose(0, 2, 1)
+
+    def rows(x):
+        return x.transpose(0, 2, 1)
+
     total = 0.0
     # (tiles, matmuls per tile pair): forward 2 (QK^T, PV); dQ 3 (QK^T, dO V^T, dS K);
     # dK/dV 4 (QK^T, P^T dO, dO V^T, dS^T Q).
     for bq, bk, passes in (
-        (fit(block_sizes.block_q), fit(block_sizes.block_k), ((0, 2),)),
-        (fit(block_sizes.block_q_bwd), fit(block_sizes.block_k_bwd), ((0, 3), (1, 4))),
+        (fit_block(block_sizes.block_q), fit_block(block_sizes.block_k), ((0, 2),)),
+        (fit_block(block_sizes.block_q_bwd), fit_block(block_sizes.block_k_bwd), ((0, 3), (1, 4))),
     ):
         extra = -(-seq // max(bq, bk)) * max(bq, bk) - seq
         padded = [
@@ -317,7 +324,10 @@ def sweep_part(seqs, full_sweep_seq, batch, heads, dim, dtype, interpret, repeat
         "executed TFLOP/s | of peak (executed tiles) | of peak (useful pairs) |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
     for r in rows:
         print(
             f"| {r['seq']} | {r['impl']} | {r['fwd_bwd_ms']:.3f} | "

@@ -66,14 +66,17 @@ def scan_part(seqs, repeats):
             fns = {}
             for impl in ("sequential", "associative", "chunked"):
                 if kind == "selective_scan":
-                    fn = lambda *a, impl=impl: scan.selective_scan(
-                        *a, delta_softplus=True, impl=impl, chunk=64
-                    )
+
+                    def fn(*a, impl=impl):
+                        return scan.selective_scan(*a, delta_softplus=True, impl=impl, chunk=64)
                 else:
-                    fn = lambda *a, impl=impl: scan.ssd(
-                        *a, dt_softplus=True, impl=impl, chunk_size=64
-                    )
-                loss = lambda *a, fn=fn, ct=ct: jnp.sum(fn(*a) * ct)
+
+                    def fn(*a, impl=impl):
+                        return scan.ssd(*a, dt_softplus=True, impl=impl, chunk_size=64)
+
+                def loss(*a, fn=fn, ct=ct):
+                    return jnp.sum(fn(*a) * ct)
+
                 fns[impl] = (jax.jit(fn), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))))
             for fwd, bwd in fns.values():
                 jax.block_until_ready((fwd(*args), bwd(*args)))

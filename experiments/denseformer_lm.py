@@ -60,9 +60,12 @@ def decode_tokens_per_s(summary, batch: int, new_tokens: int) -> float:
     exp = summary["experiment"]
     model = nnx.merge(exp.graphdef, summary["state"].params)
     prompts = np.full((batch, 16), exp.tokenizer.bos_id, np.int32)
-    run = lambda: jax.block_until_ready(
-        generate(model, prompts, max_new_tokens=new_tokens, stop_tokens=()).tokens
-    )
+
+    def run():
+        return jax.block_until_ready(
+            generate(model, prompts, max_new_tokens=new_tokens, stop_tokens=()).tokens
+        )
+
     run()
     times = []
     for _ in range(3):

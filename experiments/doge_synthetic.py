@@ -123,9 +123,10 @@ def score_signs(task, proxy, c, seed):
         scores = np.asarray(jnp.asarray(mixing.flatten_selected(grads), jnp.float64) @ flat_target)
         changes = []
         for i in range(len(task.roles)):
-            step = lambda sign, i=i: jax.tree.map(
-                lambda p, g: p + sign * c.fd_step * g[i], params, grads
-            )
+
+            def step(sign, i=i):
+                return jax.tree.map(lambda p, g: p + sign * c.fd_step * g[i], params, grads)
+
             changes.append(float(ce(apply_fn, step(-1), tx, ty) - ce(apply_fn, step(1), tx, ty)))
     changes = np.asarray(changes)
     return dict(

@@ -329,7 +329,10 @@ def report(config, margin_result, slab_rows, moon_result):
     for row in slab_rows:
         by_method.setdefault(row["method"], []).append(row)
     for name, rows in by_method.items():
-        mean = lambda k, rows=rows: np.mean([r[k] for r in rows])
+
+        def mean(k, rows=rows):
+            return np.mean([r[k] for r in rows])
+
         lines.append(
             f"| {name} | {mean('clean'):.3f} | {mean('simple_shuffled'):.3f} | "
             f"{mean('complex_shuffled'):.3f} |"

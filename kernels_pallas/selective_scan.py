@@ -96,8 +96,11 @@ def selective_scan_reference(
     dtype, delta = prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, _, dim = u.shape
     groups, state = B.shape[2], B.shape[3]
-    rep = lambda x: jnp.repeat(x.astype(dtype), dim // groups, axis=2)
-    Bd, Cd = rep(B), rep(C)  # [batch, seq, dim, state]
+
+    def per_channel(x):
+        return jnp.repeat(x.astype(dtype), dim // groups, axis=2)
+
+    Bd, Cd = per_channel(B), per_channel(C)  # [batch, seq, dim, state]
     h0 = jnp.zeros((batch, dim, state), dtype) if initial_state is None else initial_state
     A = A.astype(dtype)
 
@@ -283,8 +286,11 @@ def _backward(static, u, delta, A, B, C, starts, dy, dhL):
         interpret=static.interpret,
         name="selective_scan_bwd",
     )(u, delta, A, B, C, starts, dy, dhL)
+
     # Per-tile partial sums of dB, dC -> per group.
-    fold = lambda x: x.reshape(batch, seq, groups, tiles // groups, state).sum(axis=3)
+    def fold(x):
+        return x.reshape(batch, seq, groups, tiles // groups, state).sum(axis=3)
+
     return du, ddelta, dA.sum(axis=0), fold(dB), fold(dC), dh0
 
 
@@ -333,8 +339,13 @@ def scan_recurrence(u, delta, A, B, C, h0, *, block_sizes, interpret):
     seq_pad = -(-seq // bs.chunk) * bs.chunk - seq
     state_pad = max(2, 1 << (state - 1).bit_length()) - state
     f32 = jnp.float32
-    pad_rows = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0)))
-    pad_bc = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0), (0, state_pad)))
+
+    def pad_rows(x):
+        return jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0)))
+
+    def pad_bc(x):
+        return jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0), (0, state_pad)))
+
     y, hL = _core(
         static,
         pad_rows(u),

@@ -546,9 +546,13 @@ def index_masked_attention(
     d_full = max(16, _next_power_of_2(head_dim))
     # Wide rows (fp32 at head_dim 128, bf16 at 256) halve the tiles to stay in shared memory.
     shrink = 2 if d_full * q.dtype.itemsize >= 512 else 1
-    fit = lambda blk, n: max(16, min(blk // shrink, _next_power_of_2(n)))
-    bq, bq_bwd = fit(bs.block_q, q_len), fit(bs.block_q_bwd, q_len)
-    bk, bk_bwd = fit(bs.block_k, kv_len), fit(bs.block_k_bwd, kv_len)
+
+    def fit_block(blk, n):
+        """blk (halved for wide rows) capped at n's next power of two, at least 16."""
+        return max(16, min(blk // shrink, _next_power_of_2(n)))
+
+    bq, bq_bwd = fit_block(bs.block_q, q_len), fit_block(bs.block_q_bwd, q_len)
+    bk, bk_bwd = fit_block(bs.block_k, kv_len), fit_block(bs.block_k_bwd, kv_len)
     q_pad = _round_up(q_len, max(bq, bq_bwd)) - q_len
     k_pad = _round_up(kv_len, max(bk, bk_bwd)) - kv_len
     d_pad = d_full - head_dim

@@ -174,13 +174,18 @@ def ssd_chunked(
     q = chunk_size
     pad = -(-seq // q) * q - seq
     chunks = (seq + pad) // q
+
     # Padded steps have dt = 0: no decay, no input, so the final state is unchanged.
-    padded = lambda v: jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2))
-    split = lambda v: v.reshape(batch, chunks, q, *v.shape[2:])
-    xdt = split(padded(x.astype(dtype) * dt[..., None]))  # [b, c, q, h, p]
-    a = split(padded(dt * A.astype(dtype))).transpose(0, 3, 1, 2)  # [b, h, c, q]
-    Bh = split(padded(_heads(B.astype(dtype), heads)))  # [b, c, q, h, n]
-    Ch = split(padded(_heads(C.astype(dtype), heads)))
+    def padded(v):
+        return jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2))
+
+    def split_chunks(v):
+        return v.reshape(batch, chunks, q, *v.shape[2:])
+
+    xdt = split_chunks(padded(x.astype(dtype) * dt[..., None]))  # [b, c, q, h, p]
+    a = split_chunks(padded(dt * A.astype(dtype))).transpose(0, 3, 1, 2)  # [b, h, c, q]
+    Bh = split_chunks(padded(_heads(B.astype(dtype), heads)))  # [b, c, q, h, n]
+    Ch = split_chunks(padded(_heads(C.astype(dtype), heads)))
     a_cum = jnp.cumsum(a, axis=-1)
 
     # 1. Within chunks: masked, decayed C B^T applied to x dt (the "attention" form).
@@ -395,8 +400,11 @@ def _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL):
         interpret=static.interpret,
         name="ssd_chunked_bwd",
     )(x, dt, A, B, C, starts, dy, dsL)
+
     # Heads of a group share B and C: their gradients add up.
-    fold = lambda v: v.reshape(batch, seq, groups, heads // groups, state).sum(axis=3)
+    def fold(v):
+        return v.reshape(batch, seq, groups, heads // groups, state).sum(axis=3)
+
     return dx, ddt, dA[..., 0].sum(axis=0), fold(dB), fold(dC), ds0
 
 
@@ -454,7 +462,11 @@ def ssd(
         raise NotImplementedError(
             "ssd kernels lower to Triton (GPU) only; use jaxlab.ops.ssd with impl='chunked' on TPU"
         )
-    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())
+
+    def pow2(n):
+        """The smallest power of two >= n, at least 16."""
+        return max(16, 1 << (n - 1).bit_length())
+
     # The kernels' chunk is at most 64 whatever the model's: [q, q] float32 tiles beyond that do
     # not fit a GPU's registers/shared memory, and the result does not depend on it.
     q = min(pow2(chunk_size or 64), 64)
@@ -463,7 +475,10 @@ def ssd(
     # Padded steps have dt = 0 (no decay, no input); padded head_dim/state slots stay 0.
     xp = jnp.pad(x.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, p_pad)))
     dtp = jnp.pad(dt.astype(f32), ((0, 0), (0, t_pad), (0, 0)))
-    pad_bc = lambda v: jnp.pad(v.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, n_pad)))
+
+    def pad_bc(v):
+        return jnp.pad(v.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, n_pad)))
+
     s0 = (
         jnp.zeros((batch, heads, head_dim, state), f32)
         if initial_state is None

@@ -284,13 +284,16 @@ def resolve_source(
             )
         ]
     if kind == "jsonl":
-        read = lambda split: sources.jsonl_documents(arg, split, text_field=text_field, **vf)
+
+        def read(split):
+            return sources.jsonl_documents(arg, split, text_field=text_field, **vf)
+
         return [Component(arg, read("train"), read("validation"))]
     from jaxlab.data import tfds_text  # imported here: TFDS is slow to import
 
-    read = lambda split: tfds_text.tfds_text_source(
-        arg, split, data_dir=tfds_data_dir, text_field=text_field
-    )
+    def read(split):
+        return tfds_text.tfds_text_source(arg, split, data_dir=tfds_data_dir, text_field=text_field)
+
     try:
         validation = read("validation")
     except ValueError:  # a dataset built without a held-out split

@@ -368,10 +368,13 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
         c.intermediate_size,
         c.vocab_size,
     )
-    same = lambda x: x
+
+    def identity(x):
+        return x
+
     table = [
-        _Entry("model.embed_tokens.weight", ("embed",), (V, E), same, same),
-        _Entry("model.norm.weight", ("final_norm", "scale"), (E,), same, same),
+        _Entry("model.embed_tokens.weight", ("embed",), (V, E), identity, identity),
+        _Entry("model.norm.weight", ("final_norm", "scale"), (E,), identity, identity),
     ]
     if not c.tie_embeddings:
         table.append(_Entry("lm_head.weight", ("lm_head",), (V, E), jnp.transpose, jnp.transpose))
@@ -386,13 +389,19 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
     for i in range(c.num_layers):
         p, layer = f"model.layers.{i}.", ("layers", i)
         table += [
-            _Entry(p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (E,), same, same),
+            _Entry(
+                p + "input_layernorm.weight",
+                (*layer, "input_norm", "scale"),
+                (E,),
+                identity,
+                identity,
+            ),
             _Entry(
                 p + "post_attention_layernorm.weight",
                 (*layer, "post_attention_norm", "scale"),
                 (E,),
-                same,
-                same,
+                identity,
+                identity,
             ),
             _Entry(
                 p + "self_attn.q_proj.weight", (*layer, "attn", "q_proj"), (H * D, E), *in_proj(H)
@@ -439,7 +448,13 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
                     )
                 )
             table.append(
-                _Entry(p + "self_attn.o_proj.bias", (*layer, "attn", "o_bias"), (E,), same, same)
+                _Entry(
+                    p + "self_attn.o_proj.bias",
+                    (*layer, "attn", "o_bias"),
+                    (E,),
+                    identity,
+                    identity,
+                )
             )
         if c.mlp_bias:
             for name, size in (("gate", M), ("up", M), ("down", E)):
@@ -448,8 +463,8 @@ def _weight_table(c: TransformerConfig) -> list[_Entry]:
                         p + f"mlp.{name}_proj.bias",
                         (*layer, "mlp", f"{name}_bias"),
                         (size,),
-                        same,
-                        same,
+                        identity,
+                        identity,
                     )
                 )
     return table

@@ -154,7 +154,10 @@ def doge_objective(context) -> objectives.Objective:
         del frozen, rng
         target_losses = None
         if target:
-            target_losses = lambda p: per_domain(p, batch, target)[0]
+
+            def target_losses(p):
+                return per_domain(p, batch, target)[0]
+
         update, weights, state, losses, counts = doge_gradients(
             lambda p: per_domain(p, batch, train), params, mixer, state, target_losses
         )

@@ -58,7 +58,9 @@ class SmallCNN(nnx.Module):
         self.out = nnx.Linear(84, num_classes, rngs=rngs)
 
     def __call__(self, x):
-        pool = lambda h: nnx.avg_pool(h, (2, 2), strides=(2, 2))
+        def pool(h):
+            return nnx.avg_pool(h, (2, 2), strides=(2, 2))
+
         h = pool(jax.nn.relu(self.conv1(x)))
         h = pool(jax.nn.relu(self.conv2(h)))
         h = h.reshape(h.shape[0], -1)

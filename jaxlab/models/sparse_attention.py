@@ -149,7 +149,10 @@ def sparse_attention_mask(
     heads, kv_heads = q.shape[2], k.shape[2]
     groups = heads // kv_heads
     causal = kv_positions[:, None, None, :] <= q_positions[:, None, :, None]
-    to_rows = lambda x: x.transpose(0, 2, 1)
+
+    def to_rows(x):
+        return x.transpose(0, 2, 1)
+
     if config.kind == "hash":
         r = hash_projections(config, layer, kv_heads, q.shape[3])
         qb = to_rows(hash_buckets(q, r))

@@ -56,21 +56,28 @@ def _recurrence_xla(u, delta, A, B, C, h0, impl, chunk):
     """(y, h_L) of the bare recurrence in float32 by the associative or chunked method."""
     batch, seq, dim = u.shape
     groups = B.shape[2]
-    rep = lambda x: jnp.repeat(x, dim // groups, axis=2)
+
+    def per_channel(x):
+        return jnp.repeat(x, dim // groups, axis=2)
+
     f32 = jnp.float32
     u, delta, A, B, C, h0 = (x.astype(f32) for x in (u, delta, A, B, C, h0))
     if impl == "associative":
-        return _scan_block(u, delta, A, rep(B), rep(C), h0)
+        return _scan_block(u, delta, A, per_channel(B), per_channel(C), h0)
     pad = -(-seq // chunk) * chunk - seq  # padded steps: delta = 0, the state is unchanged
-    padded = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    chunks = lambda x: jnp.moveaxis(
-        padded(x).reshape(batch, (seq + pad) // chunk, chunk, *x.shape[2:]), 1, 0
-    )
+
+    def padded(x):
+        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+
+    def chunks(x):
+        return jnp.moveaxis(
+            padded(x).reshape(batch, (seq + pad) // chunk, chunk, *x.shape[2:]), 1, 0
+        )
 
     @jax.checkpoint
     def body(h, xs):
         u_c, d_c, b_c, c_c = xs
-        y, h = _scan_block(u_c, d_c, A, rep(b_c), rep(c_c), h)
+        y, h = _scan_block(u_c, d_c, A, per_channel(b_c), per_channel(c_c), h)
         return h, y
 
     h, y = lax.scan(body, h0, (chunks(u), chunks(delta), chunks(B), chunks(C)))

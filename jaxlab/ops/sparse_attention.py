@@ -39,10 +39,13 @@ def _resolve_impl(name: str, impl: str) -> str:
 def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
     """Dense masked attention of reordered rows; *_pos/*_bkt: [batch, rows, heads or kv_heads]."""
     groups = qs.shape[2] // ks.shape[2]
-    rep = lambda x: jnp.repeat(x, groups, axis=2).transpose(0, 2, 1)
-    mask = q_pos.transpose(0, 2, 1)[..., :, None] >= rep(k_pos)[..., None, :]
+
+    def per_q_head(x):
+        return jnp.repeat(x, groups, axis=2).transpose(0, 2, 1)
+
+    mask = q_pos.transpose(0, 2, 1)[..., :, None] >= per_q_head(k_pos)[..., None, :]
     if q_bkt is not None:
-        mask &= q_bkt.transpose(0, 2, 1)[..., :, None] == rep(k_bkt)[..., None, :]
+        mask &= q_bkt.transpose(0, 2, 1)[..., :, None] == per_q_head(k_bkt)[..., None, :]
     return kernels.masked_attention_reference(qs, ks, vs, mask, sm_scale)
 
 
@@ -119,7 +122,10 @@ def hash_sparse_xla(
     q_buckets, k_buckets = kernels.segmented_buckets(q_buckets, k_buckets, segment_ids)
     q_order, q_sorted = kernels.bucket_order(q_buckets)
     k_order, k_sorted = kernels.bucket_order(k_buckets)
-    pad = lambda x, value: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)), constant_values=value)
+
+    def pad(x, value):
+        return jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)), constant_values=value)
+
     # Keys per query head (GQA), sorted by bucket; padding sorts last and matches nothing.
     head_of = jnp.arange(heads) // groups
     q_inverse = kernels.inverse_permutation(q_order)
@@ -134,23 +140,37 @@ def hash_sparse_xla(
     )
     q_pos, q_bkt = pad(q_order, -1), pad(q_sorted, -1)
 
-    tile_rows = lambda x: x.reshape(batch, tiles, block, *x.shape[2:])
+    def tile_rows(x):
+        return x.reshape(batch, tiles, block, *x.shape[2:])
 
     def run(width):
         start = jnp.clip(first, 0, tiles - width)  # [batch, q_tiles, heads]
         rows = start[..., None] * block + jnp.arange(width * block)  # [b, qt, h, width*block]
         rows = rows.transpose(0, 1, 3, 2)  # [b, qt, width*block, h]
-        gather = lambda x: jnp.take_along_axis(
-            x[:, None], rows.reshape(rows.shape + (1,) * (x.ndim - 3)), axis=2
-        )
+
+        def gather(x):
+            return jnp.take_along_axis(
+                x[:, None], rows.reshape(rows.shape + (1,) * (x.ndim - 3)), axis=2
+            )
+
         kw, vw, kpw, kbw = gather(ks), gather(vs), gather(k_pos), gather(k_bkt)
-        qt = lambda x: tile_rows(x)
-        rows_q = lambda x: qt(x).transpose(0, 1, 3, 2)[..., :, None]
-        cols_k = lambda x: x.transpose(0, 1, 3, 2)[..., None, :]
+
+        def q_tiles(x):
+            return tile_rows(x)
+
+        def rows_q(x):
+            return q_tiles(x).transpose(0, 1, 3, 2)[..., :, None]
+
+        def cols_k(x):
+            return x.transpose(0, 1, 3, 2)[..., None, :]
+
         mask = (rows_q(q_pos) >= cols_k(kpw)) & (rows_q(q_bkt) == cols_k(kbw))
-        fold = lambda x: x.reshape(batch * tiles, *x.shape[2:])
+
+        def fold(x):
+            return x.reshape(batch * tiles, *x.shape[2:])
+
         out = kernels.masked_attention_reference(
-            fold(qt(qs)), fold(kw), fold(vw), fold(mask), sm_scale
+            fold(q_tiles(qs)), fold(kw), fold(vw), fold(mask), sm_scale
         )
         return _unsort(out.reshape(batch, padded, heads, -1)[:, :seq], q_order, q_inverse)
 

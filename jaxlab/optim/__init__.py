@@ -200,10 +200,12 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
         # Frozen leaves get zero updates and no optimizer state (no moments are allocated for
         # them); clipping sees only the trained leaves. Not strict: optax also calls the labels
         # on placeholders; the engine checks the patterns against the parameters.
-        labels = lambda params: jax.tree.map(
-            lambda f: "frozen" if f else "trained",
-            params_matching(params, frozen, "config.optim.frozen", strict=False),
-        )
+        def labels(params):
+            return jax.tree.map(
+                lambda f: "frozen" if f else "trained",
+                params_matching(params, frozen, "config.optim.frozen", strict=False),
+            )
+
         optimizer = optax.multi_transform(
             {"trained": optimizer, "frozen": optax.set_to_zero()}, labels
         )

@@ -239,7 +239,11 @@ def scale_by_ademamix(
 
         m1_tree = state.m1 if state.m1 is not None else jax.tree.map(lambda _: None, updates)
         out = jax.tree.map(leaf, updates, m1_tree, state.m2, state.nu, is_leaf=lambda x: x is None)
-        pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
+
+        def pick(i):
+            """Component i of every leaf's (update, m1, m2, nu), as a tree like updates."""
+            return jax.tree.map(lambda _, o: o[i], updates, out)
+
         new_updates, m1, m2, nu = pick(0), pick(1), pick(2), pick(3)
         return new_updates, ScaleByAdemamixState(count, None if state.m1 is None else m1, m2, nu)
 

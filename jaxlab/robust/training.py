@@ -56,22 +56,25 @@ def perturbation(method: str, apply_fn: Callable, **kwargs) -> Transform:
 
 def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weight: float = 1.0):
     """The loss of ``mode`` on a batch (``x_perturbed`` needed except for ``clean``)."""
-    ce = lambda logits: jnp.mean(
-        optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-    )
+
+    def cross_entropy(logits):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+
     if mode == "clean":
-        return ce(apply_fn(params, batch["x"]))
+        return cross_entropy(apply_fn(params, batch["x"]))
     perturbed = apply_fn(params, batch["x_perturbed"])
     if mode == "perturbed":
-        return ce(perturbed)
+        return cross_entropy(perturbed)
     clean = apply_fn(params, batch["x"])
     if mode == "clean+perturbed":
-        return ce(clean) + weight * ce(perturbed)
+        return cross_entropy(clean) + weight * cross_entropy(perturbed)
     if mode in ("trades", "vat"):
         log_p, log_q = jax.nn.log_softmax(clean), jax.nn.log_softmax(perturbed)
         if mode == "vat":
             log_p = jax.lax.stop_gradient(log_p)
-        return ce(clean) + weight * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+        return cross_entropy(clean) + weight * jnp.mean(
+            jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+        )
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 

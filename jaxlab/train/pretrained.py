@@ -337,9 +337,11 @@ def load_params(
         values = {n: flat[source_name[n]] for n in copied}
     for name, (_, size) in grown.items():
         axis = _VOCAB_AXIS[name]
-        grow = lambda x, axis=axis, size=size: jnp.moveaxis(
-            resize_rows(jnp.moveaxis(x, axis, 0), size), 0, axis
-        )
+
+        def grow(x, axis=axis, size=size):
+            """x with its vocabulary axis resized to size rows."""
+            return jnp.moveaxis(resize_rows(jnp.moveaxis(x, axis, 0), size), 0, axis)
+
         values[name] = jax.jit(grow, out_shardings=targets[name].sharding)(values[name])
     values = {
         n: v if isinstance(v, jax.Array) else _place(v, targets[n].sharding)

@@ -175,17 +175,20 @@ def test_loss_is_answer_only_cross_entropy(template, layout, byte_chatml, tiny_m
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_state_round_trips(layout, byte_chatml):
     records = random_records(3, count=11)
-    make = lambda: prompts.prompt_answer_batches(
-        records,
-        byte_chatml,
-        64,
-        3,
-        prompt_field="question",
-        answer_field="gold",
-        template="chatml",
-        layout=layout,
-        seed=5,
-    )
+
+    def make():
+        return prompts.prompt_answer_batches(
+            records,
+            byte_chatml,
+            64,
+            3,
+            prompt_field="question",
+            answer_field="gold",
+            template="chatml",
+            layout=layout,
+            seed=5,
+        )
+
     iterator = make()
     for _ in range(4):  # past the first epoch
         next(iterator)
@@ -360,7 +363,10 @@ def test_too_long_policies(tmp_path, byte_chatml):
         {"prompt": "p" * 4, "answer": "a" * 30},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    make = lambda **kw: prompts.prompt_answer_eval_batches(str(path), byte_chatml, 20, 3, **kw)
+
+    def make(**kw):
+        return prompts.prompt_answer_eval_batches(str(path), byte_chatml, 20, 3, **kw)
+
     # "none": [bos] prompt answer [eos]: 12, 35 and 36 tokens; seq_len + 1 = 21.
     with pytest.raises(
         ValueError,

@@ -76,22 +76,25 @@ def numpy_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus_=False, s0=
 
 def scan_inputs(seed, batch, seq, dim, groups, state, dtype=jnp.float32, full=True):
     rng = np.random.default_rng(seed)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+
+    def normal(*s):
+        return jnp.asarray(rng.standard_normal(s), jnp.float32)
+
     args = dict(
-        u=f(batch, seq, dim).astype(dtype),
-        delta=(0.5 * f(batch, seq, dim)).astype(dtype),
-        A=-jnp.exp(f(dim, state)),
-        B=f(batch, seq, groups, state).astype(dtype),
-        C=f(batch, seq, groups, state).astype(dtype),
+        u=normal(batch, seq, dim).astype(dtype),
+        delta=(0.5 * normal(batch, seq, dim)).astype(dtype),
+        A=-jnp.exp(normal(dim, state)),
+        B=normal(batch, seq, groups, state).astype(dtype),
+        C=normal(batch, seq, groups, state).astype(dtype),
     )
     options = {}
     if full:
         options = dict(
-            D=f(dim),
-            z=f(batch, seq, dim).astype(dtype),
-            delta_bias=f(dim),
+            D=normal(dim),
+            z=normal(batch, seq, dim).astype(dtype),
+            delta_bias=normal(dim),
             delta_softplus=True,
-            initial_state=f(batch, dim, state),
+            initial_state=normal(batch, dim, state),
         )
     return rng, args, options
 
@@ -126,10 +129,13 @@ def grads(fn, args, options, ct, ct_state):
 
 def reference_grads(args, options, ct, ct_state):
     with jax.enable_x64(True):
-        to64 = lambda d: {
-            k: (jnp.asarray(np.asarray(v, np.float64)) if hasattr(v, "shape") else v)
-            for k, v in d.items()
-        }
+
+        def to64(d):
+            return {
+                k: (jnp.asarray(np.asarray(v, np.float64)) if hasattr(v, "shape") else v)
+                for k, v in d.items()
+            }
+
         got = grads(
             ss.selective_scan_reference,
             to64(args),
@@ -182,7 +188,10 @@ def test_pallas_scan_matches_float64_recurrence_and_gradients(case):
     np.testing.assert_allclose(np.asarray(h), want_h, atol=2e-4, rtol=1e-4)
     ct = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
     ct_state = jnp.asarray(rng.standard_normal(h.shape), jnp.float32)
-    kernel = lambda **kw: ss.selective_scan(**kw, block_sizes=blocks)
+
+    def kernel(**kw):
+        return ss.selective_scan(**kw, block_sizes=blocks)
+
     assert_grads_close(
         grads(kernel, args, options, ct, ct_state),
         reference_grads(args, options, ct, ct_state),
@@ -270,20 +279,23 @@ def test_scan_kernels_lower_to_triton_for_cuda(dtype):
 
 def ssd_inputs(seed, batch, seq, heads, head_dim, groups, state):
     rng = np.random.default_rng(seed)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+
+    def normal(*s):
+        return jnp.asarray(rng.standard_normal(s), jnp.float32)
+
     args = dict(
-        x=f(batch, seq, heads, head_dim),
-        dt=0.5 * f(batch, seq, heads),
-        A=-jnp.exp(f(heads)),
-        B=f(batch, seq, groups, state),
-        C=f(batch, seq, groups, state),
+        x=normal(batch, seq, heads, head_dim),
+        dt=0.5 * normal(batch, seq, heads),
+        A=-jnp.exp(normal(heads)),
+        B=normal(batch, seq, groups, state),
+        C=normal(batch, seq, groups, state),
     )
     options = dict(
-        D=f(heads),
-        z=f(batch, seq, heads, head_dim),
-        dt_bias=f(heads),
+        D=normal(heads),
+        z=normal(batch, seq, heads, head_dim),
+        dt_bias=normal(heads),
         dt_softplus=True,
-        initial_state=f(batch, heads, head_dim, state),
+        initial_state=normal(batch, heads, head_dim, state),
     )
     return rng, args, options
 
@@ -331,7 +343,10 @@ def test_ssd_gradients_match_the_float64_reference():
 
     values = [args[n] if n in args else options[n] for n in names]
     with jax.enable_x64(True):
-        to64 = lambda v: jnp.asarray(np.asarray(v, np.float64))
+
+        def to64(v):
+            return jnp.asarray(np.asarray(v, np.float64))
+
         want = [
             np.asarray(g)
             for g in grads_of(

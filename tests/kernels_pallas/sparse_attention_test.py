@@ -90,14 +90,19 @@ def test_qk_sparse_forward_and_gradients_match_float64_reference(shape):
     k_keep = rng.random((batch, seq, kv_heads)) < rng.uniform(0.2, 0.9, kv_heads)
     q_keep[0, :, 0] = False  # an all-dropped head
     mask = qk_mask(q_keep, k_keep, heads)
-    fn = lambda q, k, v: sa.qk_sparse_attention(
-        q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep), block_sizes=blocks
-    )
-    out = np.asarray(fn(q, k, v))
+
+    def attention(q, k, v):
+        return sa.qk_sparse_attention(
+            q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep), block_sizes=blocks
+        )
+
+    out = np.asarray(attention(q, k, v))
     np.testing.assert_allclose(out, dense_reference(q, k, v, mask), atol=2e-5)
     assert np.all(out.transpose(0, 2, 1, 3)[~mask.any(-1)] == 0.0)  # exactly 0, not just small
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    pairs = zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True)
+    pairs = zip(
+        kernel_grads(attention, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True
+    )
     for got, want in pairs:
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
 
@@ -111,14 +116,19 @@ def test_hash_sparse_forward_and_gradients_match_float64_reference(shape):
     k_buckets = rng.integers(0, num_buckets, (batch, seq, kv_heads), dtype=np.int32)
     q_buckets[0, :, 0] = num_buckets  # a bucket with no keys: the whole head is empty
     mask = hash_mask(q_buckets, k_buckets, heads)
-    fn = lambda q, k, v: sa.hash_sparse_attention(
-        q, k, v, jnp.asarray(q_buckets), jnp.asarray(k_buckets), block_sizes=blocks
-    )
-    out = np.asarray(fn(q, k, v))
+
+    def attention(q, k, v):
+        return sa.hash_sparse_attention(
+            q, k, v, jnp.asarray(q_buckets), jnp.asarray(k_buckets), block_sizes=blocks
+        )
+
+    out = np.asarray(attention(q, k, v))
     np.testing.assert_allclose(out, dense_reference(q, k, v, mask), atol=2e-5)
     assert np.all(out.transpose(0, 2, 1, 3)[~mask.any(-1)] == 0.0)
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    pairs = zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True)
+    pairs = zip(
+        kernel_grads(attention, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True
+    )
     for got, want in pairs:
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
 
@@ -129,16 +139,21 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     q_keep = rng.random((1, 96, 4)) < 0.5
     k_keep = rng.random((1, 96, 2)) < 0.5
     mask = qk_mask(q_keep, k_keep, 4)
-    fn = lambda q, k, v: sa.qk_sparse_attention(
-        q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep), block_sizes=SMALL
-    )
-    out = fn(q, k, v)
+
+    def attention(q, k, v):
+        return sa.qk_sparse_attention(
+            q, k, v, jnp.asarray(q_keep), jnp.asarray(k_keep), block_sizes=SMALL
+        )
+
+    out = attention(q, k, v)
     assert out.dtype == dtype
     np.testing.assert_allclose(
         np.asarray(out, np.float64), dense_reference(q, k, v, mask), atol=3e-2
     )
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    pairs = zip(kernel_grads(fn, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True)
+    pairs = zip(
+        kernel_grads(attention, q, k, v, ct), reference_grads(q, k, v, mask, ct), strict=True
+    )
     for got, want in pairs:
         assert got.dtype == dtype
         np.testing.assert_allclose(
@@ -151,8 +166,13 @@ def test_one_bucket_is_dense_causal_attention_and_all_kept_likewise():
 
     rng, (q, k, v) = make_inputs(3, 2, 70, 4, 2, 64)
     want = ops.attention(q, k, v, causal=True)
-    zeros = lambda hh: jnp.zeros((2, 70, hh), jnp.int32)
-    ones = lambda hh: jnp.ones((2, 70, hh), bool)
+
+    def zeros(hh):
+        return jnp.zeros((2, 70, hh), jnp.int32)
+
+    def ones(hh):
+        return jnp.ones((2, 70, hh), bool)
+
     got_hash = sa.hash_sparse_attention(q, k, v, zeros(4), zeros(2), block_sizes=SMALL)
     got_qk = sa.qk_sparse_attention(q, k, v, ones(4), ones(2), block_sizes=SMALL)
     np.testing.assert_allclose(np.asarray(got_hash), np.asarray(want), atol=2e-5)
@@ -190,11 +210,17 @@ def test_live_tile_lists_skip_exactly_the_empty_tiles_for_qk_and_cover_hash():
     buckets_k = rng.integers(0, 8, (batch, seq, kv_heads), dtype=np.int32)
     q_order, q_sorted = sa.bucket_order(jnp.asarray(buckets_q))
     k_order, k_sorted = sa.bucket_order(jnp.asarray(buckets_k))
-    rows = lambda x: np.asarray(x).transpose(0, 2, 1)
+
+    def rows(x):
+        return np.asarray(x).transpose(0, 2, 1)
+
     kv_tiles, kv_count, _, _ = sa.live_tiles(
         rows(q_order), rows(k_order), rows(q_sorted), rows(k_sorted), bq, bk
     )
-    k_rep = lambda x: np.repeat(rows(x), heads // kv_heads, axis=1)
+
+    def k_rep(x):
+        return np.repeat(rows(x), heads // kv_heads, axis=1)
+
     mask = (rows(q_order)[..., :, None] >= k_rep(k_order)[..., None, :]) & (
         rows(q_sorted)[..., :, None] == k_rep(k_sorted)[..., None, :]
     )

@@ -80,7 +80,10 @@ def np_rope(x, positions, theta):
 
 def np_attention_probs(block, h, positions, segments, config):
     """[batch, heads, seq, seq] float64 probabilities of ``block`` (a Llama block) on input h."""
-    f64 = lambda a: np.asarray(a[...], np.float64)
+
+    def f64(a):
+        return np.asarray(a[...], np.float64)
+
     attn = block.attn
     x = np_rmsnorm(np.asarray(h, np.float64), f64(block.input_norm.scale), config.rms_norm_eps)
     q = np.einsum("bse,ehd->bshd", x, f64(attn.q_proj))

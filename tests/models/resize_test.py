@@ -99,7 +99,10 @@ def test_parameters_copied_and_new_rows_are_the_mean(name):
         column_mean = np.asarray(old["lm_head"], np.float64).mean(axis=1)
         for column in head[:, config.vocab_size :].T:
             np.testing.assert_allclose(column, column_mean, rtol=1e-5, atol=1e-7)
-    rest = lambda p: {k: v for k, v in p.items() if k not in ("embed", "lm_head")}
+
+    def rest(p):
+        return {k: v for k, v in p.items() if k not in ("embed", "lm_head")}
+
     jax.tree.map(np.testing.assert_array_equal, rest(new), rest(old))
     # Logical axes and dtypes are kept.
     assert logical_axes(nnx.state(resized, nnx.Param)) == logical_axes(nnx.state(model, nnx.Param))

@@ -105,7 +105,10 @@ def test_remat_gives_the_same_gradients_and_recomputes():
     def grads_and_jaxpr(remat, dwa):
         config = TransformerConfig(**TINY, remat=remat, dwa=dwa)
         graphdef, params = nnx.split(models.build(config, nnx.Rngs(0)), nnx.Param)
-        loss = lambda p: nnx.merge(graphdef, p)(tokens).mean()
+
+        def loss(p):
+            return nnx.merge(graphdef, p)(tokens).mean()
+
         return jax.grad(loss)(params), str(jax.make_jaxpr(jax.grad(loss))(params))
 
     for dwa in (None, {"dilation": 1, "period": 1}):

@@ -151,7 +151,10 @@ def test_pgd_on_a_linear_model_matches_the_closed_form():
     s = 2 * y - 1
     expected = x - 0.4 * s[:, None] * w / np.linalg.norm(w)
     np.testing.assert_allclose(np.asarray(adv), expected, atol=1e-5)
-    loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, z), y)
+
+    def loss(z):
+        return optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, z), y)
+
     assert np.all(np.asarray(loss(adv)) > np.asarray(loss(jnp.asarray(x))))
 
 
@@ -322,10 +325,11 @@ def test_vat_mode_holds_the_clean_distribution_constant_and_batches_check_the_si
     batch = {"x": x, "y": jnp.asarray(rng.integers(0, 3, 16)), "x_perturbed": x + 0.1}
 
     def kl_grad(mode):
-        kl = lambda p: (
-            R.classification_loss(apply_fn, p, batch, mode)
-            - R.classification_loss(apply_fn, p, batch, "clean")
-        )
+        def kl(p):
+            return R.classification_loss(apply_fn, p, batch, mode) - R.classification_loss(
+                apply_fn, p, batch, "clean"
+            )
+
         return jax.grad(kl)(params)
 
     def numpy_vat_grad():  # d/dparams of KL with p(x) fixed: -E_p[grad log q(x')]

@@ -367,7 +367,10 @@ def test_general_inequalities_agree_with_the_closed_form_ball():
     G = rng.standard_normal((n, n))
     M = 0.5 * np.eye(n) + G - G.T
     q = 3.0 * rng.standard_normal(n)
-    operator = lambda x: jnp.asarray(M) @ x + jnp.asarray(q)
+
+    def operator(x):
+        return jnp.asarray(M) @ x + jnp.asarray(q)
+
     config = S.ACVIConfig(
         beta=0.5, mu0=1e-3, delta=0.5, outer_steps=15, inner_steps=10, last_inner_steps=200
     )

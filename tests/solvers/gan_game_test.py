@@ -60,10 +60,18 @@ def test_mixture_metrics_on_known_samples():
     assert float(GG.mmd(a, b)) < 0.02 < float(GG.mmd(a, jnp.asarray(collapsed)))
     # The biased MMD^2 equals the float64 NumPy double sum.
     u, v = samples[:50], collapsed[:40]
-    k = lambda p, q: sum(
-        np.exp(-np.sum((p[:, None] - q[None]) ** 2, -1) / (2 * s * s)) for s in (0.05, 0.2, 1.0)
+
+    def gaussian_kernels(p, q):
+        """The sum of Gaussian kernels of bandwidths 0.05, 0.2 and 1 between rows of p and q."""
+        return sum(
+            np.exp(-np.sum((p[:, None] - q[None]) ** 2, -1) / (2 * s * s)) for s in (0.05, 0.2, 1.0)
+        )
+
+    expected = (
+        gaussian_kernels(u, u).mean()
+        + gaussian_kernels(v, v).mean()
+        - 2 * gaussian_kernels(u, v).mean()
     )
-    expected = k(u, u).mean() + k(v, v).mean() - 2 * k(u, v).mean()
     assert float(GG.mmd(jnp.asarray(u), jnp.asarray(v))) == pytest.approx(expected, rel=1e-10)
 
 
