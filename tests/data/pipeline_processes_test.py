@@ -1,5 +1,8 @@
 """Per-process batches: each process builds only its own rows of the global batch."""
 
+import json
+
+import ml_collections
 import numpy as np
 import pytest
 
@@ -230,3 +233,38 @@ def test_bad_process_arguments_are_named(batch_size, process_index, process_coun
         _mixture(
             [1], batch_size=batch_size, process_index=process_index, process_count=process_count
         )
+
+
+def test_train_iterator_gives_each_process_its_rows(tmp_path):
+    records = tmp_path / "qa.jsonl"
+    with open(records, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"question": f"{i} + {i} = ?", "answer": str(2 * i)}) + "\n")
+    for spec in ("embedded:json", f"qa:{records}?prompt=question&answer=answer"):
+        config = ml_collections.ConfigDict(
+            dict(
+                sources=(spec,),
+                weights=(),
+                text_field="text",
+                validation_fraction=0.1,
+                tfds_data_dir="",
+                seed=0,
+                lanes=0,
+            )
+        )
+
+        def batches(process_index, process_count, config=config):
+            iterator = pipeline.train_iterator(
+                config,
+                TOK,
+                seq_len=32,
+                batch_size=8,
+                process_index=process_index,
+                process_count=process_count,
+            )
+            return [next(iterator) for _ in range(3)]
+
+        whole = batches(0, 1)
+        parts = [batches(p, 2) for p in range(2)]
+        for step, want in enumerate(whole):
+            _assert_batches_equal(_concat([part[step] for part in parts]), want)
