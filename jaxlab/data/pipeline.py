@@ -24,7 +24,8 @@ it is the run's only source. ``config.data.special_tokens`` (e.g. ChatML's ``<|i
 ``<|im_end|>``) are added to the tokenizer, each encoding as one new id.
 
 State. ``get_state()`` returns a small JSON-able dict (per-source cursors: document index and
-offset per lane; the credits and weights); ``set_state`` resumes at exactly the next example.
+offset per lane, and the examples a process skipped since; the credits and weights);
+``set_state`` resumes at exactly the next example.
 
 Processes. With ``process_count > 1`` each process gets its contiguous block of rows of the
 global batch (:func:`process_rows`). Every process follows the whole mixture schedule (a few
@@ -211,8 +212,8 @@ class PackedStream:
         pending = state.get("pending", [0] * len(state["cursors"]))
         if len(state["cursors"]) != self.lanes or len(pending) != self.lanes:
             raise ValueError(
-                f"PackedStream.set_state: state has {len(state['cursors'])} lanes, the stream "
-                f"{self.lanes}"
+                f"PackedStream.set_state: state has {len(state['cursors'])} cursors and "
+                f"{len(pending)} pending counts, the stream {self.lanes} lanes"
             )
         self.next_lane = int(state["next_lane"])
         self.cursors = [(int(k), int(offset)) for k, offset in state["cursors"]]
@@ -231,9 +232,10 @@ def _check_weights(weights: Sequence[float], num_sources: int) -> np.ndarray:
 
 
 def process_rows(batch_size: int, process_index: int = 0, process_count: int = 1) -> range:
-    """The rows of a global batch that process ``process_index`` of ``process_count`` holds:
-    an equal, contiguous block each, in process order (as ``jax.make_array_from_process_local_data``
-    places a batch sharded over the mesh's data axes)."""
+    """The rows of a global batch that process ``process_index`` of ``process_count`` builds:
+    an equal, contiguous block each, in process order. These are the rows
+    ``jax.make_array_from_process_local_data`` expects from a process when the mesh gives each
+    process's devices a contiguous block of the batch dimension."""
     if process_count < 1:
         raise ValueError(f"process_count must be >= 1, got {process_count}")
     if not 0 <= process_index < process_count:

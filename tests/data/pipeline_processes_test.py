@@ -268,3 +268,9 @@ def test_train_iterator_gives_each_process_its_rows(tmp_path):
         parts = [batches(p, 2) for p in range(2)]
         for step, want in enumerate(whole):
             _assert_batches_equal(_concat([part[step] for part in parts]), want)
+
+
+def test_a_state_with_other_lanes_is_named():
+    state = _mixture([1], lanes=3).get_state()
+    with pytest.raises(ValueError, match="state has 3 cursors and 3 pending counts, the stream 8"):
+        _mixture([1], lanes=8).set_state(state)
