@@ -24,10 +24,29 @@ it is the run's only source. ``config.data.special_tokens`` (e.g. ChatML's ``<|i
 ``<|im_end|>``) are added to the tokenizer, each encoding as one new id.
 
 State. ``get_state()`` returns a small JSON-able dict (per-source cursors: document index and
-offset per lane; the credits and weights); ``set_state`` resumes at exactly the next example.
+offset per lane, and the examples a process skipped since; the credits and weights);
+``set_state`` resumes at exactly the next example.
 
-Processes. Every process computes the same global batch (cheap for text) and the train loop places
-only its addressable rows on its devices, so results do not depend on the number of processes.
+Processes. With ``process_count > 1`` each process gets its contiguous block of rows of the
+global batch (:func:`process_rows`). Every process follows the whole mixture schedule (a few
+additions per row) and builds only its own rows; the other rows' lanes only count the examples
+they pass over. Each lane is a grain slice of its source (``documents[j::lanes]``), so a process
+reads and tokenizes only the documents of the lanes it builds from. With one source (or any
+mixture whose lanes stay on the same rows) that is exactly its own rows' documents; when a
+mixture's schedule moves a lane to another process's rows, the process taking it over reads the
+documents it passed over once, for their lengths. The processes' rows, concatenated in process
+order, are the one-process batch, for any number of processes. :func:`merge_states` joins the
+processes' states into one from which every process resumes without reading again.
+
+Grain. Sources, shuffling, repetition, lazy tokenization and the per-lane slices are grain's
+``MapDataset``. Grain's packers are not used: ``ConcatThenSplitIterDataset`` cuts windows of
+``seq_len`` that do not overlap (ours are ``seq_len + 1`` tokens advancing by ``seq_len``, so the
+last position of a window has its target) and passes full-length documents ahead of the buffer;
+``FirstFitPackIterDataset`` / ``BestFitPackIterDataset`` keep documents whole and pad. Both
+would change every batch, and neither has lanes or a state a process can skip through without
+reading. Prefetching is grain's ``ThreadPrefetchDatasetIterator`` (:func:`prefetch`), which keeps
+the iterator's state with each buffered batch; ``mp_prefetch`` would run the pipeline in worker
+processes, out of reach of :meth:`DataIterator.set_weights`.
 """
 
 from __future__ import annotations
@@ -53,6 +72,12 @@ class PackedStream:
     them in turn: lane ``j`` reads documents ``j, j + lanes, j + 2 * lanes, ...`` of the shuffled
     order. A batch of ``lanes`` consecutive examples then spans ``lanes`` different documents
     instead of the few consecutive windows of one long document.
+
+    Each lane is a grain slice (``documents[j::lanes]``) of the lazily tokenized dataset, so a
+    stream reads and tokenizes only the records of the lanes it builds examples from.
+    :meth:`skip_example` takes an example's turn without building it (another process builds
+    it): the lane only counts it, and walks past the skipped tokens the next time this stream
+    builds from that lane (reading those documents then, since their lengths are needed).
     """
 
     def __init__(
@@ -75,29 +100,35 @@ class PackedStream:
         dataset = grain.MapDataset.source(documents)
         if shuffle:
             dataset = dataset.shuffle(seed=seed)  # a fresh permutation every epoch
-        self._documents = dataset.repeat().map(
+        tokenized = dataset.repeat().map(
             lambda text: np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), np.int32)
         )
+        self._lanes = [tokenized[lane::lanes] for lane in range(lanes)]
         self.seq_len = seq_len
         self.lanes = lanes
         # Evaluation sets take one window per document, so a few batches span many documents.
         self.one_window_per_document = one_window_per_document
-        # Per lane: (k, offset) = the next token is at ``offset`` in the lane's k-th document.
+        # Per lane: (k, offset) = the next token is at ``offset`` in the lane's k-th document,
+        # once the lane has moved past ``pending`` more examples (skipped, built elsewhere).
         self.cursors = [(0, 0)] * lanes
+        self.pending = [0] * lanes
         self.next_lane = 0
-        self._recent: dict[int, np.ndarray] = {}  # documents of the current window
+        self._recent: list[dict[int, np.ndarray]] = [{} for _ in range(lanes)]
 
     def _tokens(self, lane: int, k: int) -> np.ndarray:
-        index = lane + self.lanes * k
-        if index not in self._recent:
-            if len(self._recent) >= 16 + self.lanes:
-                self._recent.pop(next(iter(self._recent)))
-            self._recent[index] = self._documents[index]
-        return self._recent[index]
+        recent = self._recent[lane]  # the lane's documents from its cursor on
+        if k not in recent:
+            recent[k] = self._lanes[lane][k]
+        return recent[k]
 
-    def next_example(self) -> dict[str, np.ndarray]:
+    def _take_turn(self) -> int:
         lane = self.next_lane
         self.next_lane = (lane + 1) % self.lanes
+        return lane
+
+    def _window(self, lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The lane's next ``seq_len + 1`` tokens with their segments and positions, and the
+        index of the last document they reach."""
         window = self.seq_len + 1
         tokens = np.empty(window, np.int32)
         segments = np.empty(window, np.int32)
@@ -112,21 +143,51 @@ class PackedStream:
             filled += n
             if filled < window:
                 k, offset, segment = k + 1, 0, segment + 1
+        return tokens, segments, positions, k
+
+    def _advance(self, lane: int, last: int, examples: int = 1) -> None:
+        """Moves the lane's cursor past ``examples`` examples, the first of which reaches
+        document ``last``."""
         if self.one_window_per_document:
-            self.cursors[lane] = (k + 1, 0)
-            return self._example(tokens, segments, positions)
-        # Advance by seq_len: the window's last token starts the lane's next example.
-        advance, (k, offset) = self.seq_len, self.cursors[lane]
-        while advance > 0:
-            left = len(self._tokens(lane, k)) - offset
-            if advance < left:
-                offset += advance
-                advance = 0
-            else:
-                advance -= left
-                k, offset = k + 1, 0
-        self.cursors[lane] = (k, offset)
+            k = last + 1
+            for _ in range(examples - 1):
+                self.cursors[lane] = (k, 0)
+                k = self._window(lane)[3] + 1
+            self.cursors[lane] = (k, 0)
+        else:
+            # Advance by seq_len: the window's last token starts the lane's next example.
+            advance, (k, offset) = self.seq_len * examples, self.cursors[lane]
+            while advance > 0:
+                left = len(self._tokens(lane, k)) - offset
+                if advance < left:
+                    offset += advance
+                    advance = 0
+                else:
+                    advance -= left
+                    self._recent[lane].pop(k, None)  # a long catch-up holds one document
+                    k, offset = k + 1, 0
+            self.cursors[lane] = (k, offset)
+        recent = self._recent[lane]
+        for index in [i for i in recent if i < self.cursors[lane][0]]:
+            del recent[index]
+
+    def _catch_up(self, lane: int) -> None:
+        """Moves the lane past the examples skipped since this stream last built from it."""
+        if self.pending[lane]:
+            last = self._window(lane)[3] if self.one_window_per_document else -1
+            self._advance(lane, last, self.pending[lane])
+            self.pending[lane] = 0
+
+    def next_example(self) -> dict[str, np.ndarray]:
+        lane = self._take_turn()
+        self._catch_up(lane)
+        tokens, segments, positions, last = self._window(lane)
+        self._advance(lane, last)
         return self._example(tokens, segments, positions)
+
+    def skip_example(self) -> None:
+        """Passes over the next example (as :meth:`next_example` would) without reading it."""
+        self.pending[self._take_turn()] += 1
 
     @staticmethod
     def _example(tokens, segments, positions) -> dict[str, np.ndarray]:
@@ -139,16 +200,25 @@ class PackedStream:
         )
 
     def get_state(self) -> dict[str, Any]:
-        return {"next_lane": self.next_lane, "cursors": [list(c) for c in self.cursors]}
+        return {
+            "next_lane": self.next_lane,
+            "cursors": [list(c) for c in self.cursors],
+            "pending": list(self.pending),
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if len(state["cursors"]) != self.lanes:
+        """Resumes at ``state``; a state without ``pending`` (saved before processes skipped
+        examples) has none pending."""
+        pending = state.get("pending", [0] * len(state["cursors"]))
+        if len(state["cursors"]) != self.lanes or len(pending) != self.lanes:
             raise ValueError(
-                f"PackedStream.set_state: state has {len(state['cursors'])} lanes, the stream "
-                f"{self.lanes}"
+                f"PackedStream.set_state: state has {len(state['cursors'])} cursors and "
+                f"{len(pending)} pending counts, the stream {self.lanes} lanes"
             )
         self.next_lane = int(state["next_lane"])
         self.cursors = [(int(k), int(offset)) for k, offset in state["cursors"]]
+        self.pending = [int(p) for p in pending]
+        self._recent = [{} for _ in range(self.lanes)]
 
 
 def _check_weights(weights: Sequence[float], num_sources: int) -> np.ndarray:
@@ -161,10 +231,33 @@ def _check_weights(weights: Sequence[float], num_sources: int) -> np.ndarray:
     return w / w.sum()
 
 
-class DataIterator:
-    """Global batches ``{key: [batch, seq_len]}`` from a weighted mixture of packed streams.
+def process_rows(batch_size: int, process_index: int = 0, process_count: int = 1) -> range:
+    """The rows of a global batch that process ``process_index`` of ``process_count`` builds:
+    an equal, contiguous block each, in process order. These are the rows
+    ``jax.make_array_from_process_local_data`` expects from a process when the mesh gives each
+    process's devices a contiguous block of the batch dimension."""
+    if process_count < 1:
+        raise ValueError(f"process_count must be >= 1, got {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index must be in [0, process_count={process_count}), got {process_index}"
+        )
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size must be divisible by process_count={process_count}, got {batch_size}"
+        )
+    rows = batch_size // process_count
+    return range(process_index * rows, (process_index + 1) * rows)
 
-    Examples carry ``domain``: the index of the source they came from.
+
+class DataIterator:
+    """Batches ``{key: [rows, seq_len]}`` from a weighted mixture of packed streams.
+
+    Examples carry ``domain``: the index of the source they came from. With ``process_count >
+    1`` the iterator gives process ``process_index``'s rows (:func:`process_rows`) of the global
+    batch of ``batch_size`` rows: every process follows the whole mixture schedule (cheap) and
+    builds only its own rows, skipping the others' (:meth:`PackedStream.skip_example`), so the
+    processes' rows, concatenated in process order, are the one-process batch.
     """
 
     def __init__(
@@ -173,11 +266,15 @@ class DataIterator:
         batch_size: int,
         weights: Sequence[float] | None = None,
         names: Sequence[str] | None = None,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"DataIterator: batch_size must be >= 1, got {batch_size}")
         self.streams = list(streams)
         self.batch_size = batch_size
+        self.rows = process_rows(batch_size, process_index, process_count)
         self.names = list(names) if names is not None else [str(i) for i in range(len(streams))]
         self.weights = _check_weights(
             [1.0] * len(streams) if weights is None else weights, len(streams)
@@ -200,8 +297,11 @@ class DataIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         examples = []
-        for _ in range(self.batch_size):
+        for row in range(self.batch_size):
             source = self._next_source()
+            if row not in self.rows:
+                self.streams[source].skip_example()
+                continue
             example = self.streams[source].next_example()
             example["domain"] = np.full_like(example["inputs"], source)
             examples.append(example)
@@ -224,6 +324,65 @@ class DataIterator:
             stream.set_state(s)
         self.credits = np.asarray(state["credits"], np.float64)
         self.weights = np.asarray(state["weights"], np.float64)
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One :meth:`DataIterator.get_state` from every process's state at the same step.
+
+    A process knows exactly only the cursors of the lanes it built from; for the others it
+    holds an older cursor and a count of examples skipped since. The merged state takes each
+    lane from the process with the fewest pending, so that every process resumes from it
+    without reading other processes' documents again (any one process's state resumes the
+    same batches, only more slowly).
+    """
+    if not states:
+        raise ValueError("merge_states: states must hold at least one state, got none")
+    first = states[0]
+    for i, state in enumerate(states[1:], 1):
+        same = (
+            state["credits"] == first["credits"]
+            and state["weights"] == first["weights"]
+            and len(state["streams"]) == len(first["streams"])
+            and all(
+                s["next_lane"] == f["next_lane"] and len(s["cursors"]) == len(f["cursors"])
+                for s, f in zip(state["streams"], first["streams"], strict=True)
+            )
+        )
+        if not same:
+            raise ValueError(
+                f"merge_states: state {i} is not at the same step (mixture credits, weights "
+                f"and lanes) as state 0"
+            )
+    streams = []
+    for per_process in zip(*(state["streams"] for state in states), strict=True):
+        lanes = len(per_process[0]["cursors"])
+        pending = [s.get("pending", [0] * lanes) for s in per_process]
+        cursors, left = [], []
+        for lane in range(lanes):
+            best = min(range(len(per_process)), key=lambda p, lane=lane: pending[p][lane])
+            cursors.append(list(per_process[best]["cursors"][lane]))
+            left.append(pending[best][lane])
+        streams.append(
+            {"next_lane": per_process[0]["next_lane"], "cursors": cursors, "pending": left}
+        )
+    return {"streams": streams, "credits": first["credits"], "weights": first["weights"]}
+
+
+def with_weights(state: dict[str, Any], weights: Sequence[float]) -> dict[str, Any]:
+    """``state`` with new token shares, as :meth:`DataIterator.set_weights` leaves it. For an
+    iterator behind :func:`prefetch`: setting this state drops the batches built ahead with the
+    old weights, so the change takes effect at the next batch."""
+    w = _check_weights(weights, len(state["streams"]))
+    return {**state, "credits": [0.0] * len(w), "weights": w.tolist()}
+
+
+def prefetch(iterator, buffer_size: int = 2) -> grain.experimental.ThreadPrefetchDatasetIterator:
+    """``iterator``'s batches, built up to ``buffer_size`` ahead on a thread (grain's
+    ``ThreadPrefetchDatasetIterator``). Its ``get_state`` is the state after the last batch
+    taken, not after those built ahead; ``close()`` stops the thread."""
+    if buffer_size < 0:
+        raise ValueError(f"prefetch: buffer_size must be >= 0, got {buffer_size}")
+    return grain.experimental.ThreadPrefetchDatasetIterator(iterator, buffer_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +574,32 @@ def _qa_options(data_config) -> dict[str, Any] | None:
     return dict(prompts.parse_qa_spec(qa[0]), validation_fraction=data_config.validation_fraction)
 
 
+class GlobalBatchRows:
+    """A process's ``rows`` of another iterator's global batches, which it builds whole.
+
+    For prompt/answer packing, which places each record by the lengths of all earlier ones, so
+    no row can be built alone (finetuning sets are small); and, in the input-pipeline bench,
+    the way every source was split before each process built only its own rows.
+    """
+
+    def __init__(self, iterator, rows: range):
+        self.iterator = iterator
+        self.rows = rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.iterator)
+        return {k: v[self.rows.start : self.rows.stop] for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+
 def train_iterator(
     data_config,
     tokenizer: Tokenizer,
@@ -422,18 +607,25 @@ def train_iterator(
     batch_size: int,
     components: Sequence[Component] | None = None,
     weights: Sequence[float] | None = None,
-) -> DataIterator:
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> DataIterator | GlobalBatchRows:
     """The training batches described by ``config.data`` (``weights`` overrides its mixture).
 
     Each source packs ``config.data.lanes`` documents side by side (0 = ``batch_size``). A
     ``qa:`` source gives answer-only prompt/answer batches of its ``train`` split instead.
+    ``batch_size`` is the global batch; the iterator gives process ``process_index`` of
+    ``process_count`` its rows of it (:func:`process_rows`), reading and tokenizing only the
+    documents of those rows.
     """
+    rows = process_rows(batch_size, process_index, process_count)
     qa = _qa_options(data_config)
     if qa is not None:
         from jaxlab.data import prompts
 
         try:
-            return prompts.prompt_answer_batches(
+            batches = prompts.prompt_answer_batches(
                 tokenizer=tokenizer,
                 seq_len=seq_len,
                 batch_size=batch_size,
@@ -445,8 +637,9 @@ def train_iterator(
             raise ValueError(
                 f"config.data.sources {list(data_config.sources)}: training records: {e}"
             ) from e
+        return batches if process_count == 1 else GlobalBatchRows(batches, rows)
     components = build_components(data_config) if components is None else components
-    lanes = data_config.get("lanes", 0) or batch_size
+    lanes = data_config.get("lanes", 0) or batch_size  # of the global batch, for every process
     streams = [
         PackedStream(c.train, tokenizer, seq_len, seed=data_config.seed + i, lanes=lanes)
         for i, c in enumerate(components)
@@ -456,6 +649,8 @@ def train_iterator(
         batch_size,
         weights=mixture_weights(data_config, components) if weights is None else weights,
         names=[c.name for c in components],
+        process_index=process_index,
+        process_count=process_count,
     )
 
 
