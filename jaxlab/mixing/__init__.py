@@ -3,12 +3,12 @@
 Importing this package registers the ``doge`` and ``doremi`` training objectives.
 """
 
-from jaxlab.mixing import doge as doge_module
-from jaxlab.mixing.doge import (
+from jaxlab.mixing._doge import (
     DoGEState,
     Mixer,
     averaged_weights,
     cancellation_prerun,
+    cancellation_ratios,
     clip_per_domain,
     current_weights,
     doge,
@@ -18,7 +18,7 @@ from jaxlab.mixing.doge import (
     select_parameters,
     weighted_sum,
 )
-from jaxlab.mixing.doremi import DoReMiState, domain_excess, domain_means, doremi
+from jaxlab.mixing._doremi import DoReMiState, domain_excess, domain_means, doremi
 from jaxlab.mixing.objectives import (
     doge_objective,
     domain_masks,
@@ -40,6 +40,7 @@ __all__ = [
     "ProxyState",
     "averaged_weights",
     "cancellation_prerun",
+    "cancellation_ratios",
     "clip_per_domain",
     "current_weights",
     "doge",
@@ -49,7 +50,6 @@ __all__ = [
     "domain_mean_losses",
     "doremi_gradients",
     "doremi_objective",
-    "doge_module",
     "domain_excess",
     "domain_means",
     "doremi",

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.mixing.doge import Mixer, domain_gradients, weighted_sum
-from jaxlab.mixing.doremi import domain_excess, domain_means
+from jaxlab.mixing._doge import Mixer, domain_gradients, weighted_sum
+from jaxlab.mixing._doremi import domain_excess, domain_means
 
 
 def doge_gradients(

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import optax
 
-from jaxlab.optim.ademamix import (
+from jaxlab.optim._ademamix import (
     ScaleByAdemamixState,
     ademamix,
     alpha_schedule,

@@ -280,13 +280,13 @@ def test_bad_arguments_are_named():
 
 def test_parameter_selection_ranking():
     ratios = {"a": 3.0, "b": 0.5, "c": 2.0, "d": 9.0}
-    assert mixing.doge_module.select_parameters(ratios, 2) == {
+    assert mixing.select_parameters(ratios, 2) == {
         "a": False,
         "b": True,
         "c": True,
         "d": False,
     }
-    assert mixing.doge_module.select_parameters(ratios, -1) == {
+    assert mixing.select_parameters(ratios, -1) == {
         "a": False,
         "b": False,
         "c": False,
@@ -295,7 +295,7 @@ def test_parameter_selection_ranking():
     old = {"w": jnp.ones(4)}
     new = {"w": jnp.ones(4) * 1.5}
     grads = {"w": jnp.full(4, 2.0)}
-    r = mixing.doge_module.cancellation_ratios(grads, old, new)
+    r = mixing.cancellation_ratios(grads, old, new)
     assert float(r["w"]) == pytest.approx(4.0 / 1.0)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxlab.mixing.doge import DoGEState, Mixer, check_initial_weights, mirror_step
+from jaxlab.mixing._doge import DoGEState, Mixer, check_initial_weights, mirror_step
 
 DoReMiState = DoGEState  # the same fields: log weights, their running sum, the update count
 
