@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlab.registry import Registry
+
 Batch = dict[str, jax.Array]
 # The batch entries every model objective reads.
 MODEL_INPUTS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -119,7 +121,7 @@ class ObjectiveSpec:
     validate: Callable[[Any], None] = lambda config: None
 
 
-_REGISTRY: dict[str, ObjectiveSpec] = {}
+OBJECTIVES: Registry[ObjectiveSpec] = Registry("objective", field="config.objective.name")
 
 
 def register_objective(
@@ -128,26 +130,24 @@ def register_objective(
     *,
     frozen_models: Callable[[Any], dict[str, str]] | None = None,
     validate: Callable[[Any], None] | None = None,
+    replace: bool = False,
 ) -> None:
-    """Makes ``config.objective.name == name`` train with ``build(context)``."""
+    """Makes ``config.objective.name == name`` train with ``build(context)``; ``replace=True``
+    to override a registered objective."""
     spec = ObjectiveSpec(build)
     if frozen_models is not None:
         spec = dataclasses.replace(spec, frozen_models=frozen_models)
     if validate is not None:
         spec = dataclasses.replace(spec, validate=validate)
-    _REGISTRY[name] = spec
+    OBJECTIVES.register(name, spec, replace=replace)
 
 
 def available_objectives() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return OBJECTIVES.names()
 
 
 def get_objective(name: str) -> ObjectiveSpec:
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"config.objective.name must be one of {available_objectives()}, got {name!r}"
-        )
-    return _REGISTRY[name]
+    return OBJECTIVES.get(name)
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:

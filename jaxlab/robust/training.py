@@ -26,56 +26,101 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlab.registry import Registry
 from jaxlab.robust.pgd import pgd_perturb, trades_perturb, vat_perturb
 from jaxlab.robust.udp import udp_perturb
 
-MODES = ("clean", "perturbed", "clean+perturbed", "trades", "vat")
-METHODS = ("udp", "pgd", "trades", "vat")
 Transform = Callable[[Any, dict, jax.Array], dict]
+# ``(apply_fn, params, batch, rng, **kwargs) -> perturbed inputs``
+Perturb = Callable[..., jax.Array]
+# ``(apply_fn, params, batch, weight) -> scalar loss``
+ModeLoss = Callable[[Callable, Any, dict, float], jax.Array]
+
+PERTURBATIONS: Registry[Perturb] = Registry("perturbation", field="perturbation: method")
+MODES: Registry[ModeLoss] = Registry("training mode", field="mode")
+
+
+def _udp(apply_fn, params, batch, rng, **kwargs):
+    return udp_perturb(apply_fn, params, batch["x"], rng, **kwargs)
+
+
+def _pgd(apply_fn, params, batch, rng, **kwargs):  # the only one that reads the labels
+    return pgd_perturb(apply_fn, params, batch["x"], batch["y"], rng, **kwargs)
+
+
+def _trades(apply_fn, params, batch, rng, **kwargs):
+    return trades_perturb(apply_fn, params, batch["x"], rng, **kwargs)
+
+
+def _vat(apply_fn, params, batch, rng, **kwargs):
+    return vat_perturb(apply_fn, params, batch["x"], rng, **kwargs)
+
+
+PERTURBATIONS.register("udp", _udp)
+PERTURBATIONS.register("pgd", _pgd)
+PERTURBATIONS.register("trades", _trades)
+PERTURBATIONS.register("vat", _vat)
 
 
 def perturbation(method: str, apply_fn: Callable, **kwargs) -> Transform:
-    """The batch transform for ``method`` (``udp``, ``pgd``, ``trades`` or ``vat``) with the keyword
-    arguments of its ``*_perturb`` function (epsilon, step_size, num_steps, norm, ...)."""
-    if method not in METHODS:
-        raise ValueError(f"perturbation: method must be one of {METHODS}, got {method!r}")
+    """The batch transform for ``method`` (``udp``, ``pgd``, ``trades`` or ``vat``, see
+    :data:`PERTURBATIONS`) with the keyword arguments of its ``*_perturb`` function (epsilon,
+    step_size, num_steps, norm, ...)."""
+    perturb = PERTURBATIONS.get(method)
 
     def transform(params, batch, rng):
-        if method == "udp":
-            moved = udp_perturb(apply_fn, params, batch["x"], rng, **kwargs)
-        elif method == "pgd":
-            moved = pgd_perturb(apply_fn, params, batch["x"], batch["y"], rng, **kwargs)
-        elif method == "trades":
-            moved = trades_perturb(apply_fn, params, batch["x"], rng, **kwargs)
-        else:
-            moved = vat_perturb(apply_fn, params, batch["x"], rng, **kwargs)
-        return batch | {"x_perturbed": moved}
+        return batch | {"x_perturbed": perturb(apply_fn, params, batch, rng, **kwargs)}
 
     return transform
 
 
-def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weight: float = 1.0):
-    """The loss of ``mode`` on a batch (``x_perturbed`` needed except for ``clean``)."""
+def _cross_entropy(logits, labels):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
-    def cross_entropy(logits):
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
 
-    if mode == "clean":
-        return cross_entropy(apply_fn(params, batch["x"]))
+def _clean(apply_fn, params, batch, weight):
+    del weight
+    return _cross_entropy(apply_fn(params, batch["x"]), batch["y"])
+
+
+def _perturbed(apply_fn, params, batch, weight):
+    del weight
+    return _cross_entropy(apply_fn(params, batch["x_perturbed"]), batch["y"])
+
+
+def _clean_plus_perturbed(apply_fn, params, batch, weight):
     perturbed = apply_fn(params, batch["x_perturbed"])
-    if mode == "perturbed":
-        return cross_entropy(perturbed)
     clean = apply_fn(params, batch["x"])
-    if mode == "clean+perturbed":
-        return cross_entropy(clean) + weight * cross_entropy(perturbed)
-    if mode in ("trades", "vat"):
+    return _cross_entropy(clean, batch["y"]) + weight * _cross_entropy(perturbed, batch["y"])
+
+
+def _kl_regularized(*, hold_clean: bool) -> ModeLoss:
+    """``CE(f(x), y) + weight KL(p(x) || p(x + delta))``; ``hold_clean``: ``p(x)`` constant."""
+
+    def loss(apply_fn, params, batch, weight):
+        perturbed = apply_fn(params, batch["x_perturbed"])
+        clean = apply_fn(params, batch["x"])
         log_p, log_q = jax.nn.log_softmax(clean), jax.nn.log_softmax(perturbed)
-        if mode == "vat":
+        if hold_clean:
             log_p = jax.lax.stop_gradient(log_p)
-        return cross_entropy(clean) + weight * jnp.mean(
+        return _cross_entropy(clean, batch["y"]) + weight * jnp.mean(
             jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
         )
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    return loss
+
+
+MODES.register("clean", _clean)
+MODES.register("perturbed", _perturbed)
+MODES.register("clean+perturbed", _clean_plus_perturbed)
+MODES.register("trades", _kl_regularized(hold_clean=False))
+MODES.register("vat", _kl_regularized(hold_clean=True))
+
+
+def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weight: float = 1.0):
+    """The loss of ``mode`` (see :data:`MODES`) on a batch (``x_perturbed`` needed except for
+    ``clean``)."""
+    return MODES.get(mode)(apply_fn, params, batch, weight)
 
 
 def make_train_step(
@@ -87,8 +132,7 @@ def make_train_step(
     weight: float = 1.0,
 ):
     """``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``, jitted."""
-    if mode not in MODES:
-        raise ValueError(f"make_train_step: mode must be one of {MODES}, got {mode!r}")
+    MODES.get(mode)
     if (mode == "clean") != (transform is None):
         raise ValueError(
             f"make_train_step: mode {mode!r} "
