@@ -1,11 +1,12 @@
 """Data mixers as init/update state machines: DoGE and the DoReMi baseline.
 
-Importing this package registers the ``doge`` and ``doremi`` training objectives.
+Every mixer follows one protocol (:class:`Mixer`: ``update(Observation, state) -> (weights,
+state)``) and is registered by name in :data:`MIXERS`. Importing this package registers the
+``doge`` and ``doremi`` mixers and training objectives.
 """
 
 from jaxlab.mixing._doge import (
     DoGEState,
-    Mixer,
     averaged_weights,
     cancellation_prerun,
     cancellation_ratios,
@@ -19,6 +20,7 @@ from jaxlab.mixing._doge import (
     weighted_sum,
 )
 from jaxlab.mixing._doremi import DoReMiState, domain_excess, domain_means, doremi
+from jaxlab.mixing._mixer import MIXERS, Mixer, Observation
 from jaxlab.mixing.objectives import (
     doge_objective,
     domain_masks,
@@ -36,7 +38,9 @@ from jaxlab.mixing.proxy import (
 __all__ = [
     "DoGEState",
     "DoReMiState",
+    "MIXERS",
     "Mixer",
+    "Observation",
     "ProxyState",
     "averaged_weights",
     "cancellation_prerun",

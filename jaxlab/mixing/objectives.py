@@ -27,8 +27,6 @@ from jaxlab.mixing._doremi import domain_means, doremi
 from jaxlab.mixing.proxy import doge_gradients, doremi_gradients
 from jaxlab.optim import params_matching
 
-MIXER_OBJECTIVES = ("doge", "doremi")
-
 
 def domain_masks(domain, mask, domains: tuple[int, ...]):
     """``[len(domains), batch, seq]``: the loss mask restricted to each domain's tokens."""

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.mixing._doge import Mixer, domain_gradients, weighted_sum
+from jaxlab.mixing._doge import domain_gradients, weighted_sum
 from jaxlab.mixing._doremi import domain_excess, domain_means
+from jaxlab.mixing._mixer import Mixer, Observation
 
 
 def doge_gradients(
@@ -48,7 +49,7 @@ def doge_gradients(
     target = None
     if target_losses is not None:
         _, target = domain_gradients(target_losses, params)
-    weights, mixer_state = mixer.update(grads, mixer_state, target)
+    weights, mixer_state = mixer.update(Observation(grads, target_grads=target), mixer_state)
     return weighted_sum(weights, grads), weights, mixer_state, losses, aux
 
 
@@ -69,7 +70,7 @@ def doremi_gradients(
     losses, vjp = jax.vjp(losses_fn, params)
     excess, present = domain_excess(losses, jax.lax.stop_gradient(reference_losses), masks)
     means, counts = domain_means(losses, masks)
-    weights, mixer_state = mixer.update(excess, mixer_state, present)
+    weights, mixer_state = mixer.update(Observation(excess=excess, present=present), mixer_state)
     per_token = weights / jnp.maximum(counts, 1.0)
     (grads,) = vjp(jnp.tensordot(per_token, masks, axes=1).astype(losses.dtype))
     return grads, weights, mixer_state, means, counts
