@@ -28,9 +28,10 @@ from jaxlab.mixing.objectives import (
     doremi_objective,
 )
 from jaxlab.mixing.proxy import (
-    ProxyState,
     doge_gradients,
+    doge_proxy_objective,
     doremi_gradients,
+    doremi_proxy_objective,
     make_doge_step,
     make_doremi_step,
 )
@@ -41,7 +42,6 @@ __all__ = [
     "MIXERS",
     "Mixer",
     "Observation",
-    "ProxyState",
     "averaged_weights",
     "cancellation_prerun",
     "cancellation_ratios",
@@ -49,10 +49,12 @@ __all__ = [
     "current_weights",
     "doge",
     "doge_gradients",
+    "doge_proxy_objective",
     "doge_objective",
     "domain_masks",
     "domain_mean_losses",
     "doremi_gradients",
+    "doremi_proxy_objective",
     "doremi_objective",
     "domain_excess",
     "domain_means",

@@ -14,6 +14,12 @@ chosen ``mode``:
 
 Batches are dicts with ``x`` (inputs) and ``y`` (int labels). The transforms built by
 ``perturbation`` pass labels only to PGD; UDP, TRADES and VAT never see them.
+
+Training follows jaxlab's one step convention (:mod:`jaxlab.objectives`): what a step minimises
+is :func:`classifier_objective`, and the step is :func:`jaxlab.objectives.make_train_step` over a
+``TrainState``, jitted by its caller (:func:`train` does). The objective's own state is the chain
+of perturbation keys: step ``t`` splits it into the next chain key and the key of its transform
+(from ``PRNGKey(seed)``), so training is the same function of the seed as before the shared step.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlab.objectives import Objective, init_train_state, make_train_step
 from jaxlab.registry import Registry
 from jaxlab.robust.pgd import pgd_perturb, trades_perturb, vat_perturb
 from jaxlab.robust.udp import udp_perturb
@@ -123,33 +130,37 @@ def classification_loss(apply_fn: Callable, params, batch: dict, mode: str, weig
     return MODES.get(mode)(apply_fn, params, batch, weight)
 
 
-def make_train_step(
+def classifier_objective(
     apply_fn: Callable,
-    optimizer: optax.GradientTransformation,
     *,
     transform: Transform | None = None,
     mode: str = "clean",
     weight: float = 1.0,
-):
-    """``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``, jitted."""
-    MODES.get(mode)
+    seed: int = 0,
+) -> Objective:
+    """The loss of ``mode`` (see :data:`MODES`) on batches ``{x, y}`` moved by ``transform`` on
+    the current parameters (not differentiated through), as an objective for
+    :func:`jaxlab.objectives.make_train_step`. Its state is the key chain (module doc), starting
+    at ``PRNGKey(seed)``; metrics: ``loss``."""
+    loss_of_mode = MODES.get(mode)
     if (mode == "clean") != (transform is None):
         raise ValueError(
-            f"make_train_step: mode {mode!r} "
+            f"classifier_objective: mode {mode!r} "
             + ("takes no transform" if mode == "clean" else "needs a transform")
         )
 
-    @jax.jit
-    def step(params, opt_state, batch, rng):
-        if transform is not None:
-            batch = transform(params, batch, rng)
-        loss, grads = jax.value_and_grad(classification_loss, argnums=1)(
-            apply_fn, params, batch, mode, weight
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def init():
+        return jax.random.PRNGKey(seed)
 
-    return step
+    def gradients(params, batch, frozen, chain, rng):
+        del frozen, rng  # the transform's keys come from the chain (module doc)
+        chain, step_key = jax.random.split(chain)
+        if transform is not None:
+            batch = transform(params, batch, step_key)
+        loss, grads = jax.value_and_grad(lambda p: loss_of_mode(apply_fn, p, batch, weight))(params)
+        return grads, chain, {"loss": loss}
+
+    return Objective(gradients, init=init, model_inputs=("x", "y"))
 
 
 class TrainResult(NamedTuple):
@@ -177,31 +188,32 @@ def batches(x, y, batch_size: int | None, seed: int) -> Iterator[dict]:
 
 
 def train(
-    step,
+    objective: Objective,
     params,
     optimizer: optax.GradientTransformation,
     data: Iterator[dict],
     *,
     num_steps: int,
-    seed: int = 0,
     log_every: int = 0,
     callback: Callable[[Any], Any] | None = None,
     progress: str = "",
 ) -> TrainResult:
-    """Runs ``step`` for ``num_steps`` batches of ``data``; records ``callback(params)`` every
-    ``log_every`` steps (and at the end) and prints progress lines when ``progress`` names the
-    run."""
-    opt_state = optimizer.init(params)
-    rng = jax.random.PRNGKey(seed)
+    """Runs the jitted shared step on ``objective`` (e.g. :func:`classifier_objective`) for
+    ``num_steps`` batches of ``data``; records ``callback(params)`` every ``log_every`` steps
+    (and at the end) and prints progress lines when ``progress`` names the run."""
+    step = jax.jit(make_train_step(None, optimizer, objective=objective))
+    state = init_train_state(params, optimizer, objective.init())
     losses, history = [], []
     for k in range(num_steps):
-        rng, step_rng = jax.random.split(rng)
-        params, opt_state, loss = step(params, opt_state, next(data), step_rng)
-        losses.append(loss)
+        state, metrics = step(state, next(data))
+        losses.append(metrics["loss"])
         if callback is not None and log_every and (k + 1) % log_every == 0:
-            history.append((k + 1, callback(params)))
+            history.append((k + 1, callback(state.params)))
         if progress and log_every and (k + 1) % log_every == 0:
-            print(f"{progress}: step {k + 1}/{num_steps} loss {float(loss):.4f}", flush=True)
+            print(
+                f"{progress}: step {k + 1}/{num_steps} loss {float(metrics['loss']):.4f}",
+                flush=True,
+            )
     if callback is not None and (not history or history[-1][0] != num_steps):
-        history.append((num_steps, callback(params)))
-    return TrainResult(params, np.asarray(jax.device_get(losses)), history)
+        history.append((num_steps, callback(state.params)))
+    return TrainResult(state.params, np.asarray(jax.device_get(losses)), history)

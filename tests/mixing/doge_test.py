@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxlab import mixing
+from jaxlab.objectives import init_train_state
 
 
 def numpy_doge(
@@ -223,7 +224,7 @@ def test_model_update_uses_the_clipped_domain_gradients():
     step = mixing.make_doge_step(
         lambda p, _: jnp.stack([p["w"] @ g for g in grads_by_domain]), optax.sgd(1.0), mixer
     )
-    state = mixing.ProxyState(params, optax.sgd(1.0).init(params), mixer.init())
+    state = init_train_state(params, optax.sgd(1.0), mixer.init())
     new, _ = step(state, None)
     np.testing.assert_allclose(np.asarray(new.params["w"]), [-0.5, -0.5], atol=1e-6)
 
@@ -354,9 +355,9 @@ def test_doremi_proxy_step_gradient_is_the_weighted_loss_gradient():
         return optax.softmax_cross_entropy_with_integer_labels(batch[0] @ p["w"], batch[1])
 
     mixer = mixing.doremi(num_domains=k, step_size=2.0)
-    step = mixing.make_doremi_step(example_losses, optax.sgd(1.0), mixer, reference)
-    state = mixing.ProxyState(params, optax.sgd(1.0).init(params), mixer.init())
-    new, metrics = jax.jit(step)(state, (x, y))
+    step = mixing.make_doremi_step(example_losses, optax.sgd(1.0), mixer)
+    state = init_train_state(params, optax.sgd(1.0), mixer.init())
+    new, metrics = jax.jit(step)(state, (x, y), {"reference": reference})
     weights = metrics["weights"]
     expected = jax.grad(lambda p: jnp.dot(weights, jnp.mean(example_losses(p, (x, y)), 1)))(params)
     np.testing.assert_allclose(
