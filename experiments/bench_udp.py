@@ -20,6 +20,7 @@ from experiments.benchmarking import environment, timed_median, write_json
 from jaxlab import robust as R
 from jaxlab.data import synthetic
 from jaxlab.models.classifiers import MLPClassifier, SmallCNN, functional
+from jaxlab.objectives import init_train_state, make_train_step
 
 flags.DEFINE_string("out", "bench_results/bench_udp.json", "Where to write the JSON.")
 flags.DEFINE_integer("repeats", 3, "Timed epochs (median reported).")
@@ -61,17 +62,16 @@ def main(argv):
         }
         base = None
         for method, (transform, mode) in methods.items():
-            step = R.make_train_step(apply_fn, optimizer, transform=transform, mode=mode)
+            objective = R.classifier_objective(apply_fn, transform=transform, mode=mode)
+            step = jax.jit(make_train_step(None, optimizer, objective=objective))
             data = R.batches(x, y, batch_size, 0)
             batches = [next(data) for _ in range(num_batches)]
-            state = [params, optimizer.init(params)]
+            state = [init_train_state(params, optimizer, objective.init())]
 
             def epoch(step=step, batches=batches, state=state):
-                p, o = state
-                for i, batch in enumerate(batches):
-                    p, o, loss = step(p, o, batch, jax.random.PRNGKey(i))
-                jax.block_until_ready(loss)
-                state[:] = [p, o]
+                for batch in batches:
+                    state[0], metrics = step(state[0], batch)
+                jax.block_until_ready(metrics["loss"])
 
             ms = timed_median(epoch, repeats) / num_batches * 1e3
             base = ms if method == "erm" else base

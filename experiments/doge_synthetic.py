@@ -18,6 +18,7 @@ from flax import nnx
 from jaxlab import mixing
 from jaxlab.data import synthetic
 from jaxlab.models.classifiers import MLPClassifier, functional
+from jaxlab.objectives import init_train_state
 
 
 def model(task, hidden, seed):
@@ -63,6 +64,7 @@ def train_proxy(task, c, method: str, seed: int, reference_params=None):
     def target_losses(p, batch):
         return ce(apply_fn, p, batch["target_x"], batch["target_y"])[None]
 
+    frozen = {}
     if method.startswith("doge"):
         objective = method.split("-")[1]
         mixer = mixing.doge(
@@ -78,22 +80,23 @@ def train_proxy(task, c, method: str, seed: int, reference_params=None):
         mixer = mixing.doremi(
             num_domains=k, step_size=c.doremi_step_size, smoothing=c.doremi_smoothing
         )
-        step = mixing.make_doremi_step(example_losses, optimizer, mixer, reference_params)
+        step = mixing.make_doremi_step(example_losses, optimizer, mixer)
+        frozen = {"reference": reference_params}
     elif method == "uniform":
         mixer = mixing.doge(num_domains=k, mu=1.0, lr_schedule=0.0)  # lr 0: weights stay uniform
         step = mixing.make_doge_step(domain_losses, optimizer, mixer)
     else:
         raise ValueError(f"unknown method {method!r}")
-    state = mixing.ProxyState(params, optimizer.init(params), mixer.init())
+    state = init_train_state(params, optimizer, mixer.init())
     step = jax.jit(step)
     data = domain_batches(task, c.batch_size, np.random.default_rng(seed + 1))
     trajectory = []
     for _ in range(c.proxy_steps):
-        state, metrics = step(state, next(data))
+        state, metrics = step(state, next(data), frozen)
         trajectory.append(metrics["weights"])
     return dict(
         params=state.params,
-        average=np.asarray(mixing.averaged_weights(state.mixer)),
+        average=np.asarray(mixing.averaged_weights(state.objective)),
         trajectory=np.asarray(jax.device_get(trajectory)),
         apply_fn=apply_fn,
         domain_losses=domain_losses,

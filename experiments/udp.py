@@ -48,16 +48,15 @@ def run(
     **perturb,
 ):
     transform = None if method is None else R.perturbation(method, apply_fn, **perturb)
-    step = R.make_train_step(
-        apply_fn, optimizer, transform=transform, mode="clean" if method is None else mode
+    objective = R.classifier_objective(
+        apply_fn, transform=transform, mode="clean" if method is None else mode, seed=seed
     )
     return R.train(
-        step,
+        objective,
         params,
         optimizer,
         data,
         num_steps=steps,
-        seed=seed,
         log_every=log_every,
         callback=callback,
         progress=progress,

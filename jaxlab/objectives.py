@@ -16,18 +16,29 @@ which stays exact because sums (not means) are accumulated. Methods register a f
 :func:`register_objective`: ``next_token`` lives here, the distillation KL in
 :mod:`jaxlab.distill`, the DoGE and DoReMi mixers in :mod:`jaxlab.mixing`. The training engine
 (:mod:`jaxlab.train`) names no method; it looks objectives up here.
+
+**The step convention.** Every training step in jaxlab is :func:`make_train_step`: a pure, unjitted
+``(state, batch, frozen={}) -> (state, metrics)`` over a :class:`TrainState` (``step``, ``params``,
+``opt_state``, ``objective``: the objective's own state), which its caller jits (the engine with
+shardings and donation, :func:`jaxlab.train.loop.compile_steps`; small drivers with a plain
+``jax.jit``). It lives here, beside :class:`Objective`, so that the method packages below the
+engine (the classifier training of :mod:`jaxlab.robust`, the mixer proxies of
+:mod:`jaxlab.mixing`) use the same step without importing :mod:`jaxlab.train`; a method supplies
+an objective, never a step of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxlab.registry import Registry
 
 Batch = dict[str, jax.Array]
 # The batch entries every model objective reads.
@@ -65,7 +76,10 @@ class Objective:
     Attributes:
       gradients: ``(params, batch, frozen, state, rng) -> (grads, state, metrics)``.
       init: ``() -> state`` (the objective's own state; ``()`` when it has none).
-      batch_keys: batch entries it reads beyond :data:`MODEL_INPUTS` (e.g. ``("domain",)``).
+      batch_keys: batch entries it reads beyond ``model_inputs`` (e.g. ``("domain",)``).
+      model_inputs: the batch entries its model reads (default :data:`MODEL_INPUTS`, a language
+        model's packed batch; ``("x", "y")`` for a classifier); None passes the whole batch
+        (objectives over batches a user's loss function defines).
       uniform_sampling: the data components must be sampled uniformly (a mixer's weights act on
         gradients or losses, not on sampling).
       on_checkpoint: ``(workdir, state) -> None``, called on process 0 after each checkpoint
@@ -75,6 +89,7 @@ class Objective:
     gradients: GradientsFn
     init: Callable[[], Any] = lambda: ()
     batch_keys: tuple[str, ...] = ()
+    model_inputs: tuple[str, ...] | None = MODEL_INPUTS
     uniform_sampling: bool = False
     on_checkpoint: Callable[[str, Any], None] | None = None
 
@@ -119,7 +134,7 @@ class ObjectiveSpec:
     validate: Callable[[Any], None] = lambda config: None
 
 
-_REGISTRY: dict[str, ObjectiveSpec] = {}
+OBJECTIVES: Registry[ObjectiveSpec] = Registry("objective", field="config.objective.name")
 
 
 def register_objective(
@@ -128,26 +143,24 @@ def register_objective(
     *,
     frozen_models: Callable[[Any], dict[str, str]] | None = None,
     validate: Callable[[Any], None] | None = None,
+    replace: bool = False,
 ) -> None:
-    """Makes ``config.objective.name == name`` train with ``build(context)``."""
+    """Makes ``config.objective.name == name`` train with ``build(context)``; ``replace=True``
+    to override a registered objective."""
     spec = ObjectiveSpec(build)
     if frozen_models is not None:
         spec = dataclasses.replace(spec, frozen_models=frozen_models)
     if validate is not None:
         spec = dataclasses.replace(spec, validate=validate)
-    _REGISTRY[name] = spec
+    OBJECTIVES.register(name, spec, replace=replace)
 
 
 def available_objectives() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return OBJECTIVES.names()
 
 
 def get_objective(name: str) -> ObjectiveSpec:
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"config.objective.name must be one of {available_objectives()}, got {name!r}"
-        )
-    return _REGISTRY[name]
+    return OBJECTIVES.get(name)
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
@@ -235,3 +248,95 @@ def _next_token(context: ObjectiveContext) -> Objective:
 
 
 register_objective("next_token", _next_token)
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes.
+
+    Attributes:
+      step: [] int32, number of updates applied.
+      params: pure dict of parameter arrays (``nnx.to_pure_dict`` of the model's ``Param`` state).
+      opt_state: the optimizer's state.
+      objective: the objective's own state (a data mixer's weights), or ``()``.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    objective: Any = ()
+
+
+def init_train_state(
+    params, optimizer: optax.GradientTransformation, objective_state: Any = ()
+) -> TrainState:
+    """Step 0: ``params``, a fresh optimizer state and ``objective_state`` (``objective.init()``
+    for an objective with state of its own)."""
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), objective_state)
+
+
+def _masked_norm(tree, trainable) -> jax.Array:
+    if trainable is None:
+        return optax.tree.norm(tree)
+    kept = [x for x, t in zip(jax.tree.leaves(tree), jax.tree.leaves(trainable), strict=True) if t]
+    return optax.tree.norm(kept)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef | None,
+    optimizer: optax.GradientTransformation,
+    *,
+    objective: Objective | None = None,
+    accum_steps: int = 1,
+    learning_rate: optax.Schedule | None = None,
+    trainable: Any = None,
+    seed: int = 0,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """A pure ``(state, batch, frozen={}) -> (state, metrics)`` step (the step convention above).
+
+    Args:
+      graphdef: the model's graph definition (used for the default ``next_token`` objective;
+        None with an ``objective``).
+      optimizer: the optax transformation; frozen leaves must get zero updates from it
+        (:func:`jaxlab.optim.build_optimizer` does this for ``config.optim.frozen``).
+      objective: what to minimise; default next-token cross-entropy with ``accum_steps`` (an
+        objective handles its own accumulation, see :func:`from_loss`).
+      learning_rate: the schedule, reported as ``learning_rate``.
+      trainable: a pytree of Python bools like the parameters; False leaves are frozen: their
+        old values are kept bitwise and they are left out of ``grad_norm``.
+      seed: the objective's per-step keys are ``fold_in(PRNGKey(seed), step)``.
+
+    Metrics: the objective's (``loss``, ``tokens``, ...), ``grad_norm`` (before clipping),
+    ``param_norm`` (after the update), and ``learning_rate`` if a schedule is given.
+    """
+    if objective is None:
+        objective = Objective(from_loss(next_token_loss(graphdef), accum_steps, trainable))
+    elif accum_steps != 1:
+        raise ValueError(
+            f"make_train_step: accum_steps={accum_steps} applies to the default objective only; "
+            "an objective accumulates itself (from_loss)"
+        )
+    keys = None
+    if objective.model_inputs is not None:
+        keys = (*objective.model_inputs, *objective.batch_keys)
+    base_key = jax.random.PRNGKey(seed)
+
+    def train_step(state: TrainState, batch: Batch, frozen: Mapping[str, Any] | None = None):
+        if keys is not None:
+            batch = {k: batch[k] for k in keys}
+        rng = jax.random.fold_in(base_key, state.step)
+        grads, objective_state, metrics = objective.gradients(
+            state.params, batch, frozen or {}, state.objective, rng
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if trainable is not None:  # frozen leaves stay bitwise (p + 0 would turn -0.0 into 0.0)
+            params = jax.tree.map(
+                lambda t, new, old: new if t else old, trainable, params, state.params
+            )
+        metrics = dict(metrics)
+        metrics.update(grad_norm=_masked_norm(grads, trainable), param_norm=optax.tree.norm(params))
+        if learning_rate is not None:
+            metrics["learning_rate"] = learning_rate(state.step)
+        return TrainState(state.step + 1, params, opt_state, objective_state), metrics
+
+    return train_step

@@ -1,14 +1,15 @@
 """Data mixers as init/update state machines: DoGE and the DoReMi baseline.
 
-Importing this package registers the ``doge`` and ``doremi`` training objectives.
+Every mixer follows one protocol (:class:`Mixer`: ``update(Observation, state) -> (weights,
+state)``) and is registered by name in :data:`MIXERS`. Importing this package registers the
+``doge`` and ``doremi`` mixers and training objectives.
 """
 
-from jaxlab.mixing import doge as doge_module
-from jaxlab.mixing.doge import (
+from jaxlab.mixing._doge import (
     DoGEState,
-    Mixer,
     averaged_weights,
     cancellation_prerun,
+    cancellation_ratios,
     clip_per_domain,
     current_weights,
     doge,
@@ -18,7 +19,8 @@ from jaxlab.mixing.doge import (
     select_parameters,
     weighted_sum,
 )
-from jaxlab.mixing.doremi import DoReMiState, domain_excess, domain_means, doremi
+from jaxlab.mixing._doremi import DoReMiState, domain_excess, domain_means, doremi
+from jaxlab.mixing._mixer import MIXERS, Mixer, Observation
 from jaxlab.mixing.objectives import (
     doge_objective,
     domain_masks,
@@ -26,9 +28,10 @@ from jaxlab.mixing.objectives import (
     doremi_objective,
 )
 from jaxlab.mixing.proxy import (
-    ProxyState,
     doge_gradients,
+    doge_proxy_objective,
     doremi_gradients,
+    doremi_proxy_objective,
     make_doge_step,
     make_doremi_step,
 )
@@ -36,20 +39,23 @@ from jaxlab.mixing.proxy import (
 __all__ = [
     "DoGEState",
     "DoReMiState",
+    "MIXERS",
     "Mixer",
-    "ProxyState",
+    "Observation",
     "averaged_weights",
     "cancellation_prerun",
+    "cancellation_ratios",
     "clip_per_domain",
     "current_weights",
     "doge",
     "doge_gradients",
+    "doge_proxy_objective",
     "doge_objective",
     "domain_masks",
     "domain_mean_losses",
     "doremi_gradients",
+    "doremi_proxy_objective",
     "doremi_objective",
-    "doge_module",
     "domain_excess",
     "domain_means",
     "doremi",

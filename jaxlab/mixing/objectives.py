@@ -22,12 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import objectives
-from jaxlab.mixing.doge import averaged_weights, current_weights, doge
-from jaxlab.mixing.doremi import domain_means, doremi
+from jaxlab.mixing._doge import averaged_weights, current_weights, doge
+from jaxlab.mixing._doremi import domain_means, doremi
 from jaxlab.mixing.proxy import doge_gradients, doremi_gradients
 from jaxlab.optim import params_matching
-
-MIXER_OBJECTIVES = ("doge", "doremi")
 
 
 def domain_masks(domain, mask, domains: tuple[int, ...]):

@@ -10,22 +10,29 @@ the training engine's mixer objectives (:mod:`jaxlab.mixing.objectives`):
   losses give the clipped excess and the weights; one VJP gives the gradient of
   ``sum_i a_i loss_i`` (loss reweighting).
 
-Proxy steps: ``domain_losses(params, batch) -> [k]`` gives the mean loss of each domain in a
-batch (domains absent from it must give 0 with zero gradient, e.g. a masked mean with a guarded
-denominator).
+Proxy steps follow jaxlab's one step convention (:mod:`jaxlab.objectives`): the proxy
+objectives below turn user loss functions over user-defined batches into an
+:class:`jaxlab.objectives.Objective` whose state is the mixer's, and the step is
+:func:`jaxlab.objectives.make_train_step` over a ``TrainState`` (``state.objective`` holds the
+mixer state; start from ``init_train_state(params, optimizer, mixer.init())``), jitted by the
+caller. ``domain_losses(params, batch) -> [k]`` gives the mean loss of each domain in a batch
+(domains absent from it must give 0 with zero gradient, e.g. a masked mean with a guarded
+denominator). DoReMi's reference parameters arrive as the step's ``frozen["reference"]``, like
+every frozen model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.mixing.doge import Mixer, domain_gradients, weighted_sum
-from jaxlab.mixing.doremi import domain_excess, domain_means
+from jaxlab.mixing._doge import domain_gradients, weighted_sum
+from jaxlab.mixing._doremi import domain_excess, domain_means
+from jaxlab.mixing._mixer import Mixer, Observation
+from jaxlab.objectives import Objective, make_train_step
 
 
 def doge_gradients(
@@ -48,7 +55,7 @@ def doge_gradients(
     target = None
     if target_losses is not None:
         _, target = domain_gradients(target_losses, params)
-    weights, mixer_state = mixer.update(grads, mixer_state, target)
+    weights, mixer_state = mixer.update(Observation(grads, target_grads=target), mixer_state)
     return weighted_sum(weights, grads), weights, mixer_state, losses, aux
 
 
@@ -69,16 +76,49 @@ def doremi_gradients(
     losses, vjp = jax.vjp(losses_fn, params)
     excess, present = domain_excess(losses, jax.lax.stop_gradient(reference_losses), masks)
     means, counts = domain_means(losses, masks)
-    weights, mixer_state = mixer.update(excess, mixer_state, present)
+    weights, mixer_state = mixer.update(Observation(excess=excess, present=present), mixer_state)
     per_token = weights / jnp.maximum(counts, 1.0)
     (grads,) = vjp(jnp.tensordot(per_token, masks, axes=1).astype(losses.dtype))
     return grads, weights, mixer_state, means, counts
 
 
-class ProxyState(NamedTuple):
-    params: Any
-    opt_state: Any
-    mixer: Any
+def doge_proxy_objective(
+    domain_losses: Callable, mixer: Mixer, *, target_losses: Callable | None = None
+) -> Objective:
+    """DoGE on ``domain_losses(params, batch) -> [k]``; ``target_losses(params, batch) -> [m]``
+    for the OOD objective (the target domains' losses, which the model does not train on).
+    Metrics: ``domain_losses``, ``weights`` and ``loss`` (their dot product)."""
+
+    def gradients(params, batch, frozen, mixer_state, rng):
+        del frozen, rng
+        target = None if target_losses is None else (lambda p: target_losses(p, batch))
+        update, weights, mixer_state, losses, _ = doge_gradients(
+            lambda p: (domain_losses(p, batch), ()), params, mixer, mixer_state, target
+        )
+        metrics = {"domain_losses": losses, "weights": weights, "loss": jnp.dot(weights, losses)}
+        return update, mixer_state, metrics
+
+    return Objective(gradients, init=mixer.init, model_inputs=None)
+
+
+def doremi_proxy_objective(example_losses: Callable, mixer: Mixer) -> Objective:
+    """DoReMi on ``example_losses(params, batch) -> [k, n]``, the per-example losses of each
+    domain's rows (every row present); the frozen reference model (``frozen["reference"]``, its
+    parameters) shares the function. The excess is clipped per example. Metrics as
+    :func:`doge_proxy_objective`."""
+
+    def gradients(params, batch, frozen, mixer_state, rng):
+        del rng
+        reference = example_losses(frozen["reference"], batch)
+        k, n = reference.shape
+        masks = jnp.broadcast_to(jnp.eye(k, dtype=reference.dtype)[:, :, None], (k, k, n))
+        grads, weights, mixer_state, means, _ = doremi_gradients(
+            lambda p: example_losses(p, batch), params, reference, masks, mixer, mixer_state
+        )
+        metrics = {"domain_losses": means, "weights": weights, "loss": jnp.dot(weights, means)}
+        return grads, mixer_state, metrics
+
+    return Objective(gradients, init=mixer.init, model_inputs=None)
 
 
 def make_doge_step(
@@ -88,52 +128,15 @@ def make_doge_step(
     *,
     target_losses: Callable | None = None,
 ):
-    """``step(state, batch) -> (state, metrics)``; ``target_losses(params, batch) -> [m]`` for
-    the OOD objective (the target domains' losses, which the model does not train on)."""
-
-    def step(state: ProxyState, batch):
-        target = None if target_losses is None else (lambda p: target_losses(p, batch))
-        update, weights, mixer_state, losses, _ = doge_gradients(
-            lambda p: (domain_losses(p, batch), ()), state.params, mixer, state.mixer, target
-        )
-        updates, opt_state = optimizer.update(update, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "domain_losses": losses,
-            "weights": weights,
-            "loss": jnp.dot(weights, losses),
-            "grad_norm": optax.tree.norm(update),
-        }
-        return ProxyState(params, opt_state, mixer_state), metrics
-
-    return step
+    """``step(state, batch) -> (state, metrics)``: the shared step on
+    :func:`doge_proxy_objective` (metrics also ``grad_norm`` of the update and ``param_norm``)."""
+    objective = doge_proxy_objective(domain_losses, mixer, target_losses=target_losses)
+    return make_train_step(None, optimizer, objective=objective)
 
 
 def make_doremi_step(
-    example_losses: Callable,
-    optimizer: optax.GradientTransformation,
-    mixer: Mixer,
-    reference_params,
+    example_losses: Callable, optimizer: optax.GradientTransformation, mixer: Mixer
 ):
-    """``step(state, batch) -> (state, metrics)``. ``example_losses(params, batch) -> [k, n]``:
-    the per-example losses of each domain's rows (every row present); the frozen reference model
-    shares it with ``reference_params``. The excess is clipped per example."""
-
-    def step(state: ProxyState, batch):
-        reference = example_losses(reference_params, batch)
-        k, n = reference.shape
-        masks = jnp.broadcast_to(jnp.eye(k, dtype=reference.dtype)[:, :, None], (k, k, n))
-        grads, weights, mixer_state, means, _ = doremi_gradients(
-            lambda p: example_losses(p, batch), state.params, reference, masks, mixer, state.mixer
-        )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "domain_losses": means,
-            "weights": weights,
-            "loss": jnp.dot(weights, means),
-            "grad_norm": optax.tree.norm(grads),
-        }
-        return ProxyState(params, opt_state, mixer_state), metrics
-
-    return step
+    """``step(state, batch, {"reference": reference_params}) -> (state, metrics)``: the shared
+    step on :func:`doremi_proxy_objective`."""
+    return make_train_step(None, optimizer, objective=doremi_proxy_objective(example_losses, mixer))

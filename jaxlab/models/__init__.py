@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import nnx
 
@@ -17,12 +17,20 @@ from jaxlab.models.transformer import (
     TransformerConfig,
     init_cache,
 )
+from jaxlab.registry import Registry
 
-# name -> (config class, module class, decoding-cache factory)
-_REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module], Callable[..., Any]]] = {
-    "llama": (TransformerConfig, Transformer, transformer.init_cache),
-    "mamba": (MambaConfig, MambaLM, mamba.init_cache),
-}
+
+class ModelEntry(NamedTuple):
+    """What the registry keeps for one model family."""
+
+    config_cls: type
+    module_cls: Callable[..., nnx.Module]
+    cache_factory: Callable[..., Any]  # (config, batch, max_len) -> empty decoding cache
+
+
+MODELS: Registry[ModelEntry] = Registry("model", field="config.name")
+MODELS.register("llama", ModelEntry(TransformerConfig, Transformer, transformer.init_cache))
+MODELS.register("mamba", ModelEntry(MambaConfig, MambaLM, mamba.init_cache))
 
 
 def register(
@@ -30,25 +38,26 @@ def register(
     config_cls: type,
     module_cls: Callable[..., nnx.Module],
     cache_factory: Callable[..., Any],
+    *,
+    replace: bool = False,
 ) -> None:
     """Makes ``build`` construct ``module_cls`` for configs whose ``name`` is ``name``, and
-    :func:`make_cache` call ``cache_factory(config, batch, max_len)``."""
-    _REGISTRY[name] = (config_cls, module_cls, cache_factory)
+    :func:`make_cache` call ``cache_factory(config, batch, max_len)``; ``replace=True`` to
+    override a registered family."""
+    MODELS.register(name, ModelEntry(config_cls, module_cls, cache_factory), replace=replace)
 
 
 def make_cache(config: Any, batch: int, max_len: int):
     """An empty decoding cache (KV caches, recurrent states) for the model of ``config``."""
     config = make_config(config)
-    return _REGISTRY[config.name][2](config, batch, max_len)
+    return MODELS.get(config.name).cache_factory(config, batch, max_len)
 
 
 def make_config(config: Any) -> Any:
     """The config dataclass named by ``config.name`` (a dataclass passes through; a mapping, such
     as an ``ml_collections.ConfigDict``, is converted, with unknown fields an error)."""
     name = config["name"] if isinstance(config, Mapping) else getattr(config, "name", None)
-    if name not in _REGISTRY:
-        raise ValueError(f"models: config.name={name!r} is not one of {sorted(_REGISTRY)}")
-    config_cls = _REGISTRY[name][0]
+    config_cls = MODELS.get(name).config_cls
     if isinstance(config, config_cls):
         return config
     mapping = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -64,12 +73,14 @@ def build(config: Any, rngs: nnx.Rngs) -> nnx.Module:
       rngs: parameter initialisation keys.
     """
     config = make_config(config)
-    return _REGISTRY[config.name][1](config, rngs=rngs)
+    return MODELS.get(config.name).module_cls(config, rngs=rngs)
 
 
 __all__ = [
     "HiddenStates",
     "KVCache",
+    "MODELS",
+    "ModelEntry",
     "MambaConfig",
     "MambaLM",
     "make_cache",

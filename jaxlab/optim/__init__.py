@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import optax
 
-from jaxlab.optim.ademamix import (
+from jaxlab.optim._ademamix import (
     ScaleByAdemamixState,
     ademamix,
     alpha_schedule,
@@ -24,18 +24,20 @@ from jaxlab.optim.ademamix import (
     scale_by_ademamix,
 )
 from jaxlab.optim.schedules import staged_schedule, warmup_decay_schedule
+from jaxlab.registry import Registry
 
 OptimizerFactory = Callable[[Any, optax.Schedule], optax.GradientTransformation]
-_REGISTRY: dict[str, OptimizerFactory] = {}
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer", field="config.optim.name")
 
 
-def register_optimizer(name: str, factory: OptimizerFactory) -> None:
-    """``factory(optim_config, learning_rate_schedule) -> GradientTransformation``."""
-    _REGISTRY[name] = factory
+def register_optimizer(name: str, factory: OptimizerFactory, *, replace: bool = False) -> None:
+    """``factory(optim_config, learning_rate_schedule) -> GradientTransformation``;
+    ``replace=True`` to override a registered optimizer."""
+    OPTIMIZERS.register(name, factory, replace=replace)
 
 
 def available_optimizers() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return OPTIMIZERS.names()
 
 
 def decay_mask(params, *, decay_dwa: bool = False) -> Any:
@@ -179,9 +181,7 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
         :func:`learning_rate_schedule`.
       total_steps: training steps, the schedule's horizon.
     """
-    name = config.name
-    if name not in _REGISTRY:
-        raise ValueError(f"config.optim.name={name!r} is not one of {available_optimizers()}")
+    factory = OPTIMIZERS.get(config.name)
     lr = config.learning_rate
     if not isinstance(lr, int | float) or not 0 < lr < math.inf:
         raise ValueError(f"config.optim.learning_rate must be a finite positive number, got {lr!r}")
@@ -192,7 +192,7 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
         raise ValueError(
             f"config.optim.weight_decay must be >= 0, got {_get(config, 'weight_decay', 0.0)}"
         )
-    optimizer = _REGISTRY[name](config, learning_rate_schedule(config, total_steps))
+    optimizer = factory(config, learning_rate_schedule(config, total_steps))
     if clip > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
     frozen = tuple(_get(config, "frozen", ()) or ())
@@ -213,6 +213,7 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 
 
 __all__ = [
+    "OPTIMIZERS",
     "ScaleByAdemamixState",
     "ademamix",
     "alpha_schedule",

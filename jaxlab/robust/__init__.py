@@ -1,5 +1,6 @@
 """Training-time input perturbations: UDP (label-free entropy ascent), PGD and TRADES baselines,
-a classifier train step that applies them as a batch transform, and margin/robustness metrics."""
+a classifier objective that applies them as a batch transform (trained with jaxlab's one step,
+:func:`jaxlab.objectives.make_train_step`), and margin/robustness metrics."""
 
 from jaxlab.robust.ascent import ascend, project_ball
 from jaxlab.robust.metrics import (
@@ -14,17 +15,21 @@ from jaxlab.robust.metrics import (
 )
 from jaxlab.robust.pgd import pgd_perturb, trades_perturb, vat_perturb
 from jaxlab.robust.training import (
+    MODES,
+    PERTURBATIONS,
     TrainResult,
     batches,
     classification_loss,
-    make_train_step,
+    classifier_objective,
     perturbation,
     train,
 )
 from jaxlab.robust.udp import predictive_entropy, udp_perturb
 
 __all__ = [
+    "MODES",
     "MaxMargin",
+    "PERTURBATIONS",
     "TrainResult",
     "accuracy",
     "ascend",
@@ -34,7 +39,7 @@ __all__ = [
     "flip_fraction",
     "hard_margin_svm",
     "linear_margin",
-    "make_train_step",
+    "classifier_objective",
     "perturbation",
     "pgd_perturb",
     "predictive_entropy",

@@ -253,7 +253,6 @@ def test_registry_wires_the_schedulers_from_config():
 
 
 def test_docstring_example_runs():
-    # The package re-exports the function ademamix, which shadows the module attribute.
-    module = importlib.import_module("jaxlab.optim.ademamix")
+    module = importlib.import_module("jaxlab.optim._ademamix")
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

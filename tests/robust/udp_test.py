@@ -1,5 +1,5 @@
 """UDP, PGD and TRADES perturbations against closed forms on linear models and invariants on
-random MLPs; the classifier train step and its batch transforms."""
+random MLPs; the classifier objective in the shared train step, and its batch transforms."""
 
 import inspect
 
@@ -13,6 +13,7 @@ from flax import nnx
 from jaxlab import robust as R
 from jaxlab.data import synthetic
 from jaxlab.models.classifiers import LinearClassifier, MLPClassifier, SmallCNN, functional
+from jaxlab.objectives import init_train_state, make_train_step
 
 
 def random_mlp(seed, in_features=5, classes=3):
@@ -250,21 +251,55 @@ def test_feature_reliance_and_flip_metrics():
     assert robust[0.05] == pytest.approx(np.mean(np.abs(x[:, 0]) > 0.05), abs=1e-3)
 
 
+def test_classifier_objective_in_the_shared_step_is_a_hand_written_step():
+    """One shared step (jaxlab.objectives.make_train_step) on the TRADES objective equals SGD on
+    the TRADES loss written out here, with the perturbation taken at the second half of
+    split(PRNGKey(seed)) and the first half carried on as the objective's state."""
+    x, y = synthetic.two_moons(64, seed=1)
+    x = jnp.asarray(x, jnp.float32)
+    apply_fn, params = random_mlp(0, in_features=2, classes=2)
+    ball = dict(epsilon=0.1, step_size=0.02, num_steps=3)
+    transform = R.perturbation("udp", apply_fn, **ball)
+    objective = R.classifier_objective(
+        apply_fn, transform=transform, mode="trades", weight=0.5, seed=7
+    )
+    optimizer = optax.sgd(0.1)
+    step = jax.jit(make_train_step(None, optimizer, objective=objective))
+    new, metrics = step(init_train_state(params, optimizer, objective.init()), {"x": x, "y": y})
+
+    chain, key = jax.random.split(jax.random.PRNGKey(7))
+    moved = R.udp_perturb(apply_fn, params, x, key, **ball)
+
+    def trades(p):
+        clean, perturbed = apply_fn(p, x), apply_fn(p, moved)
+        log_p, log_q = jax.nn.log_softmax(clean), jax.nn.log_softmax(perturbed)
+        ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(clean, y))
+        return ce + 0.5 * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+
+    loss, grads = jax.value_and_grad(trades)(params)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    for got, want in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert set(metrics) == {"loss", "grad_norm", "param_norm"} and int(new.step) == 1
+    np.testing.assert_array_equal(np.asarray(new.objective), np.asarray(chain))
+
+
 def test_train_step_with_a_transform_and_bad_arguments():
     x, y = synthetic.two_moons(512, seed=0)
     apply_fn, params = functional(MLPClassifier(2, (32,), 2, rngs=nnx.Rngs(0)))
     optimizer = optax.adam(1e-2)
     transform = R.perturbation("udp", apply_fn, epsilon=0.05, step_size=0.01, num_steps=5)
-    step = R.make_train_step(apply_fn, optimizer, transform=transform, mode="clean+perturbed")
+    objective = R.classifier_objective(apply_fn, transform=transform, mode="clean+perturbed")
     result = R.train(
-        step, params, optimizer, R.batches(x.astype(np.float32), y, 128, 0), num_steps=300
+        objective, params, optimizer, R.batches(x.astype(np.float32), y, 128, 0), num_steps=300
     )
     assert result.losses[-20:].mean() < 0.5 * result.losses[:5].mean()
     assert R.accuracy(apply_fn, result.params, x, y) > 0.95
     with pytest.raises(ValueError, match="needs a transform"):
-        R.make_train_step(apply_fn, optimizer, mode="perturbed")
+        R.classifier_objective(apply_fn, mode="perturbed")
     with pytest.raises(ValueError, match="mode must be one of"):
-        R.make_train_step(apply_fn, optimizer, transform=transform, mode="adversarial")
+        R.classifier_objective(apply_fn, transform=transform, mode="adversarial")
     with pytest.raises(ValueError, match="method must be one of"):
         R.perturbation("fgsm", apply_fn)
     with pytest.raises(ValueError, match="norm must be one of"):

@@ -56,7 +56,7 @@ def test_doge_proxy_run_writes_weights_and_the_step_matches_the_rule(tmp_path):
     grads = [jax.grad(domain_loss)(state.params, d) for d in range(3)]
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
     weights, _ = mixing.doge(num_domains=3, mu=0.05, lr_schedule=exp.schedule).update(
-        stacked, state.objective
+        mixing.Observation(stacked), state.objective
     )
     train_step, _ = loop.compile_steps(exp)
     new_state, metrics = train_step(jax.tree.map(jnp.copy, state), device_batch, {})
@@ -113,7 +113,9 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     ref = token_losses(exp.frozen["reference"].graphdef, reference_params, batch)[0]
     excess = [float(jnp.sum(jnp.maximum(now - ref, 0) * m) / jnp.sum(m)) for m in masks]
     rule = mixing.doremi(num_domains=2, step_size=1.0, smoothing=1e-3)
-    expected_weights, _ = rule.update(jnp.asarray(excess), state.objective)
+    expected_weights, _ = rule.update(
+        mixing.Observation(excess=jnp.asarray(excess)), state.objective
+    )
 
     def weighted(p):
         losses, mask_ = token_losses(exp.graphdef, p, batch)
@@ -180,14 +182,16 @@ def test_selected_parameters_restrict_the_scores():
     grads = [jax.grad(domain_loss)(state.params, d) for d in range(3)]
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
     rule = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule, param_filter=chosen)
-    expected = np.asarray(rule.update(stacked, state.objective)[0])
+    expected = np.asarray(rule.update(mixing.Observation(stacked), state.objective)[0])
     _, _, metrics = jax.jit(exp.objective.gradients)(
         state.params, batch, {}, state.objective, jax.random.PRNGKey(0)
     )
     got = np.array([float(metrics[f"weight_{d}"]) for d in ("json", "email", "html")])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     unfiltered = mixing.doge(num_domains=3, mu=0.01, lr_schedule=exp.schedule)
-    assert not np.allclose(got, np.asarray(unfiltered.update(stacked, state.objective)[0]))
+    assert not np.allclose(
+        got, np.asarray(unfiltered.update(mixing.Observation(stacked), state.objective)[0])
+    )
     with pytest.raises(ValueError, match="selected_params"):
         loop.build_experiment(proxy_config(selected_params=("nothing_like_this",)))
 

@@ -1,6 +1,7 @@
 """DoReMi (Xie et al., 2023) as a mixer with DoGE's protocol, the baseline of the DoGE paper.
 
-``update(excess, state, present=None) -> (weights, state)`` takes each domain's clipped excess
+``update(Observation(excess=..., present=...), state) -> (weights, state)`` (the protocol of
+:class:`jaxlab.mixing.Mixer`; DoReMi reads no other field) takes each domain's clipped excess
 loss over a fixed reference model, ``e_i = mean_{tokens of i} max(loss - ref_loss, clip)``, as
 :func:`domain_excess` computes it from per-token (or per-example) losses: the clip is per token,
 as in the authors' trainer, not on the domain means. Then ``log a <- log a + step_size e``,
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxlab.mixing.doge import DoGEState, Mixer, check_initial_weights, mirror_step
+from jaxlab.mixing._doge import DoGEState, check_initial_weights, mirror_step
+from jaxlab.mixing._mixer import MIXERS, Mixer, Observation, required
 
 DoReMiState = DoGEState  # the same fields: log weights, their running sum, the update count
 
@@ -47,8 +49,9 @@ def doremi(
         log_weights = jnp.log(jnp.asarray(start, jnp.float32))
         return DoReMiState(log_weights, jnp.zeros_like(log_weights), jnp.zeros((), jnp.int32))
 
-    def update(excess, state: DoReMiState, present=None):
-        excess = jnp.asarray(excess)
+    def update(observation: Observation, state: DoReMiState):
+        excess = jnp.asarray(required("doremi", observation, "excess"))
+        present = observation.present
         if excess.shape != (num_domains,):
             raise ValueError(f"doremi: excess must have shape ({num_domains},), got {excess.shape}")
         if present is not None:
@@ -57,3 +60,6 @@ def doremi(
         return weights, DoReMiState(log_weights, state.weight_sum + weights, state.step + 1)
 
     return Mixer(init, update)
+
+
+MIXERS.register("doremi", doremi)

@@ -1,8 +1,9 @@
 """DoGE: domain reweighting with generalization estimation (Fan, Pagliardini, Jaggi, ICML 2024).
 
-A mixer is an ``init``/``update`` pair over a NamedTuple state, like an optax transformation.
-``doge(...).update(domain_grads, state, target_grads=None) -> (weights, state)`` follows the
-authors' trainer (brief section 1.2), one step per optimizer step:
+A mixer (:class:`jaxlab.mixing.Mixer`) is an ``init``/``update`` pair over a NamedTuple state, like
+an optax transformation. ``doge(...).update(Observation(domain_grads, target_grads), state) ->
+(weights, state)`` follows the authors' trainer (brief section 1.2), one step per optimizer step
+(``target_grads`` only for the OOD objective; DoGE reads no other field):
 
 1. every domain gradient ``g_i`` (a pytree with a leading domain axis) is clipped to global norm
    ``grad_clip`` (optional, as the code's ``max_grad_norm``), then restricted to the parameters
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlab.mixing._mixer import MIXERS, Mixer, Observation, required
+
 OBJECTIVES = ("universal", "ood")
 
 
@@ -40,15 +43,6 @@ class DoGEState(NamedTuple):
     log_weights: jax.Array
     weight_sum: jax.Array
     step: jax.Array
-
-
-class Mixer(NamedTuple):
-    """``init() -> state``; ``update(...) -> (weights, state)``; ``prepare(domain_grads)`` gives
-    the per-domain gradients the model steps on (DoGE's per-domain clipping; identity otherwise)."""
-
-    init: Callable[..., Any]
-    update: Callable[..., tuple[jax.Array, Any]]
-    prepare: Callable[[Any], Any] = lambda domain_grads: domain_grads
 
 
 def check_initial_weights(initial_weights, num_domains: int) -> np.ndarray:
@@ -139,7 +133,9 @@ def doge(
             jnp.zeros((), jnp.int32),
         )
 
-    def update(domain_grads, state: DoGEState, target_grads=None):
+    def update(observation: Observation, state: DoGEState):
+        domain_grads = required("doge", observation, "domain_grads")
+        target_grads = observation.target_grads
         leading = {g.shape[0] for g in jax.tree.leaves(domain_grads)}
         if leading != {num_domains}:
             raise ValueError(
@@ -149,7 +145,8 @@ def doge(
         if (objective == "ood") != (target_grads is not None):
             raise ValueError(
                 f"doge: objective {objective!r} "
-                + ("needs target_grads" if objective == "ood" else "takes no target_grads")
+                + ("needs" if objective == "ood" else "takes no")
+                + " target_grads in its observation"
             )
         domain_grads = prepare(domain_grads)  # a no-op on already prepared gradients
         if target_grads is not None:
@@ -252,3 +249,6 @@ def cancellation_prerun(
             sums = jax.tree.map(jnp.add, sums, cancellation_ratios(grads, previous, params))
         previous, params = params, new
     return sums
+
+
+MIXERS.register("doge", doge)
