@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxlab import models
 from jaxlab.infer.sampling import SamplingConfig, check_token_ids, sample_with_logprobs
-from jaxlab.models.transformer import KVCache, Transformer
+from jaxlab.models.interface import Cache, LanguageModel
 
 if TYPE_CHECKING:
     from jaxlab.data.tokenizers import Tokenizer
@@ -62,12 +62,12 @@ class GenerateOutput(NamedTuple):
 
 
 def prefill(
-    model: Transformer,
+    model: LanguageModel,
     tokens: jax.Array,
-    cache: KVCache,
+    cache: Cache,
     logits_at: jax.Array | None = None,
     lengths: jax.Array | None = None,
-) -> tuple[jax.Array, KVCache]:
+) -> tuple[jax.Array, Cache]:
     """Runs ``tokens: [batch, seq]`` at positions ``0..seq-1`` and fills the cache.
 
     ``lengths: [batch]`` marks right padding: recurrent layers stop their state at each row's
@@ -78,18 +78,18 @@ def prefill(
     """
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    return model(tokens, positions=positions, cache=cache, logits_at=logits_at, lengths=lengths)
+    return model.decode(tokens, cache, positions=positions, logits_at=logits_at, lengths=lengths)
 
 
 def decode_step(
-    model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache
-) -> tuple[jax.Array, KVCache]:
+    model: LanguageModel, tokens: jax.Array, positions: jax.Array, cache: Cache
+) -> tuple[jax.Array, Cache]:
     """One token per row: ``tokens: [batch]`` at ``positions: [batch]``.
 
     Returns:
       logits [batch, vocab] and the cache.
     """
-    logits, cache = model(tokens[:, None], positions=positions[:, None], cache=cache)
+    logits, cache = model.decode(tokens[:, None], cache, positions=positions[:, None])
     return logits[:, 0], cache
 
 
@@ -248,7 +248,7 @@ def _validate(
 
 
 def generate(
-    model: Transformer,
+    model: LanguageModel,
     prompts: jax.Array,
     prompt_lengths: jax.Array | Sequence[int] | None = None,
     *,
@@ -426,7 +426,7 @@ def _generate(
         out_logprobs: jax.Array
         out_sampling_logprobs: jax.Array
         lengths: jax.Array
-        cache: KVCache
+        cache: Cache
         rng: jax.Array
 
     def cond(c: Carry):

@@ -15,15 +15,17 @@ Mixers (``d = inner_size``, ``N = state_size``):
   conv without activation; ``h_t = exp(-softplus(a_t)) h_{t-1} + x_t B_t^T`` (the input is not
   scaled by the step), ``y = h C + D x``; ``out_proj(y * silu(z + z_bias))``.
 
-Decoding: ``model(tokens, cache=cache)`` with a cache from :func:`init_cache` runs the same scan
+Calling conventions: those of every family (:class:`~jaxlab.models.interface.LanguageModel`).
+Decoding: ``model.decode(tokens, cache)`` with a cache from :func:`init_cache` runs the same scan
 from the cached state (any number of tokens at once: a prompt, then one token per step) and
-returns ``(logits, cache)``; the conv keeps its last ``conv_kernel - 1`` inputs. Attention layers
-of a hybrid use a KV cache as the Transformer does. Packed documents (``segment_ids``) are
-isolated in attention layers only: the recurrence runs across document boundaries, as in Mamba's
-own packed pretraining.
+returns ``(logits, cache)``; the conv keeps its last ``conv_kernel - 1`` inputs. The cache is the
+:class:`~jaxlab.models.interface.Cache` every family uses: a :class:`MixerCache` per Mamba layer
+and, for the attention layers of a hybrid, a :class:`LayerCache` as the Transformer's. Packed
+documents (``segment_ids``) are isolated in attention layers only: the recurrence runs across
+document boundaries, as in Mamba's own packed pretraining.
 
-Internals: ``model(tokens, return_hidden=True)`` (or ``return_attention=True``) returns
-``(logits, hidden)`` (``(logits, cache, hidden)`` with a cache), ``hidden`` a
+Internals: ``return_hidden=True`` (or ``return_attention=True``) appends ``hidden`` to the result,
+``(logits, hidden)`` or ``(logits, cache, hidden)`` from ``decode``, ``hidden`` a
 :class:`~jaxlab.models.layers.HiddenStates` with the residual stream after every layer and, with
 ``return_attention``, the probabilities of the attention layers (``None`` for Mamba layers).
 """
@@ -32,21 +34,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlab.models.interface import Cache, LanguageModel, LayerCache, MixerCache
 from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, param
 from jaxlab.models.partitioning import constrain
-from jaxlab.models.transformer import (
-    DTYPES,
-    Block,
-    LayerCache,
-    TransformerConfig,
-    canonical_dtype,
-)
+from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
 from jaxlab.ops import scan as scan_ops
 
 MIXERS = ("mamba1", "mamba2", "discrete_mamba2")
@@ -239,13 +236,6 @@ class MambaConfig:
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
         )
-
-
-class MixerCache(NamedTuple):
-    """conv: [batch, conv_kernel - 1, conv channels] last inputs; ssm: the scan state (float32)."""
-
-    conv: jax.Array
-    ssm: jax.Array
 
 
 def _conv_channels(c: MambaConfig) -> int:
@@ -445,8 +435,9 @@ class MambaBlock(nnx.Module):
         return x, cache
 
 
-def init_cache(config: MambaConfig, batch: int, max_len: int, dtype=None) -> list:
-    """Per layer: a :class:`MixerCache` (zeros) or, for attention layers, a KV cache."""
+def init_cache(config: MambaConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty (zero) :class:`Cache`: per layer a :class:`MixerCache` or, for attention layers,
+    a :class:`LayerCache` of ``max_len`` slots."""
     dtype = config.compute_dtype if dtype is None else dtype
     att = config.attention_config() if config.attention_layers else None
     caches = []
@@ -457,11 +448,13 @@ def init_cache(config: MambaConfig, batch: int, max_len: int, dtype=None) -> lis
         else:
             conv = jnp.zeros((batch, config.conv_kernel - 1, _conv_channels(config)), dtype)
             caches.append(MixerCache(conv, jnp.zeros(_ssm_shape(config, batch), jnp.float32)))
-    return caches
+    return Cache(tuple(caches))
 
 
-class MambaLM(nnx.Module):
-    """Embedding, blocks (Mamba or attention), final norm, head; called like the Transformer."""
+class MambaLM(LanguageModel):
+    """Embedding, blocks (Mamba or attention), final norm, head; called like the Transformer:
+    ``model(tokens, ...)`` -> logits, ``model.decode(tokens, cache, ...)`` -> ``(logits, cache)``
+    (see :class:`LanguageModel`)."""
 
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
         c = self.config = config
@@ -491,33 +484,31 @@ class MambaLM(nnx.Module):
                 std=c.initializer_range,
             )
 
-    def __call__(
+    def _cache_kinds(self) -> tuple[type, ...]:
+        return tuple(
+            LayerCache if i in self.config.attention_layers else MixerCache
+            for i in range(self.config.num_layers)
+        )
+
+    def _run(
         self,
         tokens,
-        *,
-        positions=None,
-        segment_ids=None,
-        cache=None,
-        logits_at=None,
-        lengths=None,
-        return_hidden: bool = False,
-        return_attention: bool = False,
+        positions,
+        segment_ids,
+        cache,
+        logits_at,
+        lengths,
+        return_hidden,
+        return_attention,
     ):
-        """tokens: [batch, seq]; with ``cache`` (from :func:`init_cache`) returns (logits, cache).
+        """The loop behind :meth:`__call__` and :meth:`decode` (arguments documented there).
 
-        positions: [batch, seq] (attention layers; with a cache also the KV slots written).
-        lengths: [batch] valid tokens per row of right-padded input: the recurrent states and
-          conv caches stop at each row's length (attention masks padding by position).
-        logits_at: [batch] one position per row to compute logits at.
-        return_hidden: also return a :class:`HiddenStates` (last, after the cache if any) whose
-          ``residuals`` are ``num_layers + 1`` arrays [batch, seq, embed]: the embedding output,
-          then each layer's output (over the whole sequence, even with ``logits_at``).
-        return_attention: also return, in the same :class:`HiddenStates`, one float32
-          [batch, heads, seq, kv_len] probability array per attention layer and ``None`` per
-          Mamba layer. Implies the residuals too.
+        Mamba specifics: ``positions`` matter in attention layers only (with a cache, also the
+        KV slots written); ``lengths`` (decoding) stops the recurrent states and conv caches at
+        each row's length; the attention probabilities are ``None`` for Mamba layers.
 
-        Returns: logits [batch, seq, vocab] float32 ([batch, 1, vocab] with ``logits_at``), then
-          the new cache when ``cache`` was given, then the :class:`HiddenStates` when asked for.
+        Returns:
+          ``(logits, new cache or None, HiddenStates or None)``.
         """
         c = self.config
         if tokens.ndim != 2:
@@ -525,10 +516,6 @@ class MambaLM(nnx.Module):
         batch, seq = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if cache is not None and len(cache) != c.num_layers:
-            raise ValueError(
-                f"MambaLM: cache has {len(cache)} layers, the model has {c.num_layers}"
-            )
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         axes = ("batch", "seq", "embed")
         x = constrain(x, axes)
@@ -561,8 +548,7 @@ class MambaLM(nnx.Module):
             "bse,ev->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32
         )
         logits = constrain(logits, ("batch", "seq", "vocab"))
-        outputs = (logits,) if cache is None else (logits, new_cache)
+        hidden = None
         if collect:
             hidden = HiddenStates(tuple(residuals), tuple(probs) if return_attention else None)
-            outputs += (hidden,)
-        return outputs[0] if len(outputs) == 1 else outputs
+        return logits, None if cache is None else Cache(tuple(new_cache)), hidden

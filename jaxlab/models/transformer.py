@@ -6,23 +6,24 @@ tied or untied output head. Parameters are stored in ``param_dtype`` and cast to
 compute; logits are returned in float32. Every parameter carries logical axis names
 (``vocab, embed, heads, kv_heads, head_dim, mlp``) that ``jaxlab.train.sharding`` maps to a mesh.
 
-Calling conventions:
+Calling conventions (those of every family, :class:`~jaxlab.models.interface.LanguageModel`):
   * ``model(tokens)`` -> logits ``[batch, seq, vocab]`` (causal, positions ``arange(seq)``);
   * ``model(tokens, positions=..., segment_ids=...)`` for packed sequences;
-  * ``model(tokens, positions=..., cache=cache)`` -> ``(logits, cache)`` for decoding, where
-    ``cache`` comes from :func:`init_cache` and row ``b``'s tokens are written at cache slots
+  * ``model.decode(tokens, cache, positions=...)`` -> ``(logits, cache)`` for decoding, where
+    ``cache`` (a :class:`~jaxlab.models.interface.Cache` of one :class:`LayerCache` per layer)
+    comes from :func:`init_cache` and row ``b``'s tokens are written at cache slots
     ``positions[b]`` (contiguous);
-  * ``model(tokens, return_hidden=True)`` (or ``return_attention=True``) -> ``(logits, hidden)``
-    (``(logits, cache, hidden)`` with a cache), ``hidden`` a
-    :class:`~jaxlab.models.layers.HiddenStates`: the residual stream after every block and,
-    with ``return_attention``, each layer's attention probabilities. The same loop that computes
-    the logits collects them; a call that asks for neither traces exactly as before.
+  * ``return_hidden=True`` (or ``return_attention=True``) appends a
+    :class:`~jaxlab.models.layers.HiddenStates` to either: ``(logits, hidden)``,
+    ``(logits, cache, hidden)``; it holds the residual stream after every block and, with
+    ``return_attention``, each layer's attention probabilities. The same loop that computes the
+    logits collects them; a call that asks for neither traces exactly as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from flax import nnx
 
 from jaxlab import ops
 from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
+from jaxlab.models.interface import Cache, LanguageModel, LayerCache
 from jaxlab.models.layers import (
     HiddenStates,
     RMSNorm,
@@ -221,32 +223,24 @@ class TransformerConfig:
         return DTYPES[self.param_dtype]
 
 
-class LayerCache(NamedTuple):
-    """Keys and values of one layer for every cache slot.
-
-    Attributes:
-      k: [batch, max_len, kv_heads, head_dim]
-      v: [batch, max_len, kv_heads, head_dim]
-    """
-
-    k: jax.Array
-    v: jax.Array
+# The name jaxlab.models exports for the decoding cache, which is one type for every family.
+KVCache = Cache
 
 
-KVCache = tuple[LayerCache, ...]
-
-
-def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty (zero) cache for ``batch`` rows of up to ``max_len`` positions."""
+def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty (zero) cache for ``batch`` rows of up to ``max_len`` positions: a :class:`Cache`
+    of one :class:`LayerCache` per layer."""
     if max_len > config.max_seq_len:
         raise ValueError(
             f"init_cache: max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}"
         )
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
-    return tuple(
-        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-        for _ in range(config.num_layers)
+    return Cache(
+        tuple(
+            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(config.num_layers)
+        )
     )
 
 
@@ -472,8 +466,9 @@ class Block(nnx.Module):
         return (x + self.mlp(self.post_attention_norm(x)), cache, *probs)
 
 
-class Transformer(nnx.Module):
-    """The decoder. See the module docstring for calling conventions."""
+class Transformer(LanguageModel):
+    """The decoder: ``model(tokens, ...)`` -> logits, ``model.decode(tokens, cache, ...)`` ->
+    ``(logits, cache)`` (see the module docstring and :class:`LanguageModel`)."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         c = config
@@ -500,50 +495,30 @@ class Transformer(nnx.Module):
         if c.dwa is not None:
             self.dwa = DepthWeightedAverages(c.num_layers, c.dwa, param_dtype=c.storage_dtype)
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
-        logits_at: jax.Array | None = None,
-        lengths: jax.Array | None = None,
-        return_hidden: bool = False,
-        return_attention: bool = False,
-    ) -> (
-        jax.Array
-        | tuple[jax.Array, KVCache]
-        | tuple[jax.Array, HiddenStates]
-        | tuple[jax.Array, KVCache, HiddenStates]
-    ):
-        """Runs the decoder.
+    def _cache_kinds(self) -> tuple[type, ...]:
+        return (LayerCache,) * self.config.num_layers
 
-        Args:
-          tokens: [batch, seq] int token ids.
-          positions: [batch, seq] int positions; default ``arange(seq)`` per row. With a cache,
-            each row's positions must be contiguous (they are also the cache slots written).
-          segment_ids: [batch, seq] ints; tokens attend only within their segment (packing).
-            Not used with a cache.
-          cache: per-layer keys/values from :func:`init_cache`; if given, the updated cache is
-            returned with the logits.
-          logits_at: [batch] int; if given, logits only at that position of each row (e.g. the
-            last prompt token), which skips the vocabulary projection everywhere else.
-          lengths: [batch] valid tokens of right-padded rows. Accepted for the decoding
-            interface that recurrent models share; attention needs only positions (decoding
-            overwrites the padded cache slots before any query can see them).
-          return_hidden: also return a :class:`HiddenStates` with the residual stream:
-            ``num_layers + 1`` arrays [batch, seq, embed] (the embedding output, then each
-            block's output; for a DenseFormer the block outputs ``X_i`` before the averages,
-            which are in ``averaged``). Always over the whole sequence, even with ``logits_at``.
-          return_attention: also return (in the same :class:`HiddenStates`) each layer's
-            attention probabilities [batch, heads, seq, kv_len] float32, ``kv_len`` the cache
-            length with a cache, ``seq`` without. Implies the residuals too.
+    def _run(
+        self,
+        tokens,
+        positions,
+        segment_ids,
+        cache,
+        logits_at,
+        lengths,
+        return_hidden,
+        return_attention,
+    ):
+        """The loop behind :meth:`__call__` and :meth:`decode` (arguments documented there).
+
+        Transformer specifics: ``lengths`` is unused (attention needs only positions); the
+        residuals of a
+        DenseFormer are the block outputs ``X_i`` before the averages, which are in
+        ``HiddenStates.averaged``; ``kv_len`` of the attention probabilities is the cache length
+        with a cache, ``seq`` without.
 
         Returns:
-          logits [batch, seq, vocab] float32 ([batch, 1, vocab] with ``logits_at``), then the
-          new cache when ``cache`` was given, then the :class:`HiddenStates` when
-          ``return_hidden`` or ``return_attention`` is set.
+          ``(logits, new cache or None, HiddenStates or None)``.
         """
         c = self.config
         del lengths
@@ -560,12 +535,6 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"Transformer: positions shape {positions.shape} must equal tokens shape "
                 f"{tokens.shape}"
-            )
-        if cache is not None and segment_ids is not None:
-            raise ValueError("Transformer: segment_ids are not supported together with a cache")
-        if cache is not None and len(cache) != c.num_layers:
-            raise ValueError(
-                f"Transformer: cache has {len(cache)} layers, the model has {c.num_layers}"
             )
         residual_axes = ("batch", "seq", "embed")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
@@ -613,10 +582,9 @@ class Transformer(nnx.Module):
             head = self.lm_head[...].astype(x.dtype)
         logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
-        outputs = (logits,) if cache is None else (logits, tuple(new_cache))
+        hidden = None
         if collect:
             hidden = HiddenStates(
                 tuple(residuals), tuple(probs) if return_attention else None, averaged
             )
-            outputs += (hidden,)
-        return outputs[0] if len(outputs) == 1 else outputs
+        return logits, None if cache is None else Cache(tuple(new_cache)), hidden

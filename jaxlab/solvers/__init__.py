@@ -1,6 +1,9 @@
-"""Constrained variational-inequality solvers: ACVI and projected first-order baselines."""
+"""Constrained variational-inequality solvers: ACVI and projected first-order baselines.
 
-from jaxlab.solvers.acvi import ACVIConfig, ACVIResult, ACVITrajectory, acvi, acvi_until
+The ACVI code lives in the private module ``_acvi`` so that ``jaxlab.solvers.acvi`` is the
+function, not a module it shadows (as optax keeps ``optax._src``)."""
+
+from jaxlab.solvers._acvi import ACVIConfig, ACVIResult, ACVITrajectory, acvi, acvi_until
 from jaxlab.solvers.baselines import (
     BASELINES,
     Trajectory,

@@ -188,10 +188,10 @@ def test_transformer_hidden_states_with_a_cache():
     _, full = model(tokens, return_attention=True)
     max_len = SEQ + 3
     cache = models.make_cache(config, BATCH, max_len)
-    logits, new_cache, hidden = model(
-        tokens, positions=positions, cache=cache, return_hidden=True, return_attention=True
+    logits, new_cache, hidden = model.decode(
+        tokens, cache, positions=positions, return_hidden=True, return_attention=True
     )
-    plain_logits, plain_cache = model(tokens, positions=positions, cache=cache)
+    plain_logits, plain_cache = model.decode(tokens, cache, positions=positions)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain_logits))
     for got, want in zip(jax.tree.leaves(new_cache), jax.tree.leaves(plain_cache), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -331,7 +331,7 @@ def test_mamba_hidden_states_equal_the_blocks_called_by_hand(variant):
     positions = jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ))
     _, full = model(tokens, return_hidden=True)
     cache = models.make_cache(config, BATCH, SEQ + 2)
-    logits, _, cached = model(tokens, positions=positions, cache=cache, return_hidden=True)
+    logits, _, cached = model.decode(tokens, cache, positions=positions, return_hidden=True)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(model(tokens)), atol=1e-5)
     assert_sequence_equal(cached.residuals, full.residuals, atol=1e-5)
 

@@ -42,10 +42,10 @@ def test_prefill_then_token_steps_equal_the_full_forward(variant):
     full = model(tokens)
     positions = jnp.broadcast_to(jnp.arange(25), (3, 25))
     cache = init_cache(config, 3, 32)
-    logits, cache = model(tokens[:, :9], positions=positions[:, :9], cache=cache)
+    logits, cache = model.decode(tokens[:, :9], cache, positions=positions[:, :9])
     steps = [logits]
     for t in range(9, 25):
-        logits, cache = model(tokens[:, t : t + 1], positions=positions[:, t : t + 1], cache=cache)
+        logits, cache = model.decode(tokens[:, t : t + 1], cache, positions=positions[:, t : t + 1])
         steps.append(logits)
     got = jnp.concatenate(steps, axis=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-5)

@@ -36,10 +36,10 @@ def test_cached_decoding_equals_the_full_forward(kind):
     full = model(tokens)
     cache = init_cache(config, 3, 32)
     positions = jnp.broadcast_to(jnp.arange(24), (3, 24))
-    logits, cache = model(tokens[:, :10], positions=positions[:, :10], cache=cache)
+    logits, cache = model.decode(tokens[:, :10], cache, positions=positions[:, :10])
     steps = [logits]
     for t in range(10, 24):
-        logits, cache = model(tokens[:, t : t + 1], positions=positions[:, t : t + 1], cache=cache)
+        logits, cache = model.decode(tokens[:, t : t + 1], cache, positions=positions[:, t : t + 1])
         steps.append(logits)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-4)
 

@@ -261,9 +261,7 @@ def test_a_large_fixed_barrier_stalls_away_from_the_solution():
 
 
 def test_tolerance_loop_matches_the_scan_and_loops_compile_once():
-    import importlib
-
-    acvi_module = importlib.import_module("jaxlab.solvers.acvi")  # the package exports acvi()
+    from jaxlab.solvers import _acvi as acvi_module
 
     problem = S.bilinear_simplex_game(30, 0.3)
     config = S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10, last_inner_steps=200)
@@ -343,11 +341,10 @@ def test_acvi_on_a_polyhedron_reaches_the_kkt_solution(seed):
 
 
 def test_the_acvi_loop_traces_once_for_many_starts():
-    import importlib
-
     import chex
 
-    acvi_module = importlib.import_module("jaxlab.solvers.acvi")
+    from jaxlab.solvers import _acvi as acvi_module
+
     problem = S.bilinear_simplex_game(10, 0.5)
     config = S.ACVIConfig(beta=0.5, outer_steps=3, last_inner_steps=5)
     traced = jax.jit(
@@ -387,3 +384,15 @@ def test_general_inequalities_agree_with_the_closed_form_ball():
     np.testing.assert_allclose(f / np.linalg.norm(f), -x / np.linalg.norm(x), atol=1e-3)
     with pytest.raises(NotImplementedError, match="no Euclidean projection"):
         general.project(x0)
+
+
+def test_acvi_is_the_function_and_its_module_is_private():
+    """``jaxlab.solvers.acvi`` names only the solver; no public module shadows it."""
+    import importlib
+    import types
+
+    from jaxlab.solvers import _acvi
+
+    assert S.acvi is _acvi.acvi and not isinstance(S.acvi, types.ModuleType)
+    with pytest.raises(ModuleNotFoundError, match="jaxlab.solvers.acvi"):
+        importlib.import_module("jaxlab.solvers.acvi")
