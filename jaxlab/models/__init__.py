@@ -8,11 +8,10 @@ from typing import Any, NamedTuple
 from flax import nnx
 
 from jaxlab.models import mamba, transformer
+from jaxlab.models.interface import Cache, LanguageModel, LayerCache, MixerCache
 from jaxlab.models.layers import HiddenStates
 from jaxlab.models.mamba import MambaConfig, MambaLM
 from jaxlab.models.transformer import (
-    KVCache,
-    LayerCache,
     Transformer,
     TransformerConfig,
     init_cache,
@@ -78,14 +77,16 @@ def build(config: Any, rngs: nnx.Rngs) -> nnx.Module:
 
 __all__ = [
     "HiddenStates",
-    "KVCache",
+    "Cache",
     "MODELS",
     "ModelEntry",
     "MambaConfig",
     "MambaLM",
     "make_cache",
     "make_config",
+    "LanguageModel",
     "LayerCache",
+    "MixerCache",
     "Transformer",
     "TransformerConfig",
     "build",

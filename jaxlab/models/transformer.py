@@ -223,10 +223,6 @@ class TransformerConfig:
         return DTYPES[self.param_dtype]
 
 
-# The name jaxlab.models exports for the decoding cache, which is one type for every family.
-KVCache = Cache
-
-
 def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty (zero) cache for ``batch`` rows of up to ``max_len`` positions: a :class:`Cache`
     of one :class:`LayerCache` per layer."""
