@@ -60,7 +60,7 @@ def sweep(workdir: str, lrs: list[float], num_steps: int) -> dict:
             run = os.path.join(workdir, f"{optimizer}_lr{lr:g}")
             print(f"--- {optimizer}, lr {lr:g}: {run}")
             summary = loop.train_and_evaluate(make_config(optimizer, lr, num_steps), run)
-            results[(optimizer, lr)] = dict(run=run, eval_loss=summary["eval"]["eval_loss"])
+            results[(optimizer, lr)] = dict(run=run, eval_loss=summary.eval["eval_loss"])
     return results
 
 

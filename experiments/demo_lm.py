@@ -61,7 +61,7 @@ def main(argv):
         f"on {jax.device_count()} {jax.default_backend()} device(s); workdir {workdir}"
     )
     summary = loop.train_and_evaluate(config, workdir)
-    exp = summary["experiment"]
+    exp = summary.experiment
     records = loop.read_metrics(workdir)
     evals = [r for r in records if "eval_loss" in r]
     before, after = evals[0], evals[-1]
@@ -72,7 +72,7 @@ def main(argv):
     print("computing the unigram baseline on the same held-out tokens")
     unigram = unigram_perplexity(config, exp.tokenizer, eval_data)
 
-    model = nnx.merge(exp.graphdef, summary["state"].params)
+    model = nnx.merge(exp.graphdef, summary.state.params)
     prompt = np.asarray([exp.tokenizer.encode(FLAGS.prompt, add_bos=True)] * 2)
     max_new = min(200, exp.model_config.max_seq_len - prompt.shape[1])
     out = generate(
@@ -87,7 +87,7 @@ def main(argv):
         FLAGS.prompt + exp.tokenizer.decode(np.asarray(out.tokens[i, : int(out.lengths[i])]))
         for i in range(2)
     ]
-    n_params = sum(x.size for x in jax.tree.leaves(summary["state"].params))
+    n_params = sum(x.size for x in jax.tree.leaves(summary.state.params))
     lines = [
         "# jaxlab demo: a tiny Llama trained on the embedded corpus",
         "",

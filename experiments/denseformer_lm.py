@@ -57,8 +57,8 @@ def make_config(depth: int, dwa: dict | None, num_steps: int):
 
 
 def decode_tokens_per_s(summary, batch: int, new_tokens: int) -> float:
-    exp = summary["experiment"]
-    model = nnx.merge(exp.graphdef, summary["state"].params)
+    exp = summary.experiment
+    model = nnx.merge(exp.graphdef, summary.state.params)
     prompts = np.full((batch, 16), exp.tokenizer.bos_id, np.int32)
 
     def run():
@@ -86,17 +86,17 @@ def main(argv):
         run = os.path.join(workdir, name.replace(" ", "_").replace("=", ""))
         print(f"--- {name}: {run}")
         summary = loop.train_and_evaluate(make_config(layers, dwa, FLAGS.num_steps), run)
-        params = sum(x.size for x in jax.tree.leaves(summary["state"].params))
+        params = sum(x.size for x in jax.tree.leaves(summary.state.params))
         results[name] = dict(
-            eval_loss=summary["eval"]["eval_loss"],
+            eval_loss=summary.eval["eval_loss"],
             parameters=int(params),
             decode_tokens_per_s=decode_tokens_per_s(
                 summary, FLAGS.decode_batch, FLAGS.decode_tokens
             ),
         )
         if dwa is not None:
-            exp = summary["experiment"]
-            model = nnx.merge(exp.graphdef, summary["state"].params)
+            exp = summary.experiment
+            model = nnx.merge(exp.graphdef, summary.state.params)
             matrix = model.dwa.weight_matrix()
             results[name]["dwa_weights"] = np.where(np.isnan(matrix), None, matrix).tolist()
             tag = f"{dwa['dilation']}x{dwa['period']}"

@@ -51,7 +51,7 @@ def corpus_config(c, seed, *, sources, mixer=None, weights=None, weights_file=""
 
 def per_domain_perplexity(summary, config, domains, eval_batches):
     """Validation perplexity of the run's final model on each domain's held-out documents."""
-    exp = summary["experiment"]
+    exp = summary.experiment
     _, eval_step = loop.compile_steps(exp)
     out = {}
     for domain in domains:
@@ -60,7 +60,7 @@ def per_domain_perplexity(summary, config, domains, eval_batches):
         batches = pipeline.eval_batches(
             data, exp.tokenizer, config.seq_len, config.batch_size, eval_batches
         )
-        loss = loop.evaluate(exp, summary["state"].params, batches, eval_step)["eval_loss"]
+        loss = loop.evaluate(exp, summary.state.params, batches, eval_step)["eval_loss"]
         out[domain] = math.exp(loss)
     return out
 

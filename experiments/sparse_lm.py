@@ -68,8 +68,8 @@ def main(argv):
         curves[name] = records
         tokens = sum(r["tokens"] for r in records if "tokens" in r)
         results[name] = dict(
-            eval_loss=summary["eval"]["eval_loss"],
-            eval_perplexity=summary["eval"]["eval_perplexity"],
+            eval_loss=summary.eval["eval_loss"],
+            eval_perplexity=summary.eval["eval_perplexity"],
             # Whole run: compilation and evaluations included.
             tokens_per_s=tokens / elapsed,
             steps=config.num_steps,

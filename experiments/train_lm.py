@@ -38,7 +38,7 @@ def main(argv):
         )
     summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if "eval" in summary:
-        print(f"final eval: {summary['eval']}")
+        print(f"final eval: {summary.eval}")
 
 
 if __name__ == "__main__":
