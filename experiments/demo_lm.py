@@ -20,6 +20,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jaxlab.data import pipeline
+from jaxlab.eval import report
 from jaxlab.infer import SamplingConfig, generate
 from jaxlab.train import loop
 
@@ -88,28 +89,28 @@ def main(argv):
         for i in range(2)
     ]
     n_params = sum(x.size for x in jax.tree.leaves(summary.state.params))
-    lines = [
-        "# jaxlab demo: a tiny Llama trained on the embedded corpus",
-        "",
+    doc = report.Report("jaxlab demo: a tiny Llama trained on the embedded corpus").add(
         f"{n_params:,} parameters, byte tokenizer, {config.num_steps} steps x "
         f"{config.batch_size} x {config.seq_len} tokens on {jax.default_backend()}; held-out "
         f"set: {config.eval_batches} batches of standard-library files never trained on.",
-        "",
-        "| held-out perplexity (per byte) | value |",
-        "|---|---|",
-        f"| unigram baseline (training byte frequencies) | {unigram:.2f} |",
-        f"| model before training (step {before['step']}) | {before['eval_perplexity']:.2f} |",
-        f"| model after training (step {after['step']}) | {after['eval_perplexity']:.2f} |",
-        "",
-        "![loss curve](loss.png)",
-        "",
-        "Samples (temperature 0.7, top-p 0.95):",
-        "",
-        *(f"```python\n{s}\n```\n" for s in samples),
+    )
+    perplexities = [
+        ("unigram baseline (training byte frequencies)", f"{unigram:.2f}"),
+        (f"model before training (step {before['step']})", f"{before['eval_perplexity']:.2f}"),
+        (f"model after training (step {after['step']})", f"{after['eval_perplexity']:.2f}"),
     ]
-    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[4:9]))
+    doc.table(("held-out perplexity (per byte)", "value"), perplexities)
+    doc.images(("loss.png", "loss curve"))
+    doc.add("Samples (temperature 0.7, top-p 0.95):")
+    doc.add(*(f"```python\n{s}\n```\n" for s in samples))
+    results = dict(
+        parameters=int(n_params),
+        unigram_perplexity=unigram,
+        before=dict(step=before["step"], eval_perplexity=before["eval_perplexity"]),
+        after=dict(step=after["step"], eval_perplexity=after["eval_perplexity"]),
+    )
+    report.write(workdir, doc, results)
+    print("\n".join(report.table(("held-out perplexity (per byte)", "value"), perplexities)))
     print(f"\nsample:\n{samples[0]}\n\nreport: {os.path.join(workdir, 'REPORT.md')}")
 
 
