@@ -22,22 +22,22 @@ demo: $(STAMP)
 	$(PY) -m experiments.demo_lm --workdir=$(WORKDIR)
 
 bench: $(STAMP)
-	$(PY) -m experiments.bench_model --out=bench_results/bench_model.json
-	$(PY) -m experiments.bench_train --out=bench_results/bench_train.json
-	$(PY) -m experiments.bench_optim --out=bench_results/bench_optim.json
-	$(PY) -m experiments.bench_denseformer --out=bench_results/bench_denseformer.json
-	$(PY) -m experiments.bench_attention --out=bench_results/bench_attention.json
-	$(PY) -m experiments.bench_scan --out=bench_results/bench_scan.json
-	$(PY) -m experiments.bench_acvi --out=bench_results/bench_acvi.json
-	$(PY) -m experiments.bench_udp --out=bench_results/bench_udp.json
-	$(PY) -m experiments.bench_doge --out=bench_results/bench_doge.json
-	$(PY) -m experiments.bench_generate --out=bench_results/bench_generate.json
+	$(PY) -m experiments.bench.model --out=bench_results/bench_model.json
+	$(PY) -m experiments.bench.train --out=bench_results/bench_train.json
+	$(PY) -m experiments.bench.optim --out=bench_results/bench_optim.json
+	$(PY) -m experiments.bench.denseformer --out=bench_results/bench_denseformer.json
+	$(PY) -m experiments.bench.attention --out=bench_results/bench_attention.json
+	$(PY) -m experiments.bench.scan --out=bench_results/bench_scan.json
+	$(PY) -m experiments.bench.acvi --out=bench_results/bench_acvi.json
+	$(PY) -m experiments.bench.udp --out=bench_results/bench_udp.json
+	$(PY) -m experiments.bench.doge --out=bench_results/bench_doge.json
+	$(PY) -m experiments.bench.generate --out=bench_results/bench_generate.json
 
 # On a lent GPU machine, which has no network: its own python3 already holds jax[cuda], absl and
 # numpy, so this target installs nothing and runs from the source tree.
 GPU_PYTHON ?= python3
 bench-gpu:
-	PYTHONPATH=. $(GPU_PYTHON) -m experiments.bench_gpu --out=bench_results/bench_gpu.json
+	PYTHONPATH=. $(GPU_PYTHON) -m experiments.bench.gpu --out=bench_results/bench_gpu.json
 
 # ruff format's output is the layout: no pragmas that switch it off.
 lint: $(STAMP)

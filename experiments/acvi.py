@@ -16,7 +16,6 @@ Writes ``REPORT.md``, ``results.json`` and PNG plots in ``--workdir``:
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -28,6 +27,7 @@ from ml_collections import config_flags
 
 from jaxlab import solvers as S
 from jaxlab.data.images import load_mnist
+from jaxlab.eval import plots, report
 from jaxlab.solvers import gan_game as GG
 
 flags.DEFINE_string("workdir", "runs/acvi", "Output directory.")
@@ -282,12 +282,7 @@ def gan(config):
 
 
 def plot_gan(workdir, result):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plots.figure((6, 4))
     for i, (name, runs) in enumerate(result["curves"].items()):
         runs = np.asarray(runs)
         evals = np.arange(runs.shape[1]) * result["every"]
@@ -298,19 +293,12 @@ def plot_gan(workdir, result):
     ax.set_ylabel("MMD^2 to held-out data")
     ax.set_title(f"constrained GAN on the {result['data']} (band: min-max over seeds)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "gan.png"), dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "gan.png", dpi=120)
 
 
 def plot_sweep(workdir, table, config):
     """Iterations to the target against eta, ours (solid) beside the notebook's (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plots.figure((6.5, 4))
     etas = list(table)
     for i, name in enumerate(next(iter(table.values()))):
         ours = [table[eta][name]["iterations"] for eta in etas]
@@ -324,18 +312,11 @@ def plot_sweep(workdir, table, config):
         f"simplex game: ours (dim {config.dim}, solid) vs notebook (dim 500, dashed)", fontsize=9
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "eta_sweep.png"), dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "eta_sweep.png", dpi=120)
 
 
-def plots(workdir, paths2d, gaps):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(paths2d), figsize=(5 * len(paths2d), 5))
+def plot_games(workdir, paths2d, gaps):
+    fig, axes = plots.figure((5 * len(paths2d), 5), 1, len(paths2d))
     for ax, (game, (start, solution, rows)) in zip(axes, paths2d.items(), strict=True):
         for name, xs in rows.items():
             ax.plot(
@@ -350,10 +331,8 @@ def plots(workdir, paths2d, gaps):
         ax.set_ylabel("x2")
         ax.set_title(f"{game}: 49 iterations", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "games_2d.png"), dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    report.save_figure(fig, workdir, "games_2d.png", dpi=110)
+    fig, ax = plots.figure((6, 4))
     k = np.arange(1, len(gaps["acvi"]) + 1)
     ax.loglog(k, gaps["acvi"], label=f"ACVI (slope {gaps['acvi_slope']:.2f})")
     ax.loglog(k, gaps["gda"], label=f"projected GDA (slope {gaps['gda_slope']:.2f})")
@@ -362,18 +341,15 @@ def plots(workdir, paths2d, gaps):
     ax.set_ylabel("gap of the last iterate")
     ax.set_title("random 20x20 matrix game on simplices, fixed mu = 1e-8", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "gap_rate.png"), dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "gap_rate.png", dpi=120)
 
 
-def report(config, paths2d, table, gaps, gan_result):
+def build_report(config, paths2d, table, gaps, gan_result):
     def fmt(v):
         return "not reached" if not np.isfinite(v) else f"{v:g}"
 
+    doc = report.Report("ACVI against projected first-order methods")
     lines = [
-        "# ACVI against projected first-order methods",
-        "",
         "## 2-D games (49 iterations of step 0.1; the notebook's settings)",
         "",
         "Lookahead: 49 lookahead steps of 4 GDA steps (3 on the forsaken game), alpha 0.5, "
@@ -445,7 +421,7 @@ def report(config, paths2d, table, gaps, gan_result):
         "![2-D games](games_2d.png) ![gap rate](gap_rate.png) "
         "![eta sweep](eta_sweep.png) ![GAN](gan.png)",
     ]
-    return lines
+    return doc.add(*lines)
 
 
 def main(argv):
@@ -458,27 +434,19 @@ def main(argv):
         table = hbg(config)
         gaps = rate(config)
     gan_result = gan(config)  # float32, as a GAN is trained
-    plots(workdir, paths2d, gaps)
+    plot_games(workdir, paths2d, gaps)
     plot_sweep(workdir, table, config)
     plot_gan(workdir, gan_result)
-    lines = report(config, paths2d, table, gaps, gan_result)
-    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(
-            dict(
-                two_d={
-                    g: {k: v[-1].tolist() for k, v in rows.items()}
-                    for g, (_, _, rows) in paths2d.items()
-                },
-                hbg={str(k): v for k, v in table.items()},
-                rate=dict(acvi_slope=gaps["acvi_slope"], gda_slope=gaps["gda_slope"]),
-                gan=gan_result["finals"],
-            ),
-            f,
-            indent=2,
-        )
-    print("\n".join(lines))
+    results = dict(
+        two_d={
+            g: {k: v[-1].tolist() for k, v in rows.items()} for g, (_, _, rows) in paths2d.items()
+        },
+        hbg={str(k): v for k, v in table.items()},
+        rate=dict(acvi_slope=gaps["acvi_slope"], gda_slope=gaps["gda_slope"]),
+        gan=gan_result["finals"],
+    )
+    doc = build_report(config, paths2d, table, gaps, gan_result)
+    print(report.write(workdir, doc, results), end="")
 
 
 if __name__ == "__main__":

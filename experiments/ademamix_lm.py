@@ -11,63 +11,69 @@
 
 Writes ``REPORT.md`` in ``--workdir``.
 
-  python -m experiments.ademamix_lm --workdir=runs/ademamix_vs_adamw
+  python -m experiments.ademamix_lm --workdir=runs/ademamix_vs_adamw [--config.num_steps=200]
+
+``--config`` (default ``configs/ademamix_lm.py``) is every run's configuration, with
+``optim.name`` and ``optim.learning_rate`` set per run; an overridden ``--config.num_steps``
+rescales evaluations and warm-ups (``lm_tiny.with_num_steps``).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 
 import jax
-import matplotlib
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from configs import ademamix_lm, lm_tiny  # noqa: E402
-from jaxlab.data import pipeline  # noqa: E402
-from jaxlab.train import loop, sharding  # noqa: E402
-from jaxlab.train.step import MODEL_INPUTS  # noqa: E402
+from experiments import run_config
+from jaxlab.data import pipeline
+from jaxlab.eval import plots, report
+from jaxlab.train import loop, sharding
+from jaxlab.train.step import MODEL_INPUTS
 
 flags.DEFINE_string("workdir", "runs/ademamix_vs_adamw", "Output directory.")
 flags.DEFINE_list(
     "lrs", ["2.5e-4", "5e-4", "1e-3", "2e-3"], "Learning rates swept for both optimizers."
 )
-flags.DEFINE_integer("num_steps", 0, "Steps per run (0 = the config's).")
 flags.DEFINE_integer("inject_step", 0, "Step at which the probe batch is trained on (0 = half).")
 flags.DEFINE_integer("probe_every", 5, "Steps between probe evaluations after the injection.")
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "configs", "ademamix_lm.py"),
+    "Every run's configuration (the optimizer and learning rate are set per run).",
+    lock_config=True,
+)
 FLAGS = flags.FLAGS
 
 OPTIMIZERS = ("adamw", "ademamix")
 
 
-def make_config(optimizer: str, lr: float, num_steps: int):
-    config = ademamix_lm.get_config()
-    if num_steps:
-        lm_tiny.with_num_steps(config, num_steps)
+def make_config(base, optimizer: str, lr: float):
+    config = copy.deepcopy(base)
     config.optim.name = optimizer
     config.optim.learning_rate = lr
     return config
 
 
-def sweep(workdir: str, lrs: list[float], num_steps: int) -> dict:
+def sweep(base, workdir: str, lrs: list[float]) -> dict:
     results = {}
     for optimizer in OPTIMIZERS:
         for lr in lrs:
             run = os.path.join(workdir, f"{optimizer}_lr{lr:g}")
             print(f"--- {optimizer}, lr {lr:g}: {run}")
-            summary = loop.train_and_evaluate(make_config(optimizer, lr, num_steps), run)
-            results[(optimizer, lr)] = dict(run=run, eval_loss=summary["eval"]["eval_loss"])
+            summary = loop.train_and_evaluate(make_config(base, optimizer, lr), run)
+            results[(optimizer, lr)] = dict(run=run, eval_loss=summary.eval["eval_loss"])
     return results
 
 
-def probe_losses(optimizer, lr, num_steps, inject_step: int | None, watch_from: int, every: int):
+def probe_losses(base, optimizer, lr, inject_step: int | None, watch_from: int, every: int):
     """Loss of a held-out probe batch from ``watch_from`` on, the probe trained on once at
     ``inject_step`` (None: never; the control run)."""
-    config = make_config(optimizer, lr, num_steps)
+    config = make_config(base, optimizer, lr)
+    num_steps = config.num_steps
     exp = loop.build_experiment(config)
     state = loop.init_state(exp)
     train_step, eval_step = loop.compile_steps(exp)
@@ -93,11 +99,11 @@ def probe_losses(optimizer, lr, num_steps, inject_step: int | None, watch_from: 
     return record
 
 
-def forgetting(optimizer: str, lr: float, num_steps: int, inject_step: int, every: int):
+def forgetting(base, optimizer: str, lr: float, inject_step: int, every: int):
     """``[(step, control loss, injected loss)]`` of the probe batch from just before injection."""
     watch = inject_step - 1
-    injected = probe_losses(optimizer, lr, num_steps, inject_step, watch, every)
-    control = probe_losses(optimizer, lr, num_steps, None, watch, every)
+    injected = probe_losses(base, optimizer, lr, inject_step, watch, every)
+    control = probe_losses(base, optimizer, lr, None, watch, every)
     return [(s, c, i) for (s, i), (_, c) in zip(injected, control, strict=True)]
 
 
@@ -105,20 +111,20 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    workdir = FLAGS.workdir
+    workdir, base = FLAGS.workdir, run_config.from_flag(FLAGS["config"])
     os.makedirs(workdir, exist_ok=True)
     lrs = [float(x) for x in FLAGS.lrs]
-    num_steps = FLAGS.num_steps or ademamix_lm.get_config().num_steps
+    num_steps = base.num_steps
     inject = FLAGS.inject_step or num_steps // 2
 
-    results = sweep(workdir, lrs, num_steps)
+    results = sweep(base, workdir, lrs)
     best = {
         o: min((r for (opt, _), r in results.items() if opt == o), key=lambda r: r["eval_loss"])
         for o in OPTIMIZERS
     }
     best_lr = {o: next(lr for (opt, lr), r in results.items() if r is best[o]) for o in OPTIMIZERS}
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plots.figure((6.5, 4))
     for optimizer in OPTIMIZERS:
         records = loop.read_metrics(best[optimizer]["run"])
         steps = np.array([r["step"] for r in records if "loss" in r])
@@ -140,15 +146,11 @@ def main(argv):
     ax.set_ylim(top=3.5)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "sweep.png"), dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "sweep.png")
 
     print(f"--- forgetting: probe batch trained on once at step {inject}")
-    curves = {
-        o: forgetting(o, best_lr[o], num_steps, inject, FLAGS.probe_every) for o in OPTIMIZERS
-    }
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+    curves = {o: forgetting(base, o, best_lr[o], inject, FLAGS.probe_every) for o in OPTIMIZERS}
+    fig, (top, bottom) = plots.figure((6.5, 6), 2, 1, sharex=True)
     for optimizer, record in curves.items():
         steps, control, injected = map(np.array, zip(*record, strict=True))
         line = top.plot(steps, injected, label=f"{optimizer}: shown once at step {inject}")
@@ -161,9 +163,7 @@ def main(argv):
     top.set_ylabel("loss of the probe batch")
     bottom.set_ylabel("remembered (control - injected)")
     bottom.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "forgetting.png"), dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "forgetting.png")
 
     def memory_summary(record):
         remembered = {s: c - i for s, c, i in record}
@@ -173,54 +173,52 @@ def main(argv):
         )
         return remembered[inject - 1], after, record[-1][1] - record[-1][2], half
 
-    lines = [
-        "# AdEMAMix vs AdamW on the tiny LM",
-        "",
-        f"`configs/ademamix_lm.py`: {num_steps} steps x {ademamix_lm.get_config().batch_size} x "
-        f"{ademamix_lm.get_config().seq_len} bytes of the embedded corpus, same batches for both; "
+    doc = report.Report("AdEMAMix vs AdamW on the tiny LM").add(
+        f"`configs/ademamix_lm.py`: {num_steps} steps x {base.batch_size} x "
+        f"{base.seq_len} bytes of the embedded corpus, same batches for both; "
         "AdEMAMix with beta3 0.999, alpha 8, both warmed up over the whole run.",
-        "",
-        "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
-    ]
-    for optimizer in OPTIMIZERS:
-        cells = [f"{results[(optimizer, lr)]['eval_loss']:.4f}" for lr in lrs]
-        lines.append(f"| {optimizer} held-out loss | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "![sweep](sweep.png)",
-        "",
-        f"## Forgetting (batch injected at step {inject})",
-        "",
+    )
+    doc.table(
+        ("optimizer", *(f"lr {lr:g}" for lr in lrs)),
+        [
+            (
+                f"{optimizer} held-out loss",
+                *(f"{results[(optimizer, lr)]['eval_loss']:.4f}" for lr in lrs),
+            )
+            for optimizer in OPTIMIZERS
+        ],
+    )
+    doc.images(("sweep.png", "sweep"))
+    doc.section(f"Forgetting (batch injected at step {inject})")
+    doc.add(
         "Remembered = probe loss in the control run (never shown) minus in the run that",
         "showed it once; 0 before the injection by construction.",
-        "",
-        "| optimizer | remembered before | right after | at the end | steps to lose half |",
-        "|---|---|---|---|---|",
-    ]
+    )
     summary = {}
     for optimizer, record in curves.items():
         before, after, final, half = memory_summary(record)
         summary[optimizer] = dict(before=before, after=after, final=final, half_steps=half)
-        lines.append(
-            f"| {optimizer} | {before:.4f} | {after:.4f} | {final:.4f} | "
-            f"{'not within the run' if half is None else half} |"
-        )
-    lines += ["", "![forgetting](forgetting.png)"]
-    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(
-            dict(
-                sweep={f"{o}@{lr:g}": r["eval_loss"] for (o, lr), r in results.items()},
-                best_lr=best_lr,
-                forgetting=summary,
-                curves={o: c for o, c in curves.items()},
-            ),
-            f,
-            indent=2,
-        )
-    print("\n".join(lines))
+    doc.table(
+        ("optimizer", "remembered before", "right after", "at the end", "steps to lose half"),
+        [
+            (
+                optimizer,
+                f"{s['before']:.4f}",
+                f"{s['after']:.4f}",
+                f"{s['final']:.4f}",
+                "not within the run" if s["half_steps"] is None else s["half_steps"],
+            )
+            for optimizer, s in summary.items()
+        ],
+    )
+    doc.images(("forgetting.png", "forgetting"))
+    results_json = dict(
+        sweep={f"{o}@{lr:g}": r["eval_loss"] for (o, lr), r in results.items()},
+        best_lr=best_lr,
+        forgetting=summary,
+        curves={o: c for o, c in curves.items()},
+    )
+    print(report.write(workdir, doc, results_json), end="")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from jaxlab import models
 from jaxlab.data.tokenizers import ByteTokenizer
+from jaxlab.eval import report
 from jaxlab.eval.plots import scatter_agreement
 from jaxlab.infer import SamplingConfig, generate
 from jaxlab.interop.hf import load_hf_llama, save_hf_llama
@@ -115,35 +116,40 @@ def main(argv):
         return repr(tokenizer.decode(np.asarray(out.tokens[row, : int(out.lengths[row])])))
 
     print("[5/5] writing the report")
-    lines = [
-        "# jaxlab demo: Hugging Face interop and decoding",
-        "",
+    doc = report.Report("jaxlab demo: Hugging Face interop and decoding").add(
         "An untrained tiny Llama built by jaxlab, exported with `save_hf_llama`, reloaded with",
         "`load_hf_llama` and with `transformers`, then decoded with the compiled KV-cache loop.",
         "The model is untrained, so its text is noise; the numbers are what matter.",
-        "",
-        "| check | result |",
-        "|---|---|",
-        f"| parameters | {n_params:,} |",
-        f"| max abs logit diff, jaxlab vs reloaded jaxlab | {diff_reload:.2e} |",
-        "| max abs logit diff, jaxlab vs transformers | "
-        + ("not run (transformers missing)" if diff_hf is None else f"{diff_hf:.2e}")
-        + " |",
-        f"| sampled decode speed, batch {config.num_samples} | {tok_per_s:,.0f} tokens/s "
-        f"({1e3 * seconds / config.max_new_tokens:.2f} ms per step) |",
-        "",
-        f"Prompt: `{config.prompt!r}`",
-        "",
+    )
+    checks = [
+        ("parameters", f"{n_params:,}"),
+        ("max abs logit diff, jaxlab vs reloaded jaxlab", f"{diff_reload:.2e}"),
+        (
+            "max abs logit diff, jaxlab vs transformers",
+            "not run (transformers missing)" if diff_hf is None else f"{diff_hf:.2e}",
+        ),
+        (
+            f"sampled decode speed, batch {config.num_samples}",
+            f"{tok_per_s:,.0f} tokens/s ({1e3 * seconds / config.max_new_tokens:.2f} ms per step)",
+        ),
+    ]
+    doc.table(("check", "result"), checks)
+    doc.add(f"Prompt: `{config.prompt!r}`")
+    doc.add(
         f"- greedy: {show(greedy, 0)}",
         *(f"- sample {i}: {show(sampled, i)}" for i in range(config.num_samples)),
-    ]
+    )
     if plot:
-        lines += ["", f"![logits agreement]({os.path.basename(plot)})"]
-    report = os.path.join(workdir, "REPORT.md")
-    with open(report, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[6:12]))
-    print(f"report: {report}")
+        doc.images((os.path.basename(plot), "logits agreement"))
+    results = dict(
+        parameters=int(n_params),
+        max_abs_logit_diff_reload=diff_reload,
+        max_abs_logit_diff_transformers=diff_hf,
+        decode_tokens_per_s=tok_per_s,
+    )
+    report.write(workdir, doc, results)
+    print("\n".join(report.table(("check", "result"), checks)))
+    print(f"report: {os.path.join(workdir, report.REPORT_FILE)}")
     ok = diff_reload < 1e-5 and (diff_hf is None or diff_hf < 1e-4)
     if not ok:
         raise SystemExit("logits disagree beyond float32 tolerance; see the report")

@@ -20,6 +20,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jaxlab.data import pipeline
+from jaxlab.eval import report
 from jaxlab.infer import SamplingConfig, generate
 from jaxlab.train import loop
 
@@ -61,7 +62,7 @@ def main(argv):
         f"on {jax.device_count()} {jax.default_backend()} device(s); workdir {workdir}"
     )
     summary = loop.train_and_evaluate(config, workdir)
-    exp = summary["experiment"]
+    exp = summary.experiment
     records = loop.read_metrics(workdir)
     evals = [r for r in records if "eval_loss" in r]
     before, after = evals[0], evals[-1]
@@ -72,7 +73,7 @@ def main(argv):
     print("computing the unigram baseline on the same held-out tokens")
     unigram = unigram_perplexity(config, exp.tokenizer, eval_data)
 
-    model = nnx.merge(exp.graphdef, summary["state"].params)
+    model = nnx.merge(exp.graphdef, summary.state.params)
     prompt = np.asarray([exp.tokenizer.encode(FLAGS.prompt, add_bos=True)] * 2)
     max_new = min(200, exp.model_config.max_seq_len - prompt.shape[1])
     out = generate(
@@ -87,29 +88,29 @@ def main(argv):
         FLAGS.prompt + exp.tokenizer.decode(np.asarray(out.tokens[i, : int(out.lengths[i])]))
         for i in range(2)
     ]
-    n_params = sum(x.size for x in jax.tree.leaves(summary["state"].params))
-    lines = [
-        "# jaxlab demo: a tiny Llama trained on the embedded corpus",
-        "",
+    n_params = sum(x.size for x in jax.tree.leaves(summary.state.params))
+    doc = report.Report("jaxlab demo: a tiny Llama trained on the embedded corpus").add(
         f"{n_params:,} parameters, byte tokenizer, {config.num_steps} steps x "
         f"{config.batch_size} x {config.seq_len} tokens on {jax.default_backend()}; held-out "
         f"set: {config.eval_batches} batches of standard-library files never trained on.",
-        "",
-        "| held-out perplexity (per byte) | value |",
-        "|---|---|",
-        f"| unigram baseline (training byte frequencies) | {unigram:.2f} |",
-        f"| model before training (step {before['step']}) | {before['eval_perplexity']:.2f} |",
-        f"| model after training (step {after['step']}) | {after['eval_perplexity']:.2f} |",
-        "",
-        "![loss curve](loss.png)",
-        "",
-        "Samples (temperature 0.7, top-p 0.95):",
-        "",
-        *(f"```python\n{s}\n```\n" for s in samples),
+    )
+    perplexities = [
+        ("unigram baseline (training byte frequencies)", f"{unigram:.2f}"),
+        (f"model before training (step {before['step']})", f"{before['eval_perplexity']:.2f}"),
+        (f"model after training (step {after['step']})", f"{after['eval_perplexity']:.2f}"),
     ]
-    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[4:9]))
+    doc.table(("held-out perplexity (per byte)", "value"), perplexities)
+    doc.images(("loss.png", "loss curve"))
+    doc.add("Samples (temperature 0.7, top-p 0.95):")
+    doc.add(*(f"```python\n{s}\n```\n" for s in samples))
+    results = dict(
+        parameters=int(n_params),
+        unigram_perplexity=unigram,
+        before=dict(step=before["step"], eval_perplexity=before["eval_perplexity"]),
+        after=dict(step=after["step"], eval_perplexity=after["eval_perplexity"]),
+    )
+    report.write(workdir, doc, results)
+    print("\n".join(report.table(("held-out perplexity (per byte)", "value"), perplexities)))
     print(f"\nsample:\n{samples[0]}\n\nreport: {os.path.join(workdir, 'REPORT.md')}")
 
 

@@ -1,7 +1,7 @@
 """DoGE against uniform and DoReMi domain weights.
 
 Writes ``REPORT.md``, ``results.json`` and PNG plots in ``--workdir``:
-(1) generated domains with known roles (``experiments.doge_synthetic``): averaged weights per role
+(1) generated domains with known roles (``jaxlab.mixing.synthetic``): averaged weights per role
     for DoGE-OOD, DoGE-universal and DoReMi; the sign check of DoGE's scores against finite
     differences; the target loss of fresh models trained on each weight vector;
 (2) the embedded corpus: standard-library packages as domains and one held-out package as the
@@ -24,8 +24,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import lm_tiny
-from experiments import doge_synthetic
 from jaxlab.data import pipeline
+from jaxlab.eval import plots, report
+from jaxlab.mixing import synthetic
 from jaxlab.train import loop
 
 flags.DEFINE_string("workdir", "runs/doge", "Output directory.")
@@ -51,7 +52,7 @@ def corpus_config(c, seed, *, sources, mixer=None, weights=None, weights_file=""
 
 def per_domain_perplexity(summary, config, domains, eval_batches):
     """Validation perplexity of the run's final model on each domain's held-out documents."""
-    exp = summary["experiment"]
+    exp = summary.experiment
     _, eval_step = loop.compile_steps(exp)
     out = {}
     for domain in domains:
@@ -60,7 +61,7 @@ def per_domain_perplexity(summary, config, domains, eval_batches):
         batches = pipeline.eval_batches(
             data, exp.tokenizer, config.seq_len, config.batch_size, eval_batches
         )
-        loss = loop.evaluate(exp, summary["state"].params, batches, eval_step)["eval_loss"]
+        loss = loop.evaluate(exp, summary.state.params, batches, eval_step)["eval_loss"]
         out[domain] = math.exp(loss)
     return out
 
@@ -134,13 +135,8 @@ def corpus(c, workdir):
 
 
 def plot(workdir, synthetic_results, corpus_result):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     first = synthetic_results[0]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axes = plots.figure((15, 3.8), 1, 3)
     for ax, method in zip(axes, ("doge-ood", "doge-universal", "doremi"), strict=True):
         trajectory = first["trajectories"][method]
         for i, role in enumerate(first["roles"]):
@@ -149,12 +145,10 @@ def plot(workdir, synthetic_results, corpus_result):
         ax.set_xlabel("proxy step")
         ax.set_ylabel("domain weight")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "synthetic_weights.png"), dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "synthetic_weights.png", dpi=110)
     if corpus_result is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plots.figure((11, 3.8), 1, 2)
     first_seed = corpus_result["seeds"][0]
     for ax, (name, t) in zip(axes, first_seed["trajectories"].items(), strict=True):
         for domain, values in t["weights"].items():
@@ -166,16 +160,13 @@ def plot(workdir, synthetic_results, corpus_result):
         ax.set_xlabel("step")
         ax.set_ylabel("domain weight")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "corpus_weights.png"), dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "corpus_weights.png", dpi=110)
 
 
-def report(config, synthetic_results, corpus_result):
+def build_report(config, synthetic_results, corpus_result):
     s = config.synthetic
+    doc = report.Report("DoGE against uniform and DoReMi weights")
     lines = [
-        "# DoGE against uniform and DoReMi weights",
-        "",
         "## Generated domains (roles: a seeded permutation per seed)",
         "",
         f"MLP {tuple(s.hidden)} proxy, {s.proxy_steps} steps, batch {s.batch_size} per "
@@ -190,7 +181,7 @@ def report(config, synthetic_results, corpus_result):
     ]
     for r in synthetic_results:
         for method in r["weights"]:
-            shares = doge_synthetic.role_shares(r, method)
+            shares = synthetic.role_shares(r, method)
             lines.append(
                 f"| {r['seed']} | {method} | {shares['related']:.3f} | "
                 f"{shares['duplicate']:.3f} | {shares['unrelated']:.3f} | "
@@ -281,24 +272,21 @@ def report(config, synthetic_results, corpus_result):
     lines += ["", "![synthetic weights](synthetic_weights.png)"]
     if corpus_result is not None:
         lines.append("![corpus weights](corpus_weights.png)")
-    return lines
+    return doc.add(*lines)
 
 
 def main(argv):
     del argv
     config, workdir = FLAGS.config, FLAGS.workdir
     os.makedirs(workdir, exist_ok=True)
-    synthetic_results = doge_synthetic.run(config.synthetic)
+    synthetic_results = synthetic.run(config.synthetic)
     corpus_result = corpus(config.corpus, workdir) if config.corpus.steps else None
     plot(workdir, synthetic_results, corpus_result)
-    lines = report(config, synthetic_results, corpus_result)
-    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    doc = build_report(config, synthetic_results, corpus_result)
     for r in synthetic_results:
         r["trajectories"] = {k: v.tolist() for k, v in r["trajectories"].items()}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(dict(synthetic=synthetic_results, corpus=corpus_result), f, indent=2)
-    print("\n".join(lines))
+    results = dict(synthetic=synthetic_results, corpus=corpus_result)
+    print(report.write(workdir, doc, results), end="")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Train a language model: ``python -m experiments.train_lm --config=configs/lm_tiny.py
 --workdir=DIR [--config.field=value ...]``.
 
-Restarting with the same workdir resumes from its newest checkpoint. Multi-process runs pass
-``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or the JAXLAB_* environment
-variables; ``--coordinator_address=auto`` on managed clusters).
+Restarting with the same workdir resumes from its newest checkpoint. Process 0 writes
+``REPORT.md`` (held-out loss and perplexity, overall and per source) and ``results.json``.
+Multi-process runs pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or
+the JAXLAB_* environment variables; ``--coordinator_address=auto`` on managed clusters).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxlab.eval import report
 from jaxlab.train import loop, sharding
 
 FLAGS = flags.FLAGS
@@ -37,8 +39,24 @@ def main(argv):
             f"{jax.local_device_count()} local devices of {jax.device_count()}"
         )
     summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    if "eval" in summary:
-        print(f"final eval: {summary['eval']}")
+    print(f"final eval: {summary.eval}")
+    if jax.process_index() == 0:
+        doc = report.Report(f"Training run: {FLAGS.workdir}").add(
+            f"Steps {summary.start_step} to {summary.step} of {FLAGS.config.num_steps} in this "
+            f"call; the config is `config.json`, every metric `metrics.jsonl`."
+        )
+        doc.table(
+            ("held-out data", "loss", "perplexity"),
+            [
+                (source or "all sources", f"{m['loss']:.4f}", f"{m['perplexity']:.3f}")
+                for source, m in summary.eval_by_source.items()
+            ],
+            align="lrr",
+        )
+        doc.images(("loss.png", "loss curve"))
+        report.write(
+            FLAGS.workdir, doc, dict(step=summary.step, train=summary.train, eval=summary.eval)
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Writes ``REPORT.md``, ``results.json`` and PNG plots in ``--workdir``:
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -25,6 +24,7 @@ from ml_collections import config_flags
 
 from jaxlab import robust as R
 from jaxlab.data import synthetic
+from jaxlab.eval import plots, report
 from jaxlab.models.classifiers import LinearClassifier, MLPClassifier, functional
 
 flags.DEFINE_string("workdir", "runs/udp", "Output directory.")
@@ -225,12 +225,7 @@ def moons(config):
 
 
 def plot_margins(workdir, result, config):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.figure((7, 4.5))
     for i, (name, curves) in enumerate(result["curves"].items()):
         style = "-" if name == "erm" else ("--" if name.startswith("pgd") else ":")
         ax.plot(result["steps"], curves.mean(0), style, color=f"C{i}", label=name)
@@ -245,37 +240,27 @@ def plot_margins(workdir, result, config):
         fontsize=9,
     )
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "margin_ratio.png"), dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "margin_ratio.png", dpi=120)
 
 
 def plot_moons(workdir, result):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x, y, apply_fn = result["x"], result["y"], result["apply_fn"]
     gx, gy = np.meshgrid(np.linspace(-1.6, 2.6, 300), np.linspace(-1.2, 1.7, 220))
     grid = jnp.asarray(np.stack([gx.ravel(), gy.ravel()], 1), jnp.float32)
-    fig, axes = plt.subplots(1, len(result["methods"]), figsize=(5 * len(result["methods"]), 3.8))
+    fig, axes = plots.figure((5 * len(result["methods"]), 3.8), 1, len(result["methods"]))
     for ax, (name, r) in zip(axes, result["methods"].items(), strict=True):
         prob = jax.nn.softmax(apply_fn(r["params"], grid))[:, 1].reshape(gx.shape)
         ax.contourf(gx, gy, np.asarray(prob), levels=20, cmap="RdBu", alpha=0.6)
         ax.contour(gx, gy, np.asarray(prob), levels=[0.5], colors="k")
         ax.scatter(x[:, 0], x[:, 1], c=y, s=4, cmap="RdBu", edgecolors="none")
         ax.set_title(f"{name}: clean {r['robust'][0.0]:.3f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "moons_boundaries.png"), dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, workdir, "moons_boundaries.png", dpi=110)
 
 
-def report(config, margin_result, slab_rows, moon_result):
+def build_report(config, margin_result, slab_rows, moon_result):
     c = config.margin
+    doc = report.Report("UDP against ERM and PGD training")
     lines = [
-        "# UDP against ERM and PGD training",
-        "",
         f"## (a) Linear model, certified max margin (dim {c.dim}, seeds {tuple(c.seeds)})",
         "",
         f"Full-batch GD (lr {c.learning_rate}) on the logistic loss from w = 0, {c.steps} "
@@ -350,7 +335,7 @@ def report(config, margin_result, slab_rows, moon_result):
     for name, r in moon_result["methods"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['robust'][e]:.3f}" for e in eps) + " |")
     lines += ["", "![margin ratio](margin_ratio.png) ![boundaries](moons_boundaries.png)"]
-    return lines
+    return doc.add(*lines)
 
 
 def main(argv):
@@ -362,16 +347,12 @@ def main(argv):
     moon_result = moons(config)
     plot_margins(workdir, margin_result, config)
     plot_moons(workdir, moon_result)
-    lines = report(config, margin_result, slab_rows, moon_result)
-    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        robust = {
-            k: {str(e): a for e, a in v["robust"].items()}
-            for k, v in moon_result["methods"].items()
-        }
-        json.dump(dict(margin=margin_result["rows"], slab=slab_rows, moons=robust), f, indent=2)
-    print("\n".join(lines))
+    doc = build_report(config, margin_result, slab_rows, moon_result)
+    robust = {
+        k: {str(e): a for e, a in v["robust"].items()} for k, v in moon_result["methods"].items()
+    }
+    results = dict(margin=margin_result["rows"], slab=slab_rows, moons=robust)
+    print(report.write(workdir, doc, results), end="")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_demo_interop_runs_and_writes_report(tmp_path):
 
 def test_bench_model_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_module("experiments.bench_model", "--quick", f"--out={out}")
+    result = run_module("experiments.bench.model", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| decode b=1 |" in result.stdout
 
@@ -50,7 +50,7 @@ def test_bench_model_quick_writes_json(tmp_path):
 
 def test_bench_train_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_module("experiments.bench_train", "--quick", f"--out={out}")
+    result = run_module("experiments.bench.train", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| train step" in result.stdout
     assert json.loads(out.read_text())["quick"] is True
@@ -82,7 +82,7 @@ def test_ademamix_experiment_smoke(tmp_path):
     result = run_module(
         "experiments.ademamix_lm",
         f"--workdir={tmp_path}",
-        "--num_steps=12",
+        "--config.num_steps=12",
         "--lrs=3e-3",
         "--probe_every=2",
     )
@@ -95,7 +95,7 @@ def test_ademamix_experiment_smoke(tmp_path):
 
 def test_bench_optim_quick(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_module("experiments.bench_optim", "--quick", f"--out={out}")
+    result = run_module("experiments.bench.optim", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     # State sizes are exact: AdEMAMix keeps 3 buffers per parameter, 2 with b1 = 0 (as AdamW).
@@ -105,7 +105,7 @@ def test_bench_optim_quick(tmp_path):
 
 def test_bench_denseformer_quick(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_module("experiments.bench_denseformer", "--quick", f"--out={out}")
+    result = run_module("experiments.bench.denseformer", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads(out.read_text())["rows_ms"]) == {
         "Transformer",
@@ -116,7 +116,7 @@ def test_bench_denseformer_quick(tmp_path):
 
 def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_module("experiments.bench_gpu", "--allow_cpu", f"--out={out}")
+    result = run_module("experiments.bench.gpu", "--allow_cpu", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     dense = [r for r in rows if r["part"] == "dense"]
@@ -137,13 +137,13 @@ def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
         (k, i) for k in ("selective_scan", "ssd") for i in ("pallas", "chunked")
     }
     assert max(r["rel_err_out"] for r in scans) < 1e-5
-    refused = run_module("experiments.bench_gpu", f"--out={out}")
+    refused = run_module("experiments.bench.gpu", f"--out={out}")
     assert refused.returncode != 0 and "needs an accelerator" in refused.stderr
 
 
 def test_bench_attention_quick(tmp_path):
     out = tmp_path / "attention.json"
-    result = run_module("experiments.bench_attention", "--quick", f"--out={out}")
+    result = run_module("experiments.bench.attention", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert {"dense xla", "hash nb=8", "qk drop=0.5"} <= set(rows)
@@ -153,7 +153,11 @@ def test_bench_attention_quick(tmp_path):
 
 def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
     result = run_module(
-        "experiments.sparse_lm", f"--workdir={tmp_path}", "--num_steps=4", "--seq_len=64"
+        "experiments.sparse_lm",
+        f"--workdir={tmp_path}",
+        "--config.num_steps=4",
+        "--config.seq_len=64",
+        "--config.batch_size=32",  # the config's 4 x 512 tokens per batch, in 64-token windows
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -165,7 +169,7 @@ def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
 
 def test_bench_scan_quick(tmp_path):
     out = tmp_path / "scan.json"
-    result = run_module("experiments.bench_scan", "--quick", f"--out={out}")
+    result = run_module("experiments.bench.scan", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert {(r["kind"], r["impl"]) for r in data["scans"]} == {
@@ -229,7 +233,7 @@ def test_acvi_gan_reads_local_mnist_files(tmp_path):
 
 def test_bench_acvi_quick(tmp_path):
     out = tmp_path / "acvi.json"
-    result = run_module("experiments.bench_acvi", "--quick", f"--out={out}")
+    result = run_module("experiments.bench.acvi", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {(r["dim"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
     assert rows[(20, "extragradient")]["time_ratio_vs_eg"] == 1.0
@@ -262,7 +266,7 @@ def test_udp_experiment_smoke(tmp_path):
 
 def test_bench_udp_quick(tmp_path):
     out = tmp_path / "udp.json"
-    result = run_module("experiments.bench_udp", "--quick", f"--out={out}", "--steps=2")
+    result = run_module("experiments.bench.udp", "--quick", f"--out={out}", "--steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {(r["model"], r["method"]) for r in rows} == {
@@ -295,10 +299,44 @@ def test_doge_experiment_smoke(tmp_path):
 
 def test_bench_doge_quick(tmp_path):
     out = tmp_path / "doge.json"
-    result = run_module("experiments.bench_doge", "--quick", f"--out={out}", "--domains=3")
+    result = run_module("experiments.bench.doge", "--quick", f"--out={out}", "--domains=3")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"plain", "doge", "doge_selected", "doge_ood", "doremi"}
     assert rows["plain"]["ratio_to_plain"] == 1.0 and all(
         r["ms_per_step"] > 0 for r in rows.values()
     )
+
+
+def test_time_calls_warms_up_then_times_each_call_in_seconds(monkeypatch):
+    from experiments.bench import common
+
+    clock = iter([10.0, 10.5, 20.0, 22.0, 30.0, 30.25])  # perf_counter at each start and stop
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        return np.float32(len(calls))
+
+    timing = common.time_calls(fn, repeats=3, warmup=2)
+    assert calls == [0, 1, 2, 3, 4]  # two untimed warm-up calls, then three timed ones
+    assert timing.seconds == [0.5, 2.0, 0.25] and timing.median == 0.5
+    assert timing.output == 5.0
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        common.time_calls(fn, repeats=0)
+
+
+def test_an_overridden_num_steps_rescales_the_run_but_not_explicit_fields():
+    from configs import ademamix_lm, lm_tiny
+    from experiments import run_config
+
+    untouched = run_config.rescaled(ademamix_lm.get_config(), {"optim.learning_rate": 1e-3})
+    assert untouched.eval_every == ademamix_lm.get_config().eval_every
+    config = ademamix_lm.get_config()
+    config.num_steps, config.eval_every = 40, 3
+    config = run_config.rescaled(config, {"num_steps": 40, "eval_every": 3})
+    expected = lm_tiny.with_num_steps(ademamix_lm.get_config(), 40)
+    assert (config.checkpoint_every, config.optim.warmup_steps) == (40, 4)
+    assert config.optim.warmup_alpha_b3 == expected.optim.warmup_alpha_b3 == 40
+    assert config.eval_every == 3 and expected.eval_every == 8  # the explicit override wins

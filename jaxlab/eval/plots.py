@@ -7,21 +7,24 @@ notebook leaves its inline plots working).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from matplotlib.figure import Figure
 
 
-def _figure(figsize) -> tuple[Figure, object]:
-    """A figure with one axes, outside pyplot (``savefig`` renders it with Agg)."""
+def figure(figsize, nrows: int = 1, ncols: int = 1, **subplots) -> tuple[Figure, Any]:
+    """A figure and its axes (``Figure.subplots``), outside pyplot: ``savefig`` renders it with
+    Agg and the process's backend is left alone. Experiments draw their own plots with it."""
     fig = Figure(figsize=figsize)
-    return fig, fig.subplots()
+    return fig, fig.subplots(nrows, ncols, **subplots)
 
 
 def scatter_agreement(
     x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str, path: str
 ) -> None:
     """Scatter of two implementations' values against each other, with the diagonal."""
-    fig, ax = _figure((5, 5))
+    fig, ax = figure((5, 5))
     ax.scatter(x, y, s=2, alpha=0.4)
     lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
     ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
@@ -36,7 +39,7 @@ def plot_loss_curve(records: list[dict], path: str) -> None:
     """Training loss per step and held-out loss at each evaluation, from metrics records."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = _figure((6, 4))
+    fig, ax = figure((6, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
@@ -54,7 +57,7 @@ def plot_dwa_weights(
 ) -> None:
     """Heatmap of DenseFormer weights: row = the DWA after block ``blocks[row]``, column =
     representation j (0 = embedding); blank where a DWA does not read that representation."""
-    fig, ax = _figure((1 + 0.6 * matrix.shape[1], 1 + 0.6 * matrix.shape[0]))
+    fig, ax = figure((1 + 0.6 * matrix.shape[1], 1 + 0.6 * matrix.shape[0]))
     limit = float(np.nanmax(np.abs(matrix)))
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu_r", vmin=-limit, vmax=limit)
     for (r, c), v in np.ndenumerate(matrix):
@@ -73,7 +76,7 @@ def plot_dwa_weights(
 
 def plot_loss_curves(runs: dict[str, list[dict]], path: str, title: str = "") -> None:
     """Training loss (thin) and held-out loss (markers) of several runs on shared axes."""
-    fig, ax = _figure((6.5, 4))
+    fig, ax = figure((6.5, 4))
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i}"
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]

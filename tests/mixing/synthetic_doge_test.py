@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import doge_synthetic
+from jaxlab.mixing import synthetic
 
 CONFIG = ml_collections.ConfigDict(
     dict(
@@ -29,11 +29,11 @@ CONFIG = ml_collections.ConfigDict(
 
 @pytest.fixture(scope="module")
 def result():
-    return doge_synthetic.run(CONFIG)[0]
+    return synthetic.run(CONFIG)[0]
 
 
 def test_ood_weights_favour_related_domains(result):
-    shares = doge_synthetic.role_shares(result, "doge-ood")
+    shares = synthetic.role_shares(result, "doge-ood")
     assert shares["related"] + shares["duplicate"] >= 0.7, shares
     assert shares["noise"] <= 0.1, shares
     weights = np.asarray(result["weights"]["doge-ood"])

@@ -86,12 +86,12 @@ def test_tiny_mamba_lms_train_on_eight_devices(tmp_path, variant):
     config.eval_every = config.checkpoint_every = 24
     config.mesh.update(data=4, fsdp=1, tensor=2)
     summary = loop.train_and_evaluate(config, str(tmp_path))
-    assert summary["experiment"].mesh.size == 8
-    assert isinstance(summary["experiment"].model_config, MambaConfig)
+    assert summary.experiment.mesh.size == 8
+    assert isinstance(summary.experiment.model_config, MambaConfig)
     losses = [r["loss"] for r in loop.read_metrics(str(tmp_path)) if "loss" in r]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < losses[0] - 0.5
-    assert jax.tree.leaves(summary["state"].params)
+    assert jax.tree.leaves(summary.state.params)
 
 
 @pytest.mark.parametrize("variant", ["mamba1", "discrete_mamba2", "hybrid mamba2"])

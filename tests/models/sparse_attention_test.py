@@ -112,8 +112,8 @@ def test_tiny_lm_trains_with_sparse_attention_on_eight_devices(tmp_path, kind):
     config.mesh.update(data=4, fsdp=1, tensor=2)
     config.model.sparse_attention = dict(kind=kind, num_buckets=4, keep_rate=0.5)
     summary = loop.train_and_evaluate(config, str(tmp_path))
-    assert summary["experiment"].mesh.size == 8
+    assert summary.experiment.mesh.size == 8
     losses = [r["loss"] for r in loop.read_metrics(str(tmp_path)) if "loss" in r]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < losses[0] - 0.5
-    assert jax.tree.leaves(summary["state"].params)  # parameters exist and were trained
+    assert jax.tree.leaves(summary.state.params)  # parameters exist and were trained

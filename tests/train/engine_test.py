@@ -17,7 +17,7 @@ from configs import lm_smoke, mamba_lm
 from jaxlab import models
 from jaxlab.data import pipeline
 from jaxlab.objectives import loss_sums, model_logits
-from jaxlab.train import loop
+from jaxlab.train import feed, loop
 from jaxlab.train.checkpoint import Checkpointer
 from tests.hf_utils import make_hf_model
 from tests.train.overrides import configure
@@ -62,7 +62,7 @@ def test_kl_to_an_exact_copy_of_the_student_is_zero_with_zero_gradients(teacher_
     exp = loop.build_experiment(config)
     params, _ = loop.initial_params(exp)
     frozen = loop.load_frozen(exp)
-    batch = loop._on_devices(first_batch(config, exp), exp.mesh)
+    batch = feed.on_devices(first_batch(config, exp), exp.mesh)
     grads, _, metrics = jax.jit(exp.objective.gradients)(
         params, batch, frozen, (), jax.random.PRNGKey(0)
     )
@@ -124,7 +124,7 @@ def test_a_llama_teacher_trains_a_mamba_student_on_the_mesh(teacher_dir, tmp_pat
     assert "fsdp" in str(frozen["teacher"]["embed"].sharding.spec)  # the teacher is sharded too
     state = loop.init_state(exp)
     host_batch = first_batch(config, exp)
-    batch = loop._on_devices(host_batch, exp.mesh)
+    batch = feed.on_devices(host_batch, exp.mesh)
     train_step, _ = loop.compile_steps(exp)
     params = jax.device_get(state.params)
     _, metrics = train_step(state, batch, frozen)
@@ -146,7 +146,7 @@ def test_a_llama_teacher_trains_a_mamba_student_on_the_mesh(teacher_dir, tmp_pat
     summary = loop.train_and_evaluate(config, str(tmp_path))
     records = [r for r in loop.read_metrics(str(tmp_path)) if "kl" in r]
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
-    assert summary["state"].params["embed"].sharding.mesh.size == 8
+    assert summary.state.params["embed"].sharding.mesh.size == 8
 
 
 def test_init_from_hf_gives_the_transformers_loss(tmp_path):
@@ -174,7 +174,7 @@ def test_init_from_hf_gives_the_transformers_loss(tmp_path):
         "segment_ids": np.ones((8, 32), np.int32),
         "positions": np.broadcast_to(np.arange(32), (8, 32)).copy(),
     }
-    out = eval_step(params, loop._on_devices(batch, exp.mesh))
+    out = eval_step(params, feed.on_devices(batch, exp.mesh))
     ours = float(out["loss_sum"]) / float(out["tokens"])
     with torch.no_grad():
         theirs = hf_model(torch.tensor(tokens), labels=torch.tensor(tokens)).loss.item()
@@ -250,13 +250,13 @@ def test_resuming_takes_precedence_over_init_from(teacher_dir, tmp_path):
     record = json.loads((tmp_path / "init_from.json").read_text())
     assert record["source"] == f"run:{teacher_dir}@4" and record["kept"] == []  # pinned
     resumed = loop.train_and_evaluate(config, str(tmp_path))
-    assert resumed["start_step"] == 2 and "init_from" not in resumed
+    assert resumed.start_step == 2 and resumed.init_from is None
 
 
 def test_frozen_parameters_stay_bitwise_and_get_no_moments(tmp_path):
     config = smoke(num_steps=3, **{"optim.frozen": ("embed", "layers/0/")})
     summary = loop.train_and_evaluate(config, str(tmp_path))
-    exp, state = summary["experiment"], summary["state"]
+    exp, state = summary.experiment, summary.state
     start = by_name(loop.init_state(exp).params)
     end = by_name(state.params)
     frozen = [n for n in end if "embed" in n or "[0]" in n]
@@ -276,7 +276,7 @@ def test_per_source_evaluation_equals_each_source_alone(tmp_path):
     config = smoke(num_steps=2, eval_every=2)
     config.data.sources = ("embedded:email", "embedded:asyncio")  # both have held-out files
     summary = loop.train_and_evaluate(config, str(tmp_path))
-    exp, params = summary["experiment"], summary["state"].params
+    exp, params = summary.experiment, summary.state.params
     _, eval_step = loop.compile_steps(exp)
     for source in ("email", "asyncio"):
         alone = smoke()
@@ -285,7 +285,7 @@ def test_per_source_evaluation_equals_each_source_alone(tmp_path):
             alone.data, exp.tokenizer, alone.seq_len, alone.batch_size, alone.eval_batches
         )
         expected = loop.evaluate(exp, params, batches, eval_step)["eval_loss"]
-        assert summary["eval"][f"eval_loss/{source}"] == pytest.approx(expected, rel=1e-6)
+        assert summary.eval[f"eval_loss/{source}"] == pytest.approx(expected, rel=1e-6)
     last = [r for r in loop.read_metrics(str(tmp_path)) if "eval_loss" in r][-1]
     assert {"eval_loss/asyncio", "eval_perplexity/email"} <= set(last)
     assert json.loads((tmp_path / "eval.json").read_text())["eval_loss/email"] == pytest.approx(
@@ -329,6 +329,6 @@ def test_finetuning_a_run_on_chatml_records_grows_the_vocabulary(teacher_dir, tm
         rtol=1e-6,
     )
     summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
-    assert np.isfinite(summary["eval"]["eval_loss"]) and summary["train"]["tokens"] > 0
+    assert np.isfinite(summary.eval["eval_loss"]) and summary.train["tokens"] > 0
     # Only answer tokens count: far fewer than the batch's 8 x 32 positions.
-    assert summary["train"]["tokens"] < 0.5 * config.batch_size * config.seq_len
+    assert summary.train["tokens"] < 0.5 * config.batch_size * config.seq_len

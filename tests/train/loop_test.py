@@ -1,5 +1,6 @@
 """The training loop: exact resume, sharded equivalence, non-finite losses, config errors."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import lm_smoke
-from jaxlab.train import loop
+from jaxlab.train import build, loop
 from jaxlab.train import step as step_lib
 from tests.train.overrides import configure
 
@@ -27,13 +28,13 @@ def losses(workdir):
 def test_resume_is_bitwise_identical(tmp_path):
     full = loop.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
     first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "split"), stop_at=4)
-    assert first["step"] == 4
+    assert first.step == 4
     resumed = loop.train_and_evaluate(tiny_config(), str(tmp_path / "split"))
-    assert resumed["start_step"] == 4
+    assert resumed.start_step == 4
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
     assert len(losses(tmp_path / "full")) == 8
     for a, b in zip(
-        jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params), strict=True
+        jax.tree.leaves(full.state.params), jax.tree.leaves(resumed.state.params), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
@@ -51,12 +52,12 @@ def test_sharded_training_follows_single_device(tmp_path, mesh):
         tiny_config(num_steps=6, **{"mesh.num_devices": 0}, **mesh_overrides),
         str(tmp_path / "eight"),
     )
-    assert sharded["experiment"].mesh.size == 8
-    params = sharded["state"].params
+    assert sharded.experiment.mesh.size == 8
+    params = sharded.state.params
     assert len(params["layers"][0]["mlp"]["up_proj"].sharding.device_set) == 8
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
-    np.testing.assert_allclose(sharded["eval"]["eval_loss"], single["eval"]["eval_loss"], rtol=2e-5)
+    np.testing.assert_allclose(sharded.eval["eval_loss"], single.eval["eval_loss"], rtol=2e-5)
 
 
 @pytest.mark.parametrize("mesh", [{}, {"mesh.data": 2, "mesh.tensor": 2, "mesh.num_devices": 4}])
@@ -82,7 +83,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    monkeypatch.setattr(build, "make_train_step", poisoned)
     with pytest.raises(
         loop.NonFiniteLossError,
         match=r"loss is nan at step 6; the last good "
@@ -92,7 +93,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
     monkeypatch.undo()
     resumed = loop.train_and_evaluate(tiny_config(), str(tmp_path))
-    assert resumed["start_step"] == 4 and resumed["step"] == 8
+    assert resumed.start_step == 4 and resumed.step == 8
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,29 @@ def test_denseformer_trains_sharded_like_single_device(tmp_path):
         ),
         str(tmp_path / "eight"),
     )
-    weights = sharded["state"].params["dwa"]["weights"]
+    weights = sharded.state.params["dwa"]["weights"]
     assert not np.allclose(np.asarray(weights[1]), [0, 0, 1])  # the DWA weights trained
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
+
+
+def test_train_result_is_typed_and_groups_eval_by_source(tmp_path):
+    result = loop.train_and_evaluate(tiny_config(num_steps=2, eval_every=2), str(tmp_path))
+    assert isinstance(result, loop.TrainResult)
+    assert (result.step, result.start_step, result.workdir) == (2, 0, str(tmp_path))
+    assert result.init_from is None and set(result.initial_eval) == {"eval_loss", "eval_perplexity"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.step = 3
+    # The held-out metrics as eval.json stores them, and grouped by source.
+    stored = json.loads((tmp_path / "eval.json").read_text())
+    assert stored == {"step": 2, **result.eval}
+    grouped = dataclasses.replace(
+        result,
+        eval={
+            "eval_loss": 2.0,
+            "eval_perplexity": 7.5,
+            "eval_loss/a": 1.0,
+            "eval_perplexity/a": 2.5,
+        },
+    ).eval_by_source
+    assert grouped == {"": {"loss": 2.0, "perplexity": 7.5}, "a": {"loss": 1.0, "perplexity": 2.5}}

@@ -40,8 +40,8 @@ def test_doge_proxy_run_writes_weights_and_the_step_matches_the_rule(tmp_path):
 
     # One more step by hand equals the engine's step: per-domain gradients from separate
     # jax.grad calls, the mixer rule, the weighted gradient.
-    exp = summary["experiment"]
-    state = summary["state"]
+    exp = summary.experiment
+    state = summary.state
     iterator = loop.pipeline.train_iterator(
         config.data, exp.tokenizer, config.seq_len, config.batch_size, weights=[1.0] * 3
     )
@@ -70,9 +70,9 @@ def test_mixer_run_resumes_exactly(tmp_path):
     full = loop.train_and_evaluate(config, str(tmp_path / "full"))
     loop.train_and_evaluate(config, str(tmp_path / "split"), stop_at=4)
     resumed = loop.train_and_evaluate(config, str(tmp_path / "split"))
-    assert resumed["start_step"] == 4
-    full_leaves = jax.tree.leaves(full["state"].objective)
-    for a, b in zip(full_leaves, jax.tree.leaves(resumed["state"].objective), strict=True):
+    assert resumed.start_step == 4
+    full_leaves = jax.tree.leaves(full.state.objective)
+    for a, b in zip(full_leaves, jax.tree.leaves(resumed.state.objective), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
@@ -96,7 +96,7 @@ def test_ood_doremi_and_a_base_run_from_the_weights_file(tmp_path):
     assert weights["mixer"] == "doremi" and sum(weights["average"]) == pytest.approx(1, abs=1e-5)
     # One more engine step by hand: per-token clipped excess -> weights; the update is the
     # gradient of sum_i w_i mean_loss_i (its norm is logged as grad_norm).
-    exp, state = summary["experiment"], summary["state"]
+    exp, state = summary.experiment, summary.state
     frozen = loop.load_frozen(exp)
     reference_params = frozen["reference"]
     iterator = loop.pipeline.train_iterator(

@@ -25,7 +25,7 @@ def test_two_processes_match_one_process(tmp_path):
     config = lm_smoke.get_config()
     config.mesh.update(data=4, fsdp=1, tensor=2)
     single = loop.train_and_evaluate(config, str(tmp_path / "single"))
-    assert single["experiment"].mesh.size == 8
+    assert single.experiment.mesh.size == 8
 
     port = _free_port()
     env = dict(

@@ -35,7 +35,7 @@ def hold_lock(path):
 
 
 def params_of(summary):
-    return [np.asarray(x) for x in jax.tree.leaves(summary["state"].params)]
+    return [np.asarray(x) for x in jax.tree.leaves(summary.state.params)]
 
 
 def test_a_second_trainer_is_refused_and_the_first_ones_files_stay(tmp_path):
@@ -63,7 +63,7 @@ def test_a_killed_trainers_lock_does_not_block_its_restart(tmp_path):
     holder.wait()
     assert (tmp_path / workdir.LOCK_FILE).exists()
     resumed = loop.train_and_evaluate(tiny_config(), str(tmp_path))
-    assert resumed["start_step"] == 4 and resumed["step"] == 8
+    assert resumed.start_step == 4 and resumed.step == 8
 
 
 def test_a_changed_config_is_refused_naming_the_fields_and_allowed_by_override(tmp_path):
@@ -87,7 +87,7 @@ def test_a_changed_config_is_refused_naming_the_fields_and_allowed_by_override(t
         loop.train_and_evaluate(longer, str(tmp_path))
     longer.allow_changes = ("num_steps,optim.warmup_steps",)  # what the command line gives
     resumed = loop.train_and_evaluate(longer, str(tmp_path))
-    assert resumed["start_step"] == 4 and resumed["step"] == 12
+    assert resumed.start_step == 4 and resumed.step == 12
     history = [json.loads(line) for line in open(tmp_path / "config_history.jsonl")]
     assert [h["start_step"] for h in history] == [0, 4]
     assert [h["config"]["num_steps"] for h in history] == [8, 12]
@@ -106,7 +106,7 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, dam
     else:  # the data iterator's JSON
         (split / "checkpoints/8/data/metadata").write_text("{not json")
     resumed = loop.train_and_evaluate(tiny_config(), str(split))
-    assert resumed["start_step"] == 4 and resumed["step"] == 8
+    assert resumed.start_step == 4 and resumed.step == 8
     assert (split / "corrupt_checkpoints/8").is_dir()  # kept, not deleted
     assert "checkpoint 8" in (split / "restore_errors.log").read_text()
     for a, b in zip(params_of(full), params_of(resumed), strict=True):

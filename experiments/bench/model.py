@@ -18,7 +18,7 @@ absolute logit difference over the prefill batches, and that greedy tokens at ba
 
 Usage::
 
-  python -m experiments.bench_model --out=bench_results/bench_model.json [--repeats=5] [--quick]
+  python -m experiments.bench.model --out=bench_results/bench_model.json [--repeats=5] [--quick]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import transformers
 from absl import app, flags
 from flax import nnx
 
-from experiments.benchmarking import environment, time_calls, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab.infer import generate
 from jaxlab.interop.hf import load_hf_llama
 
@@ -178,11 +178,10 @@ def main(argv):
         def jax_prefill(jx_tokens=jx_tokens):
             return forward(state, jx_tokens).block_until_ready()
 
-        hf_times, hf_logits = time_calls(hf_prefill, repeats)
-        start = time.perf_counter()
-        jax_prefill()
-        compile_s = time.perf_counter() - start
-        jax_times, jax_logits = time_calls(jax_prefill, repeats, warmup=0)
+        hf = time_calls(hf_prefill, repeats=repeats)
+        compile_s = time_calls(jax_prefill, repeats=1, warmup=0).median
+        jx = time_calls(jax_prefill, repeats=repeats, warmup=0)
+        hf_times, hf_logits, jax_times, jax_logits = hf.seconds, hf.output, jx.seconds, jx.output
         diff = float(np.abs(np.asarray(jax_logits) - hf_logits.numpy()).max())
         max_logit_diff = max(max_logit_diff, diff)
         max_abs_logit = max(max_abs_logit, float(hf_logits.abs().max()))
@@ -226,11 +225,10 @@ def main(argv):
             out = generate(model, jx_prompts, max_new_tokens=new_tokens, stop_tokens=())
             return jax.block_until_ready(out)
 
-        hf_times, hf_out = time_calls(hf_generate, repeats)
-        start = time.perf_counter()
-        jax_generate()
-        compile_s = time.perf_counter() - start
-        jax_times, jax_out = time_calls(jax_generate, repeats, warmup=0)
+        hf = time_calls(hf_generate, repeats=repeats)
+        compile_s = time_calls(jax_generate, repeats=1, warmup=0).median
+        jx = time_calls(jax_generate, repeats=repeats, warmup=0)
+        hf_times, hf_out, jax_times, jax_out = hf.seconds, hf.output, jx.seconds, jx.output
         hf_tokens, jax_tokens = hf_out.numpy(), np.asarray(jax_out.tokens)
         if hf_tokens.shape != jax_tokens.shape:
             raise RuntimeError(

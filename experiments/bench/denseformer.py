@@ -5,13 +5,12 @@ the jitted train step (lm_tiny's batch) and greedy decoding (batch 1 and 16, 128
 round-robin in the same run (median), plus the train step's XLA temporary memory. Goal from the
 issue: <= 1.05x the baseline's time.
 
-  python -m experiments.bench_denseformer [--out=bench_results/bench_denseformer.json] [--quick]
+  python -m experiments.bench.denseformer [--out=bench_results/bench_denseformer.json] [--quick]
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import ml_collections
@@ -20,7 +19,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import lm_tiny
-from experiments.benchmarking import environment, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab.infer import generate
 from jaxlab.train import loop, sharding
 from jaxlab.train.step import MODEL_INPUTS
@@ -94,9 +93,8 @@ def main(argv):
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             for task, fn in built[name][0].items():
-                start = time.perf_counter()
-                fn()
-                times[name].setdefault(task, []).append(time.perf_counter() - start)
+                timing = time_calls(fn, repeats=1, warmup=0)
+                times[name].setdefault(task, []).append(timing.median)
     rows = {
         name: {task: statistics.median(t) * 1e3 for task, t in tasks.items()}
         for name, tasks in times.items()

@@ -33,7 +33,7 @@ printed, not asserted.
 
 Usage::
 
-  python -m experiments.bench_train [--out=bench_results/bench_train.json] [--repeats=5] [--quick]
+  python -m experiments.bench.train [--out=bench_results/bench_train.json] [--repeats=5] [--quick]
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ from absl import app, flags
 from flax import nnx
 
 from configs import lm_tiny
-from experiments.benchmarking import (
+from experiments.bench.common import (
     cpu_busy_fraction,
     environment,
     memory_snapshot,
+    time_calls,
     time_steps,
-    timed_median,
     write_json,
 )
 from jaxlab.data.tokenizers import load_tokenizer
@@ -210,9 +210,9 @@ def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
             optimizer.step()
 
         result["breakdown_median_s"] = dict(
-            forward_loss=timed_median(fwd, repeats),
-            forward_backward=timed_median(fwd_bwd, repeats),
-            clip_and_update=timed_median(update, repeats),
+            forward_loss=time_calls(fwd, repeats=repeats).median,
+            forward_backward=time_calls(fwd_bwd, repeats=repeats).median,
+            clip_and_update=time_calls(update, repeats=repeats).median,
         )
     return result
 
@@ -298,13 +298,11 @@ def run_jaxlab(side_dir: str, setup: dict[str, Any], repeats: int, breakdown: bo
         params, opt_state = state.params, state.opt_state
         (_, _), grads = jax.block_until_ready(grad(params, batch))
         result["breakdown_median_s"] = dict(
-            forward_loss=timed_median(lambda: jax.block_until_ready(fwd(params, batch)), repeats),
-            forward_backward=timed_median(
-                lambda: jax.block_until_ready(grad(params, batch)), repeats
-            ),
-            clip_and_update=timed_median(
-                lambda: jax.block_until_ready(update(grads, opt_state, params)), repeats
-            ),
+            forward_loss=time_calls(lambda: fwd(params, batch), repeats=repeats).median,
+            forward_backward=time_calls(lambda: grad(params, batch), repeats=repeats).median,
+            clip_and_update=time_calls(
+                lambda: update(grads, opt_state, params), repeats=repeats
+            ).median,
         )
     return result
 
@@ -333,11 +331,11 @@ def run_side(side: str, side_dir: str, setup: dict[str, Any], repeats: int) -> N
 
 
 def spawn_side(side: str, side_dir: str, repeats: int) -> dict[str, Any]:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     command = [
         sys.executable,
         "-m",
-        "experiments.bench_train",
+        "experiments.bench.train",
         f"--side={side}",
         f"--side_dir={side_dir}",
         f"--repeats={repeats}",

@@ -7,20 +7,19 @@ to extragradient timed in the same run. Exact ACVI factorises a dense ``2 dim x 
 so it is run up to ``--max_exact_dim``; I-ACVI, whose x-step is gradient steps, scales like the
 baselines.
 
-  python -m experiments.bench_acvi [--out=bench_results/bench_acvi.json] [--quick]
+  python -m experiments.bench.acvi [--out=bench_results/bench_acvi.json] [--quick]
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarking import environment, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab import solvers as S
 
 flags.DEFINE_string("out", "bench_results/bench_acvi.json", "Where to write the JSON.")
@@ -73,12 +72,9 @@ def main(argv):
             timings = {}
             for name, run in methods(dim).items():
                 trajectory = jax.block_until_ready(run(problem, x0))  # compiles
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    jax.block_until_ready(run(problem, x0))
-                    times.append(time.perf_counter() - start)
-                total = statistics.median(times)
+                total = time_calls(
+                    functools.partial(run, problem, x0), repeats=repeats, warmup=0
+                ).median
                 steps = iterates(trajectory).shape[0]
                 errors = jax.vmap(problem.relative_error)(iterates(trajectory))
                 hit = S.first_reach(errors, trajectory.evaluations, 0.02)

@@ -10,13 +10,13 @@
    claim under test: a fixed-size recurrent state makes each step's cost independent of the
    context, where attention reads a KV cache that grows with it.
 
-  python -m experiments.bench_scan [--out=bench_results/bench_scan.json] [--quick]
+  python -m experiments.bench.scan [--out=bench_results/bench_scan.json] [--quick]
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from experiments.benchmarking import environment, median_ms, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab import models
 from jaxlab.infer import generate
 from jaxlab.ops import scan
@@ -83,8 +83,9 @@ def scan_part(seqs, repeats):
             times = {impl: ([], []) for impl in fns}
             for _ in range(repeats):
                 for impl, (fwd, bwd) in fns.items():
-                    times[impl][0].append(median_ms(fwd, args, 1))
-                    times[impl][1].append(median_ms(bwd, args, 1))
+                    for i, fn in enumerate((fwd, bwd)):
+                        timing = time_calls(functools.partial(fn, *args), repeats=1, warmup=0)
+                        times[impl][i].append(timing.median * 1e3)
             base = [statistics.median(t) for t in times["sequential"]]
             for impl, (f, b) in times.items():
                 f, b = statistics.median(f), statistics.median(b)
@@ -147,9 +148,7 @@ def generation_part(prompts, batch, new_tokens, repeats, small):
         times = {name: [] for name in run}
         for _ in range(repeats):
             for name, fn in run.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(time_calls(fn, repeats=1, warmup=0).median)
         rate = {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
         rows.append(
             dict(

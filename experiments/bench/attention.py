@@ -13,7 +13,7 @@ The XLA paths have static shapes: the QK path gets the batch's largest kept coun
 ``hash_window``; both stay exact when the hint is too small. The Pallas kernels' timings need a
 GPU: ``make bench-gpu``.
 
-  python -m experiments.bench_attention [--out=bench_results/bench_attention.json] [--quick]
+  python -m experiments.bench.attention [--out=bench_results/bench_attention.json] [--quick]
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.benchmarking import (
+from experiments.bench.common import (
     allowed_pairs,
     environment,
-    median_ms,
     sparse_inputs,
     sparsity_sweep,
+    time_calls,
     write_json,
 )
 from jaxlab import ops
@@ -127,8 +127,9 @@ def main(argv):
         times = {name: ([], []) for name in impls}
         for _ in range(repeats):  # round-robin, so drift in machine load hits all alike
             for name, (fwd, bwd) in compiled.items():
-                times[name][0].append(median_ms(fwd, args[name], 1))
-                times[name][1].append(median_ms(bwd, args[name], 1))
+                for i, fn in enumerate((fwd, bwd)):
+                    timing = time_calls(functools.partial(fn, *args[name]), repeats=1, warmup=0)
+                    times[name][i].append(timing.median * 1e3)
         base_f, base_b = (statistics.median(t) for t in times["dense xla"])
         for name, (fwd_t, bwd_t) in times.items():
             f, b = statistics.median(fwd_t), statistics.median(bwd_t)

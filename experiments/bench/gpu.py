@@ -20,7 +20,7 @@ Each part prints a markdown table; all rows go to one JSON, written after every 
 run cut short by ``--budget_s`` or a timeout still leaves its measurements. Without an
 accelerator it refuses to run unless ``--allow_cpu`` (a smoke test: tiny shapes, interpret mode).
 
-  python -m experiments.bench_gpu [--out=bench_results/bench_gpu.json] [--budget_s=420]
+  python -m experiments.bench.gpu [--out=bench_results/bench_gpu.json] [--budget_s=420]
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarking import (
+from experiments.bench.common import (
     allowed_pairs,
-    median_ms,
     sparse_inputs,
     sparsity_sweep,
+    time_calls,
     write_json,
 )
 from jaxlab import ops
@@ -76,8 +76,7 @@ def dense_implementations(interpret: bool):
 
 def timed(fn, *args, repeats: int) -> float:
     """Median ms over ``repeats`` calls after one untimed call (compilation)."""
-    jax.block_until_ready(fn(*args))
-    return median_ms(fn, args, repeats)
+    return time_calls(lambda: fn(*args), repeats=repeats).median * 1e3
 
 
 def loss_of(fn, cotangent):

@@ -12,7 +12,7 @@ of ``--repeats`` timed runs of ``--steps`` steps):
 * ``doge_ood``: one domain held out as the target (its gradient is computed too);
 * ``doremi``: proxy and reference forward passes and one backward pass.
 
-  python -m experiments.bench_doge [--out=bench_results/bench_doge.json] [--quick]
+  python -m experiments.bench.doge [--out=bench_results/bench_doge.json] [--quick]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import doge as doge_config
-from experiments.benchmarking import environment, timed_median, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab import models, objectives
 from jaxlab.data import pipeline
 from jaxlab.train import loop
@@ -106,7 +106,7 @@ def main(argv):
             jax.block_until_ready(metrics["loss"])
             state[0] = s
 
-        ms = timed_median(run, repeats) / steps * 1e3
+        ms = time_calls(run, repeats=repeats).median / steps * 1e3
         base = ms if name == "plain" else base
         rows.append(dict(variant=name, ms_per_step=ms, ratio_to_plain=ms / base, domains=k))
         print(f"{name:14s} {ms:8.1f} ms/step  x{ms / base:5.2f}", flush=True)

@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmarks: timing, machine state and memory. Defines no flags."""
+"""Helpers shared by the benchmarks: the one timer (:func:`time_calls`, seconds), machine state,
+memory and sparse-attention inputs. Defines no flags."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -16,20 +18,32 @@ import jax
 import numpy as np
 
 
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], Any]:
-    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` timed; returns times and last output.
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Wall times of the timed calls, in seconds, and the last call's output."""
 
-    ``fn`` must block until its result is ready.
-    """
-    out = None
+    seconds: list[float]
+    output: Any
+
+    @property
+    def median(self) -> float:
+        """The median of :attr:`seconds`, in seconds."""
+        return statistics.median(self.seconds)
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timing:
+    """The one timer of the benchmarks: calls ``fn`` ``warmup`` times untimed (compilation), then
+    ``repeats`` times timed, each until its output is ready (``jax.block_until_ready``)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_calls needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     for _ in range(warmup):
-        out = fn()
-    times = []
+        jax.block_until_ready(fn())
+    seconds, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, out
+        out = jax.block_until_ready(fn())
+        seconds.append(time.perf_counter() - start)
+    return Timing(seconds, out)
 
 
 def cpu_busy_fraction(interval_s: float = 1.0) -> float | None:
@@ -122,21 +136,6 @@ def memory_snapshot() -> dict[str, float | None]:
     )
 
 
-def median_ms(fn: Callable[..., Any], args, repeats: int) -> float:
-    """Median wall time in ms of ``fn(*args)`` (blocked until ready) over ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def timed_median(fn: Callable[[], Any], repeats: int) -> float:
-    times, _ = time_calls(fn, repeats)
-    return statistics.median(times)
-
-
 def write_json(path: str, result: dict[str, Any]) -> None:
     """Writes a benchmark's results, creating the directory."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -152,19 +151,15 @@ def time_steps(step: Callable[[int], Any], num_first: int, repeats: int):
       (outputs of the first steps, a dict of timings in s: ``first_step_s``, ``loss_step_s``,
       ``step_s``, ``step_median_s``, and ``memory``: snapshots after the first and timed steps).
     """
-    outputs, first_times = [], []
-    for i in range(num_first):
-        start = time.perf_counter()
-        outputs.append(step(i))
-        first_times.append(time.perf_counter() - start)
+    first = [time_calls(lambda i=i: step(i), repeats=1, warmup=0) for i in range(num_first)]
     after_first = memory_snapshot()
     counter = iter(range(num_first, 10**9))
-    times, _ = time_calls(lambda: step(next(counter)), repeats, warmup=0)
-    return outputs, dict(
-        first_step_s=first_times[0],
-        loss_step_s=first_times,
-        step_s=times,
-        step_median_s=statistics.median(times),
+    timed = time_calls(lambda: step(next(counter)), repeats=repeats, warmup=0)
+    return [t.output for t in first], dict(
+        first_step_s=first[0].seconds[0],
+        loss_step_s=[t.seconds[0] for t in first],
+        step_s=timed.seconds,
+        step_median_s=timed.median,
         memory=dict(after_first_steps=after_first, after_timed_steps=memory_snapshot()),
     )
 

@@ -5,7 +5,7 @@ Two classifiers: an MLP on LMS-7 slab data (batch 128) and the LeNet-style CNN o
 ``--steps`` ascent steps per batch. Reported: median ms per training step over ``--repeats``
 timed epochs of ``--batches`` batches (compiled first), and the ratio to ERM.
 
-  python -m experiments.bench_udp [--out=bench_results/bench_udp.json] [--quick]
+  python -m experiments.bench.udp [--out=bench_results/bench_udp.json] [--quick]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from experiments.benchmarking import environment, timed_median, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab import robust as R
 from jaxlab.data import synthetic
 from jaxlab.models.classifiers import MLPClassifier, SmallCNN, functional
@@ -73,7 +73,7 @@ def main(argv):
                     state[0], metrics = step(state[0], batch)
                 jax.block_until_ready(metrics["loss"])
 
-            ms = timed_median(epoch, repeats) / num_batches * 1e3
+            ms = time_calls(epoch, repeats=repeats).median / num_batches * 1e3
             base = ms if method == "erm" else base
             rows.append(
                 dict(

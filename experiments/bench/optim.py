@@ -6,20 +6,20 @@ a transformer's, median of ``--repeats`` steps. The step is memory-bound: AdamW 
 arrays per parameter (g, m, v, p in; m, v, p out), AdEMAMix 9 (plus the slow EMA), AdEMAMix with
 ``b1 = 0`` 7 again; so about 1.29x AdamW is the floor for the default and 1.0x for ``b1 = 0``.
 
-  python -m experiments.bench_optim [--out=bench_results/bench_optim.json] [--quick]
+  python -m experiments.bench.optim [--out=bench_results/bench_optim.json] [--quick]
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from experiments.benchmarking import environment, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab.optim import ademamix
 
 flags.DEFINE_string("out", "bench_results/bench_optim.json", "Where to write the JSON.")
@@ -82,9 +82,9 @@ def time_optimizers(txs: dict, params, grads, repeats: int) -> dict[str, dict[st
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             step, p, s, _, times = runs[name]
-            start = time.perf_counter()
-            p, s = jax.block_until_ready(step(p, s, grads))
-            times.append(time.perf_counter() - start)
+            timing = time_calls(functools.partial(step, p, s, grads), repeats=1, warmup=0)
+            p, s = timing.output
+            times.append(timing.median)
             runs[name][1:3] = [p, s]
     return {
         name: dict(ms=statistics.median(run[4]) * 1e3, state_mib=run[3] / 2**20)

@@ -1,4 +1,5 @@
-"""DoGE on generated domains with known roles (the synthetic half of experiments/doge.py).
+"""DoGE on generated domains with known roles: the synthetic half of ``experiments/doge.py``, kept
+in the library so that tests run it too.
 
 Five classification domains ``y ~ softmax(x W_i)`` around an out-of-domain target
 (``jaxlab.data.synthetic.related_domains``: two related, one near-duplicate, one unrelated, one

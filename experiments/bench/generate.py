@@ -15,13 +15,12 @@ call, median of ``--repeats``) and the ratio one-prefill / repeated.
 
 Usage::
 
-  python -m experiments.bench_generate --out=bench_results/bench_generate.json [--quick]
+  python -m experiments.bench.generate --out=bench_results/bench_generate.json [--quick]
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from experiments.benchmarking import environment, time_calls, write_json
+from experiments.bench.common import environment, time_calls, write_json
 from jaxlab import models
 from jaxlab.infer import SamplingConfig, generate
 from jaxlab.models import TransformerConfig
@@ -109,15 +108,12 @@ def main(argv):
 
         measured = {}
         for name, fn in (("one_prefill", one_prefill), ("repeated", repeated_prompts)):
-            start = time.perf_counter()
-            out = fn()
-            first_s = time.perf_counter() - start
-            times, out = time_calls(fn, repeats, warmup=0)
+            first_s = time_calls(fn, repeats=1, warmup=0).median
+            timing = time_calls(fn, repeats=repeats, warmup=0)
+            times, out = timing.seconds, timing.output
             if out.tokens.shape != (batch * n, new_tokens):
                 raise RuntimeError(f"{name} n={n}: tokens have shape {out.tokens.shape}")
-            measured[name] = dict(
-                times_s=times, median_s=statistics.median(times), first_call_s=first_s
-            )
+            measured[name] = dict(times_s=times, median_s=timing.median, first_call_s=first_s)
         generated = batch * n * new_tokens
         one, rep = measured["one_prefill"]["median_s"], measured["repeated"]["median_s"]
         row = dict(
