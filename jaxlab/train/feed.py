@@ -8,6 +8,7 @@ import threading
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxlab.data import pipeline
 from jaxlab.train import sharding
@@ -15,7 +16,68 @@ from jaxlab.train.step import MODEL_INPUTS
 
 
 def on_devices(batch: dict[str, np.ndarray], mesh, keys=MODEL_INPUTS) -> dict[str, jax.Array]:
+    """Places a host-side global batch (every process holds all rows)."""
     return sharding.global_batch_to_devices({k: batch[k] for k in keys}, mesh)
+
+
+def local_rows(mesh, batch_size: int) -> range | None:
+    """The rows of a ``batch_size`` global batch that this process's devices hold under the
+    batch sharding, when they are one contiguous block (None otherwise)."""
+    indices = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    held = sorted({i for index in indices.values() for i in range(batch_size)[index[0]]})
+    if not held or held != list(range(held[0], held[-1] + 1)):
+        return None
+    return range(held[0], held[-1] + 1)
+
+
+def local_on_devices(
+    batch: dict[str, np.ndarray], mesh, batch_size: int, keys=MODEL_INPUTS
+) -> dict[str, jax.Array]:
+    """Places this process's rows (:func:`local_rows`) of a ``batch_size`` global batch."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(
+            batch_sharding, batch[k], (batch_size, *batch[k].shape[1:])
+        )
+        for k in keys
+    }
+
+
+def process_feed(mesh, batch_size: int):
+    """``(process_index, process_count, place)`` for the training iterator: each process builds
+    only the rows its devices hold when those are the block :func:`pipeline.process_rows` gives
+    it; otherwise (a mesh whose batch rows interleave across processes) every process builds
+    the global batch, as before."""
+    index, count = jax.process_index(), jax.process_count()
+    if count > 1 and local_rows(mesh, batch_size) == pipeline.process_rows(
+        batch_size, index, count
+    ):
+        rows = pipeline.process_rows(batch_size, index, count)
+        logging.info(
+            "data: process %d of %d builds rows [%d, %d) of %d",
+            index,
+            count,
+            rows.start,
+            rows.stop,
+            batch_size,
+        )
+
+        def place(batch, keys=MODEL_INPUTS):
+            return local_on_devices(batch, mesh, batch_size, keys)
+
+        return index, count, place
+    if count > 1:
+        logging.warning(
+            "data: this mesh does not give process %d a contiguous block of batch rows; every "
+            "process builds the whole global batch of %d rows",
+            index,
+            batch_size,
+        )
+
+    def place_global(batch, keys=MODEL_INPUTS):
+        return on_devices(batch, mesh, keys)
+
+    return 0, 1, place_global
 
 
 class Prefetcher:

@@ -40,7 +40,7 @@ from jaxlab.train.build import (  # noqa: F401  (the public names of the trainin
 )
 from jaxlab.train.checkpoint import Checkpointer, CheckpointSaveError
 from jaxlab.train.evaluation import eval_sets, evaluate
-from jaxlab.train.feed import Prefetcher, on_devices
+from jaxlab.train.feed import Prefetcher, process_feed
 from jaxlab.train.metrics_io import MetricsWriter, read_metrics  # noqa: F401
 from jaxlab.train.step import MODEL_INPUTS, TrainState
 
@@ -132,6 +132,8 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> T
     objective = exp.objective
     # An objective may ask for its components to be sampled uniformly (a data mixer's weights
     # act on the gradients or the losses, not on the sampling).
+    # Each process reads and tokenizes only the rows its devices hold.
+    process_index, process_count, place = process_feed(exp.mesh, config.batch_size)
     data = pipeline.train_iterator(
         config.data,
         exp.tokenizer,
@@ -139,6 +141,8 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> T
         config.batch_size,
         components,
         weights=[1.0] * len(components) if objective.uniform_sampling else None,
+        process_index=process_index,
+        process_count=process_count,
     )
     eval_data = eval_sets(exp, components)
 
@@ -223,7 +227,7 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> T
     last_train: dict[str, float] = {}
     try:
         for step in range(start + 1, end + 1):
-            batch = on_devices(prefetcher.next(), exp.mesh, keys)
+            batch = place(prefetcher.next(), keys)
             state, metrics = train_step(state, batch, frozen)
             pending.append((step, metrics))
             progress.update(1)

@@ -48,6 +48,7 @@ def test_two_processes_match_one_process(tmp_path):
                 f"--process_id={i}",
                 "--config.mesh.data=4",
                 "--config.mesh.tensor=2",
+                "--verbosity=0",  # INFO, for the data rows line
             ],
             cwd=REPO,
             env=env,
@@ -67,6 +68,10 @@ def test_two_processes_match_one_process(tmp_path):
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert "process 1 of 2: 4 local devices of 8" in outputs[1]
+    # Each process built and tokenized only its own half of every global batch.
+    batch = config.batch_size
+    assert f"data: process 0 of 2 builds rows [0, {batch // 2}) of {batch}" in outputs[0]
+    assert f"data: process 1 of 2 builds rows [{batch // 2}, {batch}) of {batch}" in outputs[1]
 
     def losses(path):
         return [r["loss"] for r in loop.read_metrics(str(path)) if "loss" in r]
