@@ -36,7 +36,7 @@ def _resolve_impl(name: str, impl: str) -> str:
     return impl
 
 
-def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
+def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, scale):
     """Dense masked attention of reordered rows; *_pos/*_bkt: [batch, rows, heads or kv_heads]."""
     groups = qs.shape[2] // ks.shape[2]
 
@@ -46,7 +46,13 @@ def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
     mask = q_pos.transpose(0, 2, 1)[..., :, None] >= per_q_head(k_pos)[..., None, :]
     if q_bkt is not None:
         mask &= q_bkt.transpose(0, 2, 1)[..., :, None] == per_q_head(k_bkt)[..., None, :]
-    return kernels.masked_attention_reference(qs, ks, vs, mask, sm_scale)
+    return masked_attention(qs, ks, vs, mask, scale=scale)
+
+
+def masked_attention(q, k, v, mask, *, scale=None):
+    """Dense attention under an explicit mask ``[batch, heads, q_len, kv_len]``; a query with no
+    visible key gives 0 (decoding with a sparse pattern, where the mask is cheap to build)."""
+    return kernels.masked_attention_reference(q, k, v, mask, scale)
 
 
 def _unsort(out, order, inverse):
@@ -65,7 +71,7 @@ def _exact_cond(fits, small, full):
     return lax.cond(fits, jax.checkpoint(small), jax.checkpoint(full))
 
 
-def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capacity=None):
+def qk_sparse_xla(q, k, v, q_keep, k_keep, *, scale, segment_ids=None, capacity=None):
     """XLA QK-sparse attention: compaction then dense attention on ``capacity`` rows."""
     seq = q.shape[1]
     q_order, q_kept = kernels.compact_order(q_keep)
@@ -85,7 +91,7 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capaci
             )
         qs = kernels.permute_rows(q, qo, q_inverse)
         ks, vs = kernels.permute_rows(k, ko, k_inverse), kernels.permute_rows(v, ko, k_inverse)
-        out = _masked(qs, ks, vs, q_pos, k_pos, q_seg, k_seg, sm_scale)
+        out = _masked(qs, ks, vs, q_pos, k_pos, q_seg, k_seg, scale)
         return _unsort(out, q_order, q_inverse)
 
     if capacity is None or tuple(capacity) == (seq, seq):
@@ -111,7 +117,7 @@ def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0
 
 
 def hash_sparse_xla(
-    q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None, block=128, window=None
+    q, k, v, q_buckets, k_buckets, *, scale, segment_ids=None, block=128, window=None
 ):
     """XLA hash-sparse attention: sort by bucket, query tiles attend to windows of key tiles."""
     batch, seq, heads, _ = q.shape
@@ -169,9 +175,7 @@ def hash_sparse_xla(
         def fold(x):
             return x.reshape(batch * tiles, *x.shape[2:])
 
-        out = kernels.masked_attention_reference(
-            fold(q_tiles(qs)), fold(kw), fold(vw), fold(mask), sm_scale
-        )
+        out = masked_attention(fold(q_tiles(qs)), fold(kw), fold(vw), fold(mask), scale=scale)
         return _unsort(out.reshape(batch, padded, heads, -1)[:, :seq], q_order, q_inverse)
 
     def dense():  # every query against every key, on the sorted rows
@@ -183,7 +187,7 @@ def hash_sparse_xla(
             k_pos[:, :seq],
             q_bkt[:, :seq],
             k_bkt[:, :seq],
-            sm_scale,
+            scale,
         )
         return _unsort(out, q_order, q_inverse)
 
@@ -207,7 +211,7 @@ def qk_sparse_attention(
     k_keep,
     *,
     segment_ids=None,
-    sm_scale=None,
+    scale=None,
     impl="auto",
     block_sizes=None,
     interpret=None,
@@ -227,14 +231,14 @@ def qk_sparse_attention(
             q_keep,
             k_keep,
             segment_ids=segment_ids,
-            sm_scale=sm_scale,
+            scale=scale,
             block_sizes=block_sizes,
             interpret=interpret,
         )
     kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
-    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return qk_sparse_xla(
-        q, k, v, q_keep, k_keep, sm_scale=sm_scale, segment_ids=segment_ids, capacity=capacity
+        q, k, v, q_keep, k_keep, scale=scale, segment_ids=segment_ids, capacity=capacity
     )
 
 
@@ -246,7 +250,7 @@ def hash_sparse_attention(
     k_buckets,
     *,
     segment_ids=None,
-    sm_scale=None,
+    scale=None,
     impl="auto",
     block_sizes=None,
     interpret=None,
@@ -267,19 +271,19 @@ def hash_sparse_attention(
             q_buckets,
             k_buckets,
             segment_ids=segment_ids,
-            sm_scale=sm_scale,
+            scale=scale,
             block_sizes=block_sizes,
             interpret=interpret,
         )
     kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
-    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return hash_sparse_xla(
         q,
         k,
         v,
         q_buckets,
         k_buckets,
-        sm_scale=sm_scale,
+        scale=scale,
         segment_ids=segment_ids,
         block=block,
         window=window,
