@@ -3,6 +3,8 @@ the elementwise prologue/epilogue of the scans. Imports jax only, like the kerne
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -50,6 +52,33 @@ def pad_trailing(x: jax.Array, widths, value=0) -> jax.Array:
     axes past ``len(widths)`` are not padded."""
     pads = [(0, w) for w in widths] + [(0, 0)] * (x.ndim - len(widths))
     return jnp.pad(x, pads, constant_values=value)
+
+
+# ------------------------------------------------------------------------------ custom VJP cores
+
+
+def chunked_scan_core(forward, backward):
+    """The differentiable core of a scan whose forward kernel saves the state at chunk starts.
+
+    ``forward(static, *inputs, h0) -> (y, starts, h_L)``; ``backward(static, *inputs, starts, dy,
+    dh_L)`` -> the gradients of ``(*inputs, h0)``. Returns ``core(static, *inputs, h0) -> (y,
+    h_L)``, differentiable in every array, whose backward keeps only the inputs and the starts.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def core(static, *args):
+        y, _, final = forward(static, *args)
+        return y, final
+
+    def core_fwd(static, *args):
+        y, starts, final = forward(static, *args)
+        return (y, final), (*args[:-1], starts)  # h0 is not needed: the starts begin with it
+
+    def core_bwd(static, residuals, cotangents):
+        return backward(static, *residuals, *cotangents)
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
 
 
 # ------------------------------------------------------------------------------- argument checks

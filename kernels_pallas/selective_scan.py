@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas._common import (
     check_shapes,
+    chunked_scan_core,
     finish_output,
     largest_power_of_2_dividing,
     next_power_of_2,
@@ -290,24 +291,7 @@ def _backward(static, u, delta, A, B, C, starts, dy, dhL):
     return du, ddelta, dA.sum(axis=0), fold(dB), fold(dC), dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(static, u, delta, A, B, C, h0):
-    y, _, hL = _forward(static, u, delta, A, B, C, h0)
-    return y, hL
-
-
-def _core_fwd(static, u, delta, A, B, C, h0):
-    y, starts, hL = _forward(static, u, delta, A, B, C, h0)
-    return (y, hL), (u, delta, A, B, C, starts)
-
-
-def _core_bwd(static, residuals, cotangents):
-    u, delta, A, B, C, starts = residuals
-    dy, dhL = cotangents
-    return _backward(static, u, delta, A, B, C, starts, dy, dhL)
-
-
-_core.defvjp(_core_fwd, _core_bwd)
+_core = chunked_scan_core(_forward, _backward)
 
 
 def scan_recurrence(u, delta, A, B, C, h0, *, block_sizes, interpret):

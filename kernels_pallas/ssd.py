@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 from kernels_pallas._common import (
     check_positive_int,
     check_shapes,
+    chunked_scan_core,
     finish_output,
     next_power_of_2,
     pad_trailing,
@@ -425,24 +426,7 @@ def _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL):
     return dx, ddt, dA[..., 0].sum(axis=0), fold(dB), fold(dC), ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ssd_core(static, x, dt, A, B, C, s0):
-    y, _, sL = _ssd_forward(static, x, dt, A, B, C, s0)
-    return y, sL
-
-
-def _ssd_core_fwd(static, x, dt, A, B, C, s0):
-    y, starts, sL = _ssd_forward(static, x, dt, A, B, C, s0)
-    return (y, sL), (x, dt, A, B, C, starts)
-
-
-def _ssd_core_bwd(static, residuals, cotangents):
-    x, dt, A, B, C, starts = residuals
-    dy, dsL = cotangents
-    return _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL)
-
-
-_ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
+_ssd_core = chunked_scan_core(_ssd_forward, _ssd_backward)
 
 
 @functools.partial(
