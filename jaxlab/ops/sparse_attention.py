@@ -17,23 +17,36 @@ when a hint is too small by falling back (``lax.cond``) to the full-size computa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlab.registry import Registry
 from kernels_pallas import sparse_attention as kernels
 
-IMPLS = ("auto", "xla", "pallas")
 _BIG = jnp.iinfo(jnp.int32).max
+QK_SPARSE_IMPLS: Registry[Callable[..., jax.Array]] = Registry(
+    "qk_sparse_attention implementation", field="qk_sparse_attention: impl"
+)
+HASH_SPARSE_IMPLS: Registry[Callable[..., jax.Array]] = Registry(
+    "hash_sparse_attention implementation", field="hash_sparse_attention: impl"
+)
 
 
-def _resolve_impl(name: str, impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl
+def available_impls() -> tuple[str, ...]:
+    """The ``impl`` names both sparse attentions accept (what a model's config may name)."""
+    return tuple(name for name in QK_SPARSE_IMPLS.names() if name in HASH_SPARSE_IMPLS)
+
+
+def _auto(registry):
+    """The ``'auto'`` entry: the kernels on GPU, the XLA path elsewhere (no TPU lowering yet)."""
+
+    def run(*args, **kw):
+        return registry.get("pallas" if jax.default_backend() == "gpu" else "xla")(*args, **kw)
+
+    return run
 
 
 def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, scale):
@@ -203,6 +216,25 @@ def hash_sparse_xla(
     return _exact_cond(fits, lambda: run(window), dense)
 
 
+def _qk_pallas(q, k, v, q_keep, k_keep, *, capacity, **kw):
+    del capacity  # the kernels skip dropped tiles without a hint
+    return kernels.qk_sparse_attention(q, k, v, q_keep, k_keep, **kw)
+
+
+def _qk_xla(q, k, v, q_keep, k_keep, *, segment_ids, scale, block_sizes, interpret, capacity):
+    del block_sizes, interpret
+    kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return qk_sparse_xla(
+        q, k, v, q_keep, k_keep, scale=scale, segment_ids=segment_ids, capacity=capacity
+    )
+
+
+QK_SPARSE_IMPLS.register("auto", _auto(QK_SPARSE_IMPLS))
+QK_SPARSE_IMPLS.register("pallas", _qk_pallas)
+QK_SPARSE_IMPLS.register("xla", _qk_xla)
+
+
 def qk_sparse_attention(
     q,
     k,
@@ -220,26 +252,50 @@ def qk_sparse_attention(
     """QK-sparse causal attention (as ``kernels_pallas.sparse_attention.qk_sparse_attention``).
 
     Args:
+      impl: a name in :data:`QK_SPARSE_IMPLS` (see the module docstring).
       capacity: XLA only: static (q_rows, k_rows) bounds on kept tokens per (batch, head).
     """
-    name = "qk_sparse_attention"
-    if _resolve_impl(name, impl) == "pallas":
-        return kernels.qk_sparse_attention(
-            q,
-            k,
-            v,
-            q_keep,
-            k_keep,
-            segment_ids=segment_ids,
-            scale=scale,
-            block_sizes=block_sizes,
-            interpret=interpret,
-        )
-    kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return qk_sparse_xla(
-        q, k, v, q_keep, k_keep, scale=scale, segment_ids=segment_ids, capacity=capacity
+    return QK_SPARSE_IMPLS.get(impl)(
+        q,
+        k,
+        v,
+        q_keep,
+        k_keep,
+        segment_ids=segment_ids,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        capacity=capacity,
     )
+
+
+def _hash_pallas(q, k, v, q_buckets, k_buckets, *, window, block, **kw):
+    del window, block  # the kernels find each tile's keys themselves
+    return kernels.hash_sparse_attention(q, k, v, q_buckets, k_buckets, **kw)
+
+
+def _hash_xla(
+    q, k, v, q_buckets, k_buckets, *, segment_ids, scale, block_sizes, interpret, window, block
+):
+    del block_sizes, interpret
+    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return hash_sparse_xla(
+        q,
+        k,
+        v,
+        q_buckets,
+        k_buckets,
+        scale=scale,
+        segment_ids=segment_ids,
+        block=block,
+        window=window,
+    )
+
+
+HASH_SPARSE_IMPLS.register("auto", _auto(HASH_SPARSE_IMPLS))
+HASH_SPARSE_IMPLS.register("pallas", _hash_pallas)
+HASH_SPARSE_IMPLS.register("xla", _hash_xla)
 
 
 def hash_sparse_attention(
@@ -260,31 +316,19 @@ def hash_sparse_attention(
     """Hash-sparse causal attention (as ``kernels_pallas.sparse_attention.hash_sparse_attention``).
 
     Args:
+      impl: a name in :data:`HASH_SPARSE_IMPLS` (see the module docstring).
       window, block: XLA only: key tiles of ``block`` rows per query tile (:func:`hash_window`).
     """
-    name = "hash_sparse_attention"
-    if _resolve_impl(name, impl) == "pallas":
-        return kernels.hash_sparse_attention(
-            q,
-            k,
-            v,
-            q_buckets,
-            k_buckets,
-            segment_ids=segment_ids,
-            scale=scale,
-            block_sizes=block_sizes,
-            interpret=interpret,
-        )
-    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return hash_sparse_xla(
+    return HASH_SPARSE_IMPLS.get(impl)(
         q,
         k,
         v,
         q_buckets,
         k_buckets,
-        scale=scale,
         segment_ids=segment_ids,
-        block=block,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
         window=window,
+        block=block,
     )

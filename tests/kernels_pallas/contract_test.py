@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import pathlib
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import pytest
 from jaxlab import ops
 from jaxlab.ops import scan as scan_ops
 from jaxlab.ops import sparse_attention as sparse_ops
+from jaxlab.registry import Registry
 from kernels_pallas import _common as common
 from kernels_pallas import selective_scan as mamba1_kernels
 from kernels_pallas import sparse_attention as sparse_kernels
@@ -183,3 +185,38 @@ def test_shared_pieces_live_in_one_place():
     for path in pathlib.Path(common.__file__).parent.rglob("*.py"):
         if path.name != "_common.py":
             assert "default_backend" not in path.read_text(), path
+
+
+TABLES = [
+    ("ATTENTION_IMPLS", ops.attention),
+    ("SELECTIVE_SCAN_IMPLS", scan_ops.selective_scan),
+    ("SSD_IMPLS", scan_ops.ssd),
+    ("QK_SPARSE_IMPLS", sparse_ops.qk_sparse_attention),
+    ("HASH_SPARSE_IMPLS", sparse_ops.hash_sparse_attention),
+]
+
+
+@pytest.mark.parametrize("table,fn", TABLES, ids=lambda x: x if isinstance(x, str) else "")
+def test_ops_choose_implementations_from_a_registry(table, fn):
+    registry = getattr(sys.modules[fn.__module__], table)
+    assert isinstance(registry, Registry)
+    assert params(fn)["impl"].default in registry
+
+
+def test_a_registered_attention_impl_is_dispatched_to_and_not_overwritten(monkeypatch):
+    registry = sys.modules[ops.attention.__module__].ATTENTION_IMPLS
+    monkeypatch.setattr(registry, "_entries", dict(registry._entries))  # restored after the test
+    calls = []
+
+    def probe(q, k, v, **kw):
+        calls.append(sorted(kw))
+        return q
+
+    ops.register_attention_impl("contract_probe", probe)
+    assert "contract_probe" in ops.available_impls()
+    q = jnp.ones((1, 3, 2, 4))
+    assert ops.attention(q, q, q, impl="contract_probe") is q
+    assert "scale" in calls[0] and "q_positions" in calls[0]
+    with pytest.raises(ValueError, match="'contract_probe' is already registered"):
+        ops.register_attention_impl("contract_probe", probe)
+    ops.register_attention_impl("contract_probe", ops.attention, replace=True)
