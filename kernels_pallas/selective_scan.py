@@ -17,13 +17,13 @@ The kernels compute only the recurrence ``(u, delta, A, B, C, h_0) -> (y, h_L)``
 softplus, D term and gate are elementwise and left to XLA (which fuses and differentiates them).
 * forward, grid ``(dim tiles, batch)``: the state ``[block_d, state]`` stays in registers while a
   loop walks the sequence one step at a time (each step is a few row loads); the state at the start
-  of every ``chunk`` steps is saved, nothing else;
+  of every ``chunk_size`` steps is saved, nothing else;
 * backward, same grid: walks the chunks in reverse; each chunk's states are recomputed from its
   saved start state into registers (the chunk loop is unrolled), then the reverse recurrence
   ``dh_{t-1} = exp(delta_t A) dh_t + C_{t-1} dy_{t-1}`` runs over them, emitting du, ddelta and the
   per-tile partial sums of dB and dC (summed over tiles by XLA, so no atomics); dA and dh_0
   accumulate in registers.
-Memory for the backward: one state per ``chunk`` steps instead of one per step.
+Memory for the backward: one state per ``chunk_size`` steps instead of one per step.
 """
 
 from __future__ import annotations
@@ -37,46 +37,43 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas._common import (
+    check_shapes,
+    chunked_scan_core,
+    finish_output,
+    largest_power_of_2_dividing,
+    next_power_of_2,
+    pad_trailing,
+    prepare_delta,
+    resolve_interpret,
+    round_up,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """``chunk``: steps between saved states (unrolled in the backward: register pressure grows
-    with ``chunk * block_d_bwd * state``); ``block_d``/``block_d_bwd``: channels per program in
-    the forward/backward (powers of two; reduced to divide ``dim // groups``)."""
+    """``chunk_size``: steps between saved states (unrolled in the backward: register pressure
+    grows with ``chunk_size * block_d_bwd * state``); ``block_d``/``block_d_bwd``: channels per
+    program in the forward/backward (powers of two; reduced to divide ``dim // groups``)."""
 
-    chunk: int = 16
+    chunk_size: int = 16
     block_d: int = 64
     block_d_bwd: int = 16
     num_warps: int = 2
 
     def __post_init__(self):
-        for name in ("chunk", "block_d", "block_d_bwd"):
+        for name in ("chunk_size", "block_d", "block_d_bwd"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"BlockSizes.{name} must be a power of two, got {value}")
 
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        """The defaults (``block_d``/``block_d_bwd`` are reduced per shape at call time)."""
+        return cls()
+
 
 # ------------------------------------------------------------------------------------ reference
-
-
-def prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Bias and softplus of delta, in float32 or wider; returns (compute dtype, delta)."""
-    dtype = jnp.promote_types(u.dtype, jnp.float32)
-    delta = delta.astype(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.astype(dtype)
-    if delta_softplus:
-        delta = jax.nn.softplus(delta)
-    return dtype, delta
-
-
-def finish_output(y, u, D, z, dtype, out_dtype):
-    """The D term and the gate, then the output dtype."""
-    if D is not None:
-        y = y + u.astype(dtype) * D.astype(dtype)
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(dtype))
-    return y.astype(out_dtype)
 
 
 def selective_scan_reference(
@@ -93,7 +90,7 @@ def selective_scan_reference(
     return_final_state=False,
 ):
     """The recurrence step by step (``lax.scan``), in float32 or wider; same arguments."""
-    dtype, delta = prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    dtype, delta = prepare_delta(u, delta, delta_bias, delta_softplus)
     batch, _, dim = u.shape
     groups, state = B.shape[2], B.shape[3]
 
@@ -111,7 +108,7 @@ def selective_scan_reference(
 
     xs = (u.astype(dtype), delta, Bd, Cd)
     h, y = lax.scan(step, h0.astype(dtype), jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs))
-    out = finish_output(jnp.moveaxis(y, 0, 1), u, D, z, dtype, u.dtype)
+    out = finish_output(jnp.moveaxis(y, 0, 1), u, D, z, dtype)
     return (out, h) if return_final_state else out
 
 
@@ -294,31 +291,7 @@ def _backward(static, u, delta, A, B, C, starts, dy, dhL):
     return du, ddelta, dA.sum(axis=0), fold(dB), fold(dC), dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(static, u, delta, A, B, C, h0):
-    y, _, hL = _forward(static, u, delta, A, B, C, h0)
-    return y, hL
-
-
-def _core_fwd(static, u, delta, A, B, C, h0):
-    y, starts, hL = _forward(static, u, delta, A, B, C, h0)
-    return (y, hL), (u, delta, A, B, C, starts)
-
-
-def _core_bwd(static, residuals, cotangents):
-    u, delta, A, B, C, starts = residuals
-    dy, dhL = cotangents
-    return _backward(static, u, delta, A, B, C, starts, dy, dhL)
-
-
-_core.defvjp(_core_fwd, _core_bwd)
-
-
-def _largest_power_of_2_dividing(n, cap):
-    p = 1
-    while p * 2 <= cap and n % (p * 2) == 0:
-        p *= 2
-    return p
+_core = chunked_scan_core(_forward, _backward)
 
 
 def scan_recurrence(u, delta, A, B, C, h0, *, block_sizes, interpret):
@@ -328,32 +301,25 @@ def scan_recurrence(u, delta, A, B, C, h0, *, block_sizes, interpret):
     bs = block_sizes
     per_group = dim // groups
     static = _Static(
-        chunk=bs.chunk,
-        block_d=_largest_power_of_2_dividing(per_group, bs.block_d),
-        block_d_bwd=_largest_power_of_2_dividing(per_group, bs.block_d_bwd),
+        chunk=bs.chunk_size,
+        block_d=largest_power_of_2_dividing(per_group, bs.block_d),
+        block_d_bwd=largest_power_of_2_dividing(per_group, bs.block_d_bwd),
         num_warps=bs.num_warps,
         interpret=bool(interpret),
     )
     # Padded steps have delta = 0 (state unchanged, no input); padded state slots have A = 0 and
     # B = C = 0 (they stay 0 and contribute nothing).
-    seq_pad = -(-seq // bs.chunk) * bs.chunk - seq
-    state_pad = max(2, 1 << (state - 1).bit_length()) - state
+    seq_pad = round_up(seq, bs.chunk_size) - seq
+    state_pad = next_power_of_2(state, minimum=2) - state
     f32 = jnp.float32
-
-    def pad_rows(x):
-        return jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0)))
-
-    def pad_bc(x):
-        return jnp.pad(x.astype(f32), ((0, 0), (0, seq_pad), (0, 0), (0, state_pad)))
-
     y, hL = _core(
         static,
-        pad_rows(u),
-        pad_rows(delta),
-        jnp.pad(A.astype(f32), ((0, 0), (0, state_pad))),
-        pad_bc(B),
-        pad_bc(C),
-        jnp.pad(h0.astype(f32), ((0, 0), (0, 0), (0, state_pad))),
+        pad_trailing(u.astype(f32), (0, seq_pad)),
+        pad_trailing(delta.astype(f32), (0, seq_pad)),
+        pad_trailing(A.astype(f32), (0, state_pad)),
+        pad_trailing(B.astype(f32), (0, seq_pad, 0, state_pad)),
+        pad_trailing(C.astype(f32), (0, seq_pad, 0, state_pad)),
+        pad_trailing(h0.astype(f32), (0, 0, state_pad)),
     )
     return y[:, :seq], hL[:, :, :state]
 
@@ -377,19 +343,22 @@ def check_scan_arguments(name, u, delta, A, B, C, D, z, delta_bias, initial_stat
     groups = B.shape[2]
     if dim % groups:
         raise ValueError(f"{name}: groups={groups} (B.shape[2]) must divide dim={dim}")
-    expected = {
-        "delta": (delta, u.shape),
-        "C": (C, B.shape),
-        "z": (z, u.shape),
-        "D": (D, (dim,)),
-        "delta_bias": (delta_bias, (dim,)),
-        "initial_state": (initial_state, (batch, dim, state)),
-    }
-    for arg, (x, shape) in expected.items():
-        if x is not None and x.shape != shape:
-            raise ValueError(f"{name}: {arg} must have shape {shape}, got {x.shape}")
+    check_shapes(
+        name,
+        {
+            "delta": (delta, u.shape),
+            "C": (C, B.shape),
+            "z": (z, u.shape),
+            "D": (D, (dim,)),
+            "delta_bias": (delta_bias, (dim,)),
+            "initial_state": (initial_state, (batch, dim, state)),
+        },
+    )
 
 
+@functools.partial(
+    jax.jit, static_argnames=("delta_softplus", "return_final_state", "block_sizes", "interpret")
+)
 def selective_scan(
     u,
     delta,
@@ -410,23 +379,25 @@ def selective_scan(
 
     Returns ``out [batch, seq, dim]`` in ``u``'s dtype, and the final state ``[batch, dim,
     state]`` (float32) when ``return_final_state``. Differentiable in every array argument.
-    ``interpret=None`` runs the kernels in interpret mode on CPU.
+    ``block_sizes``: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`);
+    ``interpret=None`` runs the kernels in interpret mode on CPU. Jitted: ``delta_softplus``,
+    ``return_final_state``, ``block_sizes`` and ``interpret`` are static.
     """
     check_scan_arguments("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    block_sizes = BlockSizes() if block_sizes is None else block_sizes
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-    if jax.default_backend() == "tpu" and not interpret:
-        raise NotImplementedError(
-            "selective_scan kernels lower to Triton (GPU) only; use "
-            "jaxlab.ops.selective_scan with impl='xla' on TPU"
-        )
-    dtype, delta = prepare_delta(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    block_sizes = BlockSizes.get_default() if block_sizes is None else block_sizes
+    interpret = resolve_interpret(
+        interpret,
+        kernel="selective_scan",
+        fallback="jaxlab.ops.selective_scan(..., impl='chunked') (or impl='auto', which picks it "
+        "off GPU)",
+    )
+    dtype, delta = prepare_delta(u, delta, delta_bias, delta_softplus)
     batch, _, dim = u.shape
     h0 = (
         jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None else initial_state
     )
     y, hL = scan_recurrence(u, delta, A, B, C, h0, block_sizes=block_sizes, interpret=interpret)
-    out = finish_output(y.astype(dtype), u, D, z, dtype, u.dtype)
+    out = finish_output(y.astype(dtype), u, D, z, dtype)
     return (out, hL) if return_final_state else out
 
 
@@ -437,4 +408,6 @@ __all__ = [
     "selective_state_update",
     "scan_recurrence",
     "check_scan_arguments",
+    "finish_output",
+    "prepare_delta",
 ]

@@ -32,25 +32,43 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas._common import (
+    check_positive_int,
+    check_shapes,
+    chunked_scan_core,
+    finish_output,
+    next_power_of_2,
+    pad_trailing,
+    prepare_delta,
+    resolve_interpret,
+    round_up,
+)
 
-def prepare_delta(x, dt, dt_bias, dt_softplus):
-    """Bias and softplus of dt, in float32 or wider; returns (compute dtype, dt)."""
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    dt = dt.astype(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(dtype)
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
-    return dtype, dt
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """``num_warps`` per program (None: 4, or 8 when the padded state tile ``head_dim x state``
+    reaches 4096 elements, for register pressure). The kernels' chunk tile comes from
+    ``chunk_size`` (a power of two in [16, 64]): it changes the tiling, not the function."""
+
+    num_warps: int | None = None
+
+    def __post_init__(self):
+        if self.num_warps is not None and (
+            self.num_warps < 1 or self.num_warps & (self.num_warps - 1)
+        ):
+            raise ValueError(f"BlockSizes.num_warps must be a power of two, got {self.num_warps}")
+
+    @classmethod
+    def get_default(cls, *, head_dim: int, state: int) -> BlockSizes:
+        """The defaults for a state tile of ``head_dim x state`` (before padding)."""
+        tile = _tile(head_dim) * _tile(state)
+        return cls(num_warps=8 if tile >= 4096 else 4)
 
 
-def finish_output(y, x, D, z, dtype):
-    """The D term and the gate, in the dtype of x."""
-    if D is not None:
-        y = y + x.astype(dtype) * D.astype(dtype)[:, None]
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(dtype))
-    return y.astype(x.dtype)
+def _tile(n):
+    """A head_dim or state padded for the kernels: the smallest power of two >= n, at least 16."""
+    return next_power_of_2(n, minimum=16)
 
 
 def _heads(v, heads):
@@ -70,20 +88,20 @@ def check_ssd_arguments(name, x, dt, A, B, C, D, z, dt_bias, initial_state, chun
     groups, state = B.shape[2], B.shape[3]
     if heads % groups:
         raise ValueError(f"{name}: groups={groups} (B.shape[2]) must divide heads={heads}")
-    expected = {
-        "dt": (dt, (batch, seq, heads)),
-        "A": (A, (heads,)),
-        "C": (C, B.shape),
-        "D": (D, (heads,)),
-        "z": (z, x.shape),
-        "dt_bias": (dt_bias, (heads,)),
-        "initial_state": (initial_state, (batch, heads, head_dim, state)),
-    }
-    for arg, (v, shape) in expected.items():
-        if v is not None and v.shape != shape:
-            raise ValueError(f"{name}: {arg} must have shape {shape}, got {v.shape}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+    check_shapes(
+        name,
+        {
+            "dt": (dt, (batch, seq, heads)),
+            "A": (A, (heads,)),
+            "C": (C, B.shape),
+            "D": (D, (heads,)),
+            "z": (z, x.shape),
+            "dt_bias": (dt_bias, (heads,)),
+            "initial_state": (initial_state, (batch, heads, head_dim, state)),
+        },
+    )
+    if chunk_size is not None:
+        check_positive_int(name, "chunk_size", chunk_size)
 
 
 def ssd_reference(
@@ -172,7 +190,7 @@ def ssd_chunked(
     batch, seq, heads, head_dim = x.shape
     state = B.shape[3]
     q = chunk_size
-    pad = -(-seq // q) * q - seq
+    pad = round_up(seq, q) - seq
     chunks = (seq + pad) // q
 
     # Padded steps have dt = 0: no decay, no input, so the final state is unchanged.
@@ -408,26 +426,19 @@ def _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL):
     return dx, ddt, dA[..., 0].sum(axis=0), fold(dB), fold(dC), ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ssd_core(static, x, dt, A, B, C, s0):
-    y, _, sL = _ssd_forward(static, x, dt, A, B, C, s0)
-    return y, sL
+_ssd_core = chunked_scan_core(_ssd_forward, _ssd_backward)
 
 
-def _ssd_core_fwd(static, x, dt, A, B, C, s0):
-    y, starts, sL = _ssd_forward(static, x, dt, A, B, C, s0)
-    return (y, sL), (x, dt, A, B, C, starts)
-
-
-def _ssd_core_bwd(static, residuals, cotangents):
-    x, dt, A, B, C, starts = residuals
-    dy, dsL = cotangents
-    return _ssd_backward(static, x, dt, A, B, C, starts, dy, dsL)
-
-
-_ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
-
-
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "chunk_size",
+        "dt_softplus",
+        "return_final_state",
+        "block_sizes",
+        "interpret",
+    ),
+)
 def ssd(
     x,
     dt,
@@ -442,54 +453,64 @@ def ssd(
     dt_softplus=False,
     initial_state=None,
     return_final_state=False,
-    num_warps=None,
+    block_sizes=None,
     interpret=None,
 ):
     """SSD with the chunked Pallas kernels; same arguments as :func:`ssd_chunked`.
 
     ``chunk_size`` (default 64) is rounded up to a power of two in [16, 64] for the kernels' tiles;
-    head_dim and state are zero-padded to powers of two >= 16. ``num_warps`` defaults to 4, or
-    8 when the state tile ``head_dim x state`` reaches 4096 elements (register pressure).
-    On GPU, float32 matmuls use Triton's default TF32 tensor-core precision (about 1e-3
-    relative); interpret mode computes in full float32.
+    head_dim and state are zero-padded to powers of two >= 16. ``block_sizes``:
+    :class:`BlockSizes` (default :meth:`BlockSizes.get_default`). ``interpret=None`` runs the
+    kernels in interpret mode on CPU. On GPU, float32 matmuls use Triton's default TF32
+    tensor-core precision (about 1e-3 relative); interpret mode computes in full float32.
+    Jitted: ``chunk_size``, ``dt_softplus``, ``return_final_state``, ``block_sizes`` and
+    ``interpret`` are static.
     """
     check_ssd_arguments("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
     dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, seq, heads, head_dim = x.shape
     state = B.shape[3]
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-    if jax.default_backend() == "tpu" and not interpret:
-        raise NotImplementedError(
-            "ssd kernels lower to Triton (GPU) only; use jaxlab.ops.ssd with impl='chunked' on TPU"
-        )
-
-    def pow2(n):
-        """The smallest power of two >= n, at least 16."""
-        return max(16, 1 << (n - 1).bit_length())
-
+    interpret = resolve_interpret(
+        interpret,
+        kernel="ssd",
+        fallback="jaxlab.ops.ssd(..., impl='chunked') (or impl='auto', which picks it off GPU)",
+    )
+    if block_sizes is None or block_sizes.num_warps is None:
+        block_sizes = BlockSizes.get_default(head_dim=head_dim, state=state)
     # The kernels' chunk is at most 64 whatever the model's: [q, q] float32 tiles beyond that do
     # not fit a GPU's registers/shared memory, and the result does not depend on it.
-    q = min(pow2(chunk_size or 64), 64)
-    p_pad, n_pad, t_pad = pow2(head_dim) - head_dim, pow2(state) - state, -(-seq // q) * q - seq
+    q = min(next_power_of_2(chunk_size or 64, minimum=16), 64)
+    p_pad, n_pad, t_pad = _tile(head_dim) - head_dim, _tile(state) - state, round_up(seq, q) - seq
     f32 = jnp.float32
     # Padded steps have dt = 0 (no decay, no input); padded head_dim/state slots stay 0.
-    xp = jnp.pad(x.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, p_pad)))
-    dtp = jnp.pad(dt.astype(f32), ((0, 0), (0, t_pad), (0, 0)))
-
-    def pad_bc(v):
-        return jnp.pad(v.astype(f32), ((0, 0), (0, t_pad), (0, 0), (0, n_pad)))
-
     s0 = (
         jnp.zeros((batch, heads, head_dim, state), f32)
         if initial_state is None
         else initial_state.astype(f32)
     )
-    s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, p_pad), (0, n_pad)))
-    if num_warps is None:
-        num_warps = 8 if pow2(head_dim) * pow2(state) >= 4096 else 4
-    static = _SSDStatic(chunk=q, num_warps=num_warps, interpret=bool(interpret))
-    y, final = _ssd_core(static, xp, dtp, A.astype(f32), pad_bc(B), pad_bc(C), s0)
+    static = _SSDStatic(chunk=q, num_warps=block_sizes.num_warps, interpret=interpret)
+    y, final = _ssd_core(
+        static,
+        pad_trailing(x.astype(f32), (0, t_pad, 0, p_pad)),
+        pad_trailing(dt.astype(f32), (0, t_pad)),
+        A.astype(f32),
+        pad_trailing(B.astype(f32), (0, t_pad, 0, n_pad)),
+        pad_trailing(C.astype(f32), (0, t_pad, 0, n_pad)),
+        pad_trailing(s0, (0, 0, p_pad, n_pad)),
+    )
     y = y[:, :seq, :, :head_dim]
     out = finish_output(y.astype(dtype), x, D, z, dtype)
     final = final[:, :, :head_dim, :state]
     return (out, final) if return_final_state else out
+
+
+__all__ = [
+    "BlockSizes",
+    "check_ssd_arguments",
+    "finish_output",
+    "prepare_delta",
+    "ssd",
+    "ssd_chunked",
+    "ssd_reference",
+    "ssd_state_update",
+]

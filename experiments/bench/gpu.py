@@ -344,10 +344,10 @@ def scan_fn(kind, impl, *, A, interpret):
     if kind == "selective_scan":
         return lambda x, dt, B, C: scan.selective_scan(
             x, dt, A, B, C, delta_softplus=True, impl=impl, interpret=interpret
-        )
+        )[0]
     return lambda x, dt, B, C: scan.ssd(
         x, dt, A, B, C, dt_softplus=True, impl=impl, chunk_size=64, interpret=interpret
-    )
+    )[0]
 
 
 def scan_part(shapes, dtype, interpret, repeats, deadline):

@@ -68,11 +68,13 @@ def scan_part(seqs, repeats):
                 if kind == "selective_scan":
 
                     def fn(*a, impl=impl):
-                        return scan.selective_scan(*a, delta_softplus=True, impl=impl, chunk=64)
+                        return scan.selective_scan(
+                            *a, delta_softplus=True, impl=impl, chunk_size=64
+                        )[0]
                 else:
 
                     def fn(*a, impl=impl):
-                        return scan.ssd(*a, dt_softplus=True, impl=impl, chunk_size=64)
+                        return scan.ssd(*a, dt_softplus=True, impl=impl, chunk_size=64)[0]
 
                 def loss(*a, fn=fn, ct=ct):
                     return jnp.sum(fn(*a) * ct)

@@ -177,9 +177,9 @@ class MambaConfig:
                 "MambaConfig: attention_layers need intermediate_size > 0 (Llama "
                 "blocks have an MLP)"
             )
-        if self.scan_impl not in scan_ops.SCAN_IMPLS:
+        if self.scan_impl not in scan_ops.available_impls():
             raise ValueError(
-                f"MambaConfig.scan_impl must be one of {scan_ops.SCAN_IMPLS}, "
+                f"MambaConfig.scan_impl must be one of {scan_ops.available_impls()}, "
                 f"got {self.scan_impl!r}"
             )
         for field in ("param_dtype", "dtype"):  # canonical names: configs stay JSON and compare
@@ -352,9 +352,8 @@ class MambaMixer(nnx.Module):
                 D=self.D[...],
                 z=z,
                 initial_state=state,
-                return_final_state=True,
                 impl=c.scan_impl,
-                chunk=c.chunk_size,
+                chunk_size=c.chunk_size,
             )
         else:
             groups = c.num_groups if c.mixer == "mamba2" else c.heads
@@ -381,7 +380,6 @@ class MambaMixer(nnx.Module):
                     chunk_size=c.chunk_size,
                     D=self.D[...],
                     initial_state=state,
-                    return_final_state=True,
                     impl=c.scan_impl,
                 )
                 y = self.norm(y.reshape(batch, seq, d) * jax.nn.silu(z))
@@ -402,7 +400,6 @@ class MambaMixer(nnx.Module):
                     C,
                     chunk_size=c.chunk_size,
                     initial_state=state,
-                    return_final_state=True,
                     impl=c.scan_impl,
                 )
                 # The skip connection uses x itself, not the rescaled input.

@@ -63,9 +63,10 @@ class SparseAttentionConfig:
             raise ValueError(
                 f"SparseAttentionConfig.keep_rate must be in (0, 1], got {self.keep_rate}"
             )
-        if self.impl not in sparse_ops.IMPLS:
+        if self.impl not in sparse_ops.available_impls():
             raise ValueError(
-                f"SparseAttentionConfig.impl must be one of {sparse_ops.IMPLS}, got {self.impl!r}"
+                f"SparseAttentionConfig.impl must be one of {sparse_ops.available_impls()}, "
+                f"got {self.impl!r}"
             )
         if self.slack < 1.0:
             raise ValueError(f"SparseAttentionConfig.slack must be >= 1, got {self.slack}")

@@ -47,7 +47,6 @@ from jaxlab.models.sparse_attention import (
     sparse_attention_mask,
 )
 from jaxlab.ops.attention import attention_mask
-from kernels_pallas.sparse_attention import masked_attention_reference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -365,7 +364,7 @@ class Attention(nnx.Module):
             out = sparse_attention(sparse, self.layer, q, k, v, positions, segment_ids)
         elif sparse is not None:
             mask = sparse_attention_mask(sparse, self.layer, q, k, positions, kv_positions)
-            out = masked_attention_reference(q, k, v, mask)
+            out = ops.masked_attention(q, k, v, mask)
         else:
             out = self._dense(q, k, v, positions, kv_positions, segment_ids, kv_segments)
         out = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dt))

@@ -21,20 +21,25 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxlab.registry import Registry
+
 # Large finite negative instead of -inf: a fully masked row stays finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 AttentionFn = Callable[..., jax.Array]
-_IMPLS: dict[str, AttentionFn] = {}
+ATTENTION_IMPLS: Registry[AttentionFn] = Registry(
+    "attention implementation", field="attention: impl"
+)
 
 
-def register_attention_impl(name: str, fn: AttentionFn) -> None:
-    """Makes ``fn`` (same keyword signature as :func:`attention`) selectable by ``name``."""
-    _IMPLS[name] = fn
+def register_attention_impl(name: str, fn: AttentionFn, *, replace: bool = False) -> None:
+    """Makes ``fn`` (same keyword signature as :func:`attention`) selectable by ``name``;
+    registering a taken name is an error unless ``replace``."""
+    ATTENTION_IMPLS.register(name, fn, replace=replace)
 
 
 def available_impls() -> tuple[str, ...]:
-    return tuple(sorted(_IMPLS))
+    return ATTENTION_IMPLS.names()
 
 
 def attention_mask(
@@ -147,7 +152,7 @@ def attention(
         raise ValueError("attention: give both q_segment_ids and kv_segment_ids, or neither")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"attention: sliding_window must be >= 1 or None, got {sliding_window}")
-    if impl not in _IMPLS:
+    if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention: impl={impl!r} is not one of {available_impls()}")
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(q_len), (batch, q_len))
@@ -158,7 +163,7 @@ def attention(
             f"attention: q_positions must be {(batch, q_len)} and kv_positions {(batch, kv_len)}, "
             f"got {q_positions.shape} and {kv_positions.shape}"
         )
-    return _IMPLS[impl](
+    return ATTENTION_IMPLS.get(impl)(
         q,
         k,
         v,

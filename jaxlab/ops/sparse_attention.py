@@ -17,26 +17,39 @@ when a hint is too small by falling back (``lax.cond``) to the full-size computa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlab.registry import Registry
 from kernels_pallas import sparse_attention as kernels
 
-IMPLS = ("auto", "xla", "pallas")
 _BIG = jnp.iinfo(jnp.int32).max
+QK_SPARSE_IMPLS: Registry[Callable[..., jax.Array]] = Registry(
+    "qk_sparse_attention implementation", field="qk_sparse_attention: impl"
+)
+HASH_SPARSE_IMPLS: Registry[Callable[..., jax.Array]] = Registry(
+    "hash_sparse_attention implementation", field="hash_sparse_attention: impl"
+)
 
 
-def _resolve_impl(name: str, impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl
+def available_impls() -> tuple[str, ...]:
+    """The ``impl`` names both sparse attentions accept (what a model's config may name)."""
+    return tuple(name for name in QK_SPARSE_IMPLS.names() if name in HASH_SPARSE_IMPLS)
 
 
-def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
+def _auto(registry):
+    """The ``'auto'`` entry: the kernels on GPU, the XLA path elsewhere (no TPU lowering yet)."""
+
+    def run(*args, **kw):
+        return registry.get("pallas" if jax.default_backend() == "gpu" else "xla")(*args, **kw)
+
+    return run
+
+
+def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, scale):
     """Dense masked attention of reordered rows; *_pos/*_bkt: [batch, rows, heads or kv_heads]."""
     groups = qs.shape[2] // ks.shape[2]
 
@@ -46,7 +59,13 @@ def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, sm_scale):
     mask = q_pos.transpose(0, 2, 1)[..., :, None] >= per_q_head(k_pos)[..., None, :]
     if q_bkt is not None:
         mask &= q_bkt.transpose(0, 2, 1)[..., :, None] == per_q_head(k_bkt)[..., None, :]
-    return kernels.masked_attention_reference(qs, ks, vs, mask, sm_scale)
+    return masked_attention(qs, ks, vs, mask, scale=scale)
+
+
+def masked_attention(q, k, v, mask, *, scale=None):
+    """Dense attention under an explicit mask ``[batch, heads, q_len, kv_len]``; a query with no
+    visible key gives 0 (decoding with a sparse pattern, where the mask is cheap to build)."""
+    return kernels.masked_attention_reference(q, k, v, mask, scale)
 
 
 def _unsort(out, order, inverse):
@@ -65,7 +84,7 @@ def _exact_cond(fits, small, full):
     return lax.cond(fits, jax.checkpoint(small), jax.checkpoint(full))
 
 
-def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capacity=None):
+def qk_sparse_xla(q, k, v, q_keep, k_keep, *, scale, segment_ids=None, capacity=None):
     """XLA QK-sparse attention: compaction then dense attention on ``capacity`` rows."""
     seq = q.shape[1]
     q_order, q_kept = kernels.compact_order(q_keep)
@@ -85,7 +104,7 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, sm_scale, segment_ids=None, capaci
             )
         qs = kernels.permute_rows(q, qo, q_inverse)
         ks, vs = kernels.permute_rows(k, ko, k_inverse), kernels.permute_rows(v, ko, k_inverse)
-        out = _masked(qs, ks, vs, q_pos, k_pos, q_seg, k_seg, sm_scale)
+        out = _masked(qs, ks, vs, q_pos, k_pos, q_seg, k_seg, scale)
         return _unsort(out, q_order, q_inverse)
 
     if capacity is None or tuple(capacity) == (seq, seq):
@@ -111,7 +130,7 @@ def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0
 
 
 def hash_sparse_xla(
-    q, k, v, q_buckets, k_buckets, *, sm_scale, segment_ids=None, block=128, window=None
+    q, k, v, q_buckets, k_buckets, *, scale, segment_ids=None, block=128, window=None
 ):
     """XLA hash-sparse attention: sort by bucket, query tiles attend to windows of key tiles."""
     batch, seq, heads, _ = q.shape
@@ -169,9 +188,7 @@ def hash_sparse_xla(
         def fold(x):
             return x.reshape(batch * tiles, *x.shape[2:])
 
-        out = kernels.masked_attention_reference(
-            fold(q_tiles(qs)), fold(kw), fold(vw), fold(mask), sm_scale
-        )
+        out = masked_attention(fold(q_tiles(qs)), fold(kw), fold(vw), fold(mask), scale=scale)
         return _unsort(out.reshape(batch, padded, heads, -1)[:, :seq], q_order, q_inverse)
 
     def dense():  # every query against every key, on the sorted rows
@@ -183,7 +200,7 @@ def hash_sparse_xla(
             k_pos[:, :seq],
             q_bkt[:, :seq],
             k_bkt[:, :seq],
-            sm_scale,
+            scale,
         )
         return _unsort(out, q_order, q_inverse)
 
@@ -199,6 +216,25 @@ def hash_sparse_xla(
     return _exact_cond(fits, lambda: run(window), dense)
 
 
+def _qk_pallas(q, k, v, q_keep, k_keep, *, capacity, **kw):
+    del capacity  # the kernels skip dropped tiles without a hint
+    return kernels.qk_sparse_attention(q, k, v, q_keep, k_keep, **kw)
+
+
+def _qk_xla(q, k, v, q_keep, k_keep, *, segment_ids, scale, block_sizes, interpret, capacity):
+    del block_sizes, interpret
+    kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return qk_sparse_xla(
+        q, k, v, q_keep, k_keep, scale=scale, segment_ids=segment_ids, capacity=capacity
+    )
+
+
+QK_SPARSE_IMPLS.register("auto", _auto(QK_SPARSE_IMPLS))
+QK_SPARSE_IMPLS.register("pallas", _qk_pallas)
+QK_SPARSE_IMPLS.register("xla", _qk_xla)
+
+
 def qk_sparse_attention(
     q,
     k,
@@ -207,7 +243,7 @@ def qk_sparse_attention(
     k_keep,
     *,
     segment_ids=None,
-    sm_scale=None,
+    scale=None,
     impl="auto",
     block_sizes=None,
     interpret=None,
@@ -216,26 +252,50 @@ def qk_sparse_attention(
     """QK-sparse causal attention (as ``kernels_pallas.sparse_attention.qk_sparse_attention``).
 
     Args:
+      impl: a name in :data:`QK_SPARSE_IMPLS` (see the module docstring).
       capacity: XLA only: static (q_rows, k_rows) bounds on kept tokens per (batch, head).
     """
-    name = "qk_sparse_attention"
-    if _resolve_impl(name, impl) == "pallas":
-        return kernels.qk_sparse_attention(
-            q,
-            k,
-            v,
-            q_keep,
-            k_keep,
-            segment_ids=segment_ids,
-            sm_scale=sm_scale,
-            block_sizes=block_sizes,
-            interpret=interpret,
-        )
-    kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
-    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return qk_sparse_xla(
-        q, k, v, q_keep, k_keep, sm_scale=sm_scale, segment_ids=segment_ids, capacity=capacity
+    return QK_SPARSE_IMPLS.get(impl)(
+        q,
+        k,
+        v,
+        q_keep,
+        k_keep,
+        segment_ids=segment_ids,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        capacity=capacity,
     )
+
+
+def _hash_pallas(q, k, v, q_buckets, k_buckets, *, window, block, **kw):
+    del window, block  # the kernels find each tile's keys themselves
+    return kernels.hash_sparse_attention(q, k, v, q_buckets, k_buckets, **kw)
+
+
+def _hash_xla(
+    q, k, v, q_buckets, k_buckets, *, segment_ids, scale, block_sizes, interpret, window, block
+):
+    del block_sizes, interpret
+    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return hash_sparse_xla(
+        q,
+        k,
+        v,
+        q_buckets,
+        k_buckets,
+        scale=scale,
+        segment_ids=segment_ids,
+        block=block,
+        window=window,
+    )
+
+
+HASH_SPARSE_IMPLS.register("auto", _auto(HASH_SPARSE_IMPLS))
+HASH_SPARSE_IMPLS.register("pallas", _hash_pallas)
+HASH_SPARSE_IMPLS.register("xla", _hash_xla)
 
 
 def hash_sparse_attention(
@@ -246,7 +306,7 @@ def hash_sparse_attention(
     k_buckets,
     *,
     segment_ids=None,
-    sm_scale=None,
+    scale=None,
     impl="auto",
     block_sizes=None,
     interpret=None,
@@ -256,31 +316,19 @@ def hash_sparse_attention(
     """Hash-sparse causal attention (as ``kernels_pallas.sparse_attention.hash_sparse_attention``).
 
     Args:
+      impl: a name in :data:`HASH_SPARSE_IMPLS` (see the module docstring).
       window, block: XLA only: key tiles of ``block`` rows per query tile (:func:`hash_window`).
     """
-    name = "hash_sparse_attention"
-    if _resolve_impl(name, impl) == "pallas":
-        return kernels.hash_sparse_attention(
-            q,
-            k,
-            v,
-            q_buckets,
-            k_buckets,
-            segment_ids=segment_ids,
-            sm_scale=sm_scale,
-            block_sizes=block_sizes,
-            interpret=interpret,
-        )
-    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
-    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return hash_sparse_xla(
+    return HASH_SPARSE_IMPLS.get(impl)(
         q,
         k,
         v,
         q_buckets,
         k_buckets,
-        sm_scale=sm_scale,
         segment_ids=segment_ids,
-        block=block,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
         window=window,
+        block=block,
     )

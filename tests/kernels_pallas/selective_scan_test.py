@@ -172,9 +172,9 @@ def test_reference_is_the_numpy_recurrence():
 # (batch, seq, dim, groups, state, block sizes, all options): lengths not a multiple of the
 # chunk, groups > 1, a state size that is padded, with and without D/z/bias/initial state.
 CASES = [
-    (2, 37, 16, 2, 5, ss.BlockSizes(chunk=8, block_d=8, block_d_bwd=4), True),
-    (1, 50, 12, 1, 16, ss.BlockSizes(chunk=16, block_d=4, block_d_bwd=4), False),
-    (2, 16, 24, 3, 8, ss.BlockSizes(chunk=4), True),
+    (2, 37, 16, 2, 5, ss.BlockSizes(chunk_size=8, block_d=8, block_d_bwd=4), True),
+    (1, 50, 12, 1, 16, ss.BlockSizes(chunk_size=16, block_d=4, block_d_bwd=4), False),
+    (2, 16, 24, 3, 8, ss.BlockSizes(chunk_size=4), True),
 ]
 
 

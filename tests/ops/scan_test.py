@@ -20,7 +20,7 @@ IMPLS = ["sequential", "associative", "chunked", "pallas", "auto"]
 @pytest.mark.parametrize("impl", IMPLS)
 def test_selective_scan_impls_match_float64(impl):
     rng, args, options = scan_inputs(1, 2, 27, 8, 2, 4)
-    out, h = scan.selective_scan(**args, **options, impl=impl, chunk=8, return_final_state=True)
+    out, h = scan.selective_scan(**args, **options, impl=impl, chunk_size=8)
     want_out, want_h = numpy_of(args, options)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(h), want_h, atol=2e-4, rtol=1e-4)
@@ -35,9 +35,7 @@ def test_selective_scan_xla_gradients(impl):
 
     def loss(*values):
         kw = dict(zip(names, values, strict=True))
-        out, h = scan.selective_scan(
-            **kw, delta_softplus=True, return_final_state=True, impl=impl, chunk=4
-        )
+        out, h = scan.selective_scan(**kw, delta_softplus=True, impl=impl, chunk_size=4)
         return jnp.sum(out * ct) + jnp.sum(h * ct_state)
 
     values = [args[n] if n in args else options[n] for n in names]
@@ -51,7 +49,7 @@ def test_selective_scan_xla_gradients(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ssd_impls_match_float64(impl):
     rng, args, options = ssd_inputs(3, 2, 23, 4, 4, 2, 5)
-    out, s = scan.ssd(**args, **options, impl=impl, chunk_size=8, return_final_state=True)
+    out, s = scan.ssd(**args, **options, impl=impl, chunk_size=8)
     want_out, want_s = numpy_ssd_of(args, options)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(s), want_s, atol=2e-4, rtol=1e-4)
@@ -61,5 +59,5 @@ def test_bad_impl_and_chunk_are_named():
     _, args, _ = scan_inputs(0, 1, 8, 4, 1, 2, full=False)
     with pytest.raises(ValueError, match="impl must be one of"):
         scan.selective_scan(**args, impl="cuda")
-    with pytest.raises(ValueError, match="chunk must be a positive int, got 0"):
-        scan.selective_scan(**args, impl="chunked", chunk=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        scan.selective_scan(**args, impl="chunked", chunk_size=0)
