@@ -15,6 +15,7 @@ Writes ``REPORT.md``, ``results.json`` and PNG plots in ``--workdir``:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,11 @@ from jaxlab.train import loop
 flags.DEFINE_string("workdir", "runs/doge", "Output directory.")
 config_flags.DEFINE_config_file("config", "configs/doge.py", "Experiment configuration.")
 FLAGS = flags.FLAGS
+CLAIMS_RULE = (
+    "a claim holds when DoGE-OOD's weights give a lower mean (over seeds) loss or perplexity on "
+    "the OOD target than both uniform and DoReMi weights; the corpus claim is not tested when "
+    "the corpus runs are off (corpus.steps = 0)."
+)
 
 
 def corpus_config(c, seed, *, sources, mixer=None, weights=None, weights_file=""):
@@ -275,6 +281,39 @@ def build_report(config, synthetic_results, corpus_result):
     return doc.add(*lines)
 
 
+def claims(results) -> list[report.Claim]:
+    """The claims table from ``results`` (as written to results.json), by ``CLAIMS_RULE``."""
+    paper = (
+        "better OOD-target perplexity than uniform and DoReMi (abstract); table values (unverified)"
+    )
+    methods = {"DoGE-OOD": "doge-ood", "uniform": "uniform", "DoReMi": "doremi"}
+
+    def claim(what, values):
+        """``values``: the mean OOD-target number per method name of ``methods``."""
+        ours = ", ".join(f"{n} {v:.4f}" for n, v in values.items())
+        holds = values["DoGE-OOD"] < min(values["uniform"], values["DoReMi"])
+        return report.Claim(what, paper, ours, "holds" if holds else "does not hold")
+
+    synthetic_loss = {
+        n: float(np.mean([r["target_loss"][m] for r in results["synthetic"]]))
+        for n, m in methods.items()
+    }
+    out = [claim("generated domains: DoGE-OOD weights give the lowest target loss", synthetic_loss)]
+    corpus_claim = "embedded corpus: DoGE-OOD weights give the lowest perplexity on the OOD package"
+    corpus_result = results["corpus"]
+    if corpus_result is None:
+        out.append(report.Claim(corpus_claim, paper, "not run", "not tested (corpus.steps = 0)"))
+        return out
+    target = corpus_result["target"]
+    methods["DoGE-OOD"] = "doge"  # the corpus runs name their DoGE-OOD weights "doge"
+    perplexity = {
+        n: float(np.mean([r["perplexity"][m][target] for r in corpus_result["seeds"]]))
+        for n, m in methods.items()
+    }
+    out.append(claim(f"{corpus_claim} ({target})", perplexity))
+    return out
+
+
 def main(argv):
     del argv
     config, workdir = FLAGS.config, FLAGS.workdir
@@ -286,6 +325,9 @@ def main(argv):
     for r in synthetic_results:
         r["trajectories"] = {k: v.tolist() for k, v in r["trajectories"].items()}
     results = dict(synthetic=synthetic_results, corpus=corpus_result)
+    claimed = claims(results)
+    results["claims"] = [dataclasses.asdict(c) for c in claimed]
+    doc.section("Claims").claims(claimed, rule=CLAIMS_RULE)
     print(report.write(workdir, doc, results), end="")
 
 
