@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
             sparse_attention=None,
             # Recompute block activations in the backward pass (gradient checkpointing).
             remat=False,
+            # Stack the blocks' parameters and run them with jax.lax.scan: one block is traced
+            # and compiled, not num_layers. No KV-cache decoding, dwa or sparse_attention.
+            scan_layers=False,
         )
     )
 
