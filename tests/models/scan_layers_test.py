@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxlab import models
+from jaxlab import models, optim
 from jaxlab.interop.hf import CheckpointError, save_hf_llama
 from jaxlab.models import TransformerConfig
 from jaxlab.models.denseformer import DWAConfig
@@ -109,6 +109,19 @@ def test_stacked_parameters_have_a_replicated_layers_axis():
     assert shardings["layers"]["input_norm"]["scale"].spec == P(None, "fsdp")
     # Each layer draws its own initial values.
     assert not np.array_equal(q_proj[0], q_proj[1])
+
+
+def test_weight_decay_mask_equals_the_unrolled_models():
+    unrolled, scanned = unrolled_and_scanned()
+    mask_u = optim.decay_mask(nnx.to_pure_dict(nnx.state(unrolled, nnx.Param)))
+    mask_s = optim.decay_mask(nnx.to_pure_dict(nnx.state(scanned, nnx.Param)))
+    for i in range(TINY["num_layers"]):
+        assert mask_s["layers"] == mask_u["layers"][i]
+    assert {k: v for k, v in mask_s.items() if k != "layers"} == {
+        k: v for k, v in mask_u.items() if k != "layers"
+    }
+    assert not mask_s["layers"]["input_norm"]["scale"]  # [layers, embed], still a vector
+    assert mask_s["layers"]["attn"]["q_proj"]
 
 
 def test_what_scan_layers_cannot_do_is_an_error():
