@@ -35,4 +35,6 @@ def get_config():
     )
     # Fully sharded data parallel: parameters and optimizer state split over every device.
     config.mesh.update(data=1, fsdp=-1, tensor=1)
+    # The default rules: the 32000 ids split over the tensor axis (lm_tiny replicates its 259).
+    config.logical_axis_rules = ()
     return config

@@ -8,6 +8,8 @@ Usage:
 
 import ml_collections
 
+from jaxlab.models.partitioning import DEFAULT_RULES
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -75,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
             sparse_attention=None,
             # Recompute block activations in the backward pass (gradient checkpointing).
             remat=False,
+            # Stack the blocks' parameters and run them with jax.lax.scan: one block is traced
+            # and compiled, not num_layers. No KV-cache decoding, dwa or sparse_attention.
+            scan_layers=False,
         )
     )
 
@@ -126,9 +131,12 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     # Parallelism: mesh axis sizes (-1 = the remaining devices; num_devices 0 = all devices) and
-    # logical-axis rules (empty = jaxlab.train.sharding.DEFAULT_RULES).
+    # logical-axis rules (empty = jaxlab.train.sharding.DEFAULT_RULES). A dimension its mesh axes
+    # do not divide is an error, so the byte tokenizer's 259 ids are replicated explicitly here.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
-    config.logical_axis_rules = ()
+    config.logical_axis_rules = tuple(
+        (axis, None if axis == "vocab" else target) for axis, target in DEFAULT_RULES
+    )
 
     # Data mixer hyperparameters, for config.objective.name "doge" or "doremi" (jaxlab.mixing),
     # which learn domain weights while training. The components of config.data.sources are the

@@ -683,6 +683,11 @@ def save_hf_llama(
             "save_hf_llama: a DenseFormer (config.dwa set) has depth-weighted averages that no "
             "Hugging Face Llama/Mistral architecture can hold"
         )
+    if config.scan_layers:
+        raise CheckpointError(
+            "save_hf_llama: the model has scan_layers=True (its blocks' parameters are stacked); "
+            "Hugging Face checkpoints hold one set per layer, so save an unrolled model"
+        )
     dtype = canonical_dtype(config.param_dtype if dtype is None else dtype, "save_hf_llama: dtype")
     hf_config = config_to_hf(config, dtype)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))

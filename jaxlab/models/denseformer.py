@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab.models.layers import logical_param
+
 
 @dataclasses.dataclass(frozen=True)
 class DWAConfig:
@@ -74,9 +76,7 @@ class DepthWeightedAverages(nnx.Module):
         weights = []
         for i in dwa_positions(num_layers, config):
             n = len(dwa_inputs(i, config))
-            weights.append(
-                nnx.Param(jnp.zeros((n,), param_dtype).at[-1].set(1.0), logical_axes=(None,))
-            )
+            weights.append(logical_param(jnp.zeros((n,), param_dtype).at[-1].set(1.0), (None,)))
         self.weights = nnx.List(weights)
 
     def kept_counts(self) -> dict[int, int]:

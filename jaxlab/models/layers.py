@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE,
+"""Building blocks shared by the model families: parameters with logical axes (in flax's
+sharding metadata), RMSNorm, RoPE,
 and the :class:`HiddenStates` a model call returns when asked for its internals."""
 
 from __future__ import annotations
@@ -37,34 +38,49 @@ class HiddenStates(NamedTuple):
     averaged: tuple[jax.Array, ...] | None = None
 
 
+def logical_param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """``value`` as a parameter annotated with its logical axis names in flax's own sharding
+    metadata (``out_sharding``, as ``nnx.with_partitioning`` sets it).
+
+    Eager sharding is off: models are built before (and without) a mesh, and
+    ``jaxlab.train.sharding.state_shardings`` places every annotated variable, ours or a user's.
+    """
+    if len(axes) != value.ndim:
+        raise ValueError(
+            f"logical_param: axes {axes} must name each dimension of shape {value.shape}"
+        )
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
 def param(
     rngs: nnx.Rngs,
     shape: tuple[int, ...],
-    axes: tuple[str, ...],
+    axes: tuple[str | None, ...],
     *,
     dtype: jnp.dtype,
     std: float | None = None,
     value: float | None = None,
 ) -> nnx.Param:
-    """A parameter carrying its logical axis names (``logical_axes`` metadata).
+    """A new parameter carrying its logical axis names (see :func:`logical_param`).
 
     ``std`` draws a truncated-free normal, ``value`` fills a constant; exactly one is given.
     """
-    assert len(shape) == len(axes), (shape, axes)
     if value is not None:
         init = jnp.full(shape, value, dtype)
     else:
         init = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(init, logical_axes=axes)
+    return logical_param(init, axes)
 
 
 def logical_axes(state: nnx.State) -> nnx.State:
-    """The ``logical_axes`` tuple of every parameter in ``state`` (same tree structure)."""
-    return jax.tree.map(
-        lambda v: v.get_metadata().get("logical_axes"),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    """The logical axis names (flax's ``out_sharding`` metadata, a tuple; None where a variable
+    has none) of every variable in ``state``, in the same tree structure."""
+
+    def axes_of(variable):
+        axes = variable.get_metadata().get("out_sharding")
+        return None if axes is None else tuple(axes)
+
+    return jax.tree.map(axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class RMSNorm(nnx.Module):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab.models.interface import Cache, LanguageModel, LayerCache, MixerCache
-from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, param
+from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, logical_param, param
 from jaxlab.models.partitioning import constrain
 from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
 from jaxlab.ops import scan as scan_ops
@@ -279,16 +279,16 @@ class MambaMixer(nnx.Module):
             jax.random.uniform(rngs.params(), (channels,)) * math.log(100) + math.log(1e-3)
         )
         if c.mixer != "discrete_mamba2":
-            self.dt_bias = nnx.Param(_inverse_softplus(dt).astype(pd), logical_axes=("mlp",))
+            self.dt_bias = logical_param(_inverse_softplus(dt).astype(pd), ("mlp",))
         if c.mixer == "mamba1":
             self.x_proj = param(rngs, (d, c.dt_rank + 2 * n), ("mlp", None), dtype=pd, std=std)
             self.dt_proj = param(rngs, (c.dt_rank, d), (None, "mlp"), dtype=pd, std=c.dt_rank**-0.5)
             a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n)))
-            self.A_log = nnx.Param(a_log.astype(pd), logical_axes=("mlp", "state"))
+            self.A_log = logical_param(a_log.astype(pd), ("mlp", "state"))
             self.D = param(rngs, (d,), ("mlp",), dtype=pd, value=1.0)
         elif c.mixer == "mamba2":
             a = jax.random.uniform(rngs.params(), (c.heads,), minval=1.0, maxval=16.0)
-            self.A_log = nnx.Param(jnp.log(a).astype(pd), logical_axes=("heads",))
+            self.A_log = logical_param(jnp.log(a).astype(pd), ("heads",))
             self.D = param(rngs, (c.heads,), ("heads",), dtype=pd, value=1.0)
             self.norm = RMSNorm(d, eps=c.rms_norm_eps, param_dtype=pd, rngs=rngs)
         else:

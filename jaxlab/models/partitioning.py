@@ -1,12 +1,15 @@
 """Logical axis names -> mesh partitioning, for parameters and activations.
 
 Model code names logical axes only (``batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab,
-state``). A rules table maps each to zero or more axes of the mesh ``('data', 'fsdp', 'tensor')``.
-Parameters carry their names as ``logical_axes`` metadata (see ``jaxlab.train.sharding``);
-activations are pinned with :func:`constrain` where layouts must not be left to the compiler
-(without it, FSDP-sharded weights make XLA shard the contraction dimension and run every device on
-the whole batch). :func:`constrain` is a no-op unless an :func:`activation_sharding` context is
-active while the function is traced, so models run unchanged outside a mesh.
+state, layers``). A rules table maps each to zero or more axes of the mesh
+``('data', 'fsdp', 'tensor')``. Parameters carry their names in flax's own sharding metadata
+(``out_sharding``, what ``nnx.with_partitioning`` and ``nnx.Param(..., out_sharding=...)`` set),
+so ``nnx.get_partition_spec`` under ``nnx.logical_axis_rules(DEFAULT_RULES)`` sees them, and a
+flax layer a user adds is placed by the same rules (see ``jaxlab.train.sharding``). Activations
+are pinned with :func:`constrain` where layouts must not be left to the compiler (without it,
+FSDP-sharded weights make XLA shard the contraction dimension and run every device on the whole
+batch). :func:`constrain` is a no-op unless an :func:`activation_sharding` context is active while
+the function is traced, so models run unchanged outside a mesh.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("state", None),
+    ("layers", None),  # the stacked-layer axis of scan_layers models
 )
 
 _CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
@@ -40,25 +44,60 @@ _CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Contex
 
 
 def logical_to_spec(
-    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+    axes: Sequence[str | tuple[str, ...] | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    name: str = "array",
 ) -> PartitionSpec:
-    """Mesh partitioning of an array with logical ``axes`` and ``shape``.
+    """Mesh partitioning of the array ``name`` with logical ``axes`` and ``shape``.
 
-    A mesh axis is used at most once per array (first logical axis wins), and a dimension whose
-    size is not divisible by its mesh axes stays replicated, so tiny test models shard too.
+    Each entry of ``axes`` is None (replicated), a logical axis looked up in ``rules``, a mesh
+    axis absent from ``rules`` (used as is, as flax does), or a tuple of these (the dimension is
+    split over all of them). A mesh axis is used at most once per array (the first logical axis
+    wins) and mesh axes of size 1 are left out.
+
+    Raises:
+      ValueError: naming ``name``, the dimension, its size and its mesh axes when the size is not
+        divisible by them (nothing is replicated silently: a rule set to None replicates), or
+        naming an axis that is neither in ``rules`` nor on the mesh.
     """
+    if len(axes) != len(shape):
+        raise ValueError(
+            f"{name}: logical axes {tuple(axes)} must name each of its {len(shape)} dimensions "
+            f"(shape {tuple(shape)})"
+        )
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for name, size in zip(axes, shape, strict=True):
-        target = table.get(name) if name is not None else None
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
-        if mesh_axes and size % int(np.prod([mesh.shape[a] for a in mesh_axes])) == 0:
-            used.update(mesh_axes)
-            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-        else:
-            spec.append(None)
+    for dim, (entry, size) in enumerate(zip(axes, shape, strict=True)):
+        mesh_axes: list[str] = []
+        for logical in (entry,) if isinstance(entry, str) or entry is None else tuple(entry):
+            if logical is None:
+                continue
+            if logical in table:
+                target = table[logical]
+            elif logical in mesh.shape:
+                target = logical
+            else:
+                raise ValueError(
+                    f"{name}: logical axis {logical!r} of dimension {dim} has no rule in "
+                    f"{tuple(table)} and is not a mesh axis {tuple(mesh.axis_names)}"
+                )
+            mesh_axes += [target] if isinstance(target, str) else list(target or ())
+        mesh_axes = [a for a in mesh_axes if a not in used and mesh.shape[a] > 1]
+        parts = int(np.prod([mesh.shape[a] for a in mesh_axes]))
+        if size % parts:
+            raise ValueError(
+                f"{name}: dimension {dim} ({entry!r}) of size {size} is not divisible by its mesh "
+                f"axes {tuple(mesh_axes)} of size {parts}; set the rule of {entry!r} to None to "
+                "replicate it, or use a mesh that divides it"
+            )
+        used.update(mesh_axes)
+        spec.append(
+            None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes)
+        )
     return PartitionSpec(*spec)
 
 
@@ -78,5 +117,5 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if context is None:
         return x
     mesh, rules = context
-    spec = logical_to_spec(axes, x.shape, mesh, rules)
+    spec = logical_to_spec(axes, x.shape, mesh, rules, name=f"activation {tuple(axes)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -61,7 +61,7 @@ def resize_vocabulary(
     Works for any registered model with an ``embed: [vocab, embed]`` parameter, an optional
     ``lm_head: [embed, vocab]`` (absent when ``config.tie_embeddings``) and a frozen dataclass
     config with ``vocab_size`` (the Transformer and MambaLM). The input model is not modified.
-    Parameters keep their dtypes and ``logical_axes`` metadata.
+    Parameters keep their dtypes and logical axis names (flax's ``out_sharding`` metadata).
 
     Args:
       model: the model to resize.

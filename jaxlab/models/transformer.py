@@ -110,6 +110,13 @@ class TransformerConfig:
         :mod:`jaxlab.models.sparse_attention`) replaces dense attention in every layer.
       remat: recompute each block's activations in the backward pass (gradient checkpointing)
         instead of storing them.
+      scan_layers: stack the blocks' parameters on a leading ``layers`` axis (created with
+        ``nnx.vmap``) and run them with ``jax.lax.scan``, so one block is traced and compiled
+        instead of ``num_layers`` (maxtext's ``scan_layers``); same numbers as the unrolled loop.
+        Parameters are then ``layers/<name>`` of shape ``[num_layers, ...]`` instead of
+        ``layers/<i>/<name>``, so checkpoints and Hugging Face weights of the unrolled layout do
+        not load into it. Not combinable with ``dwa`` or ``sparse_attention``; decoding with a
+        cache is an error (use an unrolled model for generation).
       name: registry name.
     """
 
@@ -137,6 +144,7 @@ class TransformerConfig:
     dwa: DWAConfig | None = None
     sparse_attention: SparseAttentionConfig | None = None
     remat: bool = False
+    scan_layers: bool = False
     name: str = "llama"
 
     def __post_init__(self):
@@ -186,6 +194,17 @@ class TransformerConfig:
             raise ValueError(
                 "TransformerConfig: sparse_attention and sliding_window cannot be combined, got "
                 f"sliding_window={self.sliding_window}"
+            )
+        if self.scan_layers and self.dwa is not None:
+            raise ValueError(
+                "TransformerConfig: scan_layers cannot be combined with dwa (each depth-weighted "
+                f"average reads the outputs of earlier blocks), got dwa={self.dwa}"
+            )
+        if self.scan_layers and self.sparse_attention is not None:
+            raise ValueError(
+                "TransformerConfig: scan_layers cannot be combined with sparse_attention (each "
+                "layer seeds its hashes with its own index), got "
+                f"sparse_attention={self.sparse_attention}"
             )
         if self.attention_impl not in ops.available_impls():
             raise ValueError(
@@ -461,6 +480,18 @@ class Block(nnx.Module):
         return (x + self.mlp(self.post_attention_norm(x)), cache, *probs)
 
 
+def _stacked_blocks(config: TransformerConfig, rngs: nnx.Rngs) -> Block:
+    """One :class:`Block` whose parameters have a leading ``num_layers`` axis, named ``layers``
+    in their sharding metadata, each layer drawn from its own split of ``rngs``."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs):
+        return Block(config, layer_rngs)
+
+    return create(rngs)
+
+
 class Transformer(LanguageModel):
     """The decoder: ``model(tokens, ...)`` -> logits, ``model.decode(tokens, cache, ...)`` ->
     ``(logits, cache)`` (see the module docstring and :class:`LanguageModel`)."""
@@ -475,7 +506,10 @@ class Transformer(LanguageModel):
             dtype=c.storage_dtype,
             std=c.initializer_range,
         )
-        self.layers = nnx.List([Block(c, rngs, i) for i in range(c.num_layers)])
+        if c.scan_layers:
+            self.layers = _stacked_blocks(c, rngs)
+        else:
+            self.layers = nnx.List([Block(c, rngs, i) for i in range(c.num_layers)])
         self.final_norm = RMSNorm(
             c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.storage_dtype, rngs=rngs
         )
@@ -560,7 +594,27 @@ class Transformer(LanguageModel):
 
             return run
 
-        blocks = [block(i) for i in range(c.num_layers)]
+        if c.scan_layers:
+            if cache is not None:
+                raise ValueError(
+                    "Transformer: decoding with a cache needs unrolled layers, and this model "
+                    "has scan_layers=True; build it with scan_layers=False to decode"
+                )
+            graphdef, stacked = nnx.split(self.layers)
+
+            def scan_step(y, layer_state):
+                out, _, *layer_probs = call_layer(nnx.merge(graphdef, layer_state), y, None)
+                out = constrain(out, residual_axes)
+                return out, (out if collect else None, layer_probs[0] if layer_probs else None)
+
+            x, (outs, stacked_probs) = jax.lax.scan(scan_step, x, stacked)
+            if collect:
+                residuals += list(outs)
+            if return_attention:
+                probs = list(stacked_probs)
+            blocks = []  # the scan has run them
+        else:
+            blocks = [block(i) for i in range(c.num_layers)]
         if c.dwa is not None and collect:
             x, averaged = self.dwa(x, blocks, return_averages=True)
         elif c.dwa is not None:

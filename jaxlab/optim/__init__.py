@@ -44,7 +44,9 @@ def decay_mask(params, *, decay_dwa: bool = False) -> Any:
     """True for parameters that get weight decay: matrices, not biases or norm scales.
 
     A parameter is decayed if it has two or more dimensions and its name does not end in
-    ``bias`` (attention biases are stored as ``[heads, head_dim]``). DenseFormer's
+    ``bias`` (attention biases are stored as ``[heads, head_dim]``). The leading axis of layers
+    stacked by ``scan_layers`` (``layers/<name>``, not ``layers/<i>/<name>``) does not count, so
+    stacked norm scales stay undecayed as in the unrolled model. DenseFormer's
     depth-weighted-average weights (under ``dwa``) are decayed only if ``decay_dwa``.
     """
 
@@ -52,7 +54,9 @@ def decay_mask(params, *, decay_dwa: bool = False) -> Any:
         names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
         if "dwa" in names:
             return decay_dwa
-        return p.ndim >= 2 and not (names and names[-1].endswith("bias"))
+        after_layers = names[names.index("layers") + 1 :][:1] if "layers" in names else []
+        stacked = bool(after_layers) and not after_layers[0].isdigit()
+        return p.ndim - stacked >= 2 and not (names and names[-1].endswith("bias"))
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlab.models.layers import logical_axes
 from jaxlab.models.partitioning import DEFAULT_RULES, logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -64,19 +63,35 @@ def make_mesh(
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
-    """``NamedSharding`` for every variable of an NNX state, from its ``logical_axes`` metadata.
+    """``NamedSharding`` for every variable of an NNX state (as a pure dict, like
+    ``nnx.to_pure_dict(state)``), from its flax sharding annotation.
 
-    Variables without logical axes are replicated.
+    The annotation is flax's ``out_sharding`` metadata: jaxlab's parameters carry their logical
+    axes there (``jaxlab.models.layers.logical_param``), and so does any flax layer a user adds
+    with ``nnx.with_partitioning(init, ('embed', 'mlp'))`` or ``nnx.Param(..., out_sharding=...)``
+    (built with ``nnx.use_eager_sharding(False)``, or under a mesh, since flax otherwise places
+    annotated variables at creation). Logical names go through ``rules``; mesh axis names absent
+    from them are used as they are. Variables without an annotation are replicated.
+
+    Raises:
+      ValueError: from :func:`~jaxlab.models.partitioning.logical_to_spec`, naming the
+        variable's path, for a dimension its mesh axes do not divide or an unknown axis name.
     """
-    axes = logical_axes(state)
-    return jax.tree.map(
-        lambda var, ax: NamedSharding(
-            mesh,
-            logical_to_spec(ax, var.shape, mesh, rules) if ax else PartitionSpec(),
-        ),
-        nnx.to_pure_dict(state),
-        nnx.to_pure_dict(axes),
-        is_leaf=lambda x: x is None or isinstance(x, tuple),
+
+    def sharding_of(path, variable):
+        axes = variable.get_metadata().get("out_sharding")
+        if isinstance(axes, NamedSharding):
+            axes = axes.spec
+        if not axes:
+            return variable.replace(replicated(mesh))
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        spec = logical_to_spec(tuple(axes), variable.shape, mesh, rules, name=name)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return nnx.to_pure_dict(
+        jax.tree_util.tree_map_with_path(
+            sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
     )
 
 
