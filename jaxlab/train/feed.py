@@ -3,6 +3,7 @@ while the devices train, and each batch is placed on the mesh's batch sharding."
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 
@@ -49,8 +50,10 @@ def process_feed(mesh, batch_size: int):
     it; otherwise (a mesh whose batch rows interleave across processes) every process builds
     the global batch, as before."""
     index, count = jax.process_index(), jax.process_count()
-    if count > 1 and local_rows(mesh, batch_size) == pipeline.process_rows(
-        batch_size, index, count
+    if (
+        count > 1
+        and batch_size % count == 0
+        and local_rows(mesh, batch_size) == pipeline.process_rows(batch_size, index, count)
     ):
         rows = pipeline.process_rows(batch_size, index, count)
         logging.info(
@@ -118,3 +121,22 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def gather_data_state(state: dict, process_count: int) -> dict:
+    """Every process's data state merged into one (:func:`pipeline.merge_states`), for the
+    checkpoint. Only process 0's state is written, and alone it would make every other process
+    re-read its lanes' documents from the start of the run on resume; the merged state holds
+    each lane where the process that built it left it. A collective: every process calls it
+    at the same step."""
+    if process_count == 1 or "streams" not in state:  # one process, or qa: (global) batches
+        return state
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size]))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: encoded.size] = encoded
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    states = [json.loads(row[:n].tobytes()) for row, n in zip(rows, lengths, strict=True)]
+    return pipeline.merge_states(states)

@@ -40,7 +40,7 @@ from jaxlab.train.build import (  # noqa: F401  (the public names of the trainin
 )
 from jaxlab.train.checkpoint import Checkpointer, CheckpointSaveError
 from jaxlab.train.evaluation import eval_sets, evaluate
-from jaxlab.train.feed import Prefetcher, process_feed
+from jaxlab.train.feed import Prefetcher, gather_data_state, process_feed
 from jaxlab.train.metrics_io import MetricsWriter, read_metrics  # noqa: F401
 from jaxlab.train.step import MODEL_INPUTS, TrainState
 
@@ -253,7 +253,12 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> T
                     )
             if should_save:
                 try:
-                    checkpointer.save(step, state, prefetcher.state, config_json)
+                    checkpointer.save(
+                        step,
+                        state,
+                        gather_data_state(prefetcher.state, process_count),
+                        config_json,
+                    )
                 except CheckpointSaveError as e:
                     raise CheckpointSaveError(f"{e}; {last_good()}") from None
                 if objective.on_checkpoint is not None and lead:

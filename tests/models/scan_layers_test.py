@@ -136,7 +136,7 @@ def test_what_scan_layers_cannot_do_is_an_error():
     tokens = jnp.zeros((1, 2), jnp.int32)
     positions = jnp.arange(2)[None]
     with pytest.raises(ValueError, match="decoding with a cache needs unrolled layers"):
-        model(tokens, positions=positions, cache=cache)
+        model.decode(tokens, cache, positions=positions)
 
 
 def test_hugging_face_export_of_stacked_layers_is_an_error(tmp_path):

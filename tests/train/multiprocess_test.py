@@ -1,6 +1,7 @@
 """Two processes on localhost (jax.distributed over gloo, 4 CPU devices each) train the smoke
 config and match one process with 8 devices."""
 
+import json
 import os
 import pathlib
 import socket
@@ -79,3 +80,14 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(losses(workdir)) == config.num_steps
     np.testing.assert_allclose(losses(workdir), losses(tmp_path / "single"), rtol=2e-5)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+
+    # The checkpoint holds every process's data state merged: each lane where the process that
+    # built it left it, which is where the one-process run's lanes are (nothing pending to
+    # re-read on resume).
+    def data_state(path, step):
+        return json.loads((path / "checkpoints" / str(step) / "data" / "metadata").read_text())
+
+    for step in (4, 8):
+        merged, alone = data_state(workdir, step), data_state(tmp_path / "single", step)
+        assert all(p == 0 for stream in merged["streams"] for p in stream["pending"])
+        assert merged == alone
