@@ -16,6 +16,7 @@ DenseFormer matches a deeper model and is faster than it). Writes ``REPORT.md`` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import jax
@@ -131,21 +132,23 @@ def main(argv):
         f"{dense_loss:.4f} vs "
         f"{deep_loss:.4f}.",
     )
+    claims = [
+        report.Claim(
+            f"{dense} matches the held-out loss of {deep}",
+            "equal perplexity to a 1.5x deeper Transformer",
+            f"loss {dense_loss:.4f} vs {deep_loss:.4f}",
+            "holds" if dense_loss <= 1.01 * deep_loss else "does not hold",
+        ),
+        report.Claim(
+            f"{dense} is faster than {deep}",
+            "faster inference than the deeper Transformer",
+            f"{speedup:.2f}x its decode speed",
+            "holds" if speedup > 1.0 else "does not hold",
+        ),
+    ]
+    results["claims"] = [dataclasses.asdict(c) for c in claims]
     doc.claims(
-        [
-            report.Claim(
-                f"{dense} matches the held-out loss of {deep}",
-                "equal perplexity to a 1.5x deeper Transformer",
-                f"loss {dense_loss:.4f} vs {deep_loss:.4f}",
-                "holds" if dense_loss <= 1.01 * deep_loss else "does not hold",
-            ),
-            report.Claim(
-                f"{dense} is faster than {deep}",
-                "faster inference than the deeper Transformer",
-                f"{speedup:.2f}x its decode speed",
-                "holds" if speedup > 1.0 else "does not hold",
-            ),
-        ],
+        claims,
         rule="the loss claim holds when the DenseFormer's held-out loss is at most 1.01x the "
         "deeper Transformer's; the speed claim holds when its decode throughput is higher.",
     )

@@ -183,12 +183,21 @@ def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
         "--config.num_steps=4",
         "--config.seq_len=64",
         "--config.batch_size=32",  # the config's 4 x 512 tokens per batch, in 64-token windows
+        "--config.model.sparse_attention.keep_rate=0.7",  # the labels follow the config
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"dense", "hash, 8 buckets", "qk, keep 0.5"}
+    claims = results.pop("claims")
+    assert set(results) == {"dense", "hash, 8 buckets", "qk, keep 0.7"}
     assert all(math.isfinite(r["eval_loss"]) for r in results.values())
-    assert "| qk, keep 0.5 |" in (tmp_path / "REPORT.md").read_text()
+    assert "| qk, keep 0.7 |" in (tmp_path / "REPORT.md").read_text()
+    dense = results["dense"]["eval_perplexity"]
+    expected = [
+        "holds" if results[n]["eval_perplexity"] / dense <= 1.01 else "does not hold"
+        for n in ("hash, 8 buckets", "qk, keep 0.7")
+    ]
+    assert [c["verdict"] for c in claims] == [*expected, claims[-1]["verdict"]]
+    assert claims[-1]["verdict"].startswith("not tested")
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
