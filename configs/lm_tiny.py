@@ -132,7 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Parallelism: mesh axis sizes (-1 = the remaining devices; num_devices 0 = all devices) and
     # logical-axis rules (empty = jaxlab.train.sharding.DEFAULT_RULES). A dimension its mesh axes
-    # do not divide is an error, so the byte tokenizer's 259 ids are replicated explicitly here.
+    # do not divide is an error, so the byte tokenizer's 259 ids are replicated explicitly here;
+    # with a real tokenizer whose vocabulary divides the tensor axis, set
+    # --config.logical_axis_rules="()" to shard the embedding over it (llama2_7b.py does).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
     config.logical_axis_rules = tuple(
         (axis, None if axis == "vocab" else target) for axis, target in DEFAULT_RULES
