@@ -139,6 +139,26 @@ def test_bench_denseformer_quick(tmp_path):
     }
 
 
+def test_bench_denseformer_config_override_changes_the_model(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_module(
+        "experiments.bench.denseformer",
+        "--quick",
+        f"--out={out}",
+        "--config.model.num_layers=3",  # explicit, so --quick's 2 layers do not replace it
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "depth 3," in result.stdout
+    data = json.loads(out.read_text())
+    assert data["num_layers"] == 3 and data["batch"] == [4, 32]  # the rest still shrunk
+    # lm_tiny's Llama, counted by hand: hidden 256, SwiGLU 688, 8 query and 4 key-value heads of
+    # 32, two norms per block, the byte vocabulary's 259 tied embeddings and a final norm.
+    hidden, mlp, kv = 256, 688, 4 * 32
+    block = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden
+    assert data["parameters"]["Transformer"] == 259 * hidden + hidden + 3 * block
+    assert data["parameters"]["DenseFormer 1x1"] > data["parameters"]["Transformer"]
+
+
 def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
     out = tmp_path / "bench.json"
     result = run_module("experiments.bench.gpu", "--allow_cpu", f"--out={out}")
