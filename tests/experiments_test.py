@@ -405,10 +405,16 @@ def test_doge_experiment_smoke(tmp_path):
 
 def test_bench_doge_quick(tmp_path):
     out = tmp_path / "doge.json"
-    result = run_module("experiments.bench.doge", "--quick", f"--out={out}", "--domains=3")
+    result = run_module(
+        "experiments.bench.doge",
+        "--quick",
+        f"--out={out}",
+        "--config.corpus.domains=('email','asyncio','multiprocessing')",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"plain", "doge", "doge_selected", "doge_ood", "doremi"}
+    assert all(r["domains"] == 3 for r in rows.values())  # the overridden corpus.domains
     assert rows["plain"]["ratio_to_plain"] == 1.0 and all(
         r["ms_per_step"] > 0 for r in rows.values()
     )
