@@ -65,7 +65,14 @@ def test_bench_train_quick_writes_json(tmp_path):
     result = run_module("experiments.bench.train", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| train step" in result.stdout
-    assert json.loads(out.read_text())["quick"] is True
+    data = json.loads(out.read_text())
+    assert data["quick"] is True
+    assert (data["setup"]["batch"], data["setup"]["seq_len"], data["setup"]["num_layers"]) == (
+        4,
+        64,
+        2,
+    )
+    assert data["model"]["num_hidden_layers"] == 2  # the PyTorch side's model is the config's
 
 
 def test_demo_lm_smoke_reports_perplexities(tmp_path):
