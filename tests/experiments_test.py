@@ -427,6 +427,22 @@ def test_bench_doge_quick(tmp_path):
     )
 
 
+def test_bench_input_pipeline_quick_with_an_overridden_seq_len(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_module(
+        "experiments.bench.input_pipeline", "--quick", f"--out={out}", "--config.seq_len=128"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert (data["batch_size"], data["seq_len"], data["sources"]) == (16, 128, ["embedded"])
+    assert {(r["processes"], r["path"]) for r in data["results"]} == {
+        (p, path) for p in (1, 2) for path in ("global", "own_rows")
+    }
+    for r in data["results"]:  # tokens of the host's rows, at the overridden 128 per row
+        rows = 16 // r["processes"]
+        assert r["tokens_per_s"] == pytest.approx(rows * 128 * 3 / r["seconds"])
+
+
 def test_time_calls_warms_up_then_times_each_call_in_seconds(monkeypatch):
     from experiments.bench import common
 
