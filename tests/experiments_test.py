@@ -65,7 +65,14 @@ def test_bench_train_quick_writes_json(tmp_path):
     result = run_module("experiments.bench.train", "--quick", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| train step" in result.stdout
-    assert json.loads(out.read_text())["quick"] is True
+    data = json.loads(out.read_text())
+    assert data["quick"] is True
+    assert (data["setup"]["batch"], data["setup"]["seq_len"], data["setup"]["num_layers"]) == (
+        4,
+        64,
+        2,
+    )
+    assert data["model"]["num_hidden_layers"] == 2  # the PyTorch side's model is the config's
 
 
 def test_demo_lm_smoke_reports_perplexities(tmp_path):
@@ -137,6 +144,26 @@ def test_bench_denseformer_quick(tmp_path):
         "DenseFormer 1x1",
         "DenseFormer 2x2",
     }
+
+
+def test_bench_denseformer_config_override_changes_the_model(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_module(
+        "experiments.bench.denseformer",
+        "--quick",
+        f"--out={out}",
+        "--config.model.num_layers=3",  # explicit, so --quick's 2 layers do not replace it
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "depth 3," in result.stdout
+    data = json.loads(out.read_text())
+    assert data["num_layers"] == 3 and data["batch"] == [4, 32]  # the rest still shrunk
+    # lm_tiny's Llama, counted by hand: hidden 256, SwiGLU 688, 8 query and 4 key-value heads of
+    # 32, two norms per block, the byte vocabulary's 259 tied embeddings and a final norm.
+    hidden, mlp, kv = 256, 688, 4 * 32
+    block = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden
+    assert data["parameters"]["Transformer"] == 259 * hidden + hidden + 3 * block
+    assert data["parameters"]["DenseFormer 1x1"] > data["parameters"]["Transformer"]
 
 
 def test_bench_gpu_cpu_smoke_and_refusal(tmp_path):
@@ -385,13 +412,35 @@ def test_doge_experiment_smoke(tmp_path):
 
 def test_bench_doge_quick(tmp_path):
     out = tmp_path / "doge.json"
-    result = run_module("experiments.bench.doge", "--quick", f"--out={out}", "--domains=3")
+    result = run_module(
+        "experiments.bench.doge",
+        "--quick",
+        f"--out={out}",
+        "--config.corpus.domains=('email','asyncio','multiprocessing')",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"plain", "doge", "doge_selected", "doge_ood", "doremi"}
+    assert all(r["domains"] == 3 for r in rows.values())  # the overridden corpus.domains
     assert rows["plain"]["ratio_to_plain"] == 1.0 and all(
         r["ms_per_step"] > 0 for r in rows.values()
     )
+
+
+def test_bench_input_pipeline_quick_with_an_overridden_seq_len(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_module(
+        "experiments.bench.input_pipeline", "--quick", f"--out={out}", "--config.seq_len=128"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert (data["batch_size"], data["seq_len"], data["sources"]) == (16, 128, ["embedded"])
+    assert {(r["processes"], r["path"]) for r in data["results"]} == {
+        (p, path) for p in (1, 2) for path in ("global", "own_rows")
+    }
+    for r in data["results"]:  # tokens of the host's rows, at the overridden 128 per row
+        rows = 16 // r["processes"]
+        assert r["tokens_per_s"] == pytest.approx(rows * 128 * 3 / r["seconds"])
 
 
 def test_time_calls_warms_up_then_times_each_call_in_seconds(monkeypatch):

@@ -1,15 +1,21 @@
 """Cost of DenseFormer's depth-weighted averages against the same-depth Transformer.
 
-For lm_tiny's model (depth 4; ``--depth`` to change) as a baseline, a 1x1 and a 2x2 DenseFormer:
-the jitted train step (lm_tiny's batch) and greedy decoding (batch 1 and 16, 128 tokens), timed
-round-robin in the same run (median), plus the train step's XLA temporary memory. Goal from the
-issue: <= 1.05x the baseline's time.
+For ``--config``'s model (default ``configs/lm_tiny.py``, depth 4) as a baseline, a 1x1 and a 2x2
+DenseFormer: the jitted train step (the config's batch) and greedy decoding (batch 1 and 16, 128
+tokens), timed round-robin in the same run (median), plus the train step's XLA temporary memory,
+on one device. Goal from the issue: <= 1.05x the baseline's time.
 
   python -m experiments.bench.denseformer [--out=bench_results/bench_denseformer.json] [--quick]
+      [--config.model.num_layers=8]
+
+``--quick`` shrinks the config (2 layers, a [4, 32] batch) except for the fields ``--config.``
+sets explicitly.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import statistics
 
 import jax
@@ -17,8 +23,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
-from configs import lm_tiny
+from experiments import run_config
 from experiments.bench.common import environment, time_calls, write_json
 from jaxlab.infer import generate
 from jaxlab.train import loop, sharding
@@ -26,27 +33,40 @@ from jaxlab.train.step import MODEL_INPUTS
 
 flags.DEFINE_string("out", "bench_results/bench_denseformer.json", "Where to write the JSON.")
 flags.DEFINE_integer("repeats", 10, "Timed rounds (median reported).")
-flags.DEFINE_integer("depth", 0, "Model depth (0 = lm_tiny's).")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 layers, small batch, 2 repeats.")
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_tiny.py"),
+    "The baseline Transformer's configuration; the DenseFormers add model.dwa to it.",
+    lock_config=True,
+)
 FLAGS = flags.FLAGS
 
 VARIANTS = {"Transformer": None, "DenseFormer 1x1": (1, 1), "DenseFormer 2x2": (2, 2)}
+QUICK = {"model.num_layers": 2, "batch_size": 4, "seq_len": 32}
 
 
-def make_config(dwa):
-    config = lm_tiny.get_config()
+def base_config() -> ml_collections.ConfigDict:
+    """``--config`` on one device, shrunk by ``--quick`` where ``--config.`` sets nothing."""
+    config = run_config.from_flag(FLAGS["config"])
     config.mesh.update(data=1, num_devices=1)
-    if FLAGS.depth:
-        config.model.num_layers = FLAGS.depth
     if FLAGS.quick:
-        config.model.num_layers, config.batch_size, config.seq_len = 2, 4, 32
-    if dwa is not None:
-        config.model.dwa = ml_collections.ConfigDict(dict(dilation=dwa[0], period=dwa[1]))
+        config.update_from_flattened_dict(QUICK)
+        config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
     return config
 
 
-def build(name):
-    exp = loop.build_experiment(make_config(VARIANTS[name]))
+def make_config(base: ml_collections.ConfigDict, dwa) -> ml_collections.ConfigDict:
+    """``base`` with depth-weighted averages of (dilation, period) ``dwa`` (None: the baseline)."""
+    config = copy.deepcopy(base)
+    if dwa is not None:
+        with config.unlocked():
+            config.model.dwa = ml_collections.ConfigDict(dict(dilation=dwa[0], period=dwa[1]))
+    return config
+
+
+def build(base, name):
+    exp = loop.build_experiment(make_config(base, VARIANTS[name]))
     state = loop.init_state(exp)
     train_step, _ = loop.compile_steps(exp)
     rng = np.random.default_rng(0)
@@ -81,13 +101,15 @@ def build(name):
     tasks = {"train step": train, "decode b=1": decoder(1), "decode b=16": decoder(16)}
     for task in tasks.values():
         task()  # compile
-    return tasks, temp_mib
+    parameters = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params))
+    return tasks, temp_mib, parameters
 
 
 def main(argv):
     del argv
     repeats = 2 if FLAGS.quick else FLAGS.repeats
-    built = {name: build(name) for name in VARIANTS}
+    config = base_config()
+    built = {name: build(config, name) for name in VARIANTS}
     times: dict[str, dict[str, list[float]]] = {n: {} for n in VARIANTS}
     names = list(VARIANTS)
     for r in range(repeats):
@@ -101,7 +123,7 @@ def main(argv):
     }
     base = rows["Transformer"]
     print(
-        f"depth {make_config(None).model.num_layers}, median of {repeats} rounds, ms (ratio to "
+        f"depth {config.model.num_layers}, median of {repeats} rounds, ms (ratio to "
         f"the Transformer); goal <= 1.05x"
     )
     print("| model | train step | decode b=1 | decode b=16 | train temp MiB |")
@@ -117,6 +139,9 @@ def main(argv):
         dict(
             rows_ms=rows,
             temp_mib={n: built[n][1] for n in VARIANTS},
+            parameters={n: built[n][2] for n in VARIANTS},
+            num_layers=config.model.num_layers,
+            batch=[config.batch_size, config.seq_len],
             repeats=repeats,
             environment=environment(),
         ),

@@ -1,8 +1,9 @@
 """Cost of a DoGE proxy step against a plain training step, timed in the same run.
 
-The byte-level Llama of configs/doge.py (2 layers, 128 wide) on batches of 16 x 128 tokens drawn
-from ``--domains`` embedded-corpus domains. Steps compared (each jitted, compiled first, median
-of ``--repeats`` timed runs of ``--steps`` steps):
+The byte-level Llama of ``--config``'s ``corpus.lm`` (default ``configs/doge.py``: 2 layers, 128
+wide) on batches of 16 x 128 tokens drawn from the embedded-corpus domains ``corpus.domains``
+(fewer: ``--config.corpus.domains="('email','asyncio')"``). Steps compared (each jitted,
+compiled first, median of ``--repeats`` timed runs of ``--steps`` steps):
 
 * ``plain``: the engine's training step;
 * ``doge``: per-domain gradients (vmapped backward passes) and the universal DoGE update over all
@@ -13,18 +14,21 @@ of ``--repeats`` timed runs of ``--steps`` steps):
 * ``doremi``: proxy and reference forward passes and one backward pass.
 
   python -m experiments.bench.doge [--out=bench_results/bench_doge.json] [--quick]
+      [--config.corpus.lm.model.num_layers=4]
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
-from configs import doge as doge_config
+from experiments import run_config
 from experiments.bench.common import environment, time_calls, write_json
 from jaxlab import models, objectives
 from jaxlab.data import pipeline
@@ -34,16 +38,22 @@ from jaxlab.train.step import TrainState, make_train_step
 flags.DEFINE_string("out", "bench_results/bench_doge.json", "Where to write the JSON.")
 flags.DEFINE_integer("repeats", 3, "Timed runs (median reported).")
 flags.DEFINE_integer("steps", 10, "Steps per timed run.")
-flags.DEFINE_integer("domains", 5, "Number of domains.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 steps, one repeat.")
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "doge.py"),
+    "The DoGE experiment's configuration: the model and data of corpus.lm, the domains of "
+    "corpus.domains.",
+    lock_config=True,
+)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     repeats, steps = (1, 2) if FLAGS.quick else (FLAGS.repeats, FLAGS.steps)
-    config = doge_config.get_config().corpus.lm
-    names = doge_config.get_config().corpus.domains[: FLAGS.domains]
+    corpus = run_config.from_flag(FLAGS["config"]).corpus
+    config, names = corpus.lm, corpus.domains
     config.data.sources = tuple(f"embedded:{d}" for d in names)
     exp = loop.build_experiment(config)
     k = len(names)

@@ -3,8 +3,9 @@ building only its own rows, for 1, 2 and 4 simulated processes.
 
 A SentencePiece model (BPE, ``--vocab_size`` pieces, byte fallback) is trained at start on lines
 of the embedded standard-library corpus (nothing is downloaded); the batches are those of
-``config.data`` with ``--sources``, ``--batch_size`` global rows of ``--seq_len`` tokens, one lane
-per row. For each process count ``P``:
+``--config`` (default ``configs/bench_input_pipeline.py``): ``config.data``'s sources,
+``config.batch_size`` global rows of ``config.seq_len`` tokens, one lane per row. For each process
+count ``P``:
 
 * ``global``: the way every process got its rows before, building the whole global batch and
   keeping its block (:class:`jaxlab.data.pipeline.GlobalBatchRows`). Every host does the same
@@ -20,11 +21,14 @@ characters it tokenized per batch (a counting wrapper around the tokenizer). Bef
 processes' rows are checked to concatenate into the one-process batch.
 
 With one source every lane stays on its rows, so a host tokenizes 1/P of the text. With a mixture
-(``--sources='embedded:*'``) the schedule moves lanes between the processes' rows, and a host
-taking a lane over reads the documents it passed over once, so it tokenizes somewhat more than
-1/P.
+(``--config.data.sources="('embedded:*',)"``) the schedule moves lanes between the processes'
+rows, and a host taking a lane over reads the documents it passed over once, so it tokenizes
+somewhat more than 1/P.
 
-  python -m experiments.bench.input_pipeline [--out=bench_results/input_pipeline.json] [--quick]
+  python -m experiments.bench.input_pipeline [--out=bench_results/bench_input_pipeline.json]
+      [--quick] [--config.batch_size=32]
+
+``--quick`` shrinks the batch to 16 x 256 tokens except where ``--config.`` sets them explicitly.
 """
 
 from __future__ import annotations
@@ -38,21 +42,27 @@ import time
 import numpy as np
 import sentencepiece
 from absl import app, flags
+from ml_collections import config_flags
 
-from configs import lm_tiny
+from experiments import run_config
 from jaxlab.data import pipeline, sources
 from jaxlab.data.tokenizers import SentencePieceTokenizer
 
-flags.DEFINE_string("out", "bench_results/input_pipeline.json", "Where to write the JSON.")
+flags.DEFINE_string("out", "bench_results/bench_input_pipeline.json", "Where to write the JSON.")
 flags.DEFINE_list("processes", ["1", "2", "4"], "Simulated process counts.")
-flags.DEFINE_list("sources", ["embedded"], "config.data.sources (jaxlab.data.pipeline specs).")
-flags.DEFINE_integer("batch_size", 64, "Global batch size (rows).")
-flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
 flags.DEFINE_integer("batches", 30, "Batches per timed run.")
 flags.DEFINE_integer("vocab_size", 4096, "SentencePiece vocabulary size.")
 flags.DEFINE_integer("train_lines", 100_000, "Corpus lines the SentencePiece model trains on.")
 flags.DEFINE_bool("quick", False, "Smoke run: 3 batches of 16 x 256 tokens, 1 and 2 processes.")
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "bench_input_pipeline.py"),
+    "The data, batch_size and seq_len of the batches timed.",
+    lock_config=True,
+)
 FLAGS = flags.FLAGS
+
+QUICK = {"batch_size": 16, "seq_len": 256}
 
 
 class CountingTokenizer:
@@ -116,11 +126,13 @@ def timed(make_iterator, tokenizer, num_batches: int) -> dict[str, float]:
 def main(argv):
     del argv
     quick = FLAGS.quick
-    batch_size, seq_len = (16, 256) if quick else (FLAGS.batch_size, FLAGS.seq_len)
+    config = run_config.from_flag(FLAGS["config"])
+    if quick:  # explicit --config. overrides keep their values
+        config.update_from_flattened_dict(QUICK)
+        config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
+    batch_size, seq_len = config.batch_size, config.seq_len
     num_batches = 3 if quick else FLAGS.batches
     counts = [1, 2] if quick else [int(p) for p in FLAGS.processes]
-    config = lm_tiny.get_config()
-    config.data.sources = tuple(FLAGS.sources)
     components = pipeline.build_components(config.data)
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
@@ -182,7 +194,7 @@ def main(argv):
     table = "\n".join(lines)
     print(
         f"input pipeline per host: {batch_size} x {seq_len} global batch, {num_batches} batches, "
-        f"sources {list(FLAGS.sources)}, SentencePiece BPE {FLAGS.vocab_size} "
+        f"sources {list(config.data.sources)}, SentencePiece BPE {FLAGS.vocab_size} "
         f"(trained in {train_seconds:.1f} s)"
     )
     print(table)
@@ -192,7 +204,7 @@ def main(argv):
         batch_size=batch_size,
         seq_len=seq_len,
         batches=num_batches,
-        sources=list(FLAGS.sources),
+        sources=list(config.data.sources),
         vocab_size=FLAGS.vocab_size,
         tokenizer_train_seconds=train_seconds,
         machine=dict(

@@ -1,26 +1,29 @@
 r"""CPU train-step throughput and peak memory of a tiny Llama: jaxlab vs transformers + PyTorch.
 
-The model is ``configs/lm_tiny.py``'s: hidden 256, SwiGLU 688, 4 layers, 8 query / 4 key-value
-heads, the byte tokenizer's vocabulary (259), tied embeddings, float32. A random
+The model and batch are ``--config``'s, overridable with ``--config.x=`` (default
+``configs/lm_tiny.py``: hidden 256, SwiGLU 688, 4 layers, 8 query / 4 key-value heads, the byte
+tokenizer's vocabulary (259), tied embeddings, float32). A random
 ``transformers.LlamaForCausalLM`` (its own initialisation, seed 0) is written with
 ``save_pretrained`` and both sides start from those weights: PyTorch reads them with
 ``from_pretrained``, jaxlab with :func:`jaxlab.interop.hf.load_hf_llama` (parameters taken as
-``nnx.to_pure_dict(nnx.state(model, nnx.Param))``). One training step on a batch of
-lm_tiny's shape (``[16, 128]``) of random byte tokens, next-token cross-entropy averaged over all
-positions, AdamW (lr 1e-3 constant, b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on matrices
-only) after clipping the gradient's global norm to 1.0:
+``nnx.to_pure_dict(nnx.state(model, nnx.Param))``). One training step on a batch of the config's
+shape (lm_tiny: ``[16, 128]``) of random byte tokens, next-token cross-entropy averaged over all
+positions, AdamW (``OPTIM``: lr 1e-3 constant, b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on
+matrices only, replacing the config's ``optim`` except for ``--config.optim.`` overrides) after
+clipping the gradient's global norm to 1.0:
 
 * transformers: ``model(inputs).logits`` -> ``F.cross_entropy`` -> ``backward`` ->
   ``torch.nn.utils.clip_grad_norm_`` -> ``torch.optim.AdamW.step``;
 * jaxlab: :func:`jaxlab.train.step.make_train_step` with the optimizer, shardings and abstract
-  state of :func:`jaxlab.train.loop.build_experiment` (lm_tiny's config with the optimizer above),
+  state of :func:`jaxlab.train.loop.build_experiment` (the config with the optimizer above),
   jitted as the training loop does (explicit in/out shardings, the state donated); the batch is
   the dict the step expects (``loss_mask`` and ``segment_ids`` all ones, ``positions`` arange).
 
 Each side runs in its own subprocess (this program re-invoked with ``--side``) so that its peak
 resident memory is its own; the parent only prepares the weights and batches and collects the JSON
-each side writes. The peak is the process's ``VmHWM`` (``/proc/self/status``), not ``ru_maxrss``:
-on Linux ``ru_maxrss`` survives ``execve``, so a child starts at its parent's RSS at the fork.
+each side writes (the config reaches the sides pickled beside the weights). The peak is the
+process's ``VmHWM`` (``/proc/self/status``), not ``ru_maxrss``: on Linux ``ru_maxrss`` survives
+``execve``, so a child starts at its parent's RSS at the fork.
 
 Per side: ``--loss_steps`` steps on fixed batches whose losses are recorded (they are also the
 warm-up; jaxlab's step is compiled ahead of them with ``lower().compile()``, timed apart), then the
@@ -29,17 +32,20 @@ forward+loss, forward+backward, and clip+optimizer update. The losses of both si
 batches from the same weights should agree to float rounding; their largest absolute difference is
 printed, not asserted.
 
-``--quick`` is a smoke run: 2 layers, a ``[4, 64]`` batch, 1 repeat.
+``--quick`` is a smoke run: 2 layers, a ``[4, 64]`` batch, 1 repeat (fields that ``--config.``
+sets explicitly keep their values).
 
 Usage::
 
   python -m experiments.bench.train [--out=bench_results/bench_train.json] [--repeats=5] [--quick]
+      [--config.model.num_layers=8] [--config.batch_size=32]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -54,8 +60,9 @@ import torch
 import transformers
 from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
-from configs import lm_tiny
+from experiments import run_config
 from experiments.bench.common import (
     cpu_busy_fraction,
     environment,
@@ -84,6 +91,12 @@ _SIDE = flags.DEFINE_enum(
 _SIDE_DIR = flags.DEFINE_string(
     "side_dir", "", "Internal: directory with the weights and batches, and for the side's JSON."
 )
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_tiny.py"),
+    "The model, batch and mesh of the jaxlab side (the PyTorch model mirrors its model).",
+    lock_config=True,
+)
 
 # The optimizer both sides use (jaxlab: config.optim fields of build_optimizer).
 OPTIM = dict(
@@ -97,19 +110,26 @@ OPTIM = dict(
     weight_decay=0.1,
     clip_norm=1.0,
 )
-_TINY = lm_tiny.get_config()
-FULL = dict(batch=_TINY.batch_size, seq_len=_TINY.seq_len, num_layers=None)  # None: lm_tiny's
-QUICK = dict(batch=4, seq_len=64, num_layers=2)
+QUICK = {"batch_size": 4, "seq_len": 64, "model.num_layers": 2}
+# Optimizer settings whose other values the PyTorch side has no counterpart for.
+_FIXED = dict(name="adamw", schedule="constant", warmup_steps=0, frozen=(), stage_steps=())
 
 
-def experiment_config(setup: dict[str, Any]):
-    """lm_tiny's config with the benchmark's batch, optimizer and (quick) depth."""
-    config = lm_tiny.get_config()
-    config.batch_size = setup["batch"]
-    config.seq_len = setup["seq_len"]
-    if setup["num_layers"] is not None:
-        config.model.num_layers = setup["num_layers"]
+def experiment_config():
+    """``--config`` with the benchmark's optimizer and (``--quick``) shapes, except for the fields
+    ``--config.`` sets explicitly."""
+    flag = FLAGS["config"]
+    config = run_config.from_flag(flag)
     config.optim.update(OPTIM)
+    if FLAGS.quick:
+        config.update_from_flattened_dict(QUICK)
+    config.update_from_flattened_dict(config_flags.get_override_values(flag))
+    for field, value in _FIXED.items():
+        if config.optim.get(field, value) != value:
+            raise ValueError(
+                f"config.optim.{field} must be {value!r} (what the PyTorch side runs), "
+                f"got {config.optim[field]!r}"
+            )
     return config
 
 
@@ -139,7 +159,7 @@ def hf_config(config) -> transformers.LlamaConfig:
 # One side, in its own process.
 
 
-def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
+def run_torch(side_dir: str, optim, repeats: int, breakdown: bool) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count())
     import torch.nn.functional as F
 
@@ -151,12 +171,12 @@ def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": OPTIM["weight_decay"]},
+            {"params": decay, "weight_decay": optim.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ],
-        lr=OPTIM["learning_rate"],
-        betas=(OPTIM["b1"], OPTIM["b2"]),
-        eps=OPTIM["eps"],
+        lr=optim.learning_rate,
+        betas=(optim.b1, optim.b2),
+        eps=optim.eps,
     )
     tokens = np.load(os.path.join(side_dir, "batches.npy"))
     batches = [
@@ -174,7 +194,7 @@ def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss = forward_loss(inputs, targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, OPTIM["clip_norm"])
+        torch.nn.utils.clip_grad_norm_(params, optim.clip_norm)
         optimizer.step()
         return loss.item()
 
@@ -206,7 +226,7 @@ def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
             return loss.item()
 
         def update():
-            torch.nn.utils.clip_grad_norm_(params, OPTIM["clip_norm"])
+            torch.nn.utils.clip_grad_norm_(params, optim.clip_norm)
             optimizer.step()
 
         result["breakdown_median_s"] = dict(
@@ -217,9 +237,9 @@ def run_torch(side_dir: str, repeats: int, breakdown: bool) -> dict[str, Any]:
     return result
 
 
-def run_jaxlab(side_dir: str, setup: dict[str, Any], repeats: int, breakdown: bool):
+def run_jaxlab(side_dir: str, config, repeats: int, breakdown: bool):
     memory = {"after_imports": memory_snapshot()}
-    exp = build_experiment(experiment_config(setup))
+    exp = build_experiment(config)
     model = load_hf_llama(side_dir, dtype="float32")
     graphdef, _ = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -228,7 +248,7 @@ def run_jaxlab(side_dir: str, setup: dict[str, Any], repeats: int, breakdown: bo
     expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), exp.abstract_state.params)
     if shapes != expected:
         raise RuntimeError(
-            "the loaded Hugging Face model's parameters do not match lm_tiny's model: "
+            "the loaded Hugging Face model's parameters do not match the config's model: "
             f"{shapes} vs {expected}"
         )
     optimizer = exp.optimizer
@@ -307,14 +327,16 @@ def run_jaxlab(side_dir: str, setup: dict[str, Any], repeats: int, breakdown: bo
     return result
 
 
-def run_side(side: str, side_dir: str, setup: dict[str, Any], repeats: int) -> None:
+def run_side(side: str, side_dir: str, repeats: int) -> None:
+    with open(os.path.join(side_dir, "config.pkl"), "rb") as f:
+        config = pickle.load(f)
     load_start = os.getloadavg()
     busy = cpu_busy_fraction(0.5)
     start = time.perf_counter()
     if side == "torch":
-        result = run_torch(side_dir, repeats, _BREAKDOWN.value)
+        result = run_torch(side_dir, config.optim, repeats, _BREAKDOWN.value)
     else:
-        result = run_jaxlab(side_dir, setup, repeats, _BREAKDOWN.value)
+        result = run_jaxlab(side_dir, config, repeats, _BREAKDOWN.value)
     result.update(
         side=side,
         wall_s=time.perf_counter() - start,
@@ -352,10 +374,9 @@ def spawn_side(side: str, side_dir: str, repeats: int) -> dict[str, Any]:
 def main(argv):
     del argv
     transformers.utils.logging.disable_progress_bar()
-    setup = QUICK if FLAGS.quick else FULL
     repeats = 1 if FLAGS.quick else FLAGS.repeats
     if _SIDE.value:
-        run_side(_SIDE.value, _SIDE_DIR.value, setup, repeats)
+        run_side(_SIDE.value, _SIDE_DIR.value, repeats)
         return
 
     wall_start = time.perf_counter()
@@ -366,8 +387,8 @@ def main(argv):
             f"WARNING: the CPUs were {busy:.0%} busy in the second before the run: another "
             "process is using them and the timings will be distorted."
         )
-    config = experiment_config(setup)
-    batch, seq = setup["batch"], setup["seq_len"]
+    config = experiment_config()
+    batch, seq = config.batch_size, config.seq_len
     tokens_per_step = batch * seq
     print(
         f"jax {env['jax']} backend {env['jax_backend']}, torch {env['torch']} "
@@ -386,6 +407,8 @@ def main(argv):
         hf_model.save_pretrained(side_dir)
         del hf_model
         np.save(os.path.join(side_dir, "batches.npy"), token_batches.astype(np.int32))
+        with open(os.path.join(side_dir, "config.pkl"), "wb") as f:
+            pickle.dump(config, f)
         sides = {s: spawn_side(s, side_dir, repeats) for s in ("torch", "jaxlab")}
     pt, jx = sides["torch"], sides["jaxlab"]
 
@@ -479,8 +502,14 @@ def main(argv):
         quick=FLAGS.quick,
         repeats=repeats,
         model=dict(hf.to_diff_dict(), dtype="float32"),
-        setup=dict(setup, tokens_per_step=tokens_per_step, loss_steps=_LOSS_STEPS.value),
-        optimizer=OPTIM,
+        setup=dict(
+            batch=batch,
+            seq_len=seq,
+            num_layers=config.model.num_layers,
+            tokens_per_step=tokens_per_step,
+            loss_steps=_LOSS_STEPS.value,
+        ),
+        optimizer={k: config.optim[k] for k in OPTIM},
         rows=[
             dict(
                 name=name,
