@@ -18,6 +18,15 @@ def rescaled(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
     return config
 
 
-def from_flag(flag) -> ml_collections.ConfigDict:
-    """The value of a ``config_flags`` flag (``FLAGS["config"]``), rescaled by :func:`rescaled`."""
-    return rescaled(flag.value, config_flags.get_override_values(flag))
+def from_flag(flag, defaults: dict | None = None) -> ml_collections.ConfigDict:
+    """The value of a ``config_flags`` flag (``FLAGS["config"]``), rescaled by :func:`rescaled`.
+
+    ``defaults`` (flattened, ``{"model.num_layers": 2}``): an entrypoint's own settings (a
+    benchmark's ``--quick`` shapes), applied over the config file but under the explicit
+    ``--config.`` overrides, which keep their values."""
+    overrides = config_flags.get_override_values(flag)
+    config = rescaled(flag.value, overrides)
+    if defaults:
+        config.update_from_flattened_dict(defaults)
+        config.update_from_flattened_dict(overrides)
+    return config

@@ -48,11 +48,8 @@ QUICK = {"model.num_layers": 2, "batch_size": 4, "seq_len": 32}
 
 def base_config() -> ml_collections.ConfigDict:
     """``--config`` on one device, shrunk by ``--quick`` where ``--config.`` sets nothing."""
-    config = run_config.from_flag(FLAGS["config"])
+    config = run_config.from_flag(FLAGS["config"], defaults=QUICK if FLAGS.quick else None)
     config.mesh.update(data=1, num_devices=1)
-    if FLAGS.quick:
-        config.update_from_flattened_dict(QUICK)
-        config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
     return config
 
 

@@ -126,10 +126,7 @@ def timed(make_iterator, tokenizer, num_batches: int) -> dict[str, float]:
 def main(argv):
     del argv
     quick = FLAGS.quick
-    config = run_config.from_flag(FLAGS["config"])
-    if quick:  # explicit --config. overrides keep their values
-        config.update_from_flattened_dict(QUICK)
-        config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
+    config = run_config.from_flag(FLAGS["config"], defaults=QUICK if quick else None)
     batch_size, seq_len = config.batch_size, config.seq_len
     num_batches = 3 if quick else FLAGS.batches
     counts = [1, 2] if quick else [int(p) for p in FLAGS.processes]

@@ -118,12 +118,8 @@ _FIXED = dict(name="adamw", schedule="constant", warmup_steps=0, frozen=(), stag
 def experiment_config():
     """``--config`` with the benchmark's optimizer and (``--quick``) shapes, except for the fields
     ``--config.`` sets explicitly."""
-    flag = FLAGS["config"]
-    config = run_config.from_flag(flag)
-    config.optim.update(OPTIM)
-    if FLAGS.quick:
-        config.update_from_flattened_dict(QUICK)
-    config.update_from_flattened_dict(config_flags.get_override_values(flag))
+    defaults = {f"optim.{k}": v for k, v in OPTIM.items()} | (QUICK if FLAGS.quick else {})
+    config = run_config.from_flag(FLAGS["config"], defaults=defaults)
     for field, value in _FIXED.items():
         if config.optim.get(field, value) != value:
             raise ValueError(
