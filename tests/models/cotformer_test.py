@@ -1,0 +1,194 @@
+"""CoTFormer: cross-repeat attention against a float64 NumPy model, its reductions to the
+Transformer, cached decoding, adaptive depth and sharded training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlab import models
+from jaxlab.models import CoTFormer, CoTFormerConfig, Transformer, TransformerConfig
+
+TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2)
+
+
+def build(**fields) -> CoTFormer:
+    config = CoTFormerConfig(**{**TINY, "n_layer_mid": 2, "n_repeat": 3, **fields})
+    return models.build(config, nnx.Rngs(0))
+
+
+def random_tokens(seed, batch=2, seq=9):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, TINY["vocab_size"], (batch, seq)))
+
+
+def numpy_params(module):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(module)))
+
+
+# --- a float64 NumPy CoTFormer, written from the paper's rule -----------------------------------
+
+
+def np_rms(x, scale, eps=1e-5):
+    return scale * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def np_rope(x, positions, head_dim):
+    inv = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)
+    ang = positions[:, :, None, None] * inv
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    return np.concatenate(
+        [x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1
+    )
+
+
+def np_block(p, x, positions, kv_cache, mask):
+    """Pre-norm block; ``kv_cache`` (list) collects this call's (k, v); queries attend to the
+    concatenation of everything in it under ``mask`` [q_len, kv_len]."""
+    a, heads, head_dim = p["attn"], TINY["num_heads"], TINY["hidden_size"] // TINY["num_heads"]
+    group = heads // TINY["num_kv_heads"]
+    h = np_rms(x, p["input_norm"]["scale"])
+    q = np_rope(np.einsum("bse,ehd->bshd", h, a["q_proj"]), positions, head_dim)
+    k = np_rope(np.einsum("bse,ehd->bshd", h, a["k_proj"]), positions, head_dim)
+    v = np.einsum("bse,ehd->bshd", h, a["v_proj"])
+    kv_cache.append((k, v))
+    k_all = np.repeat(np.concatenate([kv[0] for kv in kv_cache], 1), group, axis=2)
+    v_all = np.repeat(np.concatenate([kv[1] for kv in kv_cache], 1), group, axis=2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k_all) / np.sqrt(head_dim)
+    logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    x = x + np.einsum("bhqk,bkhd,hde->bqe", probs, v_all, a["o_proj"])
+    m = p["mlp"]
+    h = np_rms(x, p["post_attention_norm"]["scale"])
+    gate = h @ m["gate_proj"]
+    return x + ((gate / (1 + np.exp(-gate))) * (h @ m["up_proj"])) @ m["down_proj"]
+
+
+def rule_mask(seq, n_repeat, repeat, cross_repeat):
+    """(rho, s) visible to (repeat, t) iff rho <= repeat (rho == repeat for BUT) and s <= t, over
+    the repeat-major keys of repeats 0..repeat."""
+    mask = np.zeros((seq, (repeat + 1) * seq), bool)
+    for rho in range(repeat + 1):
+        for t in range(seq):
+            for s in range(seq):
+                seen = rho <= repeat if cross_repeat else rho == repeat
+                mask[t, rho * seq + s] = seen and s <= t
+    return mask
+
+
+def np_cotformer(model, tokens):
+    c, p = model.config, numpy_params(model)
+    seq = tokens.shape[1]
+    positions = np.broadcast_to(np.arange(seq), tokens.shape).astype(np.float64)
+    causal = np.tril(np.ones((seq, seq), bool))
+    x = p["embed"][np.asarray(tokens)]
+    for i in range(c.n_layer_begin):
+        x = np_block(p["begin"][i], x, positions, [], causal)
+    caches = [[] for _ in range(c.n_layer_mid)]
+    for repeat in range(c.n_repeat):
+        mask = rule_mask(seq, c.n_repeat, repeat, c.cross_repeat)
+        if c.depth_embedding == "linear":
+            x = x + (c.n_repeat - 1 - repeat) * p["depth_embed"]
+        for i in range(c.n_layer_mid):
+            x = np_block(p["mid"][i], x, positions, caches[i], mask)
+        if c.ln_mid:
+            x = np_rms(x, p["ln_mid"]["scale"])
+    for i in range(c.n_layer_end):
+        x = np_block(p["end"][i], x, positions, [], causal)
+    return np_rms(x, p["final_norm"]["scale"]) @ p["lm_head"]
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(n_repeat=0), "CoTFormerConfig.n_repeat must be a positive int, got 0"),
+        (dict(n_layer_begin=-1), "CoTFormerConfig.n_layer_begin must be a non-negative int"),
+        (dict(depth_embedding="sine"), "CoTFormerConfig.depth_embedding must be one of"),
+        (dict(threshold=1.5), r"CoTFormerConfig.threshold must be in \[0, 1\], got 1.5"),
+        (dict(adaptive=True, n_repeat=1), "CoTFormerConfig.adaptive needs n_repeat >= 2"),
+        (dict(num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
+        (dict(dtype="float8"), "CoTFormerConfig.dtype must be one of"),
+    ],
+)
+def test_bad_config_fields_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        CoTFormerConfig(**{**TINY, "n_layer_mid": 1, "n_repeat": 2, **changes})
+
+
+def test_build_from_mapping_and_parameters_carry_logical_axes():
+    model = models.build(
+        dict(name="cotformer", n_layer_mid=1, n_repeat=2, adaptive=True, ln_mid=True, **TINY),
+        nnx.Rngs(0),
+    )
+    assert isinstance(model, CoTFormer)
+    axes = models.layers.logical_axes(nnx.state(model, nnx.Param))
+    assert axes["mid"][0]["attn"]["k_proj"] == ("embed", "kv_heads", "head_dim")
+    assert axes["router"] == (None, "embed")
+    with pytest.raises(ValueError, match=r"unknown fields \['n_layers'\]"):
+        models.build(dict(name="cotformer", n_layers=2, **TINY), nnx.Rngs(0))
+
+
+# --- the forward pass ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(cross_repeat=True),
+        dict(cross_repeat=False),
+        dict(n_layer_begin=1, n_layer_end=1, ln_mid=True, depth_embedding="linear"),
+    ],
+)
+def test_forward_equals_float64_numpy_rule(fields):
+    model = build(**fields)
+    # Random nonzero embeddings of depth and norms, so that they matter.
+    tokens = random_tokens(1)
+    np.testing.assert_allclose(
+        np.asarray(model(tokens)), np_cotformer(model, tokens), atol=2e-5, rtol=1e-4
+    )
+
+
+def test_cross_repeat_attention_changes_the_output():
+    # The two rules differ for real (so the NumPy test above can tell them apart).
+    cross, block_ut = build(cross_repeat=True), build(cross_repeat=False)
+    tokens = random_tokens(2)
+    assert np.abs(np.asarray(cross(tokens)) - np.asarray(block_ut(tokens))).max() > 1e-4
+
+
+def transformer_with(model: CoTFormer, n_repeat_copies: int) -> Transformer:
+    """A Transformer whose blocks are the CoTFormer's begin, mid x n_repeat_copies and end."""
+    c = model.config
+    layers = c.n_layer_begin + c.n_layer_mid * n_repeat_copies + c.n_layer_end
+    fields = dict(TINY, num_layers=layers)
+    transformer = models.build(TransformerConfig(**fields), nnx.Rngs(5))
+    params = nnx.to_pure_dict(nnx.state(model))
+    stack = (
+        [params["begin"][i] for i in range(c.n_layer_begin)]
+        + [params["mid"][i] for _ in range(n_repeat_copies) for i in range(c.n_layer_mid)]
+        + [params["end"][i] for i in range(c.n_layer_end)]
+    )
+    target = nnx.to_pure_dict(nnx.state(transformer))
+    target.update(embed=params["embed"], final_norm=params["final_norm"], lm_head=params["lm_head"])
+    target["layers"] = dict(enumerate(stack))
+    state = nnx.state(transformer)
+    nnx.replace_by_pure_dict(state, target)
+    nnx.update(transformer, state)
+    return transformer
+
+
+def test_one_repeat_equals_the_transformer():
+    model = build(n_repeat=1, n_layer_begin=1, n_layer_end=1)
+    tokens = random_tokens(3)
+    expected = transformer_with(model, 1)(tokens)
+    np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(expected), atol=1e-6)
+
+
+def test_block_universal_transformer_equals_the_stack_applied_r_times():
+    model = build(cross_repeat=False, n_layer_begin=1, n_layer_end=1)
+    tokens = random_tokens(4)
+    expected = transformer_with(model, 3)(tokens)
+    np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(expected), atol=1e-5)
