@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 from jaxlab import models
+from jaxlab.infer import generate
 from jaxlab.models import CoTFormer, CoTFormerConfig, Transformer, TransformerConfig
+from jaxlab.models.cotformer import budget_counts, draw_capacities
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2)
 
@@ -192,3 +194,136 @@ def test_block_universal_transformer_equals_the_stack_applied_r_times():
     tokens = random_tokens(4)
     expected = transformer_with(model, 3)(tokens)
     np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(expected), atol=1e-5)
+
+
+# --- cached decoding -----------------------------------------------------------------------------
+
+
+def decode_all(model, tokens, prompt_len):
+    """Logits of a prefill of ``prompt_len`` tokens then one decode step per token."""
+    batch, seq = tokens.shape
+    cache = models.make_cache(model.config, batch, seq + 2)
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    logits, cache = model.decode(tokens[:, :prompt_len], cache, positions=positions[:, :prompt_len])
+    steps = [logits]
+    for t in range(prompt_len, seq):
+        logits, cache = model.decode(tokens[:, t : t + 1], cache, positions=positions[:, t : t + 1])
+        steps.append(logits)
+    return np.concatenate([np.asarray(s) for s in steps], axis=1)
+
+
+ADAPTIVE = dict(adaptive=True, ln_mid=True, depth_embedding="linear", n_layer_begin=1)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(cross_repeat=False),
+        dict(n_layer_begin=1, n_layer_end=1, ln_mid=True, depth_embedding="per_repeat"),
+        dict(ADAPTIVE, n_layer_end=1),
+    ],
+)
+def test_cached_decoding_equals_the_full_forward(fields):
+    model = build(**fields)
+    if model.config.adaptive:
+        # Routers that send some tokens deeper and stop others (weights around 0.5).
+        model.router[...] = 3.0 * jax.random.normal(jax.random.key(7), model.router.shape)
+    tokens = random_tokens(5, seq=10)
+    full = np.asarray(model(tokens))
+    np.testing.assert_allclose(decode_all(model, tokens, 4), full, atol=1e-5)
+    if model.config.adaptive:  # the threshold really split the tokens at some repeat
+        hidden = model(tokens, return_hidden=True)[1].residuals
+        first = model.config.n_layer_begin + 1
+        stayed = [np.all(hidden[first + r] == hidden[first + r + 1], axis=-1) for r in (1, 2)]
+        assert 0 < np.sum(stayed) < 2 * stayed[0].size
+
+
+def test_generate_greedy_equals_argmax_of_full_forwards():
+    model = build(**ADAPTIVE)
+    model.router[...] = 3.0 * jax.random.normal(jax.random.key(8), model.router.shape)
+    prompts = random_tokens(6, seq=5)
+    out = generate(model, prompts, max_new_tokens=6, stop_tokens=())
+    sequence = prompts
+    for _ in range(6):
+        following = jnp.argmax(model(sequence)[:, -1], axis=-1)
+        sequence = jnp.concatenate([sequence, following[:, None].astype(sequence.dtype)], axis=1)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(sequence[:, 5:]))
+
+
+def test_decoding_with_a_budget_is_an_error():
+    model = build(adaptive=True)
+    model.routing = (0.5, 0.25)
+    with pytest.raises(ValueError, match="routing must be 'threshold' to decode"):
+        model.decode(random_tokens(0, seq=3), models.make_cache(model.config, 2, 4))
+
+
+# --- adaptive depth ------------------------------------------------------------------------------
+
+
+def ran_repeat(model, tokens):
+    """[n_repeat, batch, seq] bool: which tokens the mid stack updated at each repeat (an
+    exited token's representation is carried over unchanged)."""
+    hidden = model(tokens, return_hidden=True)[1].residuals
+    first, n_repeat = model.config.n_layer_begin, model.config.n_repeat
+    changed = [np.any(hidden[first + r] != hidden[first + r + 1], axis=-1) for r in range(n_repeat)]
+    return np.stack(changed)
+
+
+def test_budget_of_all_ones_equals_full_depth():
+    model = build(adaptive=True)
+    full_depth = build(adaptive=True, threshold=0.0)  # same parameters, every token continues
+    model.routing = (1.0, 1.0)
+    tokens = random_tokens(9)
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(full_depth(tokens)))
+    assert ran_repeat(model, tokens).all()
+
+
+@pytest.mark.parametrize("budget", [(0.5, 0.25), (0.75, 0.7), (0.3, 0.0)])
+def test_tokens_per_repeat_equal_the_budget(budget):
+    model = build(adaptive=True, n_repeat=3)
+    model.router[...] = jax.random.normal(jax.random.key(1), model.router.shape)
+    model.routing = budget
+    seq = 16
+    ran = ran_repeat(model, random_tokens(10, seq=seq))
+    # The authors' chain: n_{r+1} = int(f_r / f_{r-1} * n_r), f_0 = 1, n_1 = seq.
+    expected, previous, count = [seq], 1.0, seq
+    for fraction in budget:
+        count = int(fraction / previous * count) if previous > 0 else 0
+        expected.append(count)
+        previous = fraction
+    np.testing.assert_array_equal(np.asarray(budget_counts(budget, seq)), expected)
+    np.testing.assert_array_equal(
+        ran.sum(axis=-1), np.broadcast_to(np.array(expected)[:, None], (3, 2))
+    )
+    # Deeper repeats run a subset of the tokens of the shallower ones.
+    assert np.all(ran[1:] <= ran[:-1])
+
+
+def test_capacity_draws_are_sorted_and_clamped():
+    draws = np.stack([np.asarray(draw_capacities(jax.random.key(i), 5)) for i in range(300)])
+    assert draws.shape == (300, 4)
+    assert np.all(np.diff(draws, axis=1) <= 0) and np.all((draws > 0) & (draws <= 1))
+    # min(1.05 U, 1) is exactly 1 with probability 0.05/1.05 per value.
+    ones = np.mean(draws == 1.0)
+    assert 0.02 < ones < 0.08
+    uniforms = np.asarray(jax.random.uniform(jax.random.key(3), (4,)))
+    expected = np.sort(np.minimum(uniforms * 1.05, 1.0))[::-1]
+    np.testing.assert_allclose(
+        np.asarray(draw_capacities(jax.random.key(3), 5)), expected, rtol=1e-6
+    )
+
+
+def test_sampled_budget_changes_each_call_and_trains():
+    model = build(adaptive=True)
+    model.routing = "sample"
+    model.router[...] = jax.random.normal(jax.random.key(2), model.router.shape)
+    tokens = random_tokens(11, seq=16)
+    counts = {tuple(ran_repeat(model, tokens).sum(axis=-1)[:, 0]) for _ in range(4)}
+    assert len(counts) > 1
+
+    def loss(m):
+        return m(tokens).mean()
+
+    grads = nnx.grad(loss)(model)
+    assert np.abs(np.asarray(grads["router"])).max() > 0
