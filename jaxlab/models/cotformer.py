@@ -556,3 +556,46 @@ class CoTFormer(LanguageModel):
             )
 
         return read
+
+
+def macs(config: CoTFormerConfig, seq_len: int, budget=None) -> int:
+    """Multiply-accumulates of one forward pass over ``seq_len`` tokens (one row), as a model
+    that drops exited tokens does them (the authors' perplexity-vs-MACs accounting).
+
+    Counted: the q/k/v/o projections, the attention scores and weighted sums (every query
+    against every key of the repeats it may see, ``r * seq_len`` keys at repeat ``r`` of a
+    CoTFormer: the rectangle, not its causal half, as a dense kernel computes it), the SwiGLU
+    MLP, the routers and the output head. Not counted: norms, rotary embeddings, softmax and the
+    embedding lookup (no multiply-accumulates).
+
+    Args:
+      config: the model.
+      seq_len: tokens in the row, >= 1.
+      budget: ``n_repeat - 1`` fractions (an adaptive model's budget, see :func:`budget_counts`);
+        None for full depth.
+    """
+    c = config
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"macs: seq_len must be a positive int, got {seq_len!r}")
+    if budget is not None and (not c.adaptive or len(budget) != c.n_repeat - 1):
+        raise ValueError(
+            f"macs: budget needs an adaptive config and {c.n_repeat - 1} fractions, got "
+            f"budget={budget!r} with adaptive={c.adaptive}"
+        )
+    counts = [seq_len] * c.n_repeat
+    if budget is not None:
+        counts = [int(n) for n in np.asarray(budget_counts(budget, seq_len))]
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_token = 2 * c.hidden_size * (q_width + kv_width) + 3 * c.hidden_size * c.intermediate_size
+    per_pair = 2 * q_width  # scores and weighted values, over every query head
+
+    def blocks(n_blocks, queries, keys):
+        return n_blocks * (queries * per_token + queries * keys * per_pair)
+
+    total = blocks(c.n_layer_begin + c.n_layer_end, seq_len, seq_len)
+    for repeat, queries in enumerate(counts):
+        keys = sum(counts[: repeat + 1]) if c.cross_repeat else queries
+        total += blocks(c.n_layer_mid, queries, keys)
+        if c.adaptive and repeat < c.n_repeat - 1:
+            total += queries * c.hidden_size  # the router scores the tokens that ran this repeat
+    return total + seq_len * c.hidden_size * c.vocab_size

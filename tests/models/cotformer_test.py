@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import cotformer_lm, lm_smoke
 from jaxlab import models
 from jaxlab.infer import generate
 from jaxlab.models import CoTFormer, CoTFormerConfig, Transformer, TransformerConfig
 from jaxlab.models.cotformer import budget_counts, draw_capacities
+from jaxlab.train import loop
+from tests.train.overrides import configure
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2)
 
@@ -327,3 +330,53 @@ def test_sampled_budget_changes_each_call_and_trains():
 
     grads = nnx.grad(loss)(model)
     assert np.abs(np.asarray(grads["router"])).max() > 0
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in loop.read_metrics(str(workdir)) if "loss" in r}
+
+
+def smoke_config(**overrides):
+    config = lm_smoke.get_config()
+    config.model = cotformer_lm.get_config().model
+    config.model.update(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
+    config.model.update(max_seq_len=64, n_layer_begin=1, ln_mid=True, depth_embedding="linear")
+    config.update(num_steps=4)
+    config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    return configure(config, **overrides)
+
+
+def test_sharded_training_follows_one_device(tmp_path):
+    assert jax.device_count() == 8
+    loop.train_and_evaluate(smoke_config(), str(tmp_path / "one"))
+    mesh = {"mesh.data": 4, "mesh.tensor": 2, "mesh.num_devices": 0}
+    sharded = loop.train_and_evaluate(smoke_config(**mesh), str(tmp_path / "eight"))
+    up_proj = sharded.state.params["mid"][0]["mlp"]["up_proj"]
+    assert len(up_proj.sharding.device_set) == 8
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert len(a) == 4
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
+
+
+# --- MACs ----------------------------------------------------------------------------------------
+
+
+def test_macs_equal_a_hand_count():
+    small = dict(vocab_size=5, hidden_size=4, intermediate_size=6, num_heads=2, num_kv_heads=1)
+    shape = dict(small, n_layer_begin=1, n_layer_mid=1, n_repeat=2)
+    config = CoTFormerConfig(**shape)
+    # Per token and block: q 4*2*2 + k 4*1*2 + v 8 + o 2*2*4 = 48, MLP 3*4*6 = 72: 120.
+    # Per (query, key) pair: 2 heads * head_dim 2 * (scores + values) = 8. Head: 3*4*5 = 60.
+    # Begin: 3*120 + 3*3*8 = 432; repeat 1: 432; repeat 2 sees 6 keys: 360 + 3*6*8 = 504.
+    assert models.cotformer.macs(config, 3) == 432 + 432 + 504 + 60
+    block_ut = CoTFormerConfig(**shape, cross_repeat=False)
+    assert models.cotformer.macs(block_ut, 3) == 432 + 432 + 432 + 60
+    adaptive = CoTFormerConfig(**shape, adaptive=True)
+    # Budget 2/3: 2 of 3 tokens run repeat 2 against 3 + 2 keys; the router scores 3 tokens.
+    assert models.cotformer.macs(adaptive, 3, budget=(2 / 3,)) == 432 + 432 + 12 + 240 + 80 + 60
+    assert models.cotformer.macs(adaptive, 3, budget=(1.0,)) == 432 + 432 + 12 + 504 + 60
+    with pytest.raises(ValueError, match=r"macs: budget needs an adaptive config and 1 fractions"):
+        models.cotformer.macs(config, 3, budget=(0.5,))
