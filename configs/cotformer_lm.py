@@ -39,10 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
             # LN-CoTFormer: a norm after every repeat, and "none" | "linear" | "per_repeat".
             ln_mid=False,
             depth_embedding="none",
-            # Mixture of Repeats: a router per repeat boundary; tokens continue while their
-            # router weight is >= threshold (the model's routing attribute selects a budget).
+            # Mixture of Repeats: a router per repeat boundary; with routing "threshold" tokens
+            # continue while their router weight is >= threshold, with "sample" each batch draws
+            # a budget (the authors' training rule); model.routing = (fractions) for a budget.
             adaptive=False,
             threshold=0.5,
+            routing="threshold",
         )
     )
     return config

@@ -20,8 +20,10 @@ repeats it did not reach are invisible. Who continues is decided by :attr:`CoTFo
 * a tuple of ``n_repeat - 1`` fractions ``f`` (a budget, non-causal: for scoring, not decoding):
   repeat ``r + 1`` runs the top ``int(f_r / f_{r-1} * n_r)`` of the ``n_r`` tokens that ran
   repeat ``r`` (per row, ``f_0 = 1``, ``n_1 = seq``), as the authors' ``eval_length_factor``;
-* ``"sample"`` (training): a budget drawn each call by :func:`draw_capacities` from the
-  module's ``router_rngs``.
+* ``"sample"`` (training): a budget drawn each call by :func:`draw_capacities` from a key
+  hashed from the batch's tokens, so every batch draws its own budget and a resumed run (or a
+  sharded one) draws the same budgets as the run it continues (the authors' code does not: its
+  RNG state is not restored on resume).
 
 Tokens the mid stack computes and then discards (an exited token at a deeper repeat) cost no
 correctness, only compute: shapes stay static. :func:`macs` counts the work a dropping
@@ -75,6 +77,9 @@ class CoTFormerConfig:
         learned vector e scaled by ``n_repeat - r``; ``"per_repeat"``, one vector per repeat.
       adaptive: a router per repeat boundary (Mixture of Repeats, see the module docstring).
       threshold: router weight at or above which a token continues in ``"threshold"`` routing.
+      routing: the model's initial :attr:`CoTFormer.routing`, ``"threshold"`` or ``"sample"``
+        (a config trains with budgets drawn per batch; set ``model.routing`` to evaluate with a
+        budget or the threshold).
       name: registry name.
     """
 
@@ -103,6 +108,7 @@ class CoTFormerConfig:
     depth_embedding: str = "none"
     adaptive: bool = False
     threshold: float = 0.5
+    routing: str = "threshold"
     name: str = "cotformer"
 
     def __post_init__(self):
@@ -125,6 +131,10 @@ class CoTFormerConfig:
             )
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"CoTFormerConfig.threshold must be in [0, 1], got {self.threshold}")
+        if self.routing not in ("threshold", "sample"):
+            raise ValueError(
+                f"CoTFormerConfig.routing must be 'threshold' or 'sample', got {self.routing!r}"
+            )
         if self.adaptive and self.n_repeat < 2:
             raise ValueError(
                 f"CoTFormerConfig.adaptive needs n_repeat >= 2 (a router decides between "
@@ -235,6 +245,13 @@ def budget_counts(budget, seq: int) -> jax.Array:
     return jnp.stack(counts)
 
 
+def _batch_key(tokens: jax.Array) -> jax.Array:
+    """A PRNG key that is a function of the batch's token ids (a position-weighted hash)."""
+    weights = jnp.arange(1, tokens.size + 1, dtype=jnp.uint32) * jnp.uint32(2654435761)
+    digest = jnp.sum(tokens.reshape(-1).astype(jnp.uint32) * weights, dtype=jnp.uint32)
+    return jax.random.fold_in(jax.random.key(0), digest)
+
+
 def _top_active(scores: jax.Array, active: jax.Array, count: jax.Array) -> jax.Array:
     """[batch, seq] bool: per row the ``count`` highest ``scores`` among ``active`` tokens (ties
     to the earlier position)."""
@@ -326,9 +343,8 @@ class CoTFormer(LanguageModel):
             self.router = param(
                 rngs, (c.n_repeat - 1, c.hidden_size), (None, "embed"), dtype=pd, std=std
             )
-            self.router_rngs = nnx.Rngs(router=rngs.params())
         # "threshold", "sample" or a budget tuple (see the module docstring).
-        self.routing: str | tuple[float, ...] = "threshold"
+        self.routing: str | tuple[float, ...] = c.routing
         self.final_norm = RMSNorm(c.hidden_size, **norm)
         if not c.tie_embeddings:
             self.lm_head = param(
@@ -356,9 +372,9 @@ class CoTFormer(LanguageModel):
             return self.depth_embed[repeat].astype(dtype)
         return 0.0
 
-    def _budget(self, seq: int, decoding: bool) -> jax.Array | None:
+    def _budget(self, tokens: jax.Array, decoding: bool) -> jax.Array | None:
         """Tokens per row per repeat of a budget routing, or None for the threshold rule."""
-        routing, n_repeat = self.routing, self.config.n_repeat
+        routing, n_repeat, seq = self.routing, self.config.n_repeat, tokens.shape[1]
         if isinstance(routing, str) and routing == "threshold":
             return None
         if decoding:
@@ -367,7 +383,7 @@ class CoTFormer(LanguageModel):
                 f"over the whole sequence), got routing={routing!r}"
             )
         if isinstance(routing, str) and routing == "sample":
-            return budget_counts(draw_capacities(self.router_rngs.router(), n_repeat), seq)
+            return budget_counts(draw_capacities(_batch_key(tokens), n_repeat), seq)
         if isinstance(routing, str) or len(routing) != n_repeat - 1:
             raise ValueError(
                 f"CoTFormer.routing must be 'threshold', 'sample' or {n_repeat - 1} fractions "
@@ -413,7 +429,7 @@ class CoTFormer(LanguageModel):
                 f"CoTFormer: positions shape {positions.shape} must equal tokens shape "
                 f"{tokens.shape}"
             )
-        counts = self._budget(seq, cache is not None) if c.adaptive else None
+        counts = self._budget(tokens, cache is not None) if c.adaptive else None
         residual_axes = ("batch", "seq", "embed")
         x = constrain(
             jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype), residual_axes

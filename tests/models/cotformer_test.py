@@ -117,6 +117,7 @@ def np_cotformer(model, tokens):
         (dict(adaptive=True, n_repeat=1), "CoTFormerConfig.adaptive needs n_repeat >= 2"),
         (dict(num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
         (dict(dtype="float8"), "CoTFormerConfig.dtype must be one of"),
+        (dict(routing="topk"), "CoTFormerConfig.routing must be 'threshold' or 'sample'"),
     ],
 )
 def test_bad_config_fields_are_named(changes, message):
@@ -317,13 +318,21 @@ def test_capacity_draws_are_sorted_and_clamped():
     )
 
 
-def test_sampled_budget_changes_each_call_and_trains():
+def test_sampled_budget_changes_with_the_batch_and_trains():
     model = build(adaptive=True)
     model.routing = "sample"
     model.router[...] = jax.random.normal(jax.random.key(2), model.router.shape)
     tokens = random_tokens(11, seq=16)
-    counts = {tuple(ran_repeat(model, tokens).sum(axis=-1)[:, 0]) for _ in range(4)}
+    ran = ran_repeat(model, tokens)
+    # Each row of a batch runs the same budget, the same batch draws it again, another batch
+    # draws another one.
+    np.testing.assert_array_equal(ran.sum(axis=-1)[:, 0], ran.sum(axis=-1)[:, 1])
+    np.testing.assert_array_equal(ran_repeat(model, tokens), ran)
+    counts = {
+        tuple(ran_repeat(model, random_tokens(s, seq=16)).sum(axis=-1)[:, 0]) for s in range(6)
+    }
     assert len(counts) > 1
+    assert all(np.all(np.diff(c) <= 0) for c in counts)
 
     def loss(m):
         return m(tokens).mean()
@@ -347,6 +356,13 @@ def smoke_config(**overrides):
     config.update(num_steps=4)
     config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
     return configure(config, **overrides)
+
+
+def test_adaptive_model_trains_with_sampled_budgets(tmp_path):
+    adaptive = {"model.adaptive": True, "model.routing": "sample"}
+    config = smoke_config(**adaptive, num_steps=2, eval_every=2)
+    result = loop.train_and_evaluate(config, str(tmp_path))
+    assert result.step == 2 and np.isfinite(result.eval["eval_loss"])
 
 
 def test_sharded_training_follows_one_device(tmp_path):
