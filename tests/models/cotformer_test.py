@@ -16,6 +16,7 @@ from jaxlab.train import loop
 from tests.train.overrides import configure
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2)
+ADAPTIVE = dict(adaptive=True, ln_mid=True, depth_embedding="linear", n_layer_begin=1)
 
 
 def build(**fields) -> CoTFormer:
@@ -91,14 +92,27 @@ def np_cotformer(model, tokens):
     for i in range(c.n_layer_begin):
         x = np_block(p["begin"][i], x, positions, [], causal)
     caches = [[] for _ in range(c.n_layer_mid)]
+    # Adaptive: which tokens ran each repeat; a key of a repeat its token did not run is hidden.
+    active, reached, gate = np.ones(tokens.shape, bool), [], None
     for repeat in range(c.n_repeat):
-        mask = rule_mask(seq, c.n_repeat, repeat, c.cross_repeat)
+        reached.append(active)
+        keys_reached = np.concatenate(reached, axis=1)[:, None, None, :]
+        mask = rule_mask(seq, c.n_repeat, repeat, c.cross_repeat)[None, None] & keys_reached
+        x_in, y = x, x
         if c.depth_embedding == "linear":
-            x = x + (c.n_repeat - 1 - repeat) * p["depth_embed"]
+            y = y + (c.n_repeat - 1 - repeat) * p["depth_embed"]
         for i in range(c.n_layer_mid):
-            x = np_block(p["mid"][i], x, positions, caches[i], mask)
+            y = np_block(p["mid"][i], y, positions, caches[i], mask)
         if c.ln_mid:
-            x = np_rms(x, p["ln_mid"]["scale"])
+            y = np_rms(y, p["ln_mid"]["scale"])
+        if c.adaptive and repeat > 0:
+            y = np.where(
+                reached[-1][..., None], (1 - gate[..., None]) * x_in + gate[..., None] * y, x_in
+            )
+        x = y
+        if c.adaptive and repeat < c.n_repeat - 1:
+            gate = 1 / (1 + np.exp(-(x @ p["router"][repeat])))
+            active = active & (gate >= c.threshold)
     for i in range(c.n_layer_end):
         x = np_block(p["end"][i], x, positions, [], causal)
     return np_rms(x, p["final_norm"]["scale"]) @ p["lm_head"]
@@ -156,6 +170,18 @@ def test_forward_equals_float64_numpy_rule(fields):
     np.testing.assert_allclose(
         np.asarray(model(tokens)), np_cotformer(model, tokens), atol=2e-5, rtol=1e-4
     )
+
+
+def test_adaptive_threshold_forward_equals_float64_numpy():
+    model = build(**ADAPTIVE, n_layer_end=1)
+    model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
+    tokens = random_tokens(5, seq=10)
+    expected = np_cotformer(model, tokens)
+    np.testing.assert_allclose(np.asarray(model(tokens)), expected, atol=2e-5, rtol=1e-4)
+    # At each extra repeat some tokens ran and some had stopped (so the hidden keys and the
+    # gating were exercised).
+    ran = ran_repeat(model, tokens)
+    assert all(0 < ran[r].sum() < ran[r].size for r in (1, 2))
 
 
 def test_cross_repeat_attention_changes_the_output():
@@ -216,9 +242,6 @@ def decode_all(model, tokens, prompt_len):
     return np.concatenate([np.asarray(s) for s in steps], axis=1)
 
 
-ADAPTIVE = dict(adaptive=True, ln_mid=True, depth_embedding="linear", n_layer_begin=1)
-
-
 @pytest.mark.parametrize(
     "fields",
     [
@@ -232,7 +255,7 @@ def test_cached_decoding_equals_the_full_forward(fields):
     model = build(**fields)
     if model.config.adaptive:
         # Routers that send some tokens deeper and stop others (weights around 0.5).
-        model.router[...] = 3.0 * jax.random.normal(jax.random.key(7), model.router.shape)
+        model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
     tokens = random_tokens(5, seq=10)
     full = np.asarray(model(tokens))
     np.testing.assert_allclose(decode_all(model, tokens, 4), full, atol=1e-5)
@@ -245,7 +268,7 @@ def test_cached_decoding_equals_the_full_forward(fields):
 
 def test_generate_greedy_equals_argmax_of_full_forwards():
     model = build(**ADAPTIVE)
-    model.router[...] = 3.0 * jax.random.normal(jax.random.key(8), model.router.shape)
+    model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
     prompts = random_tokens(6, seq=5)
     out = generate(model, prompts, max_new_tokens=6, stop_tokens=())
     sequence = prompts
