@@ -184,6 +184,39 @@ def test_adaptive_threshold_forward_equals_float64_numpy():
     assert all(0 < ran[r].sum() < ran[r].size for r in (1, 2))
 
 
+@pytest.mark.parametrize("fields", [dict(), dict(ADAPTIVE, n_layer_end=1)])
+def test_packed_rows_equal_separate_rows(fields):
+    model = build(**fields)
+    if model.config.adaptive:
+        model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
+    first, second = random_tokens(12, batch=1, seq=6), random_tokens(13, batch=1, seq=5)
+    packed = jnp.concatenate([first, second], axis=1)
+    positions = jnp.concatenate([jnp.arange(6), jnp.arange(5)])[None]
+    segment_ids = jnp.asarray([[0] * 6 + [1] * 5])
+    logits = np.asarray(model(packed, positions=positions, segment_ids=segment_ids))
+    np.testing.assert_allclose(logits[:, :6], np.asarray(model(first)), atol=1e-5)
+    np.testing.assert_allclose(logits[:, 6:], np.asarray(model(second)), atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients_and_recomputes():
+    tokens = random_tokens(14)
+
+    def grads_and_jaxpr(remat):
+        model = build(**ADAPTIVE, remat=remat)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            return nnx.merge(graphdef, p)(tokens).mean()
+
+        return jax.grad(loss)(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    plain, plain_jaxpr = grads_and_jaxpr(False)
+    remat, remat_jaxpr = grads_and_jaxpr(True)
+    assert "remat" in remat_jaxpr and "remat" not in plain_jaxpr
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_cross_repeat_attention_changes_the_output():
     # The two rules differ for real (so the NumPy test above can tell them apart).
     cross, block_ut = build(cross_repeat=True), build(cross_repeat=False)
