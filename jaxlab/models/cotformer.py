@@ -271,7 +271,9 @@ def _mid_block(
 
     ``keys_values(k, v) -> (k_all, v_all, kv_positions, kv_segments, q_segments)`` stores this
     repeat's rotated keys/values and returns what the queries attend to. Returns
-    ``(x', k, v)`` with this repeat's keys/values.
+    ``(x', k, v)`` with this repeat's keys/values. The block's own attention is not called
+    because it reads and writes a one-repeat :class:`LayerCache`; its parameters are used as
+    they are, so a shared block is an ordinary Transformer block.
     """
     attn, c = block.attn, block.attn.config
     h = block.input_norm(x)
@@ -516,9 +518,8 @@ class CoTFormer(LanguageModel):
                     active = active & (gate >= c.threshold)
                 else:
                     active = _top_active(gate, active, counts[repeat + 1])
-        for i in range(c.n_layer_mid):
-            if cache is not None:
-                new_cache[first + i] = entries[i]
+        if cache is not None:
+            new_cache[first : first + c.n_layer_mid] = entries
         return x
 
     def _buffer_reader(self, buffer, positions, kv_segments, q_segments, visible):
