@@ -311,6 +311,15 @@ def test_generate_greedy_equals_argmax_of_full_forwards():
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(sequence[:, 5:]))
 
 
+def test_generate_right_padded_prompts_equals_each_prompt_alone():
+    model = build(**ADAPTIVE)
+    model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
+    prompts = random_tokens(15, seq=6)
+    out = generate(model, prompts, [6, 3], max_new_tokens=4, stop_tokens=())
+    alone = generate(model, prompts[1:, :3], max_new_tokens=4, stop_tokens=())
+    np.testing.assert_array_equal(np.asarray(out.tokens[1]), np.asarray(alone.tokens[0]))
+
+
 def test_decoding_with_a_budget_is_an_error():
     model = build(adaptive=True)
     model.routing = (0.5, 0.25)
