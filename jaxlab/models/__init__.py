@@ -7,7 +7,8 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from jaxlab.models import mamba, transformer
+from jaxlab.models import cotformer, mamba, transformer
+from jaxlab.models.cotformer import CoTFormer, CoTFormerConfig
 from jaxlab.models.interface import Cache, LanguageModel, LayerCache, MixerCache
 from jaxlab.models.layers import HiddenStates
 from jaxlab.models.mamba import MambaConfig, MambaLM
@@ -30,6 +31,7 @@ class ModelEntry(NamedTuple):
 MODELS: Registry[ModelEntry] = Registry("model", field="config.name")
 MODELS.register("llama", ModelEntry(TransformerConfig, Transformer, transformer.init_cache))
 MODELS.register("mamba", ModelEntry(MambaConfig, MambaLM, mamba.init_cache))
+MODELS.register("cotformer", ModelEntry(CoTFormerConfig, CoTFormer, cotformer.init_cache))
 
 
 def register(
@@ -78,6 +80,8 @@ def build(config: Any, rngs: nnx.Rngs) -> nnx.Module:
 __all__ = [
     "HiddenStates",
     "Cache",
+    "CoTFormer",
+    "CoTFormerConfig",
     "MODELS",
     "ModelEntry",
     "MambaConfig",

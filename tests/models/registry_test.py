@@ -45,7 +45,7 @@ def registry(monkeypatch):
 
 
 def test_builtin_families():
-    assert models.MODELS.names() == ("llama", "mamba")
+    assert models.MODELS.names() == ("cotformer", "llama", "mamba")
     assert models.MODELS.get("llama").config_cls is models.TransformerConfig
     assert models.MODELS.get("mamba").module_cls is models.MambaLM
 
@@ -62,6 +62,6 @@ def test_registered_family_is_built_configured_and_cached(registry):
     models.register("echo", EchoConfig, Echo, lambda c, b, n: None, replace=True)
     assert models.make_cache({"name": "echo"}, 2, 7) is None
     with pytest.raises(
-        ValueError, match=r"config.name must be one of \('echo', 'llama', 'mamba'\)"
+        ValueError, match=r"config.name must be one of \('cotformer', 'echo', 'llama', 'mamba'\)"
     ):
         models.build({"name": "gpt"}, nnx.Rngs(0))

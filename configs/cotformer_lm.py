@@ -1,0 +1,50 @@
+"""The tiny LM as a CoTFormer: a shared stack of blocks repeated with cross-repeat attention.
+
+Usage:
+  python -m experiments.train_lm --config=configs/cotformer_lm.py --workdir=runs/cotformer
+  python -m experiments.train_lm --config=configs/cotformer_lm.py --workdir=runs/but \
+      --config.model.cross_repeat=False
+"""
+
+import ml_collections
+
+from configs import lm_tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = lm_tiny.get_config()
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="cotformer",
+            vocab_size=0,
+            hidden_size=256,
+            intermediate_size=688,
+            num_heads=8,
+            num_kv_heads=4,
+            max_seq_len=1024,
+            rope_theta=10000.0,
+            initializer_range=0.02,
+            tie_embeddings=True,
+            param_dtype="float32",
+            dtype="float32",
+            attention_impl="xla",
+            remat=False,
+            # Reserved blocks, the shared stack and its passes (jaxlab.models.cotformer).
+            n_layer_begin=0,
+            n_layer_mid=2,
+            n_repeat=3,
+            n_layer_end=0,
+            # False: the Block Universal Transformer (attention within the current repeat only).
+            cross_repeat=True,
+            # LN-CoTFormer: a norm after every repeat, and "none" | "linear" | "per_repeat".
+            ln_mid=False,
+            depth_embedding="none",
+            # Mixture of Repeats: a router per repeat boundary; with routing "threshold" tokens
+            # continue while their router weight is >= threshold, with "sample" each batch draws
+            # a budget (the authors' training rule); model.routing = (fractions) for a budget.
+            adaptive=False,
+            threshold=0.5,
+            routing="threshold",
+        )
+    )
+    return config
