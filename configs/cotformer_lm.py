@@ -4,6 +4,11 @@ Usage:
   python -m experiments.train_lm --config=configs/cotformer_lm.py --workdir=runs/cotformer
   python -m experiments.train_lm --config=configs/cotformer_lm.py --workdir=runs/but \
       --config.model.cross_repeat=False
+  python -m experiments.cotformer_lm --workdir=runs/cotformer_lm   # the arms of issue 18
+
+``experiment`` holds what only ``experiments/cotformer_lm.py`` reads (it drops the block from
+every arm's run config): the seeds, the reserved blocks of its LN-CoTFormer and adaptive arms,
+and the adaptive model's evaluation budgets.
 """
 
 import ml_collections
@@ -45,6 +50,21 @@ def get_config() -> ml_collections.ConfigDict:
             adaptive=False,
             threshold=0.5,
             routing="threshold",
+        )
+    )
+    # experiments/cotformer_lm.py: L is model.n_layer_mid and the repeats model.n_repeat; each
+    # arm sets its own blocks, cross_repeat, ln_mid, depth_embedding and adaptive.
+    config.experiment = ml_collections.ConfigDict(
+        dict(
+            seeds=(0, 1),
+            # LN-CoTFormer and the adaptive model: reserved blocks before / after the shared
+            # stack (the paper's 2 -> 21x5 -> 1, scaled down).
+            ln_layer_begin=1,
+            ln_layer_end=1,
+            # Fractions of the tokens that run each extra repeat, one budget per curve point
+            # (n_repeat - 1 fractions each, non-increasing); empty: 5 budgets spread evenly
+            # from no extra repeat to full depth (experiments.cotformer_lm.default_budgets).
+            budgets=(),
         )
     )
     return config
