@@ -15,6 +15,31 @@ import ml_collections
 
 from configs import lm_tiny
 
+# The Llama block fields a standard Transformer compared with the CoTFormer copies from it.
+BLOCK_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "num_kv_heads",
+    "max_seq_len",
+    "rope_theta",
+    "initializer_range",
+    "tie_embeddings",
+    "param_dtype",
+    "dtype",
+    "attention_impl",
+    "remat",
+)
+
+
+def standard_model(model: ml_collections.ConfigDict, num_layers: int) -> dict:
+    """lm_tiny's Llama model fields with ``model``'s (a CoTFormer's) blocks, ``num_layers`` deep:
+    the standard Transformer that experiments/cotformer_lm.py and its bench compare against."""
+    fields = lm_tiny.get_config().model.to_dict()
+    fields.update({k: model[k] for k in BLOCK_FIELDS}, num_layers=num_layers)
+    return fields
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = lm_tiny.get_config()

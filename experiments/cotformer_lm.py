@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from configs import lm_tiny
+from configs.cotformer_lm import BLOCK_FIELDS, standard_model
 from experiments import run_config
 from experiments.bench.common import time_calls
 from jaxlab import models
@@ -55,22 +55,6 @@ config_flags.DEFINE_config_file(
 )
 FLAGS = flags.FLAGS
 
-# The Llama block fields a standard arm copies from the CoTFormer's model config.
-BLOCK_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_heads",
-    "num_kv_heads",
-    "max_seq_len",
-    "rope_theta",
-    "initializer_range",
-    "tie_embeddings",
-    "param_dtype",
-    "dtype",
-    "attention_impl",
-    "remat",
-)
 # The paper's validation perplexities on OWT2 (brief section 3.3; ICLR 2025 PDF, checked there),
 # for the analogue of each arm: 12-layer models of Table 1 at x3, Table 2's LN-CoTFormer and the
 # adaptive model at full budget (Sec. 5). Different data, width and steps from ours.
@@ -100,15 +84,13 @@ def arm_models(base) -> dict[str, tuple[str, dict]]:
     m, e = base.model, base.experiment
     depth, repeats = m.n_layer_mid, m.n_repeat
     begin, end = e.ln_layer_begin, e.ln_layer_end
-    standard = lm_tiny.get_config().model.to_dict()
-    standard.update({k: m[k] for k in BLOCK_FIELDS})
     fixed = dict(adaptive=False, routing="threshold")
     cotformer = dict(fixed, n_layer_begin=0, n_layer_end=0, ln_mid=False, depth_embedding="none")
     ln = dict(n_layer_begin=begin, n_layer_end=end, ln_mid=True)
     reserved = f"{begin}->{depth}x{repeats}->{end}"
     return {
-        f"Transformer L={depth}": ("standard L", dict(standard, num_layers=depth)),
-        f"Transformer L={2 * depth}": ("standard 2L", dict(standard, num_layers=2 * depth)),
+        f"Transformer L={depth}": ("standard L", standard_model(m, depth)),
+        f"Transformer L={2 * depth}": ("standard 2L", standard_model(m, 2 * depth)),
         f"BUT {depth}x{repeats}": ("BUT", dict(cotformer, cross_repeat=False)),
         f"CoTFormer {depth}x{repeats}": ("CoTFormer", dict(cotformer, cross_repeat=True)),
         f"LN-CoTFormer {reserved}": (
@@ -264,7 +246,7 @@ def main(argv):
     # The same-MACs reference for decoding: a standard Transformer of depth 3L, untrained.
     depth, repeats = base.model.n_layer_mid, base.model.n_repeat
     deep_name = f"Transformer L={repeats * depth} (untrained)"
-    deep_fields = dict(arms[f"Transformer L={depth}"][1], num_layers=repeats * depth)
+    deep_fields = standard_model(base.model, repeats * depth)
     deep = loop.build_experiment(make_config(base, deep_fields, seeds[0]))
     deep_params = loop.init_state(deep).params
     results["decode_reference"] = {

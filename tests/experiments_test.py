@@ -475,3 +475,25 @@ def test_an_overridden_num_steps_rescales_the_run_but_not_explicit_fields():
     assert (config.checkpoint_every, config.optim.warmup_steps) == (40, 4)
     assert config.optim.warmup_alpha_b3 == expected.optim.warmup_alpha_b3 == 40
     assert config.eval_every == 3 and expected.eval_every == 8  # the explicit override wins
+
+
+def test_bench_cotformer_quick_reports_ratios_to_both_transformers(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_module("experiments.bench.cotformer", "--quick", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cot, deep, shallow = "CoTFormer 2x3", "Transformer L=6", "Transformer L=2"
+    assert list(data["rows_ms"]) == [cot, deep, shallow]
+    tasks = ("train step", "decode b=1", "decode b=16")
+    for ref in (deep, shallow):
+        for task in tasks:
+            ratio = data["ratios"][ref][task]
+            assert math.isfinite(ratio) and ratio > 0
+            assert ratio == pytest.approx(data["rows_ms"][cot][task] / data["rows_ms"][ref][task])
+    for name, speeds in data["decode_tokens_per_s"].items():
+        assert speeds["decode b=16"] == pytest.approx(
+            16 * 16e3 / data["rows_ms"][name]["decode b=16"]
+        )
+    # The CoTFormer shares its blocks: as many parameters as the depth-L Transformer.
+    assert data["parameters"][cot] == data["parameters"][shallow] < data["parameters"][deep]
+    assert f"| {cot} / {deep} |" in result.stdout
