@@ -273,7 +273,9 @@ def main(argv):
         f"the max-min spread. MACs: one row's forward pass (`jaxlab.models.cotformer.macs`). "
         f"Decode: greedy generation of {FLAGS.decode_tokens} tokens after 16 for "
         f"{FLAGS.decode_batch} rows on {jax.default_backend()} (seed {seeds[0]}; the adaptive "
-        f"model decodes with its causal threshold rule); cache: the decoding cache's bytes.",
+        f"model decodes with its causal threshold rule); cache: the decoding cache's bytes. The "
+        "adaptive model's row is evaluated with its training rule (a budget drawn per batch), "
+        "its curve below at fixed budgets.",
     )
 
     def ppl(p):
