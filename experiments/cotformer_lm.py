@@ -167,7 +167,8 @@ def spread_stats(values) -> dict:
     return dict(per_seed=values, mean=float(np.mean(values)), spread=max(values) - min(values))
 
 
-def plot_perplexity_vs_macs(results, budgets, path: str, title: str) -> None:
+def plot_perplexity_vs_macs(results, path: str, title: str) -> None:
+    """Mean perplexity (min-max bars) against MACs: a point per fixed arm, the adaptive curve."""
     fig, ax = figure((6, 4))
     for i, (name, r) in enumerate(results["arms"].items()):
         if "budgets" in r:
@@ -262,7 +263,6 @@ def main(argv):
     r = results["arms"]
     plot_perplexity_vs_macs(
         results,
-        budgets,
         os.path.join(workdir, "perplexity_vs_macs.png"),
         f"held-out perplexity vs MACs, {base.seq_len}-token rows (bars: min-max over seeds)",
     )
