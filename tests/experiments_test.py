@@ -475,3 +475,102 @@ def test_an_overridden_num_steps_rescales_the_run_but_not_explicit_fields():
     assert (config.checkpoint_every, config.optim.warmup_steps) == (40, 4)
     assert config.optim.warmup_alpha_b3 == expected.optim.warmup_alpha_b3 == 40
     assert config.eval_every == 3 and expected.eval_every == 8  # the explicit override wins
+
+
+def test_bench_cotformer_quick_reports_ratios_to_both_transformers(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_module("experiments.bench.cotformer", "--quick", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cot, deep, shallow = "CoTFormer 2x3", "Transformer L=6", "Transformer L=2"
+    assert list(data["rows_ms"]) == [cot, deep, shallow]
+    tasks = ("train step", "decode b=1", "decode b=16")
+    for ref in (deep, shallow):
+        for task in tasks:
+            ratio = data["ratios"][ref][task]
+            assert math.isfinite(ratio) and ratio > 0
+            assert ratio == pytest.approx(data["rows_ms"][cot][task] / data["rows_ms"][ref][task])
+    for name, speeds in data["decode_tokens_per_s"].items():
+        assert speeds["decode b=16"] == pytest.approx(
+            16 * 16e3 / data["rows_ms"][name]["decode b=16"]
+        )
+    # The CoTFormer shares its blocks: as many parameters as the depth-L Transformer.
+    assert data["parameters"][cot] == data["parameters"][shallow] < data["parameters"][deep]
+    assert f"| {cot} / {deep} |" in result.stdout
+
+
+def test_cotformer_experiment_smoke_reports_arms_budgets_and_claims(tmp_path):
+    result = run_module(
+        "experiments.cotformer_lm",
+        f"--workdir={tmp_path}",
+        "--config.num_steps=2",
+        "--config.eval_every=2",
+        "--config.checkpoint_every=2",
+        "--config.log_every=2",
+        "--config.seq_len=16",
+        "--config.batch_size=2",
+        "--config.eval_batches=1",
+        "--config.eval_per_source=False",
+        "--config.model.hidden_size=16",
+        "--config.model.intermediate_size=32",
+        "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=1",
+        "--config.experiment.seeds=0",
+        "--decode_batch=1",
+        "--decode_tokens=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {
+        "seeds",
+        "seq_len",
+        "steps",
+        "arms",
+        "paper",
+        "decode_reference",
+        "claims",
+    }
+    arms = results["arms"]
+    standard, deeper, but, cot = (
+        "Transformer L=2",
+        "Transformer L=4",
+        "BUT 2x3",
+        "CoTFormer 2x3",
+    )
+    ln, adaptive = "LN-CoTFormer 1->2x3->1", "adaptive LN-CoTFormer 1->2x3->1"
+    assert list(arms) == [standard, deeper, but, cot, ln, adaptive]
+    for arm in arms.values():
+        assert len(arm["perplexity"]["per_seed"]) == 1 and arm["perplexity"]["spread"] == 0.0
+        assert all(math.isfinite(arm[k]) for k in ("decode_tokens_per_s", "macs", "cache_bytes"))
+        assert math.isfinite(arm["perplexity"]["mean"])
+    budgets = arms[adaptive]["budgets"]
+    assert [b["budget"] for b in budgets] == [
+        [0.0, 0.0],
+        [0.5, 0.0],
+        [1.0, 0.0],
+        [1.0, 0.5],
+        [1.0, 1.0],
+    ]
+    assert all(math.isfinite(b["perplexity"]["mean"]) for b in budgets)
+    macs = [b["macs"] for b in budgets]
+    assert macs == sorted(macs) and macs[-1] == arms[adaptive]["macs"]
+    # Cross-repeat attention costs MACs and cache (3 repeats' K/V); the blocks are shared.
+    assert arms[cot]["macs"] > arms[but]["macs"] > arms[standard]["macs"]
+    assert arms[cot]["parameters"] == arms[standard]["parameters"]
+    assert arms[cot]["cache_bytes"] > arms[standard]["cache_bytes"]
+    assert list(results["decode_reference"]) == ["Transformer L=6 (untrained)"]
+
+    def beats(a, b):
+        return b["mean"] - a["mean"] > max(a["spread"], b["spread"])
+
+    p = {n: a["perplexity"] for n, a in arms.items()}
+    expected = [
+        beats(p[cot], p[but]),
+        p[ln]["mean"] <= p[deeper]["mean"] + max(p[ln]["spread"], p[deeper]["spread"]),
+        beats(budgets[-1]["perplexity"], budgets[0]["perplexity"]),
+    ]
+    assert_claims(tmp_path, results, expected)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert f"| {cot} | 8," in report and "27.07 (12x3, Table 1)" in report
+    assert "| (1.0, 0.5) |" in report and "[secondary, not in the paper]" in report
+    assert (tmp_path / "perplexity_vs_macs.png").stat().st_size > 1000
