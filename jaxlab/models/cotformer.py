@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxlab import ops
-from jaxlab.models.interface import Cache, LanguageModel, LayerCache
+from jaxlab.models.interface import Cache, LanguageModel, LayerCache, checked_positions
 from jaxlab.models.layers import (
     HiddenStates,
     RMSNorm,
@@ -417,20 +417,10 @@ class CoTFormer(LanguageModel):
                 "CoTFormer: return_attention is not supported (the shared layers attend over a "
                 "repeat buffer); got return_attention=True"
             )
-        if tokens.ndim != 2:
-            raise ValueError(f"CoTFormer: tokens must be [batch, seq], got shape {tokens.shape}")
+        positions = checked_positions(
+            "CoTFormer", tokens, positions, max_seq_len=c.max_seq_len, cached=cache is not None
+        )
         batch, seq = tokens.shape
-        if cache is None and seq > c.max_seq_len:
-            raise ValueError(
-                f"CoTFormer: sequence length {seq} exceeds max_seq_len={c.max_seq_len}"
-            )
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if positions.shape != tokens.shape:
-            raise ValueError(
-                f"CoTFormer: positions shape {positions.shape} must equal tokens shape "
-                f"{tokens.shape}"
-            )
         counts = self._budget(tokens, cache is not None) if c.adaptive else None
         residual_axes = ("batch", "seq", "embed")
         x = constrain(

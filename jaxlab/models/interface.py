@@ -21,6 +21,7 @@ layer. All three are registered pytree dataclasses, so ``jax.tree`` functions, `
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxlab.models.layers import HiddenStates
@@ -88,6 +89,26 @@ def check_cache(owner: str, cache, kinds: tuple[type, ...]) -> None:
                 f"{owner}: cache.layers[{i}] must be a {kind.__name__} for this model's layer "
                 f"{i}, got {type(entry).__name__}"
             )
+
+
+def checked_positions(
+    owner: str, tokens, positions, *, max_seq_len: int | None = None, cached: bool = False
+):
+    """``positions`` for ``tokens`` [batch, seq] (default ``arange(seq)`` per row), after the
+    input checks every family makes: tokens are 2-D, positions have their shape, and a forward
+    pass without a cache is at most ``max_seq_len`` long. ``owner`` names the model in errors."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{owner}: tokens must be [batch, seq], got shape {tokens.shape}")
+    batch, seq = tokens.shape
+    if max_seq_len is not None and not cached and seq > max_seq_len:
+        raise ValueError(f"{owner}: sequence length {seq} exceeds max_seq_len={max_seq_len}")
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    if positions.shape != tokens.shape:
+        raise ValueError(
+            f"{owner}: positions shape {positions.shape} must equal tokens shape {tokens.shape}"
+        )
+    return positions
 
 
 class LanguageModel(nnx.Module):

@@ -40,7 +40,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlab.models.interface import Cache, LanguageModel, LayerCache, MixerCache
+from jaxlab.models.interface import (
+    Cache,
+    LanguageModel,
+    LayerCache,
+    MixerCache,
+    checked_positions,
+)
 from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, logical_param, param
 from jaxlab.models.partitioning import constrain
 from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
@@ -508,11 +514,7 @@ class MambaLM(LanguageModel):
           ``(logits, new cache or None, HiddenStates or None)``.
         """
         c = self.config
-        if tokens.ndim != 2:
-            raise ValueError(f"MambaLM: tokens must be [batch, seq], got shape {tokens.shape}")
-        batch, seq = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        positions = checked_positions("MambaLM", tokens, positions)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         axes = ("batch", "seq", "embed")
         x = constrain(x, axes)

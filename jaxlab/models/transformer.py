@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxlab import ops
 from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
-from jaxlab.models.interface import Cache, LanguageModel, LayerCache
+from jaxlab.models.interface import Cache, LanguageModel, LayerCache, checked_positions
 from jaxlab.models.layers import (
     HiddenStates,
     RMSNorm,
@@ -551,20 +551,10 @@ class Transformer(LanguageModel):
         """
         c = self.config
         del lengths
-        if tokens.ndim != 2:
-            raise ValueError(f"Transformer: tokens must be [batch, seq], got shape {tokens.shape}")
+        positions = checked_positions(
+            "Transformer", tokens, positions, max_seq_len=c.max_seq_len, cached=cache is not None
+        )
         batch, seq = tokens.shape
-        if cache is None and seq > c.max_seq_len:
-            raise ValueError(
-                f"Transformer: sequence length {seq} exceeds max_seq_len={c.max_seq_len}"
-            )
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if positions.shape != tokens.shape:
-            raise ValueError(
-                f"Transformer: positions shape {positions.shape} must equal tokens shape "
-                f"{tokens.shape}"
-            )
         residual_axes = ("batch", "seq", "embed")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         x = constrain(x, residual_axes)
