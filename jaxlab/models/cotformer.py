@@ -41,7 +41,13 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxlab import ops
-from jaxlab.models.interface import Cache, LanguageModel, LayerCache, checked_positions
+from jaxlab.models.interface import (
+    Cache,
+    LanguageModel,
+    LayerCache,
+    checked_positions,
+    config_values,
+)
 from jaxlab.models.layers import (
     HiddenStates,
     RMSNorm,
@@ -161,11 +167,7 @@ class CoTFormerConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CoTFormerConfig:
         """Builds a config from a mapping; unknown keys are an error."""
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"CoTFormerConfig: unknown fields {unknown}; known: {sorted(known)}")
+        values = config_values(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

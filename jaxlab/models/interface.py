@@ -20,6 +20,9 @@ layer. All three are registered pytree dataclasses, so ``jax.tree`` functions, `
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -89,6 +92,17 @@ def check_cache(owner: str, cache, kinds: tuple[type, ...]) -> None:
                 f"{owner}: cache.layers[{i}] must be a {kind.__name__} for this model's layer "
                 f"{i}, got {type(entry).__name__}"
             )
+
+
+def config_values(cls: type, values) -> dict[str, Any]:
+    """``values`` (a mapping, e.g. an ``ml_collections.ConfigDict``) as a dict for the config
+    dataclass ``cls``; unknown keys are an error rather than silently ignored."""
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known: {sorted(known)}")
+    return values
 
 
 def checked_positions(

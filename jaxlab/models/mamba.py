@@ -46,6 +46,7 @@ from jaxlab.models.interface import (
     LayerCache,
     MixerCache,
     checked_positions,
+    config_values,
 )
 from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, logical_param, param
 from jaxlab.models.partitioning import constrain
@@ -196,11 +197,7 @@ class MambaConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MambaConfig:
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MambaConfig: unknown fields {unknown}; known: {sorted(known)}")
+        values = config_values(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

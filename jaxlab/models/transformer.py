@@ -31,7 +31,13 @@ from flax import nnx
 
 from jaxlab import ops
 from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
-from jaxlab.models.interface import Cache, LanguageModel, LayerCache, checked_positions
+from jaxlab.models.interface import (
+    Cache,
+    LanguageModel,
+    LayerCache,
+    checked_positions,
+    config_values,
+)
 from jaxlab.models.layers import (
     HiddenStates,
     RMSNorm,
@@ -218,11 +224,7 @@ class TransformerConfig:
 
         Unknown keys are an error rather than silently ignored.
         """
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TransformerConfig: unknown fields {unknown}; known: {sorted(known)}")
+        values = config_values(cls, values)
         if values.get("rope_scaling") is not None and not isinstance(
             values["rope_scaling"], RopeScaling
         ):
