@@ -21,7 +21,7 @@ def resolve_interpret(interpret: bool | None, *, kernel: str, fallback: str) -> 
     if backend == "tpu" and not interpret:
         raise NotImplementedError(
             f"{kernel}: the Pallas kernels lower to Triton (GPU) only, not to TPU; on TPU call "
-            f"{fallback}, or pass interpret=True"
+            f"{fallback}, or set interpret to True (slow: the kernel is emulated)"
         )
     return interpret
 

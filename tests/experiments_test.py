@@ -62,7 +62,11 @@ def test_bench_model_quick_writes_json(tmp_path):
 
 def test_bench_train_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_module("experiments.bench.train", "--quick", f"--out={out}")
+    # The override must reach both side processes: the jaxlab side loads the PyTorch side's
+    # 3-layer weights, which fails for any other depth.
+    result = run_module(
+        "experiments.bench.train", "--quick", f"--out={out}", "--config.model.num_layers=3"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| train step" in result.stdout
     data = json.loads(out.read_text())
@@ -70,9 +74,9 @@ def test_bench_train_quick_writes_json(tmp_path):
     assert (data["setup"]["batch"], data["setup"]["seq_len"], data["setup"]["num_layers"]) == (
         4,
         64,
-        2,
+        3,
     )
-    assert data["model"]["num_hidden_layers"] == 2  # the PyTorch side's model is the config's
+    assert data["model"]["num_hidden_layers"] == 3  # the PyTorch side's model is the config's
 
 
 def test_demo_lm_smoke_reports_perplexities(tmp_path):

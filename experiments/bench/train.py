@@ -21,9 +21,9 @@ clipping the gradient's global norm to 1.0:
 
 Each side runs in its own subprocess (this program re-invoked with ``--side``) so that its peak
 resident memory is its own; the parent only prepares the weights and batches and collects the JSON
-each side writes (the config reaches the sides pickled beside the weights). The peak is the
-process's ``VmHWM`` (``/proc/self/status``), not ``ru_maxrss``: on Linux ``ru_maxrss`` survives
-``execve``, so a child starts at its parent's RSS at the fork.
+each side writes (each side builds the config from the parent's ``--config`` arguments). The
+peak is the process's ``VmHWM`` (``/proc/self/status``), not ``ru_maxrss``: on Linux
+``ru_maxrss`` survives ``execve``, so a child starts at its parent's RSS at the fork.
 
 Per side: ``--loss_steps`` steps on fixed batches whose losses are recorded (they are also the
 warm-up; jaxlab's step is compiled ahead of them with ``lower().compile()``, timed apart), then the
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -324,8 +323,7 @@ def run_jaxlab(side_dir: str, config, repeats: int, breakdown: bool):
 
 
 def run_side(side: str, side_dir: str, repeats: int) -> None:
-    with open(os.path.join(side_dir, "config.pkl"), "rb") as f:
-        config = pickle.load(f)
+    config = experiment_config()
     load_start = os.getloadavg()
     busy = cpu_busy_fraction(0.5)
     start = time.perf_counter()
@@ -348,6 +346,18 @@ def run_side(side: str, side_dir: str, repeats: int) -> None:
 # The parent: prepare, run both sides, report.
 
 
+def config_arguments(argv: list[str]) -> list[str]:
+    """The ``--config`` file and ``--config.x`` overrides among ``argv`` (``--flag value`` pairs
+    kept together), so a side builds the same config as the parent."""
+    kept = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith(("--config=", "--config.")):
+            kept.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                kept.append(argv[i + 1])
+    return kept
+
+
 def spawn_side(side: str, side_dir: str, repeats: int) -> dict[str, Any]:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     command = [
@@ -360,6 +370,7 @@ def spawn_side(side: str, side_dir: str, repeats: int) -> dict[str, Any]:
         f"--loss_steps={_LOSS_STEPS.value}",
         f"--quick={str(FLAGS.quick).lower()}",
         f"--breakdown={str(_BREAKDOWN.value).lower()}",
+        *config_arguments(sys.argv[1:]),
     ]
     print(f"running {side} side ...", flush=True)
     subprocess.run(command, cwd=repo, check=True)
@@ -403,8 +414,6 @@ def main(argv):
         hf_model.save_pretrained(side_dir)
         del hf_model
         np.save(os.path.join(side_dir, "batches.npy"), token_batches.astype(np.int32))
-        with open(os.path.join(side_dir, "config.pkl"), "wb") as f:
-            pickle.dump(config, f)
         sides = {s: spawn_side(s, side_dir, repeats) for s in ("torch", "jaxlab")}
     pt, jx = sides["torch"], sides["jaxlab"]
 
