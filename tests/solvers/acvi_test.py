@@ -261,8 +261,6 @@ def test_a_large_fixed_barrier_stalls_away_from_the_solution():
 
 
 def test_tolerance_loop_matches_the_scan_and_loops_compile_once():
-    from jaxlab.solvers import _acvi as acvi_module
-
     problem = S.bilinear_simplex_game(30, 0.3)
     config = S.ACVIConfig(beta=0.5, mu0=1e-6, delta=0.5, outer_steps=10, last_inner_steps=200)
     rng = np.random.default_rng(0)
@@ -271,10 +269,9 @@ def test_tolerance_loop_matches_the_scan_and_loops_compile_once():
         for _ in range(3)
     ]
     trajectory = S.acvi(problem, starts[0], config)  # compiles the loop (if not yet compiled)
-    assert acvi_module._run._cache_size() >= 1
     # New starts reuse that compilation: no backend compile at all for the next two. (Counted
-    # from jax's compile events: the jit cache size alone depends on what ran before in the
-    # worker process.)
+    # from jax's compile events: the jit wrapper's cache size read 0 here in one full xdist run,
+    # depending on what ran before in the worker.)
     compiles = []
 
     def on_event(event, duration, **kwargs):
