@@ -688,6 +688,13 @@ def save_hf_llama(
             "save_hf_llama: the model has scan_layers=True (its blocks' parameters are stacked); "
             "Hugging Face checkpoints hold one set per layer, so save an unrolled model"
         )
+    for field in ("layer_widths", "parallel_groups"):
+        if getattr(config, field) is not None:
+            raise CheckpointError(
+                f"save_hf_llama: the model evaluates layers side by side ({field}="
+                f"{getattr(config, field)}), which no Hugging Face Llama/Mistral architecture "
+                "can express; save it as a jaxlab checkpoint"
+            )
     dtype = canonical_dtype(config.param_dtype if dtype is None else dtype, "save_hf_llama: dtype")
     hf_config = config_to_hf(config, dtype)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -7,8 +7,15 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from jaxlab.models import cotformer, mamba, transformer
+from jaxlab.models import cotformer, depth, mamba, transformer
 from jaxlab.models.cotformer import CoTFormer, CoTFormerConfig
+from jaxlab.models.depth import (
+    layer_parallel,
+    merge_layers,
+    prune_by_angular_distance,
+    prune_layers,
+    shuffle_layers,
+)
 from jaxlab.models.interface import Cache, LanguageModel, LayerCache, MixerCache
 from jaxlab.models.layers import HiddenStates
 from jaxlab.models.mamba import MambaConfig, MambaLM
@@ -94,6 +101,12 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "build",
+    "depth",
     "init_cache",
+    "layer_parallel",
+    "merge_layers",
+    "prune_by_angular_distance",
+    "prune_layers",
     "register",
+    "shuffle_layers",
 ]

@@ -21,7 +21,8 @@ class HiddenStates(NamedTuple):
 
     Attributes:
       residuals: ``num_layers + 1`` arrays ``[batch, seq, embed]`` in the compute dtype: the
-        embedding output, then the output of each layer (the residual stream after it). For a
+        embedding output, then the output of each layer (the residual stream after it); a model
+        with ``parallel_groups`` has one per group, as its depth. For a
         DenseFormer these are the block outputs ``X_i``, before any depth-weighted average.
       attention: one float32 ``[batch, heads, q_len, kv_len]`` array of attention probabilities
         per layer (``None`` for a layer without attention, such as a Mamba layer; ``kv_len`` is

@@ -123,6 +123,13 @@ class TransformerConfig:
         ``layers/<i>/<name>``, so checkpoints and Hugging Face weights of the unrolled layout do
         not load into it. Not combinable with ``dwa`` or ``sparse_attention``; decoding with a
         cache is an error (use an unrolled model for generation).
+      layer_widths: Layer Parallelism, folded (:func:`jaxlab.models.depth.layer_parallel`): block
+        ``i`` is ``layer_widths[i]`` original layers evaluated side by side as one layer that many
+        times as wide (query heads, kv heads and MLP width); ``num_layers`` entries; None: all 1.
+      parallel_groups: Layer Parallelism, unfolded: consecutive blocks in groups of these sizes
+        (summing to ``num_layers``); the blocks of a group read the same input, both in
+        attention and in the MLP: ``h = x + sum_i A_i(N_i x)``, ``y = h + sum_i M_i(N'_i h)``.
+        None: every block alone (sequential).
       name: registry name.
     """
 
@@ -151,6 +158,8 @@ class TransformerConfig:
     sparse_attention: SparseAttentionConfig | None = None
     remat: bool = False
     scan_layers: bool = False
+    layer_widths: tuple[int, ...] | None = None
+    parallel_groups: tuple[int, ...] | None = None
     name: str = "llama"
 
     def __post_init__(self):
@@ -160,8 +169,9 @@ class TransformerConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for field in ("eos_token_id", "layer_widths", "parallel_groups"):
+            if isinstance(getattr(self, field), list):  # as JSON gives them back
+                object.__setattr__(self, field, tuple(getattr(self, field)))
         if self.dwa is not None and not isinstance(self.dwa, DWAConfig):
             object.__setattr__(self, "dwa", DWAConfig(**dict(self.dwa)))
         sparse = self.sparse_attention
@@ -212,11 +222,57 @@ class TransformerConfig:
                 "layer seeds its hashes with its own index), got "
                 f"sparse_attention={self.sparse_attention}"
             )
+        self._check_parallel_layers()
         if self.attention_impl not in ops.available_impls():
             raise ValueError(
                 f"TransformerConfig.attention_impl must be one of {ops.available_impls()}, "
                 f"got {self.attention_impl!r}"
             )
+
+    def _check_parallel_layers(self):
+        for field in ("layer_widths", "parallel_groups"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if not isinstance(value, tuple) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value
+            ):
+                raise ValueError(
+                    f"TransformerConfig.{field} must be a tuple of positive ints or None, "
+                    f"got {value!r}"
+                )
+            for other in ("scan_layers", "dwa", "sparse_attention"):
+                if getattr(self, other):
+                    raise ValueError(
+                        f"TransformerConfig: {field} cannot be combined with {other}, got "
+                        f"{other}={getattr(self, other)!r}"
+                    )
+        if self.layer_widths is not None and len(self.layer_widths) != self.num_layers:
+            raise ValueError(
+                f"TransformerConfig.layer_widths must have num_layers={self.num_layers} entries, "
+                f"got {self.layer_widths}"
+            )
+        if self.parallel_groups is not None and sum(self.parallel_groups) != self.num_layers:
+            raise ValueError(
+                f"TransformerConfig.parallel_groups must sum to num_layers={self.num_layers}, "
+                f"got {self.parallel_groups}"
+            )
+        if self.layer_widths is not None and self.parallel_groups is not None:
+            raise ValueError(
+                "TransformerConfig: layer_widths (folded parallel layers) and parallel_groups "
+                "(unfolded) are two forms of the same thing; set one, got "
+                f"layer_widths={self.layer_widths}, parallel_groups={self.parallel_groups}"
+            )
+
+    def width(self, layer: int) -> int:
+        """How many original layers block ``layer`` evaluates side by side (``layer_widths``)."""
+        return 1 if self.layer_widths is None else self.layer_widths[layer]
+
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """The blocks that run side by side, in order: ``parallel_groups`` as index tuples."""
+        sizes = self.parallel_groups or (1,) * self.num_layers
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        return tuple(tuple(range(s, s + n)) for s, n in zip(starts, sizes, strict=True))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
@@ -250,14 +306,13 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) 
         raise ValueError(
             f"init_cache: max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}"
         )
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
-    return Cache(
-        tuple(
-            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            for _ in range(config.num_layers)
-        )
-    )
+
+    def layer_cache(layer):
+        shape = (batch, max_len, config.num_kv_heads * config.width(layer), config.head_dim)
+        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    return Cache(tuple(layer_cache(i) for i in range(config.num_layers)))
 
 
 def _write_rows(buffer: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
@@ -299,43 +354,44 @@ class Attention(nnx.Module):
         self.config = c
         self.layer = layer  # seeds the sparse-attention hashes of this layer
         pd, std = c.storage_dtype, c.initializer_range
+        heads, kv_heads = c.num_heads * c.width(layer), c.num_kv_heads * c.width(layer)
         self.q_proj = param(
             rngs,
-            (c.hidden_size, c.num_heads, c.head_dim),
+            (c.hidden_size, heads, c.head_dim),
             ("embed", "heads", "head_dim"),
             dtype=pd,
             std=std,
         )
         self.k_proj = param(
             rngs,
-            (c.hidden_size, c.num_kv_heads, c.head_dim),
+            (c.hidden_size, kv_heads, c.head_dim),
             ("embed", "kv_heads", "head_dim"),
             dtype=pd,
             std=std,
         )
         self.v_proj = param(
             rngs,
-            (c.hidden_size, c.num_kv_heads, c.head_dim),
+            (c.hidden_size, kv_heads, c.head_dim),
             ("embed", "kv_heads", "head_dim"),
             dtype=pd,
             std=std,
         )
         self.o_proj = param(
             rngs,
-            (c.num_heads, c.head_dim, c.hidden_size),
+            (heads, c.head_dim, c.hidden_size),
             ("heads", "head_dim", "embed"),
             dtype=pd,
             std=std,
         )
         if c.attention_bias:
             self.q_bias = param(
-                rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"), dtype=pd, value=0.0
+                rngs, (heads, c.head_dim), ("heads", "head_dim"), dtype=pd, value=0.0
             )
             self.k_bias = param(
-                rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype=pd, value=0.0
+                rngs, (kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype=pd, value=0.0
             )
             self.v_bias = param(
-                rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype=pd, value=0.0
+                rngs, (kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype=pd, value=0.0
             )
             self.o_bias = param(rngs, (c.hidden_size,), ("embed",), dtype=pd, value=0.0)
 
@@ -433,22 +489,17 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs, layer: int = 0):
         c = config
         self.use_bias = c.mlp_bias
         pd, std = c.storage_dtype, c.initializer_range
-        self.gate_proj = param(
-            rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=pd, std=std
-        )
-        self.up_proj = param(
-            rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=pd, std=std
-        )
-        self.down_proj = param(
-            rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=pd, std=std
-        )
+        width = c.intermediate_size * c.width(layer)
+        self.gate_proj = param(rngs, (c.hidden_size, width), ("embed", "mlp"), dtype=pd, std=std)
+        self.up_proj = param(rngs, (c.hidden_size, width), ("embed", "mlp"), dtype=pd, std=std)
+        self.down_proj = param(rngs, (width, c.hidden_size), ("mlp", "embed"), dtype=pd, std=std)
         if c.mlp_bias:
-            self.gate_bias = param(rngs, (c.intermediate_size,), ("mlp",), dtype=pd, value=0.0)
-            self.up_bias = param(rngs, (c.intermediate_size,), ("mlp",), dtype=pd, value=0.0)
+            self.gate_bias = param(rngs, (width,), ("mlp",), dtype=pd, value=0.0)
+            self.up_bias = param(rngs, (width,), ("mlp",), dtype=pd, value=0.0)
             self.down_bias = param(rngs, (c.hidden_size,), ("embed",), dtype=pd, value=0.0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -470,7 +521,7 @@ class Block(nnx.Module):
         self.input_norm = RMSNorm(c.hidden_size, **norm)
         self.attn = Attention(c, rngs, layer)
         self.post_attention_norm = RMSNorm(c.hidden_size, **norm)
-        self.mlp = MLP(c, rngs)
+        self.mlp = MLP(c, rngs, layer)
 
     def __call__(self, x, positions, segment_ids, cache, return_attention: bool = False):
         """x: [batch, seq, embed] -> (x', cache), and the attention probabilities
@@ -480,6 +531,26 @@ class Block(nnx.Module):
         )
         x = x + h
         return (x + self.mlp(self.post_attention_norm(x)), cache, *probs)
+
+
+def parallel_blocks(blocks, x, positions, segment_ids, caches, return_attention: bool = False):
+    """Blocks evaluated side by side (Layer Parallelism, unfolded): every attention reads the
+    same ``x``, every MLP the same ``h``: ``h = x + sum_i A_i(N_i x)``, ``y = h + sum_i
+    M_i(N'_i h)``.
+
+    Returns ``(y, caches, probs)``: one updated cache (or None) and, with ``return_attention``,
+    one probability array per block (else an empty tuple).
+    """
+    h, new_caches, probs = x, [], []
+    for block, cache in zip(blocks, caches, strict=True):
+        a, cache, *p = block.attn(
+            block.input_norm(x), positions, segment_ids, cache, return_attention
+        )
+        h, new_caches, probs = h + a, new_caches + [cache], probs + p
+    y = h
+    for block in blocks:
+        y = y + block.mlp(block.post_attention_norm(h))
+    return y, tuple(new_caches), tuple(probs)
 
 
 def _stacked_blocks(config: TransformerConfig, rngs: nnx.Rngs) -> Block:
@@ -569,8 +640,11 @@ class Transformer(LanguageModel):
                 return layer(y, positions, segment_ids, layer_cache, return_attention=True)
             return layer(y, positions, segment_ids, layer_cache)
 
+        def call_group(layers, y, caches):
+            return parallel_blocks(layers, y, positions, segment_ids, caches, return_attention)
+
         if c.remat:
-            call_layer = nnx.remat(call_layer)
+            call_layer, call_group = nnx.remat(call_layer), nnx.remat(call_group)
 
         def block(i):
             def run(y):
@@ -582,6 +656,22 @@ class Transformer(LanguageModel):
                     residuals.append(out)
                 if layer_probs:
                     probs[i] = layer_probs[0]
+                return out
+
+            return run
+
+        def group(indices):
+            def run(y):
+                layers = tuple(self.layers[i] for i in indices)
+                caches = tuple(None if cache is None else cache[i] for i in indices)
+                out, group_caches, group_probs = call_group(layers, y, caches)
+                out = constrain(out, residual_axes)
+                for j, i in enumerate(indices):
+                    new_cache[i] = group_caches[j]
+                    if group_probs:
+                        probs[i] = group_probs[j]
+                if collect:
+                    residuals.append(out)
                 return out
 
             return run
@@ -606,7 +696,7 @@ class Transformer(LanguageModel):
                 probs = list(stacked_probs)
             blocks = []  # the scan has run them
         else:
-            blocks = [block(i) for i in range(c.num_layers)]
+            blocks = [block(g[0]) if len(g) == 1 else group(g) for g in c.groups()]
         if c.dwa is not None and collect:
             x, averaged = self.dwa(x, blocks, return_averages=True)
         elif c.dwa is not None:
