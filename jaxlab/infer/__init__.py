@@ -1,4 +1,5 @@
-"""Decoding with KV caches and recurrent states, sampling, and scoring of given sequences."""
+"""Decoding with KV caches and recurrent states, sampling, scoring of given sequences, and
+test-time scaling (``jaxlab.infer.test_time``: many samples per problem against seconds)."""
 
 from jaxlab.infer.decode import (
     GenerateOutput,
