@@ -118,16 +118,18 @@ def score(model, method: str, start: int | None, reference: dict, batches, mesh)
     )
 
 
-def variants(model, delta: int, start: int) -> dict[str, nnx.Module]:
-    """The run-positioned models of ``RUN_METHODS`` for the run ``[start, start + delta)``."""
+def variant(model, method: str, delta: int, start: int) -> nnx.Module:
+    """The model of ``method`` (one of ``RUN_METHODS``) for the run ``[start, start + delta)``:
+    pruning drops its first ``delta / 2`` layers (the same depth cut as LP and merging)."""
     end = start + delta
-    return {
-        "LP": depth.layer_parallel(model, start, end),
-        "LP shared norm": depth.layer_parallel(model, start, end, norm="shared"),
-        "prune": depth.prune_layers(model, start, start + delta // 2),
-        "merge": depth.merge_layers(model, start, end),
-        "shuffle": depth.shuffle_layers(model, start, end),
+    build = {
+        "LP": lambda: depth.layer_parallel(model, start, end),
+        "LP shared norm": lambda: depth.layer_parallel(model, start, end, norm="shared"),
+        "prune": lambda: depth.prune_layers(model, start, start + delta // 2),
+        "merge": lambda: depth.merge_layers(model, start, end),
+        "shuffle": lambda: depth.shuffle_layers(model, start, end),
     }
+    return build[method]()
 
 
 def frozen_patterns(model, trained_layers) -> tuple[str, ...]:
@@ -381,6 +383,11 @@ def main(argv):
     deltas = tuple(int(d) for d in e.deltas)
     if not deltas or any(d < 2 or d % 2 for d in deltas):
         raise ValueError(f"config.experiment.deltas must be even ints >= 2, got {deltas!r}")
+    if 1 not in e.decode_batches:
+        raise ValueError(
+            f"config.experiment.decode_batches must include 1 (the claims compare batch-1 "
+            f"decoding), got {tuple(e.decode_batches)!r}"
+        )
     if e.tensor_devices > 1:  # fake CPU devices for the mesh; set before any array exists
         jax.config.update("jax_num_cpu_devices", int(e.tensor_devices))
     os.makedirs(workdir, exist_ok=True)
@@ -418,8 +425,9 @@ def main(argv):
         print(f"--- Delta={delta}: starts {starts}")
         rows = []
         for start in starts:
-            for method, variant in variants(model, delta, start).items():
-                rows.append(score(variant, method, start, original, batches, mesh))
+            for method in RUN_METHODS:
+                built = variant(model, method, delta, start)
+                rows.append(score(built, method, start, original, batches, mesh))
         pruned, angular_start = depth.prune_by_angular_distance(model, probe, delta // 2)
         rows.append(score(pruned, ANGULAR, angular_start, original, batches, mesh))
         rows = [dict(r, delta=delta) for r in rows]
@@ -428,13 +436,14 @@ def main(argv):
             if r["method"] not in best or r["retention"] > best[r["method"]]["retention"]:
                 best[r["method"]] = r
         best_models[delta] = {
-            m: variants(model, delta, best[m]["start"])[m] for m in ("LP", "prune")
+            m: variant(model, m, delta, best[m]["start"]) for m in ("LP", "prune")
         }
         results["deltas"][str(delta)] = dict(
             ideal_speedup=ideal_speedup(L, delta), starts=list(starts), rows=rows, best=best
         )
 
-    for delta in tuple(int(d) for d in e.recovery_deltas) or deltas:
+    recovery_deltas = tuple(int(d) for d in e.recovery_deltas) or deltas
+    for delta in (d for d in deltas if d in recovery_deltas):
         entry = results["deltas"][str(delta)]
         print(f"--- recovery fine-tune, Delta={delta}, start {entry['best']['LP']['start']}")
         entry["best"][RECOVERED] = recover(

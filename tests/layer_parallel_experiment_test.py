@@ -99,6 +99,7 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
         "--config.model.num_kv_heads=2",
         "--config.model.num_layers=6",
         "--config.experiment.deltas=2",
+        "--config.experiment.recovery_deltas=2",
         "--config.experiment.recovery_steps=1",
         "--config.experiment.decode_batches=1",
         "--config.experiment.decode_tokens=4",
