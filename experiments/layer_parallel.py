@@ -1,22 +1,25 @@
 """Layer Parallelism against pruning, merging and shuffling on a 12-layer tiny Llama (issue 19).
 
 Trains ``configs/layer_parallel.py``'s Llama teacher on the embedded corpus (a finished run in
-``WORKDIR/teacher`` is reused), then for each Delta in ``experiment.deltas`` and each start of the
-paired run ``[start, start + Delta)`` (``configs.layer_parallel.sweep_starts``) builds, without
-retraining: Layer Parallelism (``jaxlab.models.depth.layer_parallel``, exact and the authors'
-shared-norm layout), pruning of Delta/2 layers from ``start``, merging of the run's pairs and
-shuffling of the run; per Delta also pruning the Delta/2 layers of least angular distance
-(Gromov et al.). Each is scored on the held-out batches of the teacher's run: perplexity and
+``--teacher_workdir``, default ``WORKDIR/teacher``, is reused), then for each Delta in
+``experiment.deltas`` and each start of the paired run ``[start, start + Delta)``
+(``configs.layer_parallel.sweep_starts``) builds, without retraining: Layer Parallelism
+(``jaxlab.models.depth.layer_parallel``, exact and the authors' shared-norm layout), pruning of
+Delta/2 layers from ``start``, merging of the run's pairs and shuffling of the run (seed 0); per
+Delta also pruning the Delta/2 layers of least angular distance (Gromov et al., on the first
+held-out batch). Each is scored on the held-out batches of the teacher's run: perplexity and
 next-token accuracy, and their retention (original perplexity / variant perplexity; variant
 accuracy / original accuracy). The best start per method is the one of highest retention.
 
 Then greedy decoding (KV cache, ``experiment.decode_tokens`` after a ``prompt_len`` prompt, at
 each of ``experiment.decode_batches`` rows) of the original, the best LP model and the best
 pruned model (the same depth, original widths) per Delta, timed round-robin in one run on one
-device, and on a ``tensor_devices`` tensor mesh (fake CPU devices on a CPU host); and a recovery
-fine-tune of the best LP model's paired layers only (``optim.frozen`` for the rest) by KL to the
-teacher (``distill_kl``), through the training engine. Writes ``REPORT.md``, ``results.json``,
-``retention_vs_delta.png`` and ``perplexity_vs_decode_time.png`` in ``--workdir``.
+device, and on a ``tensor_devices`` tensor mesh (fake CPU devices on a CPU host); and, for each
+Delta of ``experiment.recovery_deltas``, a recovery fine-tune of the best LP model's paired layers
+only (``optim.frozen`` for the rest) by KL to the teacher (``distill_kl``), through the training
+engine, started from the LP model written as a run source (``save_model_source``). Writes
+``REPORT.md``, ``results.json``, ``retention_vs_delta.png`` and ``perplexity_vs_decode_time.png``
+in ``--workdir``.
 
   python -m experiments.layer_parallel --workdir=runs/layer_parallel [--config.num_steps=300]
       [--config.experiment.deltas=2,4]
@@ -51,6 +54,12 @@ from jaxlab.train import loop, pretrained, sharding
 from jaxlab.train.feed import on_devices
 
 flags.DEFINE_string("workdir", "runs/layer_parallel", "Output directory.")
+flags.DEFINE_string(
+    "teacher_workdir",
+    "",
+    "The teacher's run directory (default WORKDIR/teacher); a finished run there is reused, "
+    "a partial one resumed. Its stored config must equal --config's without the experiment block.",
+)
 config_flags.DEFINE_config_file(
     "config",
     os.path.join(os.path.dirname(__file__), "..", "configs", "layer_parallel.py"),
@@ -405,7 +414,7 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", int(e.tensor_devices))
     os.makedirs(workdir, exist_ok=True)
 
-    teacher_dir = os.path.join(workdir, "teacher")
+    teacher_dir = FLAGS.teacher_workdir or os.path.join(workdir, "teacher")
     print(f"--- teacher: {teacher_dir}")
     summary = loop.train_and_evaluate(teacher_config(base), teacher_dir)
     exp = summary.experiment

@@ -85,6 +85,7 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
     result = run_module(
         "experiments.layer_parallel",
         f"--workdir={tmp_path}",
+        f"--teacher_workdir={tmp_path / 'given_teacher'}",
         "--config.num_steps=2",
         "--config.eval_every=2",
         "--config.checkpoint_every=2",
@@ -110,6 +111,8 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / "results.json").read_text())
     original = results["original"]
+    assert results["teacher"]["workdir"] == str(tmp_path / "given_teacher")
+    assert "2" in os.listdir(tmp_path / "given_teacher" / "checkpoints")
     # The experiment's own held-out scorer agrees with the engine's evaluation of the teacher.
     assert original["perplexity"] == pytest.approx(
         results["teacher"]["engine_eval_perplexity"], rel=1e-5
@@ -132,6 +135,8 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
     assert source.keys() == tuned.keys()
     changed = {n for n in source if not np.array_equal(source[n], tuned[n])}
     assert changed and all(n.startswith("['layers'][2]") for n in changed), changed
+    sources = json.loads((tmp_path / "recovery_delta2_start2" / "frozen_sources.json").read_text())
+    assert sources == {"teacher": f"run:{tmp_path / 'given_teacher'}@2"}
     init = json.loads((tmp_path / "recovery_delta2_start2" / "init_from.json").read_text())
     assert init["source"] == f"run:{tmp_path / 'lp_delta2_start2'}@0"
 
