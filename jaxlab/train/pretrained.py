@@ -81,6 +81,47 @@ def write_model_config(workdir: str, model_config) -> None:
         json.dump(model_config.to_dict(), f, indent=2)
 
 
+def save_model_source(workdir: str, model: nnx.Module, *, step: int = 0) -> str:
+    """Writes ``model`` where a ``run:WORKDIR`` source reads it: ``WORKDIR/model_config.json``
+    and checkpoint ``step`` in ``WORKDIR/checkpoints`` holding its parameters, so a run can start
+    from a model built outside training (``config.init_from``, e.g. a
+    :func:`jaxlab.models.depth.layer_parallel` model) or read it as a frozen model.
+
+    Args:
+      workdir: the directory (made if missing); it must hold no checkpoint yet (nothing of a
+        run is overwritten or pruned).
+      model: a model of a registered family (it has a ``config`` :func:`jaxlab.models.build`
+        accepts).
+      step: the checkpoint's step number, >= 0.
+
+    Returns:
+      The source, ``"run:WORKDIR@STEP"``.
+    """
+    model_config = getattr(model, "config", None)
+    if model_config is None or not dataclasses.is_dataclass(model_config):
+        raise TypeError(
+            f"save_model_source: model must be a jaxlab model with a config dataclass, got "
+            f"{type(model).__name__}"
+        )
+    models.make_config(model_config)  # an unregistered family is an error naming config.name
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"save_model_source: step must be an int >= 0, got {step!r}")
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+    try:
+        if checkpointer.all_steps():
+            raise ValueError(
+                f"save_model_source: workdir {workdir!r} already holds checkpoints "
+                f"{sorted(checkpointer.all_steps())}; use a new directory"
+            )
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        # The layout of a training checkpoint's state, of which load_params reads "params".
+        checkpointer.save(step, {"params": params}, {}, {"model": model_config.to_dict()})
+    finally:
+        checkpointer.close()
+    write_model_config(workdir, model_config)
+    return f"run:{workdir}@{step}"
+
+
 def source_model_config(source: Source, **overrides) -> Any:
     """The model config dataclass of ``source`` (``overrides``: dtypes and the like)."""
     if source.kind == "hf":
