@@ -17,9 +17,15 @@ Splits. ``train`` problems have difficulties ``train_steps`` (a range), ``test``
 range), so each difficulty gets the same count (to within one). Test problems are distinct, and
 no training problem has the prompt of a test problem (drawn again if it does), so the splits
 never overlap even when the difficulty ranges do. Both splits are a pure function of the
-task's fields: every problem is drawn from ``numpy.random.default_rng([seed, split, i, retry])``.
+task's fields: every problem is drawn from ``numpy.random.default_rng([seed, split, i, retry])``,
+so the first ``n`` test problems are the same for any ``num_test >= n``.
 
-Engine. A data source ``reasoning:train=1-6&test=8&modulus=100`` (:func:`parse_spec`) gives
+Variables are named ``a, b, c, ...`` in order, so a test difficulty above the training range
+asks for letters no training example defines: a model has never seen them. The default task
+(and ``configs/reasoning_lm.py``) tests on unseen problems of the hardest trained difficulty
+(train on 1-8 steps, test on 8), where errors compound over the most steps.
+
+Engine. A data source ``reasoning:train=1-8&test=8&modulus=10`` (:func:`parse_spec`) gives
 prompt/answer batches (:mod:`jaxlab.data.prompts`, template ``"none"``: ``[bos] prompt answer
 [eos]``, the loss on the answer and eos only): training batches from the ``train`` split,
 held-out batches from the ``test`` split. The tokenizer ``"reasoning"``
@@ -118,11 +124,11 @@ class ArithmeticTask:
       seed: the generation seed.
     """
 
-    train_steps: tuple[int, int] = (1, 6)
+    train_steps: tuple[int, int] = (1, 8)
     test_steps: tuple[int, int] = (8, 8)
     num_train: int = 20000
     num_test: int = 500
-    modulus: int = 100
+    modulus: int = 10
     ops: tuple[str, ...] = ("add", "sub")
     const_prob: float = 0.5
     seed: int = 0

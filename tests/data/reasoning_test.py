@@ -305,3 +305,15 @@ def test_the_engine_trains_on_the_task_with_the_answer_only_loss(tmp_path):
             80,
             4,
         )
+
+
+def test_the_teacher_config_fits_its_longest_test_example():
+    config = reasoning_lm.get_config()
+    task = reasoning.parse_spec(config.data.sources[0])
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    longest = max(
+        len(tokenizer.encode(p.prompt + p.answer, add_bos=True, add_eos=True))
+        for p in task.split("test")
+    )
+    assert longest <= config.seq_len + 1 <= config.model.max_seq_len + 1
+    assert {p.steps for p in task.split("test")} == {8} and len(task.split("test")) == 500
