@@ -20,8 +20,11 @@ Weights can be changed while running (:meth:`DataIterator.set_weights`; DoGE nee
 
 Prompt/answer data. A source ``qa:PATH?prompt=FIELD&answer=FIELD&template=chatml&layout=padded``
 (:mod:`jaxlab.data.prompts`) gives finetuning batches whose loss mask covers only answer tokens;
-it is the run's only source. ``config.data.special_tokens`` (e.g. ChatML's ``<|im_start|>``,
-``<|im_end|>``) are added to the tokenizer, each encoding as one new id.
+it is the run's only source. So is ``reasoning:train=1-6&test=8&...``
+(:mod:`jaxlab.data.reasoning`), the seeded arithmetic task as prompt/answer batches: its
+``train`` split to train on, its ``test`` split held out. ``config.data.special_tokens``
+(e.g. ChatML's ``<|im_start|>``, ``<|im_end|>``) are added to the tokenizer, each encoding as one
+new id.
 
 State. ``get_state()`` returns a small JSON-able dict (per-source cursors: document index and
 offset per lane, and the examples a process skipped since; the credits and weights);
@@ -388,7 +391,7 @@ def prefetch(iterator, buffer_size: int = 2) -> grain.experimental.ThreadPrefetc
 # --------------------------------------------------------------------------------------------
 # From a config: sources named by spec strings.
 
-SOURCE_KINDS = ("embedded", "text", "jsonl", "tfds", "qa")
+SOURCE_KINDS = ("embedded", "text", "jsonl", "tfds", "qa", "reasoning")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,11 +416,17 @@ def resolve_source(
     ``embedded:DOMAIN`` (one domain), ``embedded:*`` (every domain, one component each),
     ``text:GLOB``, ``jsonl:GLOB``, ``tfds:NAME_OR_DIR``; ``qa:PATH?...`` (prompt/answer records,
     batched by :func:`train_iterator` and :func:`eval_batches` from :mod:`jaxlab.data.prompts`:
-    its component only names the source).
+    its component only names the source); ``reasoning`` or ``reasoning:train=1-6&...`` (the
+    arithmetic task of :mod:`jaxlab.data.reasoning`, batched the same way).
     """
     kind, _, arg = spec.partition(":")
     if kind not in SOURCE_KINDS:
         raise ValueError(f"data source {spec!r}: kind must be one of {SOURCE_KINDS}")
+    if kind == "reasoning":
+        from jaxlab.data import reasoning
+
+        reasoning.parse_spec(spec)  # a bad spec fails when the run is built
+        return [Component("reasoning", (), ())]
     if kind == "qa":
         from jaxlab.data import prompts  # imported here: prompts imports this module
 
@@ -558,20 +567,29 @@ def make_tokenizer(data_config) -> Tokenizer:
     return add_special_tokens(tokenizer, special) if special else tokenizer
 
 
-def _qa_options(data_config) -> dict[str, Any] | None:
-    """The :func:`jaxlab.data.prompts.prompt_answer_batches` options of a ``qa:`` source."""
+def _qa_options(data_config, split: str) -> dict[str, Any] | None:
+    """The :func:`jaxlab.data.prompts.prompt_answer_batches` options of a ``qa:`` or
+    ``reasoning`` source for ``split`` (``"train"`` or ``"validation"``; a ``reasoning``
+    source holds out its ``test`` split)."""
     from jaxlab.data import prompts  # imported here: prompts imports this module
 
     specs = list(data_config.sources)
-    qa = [spec for spec in specs if spec.startswith("qa:")]
+    qa = [spec for spec in specs if spec.partition(":")[0] in ("qa", "reasoning")]
     if not qa:
         return None
     if len(specs) > 1:
         raise ValueError(
-            f"config.data.sources: a prompt/answer source ('qa:...') must be the "
-            f"only source, got {specs}"
+            f"config.data.sources: a prompt/answer source ('qa:...' or 'reasoning:...') must be "
+            f"the only source, got {specs}"
         )
-    return dict(prompts.parse_qa_spec(qa[0]), validation_fraction=data_config.validation_fraction)
+    if qa[0].partition(":")[0] == "reasoning":
+        from jaxlab.data import reasoning
+
+        task = reasoning.parse_spec(qa[0])
+        records = task.records("train" if split == "train" else "test")
+        return dict(path_or_records=records, template="none", layout="packed")
+    options = prompts.parse_qa_spec(qa[0])
+    return dict(options, split=split, validation_fraction=data_config.validation_fraction)
 
 
 class GlobalBatchRows:
@@ -620,7 +638,7 @@ def train_iterator(
     documents of those rows.
     """
     rows = process_rows(batch_size, process_index, process_count)
-    qa = _qa_options(data_config)
+    qa = _qa_options(data_config, "train")
     if qa is not None:
         from jaxlab.data import prompts
 
@@ -630,7 +648,6 @@ def train_iterator(
                 seq_len=seq_len,
                 batch_size=batch_size,
                 seed=data_config.seed,
-                split="train",
                 **qa,
             )
         except ValueError as e:
@@ -664,8 +681,9 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """A fixed list of held-out batches: one window from each of the components' validation
     documents, in a fixed shuffled order (documents repeat only if there are too few). A ``qa:``
-    source gives its ``validation`` split's records, in order."""
-    qa = _qa_options(data_config)
+    source gives its ``validation`` split's records, in order; a ``reasoning`` source its
+    ``test`` split's."""
+    qa = _qa_options(data_config, "validation")
     if qa is not None:
         from jaxlab.data import prompts
 
@@ -675,7 +693,6 @@ def eval_batches(
                 seq_len=seq_len,
                 batch_size=batch_size,
                 num_batches=num_batches,
-                split="validation",
                 **qa,
             )
         except ValueError as e:

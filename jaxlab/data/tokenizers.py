@@ -1,8 +1,9 @@
-"""Tokenizers behind one interface: bytes (the default), SentencePiece and Hugging Face.
+"""Tokenizers behind one interface: bytes (the default), characters, SentencePiece and Hugging Face.
 
-All three encode without special tokens unless asked (`add_bos`, `add_eos`), decode a list of
+All of them encode without special tokens unless asked (`add_bos`, `add_eos`), decode a list of
 ids or a 1-D integer array, skip their pad/bos/eos ids when decoding, and reject ids outside
-`[0, vocab_size)`. `load_tokenizer` picks one from a string spec (None, "byte" or a path).
+`[0, vocab_size)`. `load_tokenizer` picks one from a string spec (None, "byte", "reasoning" or a
+path).
 `add_special_tokens` (or `Tokenizer.with_special_tokens`) wraps any of them with extra tokens, such
 as ChatML's `<|im_start|>` and `<|im_end|>`, that each encode as one id.
 The SentencePiece and Hugging Face packages are imported only when such a tokenizer is built.
@@ -163,6 +164,38 @@ class ByteTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character of a fixed alphabet: pad=0, bos=1, eos=2, then ``alphabet[i]`` is
+    ``i + 3``; needs no files. For synthetic tasks whose text uses a few symbols
+    (:mod:`jaxlab.data.reasoning`), where a small vocabulary keeps every id trained.
+
+    Encoding a character outside the alphabet raises a ValueError naming it and its position.
+    """
+
+    def __init__(self, alphabet: str) -> None:
+        if not isinstance(alphabet, str) or not alphabet:
+            raise ValueError(f"alphabet must be a non-empty str, got {alphabet!r}")
+        repeated = sorted({c for c in alphabet if alphabet.count(c) > 1})
+        if repeated:
+            raise ValueError(f"alphabet characters repeat: {repeated}")
+        self.alphabet = alphabet
+        self._ids = {c: i + 3 for i, c in enumerate(alphabet)}
+        super().__init__(vocab_size=len(alphabet) + 3, pad_id=0, bos_id=1, eos_id=2)
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as e:
+            position = text.index(e.args[0])
+            raise ValueError(
+                f"text[{position}] = {e.args[0]!r} is not in this CharTokenizer's alphabet "
+                f"{self.alphabet!r}"
+            ) from None
+
+    def _decode(self, ids: list[int]) -> str:
+        return "".join(self.alphabet[i - 3] for i in ids)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -413,7 +446,9 @@ def load_tokenizer(spec: str | os.PathLike[str] | None) -> Tokenizer:
     """Builds the tokenizer a spec names.
 
     Args:
-        spec: None or "byte" for `ByteTokenizer`; a `*.model` file for `SentencePieceTokenizer`;
+        spec: None or "byte" for `ByteTokenizer`; "reasoning" for the `CharTokenizer` of
+            `jaxlab.data.reasoning`'s arithmetic task; a `*.model` file for
+            `SentencePieceTokenizer`;
             a `*.json` file (a `tokenizer.json`) for `HFTokenizer`; a directory holding
             `tokenizer.json` (`HFTokenizer`, preferred) or `tokenizer.model` (SentencePiece).
 
@@ -423,9 +458,13 @@ def load_tokenizer(spec: str | os.PathLike[str] | None) -> Tokenizer:
     """
     if spec is None or spec == "byte":
         return ByteTokenizer()
+    if spec == "reasoning":
+        from jaxlab.data import reasoning  # imported here: it imports this module
+
+        return reasoning.tokenizer()
     path = Path(spec)
     expected = (
-        'None, "byte", a *.model or tokenizer.json file, or a directory holding '
+        'None, "byte", "reasoning", a *.model or tokenizer.json file, or a directory holding '
         "tokenizer.json or tokenizer.model"
     )
     if not path.exists():
