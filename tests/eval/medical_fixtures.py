@@ -6,7 +6,7 @@ import csv
 import json
 import os
 
-from jaxlab.eval.medical import MMLU_MEDICAL_SUBJECTS
+from jaxlab.eval.medical import MMLU_FEWSHOT_POOL, MMLU_MEDICAL_SUBJECTS
 
 
 def _jsonl(path, rows):
@@ -80,7 +80,8 @@ def write_all(root: str, n: int = 4) -> dict[str, str]:
             json.dump(records, f)
     for folder in ("dev", "test"):
         os.makedirs(os.path.join(dirs["mmlu"], folder), exist_ok=True)
-        for s, subject in enumerate(MMLU_MEDICAL_SUBJECTS):
+        subjects = MMLU_FEWSHOT_POOL if folder == "dev" else MMLU_MEDICAL_SUBJECTS
+        for s, subject in enumerate(subjects):
             with open(os.path.join(dirs["mmlu"], folder, f"{subject}_{folder}.csv"), "w") as f:
                 writer = csv.writer(f)
                 for i in range(2):

@@ -73,7 +73,10 @@ def test_loaders_read_each_published_format(dirs, data):
     mmlu_test, mmlu_train = data["mmlu_medical"]
     assert [q.subject for q in mmlu_test[::2]] == list(medical.MMLU_MEDICAL_SUBJECTS)
     assert mmlu_test[0].question == "anatomy question 0, with a comma"  # CSV quoting kept
-    assert "/dev/" in mmlu_train[0].id and len(mmlu_train) == 18
+    # MEDITRON's demonstration pool: the dev rows of 11 subjects, chemistry included, its order
+    assert "/dev/" in mmlu_train[0].id and len(mmlu_train) == 22
+    assert [q.subject for q in mmlu_train[::2]] == list(medical.MMLU_FEWSHOT_POOL)
+    assert medical.MMLU_FEWSHOT_POOL[8::2] == ("high_school_chemistry", "college_chemistry")
 
 
 def test_loaders_accept_the_bigbio_and_hf_variants(tmp_path):
@@ -460,6 +463,19 @@ def test_tiny_model_end_to_end_in_every_mode(tiny, data, tmp_path):
         assert loaded["parse_failures"]["total"] == sum(failures)
         assert loaded["questions_per_second"] > 0
         assert os.path.getsize(path) > 0
+    # MMLU: accuracy per subject, by seed
+    mmlu_test, mmlu_train = data["mmlu_medical"]
+    config = runner.EvalConfig(
+        "mmlu_medical", mode="likelihood", fmt="lm_eval", shots=1, seeds=(1, 2), batch_size=16
+    )
+    result_mmlu = runner.evaluate(model, tokenizer, config, mmlu_test, mmlu_train)
+    subjects = result_mmlu["per_subject"]
+    assert list(subjects) == list(medical.MMLU_MEDICAL_SUBJECTS)
+    for k, seed in enumerate(("1", "2")):
+        records = result_mmlu["predictions"][seed]
+        for s, subject in enumerate(subjects):
+            expected = np.mean([r["correct"] for r in records[2 * s : 2 * s + 2]])
+            assert subjects[subject]["per_seed"][k] == expected
     # the same seed gives the same result (greedy and seeded sampling are deterministic)
     again = runner.evaluate(model, tokenizer, runs[3], test, train)
     assert again["predictions"] == result["predictions"]

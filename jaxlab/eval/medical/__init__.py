@@ -11,7 +11,13 @@ parsing rules exactly (``parity``) or fixed (``clean``).
 No lm-evaluation-harness adapter: ``lm_eval`` is not installed in this environment.
 """
 
-from jaxlab.eval.medical.data import BENCHMARKS, MMLU_MEDICAL_SUBJECTS, Question, load
+from jaxlab.eval.medical.data import (
+    BENCHMARKS,
+    MMLU_FEWSHOT_POOL,
+    MMLU_MEDICAL_SUBJECTS,
+    Question,
+    load,
+)
 from jaxlab.eval.medical.parsing import PARSERS, parse_clean, parse_parity
 from jaxlab.eval.medical.prompts import FORMATS, SEEDS, few_shot, prompt
 from jaxlab.eval.medical.runner import MODES, EvalConfig, evaluate, write_json
@@ -19,6 +25,7 @@ from jaxlab.eval.medical.runner import MODES, EvalConfig, evaluate, write_json
 __all__ = [
     "BENCHMARKS",
     "FORMATS",
+    "MMLU_FEWSHOT_POOL",
     "MMLU_MEDICAL_SUBJECTS",
     "MODES",
     "PARSERS",

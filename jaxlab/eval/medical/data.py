@@ -16,8 +16,9 @@ Each benchmark is a directory holding its released files (nothing is downloaded)
   LONG_ANSWER, ...}}``: ``pqal_fold0/train_set.json`` and ``test_set.json`` (the 500-question
   test set of ``preprocess/split_dataset.py``). Options are yes/no/maybe.
 * ``mmlu_medical``: MMLU's headerless CSVs (Hendrycks ``data/{dev,test}/{subject}_{split}.csv``:
-  question, A, B, C, D, answer letter) for the 9 medical subjects; ``train`` is the ``dev`` split
-  (the 5 examples per subject few-shot prompts draw from, as lukaemon/mmlu's ``train``).
+  question, A, B, C, D, answer letter). ``test`` holds the 9 medical subjects; ``train`` is the
+  ``dev`` split (5 examples per subject, lukaemon/mmlu's ``train``) of the 11 subjects MEDITRON
+  pooled for its demonstrations (``MMLU_FEWSHOT_POOL``: the 9 and two chemistry subjects).
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ MMLU_MEDICAL_SUBJECTS = (
     "clinical_knowledge",
     "high_school_biology",
     "nutrition",
+)
+# The 11 subjects MEDITRON's loader pools (its order): few-shot demonstrations are drawn from all
+# of their dev rows, the chemistry ones included, before evaluate.py drops chemistry.
+MMLU_FEWSHOT_POOL = (
+    *MMLU_MEDICAL_SUBJECTS[:8],
+    "high_school_chemistry",
+    "nutrition",
+    "college_chemistry",
 )
 _FILES = {
     "medqa": {"train": "train.jsonl", "test": "test.jsonl"},
@@ -206,7 +215,7 @@ def load(
     split: str = "test",
     *,
     cop_base: int = 1,
-    subjects: tuple[str, ...] = MMLU_MEDICAL_SUBJECTS,
+    subjects: tuple[str, ...] | None = None,
 ) -> list[Question]:
     """The questions of ``split`` (``"train"``: few-shot pool, ``"test"``: evaluated) of
     ``benchmark`` from its released files under ``data_dir`` (see the module docstring), in
@@ -217,10 +226,13 @@ def load(
       data_dir: the benchmark's directory.
       split: ``"train"`` or ``"test"``.
       cop_base: MedMCQA's ``cop`` of option A (1 in the release, 0 in the HF export).
-      subjects: MMLU subjects, in pooling order.
+      subjects: MMLU subjects, in order; default ``MMLU_MEDICAL_SUBJECTS`` for ``test`` and
+        ``MMLU_FEWSHOT_POOL`` for ``train``.
     """
     _check(benchmark, split)
     if benchmark == "mmlu_medical":
+        if subjects is None:
+            subjects = MMLU_FEWSHOT_POOL if split == "train" else MMLU_MEDICAL_SUBJECTS
         return _mmlu(data_dir, split, subjects)
     path = _path(data_dir, _FILES[benchmark][split])
     if benchmark == "pubmedqa":

@@ -410,7 +410,8 @@ def evaluate(
 
     Returns a JSON-able dict: the config, ``seeds``, ``num_questions``, ``accuracy`` and
     ``accuracy_parsed`` (``{mean, std, per_seed}``), ``parse_failures`` (``{total,
-    per_seed}``), ``seconds`` and ``questions_per_second`` (all seeds, compilation included),
+    per_seed}``), ``per_subject`` accuracy (``{subject: {mean, std, per_seed}}``, MMLU only),
+    ``seconds`` and ``questions_per_second`` (all seeds, compilation included),
     and ``predictions`` (``{seed: [record]}``, see :func:`evaluate_seed`).
     """
     if not test:
@@ -429,6 +430,22 @@ def evaluate(
         parsed = len(records) - failed
         acc_parsed.append(correct / parsed if parsed else 0.0)
         failures.append(failed)
+    subjects = list(dict.fromkeys(q.subject for q in test if q.subject))
+    per_subject = {
+        subject: _summary(
+            [
+                np.mean(
+                    [
+                        r["correct"]
+                        for r, q in zip(records, test, strict=True)
+                        if q.subject == subject
+                    ]
+                )
+                for records in per_seed.values()
+            ]
+        )
+        for subject in subjects
+    }
     return {
         "config": {**dataclasses.asdict(config), "seeds": list(config.seeds)},
         "seeds": list(seeds),
@@ -436,6 +453,7 @@ def evaluate(
         "accuracy": _summary(acc),
         "accuracy_parsed": _summary(acc_parsed),
         "parse_failures": {"total": int(sum(failures)), "per_seed": failures},
+        **({"per_subject": per_subject} if per_subject else {}),
         "seconds": seconds,
         "questions_per_second": len(test) * len(seeds) / seconds,
         "predictions": {str(seed): records for seed, records in per_seed.items()},
