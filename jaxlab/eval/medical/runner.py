@@ -161,10 +161,6 @@ def _add_bos(config: EvalConfig, tokenizer) -> bool:
     return tokenizer.bos_id is not None if config.add_bos is None else config.add_bos
 
 
-def _encode(tokenizer, text: str, add_bos: bool) -> list[int]:
-    return tokenizer.encode(text, add_bos=add_bos)
-
-
 def _stop_tokens(tokenizer) -> tuple[int, ...]:
     return tuple(i for i in (tokenizer.eos_id, tokenizer.pad_id) if i is not None)
 
@@ -204,15 +200,15 @@ def greedy_texts(
 ) -> list[str]:
     """Greedy completions of ``prompts`` (``budgets[i]``: the new-token budget of the batch that
     starts at question ``i * batch_size``), stopped at eos/pad and ``"###"``, cut before it."""
-    encoded = [_encode(tokenizer, p, add_bos) for p in prompts]
+    encoded = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
     width = max(len(e) for e in encoded)
     _check_fits(model, width, max(budgets), "greedy generation")
     width = _bucket(model, width, max(budgets))
-    texts = []
+    texts, per_call = [], min(batch_size, len(prompts))
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         rows = encoded[start : start + batch_size]
         real = len(rows)
-        rows = rows + [rows[0]] * (batch_size - real)  # one shape per budget
+        rows = rows + [rows[0]] * (per_call - real)  # one shape per budget
         out = generate(
             model,
             _padded(rows, width),
@@ -241,7 +237,7 @@ def label_logprobs(
     array per question, ``[len(labels[i])]``."""
     rows, masks, owner = [], [], []
     for i, (context, names) in enumerate(zip(contexts, labels, strict=True)):
-        context_ids = _encode(tokenizer, context, add_bos)
+        context_ids = tokenizer.encode(context, add_bos=add_bos)
         for name in names:
             cont = tokenizer.encode(prompts_lib.continuation(context, name))
             if not context_ids or not cont:
@@ -252,12 +248,12 @@ def label_logprobs(
     width = max(2, max(len(r) for r in rows))
     _check_fits(model, width, 0, "likelihood scoring")
     width = _bucket(model, width, 0)
-    scores = []
-    for start in range(0, len(rows), batch_size):
-        chunk, chunk_masks = rows[start : start + batch_size], masks[start : start + batch_size]
+    scores, per_call = [], min(batch_size, len(rows))
+    for start in range(0, len(rows), per_call):
+        chunk, chunk_masks = rows[start : start + per_call], masks[start : start + per_call]
         real = len(chunk)
-        chunk = chunk + [chunk[0]] * (batch_size - real)
-        chunk_masks = chunk_masks + [chunk_masks[0]] * (batch_size - real)
+        chunk = chunk + [chunk[0]] * (per_call - real)  # one shape for every call
+        chunk_masks = chunk_masks + [chunk_masks[0]] * (per_call - real)
         summed = score(model, _padded(chunk, width), _padded(chunk_masks, width))
         scores.extend(np.asarray(summed, np.float64)[:real].tolist())
     out: list[list[float]] = [[] for _ in contexts]
