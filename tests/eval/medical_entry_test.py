@@ -4,8 +4,10 @@ published formats."""
 import dataclasses
 import json
 
+import pytest
 from flax import nnx
 
+from experiments.medical_eval import tokenizer_for
 from jaxlab import models
 from jaxlab.data.tokenizers import ByteTokenizer
 from jaxlab.interop.hf import save_hf_llama
@@ -48,3 +50,12 @@ def test_medical_eval_entrypoint_on_an_hf_checkpoint(tmp_path):
         f"--out={out}",
     )
     assert bad.returncode != 0 and "--model: " in bad.stderr
+
+
+def test_chat_adds_the_chatml_tokens_the_model_must_hold():
+    plain = tokenizer_for("hf:/", "byte", False, 259)
+    assert plain.vocab_size == 259
+    chat = tokenizer_for("hf:/", "byte", True, 261)
+    assert [len(chat.encode(t)) for t in ("<|im_start|>", "<|im_end|>")] == [1, 1]
+    with pytest.raises(ValueError, match="has 261 ids but the model's vocab_size is 259"):
+        tokenizer_for("hf:/", "byte", True, 259)
