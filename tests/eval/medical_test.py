@@ -390,6 +390,17 @@ def test_self_consistency_votes_on_scripted_samples(monkeypatch):
     assert records[3]["branches"] == [None, None, "D"]
 
 
+def test_parity_parses_mmlu_medical_as_cot_in_every_mode():
+    q = medical.Question("q", "q", ("w", "x", "y", "z"), "C")
+    text = "so the answer is c"
+    for mode in ("top_token", "cot"):
+        mmlu = runner.EvalConfig("mmlu_medical", mode=mode)
+        assert runner._judge(mmlu, q, text) == ("c", True)
+    medmcqa = runner.EvalConfig("medmcqa", mode="top_token")
+    assert runner._judge(medmcqa, q, text) == (None, False)  # "s": the first character
+    assert runner._judge(runner.EvalConfig("medmcqa", mode="cot"), q, text) == ("c", True)
+
+
 def test_top_token_budget_peeks_at_the_gold_only_in_parity():
     tokenizer = ByteTokenizer()
     qs = [

@@ -29,7 +29,9 @@ wrong), ``accuracy_parsed`` correct / parsed questions (their ``accuracy_calibra
 over seeds. Seeds pick the few-shot demonstrations and the SC-CoT samples; a zero-shot greedy
 or likelihood run does not depend on them and runs once (``seeds`` in the result says which).
 With the ``parity`` parser the gold is compared as MEDITRON did (lowercased; in CoT, MedMCQA's
-and PubMedQA's golds are their explanation followed by ``The answer is: X ###``, parsed back).
+and PubMedQA's golds are their explanation followed by ``The answer is: X ###``, parsed back),
+and MMLU-medical outputs are always parsed as CoT (the first word after the last "answer is"),
+as its ``evaluate.py`` does for any run named "...medical...".
 """
 
 from __future__ import annotations
@@ -272,8 +274,10 @@ def _gold_text(config: EvalConfig, q: Question) -> str:
 def _judge(config: EvalConfig, q: Question, text: str) -> tuple[str | None, bool]:
     """``(answer, correct)`` of one output; answer None for a parse failure."""
     if config.parser == "parity":
+        # evaluate.py turns CoT parsing on for every run whose name holds "medical": MMLU-medical
+        cot = config.cot or config.benchmark == "mmlu_medical"
         return parsing.judge_parity(
-            text, _gold_text(config, q), yes_no=q.is_yes_no, shots=config.shots, cot=config.cot
+            text, _gold_text(config, q), yes_no=q.is_yes_no, shots=config.shots, cot=cot
         )
     answer = parsing.parse_clean(
         text, labels=q.labels, options=q.options, shots=config.shots, cot=config.cot
