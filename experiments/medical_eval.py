@@ -1,0 +1,129 @@
+r"""Evaluate a jaxlab model on a MEDITRON benchmark (MedQA, MedQA-4, MedMCQA, PubMedQA,
+MMLU-medical) from the benchmark's released files, and write the result as JSON.
+
+``--model`` is ``hf:PATH`` (a Hugging Face Llama directory) or ``run:WORKDIR[@STEP]`` (a jaxlab
+run's checkpoint). The tokenizer is ``--tokenizer`` (``byte``, a ``*.model``/``tokenizer.json``
+file or a directory), by default the HF directory itself or the run's ``data.tokenizer``.
+``--chat`` wraps prompts in MEDITRON's ChatML (finetuned models) and adds ``<|im_start|>`` /
+``<|im_end|>`` to the tokenizer when they are not single tokens already (the model's vocabulary
+must hold them). See :mod:`jaxlab.eval.medical.runner` for the modes and the two parsers.
+
+  python -m experiments.medical_eval --model=hf:/ckpt/meditron-7b --benchmark=medqa \
+      --data_dir=/data/medqa --mode=top_token --format=meditron --parser=parity --shots=3 \
+      --seeds=1234,432,32 --out=runs/medqa_top_token.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from jaxlab import models
+from jaxlab.data.prompts import CHATML_TOKENS
+from jaxlab.data.tokenizers import add_special_tokens, load_tokenizer
+from jaxlab.eval import medical
+from jaxlab.train import pretrained
+
+_MODEL = flags.DEFINE_string("model", None, "hf:PATH or run:WORKDIR[@STEP].", required=True)
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer spec; default from --model.")
+_BENCHMARK = flags.DEFINE_enum("benchmark", "medqa", medical.BENCHMARKS, "Benchmark.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "The benchmark's released files.", required=True)
+_MODE = flags.DEFINE_enum("mode", "top_token", medical.MODES, "Evaluation mode.")
+_FORMAT = flags.DEFINE_enum("format", "meditron", medical.FORMATS, "Prompt format.")
+_PARSER = flags.DEFINE_enum("parser", "parity", medical.PARSERS, "Answer parsing rules.")
+_SHOTS = flags.DEFINE_integer("shots", 0, "Few-shot demonstrations (3 for 7B, 5 for 70B).")
+_SEEDS = flags.DEFINE_list("seeds", [str(s) for s in medical.SEEDS], "Few-shot/sampling seeds.")
+_CHAT = flags.DEFINE_bool("chat", False, "MEDITRON's ChatML wrapper (finetuned models).")
+_SC_SAMPLES = flags.DEFINE_integer("sc_samples", 5, "SC-CoT samples per question.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "SC-CoT sampling temperature.")
+_COT_TOKENS = flags.DEFINE_integer("cot_max_new_tokens", 1024, "CoT generation budget.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Questions per generation call.")
+_COP_BASE = flags.DEFINE_integer("cop_base", 1, "MedMCQA cop of option A (1 release, 0 HF).")
+_LIMIT = flags.DEFINE_integer("max_questions", 0, "Evaluate only the first N (0: all).")
+_OUT = flags.DEFINE_string("out", "runs/medical_eval.json", "Where to write the JSON.")
+
+
+def load_model(spec: str):
+    """The model of an ``hf:``/``run:`` source, its parameters on the default device."""
+    source = pretrained.parse_source(spec, "--model")
+    if source.kind == "hf":
+        from jaxlab.interop.hf import load_hf_llama
+
+        return load_hf_llama(source.path)
+    config = pretrained.source_model_config(source)
+    model = models.build(config, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        nnx.to_pure_dict(params),
+    )
+    loaded, _ = pretrained.load_params(source, abstract, field="--model")
+    nnx.replace_by_pure_dict(params, loaded)
+    return nnx.merge(graphdef, params, rest)
+
+
+def tokenizer_for(spec: str, tokenizer_spec: str, chat: bool, vocab_size: int):
+    """``tokenizer_spec``, or the model source's own tokenizer; with ChatML tokens for ``chat``."""
+    if not tokenizer_spec:
+        source = pretrained.parse_source(spec, "--model")
+        if source.kind == "hf":
+            tokenizer_spec = source.path
+        else:
+            with open(os.path.join(source.path, "config.json")) as f:
+                tokenizer_spec = json.load(f).get("data", {}).get("tokenizer") or "byte"
+    tokenizer = load_tokenizer(tokenizer_spec)
+    if chat and any(len(tokenizer.encode(t)) != 1 for t in CHATML_TOKENS):
+        tokenizer = add_special_tokens(tokenizer, CHATML_TOKENS)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"--tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+            f"{vocab_size}: its ids would fall outside the embedding"
+        )
+    return tokenizer
+
+
+def main(argv):
+    del argv
+    model = load_model(_MODEL.value)
+    tokenizer = tokenizer_for(_MODEL.value, _TOKENIZER.value, _CHAT.value, model.config.vocab_size)
+    config = medical.EvalConfig(
+        benchmark=_BENCHMARK.value,
+        mode=_MODE.value,
+        fmt=_FORMAT.value,
+        parser=_PARSER.value,
+        shots=_SHOTS.value,
+        seeds=tuple(int(s) for s in _SEEDS.value),
+        chat=_CHAT.value,
+        sc_samples=_SC_SAMPLES.value,
+        temperature=_TEMPERATURE.value,
+        cot_max_new_tokens=_COT_TOKENS.value,
+        batch_size=_BATCH.value,
+    )
+    test = medical.load(config.benchmark, _DATA_DIR.value, "test", cop_base=_COP_BASE.value)
+    if _LIMIT.value:
+        test = test[: _LIMIT.value]
+    train = (
+        medical.load(config.benchmark, _DATA_DIR.value, "train", cop_base=_COP_BASE.value)
+        if config.shots
+        else []
+    )
+    result = medical.evaluate(model, tokenizer, config, test, train)
+    result["model"] = _MODEL.value
+    result["data_dir"] = _DATA_DIR.value
+    medical.write_json(_OUT.value, result)
+    acc, failures = result["accuracy"], result["parse_failures"]
+    print(
+        f"{config.benchmark} {config.mode} ({config.fmt}, {config.parser}, {config.shots}-shot): "
+        f"accuracy {100 * acc['mean']:.1f} +- {100 * acc['std']:.1f} over seeds "
+        f"{result['seeds']}, parse failures {failures['per_seed']}, "
+        f"{result['questions_per_second']:.2f} questions/s -> {_OUT.value}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,42 @@
+"""The MEDITRON evaluation harness: MedQA (5 and 4 options), MedMCQA, PubMedQA and
+MMLU-medical from their released files, prompts in MEDITRON's and lm-evaluation-harness's
+formats, top-token / likelihood / chain-of-thought / self-consistency modes, and MEDITRON's
+parsing rules exactly (``parity``) or fixed (``clean``).
+
+* :mod:`~jaxlab.eval.medical.data`: :class:`Question` and :func:`load`.
+* :mod:`~jaxlab.eval.medical.prompts`: :func:`prompt`, :func:`few_shot`.
+* :mod:`~jaxlab.eval.medical.parsing`: :func:`parse_parity`, :func:`parse_clean`, votes.
+* :mod:`~jaxlab.eval.medical.runner`: :class:`EvalConfig`, :func:`evaluate`.
+
+No lm-evaluation-harness adapter: ``lm_eval`` is not installed in this environment.
+"""
+
+from jaxlab.eval.medical.data import (
+    BENCHMARKS,
+    MMLU_FEWSHOT_POOL,
+    MMLU_MEDICAL_SUBJECTS,
+    Question,
+    load,
+)
+from jaxlab.eval.medical.parsing import PARSERS, parse_clean, parse_parity
+from jaxlab.eval.medical.prompts import FORMATS, SEEDS, few_shot, prompt
+from jaxlab.eval.medical.runner import MODES, EvalConfig, evaluate, write_json
+
+__all__ = [
+    "BENCHMARKS",
+    "FORMATS",
+    "MMLU_FEWSHOT_POOL",
+    "MMLU_MEDICAL_SUBJECTS",
+    "MODES",
+    "PARSERS",
+    "SEEDS",
+    "EvalConfig",
+    "Question",
+    "evaluate",
+    "few_shot",
+    "load",
+    "parse_clean",
+    "parse_parity",
+    "prompt",
+    "write_json",
+]
