@@ -99,13 +99,6 @@ def _assert_same_params(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _set_params(model, pure):
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    return model
-
-
 def _groups(num_layers, start, end):
     """Layer indices in the order Layer Parallelism runs them: pairs inside ``[start, end)``."""
     return (
@@ -178,7 +171,7 @@ def test_no_pairs_returns_a_bitwise_equal_copy(model, fold):
 
 @pytest.mark.parametrize("start, end", [(0, 2), (1, 5), (2, 6), (0, 6), (4, 6)])
 def test_folded_and_unfolded_equal_the_pair_formula(model, start, end):
-    tokens = _tokens(seed=1, batch=3, seq=12)
+    tokens = _tokens(seed=1)
     before = jax.tree.map(np.asarray, _pure(model))
     expected = _reference_logits(model, tokens, _groups(6, start, end))
     # The formula really differs from running the layers one after another.
@@ -271,8 +264,8 @@ def test_fold_math_is_exact_in_float64(model):
     c = model.config
     layers = jax.tree.map(lambda a: np.asarray(a, np.float64), _pure(model)["layers"])
     rng = np.random.default_rng(7)
-    x64 = rng.standard_normal((2, 9, c.hidden_size))
-    positions = np.broadcast_to(np.arange(3, 12), (2, 9)).astype(np.float64)
+    x64 = rng.standard_normal((2, 10, c.hidden_size))
+    positions = np.broadcast_to(np.arange(3, 13), (2, 10)).astype(np.float64)
     x32, pos32 = jnp.asarray(x64, jnp.float32), jnp.asarray(positions, jnp.int32)
 
     # The NumPy layer is the same function as jaxlab's block (in float32), for one layer and
@@ -312,7 +305,7 @@ def test_fold_math_is_exact_in_float64(model):
 
 @pytest.mark.parametrize("start, end", [(0, 2), (1, 5)])
 def test_shared_norm_is_the_authors_layout(model, start, end):
-    tokens = _tokens(seed=2, batch=2, seq=11)
+    tokens = _tokens(seed=2)
     groups = _groups(6, start, end)
     shared = np.asarray(layer_parallel(model, start, end, norm="shared")(tokens))
     np.testing.assert_allclose(
@@ -342,7 +335,7 @@ def test_shared_norm_is_the_authors_layout(model, start, end):
 @pytest.mark.parametrize("fold", [True, False])
 def test_cached_decoding_equals_the_full_forward(model, fold):
     lp = layer_parallel(model, 1, 5, fold=fold)
-    tokens = np.asarray(_tokens(seed=3, batch=2, seq=12))
+    tokens = np.asarray(_tokens(seed=3))
     full = np.asarray(lp(jnp.asarray(tokens)))
 
     cache = models.make_cache(lp.config, 2, 16)
@@ -355,15 +348,13 @@ def test_cached_decoding_equals_the_full_forward(model, fold):
     # 3, 4 are rewritten). Chunk 3: one token each.
     chunks = [
         np.broadcast_to(np.arange(5), (2, 5)),
-        np.array([[5, 6, 7, 8], [3, 4, 5, 6]]),
-        np.array([[9], [7]]),
+        np.array([[5, 6, 7], [3, 4, 5]]),
+        np.array([[8], [6]]),
     ]
+    decode = nnx.jit(lambda m, chunk, c, p: m.decode(chunk, c, positions=p))  # eager: 3x slower
     for positions in chunks:
-        logits, cache = lp.decode(
-            jnp.asarray(np.take_along_axis(tokens, positions, axis=1)),
-            cache,
-            positions=jnp.asarray(positions),
-        )
+        chunk = np.take_along_axis(tokens, positions, axis=1)
+        logits, cache = decode(lp, jnp.asarray(chunk), cache, jnp.asarray(positions))
         np.testing.assert_allclose(
             np.asarray(logits),
             np.take_along_axis(full, positions[..., None], axis=1),
@@ -376,14 +367,14 @@ def test_cached_decoding_equals_the_full_forward(model, fold):
 def test_generate_on_a_layer_parallel_model_is_greedy_decoding(model, fold):
     lp = layer_parallel(model, 2, 6, fold=fold)
     prompts = np.asarray(_tokens(seed=4, batch=2, seq=5))
-    out = infer.generate(lp, jnp.asarray(prompts), max_new_tokens=6, stop_tokens=())
+    out = infer.generate(lp, jnp.asarray(prompts), max_new_tokens=5, stop_tokens=())
     generated = np.asarray(out.tokens)
-    np.testing.assert_array_equal(np.asarray(out.lengths), [6, 6])
+    np.testing.assert_array_equal(np.asarray(out.lengths), [5, 5])
     # Greedy: each token is the argmax of the full forward's logits at the position before it
     # (one causal forward of the whole sequence gives them all).
     full = np.asarray(lp(jnp.asarray(np.concatenate([prompts, generated], axis=1))))
-    np.testing.assert_array_equal(generated, np.argmax(full[:, 4:10], axis=-1))
-    log_softmax = np.asarray(jax.nn.log_softmax(full[:, 4:10]))
+    np.testing.assert_array_equal(generated, np.argmax(full[:, 4:9], axis=-1))
+    log_softmax = np.asarray(jax.nn.log_softmax(full[:, 4:9]))
     np.testing.assert_allclose(
         np.asarray(out.logprobs),
         np.take_along_axis(log_softmax, generated[..., None], axis=-1)[..., 0],
@@ -423,19 +414,18 @@ def test_tensor_mesh_equals_one_device_with_one_all_reduce_per_sub_block():
         (model, 9),  # 2 * 4 + 1, the count the issue states for a plain 4-layer Llama
         (layer_parallel(model, 1, 3), 7),  # L=4, Delta=2: 2 * (4 - 1) + 1
         (layer_parallel(model, 0, 4), 5),  # L=4, Delta=4: 2 * (4 - 2) + 1
-        (layer_parallel(model, 0, 4, fold=False), None),
+        (layer_parallel(model, 0, 4, fold=False), 5),  # XLA sums the two partials first
     ]
+    placements = []
     for lp, expected_count in cases:
         single = np.asarray(lp(tokens))
         sharded, count, placed = _on_tensor_mesh(lp, tokens, mesh)
+        placements.append(placed)
         np.testing.assert_allclose(sharded, single, rtol=0, atol=TOL)
-        if expected_count is not None:
-            assert count == expected_count, (lp.config.layer_widths, count)
+        assert count == expected_count, (lp.config, count)
     # A folded pair's heads and MLP columns are split over `tensor`: each device holds half of
     # them (one original layer's worth), as for an ordinary layer.
-    q_proj = placed["layers"][0]["attn"]["q_proj"]
-    assert q_proj.sharding.spec[1] == "tensor"
-    folded_placed = _on_tensor_mesh(layer_parallel(model, 0, 4), tokens, mesh)[2]
+    folded_placed = placements[2]
     q_proj = folded_placed["layers"][0]["attn"]["q_proj"]
     assert {s.data.shape for s in q_proj.addressable_shards} == {(32, 4, 8)}
     gate = folded_placed["layers"][1]["mlp"]["gate_proj"]
@@ -508,14 +498,14 @@ def test_hugging_face_llama_pairs_equal_transformers_decoder_layers(tmp_path):
     hf = _hf_llama(num_layers=4, seed=6)
     hf.save_pretrained(str(tmp_path))
     loaded = load_hf_llama(str(tmp_path))
-    tokens = np.asarray(_tokens(seed=6, batch=2, seq=13))
+    tokens = np.asarray(_tokens(seed=6))
     with torch.no_grad():
         hf_logits = hf(torch.tensor(tokens)).logits.numpy()
     # The torch reference loop, run sequentially, is transformers' own forward.
     np.testing.assert_allclose(
         _hf_reference_logits(hf, tokens, _groups(4, 0, 0)), hf_logits, rtol=0, atol=1e-5
     )
-    for start, end in ((1, 3), (0, 4), (2, 4)):
+    for start, end in ((1, 3), (0, 4)):
         expected = _hf_reference_logits(hf, tokens, _groups(4, start, end))
         assert np.abs(expected - hf_logits).max() > 1e-2
         for fold in (True, False):
@@ -600,18 +590,18 @@ def test_shuffle_layers_runs_the_layers_in_the_drawn_order(model):
 
 
 def test_angular_distances_match_numpy_on_the_residual_stream(model):
-    tokens = _tokens(seed=10, batch=3, seq=10)
-    lengths = np.array([10, 7, 4])
+    tokens = _tokens(seed=10)
+    lengths = np.array([10, 4])
     _, hidden = model(tokens, return_hidden=True)
     assert len(hidden.residuals) == 7  # the embedding and each block's output
     last = np.stack(
-        [np.asarray(r, np.float64)[np.arange(3), lengths - 1] for r in hidden.residuals]
+        [np.asarray(r, np.float64)[np.arange(2), lengths - 1] for r in hidden.residuals]
     )
     for n in (1, 2, 6):
         expected = []
         for first in range(6 - n + 1):
             angles = []
-            for row in range(3):
+            for row in range(2):
                 u, v = last[first, row], last[first + n, row]
                 cosine = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
                 angles.append(np.arccos(min(cosine, 1.0)) / np.pi)
@@ -622,12 +612,12 @@ def test_angular_distances_match_numpy_on_the_residual_stream(model):
     # Without lengths every row's last token counts.
     full = angular_distances(model, tokens, 2)
     np.testing.assert_allclose(
-        full, angular_distances(model, tokens, 2, lengths=[10, 10, 10]), rtol=0, atol=0
+        full, angular_distances(model, tokens, 2, lengths=[10, 10]), rtol=0, atol=0
     )
 
 
 def test_prune_by_angular_distance_drops_the_closest_run(model):
-    tokens = _tokens(seed=11, batch=3)
+    tokens = _tokens(seed=11)
     # Layers 3 and 4 made identities (zero output projections and biases): the run that
     # changes its input least, and dropping it leaves the logits as they were.
     pure = _pure(model)
@@ -676,9 +666,11 @@ def test_layer_parallel_model_round_trips_trains_and_refuses_hf_export(model, fo
     assert isinstance(as_json[field], list)  # JSON has no tuples
     assert models.make_config(as_json) == c
 
-    rebuilt = models.build(as_json, nnx.Rngs(3))
+    rebuilt = nnx.eval_shape(lambda: models.build(as_json, nnx.Rngs(3)))
     assert jax.tree.map(jnp.shape, _pure(rebuilt)) == jax.tree.map(jnp.shape, _pure(lp))
-    np.testing.assert_array_equal(np.asarray(_set_params(rebuilt, _pure(lp))(tokens)), logits)
+    graphdef, state = nnx.split(rebuilt)
+    nnx.replace_by_pure_dict(state, _pure(lp))
+    np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, state)(tokens)), logits)
 
     # A jaxlab checkpoint round trip, the config stored beside the parameters.
     params = _pure(lp)
@@ -689,7 +681,7 @@ def test_layer_parallel_model_round_trips_trains_and_refuses_hf_export(model, fo
     )
     restored, _, stored_config = checkpointer.restore(1, abstract)
     checkpointer.close()
-    again = _set_params(models.build(stored_config, nnx.Rngs(4)), restored)
+    again = _with_params(models.make_config(stored_config), restored)
     assert again.config == c
     np.testing.assert_array_equal(np.asarray(again(tokens)), logits)
 
@@ -697,7 +689,7 @@ def test_layer_parallel_model_round_trips_trains_and_refuses_hf_export(model, fo
     # the next-token cross-entropy of its logits, every paired parameter moves, the loss drops.
     graphdef, state = nnx.split(lp, nnx.Param)
     params = nnx.to_pure_dict(state)
-    batch = _batch(_tokens(seed=13, batch=2, seq=9))
+    batch = _batch(_tokens(seed=13, seq=11))
 
     def loss(p):
         out = nnx.merge(graphdef, p)(batch["inputs"])
