@@ -190,6 +190,9 @@ def test_folded_and_unfolded_equal_the_pair_formula(model, start, end):
 
     np.testing.assert_allclose(np.asarray(folded(tokens)), expected, rtol=0, atol=TOL)
     np.testing.assert_allclose(np.asarray(unfolded(tokens)), expected, rtol=0, atol=TOL)
+    np.testing.assert_allclose(
+        np.asarray(folded(tokens)), np.asarray(unfolded(tokens)), rtol=0, atol=TOL
+    )
     _assert_same_params(jax.tree.map(np.asarray, _pure(model)), before)  # input left as it was
 
 
