@@ -175,11 +175,13 @@ _FORMULA = re.compile(
 
 def mark_formulas(text: str) -> tuple[str, int]:
     """``$$x$$``, ``\\[x\\]``, ``\\(x\\)`` and ``$x$`` (no space inside the dollars, so "$5 and
-    $10" stays) become ``[formula]x[/formula]``. Count: formulas marked."""
+    $10" stays) become ``[formula]x[/formula]``, on one line (runs of whitespace in ``x``
+    become one space, so the line rules that follow cannot split a formula). Count: formulas
+    marked."""
 
     def mark(match: re.Match) -> str:
         body = next(g for g in match.groups() if g is not None)
-        return f"[formula]{body.strip()}[/formula]"
+        return f"[formula]{' '.join(body.split())}[/formula]"
 
     return _FORMULA.subn(mark, text)
 

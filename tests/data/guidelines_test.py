@@ -137,6 +137,9 @@ def test_formula_spans_are_left_alone_by_later_rules():
     text = "Risk [formula]p_[i] = **x** www.a.b[/formula] [3] https://x.org **end**"
     out = g.clean_text(text, citations="strip")
     assert out == "Risk [formula]p_[i] = **x** www.a.b[/formula] end"
+    # A formula over several lines becomes one line, which the line rules keep whole.
+    text = "Mean:\n$$\n1 + 2\n\n= 3\n$$\nDone."
+    assert g.clean_text(text) == "Mean:\n[formula]1 + 2 = 3[/formula]\nDone."
 
 
 def test_special_tokens_are_meditrons_twelve():
