@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""
     config.init_from_mode = "exact"
     config.init_from_map = ()
+    # At the end of the run (step num_steps), the final parameters as a Hugging Face Llama
+    # directory: "" (none), an absolute path, or a path inside the workdir; written in
+    # export_hf_dtype ("" = the parameter dtype). Checked before training starts.
+    config.export_hf = ""
+    config.export_hf_dtype = ""
 
     # What the train step minimises (jaxlab.objectives registry): "next_token", "distill_kl"
     # (KL to the frozen teacher at `teacher`, "hf:PATH" or "run:WORKDIR[@STEP]", at

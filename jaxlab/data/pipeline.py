@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -392,6 +393,8 @@ def prefetch(iterator, buffer_size: int = 2) -> grain.experimental.ThreadPrefetc
 # From a config: sources named by spec strings.
 
 SOURCE_KINDS = ("embedded", "text", "jsonl", "tfds", "qa", "reasoning")
+_NAMEABLE = ("embedded", "text", "jsonl", "tfds")
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,7 +421,25 @@ def resolve_source(
     batched by :func:`train_iterator` and :func:`eval_batches` from :mod:`jaxlab.data.prompts`:
     its component only names the source); ``reasoning`` or ``reasoning:train=1-6&...`` (the
     arithmetic task of :mod:`jaxlab.data.reasoning`, batched the same way).
+
+    ``NAME=SPEC`` names the one component of ``SPEC`` (not ``qa:`` or ``reasoning``) ``NAME``
+    (letters, digits, ``_``, ``.``, ``-``) instead of its glob or path, e.g.
+    ``guidelines=jsonl:/data/g/*.jsonl``: the name in ``eval_loss/<name>`` and in weights files.
     """
+    name, sep, named = spec.partition("=")
+    if sep and _COMPONENT_NAME.fullmatch(name) and named.partition(":")[0] in _NAMEABLE:
+        components = resolve_source(
+            named,
+            text_field=text_field,
+            validation_fraction=validation_fraction,
+            tfds_data_dir=tfds_data_dir,
+        )
+        if len(components) != 1:
+            raise ValueError(
+                f"data source {spec!r}: a name needs a spec of one component, but {named!r} "
+                f"gives {len(components)}: {[c.name for c in components]}"
+            )
+        return [dataclasses.replace(components[0], name=name)]
     kind, _, arg = spec.partition(":")
     if kind not in SOURCE_KINDS:
         raise ValueError(f"data source {spec!r}: kind must be one of {SOURCE_KINDS}")

@@ -641,6 +641,35 @@ def read_hf_llama(
     return config, pure
 
 
+def check_hf_exportable(config: Any) -> None:
+    """Raises a :class:`CheckpointError` when :func:`save_hf_llama` cannot write a model of
+    ``config`` (a model config dataclass): not a Transformer, a DenseFormer, stacked
+    (``scan_layers``) or side-by-side layers. A run that exports at its end checks this before
+    it trains."""
+    if not isinstance(config, TransformerConfig):
+        raise CheckpointError(
+            f"save_hf_llama: a {type(config).__name__} model has no Hugging Face Llama/Mistral "
+            "form; only Transformer (llama) models export"
+        )
+    if config.dwa is not None:
+        raise CheckpointError(
+            "save_hf_llama: a DenseFormer (config.dwa set) has depth-weighted averages that no "
+            "Hugging Face Llama/Mistral architecture can hold"
+        )
+    if config.scan_layers:
+        raise CheckpointError(
+            "save_hf_llama: the model has scan_layers=True (its blocks' parameters are stacked); "
+            "Hugging Face checkpoints hold one set per layer, so save an unrolled model"
+        )
+    for field in ("layer_widths", "parallel_groups"):
+        if getattr(config, field) is not None:
+            raise CheckpointError(
+                f"save_hf_llama: the model evaluates layers side by side ({field}="
+                f"{getattr(config, field)}), which no Hugging Face Llama/Mistral architecture "
+                "can express; save it as a jaxlab checkpoint"
+            )
+
+
 def save_hf_llama(
     model: Transformer,
     path: str,
@@ -678,23 +707,7 @@ def save_hf_llama(
         ``model.safetensors.index.json``.
     """
     config: TransformerConfig = model.config
-    if config.dwa is not None:
-        raise CheckpointError(
-            "save_hf_llama: a DenseFormer (config.dwa set) has depth-weighted averages that no "
-            "Hugging Face Llama/Mistral architecture can hold"
-        )
-    if config.scan_layers:
-        raise CheckpointError(
-            "save_hf_llama: the model has scan_layers=True (its blocks' parameters are stacked); "
-            "Hugging Face checkpoints hold one set per layer, so save an unrolled model"
-        )
-    for field in ("layer_widths", "parallel_groups"):
-        if getattr(config, field) is not None:
-            raise CheckpointError(
-                f"save_hf_llama: the model evaluates layers side by side ({field}="
-                f"{getattr(config, field)}), which no Hugging Face Llama/Mistral architecture "
-                "can express; save it as a jaxlab checkpoint"
-            )
+    check_hf_exportable(config)
     dtype = canonical_dtype(config.param_dtype if dtype is None else dtype, "save_hf_llama: dtype")
     hf_config = config_to_hf(config, dtype)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -90,6 +90,19 @@ def _model_config(config, tokenizer: Tokenizer):
     return model_config
 
 
+def _check_export(config, model_config) -> None:
+    """Refuses, before training, a ``config.export_hf`` the end of the run could not write."""
+    from jaxlab.interop.hf import CheckpointError, check_hf_exportable, config_to_hf
+    from jaxlab.models.transformer import canonical_dtype
+
+    try:
+        check_hf_exportable(model_config)
+        dtype = config.get("export_hf_dtype") or model_config.param_dtype
+        config_to_hf(model_config, canonical_dtype(dtype, "config.export_hf_dtype"))
+    except (CheckpointError, ValueError) as e:
+        raise ValueError(f"config.export_hf={config.export_hf!r}: {e}") from None
+
+
 def build_experiment(config) -> Experiment:
     """Mesh, tokenizer, model structure, optimizer and shardings (nothing allocated)."""
     validate_config(config)
@@ -106,6 +119,8 @@ def build_experiment(config) -> Experiment:
         )
     tokenizer = pipeline.make_tokenizer(config.data)
     model_config = _model_config(config, tokenizer)
+    if config.get("export_hf"):
+        _check_export(config, model_config)
     abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     rules = tuple(tuple(rule) for rule in config.logical_axis_rules) or sharding.DEFAULT_RULES

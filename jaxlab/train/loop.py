@@ -5,9 +5,11 @@ checkpoint in ``workdir/checkpoints`` if there is one (exactly: parameters, opti
 data position); then trains with a progress bar, writes metrics as JSON lines to
 ``workdir/metrics.jsonl`` (:mod:`jaxlab.train.metrics_io`), evaluates held-out loss and perplexity
 every ``config.eval_every`` steps (:mod:`jaxlab.train.evaluation`), checkpoints every
-``config.checkpoint_every`` steps (keeping ``config.keep_checkpoints``), and plots the loss curve
-to ``workdir/loss.png``. A non-finite loss, gradient norm or parameter norm stops the run before
-anything from that step is saved, naming the step and the last good checkpoint.
+``config.checkpoint_every`` steps (keeping ``config.keep_checkpoints``), plots the loss curve
+to ``workdir/loss.png``, and when it reaches ``config.num_steps`` with ``config.export_hf`` set,
+writes the final parameters there as a Hugging Face checkpoint (:func:`export_hf`). A
+non-finite loss, gradient norm or parameter norm stops the run before anything from that step
+is saved, naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import Any
 
 import jax
 from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from jaxlab import models
 from jaxlab.data import pipeline
 from jaxlab.train import pretrained
 from jaxlab.train import workdir as workdir_lib
@@ -65,6 +70,8 @@ class TrainResult:
       state: the final train state (on the experiment's shardings).
       experiment: what was built from the config (mesh, model graph, objective, ...).
       workdir: where checkpoints, metrics and plots were written.
+      exported_hf: the Hugging Face directory written at the end (``config.export_hf``), else
+        None.
     """
 
     step: int
@@ -76,6 +83,7 @@ class TrainResult:
     state: TrainState
     experiment: Experiment
     workdir: str
+    exported_hf: str | None = None
 
     @property
     def eval_by_source(self) -> dict[str, dict[str, float]]:
@@ -272,6 +280,10 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> T
         checkpointer.close()
     if latest_eval is None:  # nothing left to train (a finished run): report where it stands
         latest_eval = evaluate(exp, state.params, eval_data, eval_step)
+    exported = None
+    if config.get("export_hf") and end == config.num_steps:
+        exported = export_hf_path(config, workdir)
+        export_hf(exp, state.params, exported)
     if lead:
         from jaxlab.eval.plots import plot_loss_curve
 
@@ -286,4 +298,35 @@ def _train_and_evaluate(exp: Experiment, workdir: str, stop_at: int | None) -> T
         state=state,
         experiment=exp,
         workdir=workdir,
+        exported_hf=exported,
     )
+
+
+def export_hf_path(config, workdir: str) -> str:
+    """Where ``config.export_hf`` points: an absolute path as it is, a relative one inside
+    ``workdir``."""
+    return os.path.join(workdir, config.export_hf)
+
+
+def export_hf(exp: Experiment, params, path: str) -> None:
+    """Writes ``params`` as a Hugging Face checkpoint directory at ``path``
+    (:func:`jaxlab.interop.hf.save_hf_llama`, in ``config.export_hf_dtype``, default the
+    parameter dtype).
+
+    Every process takes part in gathering each parameter to the host (the whole model then sits
+    in every host's memory, in the parameter dtype); process 0 writes. The conversion runs on
+    the CPU backend, so an accelerator never holds a second copy of the model.
+    """
+    from jaxlab.interop.hf import save_hf_llama  # imported here: safetensors, when exporting
+
+    host = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() != 0:
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        graphdef, state = nnx.split(
+            nnx.eval_shape(lambda: models.build(exp.model_config, nnx.Rngs(0)))
+        )
+        nnx.replace_by_pure_dict(state, host)
+        model = nnx.merge(graphdef, state)
+        save_hf_llama(model, path, dtype=exp.config.get("export_hf_dtype") or None)
+    logging.info("exported the final parameters to %s", path)

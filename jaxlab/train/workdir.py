@@ -54,6 +54,8 @@ FREE_FIELDS = (
     "init_from",  # read only by a fresh start
     "init_from_mode",
     "init_from_map",
+    "export_hf",  # written after the last step
+    "export_hf_dtype",
 )
 
 

@@ -237,3 +237,20 @@ def test_a_source_whose_files_are_all_empty_is_named(tmp_path):
         comps = [pipeline.Component(spec.partition(":")[2], ListDocuments(["", ""], "x"), ())]
         with pytest.raises(ValueError, match=r"natural mixture weights.*'.*'\] are all 0"):
             pipeline.mixture_weights(config, comps)
+
+
+def test_named_sources(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20)))
+    (named,) = pipeline.resolve_source(f"guidelines=jsonl:{path}", validation_fraction=0.2)
+    (plain,) = pipeline.resolve_source(f"jsonl:{path}", validation_fraction=0.2)
+    assert named.name == "guidelines" and plain.name == str(path)
+    assert list(named.train) == list(plain.train)
+    assert list(named.validation) == list(plain.validation)
+    with pytest.raises(ValueError, match=r"a name needs a spec of one component.*gives \d+"):
+        pipeline.resolve_source("stdlib=embedded:*")
+    # Not a name: '=' inside a path, or a kind that takes no name.
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pipeline.resolve_source("a b=jsonl:x")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pipeline.resolve_source("x=qa:records.jsonl")

@@ -1,0 +1,27 @@
+"""MEDITRON-70B: continued pretraining of Llama-2-70B (grouped-query attention) on GAP-Replay.
+
+Usage: as configs/meditron_7b.py, with --config=configs/meditron_70b.py:LLAMA_DIR,DATA.
+
+As the 7B config except (paper §4.1, Table 6): peak learning rate 1.5e-4; sequences of 4,096
+tokens, 512 per update (2.1M tokens); 23,000 updates, the paper's one epoch (about 48B tokens),
+on a cosine horizon of 46,000 (two epochs), so the last step's rate is 0.582 x peak. The mesh is
+llama2_70b's: 8-way tensor parallel inside a host, FSDP across hosts; the vocabulary (32,000 +
+12 special tokens) is padded to 32,016 so that the tensor axis divides it (the tokenizer never
+produces the 4 extra ids).
+"""
+
+from configs import llama2_70b, meditron_7b, meditron_gap_replay
+
+EPOCH_STEPS = 23_000  # paper Table 6
+
+
+def get_config(arg: str = ""):
+    llama_dir, data = meditron_7b.paths(arg, "configs/meditron_70b.py")
+    config = llama2_70b.get_config()
+    config.seq_len = 4096
+    config.batch_size = 512
+    config.accum_steps = 8  # 64 sequences per micro-step
+    vocab = 32000 + len(meditron_gap_replay.SPECIAL_TOKENS)
+    config.model.vocab_size = -(-vocab // config.mesh.tensor) * config.mesh.tensor
+    config.optim.learning_rate = 1.5e-4
+    return meditron_7b.continued_pretraining(config, llama_dir, data, epoch_steps=EPOCH_STEPS)
