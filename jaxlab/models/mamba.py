@@ -18,8 +18,9 @@ Mixers (``d = inner_size``, ``N = state_size``):
   (``d / head_dim`` query heads); x and B are repeated per head as grouped-query attention
   repeats its kv heads (query head ``h`` reads group ``h // (heads / num_groups)``). B and C are
   cut into chunks of ``N`` features (``N`` divides ``head_dim``): channel ``f`` of head ``h``
-  scans with chunk ``f // N`` of head ``h``'s C and of its group's B, so ``N = head_dim`` is
-  exactly per-head linear attention ``y_t = sum_s (C_t . B_s) x_s`` at zero decay and unit step.
+  scans with chunk ``f // N`` of head ``h``'s C and of its group's B, so with ``N = head_dim``,
+  no decay and a unit step a head is causal linear attention ``y_t = sum_s (C_t . B_s) x_s``
+  over its (conv + SiLU) x.
   Causal conv + SiLU on the (repeated) x only; per-channel ``dt = dt_proj(dt_low)`` from the
   block input (low rank ``dt_rank``); the selective scan with ``A = -exp(A_log)`` ``[d, N]``,
   softplus(dt + dt_bias), D skip and SiLU(z) gate; ``out_proj``. The authors' code repeats x and
@@ -84,7 +85,7 @@ class MambaConfig:
       state_size: SSM state per channel (mamba1s) or per head (mamba2s); mamba1_qkv: the width
         of the B/C chunks, dividing ``head_dim``.
       conv_kernel: causal depthwise conv width.
-      dt_rank: mamba1's low-rank dt projection; default ``ceil(hidden_size / 16)``.
+      dt_rank: the mamba1s' low-rank dt projection; default ``ceil(hidden_size / 16)``.
       head_dim: mamba2s and mamba1_qkv: channels per head (``inner_size % head_dim == 0``).
       num_groups: mamba2: B/C groups (divides the heads); discrete_mamba2 uses one per head;
         mamba1_qkv: the x/B heads (kv heads; divides the heads).

@@ -99,7 +99,7 @@ def test_tiny_mamba_lms_train_on_eight_devices(tmp_path, variant):
     assert jax.tree.leaves(summary.state.params)
 
 
-@pytest.mark.parametrize("variant", ["mamba1", "discrete_mamba2", "hybrid mamba2"])
+@pytest.mark.parametrize("variant", ["mamba1", "mamba1_qkv", "discrete_mamba2", "hybrid mamba2"])
 def test_generate_with_right_padded_prompts_equals_greedy_on_the_full_forward(variant):
     """Batched, padded prompts: each row's tokens equal greedy argmax over the cacheless model."""
     from jaxlab.infer import generate
