@@ -49,8 +49,8 @@ class MixerCache:
 
     Attributes:
       conv: [batch, conv_kernel - 1, conv channels] the conv's last inputs.
-      ssm: the scan state (float32): [batch, inner, state] (mamba1) or [batch, heads, head_dim,
-        state] (mamba2s).
+      ssm: the scan state (float32): [batch, inner, state] (mamba1, mamba1_qkv) or [batch, heads,
+        head_dim, state] (mamba2s).
     """
 
     conv: jax.Array

@@ -11,6 +11,21 @@ Mixers (``d = inner_size``, ``N = state_size``):
 * ``mamba2`` (Dao & Gu 2024): ``in_proj -> (z, x, B, C, dt)``; causal conv + SiLU on (x, B, C);
   SSD with one ``A`` per head and ``groups`` shared B/C; gated RMSNorm ``norm(y * silu(z))``;
   ``out_proj``.
+* ``mamba1_qkv`` (MambaInLlama's Mamba-1 variant, Wang et al. 2024): Mamba-1 whose x, B, C are
+  linear projections of the block input, shaped like an attention layer's V, K, Q so that they can
+  be initialised from one (:mod:`jaxlab.distill.transfer`). ``in_proj -> (z, x, B, C, dt_low)``
+  with x and B ``num_groups * head_dim`` wide (the teacher's kv heads) and z, C ``d`` wide
+  (``d / head_dim`` query heads); x and B are repeated per head as grouped-query attention
+  repeats its kv heads (query head ``h`` reads group ``h // (heads / num_groups)``). B and C are
+  cut into chunks of ``N`` features (``N`` divides ``head_dim``): channel ``f`` of head ``h``
+  scans with chunk ``f // N`` of head ``h``'s C and of its group's B, so with ``N = head_dim``,
+  no decay and a unit step a head is causal linear attention ``y_t = sum_s (C_t . B_s) x_s``
+  over its (conv + SiLU) x.
+  Causal conv + SiLU on the (repeated) x only; per-channel ``dt = dt_proj(dt_low)`` from the
+  block input (low rank ``dt_rank``); the selective scan with ``A = -exp(A_log)`` ``[d, N]``,
+  softplus(dt + dt_bias), D skip and SiLU(z) gate; ``out_proj``. The authors' code repeats x and
+  B in chunks of ``N`` rather than per head, which pairs a query chunk with another chunk's key
+  whenever ``N < head_dim`` and heads share kv heads; here the pairing follows the heads.
 * ``discrete_mamba2`` (Llamba / MOHAWK): ``in_proj -> (x, B, C, z, a)`` with one B/C per head;
   conv without activation; ``h_t = exp(-softplus(a_t)) h_{t-1} + x_t B_t^T`` (the input is not
   scaled by the step), ``y = h C + D x``; ``out_proj(y * silu(z + z_bias))``.
@@ -53,7 +68,7 @@ from jaxlab.models.partitioning import constrain
 from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
 from jaxlab.ops import scan as scan_ops
 
-MIXERS = ("mamba1", "mamba2", "discrete_mamba2")
+MIXERS = ("mamba1", "mamba1_qkv", "mamba2", "discrete_mamba2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +78,17 @@ class MambaConfig:
     Attributes:
       vocab_size, hidden_size, num_layers: as the Transformer's.
       intermediate_size: SwiGLU MLP width after each mixer; 0 = no MLP (original Mamba).
-      mixer: one of ``mamba1``, ``mamba2``, ``discrete_mamba2``.
+      mixer: one of :data:`MIXERS` (``mamba1``, ``mamba1_qkv``, ``mamba2``,
+        ``discrete_mamba2``).
       inner_size: mixer width ``d``; default ``expand * hidden_size``.
       expand: default inner width multiple.
-      state_size: SSM state per channel (mamba1) or per head (mamba2s).
+      state_size: SSM state per channel (mamba1s) or per head (mamba2s); mamba1_qkv: the width
+        of the B/C chunks, dividing ``head_dim``.
       conv_kernel: causal depthwise conv width.
-      dt_rank: mamba1's low-rank dt projection; default ``ceil(hidden_size / 16)``.
-      head_dim: mamba2s: channels per head (``inner_size % head_dim == 0``).
-      num_groups: mamba2: B/C groups (divides the heads); discrete_mamba2 uses one per head.
+      dt_rank: the mamba1s' low-rank dt projection; default ``ceil(hidden_size / 16)``.
+      head_dim: mamba2s and mamba1_qkv: channels per head (``inner_size % head_dim == 0``).
+      num_groups: mamba2: B/C groups (divides the heads); discrete_mamba2 uses one per head;
+        mamba1_qkv: the x/B heads (kv heads; divides the heads).
       chunk_size: chunk of the chunked scans.
       scan_impl: :mod:`jaxlab.ops.scan` implementation.
       attention_layers: indices of layers that are Llama attention blocks (a hybrid).
@@ -170,9 +188,14 @@ class MambaConfig:
                     f"MambaConfig.head_dim={self.head_dim} must divide inner_size={self.inner_size}"
                 )
             heads = self.inner_size // self.head_dim
-            if self.mixer == "mamba2" and heads % self.num_groups:
+            if self.mixer in ("mamba2", "mamba1_qkv") and heads % self.num_groups:
                 raise ValueError(
                     f"MambaConfig.num_groups={self.num_groups} must divide the {heads} heads"
+                )
+            if self.mixer == "mamba1_qkv" and self.head_dim % self.state_size:
+                raise ValueError(
+                    f"MambaConfig.state_size={self.state_size} must divide head_dim="
+                    f"{self.head_dim} (mamba1_qkv cuts each head's B/C into state_size chunks)"
                 )
         bad = [i for i in self.attention_layers if not 0 <= i < self.num_layers]
         if bad:
@@ -205,7 +228,7 @@ class MambaConfig:
 
     @property
     def heads(self) -> int:
-        """SSM heads of the mamba2 mixers."""
+        """SSM heads of the mamba2 mixers (query heads of mamba1_qkv)."""
         return self.inner_size // self.head_dim
 
     @property
@@ -241,15 +264,20 @@ class MambaConfig:
         )
 
 
+def _is_mamba1(c: MambaConfig) -> bool:
+    """Whether the mixer is a Mamba-1 selective scan (a state per channel)."""
+    return c.mixer in ("mamba1", "mamba1_qkv")
+
+
 def _conv_channels(c: MambaConfig) -> int:
-    if c.mixer == "mamba1":
+    if _is_mamba1(c):  # the conv sees x only (mamba1_qkv: after the per-head repeat)
         return c.inner_size
     groups = c.num_groups if c.mixer == "mamba2" else c.heads
     return c.inner_size + 2 * groups * c.state_size
 
 
 def _ssm_shape(c: MambaConfig, batch: int) -> tuple[int, ...]:
-    if c.mixer == "mamba1":
+    if _is_mamba1(c):
         return (batch, c.inner_size, c.state_size)
     return (batch, c.heads, c.head_dim, c.state_size)
 
@@ -266,6 +294,8 @@ class MambaMixer(nnx.Module):
         conv = _conv_channels(c)
         if c.mixer == "mamba1":
             in_width = 2 * d
+        elif c.mixer == "mamba1_qkv":  # [z | x | B | C | dt_low]
+            in_width = 2 * d + 2 * c.num_groups * c.head_dim + c.dt_rank
         elif c.mixer == "mamba2":
             in_width = 2 * d + 2 * c.num_groups * n + c.heads
         else:
@@ -277,14 +307,15 @@ class MambaMixer(nnx.Module):
         self.conv_bias = param(rngs, (conv,), ("mlp",), dtype=pd, value=0.0)
         self.out_proj = param(rngs, (d, c.hidden_size), ("mlp", "embed"), dtype=pd, std=std)
         # dt initialised log-uniform in [1e-3, 1e-1] (through the bias), as mamba_ssm does.
-        channels = d if c.mixer == "mamba1" else c.heads
+        channels = d if _is_mamba1(c) else c.heads
         dt = jnp.exp(
             jax.random.uniform(rngs.params(), (channels,)) * math.log(100) + math.log(1e-3)
         )
         if c.mixer != "discrete_mamba2":
             self.dt_bias = logical_param(_inverse_softplus(dt).astype(pd), ("mlp",))
-        if c.mixer == "mamba1":
-            self.x_proj = param(rngs, (d, c.dt_rank + 2 * n), ("mlp", None), dtype=pd, std=std)
+        if _is_mamba1(c):
+            if c.mixer == "mamba1":  # mamba1_qkv's dt_low, B, C come from in_proj
+                self.x_proj = param(rngs, (d, c.dt_rank + 2 * n), ("mlp", None), dtype=pd, std=std)
             self.dt_proj = param(rngs, (c.dt_rank, d), (None, "mlp"), dtype=pd, std=c.dt_rank**-0.5)
             a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n)))
             self.A_log = logical_param(a_log.astype(pd), ("mlp", "state"))
@@ -336,12 +367,28 @@ class MambaMixer(nnx.Module):
             # [batch, seq, 1]: broadcasts over channels (mamba1) and heads (mamba2s).
             valid = (jnp.arange(seq)[None, :, None] < lengths[:, None, None]).astype(jnp.float32)
         f32 = jnp.float32
-        if c.mixer == "mamba1":
-            x, z = jnp.split(proj, 2, axis=-1)
-            x, conv_state = self._conv(x, conv_cache, lengths)
-            x = jax.nn.silu(x)
-            dbc = x @ self.x_proj[...].astype(dt_)
-            dt_low, B, C = jnp.split(dbc, [c.dt_rank, c.dt_rank + n], axis=-1)
+        if _is_mamba1(c):
+            if c.mixer == "mamba1":
+                x, z = jnp.split(proj, 2, axis=-1)
+                x, conv_state = self._conv(x, conv_cache, lengths)
+                x = jax.nn.silu(x)
+                dbc = x @ self.x_proj[...].astype(dt_)
+                dt_low, B, C = jnp.split(dbc, [c.dt_rank, c.dt_rank + n], axis=-1)
+                B, C = B[:, :, None, :], C[:, :, None, :]  # one group shared by all channels
+            else:
+                kv = c.num_groups * c.head_dim
+                z, x, B, C, dt_low = jnp.split(proj, [d, d + kv, d + 2 * kv, 2 * d + 2 * kv], -1)
+
+                def per_head(v):
+                    """[batch, seq, groups * head_dim] -> [batch, seq, d], repeated as GQA."""
+                    v = v.reshape(batch, seq, c.num_groups, c.head_dim)
+                    return jnp.repeat(v, c.heads // c.num_groups, axis=2).reshape(batch, seq, d)
+
+                x, conv_state = self._conv(per_head(x), conv_cache, lengths)
+                x = jax.nn.silu(x)
+                # Channel c scans with the B/C chunk c // N, i.e. chunk f // N of its own head.
+                B = per_head(B).reshape(batch, seq, d // n, n)
+                C = C.reshape(batch, seq, d // n, n)
             delta = jax.nn.softplus(
                 (dt_low @ self.dt_proj[...].astype(dt_)).astype(f32) + self.dt_bias[...].astype(f32)
             )
@@ -350,8 +397,8 @@ class MambaMixer(nnx.Module):
                 x,
                 delta,
                 -jnp.exp(self.A_log[...].astype(f32)),
-                B[:, :, None, :],
-                C[:, :, None, :],
+                B,
+                C,
                 D=self.D[...],
                 z=z,
                 initial_state=state,

@@ -27,6 +27,7 @@ BASE = MambaConfig(
 VARIANTS = {
     "mamba1": dict(mixer="mamba1"),
     "mamba2": dict(mixer="mamba2", num_groups=2),
+    "mamba1_qkv": dict(mixer="mamba1_qkv", num_groups=2, intermediate_size=48),
     "discrete_mamba2": dict(mixer="discrete_mamba2", intermediate_size=48),
     "hybrid mamba1": dict(mixer="mamba1", intermediate_size=48, attention_layers=(1,)),
     "hybrid mamba2": dict(mixer="mamba2", intermediate_size=48, attention_layers=(0, 2)),
@@ -64,6 +65,10 @@ def test_bad_configs_are_named():
         dataclasses.replace(BASE, intermediate_size=8, attention_layers=(5,))
     with pytest.raises(ValueError, match="num_groups=3 must divide the 4 heads"):
         dataclasses.replace(BASE, mixer="mamba2", num_groups=3)
+    with pytest.raises(ValueError, match="num_groups=3 must divide the 4 heads"):
+        dataclasses.replace(BASE, mixer="mamba1_qkv", num_groups=3)
+    with pytest.raises(ValueError, match="state_size=6 must divide head_dim=16"):
+        dataclasses.replace(BASE, mixer="mamba1_qkv", state_size=6)
     with pytest.raises(ValueError, match="unknown fields"):
         MambaConfig.from_dict(dict(vocab_size=5, hidden_size=8, num_layers=1, d_state=4))
 
@@ -94,7 +99,7 @@ def test_tiny_mamba_lms_train_on_eight_devices(tmp_path, variant):
     assert jax.tree.leaves(summary.state.params)
 
 
-@pytest.mark.parametrize("variant", ["mamba1", "discrete_mamba2", "hybrid mamba2"])
+@pytest.mark.parametrize("variant", ["mamba1", "mamba1_qkv", "discrete_mamba2", "hybrid mamba2"])
 def test_generate_with_right_padded_prompts_equals_greedy_on_the_full_forward(variant):
     """Batched, padded prompts: each row's tokens equal greedy argmax over the cacheless model."""
     from jaxlab.infer import generate
