@@ -165,16 +165,14 @@ def run_loss(built, params, teacher_params, batch):
     "name, fields",
     [
         ("distill_kl", dict(temperature=2.0, ce_weight=0.5, kl_weight=0.7)),
-        ("distill_kl", dict(reduction="batchmean")),
-        ("distill_reverse_kl", dict(temperature=1.5, ce_weight=0.25)),
-        ("distill_reverse_kl", dict(reduction="batchmean")),
-        ("distill_pseudo_labels", dict(kl_weight=0.1, ce_weight=1.0)),
+        ("distill_reverse_kl", dict(temperature=1.5, ce_weight=0.25, reduction="batchmean")),
         ("distill_pseudo_labels", dict(kl_weight=0.1, ce_weight=1.0, reduction="batchmean")),
     ],
 )
 def test_logit_objectives_equal_their_numpy_closed_forms(name, fields):
+    # Any family learns from logits: a Llama student (cheap to compile) of another seed.
     built, (graphdef, params), (teacher_graphdef, teacher_params) = make_objective(
-        name, LLAMBA, **fields
+        name, TEACHER, **fields
     )
     batch = make_batch()
     metrics = run_loss(built, params, teacher_params, batch)
@@ -237,8 +235,8 @@ def test_mohawk_matrix_objective_is_the_teacher_forced_frobenius_sum(student_con
     assert metrics["loss"] == pytest.approx(want, rel=1e-5) and metrics["tokens"] == 3.0
 
 
-@pytest.mark.parametrize("student_config", [LLAMBA, HYBRID], ids=["llamba", "hybrid"])
-def test_mohawk_hidden_objective_is_the_teacher_forced_l2_sum(student_config):
+def test_mohawk_hidden_objective_is_the_teacher_forced_l2_sum():
+    student_config = LLAMBA
     built, (graphdef, params), (teacher_graphdef, teacher_params) = make_objective(
         "mohawk_hidden", student_config
     )
