@@ -249,9 +249,24 @@ def aligned_layers(context, *, matrix: bool) -> tuple[int, ...]:
                 f"config.objective.teacher: {name} needs the teacher's {field} "
                 f"({getattr(teacher, field)}) in the student, got {getattr(student, field)}"
             )
+    # Teacher forcing reads the input of every teacher layer: its residual stream must be one
+    # plain block per layer.
+    reshaped = [f for f in ("dwa", "layer_widths", "parallel_groups") if getattr(teacher, f, None)]
+    if reshaped:
+        raise ValueError(
+            f"config.objective.teacher: {name} needs one block per teacher layer; the teacher "
+            f"sets {reshaped}"
+        )
     layers = tuple(i for i in range(student.num_layers) if i not in student.attention_layers)
     if not layers:
         raise ValueError(f"config.objective.name={name!r}: the student has no Mamba layer")
+    if matrix and isinstance(teacher, MambaConfig):
+        missing = [i for i in layers if i not in teacher.attention_layers]
+        if missing:
+            raise ValueError(
+                f"config.objective.teacher: {name} aligns the student's layers {missing} with "
+                "teacher attention, and the teacher has Mamba mixers there"
+            )
     if matrix:
         if student.mixer not in ("mamba2", "discrete_mamba2"):
             raise ValueError(

@@ -117,7 +117,7 @@ def build(config, seed):
     return graphdef, nnx.to_pure_dict(params)
 
 
-def make_objective(name, student_config, **fields):
+def make_objective(name, student_config, teacher_config=TEACHER, **fields):
     """The registered objective ``name`` for a fresh student and teacher, as the engine builds
     it (the same context fields), with ``fields`` in ``config.objective``."""
     objective = dict(name=name, teacher="run:unused", temperature=1.0, ce_weight=0.0)
@@ -125,14 +125,14 @@ def make_objective(name, student_config, **fields):
     config = ml_collections.ConfigDict(dict(accum_steps=1, objective=objective))
     objectives.get_objective(name).validate(config)
     graphdef, params = build(student_config, 0)
-    teacher_graphdef, teacher_params = build(TEACHER, 1)
+    teacher_graphdef, teacher_params = build(teacher_config, 1)
     params["embed"] = teacher_params["embed"]  # as a transferred student's
     context = objectives.ObjectiveContext(
         config=config,
         graphdef=graphdef,
         frozen={"teacher": teacher_graphdef},
         model_config=student_config,
-        frozen_configs={"teacher": TEACHER},
+        frozen_configs={"teacher": teacher_config},
         params=params,
         schedule=None,
         components=(),
@@ -270,6 +270,8 @@ def test_mohawk_objectives_name_what_does_not_fit():
         make_objective("mohawk_matrix", dataclasses.replace(LLAMBA, mixer="mamba1"))
     with pytest.raises(ValueError, match="num_layers"):
         make_objective("mohawk_hidden", dataclasses.replace(LLAMBA, num_layers=3))
+    with pytest.raises(ValueError, match="one block per teacher layer"):
+        make_objective("mohawk_hidden", LLAMBA, dataclasses.replace(TEACHER, parallel_groups=(2,)))
     with pytest.raises(ValueError, match="reduction must be one of"):
         make_objective("distill_kl", LLAMBA, reduction="sum")
 
