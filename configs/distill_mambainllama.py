@@ -66,6 +66,7 @@ def set_replacement(config, percent: int, per_step: int) -> ml_collections.Confi
         steps = 100
         stages[f"step{k}"] = dict(
             init="teacher" if k == 0 else "previous",
+            warmup_fraction=0.1,
             num_steps=steps,
             eval_every=steps,
             checkpoint_every=steps,
@@ -74,7 +75,6 @@ def set_replacement(config, percent: int, per_step: int) -> ml_collections.Confi
             optim=dict(
                 learning_rate=1e-3,
                 schedule="cosine",
-                warmup_steps=10,
                 b2=0.98,
                 frozen=NOT_MAMBA,
             ),
@@ -82,11 +82,12 @@ def set_replacement(config, percent: int, per_step: int) -> ml_collections.Confi
         order.append(f"step{k}")
     stages["e2e"] = dict(
         init="previous",
+        warmup_fraction=0.05,
         num_steps=400,
         eval_every=400,
         checkpoint_every=400,
         objective=dict(name="distill_kl", kl_weight=1.0, ce_weight=0.0),
-        optim=dict(learning_rate=5e-4, schedule="cosine", warmup_steps=20, frozen=()),
+        optim=dict(learning_rate=5e-4, schedule="cosine", frozen=()),
     )
     order.append("e2e")
     with config.unlocked():

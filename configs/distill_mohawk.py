@@ -29,6 +29,7 @@ NOT_MIXERS = ("embed", "input_norm", "post_mixer_norm", "mlp", "final_norm")
 def stage(init, objective, num_steps, learning_rate, frozen):
     return dict(
         init=init,
+        warmup_fraction=0.1,
         num_steps=num_steps,
         eval_every=num_steps,
         checkpoint_every=num_steps,
@@ -36,7 +37,6 @@ def stage(init, objective, num_steps, learning_rate, frozen):
         optim=dict(
             learning_rate=learning_rate,
             schedule="wsd",
-            warmup_steps=max(num_steps // 10, 1),
             wsd_decay_fraction=0.2,
             wsd_shape="linear",
             final_lr_fraction=0.0,

@@ -20,10 +20,11 @@ step 0) and frozen parameters, initialised with ``init_from``:
   previous stage still ran as attention.
 
 A config holds the student's engine config (as ``configs/lm_tiny.py``), ``stage_order`` (stage
-names) and ``stages.<name>``: ``init`` and any engine fields to override in that stage
-(``num_steps``, ``objective``, ``optim``, ``model``, ...). Rerunning the command resumes: a
-finished stage only reloads its last checkpoint. ``WORKDIR/stages.json`` lists the stages in the
-order they ran, with their workdirs, sources and final metrics.
+names) and ``stages.<name>``: ``init``, ``warmup_fraction`` (the stage's warm-up as a fraction of
+its ``num_steps``, at least one step; unset: ``optim.warmup_steps``) and any engine fields to
+override in that stage (``num_steps``, ``objective``, ``optim``, ``model``, ...). Rerunning the
+command resumes: a finished stage only reloads its last checkpoint. ``WORKDIR/stages.json``
+lists the stages in the order they ran, with their workdirs, sources and final metrics.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
     for name in order:
         stage = config.stages[name].to_dict()
         init = stage.pop("init", "previous")
+        warmup_fraction = stage.pop("warmup_fraction", None)
         if init not in INITS:
             raise ValueError(f"config.stages.{name}.init must be one of {INITS}, got {init!r}")
         if init == "previous" and not staged:
@@ -106,6 +108,15 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
             )
         engine = ml_collections.ConfigDict(base.to_dict())
         _merge(engine, stage, f"config.stages.{name}")
+        if warmup_fraction is not None:  # follows num_steps set on the command line
+            if not 0 <= warmup_fraction <= 1:
+                raise ValueError(
+                    f"config.stages.{name}.warmup_fraction must be in [0, 1], got {warmup_fraction}"
+                )
+            engine.optim.warmup_steps = min(
+                max(round(warmup_fraction * engine.num_steps), 1 if warmup_fraction else 0),
+                engine.num_steps,
+            )
         engine.init_from = init  # a marker until run_stages knows the source's workdir
         staged.append((name, engine))
     return staged

@@ -51,8 +51,10 @@ def shrink(config, teacher_dir, steps, learning_rates):
     )
     config.objective.teacher = f"run:{teacher_dir}"
     for name, n, lr in zip(config.stage_order, steps, learning_rates, strict=True):
-        config.stages[name].update(num_steps=n, eval_every=n, checkpoint_every=n)
-        config.stages[name].optim.update(learning_rate=lr, warmup_steps=1)
+        config.stages[name].update(
+            num_steps=n, eval_every=n, checkpoint_every=n, warmup_fraction=0.5 / n
+        )  # the warm-up follows num_steps: one step
+        config.stages[name].optim.learning_rate = lr
     return config
 
 
