@@ -16,7 +16,9 @@ Reductions over the ``[batch, seq]`` per-token losses (:func:`reduce_tokens`):
   it does not grow with the sequence length.
 * ``"batchmean"``: ``sum_{b, t} l_{b,t} / batch``, every position counted, pad and prompt
   included: what MambaInLlama's ``F.kl_div(..., reduction="batchmean")`` computes (its scale
-  grows with the sequence length, MambaInLlama issue #15), for parity runs.
+  grows with the sequence length, MambaInLlama issue #15), for parity runs. It applies to the
+  cross-entropy term too, where their code averages over labelled tokens instead (their
+  end-to-end configs set the CE weight to 0, where the two agree).
 
 MOHAWK (Bick et al. 2024), teacher-forced per layer: student layer ``i`` reads the teacher's
 residual stream ``u_i`` entering layer ``i`` (never its own previous layers' output):
