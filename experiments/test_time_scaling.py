@@ -260,15 +260,18 @@ def verdict(holds: bool) -> str:
 
 
 def null_reason(results, teacher: str, student: str, metric: str) -> str:
-    """Why a student's curve does not reach the teacher's: its speed, and how far voting or
-    sampling lifts the teacher against where the student ends."""
+    """Why a student's curve does not overtake the teacher's: its speed, how much the teacher
+    still gains with k (sampling and voting headroom), and where the student ends."""
     t, s = results["models"][teacher], results["models"][student]
     speed = s["samples_per_s"] / t["samples_per_s"]
-    head = t[metric]["mean"][-1] - t[metric]["mean"][0]
+    gain = t[metric]["mean"][-1] - t[metric]["mean"][0]
+    voting = t["coverage"]["mean"][-1] - t["majority"]["mean"][-1]
     return (
         f"student speed {speed:.2f}x the teacher's at {results['rows_per_call']} rows per call; "
         f"the student's best {metric} {max(s[metric]['mean']):.3f} vs the teacher's "
-        f"{t[metric]['mean'][0]:.3f} at k=1 (teacher's gain from k=1 to k=n: {head:+.3f})"
+        f"{t[metric]['mean'][0]:.3f} at k=1; the teacher gains {gain:+.3f} from k=1 to "
+        f"k={results['ks'][-1]}, and its voting headroom (coverage - majority at k="
+        f"{results['ks'][-1]}) is {voting:.3f}"
     )
 
 
@@ -368,6 +371,7 @@ def write_report(workdir: str, results: dict, teacher: str, claims) -> None:
             "vs " + teacher,
             "no answer",
             "mean tokens",
+            "sampling wall s",
         ),
         [
             (
@@ -380,10 +384,11 @@ def write_report(workdir: str, results: dict, teacher: str, claims) -> None:
                 f"{r['samples_per_s'] / results['models'][teacher]['samples_per_s']:.2f}x",
                 f"{r['failures']} / {r['samples']}",
                 f"{r['mean_tokens']:.1f}",
+                f"{r['wall_s']:.1f}",
             )
             for name, r in results["models"].items()
         ],
-        align="llllrrrrr",
+        align="llllrrrrrr",
     )
     for metric, label in (("coverage", "Coverage (pass@k)"), ("majority", "Majority@k")):
         doc.section(f"{label}, mean [{LEVEL:.0%} interval]")

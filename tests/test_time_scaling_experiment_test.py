@@ -174,3 +174,96 @@ def test_bench_quick_writes_ratios_per_batch(tmp_path):
             student["samples_per_s"] / teacher["samples_per_s"]
         )
         assert teacher["samples_per_s"] == pytest.approx(1 / teacher["median_seconds_per_sample"])
+
+
+def synthetic_results(teacher_sps: float, student_sps: float, student_shift: float) -> dict:
+    """Two models on 40 problems with k = 1, 2, 4: the same per-problem curves, the student's
+    shifted by ``student_shift``, each at its own speed."""
+    ks = [1, 2, 4]
+    rng = np.random.default_rng(0)
+    base = np.sort(rng.random((40, 3)), axis=1)
+    curves = {"teacher": base, "student": np.clip(base + student_shift, 0, 1)}
+    results = dict(ks=ks, rows_per_call=128, models={}, crossovers={})
+    for name, sps in (("teacher", teacher_sps), ("student", student_sps)):
+        stats = tts.curve_stats(curves[name], resamples=20, seed=0)
+        results["models"][name] = dict(
+            samples_per_s=sps,
+            seconds_per_problem=[k / sps for k in ks],
+            coverage=stats,
+            majority=stats,
+        )
+    results["crossovers"]["student"] = {
+        metric: tts.crossover_stats(
+            np.array(results["models"]["teacher"]["seconds_per_problem"]),
+            curves["teacher"],
+            np.array(results["models"]["student"]["seconds_per_problem"]),
+            curves["student"],
+            resamples=20,
+            seed=0,
+        )
+        for metric in ("majority", "coverage")
+    }
+    return results
+
+
+@pytest.mark.parametrize(
+    "student_sps, shift, faster, overtakes",
+    [
+        (2.0, 0.0, True, True),  # same accuracy per k, twice the samples per second
+        (1.0, -0.05, False, False),  # same speed, worse at every k
+        (2.0, -1.0, True, False),  # faster but never right
+    ],
+)
+def test_claims_follow_the_verdict_rule(student_sps, shift, faster, overtakes):
+    results = synthetic_results(1.0, student_sps, shift)
+    claims = {c.claim: c.verdict for c in tts.claims_of(results, "teacher")}
+    assert claims["student generates samples faster than teacher"] == (
+        "holds" if faster else "does not hold"
+    )
+    for metric in ("majority", "coverage"):
+        key = f"student's {metric}@k overtakes teacher's at a fixed time budget"
+        assert claims[key] == ("holds" if overtakes else "does not hold")
+        cross = results["crossovers"]["student"][metric]
+        assert (cross["lead"] > 0) == overtakes
+        assert (cross["seconds"] is not None) == overtakes
+    results_json = {**results, "claims": [{"claim": k, "verdict": v} for k, v in claims.items()]}
+    check_claims(results_json)
+
+
+def test_experiment_takes_given_models_of_any_family(tmp_path):
+    from flax import nnx
+
+    from jaxlab import models
+    from jaxlab.train import pretrained
+
+    shared = dict(vocab_size=46, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2)
+    mamba = dict(shared, name="mamba", mixer="mamba1", expand=1, state_size=4, num_kv_heads=2)
+    configs = {
+        "teacher": dict(shared, name="llama", num_kv_heads=1),
+        "hybrid": dict(mamba, attention_layers=(1,)),
+        "pure": mamba,
+    }
+    sources = []
+    for name, fields in configs.items():
+        model = models.build(models.make_config(fields), nnx.Rngs(1))
+        sources.append(f"{name}={pretrained.save_model_source(str(tmp_path / name), model)}")
+    tiny = [a for a in TINY if not a.startswith(("--config.model", "--config.student_model"))]
+    result = run_module(
+        "experiments.test_time_scaling",
+        f"--workdir={tmp_path / 'out'}",
+        f"--config.experiment.models={','.join(sources)}",
+        *tiny,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["trained_here"] is False
+    assert list(results["models"]) == ["teacher", "hybrid", "pure"]
+    assert list(results["crossovers"]) == ["hybrid", "pure"]
+    assert not (tmp_path / "out" / "teacher").exists()  # nothing was trained
+    assert [r["family"] for r in results["models"].values()] == [
+        "TransformerConfig",
+        "MambaConfig",
+        "MambaConfig",
+    ]
+    check_claims(results)
+    assert "stand-in" not in (tmp_path / "out" / "REPORT.md").read_text()
