@@ -259,6 +259,22 @@ def verdict(holds: bool) -> str:
     return "holds" if holds else "does not hold"
 
 
+# How often, over bootstrap resamples of the problems, the student must lead somewhere for an
+# overtake to count: a lead in one resample in two is noise, not a result.
+FIRM = 0.95
+
+
+def budget_verdict(lead_value: float, bootstrap_fraction: float) -> str:
+    """The fixed-budget verdict: "holds" when the mean curve leads and the student leads in at
+    least :data:`FIRM` of the resamples; "does not hold" when the mean curve never leads and it
+    leads in at most ``1 - FIRM``; else "inconclusive"."""
+    if lead_value > 0 and bootstrap_fraction >= FIRM:
+        return "holds"
+    if lead_value <= 0 and bootstrap_fraction <= 1 - FIRM:
+        return "does not hold"
+    return "inconclusive"
+
+
 def null_reason(results, teacher: str, student: str, metric: str) -> str:
     """Why a student's curve does not overtake the teacher's: its speed, how much the teacher
     still gains with k (sampling and voting headroom), and where the student ends."""
@@ -310,7 +326,7 @@ def claims_of(results, teacher: str) -> list[report.Claim]:
                     f"{student}'s {metric}@k overtakes {teacher}'s at a fixed time budget",
                     PAPER[metric],
                     ours,
-                    verdict(c["lead"] > 0),
+                    budget_verdict(c["lead"], c["bootstrap_fraction"]),
                 )
             )
     return claims
@@ -321,10 +337,11 @@ VERDICT_RULE = (
     "used exceeds the teacher's. Fixed budget (majority, coverage): holds when the student's "
     "mean curve against seconds per problem (linear interpolation between the measured k) is "
     "strictly above the teacher's at some budget inside the range both curves cover (a tie, "
-    "e.g. both at 0, is not an overtake); otherwise it does not hold, and the reason is given "
-    "(throughput ratio at this length and batch, the teacher's gain from voting or sampling, "
-    "the student's best value). The share of bootstrap resamples of the problems in which the "
-    "student leads says how firm either verdict is."
+    "e.g. both at 0, is not an overtake) and the student leads somewhere in at least 95% of "
+    "bootstrap resamples of the problems; it does not hold when the mean curve never leads and "
+    "the student leads in at most 5% of the resamples, with the reason given (throughput ratio "
+    "at this length and batch, the teacher's gain from voting or sampling, the student's best "
+    "value); anything between is inconclusive."
 )
 
 

@@ -456,7 +456,9 @@ def load_model(spec: str, field: str = "--model") -> nnx.Module:
         from jaxlab.interop.hf import load_hf_llama
 
         return load_hf_llama(source.path)
-    model = models.build(source_model_config(source), nnx.Rngs(0))
+    config = source_model_config(source)
+    # Shapes only: the checkpoint provides every parameter, so none is drawn at random.
+    model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
