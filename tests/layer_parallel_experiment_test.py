@@ -92,7 +92,7 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
         "--config.log_every=2",
         "--config.seq_len=16",
         "--config.batch_size=2",
-        "--config.eval_batches=1",
+        "--config.eval_batches=2",
         "--config.eval_per_source=False",
         "--config.model.hidden_size=16",
         "--config.model.intermediate_size=32",
@@ -114,7 +114,7 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
     assert results["teacher"]["workdir"] == str(tmp_path / "given_teacher")
     assert "2" in os.listdir(tmp_path / "given_teacher" / "checkpoints")
     # The experiment's own held-out scorer agrees with the engine's evaluation of the teacher.
-    assert original["perplexity"] == pytest.approx(
+    assert results["teacher"]["held_out_perplexity"] == pytest.approx(
         results["teacher"]["engine_eval_perplexity"], rel=1e-5
     )
     entry = results["deltas"]["2"]
@@ -126,6 +126,9 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
         assert row["depth"] == depths[method], method
         assert row["retention"] == pytest.approx(original["perplexity"] / row["perplexity"])
     assert [r["method"] for r in entry["rows"]] == [*lp_experiment.RUN_METHODS, "prune (angular)"]
+    # Each best start is picked on the selection half, not on the numbers it reports.
+    for row in entry["rows"]:
+        assert entry["best"][row["method"]]["selection_retention"] >= row["selection_retention"]
 
     # Recovery trained the paired block of the LP model and nothing else.
     recovered = entry["best"][lp_experiment.RECOVERED]
@@ -157,9 +160,10 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
         lp_speed - 1 >= 0.5 * (6 / 5 - 1),
         best["LP"]["accuracy_retention"] >= 0.95,  # nan (a 0 accuracy) does not hold
         best["LP + recovery"]["perplexity"] < best["LP"]["perplexity"],
-        mesh["LP delta=2"]["b=1"] / mesh["original"]["b=1"] >= lp_speed,
+        None,  # the mesh is of fake CPU devices: no verdict
     ]
-    verdicts = {True: "holds", False: "does not hold"}
+    assert math.isfinite(mesh["LP delta=2"]["b=1"] / mesh["original"]["b=1"])
+    verdicts = {True: "holds", False: "does not hold", None: "not measured"}
     assert [c["verdict"] for c in results["claims"]] == [verdicts[e] for e in expected]
     report = (tmp_path / "REPORT.md").read_text()
     assert "Verdict rule: decided before the run" in report
