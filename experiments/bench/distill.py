@@ -132,7 +132,8 @@ def main(argv):
     repeats = 2 if FLAGS.quick else FLAGS.repeats
     batches, lengths = tuple(e.decode_batches), tuple(e.decode_lengths)
     prompt_len = int(e.prompt_len)
-    built = built_models(config, prompt_len + max(lengths))
+    # Room for the longest decode and for the train step's sequences.
+    built = built_models(config, max(prompt_len + max(lengths), config.model.max_seq_len))
     token_id = 1
 
     step_s = {}
