@@ -113,7 +113,8 @@ def initial_student(teacher, name: str, seed: int) -> MambaLM:
     or (``scratch``) a randomly initialised model of the pure student's architecture."""
     mixer, fraction, transferred, objective = STUDENTS[name]
     t = teacher.config
-    config = student_config(t, mixer, hybrid_layers(t.num_layers, fraction))
+    attention = hybrid_layers(t.num_layers, fraction) if fraction else ()  # pure: no attention
+    config = student_config(t, mixer, attention)
     if objective == "next_token":
         return MambaLM(config, rngs=nnx.Rngs(seed))
     student = transfer(teacher, config, rngs=nnx.Rngs(seed))
@@ -439,6 +440,10 @@ def main(argv):
             init_from=source,
             steps=config.num_steps,
             train_seconds=time.perf_counter() - start,
+            # The engine's held-out next-token loss before and after training (the start's
+            # quality: the transfer vs the random-init ablation); None before on a resumed run.
+            eval_loss_start=(run.initial_eval or {}).get("eval_loss"),
+            eval_loss_end=run.eval["eval_loss"],
         )
     for name, model in trained.items():
         print(f"--- scoring {name}")
@@ -511,6 +516,16 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
         ("model", "kind", "perplexity", "KL to teacher", *(f"EM {k} steps (%)" for k in steps)),
         rows,
         align="llrr" + "r" * len(steps),
+    )
+    doc.add(
+        "Engine held-out next-token loss before -> after each student's training: "
+        + "; ".join(
+            f"{n}: {s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}"
+            if s["eval_loss_start"] is not None
+            else f"{n}: (resumed) -> {s['eval_loss_end']:.4f}"
+            for n, s in results["students"].items()
+        )
+        + "."
     )
     doc.images(("quality.png", "exact match and KL per model"))
     decode = results["decode"]

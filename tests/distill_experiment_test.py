@@ -100,6 +100,8 @@ def test_experiment_smoke_starts_from_the_transfer_and_reports_claims(tmp_path):
         assert results["students"][name]["objective"] == "distill_kl"
     assert not (tmp_path / "student_scratch" / "init_from.json").exists()
     assert results["students"]["scratch"]["objective"] == "next_token"
+    for name, s in results["students"].items():  # fresh runs: both ends of training measured
+        assert math.isfinite(s["eval_loss_start"]) and math.isfinite(s["eval_loss_end"]), name
 
     # The first student's initial parameters are the transfer of the trained teacher.
     teacher = stored_model(tmp_path / "teacher")

@@ -89,7 +89,8 @@ def built_models(base, max_len: int) -> dict[str, nnx.Module]:
     out = {TEACHER: teacher}
     L = model_config.num_layers
     for name, (mixer, fraction) in STUDENTS.items():
-        config = student_config(teacher.config, mixer, hybrid_layers(L, fraction))
+        attention = hybrid_layers(L, fraction) if fraction else ()  # pure: no attention
+        config = student_config(teacher.config, mixer, attention)
         out[name] = transfer(teacher, config, rngs=nnx.Rngs(base.seed))
     return out
 
