@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench.generate --out=bench_results/bench_generate.json
 	$(PY) -m experiments.bench.input_pipeline --out=bench_results/bench_input_pipeline.json
 	$(PY) -m experiments.bench.medical_eval --out=bench_results/bench_medical_eval.json
+	$(PY) -m experiments.bench.test_time --out=bench_results/bench_test_time.json
 
 # On a lent GPU machine, which has no network: its own python3 already holds jax[cuda], absl and
 # numpy, so this target installs nothing and runs from the source tree.

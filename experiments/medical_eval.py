@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 from absl import app, flags
-from flax import nnx
 
-from jaxlab import models
 from jaxlab.data.prompts import CHATML_TOKENS
 from jaxlab.data.tokenizers import add_special_tokens, load_tokenizer
 from jaxlab.eval import medical
@@ -49,22 +46,7 @@ _OUT = flags.DEFINE_string("out", "runs/medical_eval.json", "Where to write the 
 
 def load_model(spec: str):
     """The model of an ``hf:``/``run:`` source, its parameters on the default device."""
-    source = pretrained.parse_source(spec, "--model")
-    if source.kind == "hf":
-        from jaxlab.interop.hf import load_hf_llama
-
-        return load_hf_llama(source.path)
-    config = pretrained.source_model_config(source)
-    model = models.build(config, nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        nnx.to_pure_dict(params),
-    )
-    loaded, _ = pretrained.load_params(source, abstract, field="--model")
-    nnx.replace_by_pure_dict(params, loaded)
-    return nnx.merge(graphdef, params, rest)
+    return pretrained.load_model(spec, "--model")
 
 
 def tokenizer_for(spec: str, tokenizer_spec: str, chat: bool, vocab_size: int):

@@ -399,11 +399,12 @@ def keep_by_language(text: str, language: str = "en") -> bool:
 
 
 def dedup_key(text: str, prefix_chars: int = DEDUP_PREFIX_CHARS) -> str:
-    """The deduplication key: the text lowercased with every character outside ``[a-z0-9]``
-    removed, cut to ``prefix_chars`` characters. MEDITRON cuts first and removes after, so
-    there a copy with extra spaces or punctuation shifts its window and escapes; cutting after
-    removing makes such copies collide too."""
-    return re.sub(r"[^a-z0-9]", "", text.lower())[:prefix_chars]
+    """The deduplication key: the text lowercased with every character that is not a Unicode
+    letter or digit removed, cut to ``prefix_chars`` characters. MEDITRON cuts first and removes
+    after, so there a copy with extra spaces or punctuation shifts its window and escapes;
+    cutting after removing makes such copies collide too. Letters of any script count, so texts
+    in Greek or CJK do not all share an empty key."""
+    return re.sub(r"[\W_]", "", text.lower())[:prefix_chars]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,6 +617,13 @@ def clean_documents(
     _check_mode("citations", citations, CITATION_MODES)
     if tfds_data_dir and not output:
         raise ValueError("clean_documents: tfds_data_dir needs output (the JSONL it is built from)")
+    if output:
+        inside = os.path.commonpath([os.path.abspath(folder), os.path.abspath(output)])
+        if inside == os.path.abspath(folder):
+            raise ValueError(
+                f"clean_documents: output must lie outside folder (it would be read back as a "
+                f"document on the next run), got folder={folder!r}, output={output!r}"
+            )
     raw, skipped = read_folder(folder, text_field=text_field)
     counts = dict.fromkeys(TEXT_RULES, 0)
     dropped = dict.fromkeys(FILTERS, 0)
@@ -636,8 +644,8 @@ def clean_documents(
         if language is not None and not keep_by_language(text, language):
             dropped["keep_by_language"] += 1
             continue
-        if dedup != "none":
-            key = (doc.source if dedup == "per_source" else "", dedup_key(text))
+        key = (doc.source if dedup == "per_source" else "", dedup_key(text))
+        if dedup != "none" and key[1]:  # a text without letters or digits has no key to share
             if key in seen:
                 dropped["dedup"] += 1
                 continue

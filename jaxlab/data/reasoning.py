@@ -58,8 +58,8 @@ ALPHABET = string.digits + VARIABLES + "=+-*;?#"
 SPLITS = ("train", "test")
 MAX_RETRIES = 1000  # draws of one problem before giving up on a distinct one
 
-# The integer after the first marker: optional spaces, an optional sign, digits.
-_ANSWER = re.compile(re.escape(MARKER) + r" *(-?\d+)")
+# What must follow the first marker: optional spaces, an optional sign, digits.
+_ANSWER = re.compile(r" *(-?\d+)")
 
 
 def tokenizer() -> CharTokenizer:
@@ -276,8 +276,13 @@ def parse_spec(spec: str) -> ArithmeticTask:
 
 def extract_answer(text: str) -> int | None:
     """The integer right after the first :data:`MARKER` in ``text`` (spaces and a sign
-    allowed), or None when there is no marker or no digits follow it (a malformed output)."""
-    match = _ANSWER.search(text)
+    allowed; whatever follows the digits is ignored), or None when there is no marker or the
+    first one is not followed by digits (a malformed output: ``"####;####5"`` and ``"#####5"``
+    give None, never a later marker's number)."""
+    at = text.find(MARKER)
+    if at < 0:
+        return None
+    match = _ANSWER.match(text, at + len(MARKER))
     return None if match is None else int(match.group(1))
 
 

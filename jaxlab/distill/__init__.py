@@ -1,10 +1,26 @@
 """Distillation from frozen teachers: students initialised from a teacher's weights
 (:mod:`jaxlab.distill.transfer`), losses and training objectives.
 
-Importing this package registers the ``distill_kl`` training objective.
+Importing this package registers the training objectives ``distill_kl``,
+``distill_reverse_kl``, ``distill_pseudo_labels``, ``mohawk_matrix`` and ``mohawk_hidden``
+(:mod:`jaxlab.distill.losses`).
 """
 
-from jaxlab.distill.losses import distill_kl_objective, token_kl
+from jaxlab.distill.losses import (
+    distill_kl_objective,
+    hidden_alignment,
+    layer_mixer_matrix,
+    layer_output,
+    matrix_alignment,
+    mohawk_hidden_objective,
+    mohawk_matrix_objective,
+    pseudo_label_objective,
+    pseudo_labels,
+    reduce_tokens,
+    reverse_kl_objective,
+    token_kl,
+    token_reverse_kl,
+)
 from jaxlab.distill.transfer import (
     CONV_INITS,
     TRANSFER_MIXERS,
@@ -17,8 +33,19 @@ __all__ = [
     "CONV_INITS",
     "TRANSFER_MIXERS",
     "distill_kl_objective",
+    "hidden_alignment",
     "hybrid_layers",
+    "layer_mixer_matrix",
+    "layer_output",
+    "matrix_alignment",
+    "mohawk_hidden_objective",
+    "mohawk_matrix_objective",
+    "pseudo_label_objective",
+    "pseudo_labels",
+    "reduce_tokens",
+    "reverse_kl_objective",
     "student_config",
     "token_kl",
+    "token_reverse_kl",
     "transfer",
 ]

@@ -28,6 +28,8 @@ as MambaInLlama's released hybrids do (50%: the odd layers 1, 3, ...; 25%: 3, 7,
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -56,7 +58,12 @@ def hybrid_layers(num_layers: int, fraction: float) -> tuple[int, ...]:
         raise ValueError(f"hybrid_layers: num_layers must be a positive int, got {num_layers!r}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"hybrid_layers: fraction must be in [0, 1], got {fraction!r}")
-    count = round(fraction * num_layers)
+    count = math.floor(fraction * num_layers + 0.5)  # half rounds up (not to even)
+    if fraction > 0 and count == 0:
+        raise ValueError(
+            f"hybrid_layers: fraction={fraction} of num_layers={num_layers} keeps no attention "
+            "layer; use fraction=0 for a pure Mamba student"
+        )
     return tuple((i + 1) * num_layers // count - 1 for i in range(count))
 
 

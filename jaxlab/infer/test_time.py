@@ -208,6 +208,8 @@ class Samples(NamedTuple):
       lengths: int ``[problems, n]`` generated tokens per completion.
       seconds: wall-clock seconds of the timed generation calls (compilation excluded).
       rows_per_call: completions decoded together per call (problems per call x n).
+      rows_generated: completions decoded in the timed calls, the padding rows of a last,
+        partly filled call included (they cost the same time as real ones).
       failures: how many completions had no extractable answer.
     """
 
@@ -218,11 +220,13 @@ class Samples(NamedTuple):
     lengths: np.ndarray
     seconds: float
     rows_per_call: int
+    rows_generated: int
     failures: int
 
     @property
     def seconds_per_sample(self) -> float:
-        return self.seconds / self.logprobs.size
+        """Seconds per decoded completion at ``rows_per_call`` rows per call."""
+        return self.seconds / self.rows_generated
 
 
 def draw_samples(
@@ -318,5 +322,6 @@ def draw_samples(
         np.concatenate(counts),
         seconds,
         problems_per_call * num_samples,
+        len(calls) * problems_per_call * num_samples,
         failures,
     )

@@ -661,6 +661,12 @@ def check_hf_exportable(config: Any) -> None:
             "save_hf_llama: the model has scan_layers=True (its blocks' parameters are stacked); "
             "Hugging Face checkpoints hold one set per layer, so save an unrolled model"
         )
+    if config.sparse_attention is not None:
+        raise CheckpointError(
+            "save_hf_llama: the model uses sparse attention (config.sparse_attention="
+            f"{config.sparse_attention}); a Hugging Face Llama/Mistral would attend densely and "
+            "give other logits, so save it as a jaxlab checkpoint"
+        )
     for field in ("layer_widths", "parallel_groups"):
         if getattr(config, field) is not None:
             raise CheckpointError(

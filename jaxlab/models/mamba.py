@@ -67,6 +67,7 @@ from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, logical_par
 from jaxlab.models.partitioning import constrain
 from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
 from jaxlab.ops import scan as scan_ops
+from jaxlab.ops import ssm_matrix
 
 MIXERS = ("mamba1", "mamba1_qkv", "mamba2", "discrete_mamba2")
 
@@ -351,6 +352,59 @@ class MambaMixer(nnx.Module):
             tail = jnp.take_along_axis(full, rows[:, :, None], axis=1)
         return out + self.conv_bias[...].astype(x.dtype), tail
 
+    def ssd_inputs(self, hidden, conv_cache=None, lengths=None):
+        """What the SSD of a ``mamba2`` or ``discrete_mamba2`` mixer reads, from ``hidden``
+        [batch, seq, embed] (``conv_cache`` and ``lengths`` as in :meth:`__call__`).
+
+        Returns:
+          ``(x [batch, seq, heads, head_dim], step [batch, seq, heads], A [heads], B, C [batch,
+          seq, groups, state], z [batch, seq, inner], conv_state)``: the decay is
+          ``exp(step * A)``; mamba2 scales its input by ``step``, discrete_mamba2 does not
+          (its ``A = -1`` and its step is floored at 1e-6). ``step`` and ``A`` are float32 or
+          wider.
+        """
+        c = self.config
+        if _is_mamba1(c):
+            raise ValueError(
+                f"MambaMixer.ssd_inputs: mixer {c.mixer!r} has no SSD (mamba2 and "
+                "discrete_mamba2 only)"
+            )
+        dt_ = hidden.dtype
+        f32 = jnp.promote_types(jnp.float32, dt_)
+        batch, seq, _ = hidden.shape
+        d, n = c.inner_size, c.state_size
+        proj = hidden @ self.in_proj[...].astype(dt_)
+        groups = c.num_groups if c.mixer == "mamba2" else c.heads
+        xbc_width = d + 2 * groups * n
+        if c.mixer == "mamba2":  # [z | x B C | dt]
+            z, xbc, dt = jnp.split(proj, [d, d + xbc_width], axis=-1)
+        else:  # [x B C | z | a]
+            xbc, z, dt = jnp.split(proj, [xbc_width, xbc_width + d], axis=-1)
+        xbc, conv_state = self._conv(xbc, conv_cache, lengths)
+        if c.mixer == "mamba2":
+            xbc = jax.nn.silu(xbc)
+        x, B, C = jnp.split(xbc, [d, d + groups * n], axis=-1)
+        x = x.reshape(batch, seq, c.heads, c.head_dim)
+        B = B.reshape(batch, seq, groups, n)
+        C = C.reshape(batch, seq, groups, n)
+        if c.mixer == "mamba2":
+            step = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...].astype(f32))
+            A = -jnp.exp(self.A_log[...].astype(f32))
+        else:
+            # Floored so that dividing x by the step (see __call__) stays finite.
+            step = jnp.maximum(jax.nn.softplus(dt.astype(f32)), 1e-6)
+            A = -jnp.ones(c.heads, f32)
+        return x, step, A, B, C, z, conv_state
+
+    def mixer_matrix(self, hidden):
+        """MOHAWK stage 1: the matrix ``M`` [batch, heads, seq, seq] (float32 or wider) of this
+        mixer's SSD on ``hidden`` [batch, seq, embed], with the SSD output from a zero state
+        ``y[:, t, h] = sum_s M[:, h, t, s] x[:, s, h]`` (``D`` on the diagonal), and that ``x``
+        [batch, seq, heads, head_dim] (:func:`jaxlab.ops.ssm_matrix.ssd_matrix`)."""
+        x, step, A, B, C, _, _ = self.ssd_inputs(hidden)
+        scale_inputs = self.config.mixer == "mamba2"
+        return ssm_matrix.ssd_matrix(step, A, B, C, D=self.D[...], scale_inputs=scale_inputs), x
+
     def __call__(self, hidden, cache: MixerCache | None, lengths=None):
         """hidden: [batch, seq, embed]; lengths: [batch] valid (unpadded) tokens per row, whose
         steps past it leave the state and conv cache unchanged (right-padded prompts)."""
@@ -358,7 +412,6 @@ class MambaMixer(nnx.Module):
         dt_ = hidden.dtype
         batch, seq, _ = hidden.shape
         d, n = c.inner_size, c.state_size
-        proj = hidden @ self.in_proj[...].astype(dt_)
         state = None if cache is None else cache.ssm
         conv_cache = None if cache is None else cache.conv
         # Padded steps get a zero step size: no decay and no input, the state passes through.
@@ -366,8 +419,10 @@ class MambaMixer(nnx.Module):
         if lengths is not None:
             # [batch, seq, 1]: broadcasts over channels (mamba1) and heads (mamba2s).
             valid = (jnp.arange(seq)[None, :, None] < lengths[:, None, None]).astype(jnp.float32)
-        f32 = jnp.float32
+        # float32, or float64 for a float64 call (closed-form tests).
+        f32 = jnp.promote_types(jnp.float32, dt_)
         if _is_mamba1(c):
+            proj = hidden @ self.in_proj[...].astype(dt_)
             if c.mixer == "mamba1":
                 x, z = jnp.split(proj, 2, axis=-1)
                 x, conv_state = self._conv(x, conv_cache, lengths)
@@ -406,25 +461,12 @@ class MambaMixer(nnx.Module):
                 chunk_size=c.chunk_size,
             )
         else:
-            groups = c.num_groups if c.mixer == "mamba2" else c.heads
-            xbc_width = d + 2 * groups * n
-            if c.mixer == "mamba2":  # [z | x B C | dt]
-                z, xbc, dt = jnp.split(proj, [d, d + xbc_width], axis=-1)
-            else:  # [x B C | z | a]
-                xbc, z, dt = jnp.split(proj, [xbc_width, xbc_width + d], axis=-1)
-            xbc, conv_state = self._conv(xbc, conv_cache, lengths)
+            x, step, A, B, C, z, conv_state = self.ssd_inputs(hidden, conv_cache, lengths)
             if c.mixer == "mamba2":
-                xbc = jax.nn.silu(xbc)
-            x, B, C = jnp.split(xbc, [d, d + groups * n], axis=-1)
-            x = x.reshape(batch, seq, c.heads, c.head_dim)
-            B = B.reshape(batch, seq, groups, n)
-            C = C.reshape(batch, seq, groups, n)
-            if c.mixer == "mamba2":
-                step = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...].astype(f32)) * valid
                 y, new_state = scan_ops.ssd(
                     x,
-                    step,
-                    -jnp.exp(self.A_log[...].astype(f32)),
+                    step * valid,
+                    A,
                     B,
                     C,
                     chunk_size=c.chunk_size,
@@ -437,7 +479,6 @@ class MambaMixer(nnx.Module):
                 # Decay exp(-softplus(a)) with an input not scaled by the step: the SSD multiplies
                 # x by its step, so x is divided by it first (as the Llamba code does), in
                 # float32 and with the step floored at 1e-6 so that the quotient stays finite.
-                step = jnp.maximum(jax.nn.softplus(dt.astype(f32)), 1e-6)
                 x_in = x.astype(f32) / step[..., None]
                 if lengths is not None:
                     step = step * valid
@@ -445,7 +486,7 @@ class MambaMixer(nnx.Module):
                 y, new_state = scan_ops.ssd(
                     x_in,
                     step,
-                    -jnp.ones(c.heads),
+                    A,
                     B,
                     C,
                     chunk_size=c.chunk_size,

@@ -446,3 +446,25 @@ def load_frozen(frozen: FrozenModel, name: str, source: Source | None = None):
         source or frozen.source, frozen.abstract, field=f"frozen model {name!r}"
     )
     return params
+
+
+def load_model(spec: str, field: str = "--model") -> nnx.Module:
+    """The model of an ``hf:PATH`` or ``run:WORKDIR[@STEP]`` source, built from its own config
+    with its parameters on the default device, ready for inference (errors name ``field``)."""
+    source = parse_source(spec, field)
+    if source.kind == "hf":
+        from jaxlab.interop.hf import load_hf_llama
+
+        return load_hf_llama(source.path)
+    config = source_model_config(source)
+    # Shapes only: the checkpoint provides every parameter, so none is drawn at random.
+    model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        nnx.to_pure_dict(params),
+    )
+    loaded, _ = load_params(source, abstract, field=field)
+    nnx.replace_by_pure_dict(params, loaded)
+    return nnx.merge(graphdef, params, rest)

@@ -298,3 +298,15 @@ def test_tfds_output(tmp_path):
     )
     train = tfds_text_source(report.tfds_dir, "train")
     assert sorted(train) == sorted(r["text"] for r in report.documents)
+
+
+def test_dedup_keys_texts_of_any_script_and_refuses_output_inside_the_folder(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Η θεραπεία της υπέρτασης ξεκινά με αλλαγές στον τρόπο ζωής.\n")
+    (folder / "b.txt").write_text("Лечение гипертонии начинается с изменения образа жизни.\n")
+    report = g.clean_documents(str(folder), language=None)
+    assert len(report.documents) == 2 and report.dropped.get("dedup", 0) == 0
+    assert g.dedup_key("Ἀ-Β!") != "" and g.dedup_key("Ab, c") == "abc"
+    with pytest.raises(ValueError, match="output must lie outside folder"):
+        g.clean_documents(str(folder), output=str(folder / "clean.jsonl"))

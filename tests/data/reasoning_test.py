@@ -124,7 +124,8 @@ def test_extract_answer_reads_the_first_marker_and_refuses_malformed_text():
     assert reasoning.extract_answer("#### 42 and more") == 42
     assert reasoning.extract_answer("####-3") == -3
     assert reasoning.extract_answer("####3;####4") == 3
-    for malformed in ("", "b=a+3=4+3=7;", "####", "####;7", "###7", "#### -", "b=7;#### x5"):
+    malformed_outputs = ("", "b=a+3=4+3=7;", "####", "####;7", "###7", "#### -", "b=7;#### x5")
+    for malformed in malformed_outputs + ("####;####5", "#####5", "#### ####5"):
         assert reasoning.extract_answer(malformed) is None, malformed
         assert not reasoning.is_correct(malformed, 7)
     assert reasoning.is_correct("####07", 7)

@@ -378,3 +378,11 @@ def test_bad_inputs_are_named():
         transfer(teacher, config, rngs=nnx.Rngs(0), conv="zeros")
     with pytest.raises(ValueError, match="teacher must be a jaxlab Transformer"):
         transfer(models.build(config, nnx.Rngs(0)), config, rngs=nnx.Rngs(0))
+
+
+def test_hybrid_layers_rounds_half_up_and_refuses_an_empty_hybrid():
+    assert hybrid_layers(6, 0.25) == (2, 5)  # 1.5 layers round up to 2, evenly spaced
+    assert hybrid_layers(10, 0.25) == (2, 5, 9)  # 2.5 round up to 3 (not to the even 2)
+    with pytest.raises(ValueError, match="keeps no attention layer"):
+        hybrid_layers(2, 0.2)
+    assert hybrid_layers(2, 0.0) == ()

@@ -357,6 +357,7 @@ def _scripted_samples(texts):
         lengths=np.ones((len(texts), n), int),
         seconds=1.0,
         rows_per_call=n,
+        rows_generated=n * len(texts),
         failures=0,
     )
 
@@ -490,3 +491,9 @@ def test_tiny_model_end_to_end_in_every_mode(tiny, data, tmp_path):
     # the same seed gives the same result (greedy and seeded sampling are deterministic)
     again = runner.evaluate(model, tokenizer, runs[3], test, train)
     assert again["predictions"] == result["predictions"]
+
+
+def test_outputs_are_cut_at_either_of_meditrons_stop_strings():
+    assert parsing.strip_stop("the answer is b$$$ then c") == "the answer is b"
+    assert parsing.strip_stop("x $$$ y ### z") == "x "
+    assert parsing.strip_stop("plain") == "plain"

@@ -183,6 +183,8 @@ def test_samples_are_reproducible_by_seed_and_rows_stay_with_their_problems(tiny
     assert a.texts == b.texts and a.texts != c.texts
     assert len(a.texts) == 3 and all(len(row) == 4 for row in a.texts)
     assert a.rows_per_call == 8 and a.seconds > 0 and a.lengths.shape == (3, 4)
+    # Two calls of 2 problems x 4 samples were timed, the second with a padding problem.
+    assert a.rows_generated == 16 and a.seconds_per_sample == a.seconds / 16
     # Almost greedy: each problem's samples are its own greedy completion, whatever the batching.
     cold = draw(0, 2, temperature=1e-4)
     for i, prompt in enumerate(prompts):

@@ -557,3 +557,19 @@ def test_exported_files_get_the_umask_mode(two_models, tmp_path, umask, max_shar
     assert "config.json" in names and len(names) >= 2
     for name in names:
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_sparse_attention_model_is_not_exported_as_a_dense_llama():
+    from jaxlab.interop.hf import check_hf_exportable
+    from jaxlab.models import TransformerConfig
+
+    config = TransformerConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        sparse_attention=dict(kind="hash", num_buckets=2),
+    )
+    with pytest.raises(CheckpointError, match="sparse attention"):
+        check_hf_exportable(config)

@@ -20,8 +20,9 @@ labels (``a``.. up to its option count, or yes/no/maybe, so "maybe" is scorable)
 or as an option's exact text; anything else is a failure, reported separately. CoT takes the
 first word after the last ``answer is`` (or ``answer:``).
 
-Both cut the output at ``"###"`` first: vLLM's stop strings end the text before the stop string,
-while :func:`jaxlab.infer.generate` keeps the token that completes it.
+Both cut the output at the first of MEDITRON's stop strings (:data:`STOP_STRINGS`, ``"###"`` and
+``"$$$"``) first: vLLM's stop strings end the text before the stop string, while
+:func:`jaxlab.infer.generate` keeps the token that completes it.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 
 PARSERS = ("parity", "clean")
+# MEDITRON's inference stops at these strings (beside eos and pad).
+STOP_STRINGS = ("###", "$$$")
 PARITY_ANSWERS = ("a", "b", "c", "d", "e", "yes", "no")
 _DOUBLES = (("yesyes", "yes"), ("nono", "no"), ("yesno", "yes"), ("noyes", "no"))
 
 
 def strip_stop(text: str) -> str:
-    """The text before the first ``"###"`` (what vLLM returns for that stop string)."""
-    return text.split("###")[0]
+    """The text before the first of :data:`STOP_STRINGS` (what vLLM returns for them)."""
+    for stop in STOP_STRINGS:
+        text = text.split(stop)[0]
+    return text
 
 
 def parity_gold(gold: str) -> str | None:

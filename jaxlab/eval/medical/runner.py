@@ -18,8 +18,8 @@ Modes (``MODES``):
   then a majority vote (``parity``: :func:`~jaxlab.eval.medical.parsing.parity_vote`, failed
   branches voting with their raw text; ``clean``: failures abstain).
 
-Greedy generation stops at the tokenizer's eos and pad ids and at ``"###"`` (MEDITRON's stop
-strings). MEDITRON also decoded with vLLM's ``frequency_penalty=1.0``, which
+Greedy generation stops at the tokenizer's eos and pad ids and at ``"###"`` and ``"$$$"``
+(MEDITRON's stop strings). MEDITRON also decoded with vLLM's ``frequency_penalty=1.0``, which
 :func:`jaxlab.infer.generate` does not offer: it cannot change a first generated token (nothing
 has been generated yet), so top-token answers are unaffected; CoT texts may differ.
 
@@ -201,7 +201,8 @@ def greedy_texts(
     add_bos: bool,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (``budgets[i]``: the new-token budget of the batch that
-    starts at question ``i * batch_size``), stopped at eos/pad and ``"###"``, cut before it."""
+    starts at question ``i * batch_size``), stopped at eos/pad, ``"###"`` and ``"$$$"``, cut
+    before them."""
     encoded = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
     width = max(len(e) for e in encoded)
     _check_fits(model, width, max(budgets), "greedy generation")
@@ -217,7 +218,7 @@ def greedy_texts(
             [len(r) for r in rows],
             max_new_tokens=int(budgets[b]),
             stop_tokens=_stop_tokens(tokenizer),
-            stop_strings=("###",),
+            stop_strings=parsing.STOP_STRINGS,
             tokenizer=tokenizer,
         )
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -343,7 +344,7 @@ def evaluate_seed(
             problems_per_call=min(config.batch_size, len(test)),
             seed=seed,
             stop_tokens=_stop_tokens(tokenizer),
-            stop_strings=("###",),
+            stop_strings=parsing.STOP_STRINGS,
             add_bos=add_bos,
         )
         for q, texts in zip(test, samples.answers, strict=True):

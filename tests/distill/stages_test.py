@@ -1,0 +1,204 @@
+"""Distillation stages (experiments/distill_stages.py with configs/distill_mohawk.py and
+configs/distill_mambainllama.py) on a tiny Llama teacher: the stages run in the configured order,
+each from the previous one's run, each with its own schedule (read back from its metrics); frozen
+parameters (MLPs, norms, embedding, attention) are bitwise the teacher's after the stages that
+freeze them, while the mixers change."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import distill_mambainllama, distill_mohawk, lm_smoke
+from experiments import distill_stages
+from jaxlab import models
+from jaxlab.train import loop
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A 2-step lm_smoke Llama with 3 layers (hidden 32, 4 heads, 2 KV heads)."""
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    config = lm_smoke.get_config()
+    config.update(num_steps=2, checkpoint_every=2, eval_every=2, eval_batches=1)
+    config.model.num_layers = LAYERS
+    loop.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def shrink(config, teacher_dir, steps, learning_rates):
+    """The stage config at lm_smoke's size, ``steps`` and peak rates per stage, one warm-up
+    step, every step logged."""
+    smoke = lm_smoke.get_config()
+    config.update(batch_size=8, seq_len=32, eval_batches=1, log_every=1)
+    config.data = smoke.data
+    config.model.update(
+        hidden_size=32,
+        num_layers=LAYERS,
+        intermediate_size=64,
+        head_dim=8,  # 4 SSM heads, one per teacher head
+        state_size=8,
+        chunk_size=16,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+    )
+    config.objective.teacher = f"run:{teacher_dir}"
+    for name, n, lr in zip(config.stage_order, steps, learning_rates, strict=True):
+        config.stages[name].update(
+            num_steps=n, eval_every=n, checkpoint_every=n, warmup_fraction=0.5 / n
+        )  # the warm-up follows num_steps: one step
+        config.stages[name].optim.learning_rate = lr
+    return config
+
+
+def learning_rates(workdir):
+    records = [r for r in loop.read_metrics(workdir) if "learning_rate" in r]
+    return [r["learning_rate"] for r in sorted(records, key=lambda r: r["step"])]
+
+
+def wsd(peak, n, warmup, fraction):
+    """Warm-up from 0, flat, then a linear decay to 0 over the last round(fraction * n) steps."""
+    cooldown = min(max(round(fraction * n), 1), n - warmup)
+    stable = n - warmup - cooldown
+    return [
+        peak * t / warmup
+        if t < warmup
+        else peak * (1 - min(max((t - warmup - stable) / cooldown, 0), 1))
+        for t in range(n)
+    ]
+
+
+def cosine(peak, n, warmup, final_fraction):
+    span = n - warmup
+    return [
+        peak * t / warmup
+        if t < warmup
+        else peak
+        * (
+            (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / span))
+            + final_fraction
+        )
+        for t in range(n)
+    ]
+
+
+def flat(params):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(params)}
+
+
+def initial_mixers(exp):
+    """The random parameters a stage's new mixers start from (``config.seed``)."""
+    model = models.build(exp.model_config, nnx.Rngs(exp.config.seed))
+    return flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def teacher_name(name):
+    """A student block parameter's name in the Llama teacher."""
+    return name.replace("post_mixer_norm", "post_attention_norm")
+
+
+def split(params, kind):
+    return {k: v for k, v in params.items() if kind in k}
+
+
+def test_mohawk_stages_run_in_order_with_their_schedules_and_frozen_mlps(teacher_dir, tmp_path):
+    config = shrink(distill_mohawk.get_config(), teacher_dir, (4, 4, 2), (1e-3, 2e-3, 3e-3))
+    for name in config.stage_order:
+        config.stages[name].optim.wsd_decay_fraction = 0.5
+    workdir = str(tmp_path)
+    results = distill_stages.run_stages(config, workdir)
+
+    with open(os.path.join(workdir, "stages.json")) as f:
+        summary = json.load(f)
+    assert [s["stage"] for s in summary] == ["matrix", "hidden", "kl"]
+    assert [s["objective"] for s in summary] == ["mohawk_matrix", "mohawk_hidden", "distill_kl"]
+    assert [s["init_from"] for s in summary] == [
+        f"run:{teacher_dir}",
+        f"run:{workdir}/0_matrix",
+        f"run:{workdir}/1_hidden",
+    ]
+    assert [s["init_from_mode"] for s in summary] == ["partial", "exact", "exact"]
+    # Each stage restarts its own WSD schedule: 0, flat at its peak, then the decay.
+    for s, (n, peak) in zip(summary, ((4, 1e-3), (4, 2e-3), (2, 3e-3)), strict=True):
+        np.testing.assert_allclose(learning_rates(s["workdir"]), wsd(peak, n, 1, 0.5), rtol=1e-6)
+    assert learning_rates(summary[0]["workdir"])[1:] == pytest.approx([1e-3, 1e-3, 5e-4])
+    metrics = [  # the last train record of each stage
+        [r for r in loop.read_metrics(s["workdir"]) if "loss" in r][-1] for s in summary
+    ]
+    assert {"matrix_0", "matrix_2"} <= set(metrics[0]) and "hidden_2" in metrics[1]
+    assert "kl" in metrics[2]
+
+    teacher = flat(loop.load_frozen(results[0][1].experiment)["teacher"])
+    start = initial_mixers(results[0][1].experiment)
+    params = [flat(result.state.params) for _, result in results]
+    for stage in (0, 1):  # the alignment stages: everything but the mixers is the teacher's
+        frozen = {k: v for k, v in params[stage].items() if "['mixer']" not in k}
+        assert len(frozen) == 1 + LAYERS * 5 + 1  # embed, per layer 2 norms + 3 MLP, final norm
+        for name, value in frozen.items():
+            np.testing.assert_array_equal(value, teacher[teacher_name(name)], err_msg=name)
+    for i in range(LAYERS):  # and the mixers trained (what their matrices depend on)
+        for part in ("in_proj", "conv_weight", "D"):
+            name = f"['layers'][{i}]['mixer']['{part}']"
+            assert not np.array_equal(params[0][name], start[name]), name
+    assert any(
+        not np.array_equal(v, params[0][k]) for k, v in split(params[1], "['mixer']").items()
+    )
+    # The KL stage trains everything.
+    assert not np.array_equal(
+        params[2]["['layers'][0]['mlp']['up_proj']"], teacher["['layers'][0]['mlp']['up_proj']"]
+    )
+
+
+def test_mambainllama_steps_replace_layers_with_the_rest_frozen_then_train_end_to_end(
+    teacher_dir, tmp_path
+):
+    config = distill_mambainllama.get_config("50")
+    config.model.num_layers = LAYERS
+    distill_mambainllama.set_replacement(config, 50, per_step=1)
+    config = shrink(config, teacher_dir, (3, 3, 2), (1e-3, 2e-3, 3e-3))
+    config.model.num_groups = 2
+    workdir = str(tmp_path)
+    results = distill_stages.run_stages(config, workdir)
+
+    assert [name for name, _ in results] == ["step0", "step1", "e2e"]
+    attention = [r.experiment.model_config.attention_layers for _, r in results]
+    assert attention == [(1, 2), (1,), (1,)]
+    final_fraction = config.optim.final_lr_fraction
+    for (_, result), (n, peak) in zip(results, ((3, 1e-3), (3, 2e-3), (2, 3e-3)), strict=True):
+        np.testing.assert_allclose(
+            learning_rates(result.workdir), cosine(peak, n, 1, final_fraction), rtol=1e-6
+        )
+    # The stepwise loss: 0.1 KL + 1 CE on the teacher's argmax.
+    for record in loop.read_metrics(results[0][1].workdir):
+        if "kl" in record:
+            assert record["loss"] == pytest.approx(0.1 * record["kl"] + record["ce"], rel=1e-5)
+
+    teacher = flat(loop.load_frozen(results[0][1].experiment)["teacher"])
+    params = [flat(result.state.params) for _, result in results]
+    for stage in (0, 1):  # only the Mamba mixers train in the steps
+        mixers = split(params[stage], "['mixer']")
+        assert mixers and all(f"['layers'][{attention[stage][0]}]" not in k for k in mixers)
+        for name, value in params[stage].items():
+            if "['mixer']" not in name:
+                np.testing.assert_array_equal(value, teacher[teacher_name(name)], err_msg=name)
+    start = initial_mixers(results[0][1].experiment)
+    assert not np.array_equal(
+        params[0]["['layers'][0]['mixer']['in_proj']"], start["['layers'][0]['mixer']['in_proj']"]
+    )
+    # Step 1 starts from step 0 (layer 0's mixer goes on training) and replaces layer 2.
+    assert not np.array_equal(
+        params[1]["['layers'][0]['mixer']['in_proj']"],
+        params[0]["['layers'][0]['mixer']['in_proj']"],
+    )
+    assert "['layers'][2]['mixer']['in_proj']" in params[1]
+    assert "['layers'][2]['attn']['q_proj']" in params[0]
+    # End to end: every parameter trains, the kept attention layers too.
+    for name in ("['layers'][0]['mlp']['up_proj']", "['layers'][1]['attn']['q_proj']"):
+        assert not np.array_equal(params[2][name], teacher[name]), name
