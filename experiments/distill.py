@@ -486,8 +486,9 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
         f"students by forward KL at T={e.temperature} (`distill_kl`, masked token mean) from "
         "the transferred weights (`init_from` of the model `jaxlab.distill.transfer` built, "
         "written with `save_model_source`), the from-scratch SSM by next-token loss. One "
-        "end-to-end KL stage (the MOHAWK / stepwise stages of the helper branch distill-b were "
-        "not merged when this experiment was written).",
+        "end-to-end KL stage per student: the MOHAWK (matrix, hidden, KL) and MambaInLlama "
+        "stepwise stages of `experiments/distill_stages.py` are not used yet, so the pure "
+        "student is Llamba-shaped but not MOHAWK-trained.",
         f"Perplexity and KL(teacher || model) per counted token on the teacher run's "
         f"{results['eval_tokens'][0]} held-out batches of {results['eval_tokens'][1]} x "
         f"{results['eval_tokens'][2]} tokens. Greedy exact match on the first {e.test_problems} "
