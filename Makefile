@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench.denseformer --out=bench_results/bench_denseformer.json
 	$(PY) -m experiments.bench.cotformer --out=bench_results/bench_cotformer.json
 	$(PY) -m experiments.bench.layer_parallel --out=bench_results/bench_layer_parallel.json
+	$(PY) -m experiments.bench.distill --out=bench_results/bench_distill.json
 	$(PY) -m experiments.bench.attention --out=bench_results/bench_attention.json
 	$(PY) -m experiments.bench.scan --out=bench_results/bench_scan.json
 	$(PY) -m experiments.bench.acvi --out=bench_results/bench_acvi.json
