@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: install test demo bench bench-gpu lint format clean
+.PHONY: install test demo bench bench-gpu aot-check lint format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,23 @@ GPU_PYTHON ?= python3
 bench-gpu:
 	PYTHONPATH=. $(GPU_PYTHON) -m experiments.bench.gpu --out=bench_results/bench_gpu.json
 
+# Ahead-of-time compilation for GPUs on this machine (no GPU needed): jax's CUDA plugin and its
+# CUDA libraries (about 4.5 GB) go into their own environment, never into .venv.
+AOT_VENV := .venv-aot
+AOT_STAMP := $(AOT_VENV)/.installed
+
+$(AOT_STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AOT_VENV)/bin/python -m pip install --quiet -e .
+	$(AOT_VENV)/bin/python -m pip install --quiet \
+		"jax-cuda12-plugin[with-cuda]==$$($(AOT_VENV)/bin/python -c 'import jax; print(jax.__version__)')"
+	touch $(AOT_STAMP)
+
+aot-check: $(AOT_STAMP)
+	JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 \
+		$(AOT_VENV)/bin/python -m experiments.aot_check --out=aot_results/aot_check.json
+
 # ruff format's output is the layout: no pragmas that switch it off.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxlab kernels_pallas configs experiments tests
@@ -56,5 +73,5 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format jaxlab kernels_pallas configs experiments tests
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache bench_results
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache bench_results aot_results
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
