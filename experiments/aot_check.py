@@ -35,10 +35,15 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-flags.DEFINE_string("out", "aot_results/aot_check.json", "Where to write the JSON.")
-flags.DEFINE_list("targets", ["h100", "h200"], "Cards to compile for (keys of GPUS).")
-flags.DEFINE_bool("quick", False, "Short sequences and one dtype: a smoke run.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a program, so that tests can import
+    this module beside others that define the same names."""
+    flags.DEFINE_string("out", "aot_results/aot_check.json", "Where to write the JSON.")
+    flags.DEFINE_list("targets", ["h100", "h200"], "Cards to compile for (keys of GPUS).")
+    flags.DEFINE_bool("quick", False, "Short sequences and one dtype: a smoke run.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,4 +292,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -58,20 +58,27 @@ from jaxlab.objectives import model_logits
 from jaxlab.train import loop, pretrained
 from jaxlab.train.feed import on_devices
 
-flags.DEFINE_string("workdir", "runs/distill", "Output directory.")
-flags.DEFINE_string(
-    "teacher_workdir",
-    "",
-    "The teacher's run directory (default WORKDIR/teacher); a finished run there is reused, "
-    "a partial one resumed. Its stored config must equal --config's without the experiment block.",
-)
-config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "distill.py"),
-    "The teacher's run configuration and the students (its experiment block).",
-    lock_config=True,
-)
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a program, so that tests and other
+    experiments can import this module beside another that defines the same names."""
+    flags.DEFINE_string("workdir", "runs/distill", "Output directory.")
+    flags.DEFINE_string(
+        "teacher_workdir",
+        "",
+        "The teacher's run directory (default WORKDIR/teacher); a finished run there is reused, "
+        "a partial one resumed. Its stored config must equal --config's without the experiment "
+        "block.",
+    )
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(os.path.dirname(__file__), "..", "configs", "distill.py"),
+        "The teacher's run configuration and the students (its experiment block).",
+        lock_config=True,
+    )
+
 
 # The paper's directions (brief sections 1 and 4.2); its tables were not reachable.
 PAPER = {
@@ -560,4 +567,5 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -44,14 +44,19 @@ INITS = ("teacher", "previous")
 STAGE_FIELDS = ("stages", "stage_order")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory of the stage runs and stages.json.")
-flags.DEFINE_string(
-    "teacher",
-    None,
-    "The trained teacher: a run's workdir (run:DIR) or hf:PATH; sets config.objective.teacher.",
-)
-config_flags.DEFINE_config_file("config", None, "Distillation stages.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a program, so that tests and other
+    experiments can import this module beside another that defines the same names."""
+    flags.DEFINE_string("workdir", None, "Directory of the stage runs and stages.json.")
+    flags.DEFINE_string(
+        "teacher",
+        None,
+        "The trained teacher: a run's workdir (run:DIR) or hf:PATH; sets config.objective.teacher.",
+    )
+    config_flags.DEFINE_config_file("config", None, "Distillation stages.", lock_config=True)
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _merge(target: ml_collections.ConfigDict, overrides, where: str) -> None:
@@ -213,5 +218,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     jax.config.config_with_absl()
     app.run(main)

@@ -55,20 +55,27 @@ from jaxlab.optim import param_path
 from jaxlab.train import loop, pretrained, sharding
 from jaxlab.train.feed import on_devices
 
-flags.DEFINE_string("workdir", "runs/layer_parallel", "Output directory.")
-flags.DEFINE_string(
-    "teacher_workdir",
-    "",
-    "The teacher's run directory (default WORKDIR/teacher); a finished run there is reused, "
-    "a partial one resumed. Its stored config must equal --config's without the experiment block.",
-)
-config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "layer_parallel.py"),
-    "The teacher's run configuration and the sweep (its experiment block).",
-    lock_config=True,
-)
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a program, so that tests and other
+    experiments can import this module beside another that defines the same names."""
+    flags.DEFINE_string("workdir", "runs/layer_parallel", "Output directory.")
+    flags.DEFINE_string(
+        "teacher_workdir",
+        "",
+        "The teacher's run directory (default WORKDIR/teacher); a finished run there is reused, "
+        "a partial one resumed. Its stored config must equal --config's without the experiment "
+        "block.",
+    )
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(os.path.dirname(__file__), "..", "configs", "layer_parallel.py"),
+        "The teacher's run configuration and the sweep (its experiment block).",
+        lock_config=True,
+    )
+
 
 # The paper's headline numbers (brief section 2.3): Llama 2 7B / Llama 3.2 3B, lm-eval accuracy
 # and RedPajama perplexity, 4096 generated tokens with KV cache on 2 A100s, tensor parallel.
@@ -666,5 +673,6 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     jax.config.config_with_absl()
     app.run(main)

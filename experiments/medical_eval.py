@@ -25,23 +25,47 @@ from jaxlab.data.tokenizers import add_special_tokens, load_tokenizer
 from jaxlab.eval import medical
 from jaxlab.train import pretrained
 
-_MODEL = flags.DEFINE_string("model", None, "hf:PATH or run:WORKDIR[@STEP].", required=True)
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer spec; default from --model.")
-_BENCHMARK = flags.DEFINE_enum("benchmark", "medqa", medical.BENCHMARKS, "Benchmark.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "The benchmark's released files.", required=True)
-_MODE = flags.DEFINE_enum("mode", "top_token", medical.MODES, "Evaluation mode.")
-_FORMAT = flags.DEFINE_enum("format", "meditron", medical.FORMATS, "Prompt format.")
-_PARSER = flags.DEFINE_enum("parser", "parity", medical.PARSERS, "Answer parsing rules.")
-_SHOTS = flags.DEFINE_integer("shots", 0, "Few-shot demonstrations (3 for 7B, 5 for 70B).")
-_SEEDS = flags.DEFINE_list("seeds", [str(s) for s in medical.SEEDS], "Few-shot/sampling seeds.")
-_CHAT = flags.DEFINE_bool("chat", False, "MEDITRON's ChatML wrapper (finetuned models).")
-_SC_SAMPLES = flags.DEFINE_integer("sc_samples", 5, "SC-CoT samples per question.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "SC-CoT sampling temperature.")
-_COT_TOKENS = flags.DEFINE_integer("cot_max_new_tokens", 1024, "CoT generation budget.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Questions per generation call.")
-_COP_BASE = flags.DEFINE_integer("cop_base", 1, "MedMCQA cop of option A (1 release, 0 HF).")
-_LIMIT = flags.DEFINE_integer("max_questions", 0, "Evaluate only the first N (0: all).")
-_OUT = flags.DEFINE_string("out", "runs/medical_eval.json", "Where to write the JSON.")
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a program, so that tests can import
+    this module beside others that define the same names."""
+    global \
+        _MODEL, \
+        _TOKENIZER, \
+        _BENCHMARK, \
+        _DATA_DIR, \
+        _MODE, \
+        _FORMAT, \
+        _PARSER, \
+        _SHOTS, \
+        _SEEDS, \
+        _CHAT, \
+        _SC_SAMPLES, \
+        _TEMPERATURE, \
+        _COT_TOKENS, \
+        _BATCH, \
+        _COP_BASE, \
+        _LIMIT, \
+        _OUT
+    _MODEL = flags.DEFINE_string("model", None, "hf:PATH or run:WORKDIR[@STEP].", required=True)
+    _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer spec; default from --model.")
+    _BENCHMARK = flags.DEFINE_enum("benchmark", "medqa", medical.BENCHMARKS, "Benchmark.")
+    _DATA_DIR = flags.DEFINE_string(
+        "data_dir", None, "The benchmark's released files.", required=True
+    )
+    _MODE = flags.DEFINE_enum("mode", "top_token", medical.MODES, "Evaluation mode.")
+    _FORMAT = flags.DEFINE_enum("format", "meditron", medical.FORMATS, "Prompt format.")
+    _PARSER = flags.DEFINE_enum("parser", "parity", medical.PARSERS, "Answer parsing rules.")
+    _SHOTS = flags.DEFINE_integer("shots", 0, "Few-shot demonstrations (3 for 7B, 5 for 70B).")
+    _SEEDS = flags.DEFINE_list("seeds", [str(s) for s in medical.SEEDS], "Few-shot/sampling seeds.")
+    _CHAT = flags.DEFINE_bool("chat", False, "MEDITRON's ChatML wrapper (finetuned models).")
+    _SC_SAMPLES = flags.DEFINE_integer("sc_samples", 5, "SC-CoT samples per question.")
+    _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "SC-CoT sampling temperature.")
+    _COT_TOKENS = flags.DEFINE_integer("cot_max_new_tokens", 1024, "CoT generation budget.")
+    _BATCH = flags.DEFINE_integer("batch_size", 16, "Questions per generation call.")
+    _COP_BASE = flags.DEFINE_integer("cop_base", 1, "MedMCQA cop of option A (1 release, 0 HF).")
+    _LIMIT = flags.DEFINE_integer("max_questions", 0, "Evaluate only the first N (0: all).")
+    _OUT = flags.DEFINE_string("out", "runs/medical_eval.json", "Where to write the JSON.")
 
 
 def load_model(spec: str):
@@ -108,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -49,14 +49,20 @@ from jaxlab.eval.plots import figure
 from jaxlab.infer import test_time
 from jaxlab.train import loop, pretrained
 
-flags.DEFINE_string("workdir", "runs/test_time_scaling", "Output directory.")
-config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "test_time_scaling.py"),
-    "The teacher's run config with student_model and the experiment block.",
-    lock_config=True,
-)
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a program, so that tests and other
+    experiments can import this module beside another that defines the same names."""
+    flags.DEFINE_string("workdir", "runs/test_time_scaling", "Output directory.")
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(os.path.dirname(__file__), "..", "configs", "test_time_scaling.py"),
+        "The teacher's run config with student_model and the experiment block.",
+        lock_config=True,
+    )
+
 
 LEVEL = 0.95
 STUDENT = "mamba (stand-in, from scratch)"
@@ -536,5 +542,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     jax.config.config_with_absl()
     app.run(main)
