@@ -73,5 +73,5 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format jaxlab kernels_pallas configs experiments tests
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache bench_results aot_results
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .jax_cache bench_results aot_results
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

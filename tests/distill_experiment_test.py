@@ -4,9 +4,6 @@ that follow from the numbers by the stated rules."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,21 +13,11 @@ from configs import distill as distill_config
 from jaxlab import models
 from jaxlab.distill import hybrid_layers, student_config, transfer
 from jaxlab.train import pretrained, sharding
+from tests.entrypoints import run_module
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "reasoning:train=1-3&test=3&num_train=50&num_test=6&modulus=10&ops=add,sub&seed=0"
 EXTRA = "reasoning:train=1-3&test=1-2&num_train=1&num_test=4&modulus=10&ops=add,sub&seed=1"
 STUDENTS = ("pure", "hybrid50", "hybrid25", "hybrid50_mamba1", "hybrid50_random", "scratch")
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
 
 
 def stored_model(workdir):

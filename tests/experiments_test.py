@@ -2,25 +2,11 @@
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    """Runs ``python -m module args`` from the repository root, capturing its output."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+from tests.entrypoints import run_module
 
 
 def assert_claims(workdir, results, expected):

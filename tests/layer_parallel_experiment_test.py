@@ -5,8 +5,6 @@ trains only the paired layers."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,18 +16,7 @@ from experiments import layer_parallel as lp_experiment
 from jaxlab import models
 from jaxlab.models import depth
 from jaxlab.train import pretrained, sharding
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+from tests.entrypoints import run_module
 
 
 def test_default_starts_keep_the_first_and_last_layer_sequential():

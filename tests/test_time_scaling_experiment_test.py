@@ -3,17 +3,13 @@ the pieces the experiment decides with: the model list, the k grid, chance level
 student's lead over the teacher on the seconds axis."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from experiments import test_time_scaling as tts
 from jaxlab.data import reasoning
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.entrypoints import run_module
 
 TINY = (
     "--config.num_steps=2",
@@ -39,16 +35,6 @@ TINY = (
     "--config.experiment.max_new_tokens=24",
     "--config.experiment.bootstrap_resamples=50",
 )
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
 
 
 def test_parse_models_keeps_order_and_rejects_malformed_entries(tmp_path):

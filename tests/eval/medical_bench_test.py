@@ -2,7 +2,7 @@
 
 import json
 
-from tests.experiments_test import run_module
+from tests.entrypoints import run_module
 
 
 def test_bench_medical_eval_quick(tmp_path):

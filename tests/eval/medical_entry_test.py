@@ -11,8 +11,8 @@ from experiments.medical_eval import tokenizer_for
 from jaxlab import models
 from jaxlab.data.tokenizers import ByteTokenizer
 from jaxlab.interop.hf import save_hf_llama
+from tests.entrypoints import run_module
 from tests.eval import medical_fixtures
-from tests.experiments_test import run_module
 from tests.infer import tiny_models
 
 
