@@ -35,15 +35,9 @@ HF_LLAMA_CONFIG = dict(
 )
 
 
-def get_config(arg: str = ""):
-    llama_dir, data = meditron_7b.paths(arg, "configs/meditron_tiny.py")
-    config = lm_tiny.get_config()
-    config.seq_len = 64
-    config.batch_size = 8
-    config.eval_every = 4
-    config.eval_batches = 1
-    config.checkpoint_every = 8
-    config.log_every = 1
+def tiny_llama(config):
+    """Sets ``config.model`` to HF_LLAMA_CONFIG's architecture in float32 (the vocabulary: the
+    tokenizer's). Returns ``config``."""
     config.model.update(
         vocab_size=0,  # the tokenizer's: 259 bytes + 12 special tokens
         hidden_size=HF_LLAMA_CONFIG["hidden_size"],
@@ -58,6 +52,18 @@ def get_config(arg: str = ""):
         param_dtype="float32",
         dtype="float32",
     )
+    return config
+
+
+def get_config(arg: str = ""):
+    llama_dir, data = meditron_7b.paths(arg, "configs/meditron_tiny.py")
+    config = tiny_llama(lm_tiny.get_config())
+    config.seq_len = 64
+    config.batch_size = 8
+    config.eval_every = 4
+    config.eval_batches = 1
+    config.checkpoint_every = 8
+    config.log_every = 1
     config.optim.learning_rate = 1e-3
     config = meditron_7b.continued_pretraining(config, llama_dir, data, epoch_steps=8)
     config.optim.warmup_steps = 2

@@ -3,6 +3,10 @@
 Records. JSONL files (one object per line) or in-memory mappings, with the prompt and the answer
 in configurable fields (``prompt_field="question"``, ``answer_field="answer"``) and optionally a
 per-record system message (``system_field``) or one fixed ``system`` string for every record.
+A file in another released layout is read by a registered reader (``record_format=NAME``,
+:data:`RECORD_FORMATS`) into mappings with ``prompt`` and ``answer`` fields: e.g. MedQA's,
+MedMCQA's and PubMedQA's train files in MEDITRON's finetuning prompt
+(:mod:`jaxlab.eval.medical.finetuning` registers them).
 
 Templates (``template=``):
 
@@ -72,12 +76,18 @@ import numpy as np
 from jaxlab.data import sources
 from jaxlab.data.pipeline import EXAMPLE_KEYS
 from jaxlab.data.tokenizers import Tokenizer
+from jaxlab.registry import Registry
 
 TEMPLATES = ("none", "chatml", "meditron")
 LAYOUTS = ("padded", "packed")
 TOO_LONG = ("error", "truncate", "skip")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 SPLITS = (None, "train", "validation")
+# name -> reader(path) -> a list of mappings with "prompt" and "answer" (and optionally "system")
+# fields: files in a layout of their own, read by load_records(record_format=NAME) or a qa:
+# source's format=NAME. Registered by the code that knows the layout (the data layer imports
+# nothing above it).
+RECORD_FORMATS: Registry = Registry("record format", field="record_format (a qa: source's format=)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +150,7 @@ def load_records(
     system: str | None = None,
     split: str | None = None,
     validation_fraction: float = 0.05,
+    record_format: str | None = None,
 ) -> list[Record]:
     """Reads prompt/answer records.
 
@@ -154,6 +165,8 @@ def load_records(
         ``path:line`` (the key :func:`jaxlab.data.sources.jsonl_documents` uses) or of
         ``records[i]`` assigns to that split.
       validation_fraction: the held-out share for ``split``.
+      record_format: None (JSONL records), or the name of a reader in :data:`RECORD_FORMATS`
+        that turns the file ``path_or_records`` into records (split keys: ``records[i]``).
 
     Raises:
       ValueError: no file matches, a line is not UTF-8 or not a JSON object, a field is missing,
@@ -169,6 +182,13 @@ def load_records(
         sources.check_text(system, "load_records: system")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if record_format is not None:
+        if not isinstance(path_or_records, str | os.PathLike):
+            raise TypeError(
+                f"record_format={record_format!r} reads a file: path_or_records must be a path, "
+                f"got {type(path_or_records).__name__}"
+            )
+        path_or_records = RECORD_FORMATS.get(record_format)(os.fspath(path_or_records))
     fields = dict(
         prompt_field=prompt_field,
         answer_field=answer_field,
@@ -519,6 +539,7 @@ def prompt_answer_batches(
     seed: int = 0,
     split: str | None = None,
     validation_fraction: float = 0.05,
+    record_format: str | None = None,
     too_long: str = "error",
     add_bos: bool | None = None,
     add_eos: bool | None = None,
@@ -537,6 +558,7 @@ def prompt_answer_batches(
         system=system,
         split=split,
         validation_fraction=validation_fraction,
+        record_format=record_format,
     )
     return PromptAnswerIterator(
         records,
@@ -567,6 +589,7 @@ def prompt_answer_eval_batches(
     layout: str = "padded",
     split: str | None = None,
     validation_fraction: float = 0.05,
+    record_format: str | None = None,
     too_long: str = "error",
     add_bos: bool | None = None,
     add_eos: bool | None = None,
@@ -582,6 +605,7 @@ def prompt_answer_eval_batches(
         system=system,
         split=split,
         validation_fraction=validation_fraction,
+        record_format=record_format,
     )
     iterator = PromptAnswerIterator(
         records,
@@ -615,6 +639,7 @@ _SPEC_KEYS = {
     "template": "template",
     "layout": "layout",
     "too_long": "too_long",
+    "format": "record_format",
 }
 
 
@@ -624,7 +649,8 @@ def parse_qa_spec(spec: str) -> dict[str, str]:
     (``path_or_records`` and the named options; values are URL-decoded).
 
     Keys: ``prompt``, ``answer`` (the fields), ``system_field``, ``system`` (a fixed message),
-    ``template``, ``layout``, ``too_long``.
+    ``template``, ``layout``, ``too_long``, ``format`` (a :data:`RECORD_FORMATS` reader of the
+    file at PATH, e.g. ``qa:train.jsonl?format=medqa&template=meditron``).
     """
     kind, _, rest = spec.partition(":")
     if kind != "qa" or not rest:

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 import jaxlab.distill  # noqa: F401  (registers its objectives)
+import jaxlab.eval.medical  # noqa: F401  (registers the benchmarks' finetuning record formats)
 import jaxlab.mixing  # noqa: F401  (registers its objectives)
 from jaxlab import models, objectives, optim
 from jaxlab.data import pipeline

@@ -7,6 +7,8 @@ parsing rules exactly (``parity``) or fixed (``clean``).
 * :mod:`~jaxlab.eval.medical.prompts`: :func:`prompt`, :func:`few_shot`.
 * :mod:`~jaxlab.eval.medical.parsing`: :func:`parse_parity`, :func:`parse_clean`, votes.
 * :mod:`~jaxlab.eval.medical.runner`: :class:`EvalConfig`, :func:`evaluate`.
+* :mod:`~jaxlab.eval.medical.finetuning`: :func:`finetuning_records` (a released train file in
+  MEDITRON's finetuning prompt; importing registers the ``qa:...?format=BENCHMARK`` readers).
 
 No lm-evaluation-harness adapter: ``lm_eval`` is not installed in this environment.
 """
@@ -17,13 +19,16 @@ from jaxlab.eval.medical.data import (
     MMLU_MEDICAL_SUBJECTS,
     Question,
     load,
+    read_file,
 )
+from jaxlab.eval.medical.finetuning import FINETUNE_BENCHMARKS, finetuning_records
 from jaxlab.eval.medical.parsing import PARSERS, parse_clean, parse_parity
 from jaxlab.eval.medical.prompts import FORMATS, SEEDS, few_shot, prompt
 from jaxlab.eval.medical.runner import MODES, EvalConfig, evaluate, write_json
 
 __all__ = [
     "BENCHMARKS",
+    "FINETUNE_BENCHMARKS",
     "FORMATS",
     "MMLU_FEWSHOT_POOL",
     "MMLU_MEDICAL_SUBJECTS",
@@ -34,9 +39,11 @@ __all__ = [
     "Question",
     "evaluate",
     "few_shot",
+    "finetuning_records",
     "load",
     "parse_clean",
     "parse_parity",
     "prompt",
+    "read_file",
     "write_json",
 ]

@@ -209,6 +209,32 @@ def _mmlu(data_dir: str, split: str, subjects) -> list[Question]:
     return out
 
 
+def read_file(benchmark: str, path: str, *, cop_base: int = 1) -> list[Question]:
+    """The questions of one released file of ``benchmark`` (any of ``BENCHMARKS`` but
+    ``mmlu_medical``, whose questions are spread over per-subject files), in file order: e.g.
+    MedQA's ``train.jsonl``, MedMCQA's ``train.json``, PubMedQA's ``train_set.json`` or the
+    artificial ``ori_pqaa.json`` (same format), which a finetuning run reads.
+
+    Args:
+      benchmark: ``"medqa"``, ``"medqa4"``, ``"medmcqa"`` or ``"pubmedqa"``.
+      path: the file.
+      cop_base: MedMCQA's ``cop`` of option A (1 in the release, 0 in the HF export).
+    """
+    if benchmark not in _FILES:
+        raise ValueError(
+            f"benchmark must be one of {tuple(_FILES)} for one file, got {benchmark!r}"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{benchmark}: no file at path={path!r}")
+    if benchmark == "pubmedqa":
+        return _pubmedqa(path)
+    if benchmark == "medmcqa":
+        if cop_base not in (0, 1):
+            raise ValueError(f"cop_base must be 0 or 1, got {cop_base!r}")
+        return [_medmcqa(where, row, cop_base) for where, row in _jsonl(path)]
+    return [_medqa(where, row, _NUM_OPTIONS[benchmark]) for where, row in _jsonl(path)]
+
+
 def load(
     benchmark: str,
     data_dir: str,
@@ -234,11 +260,4 @@ def load(
         if subjects is None:
             subjects = MMLU_FEWSHOT_POOL if split == "train" else MMLU_MEDICAL_SUBJECTS
         return _mmlu(data_dir, split, subjects)
-    path = _path(data_dir, _FILES[benchmark][split])
-    if benchmark == "pubmedqa":
-        return _pubmedqa(path)
-    if benchmark == "medmcqa":
-        if cop_base not in (0, 1):
-            raise ValueError(f"cop_base must be 0 or 1, got {cop_base!r}")
-        return [_medmcqa(where, row, cop_base) for where, row in _jsonl(path)]
-    return [_medqa(where, row, _NUM_OPTIONS[benchmark]) for where, row in _jsonl(path)]
+    return read_file(benchmark, _path(data_dir, _FILES[benchmark][split]), cop_base=cop_base)
