@@ -617,7 +617,8 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
     e = base.experiment
     m = results["models"]
     steps = sorted(m[TEACHER]["exact_match"], key=int)
-    doc = report.Report("Mamba students distilled from a Llama teacher on the reasoning task").add(
+    doc = report.Report("Mamba students distilled from a Llama teacher on the reasoning task")
+    doc.add(
         f"Teacher: `configs/reasoning_lm.py`'s {base.model.num_layers}-layer Llama (width "
         f"{base.model.hidden_size}, {base.model.num_heads} query / {base.model.num_kv_heads} kv "
         f"heads) trained {base.num_steps} steps on `{base.data.sources[0]}`. Each student trains "
@@ -642,6 +643,8 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
             + f" ({start_of(s)})"
             for n, s in results["students"].items()
         ),
+    )
+    doc.add(
         f"Perplexity and KL(teacher || model) per counted token on the teacher run's "
         f"{results['eval_tokens'][0]} held-out batches of {results['eval_tokens'][1]} x "
         f"{results['eval_tokens'][2]} tokens. Greedy exact match on the first {e.test_problems} "
@@ -659,7 +662,7 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
             if s is None
             else f"{s['mixer']}, attention {s['attention_layers']}, "
             + ("transferred" if s["transferred"] else "random init")
-            + f", {s['objective']}"
+            + f", {s['recipe']}"
         )
         cells = [
             f"{accuracy(r['exact_match'], k):.1f} +- {interval(r['exact_match'], k):.1f}"
