@@ -47,11 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
             # Every student trains this many steps in all, split over its stages so that the
             # comparisons stay fair: the pure student's MOHAWK stages (matrix, hidden, KL) by
             # mohawk_fractions (200, 200, 600 steps), the hybrids' MambaInLlama stages
-            # (replacement with the rest frozen, then end-to-end KL) by mambainllama_fractions
-            # (200, 800); the random-init ablation in one end-to-end KL stage and the
-            # from-scratch SSM in one next-token stage, both at learning_rate (the staged
-            # students use their recipes' rates and schedules). Each stage but the last takes
-            # round(fraction * student_steps) steps, at least 1; the last the rest.
+            # (replacement with the rest frozen, then end-to-end KL; the random-init ablation
+            # too) by mambainllama_fractions (200, 800); the from-scratch SSM in one next-token
+            # stage at learning_rate (the staged students use their recipes' rates and
+            # schedules). Each stage but the last takes round(fraction * student_steps) steps,
+            # at least 1; the last the rest.
             student_steps=1000,
             mohawk_fractions=(0.2, 0.2, 0.6),
             mambainllama_fractions=(0.2, 0.8),
