@@ -11,7 +11,9 @@ to 0.50 s (distill_kl, the teacher's forward inside: 1.05x for the pure student,
 (50% hybrid) and 110k (pure). So: the teacher about 16 minutes (configs/reasoning_lm.py; 0 if
 reused with --teacher_workdir), six students x 1000 steps about 50 minutes, greedy scoring of
 seven models on 629 problems a few minutes, the decode grid about 10 minutes (its b=128 x 2048
-cells dominate): about 1 h 20 min in all.
+cells dominate): about 1 h 20 min in all. Measured when every student ran one end-to-end KL
+stage; the staged students (MOHAWK, MambaInLlama) run the same number of steps, as 3 and 2 runs
+with their own compile and evaluations, and MOHAWK's alignment steps were not timed.
 
 Usage:
   python -m experiments.distill --workdir=runs/distill [--teacher_workdir=runs/reasoning]
@@ -32,11 +34,29 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.update(data=1, num_devices=1)
     config.experiment = ml_collections.ConfigDict(
         dict(
-            # Every student trains this many steps (the paper's single end-to-end KL stage; the
-            # from-scratch SSM trains as many steps of next-token loss), at this learning rate,
-            # by forward KL at this temperature (distill_kl, masked token mean).
+            # The students trained, in this order (keys of experiments/distill.py's STUDENTS;
+            # claims about one left out are not measured).
+            students=(
+                "pure",
+                "hybrid50",
+                "hybrid25",
+                "hybrid50_mamba1",
+                "hybrid50_random",
+                "scratch",
+            ),
+            # Every student trains this many steps in all, split over its stages so that the
+            # comparisons stay fair: the pure student's MOHAWK stages (matrix, hidden, KL) by
+            # mohawk_fractions (200, 200, 600 steps), the hybrids' MambaInLlama stages
+            # (replacement with the rest frozen, then end-to-end KL; the random-init ablation
+            # too) by mambainllama_fractions (200, 800); the from-scratch SSM in one next-token
+            # stage at learning_rate (the staged students use their recipes' rates and
+            # schedules). Each stage but the last takes round(fraction * student_steps) steps,
+            # at least 1; the last the rest.
             student_steps=1000,
+            mohawk_fractions=(0.2, 0.2, 0.6),
+            mambainllama_fractions=(0.2, 0.8),
             learning_rate=1e-3,
+            # Forward KL's temperature (distill_kl, masked token mean; also the KL stages').
             temperature=1.0,
             # Greedy exact match: the first test_problems of the teacher's test split (difficulty
             # 8, held out) and the extra problems of EXTRA_TASK (empty: none).

@@ -2,22 +2,33 @@
 item 3; "Thinking Slow, Fast", Paliotta et al. 2025; MambaInLlama; Llamba).
 
 Trains ``configs/distill.py``'s Llama teacher (``configs/reasoning_lm.py``; a finished run in
-``--teacher_workdir``, default ``WORKDIR/teacher``, is reused), then trains through the engine,
-each for ``experiment.student_steps`` steps:
+``--teacher_workdir``, default ``WORKDIR/teacher``, is reused), then the students of
+``experiment.students`` through the engine, each for ``experiment.student_steps`` steps in all:
 
-* ``pure``: every layer ``discrete_mamba2`` (Llamba's mixer), weights transferred;
+* ``pure``: every layer ``discrete_mamba2`` (Llamba's mixer), weights transferred, trained by
+  the MOHAWK stages (``configs/distill_mohawk.py``: matrix alignment, hidden-state alignment,
+  end-to-end KL);
 * ``hybrid50``, ``hybrid25``: ``mamba2`` with attention kept at 50% / 25% of the layers
-  (:func:`jaxlab.distill.hybrid_layers`), weights transferred (MambaInLlama);
-* ``hybrid50_mamba1``: the 50% hybrid with MambaInLlama's Mamba-1 mixer (``mamba1_qkv``);
+  (:func:`jaxlab.distill.hybrid_layers`), weights transferred, trained by MambaInLlama's recipe
+  (``configs/distill_mambainllama.py``): the replaced layers' mixers with everything else
+  frozen on 0.1 KL + CE to the teacher's argmax, then end-to-end KL. Every layer is replaced in
+  one step: a later step's newly replaced mixers would start from random weights, not from the
+  transfer;
+* ``hybrid50_mamba1``: the 50% hybrid with MambaInLlama's Mamba-1 mixer (``mamba1_qkv``), as
+  the other hybrids;
 * ``hybrid50_random``: the 50% mamba2 hybrid whose Mamba mixers keep their random
-  initialisation (embeddings, MLPs, norms and attention blocks still the teacher's): the
-  ablation of the attention -> SSM copy;
+  initialisation (embeddings, MLPs, norms and attention blocks still the teacher's), trained by
+  the same recipe as ``hybrid50``: the ablation of the attention -> SSM copy alone;
 * ``scratch``: the pure student's architecture from random weights, trained by next-token loss
   on the task (no teacher).
 
-Every distilled student starts (``config.init_from``) from :func:`jaxlab.distill.transfer`'s
-model written with :func:`jaxlab.train.pretrained.save_model_source` (``WORKDIR/init_NAME``) and
-trains by forward KL to the frozen teacher (``distill_kl``, masked token mean). Every model is
+Every distilled student starts (``config.init_from``; a staged one's first stage, by
+``init="source"`` of ``experiments/distill_stages.py``) from :func:`jaxlab.distill.transfer`'s
+model written with :func:`jaxlab.train.pretrained.save_model_source` (``WORKDIR/init_NAME``);
+its stages split ``experiment.student_steps`` by ``experiment.mohawk_fractions`` or
+``experiment.mambainllama_fractions``, each stage a run in ``WORKDIR/student_NAME/<k>_<stage>``
+starting from the previous one. KL is forward KL to the frozen teacher (``distill_kl``, masked
+token mean). Every model is
 scored on the teacher run's held-out batches (perplexity; KL to the teacher) and by greedy exact
 match by difficulty; teacher, ``hybrid50`` and ``pure`` are timed decoding over the grid
 ``experiment.decode_batches`` x ``experiment.decode_lengths``. Writes ``REPORT.md``,
@@ -44,8 +55,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from configs import lm_tiny
-from experiments import run_config
+from configs import distill_mambainllama, distill_mohawk, lm_tiny
+from experiments import distill_stages, run_config
 from experiments.bench.decoding import greedy_decoder, round_robin_medians
 from jaxlab import models
 from jaxlab.data import reasoning
@@ -91,15 +102,17 @@ PAPER = {
     "speed": "students generate faster, up to ~4.2x [unverified]; GPU, long generations",
 }
 TEACHER = "teacher"
-# name: (mixer, attention fraction, transferred, objective)
+# name: (mixer, attention fraction, transferred, recipe); a recipe is a stages config of
+# experiments/distill_stages.py (RECIPES) or, for scratch, one next-token engine run.
 STUDENTS = {
-    "pure": ("discrete_mamba2", 0.0, True, "distill_kl"),
-    "hybrid50": ("mamba2", 0.5, True, "distill_kl"),
-    "hybrid25": ("mamba2", 0.25, True, "distill_kl"),
-    "hybrid50_mamba1": ("mamba1_qkv", 0.5, True, "distill_kl"),
-    "hybrid50_random": ("mamba2", 0.5, False, "distill_kl"),
+    "pure": ("discrete_mamba2", 0.0, True, "mohawk"),
+    "hybrid50": ("mamba2", 0.5, True, "mambainllama"),
+    "hybrid25": ("mamba2", 0.25, True, "mambainllama"),
+    "hybrid50_mamba1": ("mamba1_qkv", 0.5, True, "mambainllama"),
+    "hybrid50_random": ("mamba2", 0.5, False, "mambainllama"),
     "scratch": ("discrete_mamba2", 0.0, False, "next_token"),
 }
+RECIPES = {"mohawk": distill_mohawk.get_config, "mambainllama": distill_mambainllama.get_config}
 TIMED = (TEACHER, "hybrid50", "pure")
 # Claim thresholds, fixed before the run (exact-match points, 0-100).
 HYBRID_GAP = 10.0
@@ -118,11 +131,11 @@ def initial_student(teacher, name: str, seed: int) -> MambaLM:
     """Student ``name`` of :data:`STUDENTS` before training: the transfer from ``teacher``, or
     (``hybrid50_random``) the transfer with its Mamba mixers reset to their random initialisation,
     or (``scratch``) a randomly initialised model of the pure student's architecture."""
-    mixer, fraction, transferred, objective = STUDENTS[name]
+    mixer, fraction, transferred, recipe = STUDENTS[name]
     t = teacher.config
     attention = hybrid_layers(t.num_layers, fraction) if fraction else ()  # pure: no attention
     config = student_config(t, mixer, attention)
-    if objective == "next_token":
+    if recipe == "next_token":
         return MambaLM(config, rngs=nnx.Rngs(seed))
     student = transfer(teacher, config, rngs=nnx.Rngs(seed))
     if not transferred:
@@ -133,18 +146,80 @@ def initial_student(teacher, name: str, seed: int) -> MambaLM:
     return student
 
 
-def student_run_config(base, student, name: str, teacher_dir: str, source: str | None):
-    """The engine run of student ``name``: its architecture, init from ``source`` (a ``run:``
-    source) and distill_kl to the teacher, or next-token loss for ``scratch``."""
+def selected_students(base) -> tuple[str, ...]:
+    """``experiment.students``, each a key of :data:`STUDENTS`."""
+    names = tuple(base.experiment.students)
+    unknown = [n for n in names if n not in STUDENTS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"config.experiment.students must name distinct students of {list(STUDENTS)}, "
+            f"got {list(names)}"
+        )
+    return names
+
+
+def split_steps(total: int, fractions, field: str) -> list[int]:
+    """``total`` steps over stages by ``fractions`` (positive, summing to 1): each stage but the
+    last ``round(fraction * total)``, at least 1; the last the rest, at least 1."""
+    fractions = tuple(fractions)
+    if not fractions or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"{field} must be positive fractions summing to 1, got {list(fractions)}")
+    head = [max(round(f * total), 1) for f in fractions[:-1]]
+    if total - sum(head) < 1:
+        raise ValueError(
+            f"config.experiment.student_steps={total} is too few for the {len(fractions)} "
+            f"stages of {field}={list(fractions)}: each needs a step"
+        )
+    return [*head, total - sum(head)]
+
+
+def staged_config(base, student, name: str, teacher_dir: str) -> ml_collections.ConfigDict:
+    """The stages config (``experiments/distill_stages.py``) of student ``name``: its
+    architecture, its recipe's stages (learning rates, schedules, frozen parameters and
+    objectives as in ``configs/distill_<recipe>.py``), the first from the transfer
+    (``init="source"``), ``experiment.student_steps`` split over them by
+    ``experiment.<recipe>_fractions``. MambaInLlama replaces every Mamba layer in one step, so
+    that the step's architecture is the transfer's."""
+    e = base.experiment
+    recipe = STUDENTS[name][3]
+    recipe_config = RECIPES[recipe]()
+    config = teacher_config(base)
+    config.model = ml_collections.ConfigDict(student.config.to_dict())
+    config.objective = recipe_config.objective
+    config.objective.update(teacher=f"run:{teacher_dir}", temperature=float(e.temperature))
+    with config.unlocked():
+        if recipe == "mohawk":
+            config.stage_order = recipe_config.stage_order
+            config.stages = recipe_config.stages
+        else:
+            percent = round(100 * STUDENTS[name][1])
+            distill_mambainllama.set_replacement(config, percent, config.model.num_layers)
+            kept = tuple(student.config.attention_layers)
+            if tuple(config.model.attention_layers) != kept:
+                raise ValueError(
+                    f"student {name}: configs/distill_mambainllama.py keeps attention at "
+                    f"{list(config.model.attention_layers)}, the transfer at {list(kept)}"
+                )
+    field = f"config.experiment.{recipe}_fractions"
+    steps = split_steps(int(e.student_steps), e[f"{recipe}_fractions"], field)
+    if len(steps) != len(config.stage_order):
+        raise ValueError(
+            f"{field} must have one fraction per stage {list(config.stage_order)}, got "
+            f"{list(e[f'{recipe}_fractions'])}"
+        )
+    for stage, n in zip(config.stage_order, steps, strict=True):
+        config.stages[stage].update(num_steps=n, eval_every=n, checkpoint_every=n)
+    config.stages[config.stage_order[0]].init = "source"
+    return config
+
+
+def scratch_run_config(base, student) -> ml_collections.ConfigDict:
+    """The one engine run of the ``next_token`` student (``scratch``): its architecture from
+    random weights, next-token loss on the task for ``experiment.student_steps`` steps at
+    ``experiment.learning_rate``."""
     e = base.experiment
     config = teacher_config(base)
     config.model = ml_collections.ConfigDict(student.config.to_dict())
-    if source is not None:
-        config.init_from = source
-    if STUDENTS[name][3] == "distill_kl":
-        config.objective.update(
-            name="distill_kl", teacher=f"run:{teacher_dir}", temperature=float(e.temperature)
-        )
     config.optim.learning_rate = float(e.learning_rate)
     return lm_tiny.with_num_steps(config, int(e.student_steps))
 
@@ -245,73 +320,98 @@ def verdict(holds: bool | None) -> str:
 
 
 def claims_of(results) -> list[report.Claim]:
-    """The claims and their verdicts by the rules of :func:`verdict_rule` (fixed before the run)."""
+    """The claims and their verdicts by the rules of :func:`verdict_rule` (fixed before the run);
+    a claim about a student not in ``experiment.students`` is not measured."""
     m = results["models"]
     test = results["test_difficulty"]
     em = {n: accuracy(r["exact_match"], test) for n, r in m.items()}
-    claims = []
-    gap = em[TEACHER] - em["hybrid50"]
-    claims.append(
-        report.Claim(
+    decode = results["decode"]
+    big = cell(max(decode["batches"]), max(decode["lengths"]))
+
+    def hybrid():
+        gap = em[TEACHER] - em["hybrid50"]
+        ours = f"teacher {em[TEACHER]:.1f}%, hybrid50 {em['hybrid50']:.1f}% (gap {gap:+.1f})"
+        return ours, gap <= HYBRID_GAP
+
+    def pure():
+        gap = em[TEACHER] - em["pure"]
+        return f"teacher {em[TEACHER]:.1f}%, pure {em['pure']:.1f}% (gap {gap:+.1f})", (
+            0 < gap <= PURE_GAP
+        )
+
+    def transfer_():
+        kl_t, kl_r = m["hybrid50"]["kl"], m["hybrid50_random"]["kl"]
+        ours = (
+            f"KL {kl_t:.4f} vs {kl_r:.4f}; exact match {em['hybrid50']:.1f}% vs "
+            f"{em['hybrid50_random']:.1f}%"
+        )
+        return ours, kl_t < kl_r and em["hybrid50"] >= em["hybrid50_random"]
+
+    def attention():
+        kl50, kl25 = m["hybrid50"]["kl"], m["hybrid25"]["kl"]
+        return f"KL {kl50:.4f} (50%) vs {kl25:.4f} (25%)", kl50 < kl25
+
+    def scratch():
+        ppl_d, ppl_s = m["pure"]["perplexity"], m["scratch"]["perplexity"]
+        return f"perplexity {ppl_d:.4f} (distilled) vs {ppl_s:.4f} (scratch)", ppl_d < ppl_s
+
+    def speed(name):
+        ratio = decode["tokens_per_s"][name][big] / decode["tokens_per_s"][TEACHER][big]
+        return f"{ratio:.3f}x the teacher's tokens/s", ratio > 1.0
+
+    specs = [
+        (
             f"The transferred 50% mamba2 hybrid's exact match (difficulty {test}) is within "
             f"{HYBRID_GAP:g} points of the teacher's",
             PAPER["hybrid"],
-            f"teacher {em[TEACHER]:.1f}%, hybrid50 {em['hybrid50']:.1f}% (gap {gap:+.1f})",
-            verdict(gap <= HYBRID_GAP),
-        )
-    )
-    gap = em[TEACHER] - em["pure"]
-    claims.append(
-        report.Claim(
+            ("hybrid50",),
+            hybrid,
+        ),
+        (
             f"The pure (Llamba-style) student is below the teacher, but within {PURE_GAP:g} points",
             PAPER["gap"],
-            f"teacher {em[TEACHER]:.1f}%, pure {em['pure']:.1f}% (gap {gap:+.1f})",
-            verdict(0 < gap <= PURE_GAP),
-        )
-    )
-    kl_t, kl_r = m["hybrid50"]["kl"], m["hybrid50_random"]["kl"]
-    claims.append(
-        report.Claim(
+            ("pure",),
+            pure,
+        ),
+        (
             "Transfer beats random SSM init: the transferred 50% hybrid ends with a lower KL to "
             "the teacher and an exact match at least as high",
             PAPER["transfer"],
-            f"KL {kl_t:.4f} vs {kl_r:.4f}; exact match {em['hybrid50']:.1f}% vs "
-            f"{em['hybrid50_random']:.1f}%",
-            verdict(kl_t < kl_r and em["hybrid50"] >= em["hybrid50_random"]),
-        )
-    )
-    kl50, kl25 = m["hybrid50"]["kl"], m["hybrid25"]["kl"]
-    claims.append(
-        report.Claim(
+            ("hybrid50", "hybrid50_random"),
+            transfer_,
+        ),
+        (
             "More attention kept, closer to the teacher: KL of the 50% hybrid < the 25% hybrid's",
             PAPER["attention"],
-            f"KL {kl50:.4f} (50%) vs {kl25:.4f} (25%)",
-            verdict(kl50 < kl25),
-        )
-    )
-    ppl_d, ppl_s = m["pure"]["perplexity"], m["scratch"]["perplexity"]
-    claims.append(
-        report.Claim(
+            ("hybrid50", "hybrid25"),
+            attention,
+        ),
+        (
             "Distillation beats training the same SSM from scratch for as many steps: lower "
             "held-out perplexity",
             PAPER["scratch"],
-            f"perplexity {ppl_d:.4f} (distilled) vs {ppl_s:.4f} (scratch)",
-            verdict(ppl_d < ppl_s),
-        )
-    )
-    decode = results["decode"]
-    big = cell(max(decode["batches"]), max(decode["lengths"]))
-    for name in ("pure", "hybrid50"):
-        ratio = decode["tokens_per_s"][name][big] / decode["tokens_per_s"][TEACHER][big]
-        claims.append(
-            report.Claim(
+            ("pure", "scratch"),
+            scratch,
+        ),
+        *(
+            (
                 f"The {name} student decodes faster than the teacher at the grid's largest "
                 f"batch and length ({big})",
                 PAPER["speed"],
-                f"{ratio:.3f}x the teacher's tokens/s",
-                verdict(ratio > 1.0),
+                (name,),
+                functools.partial(speed, name),
             )
-        )
+            for name in ("pure", "hybrid50")
+        ),
+    ]
+    claims = []
+    for claim, paper, needs, measure in specs:
+        missing = [n for n in needs if n not in m]
+        if missing:
+            ours, holds = f"not run ({', '.join(missing)} not in experiment.students)", None
+        else:
+            ours, holds = measure()
+        claims.append(report.Claim(claim, paper, ours, verdict(holds)))
     return claims
 
 
@@ -326,9 +426,8 @@ def verdict_rule(base) -> str:
         "the largest batch and length of the grid exceeds the teacher's. Our setting differs "
         f"from the paper's: a {base.model.num_layers}-layer Llama of width "
         f"{base.model.hidden_size} on a character-level arithmetic task instead of Llama 3.2 "
-        "1B/3B on MATH/GSM8K, one end-to-end KL stage of "
-        f"{base.experiment.student_steps} steps instead of 8B tokens, on "
-        f"{jax.default_backend()}."
+        f"1B/3B on MATH/GSM8K, {base.experiment.student_steps} steps per student (over its "
+        f"stages) instead of 8B tokens, on {jax.default_backend()}."
     )
 
 
@@ -426,30 +525,48 @@ def main(argv):
         models={},
         paper=PAPER,
     )
-    for name, (mixer, fraction, transferred, objective) in STUDENTS.items():
-        print(f"--- student {name}: {mixer}, {fraction:.0%} attention, {objective}")
+    for name in selected_students(base):
+        mixer, fraction, transferred, recipe = STUDENTS[name]
+        print(f"--- student {name}: {mixer}, {fraction:.0%} attention, {recipe}")
         student = initial_student(teacher, name, base.seed)
+        run_dir = os.path.join(workdir, f"student_{name}")
+        start = time.perf_counter()
         source = None
-        if objective == "distill_kl":
+        if recipe in RECIPES:
             source_dir = os.path.join(workdir, f"init_{name}")
             if not os.path.isdir(os.path.join(source_dir, "checkpoints")):
                 pretrained.save_model_source(source_dir, student)
             source = f"run:{source_dir}"
-        config = student_run_config(base, student, name, teacher_dir, source)
-        start = time.perf_counter()
-        run = loop.train_and_evaluate(config, os.path.join(workdir, f"student_{name}"))
+            config = staged_config(base, student, name, teacher_dir)
+            runs = distill_stages.distill(config, run_dir, source=source)
+        else:
+            runs = [(recipe, loop.train_and_evaluate(scratch_run_config(base, student), run_dir))]
+        first, run = runs[0][1], runs[-1][1]
         trained[name] = nnx.merge(run.experiment.graphdef, run.state.params)
         results["students"][name] = dict(
             mixer=mixer,
             attention_layers=list(student.config.attention_layers),
             transferred=transferred,
-            objective=objective,
+            recipe=recipe,
+            objective=run.experiment.config.objective.name,  # the last stage's
             init_from=source,
-            steps=config.num_steps,
+            # Each stage's run: its objective, steps, workdir and what it started from.
+            stages=[
+                dict(
+                    stage=stage,
+                    objective=r.experiment.config.objective.name,
+                    steps=r.experiment.config.num_steps,
+                    workdir=r.workdir,
+                    init_from=r.experiment.config.init_from,
+                )
+                for stage, r in runs
+            ],
+            steps=sum(r.experiment.config.num_steps for _, r in runs),
             train_seconds=time.perf_counter() - start,
-            # The engine's held-out next-token loss before and after training (the start's
-            # quality: the transfer vs the random-init ablation); None before on a resumed run.
-            eval_loss_start=(run.initial_eval or {}).get("eval_loss"),
+            # The engine's held-out next-token loss before the first stage and after the last
+            # (the start's quality: the transfer vs the random-init ablation); None before on a
+            # resumed run.
+            eval_loss_start=(first.initial_eval or {}).get("eval_loss"),
             eval_loss_end=run.eval["eval_loss"],
         )
     for name, model in trained.items():
@@ -466,7 +583,7 @@ def main(argv):
         repeats=e.decode_repeats,
         backend=jax.default_backend(),
         tokens_per_s=decode_grid(
-            {n: trained[n] for n in TIMED},
+            {n: trained[n] for n in TIMED if n in trained},
             e.decode_batches,
             e.decode_lengths,
             int(e.prompt_len),
@@ -481,21 +598,45 @@ def main(argv):
     write_report(workdir, base, results, claims)
 
 
+def start_of(student: dict) -> str:
+    """Where a student's first stage started, in words."""
+    if not student["init_from"]:
+        return "random init"
+    return "from the transfer" + ("" if student["transferred"] else ", Mamba mixers random")
+
+
 def write_report(workdir: str, base, results: dict, claims) -> None:
     e = base.experiment
     m = results["models"]
     steps = sorted(m[TEACHER]["exact_match"], key=int)
-    doc = report.Report("Mamba students distilled from a Llama teacher on the reasoning task").add(
+    doc = report.Report("Mamba students distilled from a Llama teacher on the reasoning task")
+    doc.add(
         f"Teacher: `configs/reasoning_lm.py`'s {base.model.num_layers}-layer Llama (width "
         f"{base.model.hidden_size}, {base.model.num_heads} query / {base.model.num_kv_heads} kv "
         f"heads) trained {base.num_steps} steps on `{base.data.sources[0]}`. Each student trains "
-        f"{e.student_steps} steps through the engine (learning rate {e.learning_rate}); distilled "
-        f"students by forward KL at T={e.temperature} (`distill_kl`, masked token mean) from "
-        "the transferred weights (`init_from` of the model `jaxlab.distill.transfer` built, "
-        "written with `save_model_source`), the from-scratch SSM by next-token loss. One "
-        "end-to-end KL stage per student: the MOHAWK (matrix, hidden, KL) and MambaInLlama "
-        "stepwise stages of `experiments/distill_stages.py` are not used yet, so the pure "
-        "student is Llamba-shaped but not MOHAWK-trained.",
+        f"{e.student_steps} steps through the engine in all. Distilled students start from the "
+        "transferred weights (`init_from` of the model `jaxlab.distill.transfer` built, written "
+        "with `save_model_source`; a staged student's first stage by `init='source'` of "
+        "`experiments/distill_stages.py`, each later stage from the previous one). The pure "
+        "student runs the MOHAWK stages of `configs/distill_mohawk.py` (matrix alignment and "
+        "hidden-state alignment with only the mixers trained, then end-to-end KL); the hybrids "
+        "run MambaInLlama's recipe of `configs/distill_mambainllama.py` (the Mamba mixers "
+        "trained on 0.1 KL + CE to the teacher's argmax with everything else frozen, then "
+        "end-to-end KL), with every Mamba layer replaced in one step, not stepwise: a later "
+        "step's newly replaced mixers would start from random weights, not from the transfer. "
+        "Their learning rates and schedules are the recipes'. The random-init ablation runs "
+        "hybrid50's recipe from its own start, so claim 3 differs only in the mixers' initial "
+        f"weights; the from-scratch SSM runs next-token loss (learning rate {e.learning_rate}). "
+        f"KL is forward KL at T={e.temperature} (masked token mean). Stages "
+        "(objective and steps):",
+        *(
+            f"- {n}: "
+            + " -> ".join(f"{st['objective']} {st['steps']}" for st in s["stages"])
+            + f" ({start_of(s)})"
+            for n, s in results["students"].items()
+        ),
+    )
+    doc.add(
         f"Perplexity and KL(teacher || model) per counted token on the teacher run's "
         f"{results['eval_tokens'][0]} held-out batches of {results['eval_tokens'][1]} x "
         f"{results['eval_tokens'][2]} tokens. Greedy exact match on the first {e.test_problems} "
@@ -513,7 +654,7 @@ def write_report(workdir: str, base, results: dict, claims) -> None:
             if s is None
             else f"{s['mixer']}, attention {s['attention_layers']}, "
             + ("transferred" if s["transferred"] else "random init")
-            + f", {s['objective']}"
+            + f", {s['recipe']}"
         )
         cells = [
             f"{accuracy(r['exact_match'], k):.1f} +- {interval(r['exact_match'], k):.1f}"

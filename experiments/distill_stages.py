@@ -15,6 +15,12 @@ step 0) and frozen parameters, initialised with ``init_from``:
   norms, MLPs and the attention blocks a hybrid keeps are copied; the new mixers start from
   ``config.seed``. A Llama block's ``post_attention_norm`` becomes a Mamba block's
   ``post_mixer_norm`` (``init_from_map``).
+* ``init="source"``: from a model the caller names (``--source`` or :func:`distill`'s
+  ``source``: ``run:DIR[@STEP]`` or ``hf:PATH``), e.g. a student built by
+  :func:`jaxlab.distill.transfer` and written with
+  :func:`jaxlab.train.pretrained.save_model_source`: ``exact`` when the source's architecture is
+  the stage's, else ``partial`` with the renames for layers the source runs as attention (every
+  layer of a Llama).
 * ``init="previous"``: from the previous stage's run (``run:WORKDIR/<k-1>_<stage>``): ``exact``
   when the architecture is unchanged, else ``partial`` with the same renames for layers the
   previous stage still ran as attention.
@@ -25,6 +31,8 @@ its ``num_steps``, at least one step; unset: ``optim.warmup_steps``) and any eng
 override in that stage (``num_steps``, ``objective``, ``optim``, ``model``, ...). Rerunning the
 command resumes: a finished stage only reloads its last checkpoint. ``WORKDIR/stages.json``
 lists the stages in the order they ran, with their workdirs, sources and final metrics.
+:func:`distill` runs the stages in-process (what ``main`` does with the flags), e.g. from
+``experiments/distill.py``.
 """
 
 from __future__ import annotations
@@ -37,10 +45,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxlab import models
 from jaxlab.eval import report
-from jaxlab.train import loop
+from jaxlab.train import loop, pretrained
 
-INITS = ("teacher", "previous")
+INITS = ("teacher", "source", "previous")
 STAGE_FIELDS = ("stages", "stage_order")
 
 FLAGS = flags.FLAGS
@@ -54,6 +63,11 @@ def define_flags() -> None:
         "teacher",
         None,
         "The trained teacher: a run's workdir (run:DIR) or hf:PATH; sets config.objective.teacher.",
+    )
+    flags.DEFINE_string(
+        "source",
+        None,
+        "The model a stage with init='source' starts from: run:DIR[@STEP] or hf:PATH.",
     )
     config_flags.DEFINE_config_file("config", None, "Distillation stages.", lock_config=True)
     flags.mark_flags_as_required(["config", "workdir"])
@@ -127,33 +141,57 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
     return staged
 
 
-def run_stages(config, workdir: str) -> list[tuple[str, loop.TrainResult]]:
+def _start_from(engine, source: str, source_attention, same: bool) -> None:
+    """Sets ``engine.init_from*``: ``exact`` from ``source`` when ``same`` (its architecture is
+    the stage's), else ``partial`` with the norm renames of :func:`norm_renames`."""
+    engine.init_from = source
+    engine.init_from_mode = "exact" if same else "partial"
+    engine.init_from_map = () if same else norm_renames(source_attention, engine.model)
+
+
+def _source_architecture(source: str, engine, name: str) -> tuple[tuple[int, ...] | None, bool]:
+    """The attention layers of ``source``'s model (None: a model without Mamba layers, every
+    layer attention) and whether its architecture is the stage's."""
+    field = f"source (config.stages.{name}.init='source')"
+    source_config = pretrained.source_model_config(pretrained.parse_source(source, field))
+    values = engine.model.to_dict()
+    values["vocab_size"] = values.get("vocab_size") or source_config.vocab_size
+    same = not pretrained.architecture_differences(models.make_config(values), source_config)
+    attention = getattr(source_config, "attention_layers", None)
+    return (None if attention is None else tuple(attention)), same
+
+
+def run_stages(
+    config, workdir: str, source: str | None = None
+) -> list[tuple[str, loop.TrainResult]]:
     """Runs (or resumes) every stage in ``WORKDIR/<k>_<name>``; writes ``WORKDIR/stages.json``.
-    Returns ``(name, TrainResult)`` per stage, in order."""
+    ``source`` (``run:DIR[@STEP]`` or ``hf:PATH``) is what stages with ``init="source"`` start
+    from. Returns ``(name, TrainResult)`` per stage, in order."""
     staged = stage_configs(config)
     results, summary, previous = [], [], None
     for k, (name, engine) in enumerate(staged):
         stage_dir = os.path.join(workdir, f"{k}_{name}")
         if engine.init_from == "teacher":
-            engine.init_from = engine.objective.teacher
-            if not engine.init_from:
+            if not engine.objective.teacher:
                 raise ValueError(
                     f"config.stages.{name}.init='teacher' needs config.objective.teacher "
                     "(or --teacher)"
                 )
-            engine.init_from_mode = "partial"
-            engine.init_from_map = norm_renames(None, engine.model)
+            _start_from(engine, engine.objective.teacher, None, same=False)
+        elif engine.init_from == "source":
+            if not source:
+                raise ValueError(
+                    f"config.stages.{name}.init='source' needs a source (--source, or "
+                    f"distill(source=...)): run:DIR or hf:PATH, got {source!r}"
+                )
+            _start_from(engine, source, *_source_architecture(source, engine, name))
         else:
             previous_dir, previous_model = previous
-            engine.init_from = f"run:{previous_dir}"
-            same = previous_model.to_dict() == engine.model.to_dict()
-            engine.init_from_mode = "exact" if same else "partial"
-            engine.init_from_map = (
-                ()
-                if same
-                else norm_renames(
-                    tuple(previous_model.get("attention_layers", ()) or ()), engine.model
-                )
+            _start_from(
+                engine,
+                f"run:{previous_dir}",
+                tuple(previous_model.get("attention_layers", ()) or ()),
+                same=previous_model.to_dict() == engine.model.to_dict(),
             )
         result = loop.train_and_evaluate(engine, stage_dir)
         results.append((name, result))
@@ -201,20 +239,40 @@ def teacher_source(value: str) -> str:
     return value if value.startswith(("run:", "hf:")) else f"run:{value}"
 
 
+def distill(
+    config, workdir: str, *, teacher: str | None = None, source: str | None = None
+) -> list[tuple[str, loop.TrainResult]]:
+    """Runs (or resumes) the stages of ``config`` in ``workdir`` and writes its report: what the
+    program does with its flags, callable in-process.
+
+    Args:
+      config: a stages config (as ``configs/distill_mohawk.py``); not modified.
+      workdir: where the stage runs, ``stages.json`` and ``REPORT.md`` go (made if missing).
+      teacher: if given, ``config.objective.teacher`` (a bare workdir becomes ``run:DIR``).
+      source: what stages with ``init="source"`` start from (``run:DIR[@STEP]``, ``hf:PATH``).
+
+    Returns:
+      ``(name, TrainResult)`` per stage, in order; the last is the final stage (its
+      ``workdir``, ``state`` and ``eval`` metrics).
+    """
+    if teacher:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.objective.teacher = teacher_source(teacher)
+    os.makedirs(workdir, exist_ok=True)
+    results = run_stages(config, workdir, source)
+    if jax.process_index() == 0:
+        _report(workdir, results)
+    return results
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    config = FLAGS.config
-    if FLAGS.teacher:
-        config.objective.teacher = teacher_source(FLAGS.teacher)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    results = run_stages(config, FLAGS.workdir)
+    results = distill(FLAGS.config, FLAGS.workdir, teacher=FLAGS.teacher, source=FLAGS.source)
     for name, result in results:
         print(f"stage {name}: step {result.step}, eval {result.eval}")
-    if jax.process_index() == 0:
-        _report(FLAGS.workdir, results)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 configs/distill_mambainllama.py) on a tiny Llama teacher: the stages run in the configured order,
 each from the previous one's run, each with its own schedule (read back from its metrics); frozen
 parameters (MLPs, norms, embedding, attention) are bitwise the teacher's after the stages that
-freeze them, while the mixers change."""
+freeze them, while the mixers change; a first stage with ``init="source"`` starts from the model
+the caller names."""
 
 import json
 import math
@@ -16,7 +17,7 @@ from flax import nnx
 from configs import distill_mambainllama, distill_mohawk, lm_smoke
 from experiments import distill_stages
 from jaxlab import models
-from jaxlab.train import loop
+from jaxlab.train import loop, pretrained
 
 LAYERS = 3
 
@@ -202,3 +203,47 @@ def test_mambainllama_steps_replace_layers_with_the_rest_frozen_then_train_end_t
     # End to end: every parameter trains, the kept attention layers too.
     for name in ("['layers'][0]['mlp']['up_proj']", "['layers'][1]['attn']['q_proj']"):
         assert not np.array_equal(params[2][name], teacher[name]), name
+
+
+def test_a_first_stage_starts_from_a_given_run_source(teacher_dir, tmp_path):
+    """``init="source"``: the stage starts exactly from the model the caller names (here a
+    random student written with save_model_source, not the teacher), so the parameters the stage
+    freezes are that model's, bitwise."""
+    config = distill_mohawk.get_config()
+    config.stage_order = ("matrix",)
+    config.stages.matrix.init = "source"
+    config = shrink(config, teacher_dir, (2,), (1e-3,))
+    model_config = config.model.to_dict()
+    teacher_config = pretrained.source_model_config(pretrained.parse_source(f"run:{teacher_dir}"))
+    model_config["vocab_size"] = teacher_config.vocab_size
+    source_model = models.build(model_config, nnx.Rngs(config.seed + 1))
+    source_dir = str(tmp_path / "source")
+    pretrained.save_model_source(source_dir, source_model)
+    with pytest.raises(ValueError, match=r"stages.matrix.init='source' needs a source"):
+        distill_stages.run_stages(config, str(tmp_path / "nosource"))
+
+    workdir = str(tmp_path / "stages")
+    results = distill_stages.distill(config, workdir, source=f"run:{source_dir}")
+
+    with open(os.path.join(workdir, "stages.json")) as f:
+        summary = json.load(f)
+    assert [(s["init_from"], s["init_from_mode"]) for s in summary] == [
+        (f"run:{source_dir}", "exact")
+    ]
+    with open(os.path.join(workdir, "0_matrix", "init_from.json")) as f:
+        init = json.load(f)
+    assert init["source"] == f"run:{source_dir}@0"
+    assert init["kept"] == [] and init["unused"] == []
+    source = flat(nnx.to_pure_dict(nnx.state(source_model, nnx.Param)))
+    teacher = flat(loop.load_frozen(results[0][1].experiment)["teacher"])
+    trained = flat(results[-1][1].state.params)
+    assert trained.keys() == source.keys()
+    for name, value in trained.items():
+        if "['mixer']" in name:  # trained from the source's values
+            continue
+        np.testing.assert_array_equal(value, source[name], err_msg=name)
+        if "norm" not in name:  # (norms start at one in both)
+            assert not np.array_equal(value, teacher[teacher_name(name)]), name
+    name = "['layers'][0]['mixer']['in_proj']"
+    assert not np.array_equal(trained[name], source[name])
+    assert os.path.exists(os.path.join(workdir, "REPORT.md"))
