@@ -758,22 +758,32 @@ def unexpected(results: dict) -> list[tuple]:
     return bad
 
 
-def check_target(target: str, pods: list[tuple[str, str, str, dict]], kernels: bool, quick: bool):
-    """The kernel rows and pod rows of ``target``; ``pods`` holds (name, config, topology,
+def check_target(
+    target: str,
+    pods: list[tuple[str, str, str, dict]],
+    kernels: bool,
+    quick: bool,
+    entry: dict,
+    save: Callable[[], None],
+) -> None:
+    """Fills ``entry`` with the pod rows and kernel rows of ``target``, calling ``save`` after
+    each (a long run leaves its finished rows behind); ``pods`` holds (name, config, topology,
     changes)."""
-    entry = dict(chip=dataclasses.asdict(chip(target)), kernels=[], pods=[])
+    entry.update(chip=dataclasses.asdict(chip(target)), kernels=[], pods=[])
+    for name, spec, topology, changes in pods:
+        row = pod_row(target, name, load_config(spec), topology, changes)
+        entry["pods"].append(row)
+        print(pod_table_row(row), flush=True)
+        save()
     if kernels and platform_of(target) == "gpu":
         device = topology_devices(target, "1x1x1")[0]
         for case in kernel_cases(quick):
             entry["kernels"].append(compile_case(case, device))
             print(kernel_table_row(entry["kernels"][-1]), flush=True)
+            save()
     elif kernels:
         entry["kernels"] = [dict(kernel=k, note=TPU_KERNEL_NOTE) for k in KERNEL_FAMILIES]
-    for name, spec, topology, changes in pods:
-        row = pod_row(target, name, load_config(spec), topology, changes)
-        entry["pods"].append(row)
-        print(pod_table_row(row), flush=True)
-    return entry
+        save()
 
 
 def main(argv):
@@ -794,10 +804,15 @@ def main(argv):
                 and (not FLAGS.pods or p.name in FLAGS.pods)
             ]
         print(f"\n## {target}", flush=True)
-        results["targets"][target] = check_target(
-            target, pods, kernels=FLAGS.kernels and not FLAGS.config, quick=FLAGS.quick
+        results["targets"][target] = {}
+        check_target(
+            target,
+            pods,
+            kernels=FLAGS.kernels and not FLAGS.config,
+            quick=FLAGS.quick,
+            entry=results["targets"][target],
+            save=lambda: report.write(FLAGS.workdir, report_of(results), results),
         )
-        report.write(FLAGS.workdir, report_of(results), results)  # after each target
     bad = unexpected(results)
     print(report_of(results).markdown())
     print(f"\n{len(bad)} unexpected result(s)" + "".join(f"\n  {b}" for b in bad))
