@@ -29,7 +29,9 @@ of ``.venv`` and runs
   JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 .venv-aot/bin/python -m \\
       experiments.aot_check --workdir=aot_results [--targets=h100,v5p] [--quick]
 
-which writes ``aot_results/REPORT.md`` and ``aot_results/results.json``. A user's own config:
+which writes ``aot_results/REPORT.md`` and ``aot_results/results.json``. libtpu lets one process
+at a time describe TPU topologies (a lockfile in /tmp); a second one fails with ABORTED unless
+ALLOW_MULTIPLE_LIBTPU_LOAD=1. A user's own config:
 ``--pods=NAME=configs/FILE.py[:ARG]@TOPOLOGY`` (see README, "Will it fit?").
 """
 
