@@ -616,6 +616,110 @@ def pod_row(target: str, name: str, config, topology: str, changes: dict, device
     return row
 
 
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """One decoding step (one new token for each of ``batch`` rows, a KV cache of ``max_len``
+    slots) of a shipped config's model, its parameters in bfloat16 on one device."""
+
+    name: str
+    config: str
+    batch: int
+    max_len: int
+
+
+DECODES = (Decode("llama2_7b decode", "configs/llama2_7b.py", batch=16, max_len=4096),)
+
+
+def decode_row(target: str, decode: Decode, config, devices=None) -> dict:
+    """Compiles ``jaxlab.infer.decode.decode_step`` of ``config.model`` (unrolled layers,
+    bfloat16 parameters, the cache donated) on one device of ``target`` (or ``devices[0]``).
+    The roofline of a decoding step is its memory traffic: every parameter and the whole cache
+    are read once per token."""
+    from flax import nnx
+
+    from jaxlab import models
+    from jaxlab.infer.decode import decode_step
+
+    platform = platform_of(target)
+    card = chip(target)
+    values = config.model.to_dict() | dict(param_dtype="bfloat16", scan_layers=False, remat=False)
+    if not values.get("vocab_size"):
+        raise ValueError(f"{decode.config}: decode rows need config.model.vocab_size set")
+    row = dict(target=target, pod=decode.name, batch=decode.batch, max_len=decode.max_len)
+    begin = time.perf_counter()
+    try:
+        device = (topology_devices(target, "1x1x1") if devices is None else devices)[0]
+        model_config = models.make_config(values)
+        place = jax.sharding.SingleDeviceSharding(device)
+
+        def placed(tree):
+            return jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place), tree
+            )
+
+        with target_platform(platform):
+            graphdef, params = nnx.split(
+                nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0))), nnx.Param
+            )
+            cache = jax.eval_shape(
+                lambda: models.make_cache(model_config, decode.batch, decode.max_len)
+            )
+            ids = jax.ShapeDtypeStruct((decode.batch,), jnp.int32, sharding=place)
+
+            def step(params, cache, tokens, positions):
+                return decode_step(nnx.merge(graphdef, params), tokens, positions, cache)
+
+            lowered = jax.jit(step, donate_argnums=1).lower(placed(params), placed(cache), ids, ids)
+        compiled = lowered.compile()
+    except Exception as e:  # the compiler's verdict is the result of this row
+        message = str(e).strip().splitlines()
+        row.update(compiled=False, error=(message[0] if message else type(e).__name__)[:400])
+        row["seconds"] = round(time.perf_counter() - begin, 2)
+        return row
+    row["seconds"] = round(time.perf_counter() - begin, 2)
+    row.update(
+        compiled=True,
+        **fit(compiled.memory_analysis(), card.memory_bytes, USABLE_FRACTION[platform]),
+    )
+    nbytes = sum(
+        int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves((params, cache))
+    )
+    row["hbm_bytes"] = nbytes
+    row["step_seconds"] = nbytes / card.memory_bandwidth
+    row["tokens_per_second"] = decode.batch / row["step_seconds"]
+    return row
+
+
+DECODE_HEADER = (
+    "decode",
+    "batch x cache",
+    "compiled",
+    "args GB",
+    "needs GB",
+    "usable GB",
+    "fits (headroom GB)",
+    "ms/step bound (HBM)",
+    "tokens/s bound",
+    "compile s",
+)
+
+
+def decode_table_row(row: dict) -> tuple:
+    common = (row["pod"], f"{row['batch']} x {row['max_len']}")
+    if not row["compiled"]:
+        return common + (f"no: {row['error'][:160]}", "", "", "", "", "", "", row["seconds"])
+    return common + (
+        "yes",
+        _gb(row["argument_bytes"]),
+        _gb(row["need_bytes"]),
+        _gb(row["budget_bytes"]),
+        f"{'yes' if row['fits'] else '**NO**'} ({_gb(row['headroom_bytes'])})",
+        f"{1e3 * row['step_seconds']:.2f}",
+        f"{row['tokens_per_second']:.0f}",
+        row["seconds"],
+    )
+
+
 def _gb(n: int | float | None) -> str:
     return "" if n is None else f"{n / 1e9:.1f}"
 
@@ -739,6 +843,12 @@ def report_of(results: dict):
                     "42.3% MFU on 128 A100s (Chen et al. 2023)."
                 )
                 doc.table(ROOFLINE_HEADER, [roofline_table_row(r) for r in compiled], "llrrrrrrr")
+        if entry.get("decodes"):
+            doc.add(
+                "Decoding steps on one device (bfloat16 parameters, unrolled layers): the bound "
+                "reads every parameter and the whole cache once per step at the peak bandwidth."
+            )
+            doc.table(DECODE_HEADER, [decode_table_row(r) for r in entry["decodes"]], "lllrrrlrrr")
         if entry["kernels"]:
             doc.add("Pallas kernels, each on one device.")
             doc.table(KERNEL_HEADER, [kernel_table_row(r) for r in entry["kernels"]], "lllrrrl")
@@ -752,7 +862,7 @@ def unexpected(results: dict) -> list[tuple]:
         for r in entry["kernels"]:
             if not r.get("note") and not r["as_expected"]:
                 bad.append((target, r["kernel"], r["detail"]))
-        for r in entry["pods"]:
+        for r in entry["pods"] + entry.get("decodes", []):
             if not r["compiled"]:
                 bad.append((target, r["pod"], r["error"][:200]))
             elif not r["fits"]:
@@ -763,6 +873,7 @@ def unexpected(results: dict) -> list[tuple]:
 def check_target(
     target: str,
     pods: list[tuple[str, str, str, dict]],
+    decodes: list[Decode],
     kernels: bool,
     quick: bool,
     entry: dict,
@@ -771,11 +882,15 @@ def check_target(
     """Fills ``entry`` with the pod rows and kernel rows of ``target``, calling ``save`` after
     each (a long run leaves its finished rows behind); ``pods`` holds (name, config, topology,
     changes)."""
-    entry.update(chip=dataclasses.asdict(chip(target)), kernels=[], pods=[])
+    entry.update(chip=dataclasses.asdict(chip(target)), kernels=[], pods=[], decodes=[])
     for name, spec, topology, changes in pods:
         row = pod_row(target, name, load_config(spec), topology, changes)
         entry["pods"].append(row)
         print(pod_table_row(row), flush=True)
+        save()
+    for decode in decodes:
+        entry["decodes"].append(decode_row(target, decode, load_config(decode.config)))
+        print(decode_table_row(entry["decodes"][-1]), flush=True)
         save()
     if kernels and platform_of(target) == "gpu":
         device = topology_devices(target, "1x1x1")[0]
@@ -810,6 +925,9 @@ def main(argv):
         check_target(
             target,
             pods,
+            []
+            if FLAGS.config or FLAGS.quick
+            else [d for d in DECODES if not FLAGS.pods or d.name in FLAGS.pods],
             kernels=FLAGS.kernels and not FLAGS.config,
             quick=FLAGS.quick,
             entry=results["targets"][target],

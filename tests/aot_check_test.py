@@ -178,3 +178,17 @@ def test_every_pod_names_a_topology_per_target_and_its_config_loads():
         assert config.seq_len <= config.model.max_seq_len, pod.name
     with pytest.raises(ValueError, match="FILE.py or FILE.py:ARG of an existing file"):
         aot_check.load_config("configs/no_such.py")
+
+
+def test_a_decode_row_reads_every_bf16_parameter_and_the_whole_cache_once():
+    config = _tiny_config(**{"model.vocab_size": 259})  # the byte tokenizer's
+    decode = aot_check.Decode("tiny decode", "configs/lm_tiny.py", batch=2, max_len=16)
+    row = aot_check.decode_row("h200", decode, config, devices=jax.devices())
+    assert row["compiled"], row.get("error")
+    # 26,880 bfloat16 parameters (as in the train-step row above) and per layer a key and a
+    # value cache of 2 rows x 16 slots x 2 kv heads x head_dim 8 in the compute dtype.
+    itemsize = jnp.dtype(config.model.dtype).itemsize
+    assert row["hbm_bytes"] == 26880 * 2 + 2 * 2 * (2 * 16 * 2 * 8) * itemsize
+    assert row["step_seconds"] == pytest.approx(row["hbm_bytes"] / 4.8e12)
+    assert row["tokens_per_second"] == pytest.approx(2 / row["step_seconds"])
+    assert row["fits"] and row["argument_bytes"] >= row["hbm_bytes"]
