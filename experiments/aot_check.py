@@ -815,7 +815,8 @@ def report_of(results: dict):
         "arguments + outputs - donated aliases + temp bytes per device (`memory_analysis()`); "
         f"it fits if that is at most the usable memory: {USABLE_FRACTION['gpu']:.0%} of a GPU "
         "(JAX's default preallocation; raise XLA_PYTHON_CLIENT_MEM_FRACTION to use more) and "
-        "all of a TPU chip. GB are 10^9 bytes.",
+        "all of a TPU chip. GB are 10^9 bytes. Compile s: wall seconds to build, trace and "
+        "compile on this (shared, 2-core) machine.",
     )
     for target, entry in results["targets"].items():
         card = entry["chip"]
@@ -836,7 +837,8 @@ def report_of(results: dict):
             if compiled:
                 doc.add(
                     "Roofline bound per train step: model FLOPs 6 x matmul parameters + 12 x "
-                    "layers x seq x attention width per token (PaLM App. B), remat adds a "
+                    "layers x seq x attention width per token (PaLM App. B; attention counted "
+                    "dense, also for the sparse LMs), remat adds a "
                     f"forward; peak {card['peak_flops'] / 1e12:.0f} TFLOP/s and "
                     f"{card['memory_bandwidth'] / 1e12:.2f} TB/s per device; communication not "
                     "counted, so real steps are slower. For comparison, MEDITRON-70B reported "
