@@ -45,8 +45,9 @@ GPU_PYTHON ?= python3
 bench-gpu:
 	PYTHONPATH=. $(GPU_PYTHON) -m experiments.bench.gpu --out=bench_results/bench_gpu.json
 
-# Ahead-of-time compilation for GPUs on this machine (no GPU needed): jax's CUDA plugin and its
-# CUDA libraries (about 4.5 GB) go into their own environment, never into .venv.
+# Ahead-of-time compilation for GPUs and TPUs on this machine (no accelerator needed): jax's CUDA
+# plugin with its CUDA libraries (about 4.5 GB) and libtpu go into their own environment, never
+# into .venv. AOT_FLAGS passes flags, e.g. make aot-check AOT_FLAGS="--targets=h100,v5p --quick".
 AOT_VENV := .venv-aot
 AOT_STAMP := $(AOT_VENV)/.installed
 
@@ -55,12 +56,13 @@ $(AOT_STAMP): setup.cfg pyproject.toml
 	$(AOT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(AOT_VENV)/bin/python -m pip install --quiet -e .
 	$(AOT_VENV)/bin/python -m pip install --quiet \
-		"jax-cuda12-plugin[with-cuda]==$$($(AOT_VENV)/bin/python -c 'import jax; print(jax.__version__)')"
+		"jax-cuda12-plugin[with-cuda]==$$($(AOT_VENV)/bin/python -c 'import jax; print(jax.__version__)')" \
+		"jax[tpu]==$$($(AOT_VENV)/bin/python -c 'import jax; print(jax.__version__)')"
 	touch $(AOT_STAMP)
 
 aot-check: $(AOT_STAMP)
 	JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 \
-		$(AOT_VENV)/bin/python -m experiments.aot_check --out=aot_results/aot_check.json
+		$(AOT_VENV)/bin/python -m experiments.aot_check --workdir=aot_results $(AOT_FLAGS)
 
 # ruff format's output is the layout: no pragmas that switch it off.
 lint: $(STAMP)

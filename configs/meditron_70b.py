@@ -8,6 +8,11 @@ on a cosine horizon of 46,000 (two epochs), so the last step's rate is 0.582 x p
 llama2_70b's: 8-way tensor parallel inside a host, FSDP across hosts; the vocabulary (32,000 +
 12 special tokens) is padded to 32,016 so that the tensor axis divides it (the tokenizer never
 produces the 4 extra ids).
+
+Checked ahead of time for the paper's 128 GPUs as 128 H100 80GB (16 hosts of 8, topology 1x16x8;
+make aot-check): the train step compiles and needs 42 GB per device of the 64 GB JAX takes by
+default. On 64 GPUs the 64 sequences per micro-step need about 81 GB per device: there, set
+--config.accum_steps=16.
 """
 
 from configs import llama2_70b, meditron_7b, meditron_gap_replay

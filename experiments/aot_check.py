@@ -1,32 +1,43 @@
-"""Ahead-of-time compilation of the Pallas kernels for GPUs, on a machine without one (issue 23).
+"""Ahead-of-time compilation for GPUs and TPUs on a machine without one (issue 23): every
+Pallas kernel, and whole train steps of the shipped pod configurations on their topologies.
 
 XLA's GPU compiler runs on the CPU: ``jax.experimental.topologies.get_topology_desc`` describes
 a card from a ``GpuTargetConfig`` text proto (:func:`gpu_target_config`, built from the card's
-facts in :data:`GPUS`), and ``jax.jit(f).lower(<shapes placed on its devices>).compile()`` runs
-the full compiler, Triton kernels included. A kernel whose tiles need more shared memory than
-the card has fails there with ``RESOURCE_EXHAUSTED``, so a row that compiles is a kernel that
-launches. Every row reports: compiled or the compiler's error, compile seconds, and the
-compiled program's argument, output and temp bytes per device.
+facts in :data:`GPUS`) and a TPU slice from libtpu (:data:`TPUS`), and
+``jax.jit(f).lower(<shapes placed on its devices>).compile()`` runs the full compiler, Triton
+kernels included. A kernel whose tiles need more shared memory than the card has fails there
+with ``RESOURCE_EXHAUSTED``, so a row that compiles is a kernel that launches.
 
-It needs jax's CUDA plugin (about 4.5 GB with its CUDA libraries), which stays out of
-``make test``'s environment: ``make aot-check`` creates ``.venv-aot`` with
-``jax-cuda12-plugin[with-cuda]`` at the jax version of ``.venv`` and runs
-
-  JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 .venv-aot/bin/python -m \\
-      experiments.aot_check --out=aot_results/aot_check.json [--targets=h100,h200] [--quick]
-
-The kernel rows: both sparse-attention kernels (QK-dropping and hash buckets), forward and
+Kernel rows: both sparse-attention kernels (QK-dropping and hash buckets), forward and
 forward+backward, bf16 and float32, head_dim 64 and 128, at 4k..32k tokens; the Mamba-1 selective
 scan and the Mamba-2 SSD, forward and forward+backward, bf16 and float32, at 4k..16k tokens; and a
-deliberately oversized sparse-attention tile that must be refused (a check of the checker).
-Pod configurations (whole train steps on multi-card topologies) and TPU targets are not compiled
-here yet.
+deliberately oversized sparse-attention tile that must be refused (a check of the checker). The
+kernels are Triton (GPU) kernels: TPU targets list them as not compiled (no Mosaic kernel yet).
+
+Pod rows (:data:`PODS`): the engine's jitted train step of a shipped config, built from
+ShapeDtypeStructs on the topology's devices (``build_experiment(config, devices=...)``; no
+parameter is allocated) and compiled. Each row gives the per-device argument, output and temp
+bytes of ``compiled.memory_analysis()``, what the step needs (arguments + outputs - donated
+aliases + temp) against :data:`USABLE_FRACTION` of the device's memory, the compile seconds, and
+a roofline bound (:func:`roofline`) from an analytic FLOP count (XLA's ``cost_analysis()``
+returns nothing for these topology compiles).
+
+It needs jax's CUDA plugin (about 4.5 GB with its CUDA libraries) and libtpu, which stay out of
+``make test``'s environment: ``make aot-check`` creates ``.venv-aot`` with them at the jax version
+of ``.venv`` and runs
+
+  JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 .venv-aot/bin/python -m \\
+      experiments.aot_check --workdir=aot_results [--targets=h100,v5p] [--quick]
+
+which writes ``aot_results/REPORT.md`` and ``aot_results/results.json``. libtpu lets one process
+at a time describe TPU topologies (a lockfile in /tmp); a second one fails with ABORTED unless
+ALLOW_MULTIPLE_LIBTPU_LOAD=1. A user's own config:
+``--pods=NAME=configs/FILE.py[:ARG]@TOPOLOGY`` (see README, "Will it fit?").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -35,15 +46,28 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from jaxlab.eval import report
+from kernels_pallas._common import target_platform
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """Defines the command-line flags; only when run as a program, so that tests can import
     this module beside others that define the same names."""
-    flags.DEFINE_string("out", "aot_results/aot_check.json", "Where to write the JSON.")
-    flags.DEFINE_list("targets", ["h100", "h200"], "Cards to compile for (keys of GPUS).")
-    flags.DEFINE_bool("quick", False, "Short sequences and one dtype: a smoke run.")
+    flags.DEFINE_string("workdir", "aot_results", "Where REPORT.md and results.json go.")
+    flags.DEFINE_list("targets", ["h100", "h200", "v5p"], "Targets (keys of GPUS and TPUS).")
+    flags.DEFINE_bool("quick", False, "Short sequences, one dtype, the small pods: a smoke run.")
+    flags.DEFINE_bool("kernels", True, "Compile the kernels (GPU targets).")
+    flags.DEFINE_list("pods", [], "Only these pods (names in PODS); empty: all.")
+    flags.DEFINE_string(
+        "config", None, "Check only this config (FILE.py or FILE.py:ARG) instead of PODS."
+    )
+    flags.DEFINE_string(
+        "topology",
+        "1x1x8",
+        "--config's topology: SLICESxHOSTSxDEVICES for a GPU, e.g. 2x2x1 for TPU.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +80,7 @@ class Gpu:
     clock_ghz: float
     memory_bandwidth: float  # bytes/s
     l2_bytes: int
+    peak_flops: float = 989e12  # dense bf16 tensor-core FLOP/s (H100/H200 SXM datasheets)
     compute_capability: tuple[int, int] = (9, 0)
     shared_memory_per_sm: int = 228 * 1024
     shared_memory_per_block_optin: int = 227 * 1024
@@ -67,6 +92,42 @@ GPUS = {
     # H200 SXM: 143771 MiB (nvidia-smi on this workplace's machines), 4.8 TB/s, 60 MB L2.
     "h200": Gpu("NVIDIA H200", 143771 * 2**20, 132, 1.98, 4.8e12, 60 * 2**20),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Tpu:
+    """A TPU generation: its name in libtpu's topology strings and its per-chip facts (Google
+    Cloud's TPU pages)."""
+
+    description: str
+    generation: str  # "v5e" as in get_topology_desc("v5e:2x2", "tpu")
+    memory_bytes: int
+    memory_bandwidth: float  # bytes/s
+    peak_flops: float  # dense bf16 FLOP/s
+
+
+TPUS = {
+    "v5e": Tpu("TPU v5e (v5litepod)", "v5e", 16 * 2**30, 819e9, 197e12),
+    "v5p": Tpu("TPU v5p", "v5p", 95 * 2**30, 2765e9, 459e12),
+    "v6e": Tpu("TPU v6e (Trillium)", "v6e", 32 * 2**30, 1640e9, 918e12),
+}
+
+# The share of a card's memory a step may need: JAX preallocates 75% of a GPU
+# (XLA_PYTHON_CLIENT_MEM_FRACTION, raise it to use more); on a TPU the compiler itself refuses a
+# program larger than the chip's memory.
+USABLE_FRACTION = {"gpu": 0.75, "tpu": 1.0}
+
+
+def platform_of(target: str) -> str:
+    if target in GPUS:
+        return "gpu"
+    if target in TPUS:
+        return "tpu"
+    raise ValueError(f"target must be one of {sorted(GPUS) + sorted(TPUS)}, got {target!r}")
+
+
+def chip(target: str) -> Gpu | Tpu:
+    return GPUS[target] if platform_of(target) == "gpu" else TPUS[target]
 
 
 def gpu_target_config(gpu: Gpu) -> str:
@@ -244,48 +305,638 @@ def compile_case(case: Case, device) -> dict:
     return row
 
 
+# The kernels' rows on a TPU: there is no Mosaic (TPU Pallas) version of them yet.
+TPU_KERNEL_NOTE = "no TPU (Mosaic) kernel yet: issue 24"
+KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "selective_scan", "ssd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pod:
+    """A shipped config and the topologies it is checked on.
+
+    ``topologies`` maps "gpu" to a ``SLICESxHOSTSxDEVICES`` string and a TPU generation to its
+    slice (``"2x2x2"``); ``changes`` are config fields the checker sets (dotted names), shown in
+    the table; ``quick`` pods also run under ``--quick``."""
+
+    name: str
+    config: str  # FILE.py or FILE.py:ARG
+    topologies: dict[str, str]
+    changes: dict[str, object] = dataclasses.field(default_factory=dict)
+    quick: bool = False
+
+
+# scan_layers=True compiles one block looped over (the same numbers as the unrolled layers,
+# tests/models/scan_layers_test.py) in seconds instead of minutes; the MEDITRON configs read a
+# user's Llama directory and GAP-Replay folder, which only the tokenizer and the data need (the
+# step's shapes come from the config), so the byte tokenizer and the embedded corpus stand in;
+# their Hugging Face export at the end of a run (unrolled layers only) is not part of the step.
+_SCAN = {"model.scan_layers": True}
+_NO_USER_FILES = {
+    "data.tokenizer": "byte",
+    "data.sources": ("embedded",),
+    "data.weights": (),
+    "export_hf": "",
+}
+_MEDITRON_ARG = "LLAMA_DIR,GAP_REPLAY"
+_SEVEN_B = {"gpu": "1x1x8", "v5e": "4x4", "v5p": "2x2x2", "v6e": "2x4"}
+_SEVENTY_B = {"gpu": "1x8x8", "v5e": "8x16", "v5p": "4x4x4", "v6e": "8x8"}
+# MEDITRON-70B trained on 128 A100 80GB (16 nodes of 8; Chen et al. 2023, §4.1).
+_MEDITRON_70B = {"gpu": "1x16x8", "v5e": "8x16", "v5p": "4x4x8", "v6e": "8x16"}
+_SMALL = {"gpu": "1x1x8", "v5e": "2x4", "v5p": "2x2x2", "v6e": "2x4"}
+
+PODS = (
+    Pod("llama2_7b", "configs/llama2_7b.py", _SEVEN_B, _SCAN),
+    Pod("llama3_8b", "configs/llama3_8b.py", _SEVEN_B, _SCAN),
+    Pod("llama2_70b", "configs/llama2_70b.py", _SEVENTY_B, _SCAN),
+    Pod("meditron_7b", f"configs/meditron_7b.py:{_MEDITRON_ARG}", _SEVEN_B, _SCAN | _NO_USER_FILES),
+    Pod(
+        "meditron_70b",
+        f"configs/meditron_70b.py:{_MEDITRON_ARG}",
+        _MEDITRON_70B,
+        _SCAN | _NO_USER_FILES,
+    ),
+    Pod(
+        "sparse_lm hash 8k",
+        "configs/sparse_lm.py:hash",
+        _SMALL,
+        {"seq_len": 8192, "model.max_seq_len": 8192, "batch_size": 8},
+    ),
+    Pod(
+        "sparse_lm qk 16k",
+        "configs/sparse_lm.py:qk",
+        _SMALL,
+        {"seq_len": 16384, "model.max_seq_len": 16384, "batch_size": 8},
+    ),
+    Pod(
+        "mamba_lm hybrid 4k",
+        "configs/mamba_lm.py:hybrid",
+        _SMALL,
+        {"seq_len": 4096, "model.max_seq_len": 4096, "batch_size": 8},
+    ),
+    Pod(
+        "mamba_lm mamba2 1k",
+        "configs/mamba_lm.py:mamba2",
+        _SMALL,
+        {"seq_len": 1024, "model.max_seq_len": 1024, "batch_size": 8},
+        quick=True,
+    ),
+    # The unrolled layers once, beside the scanned row above: the memory the scan stands for.
+    Pod("llama2_7b unrolled", "configs/llama2_7b.py", {"gpu": "1x1x8"}),
+)
+
+
+def load_config(spec: str):
+    """``get_config(ARG)`` (or ``get_config()``) of the config file in ``FILE.py[:ARG]``."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py") or not os.path.isfile(path):
+        raise ValueError(f"config must be FILE.py or FILE.py:ARG of an existing file, got {spec!r}")
+    root = os.path.abspath(".")
+    absolute = os.path.abspath(path)
+    if absolute.startswith(os.path.join(root, "configs") + os.sep):  # configs import each other
+        module = importlib.import_module("configs." + os.path.basename(path)[:-3])
+    else:
+        loader = importlib.util.spec_from_file_location("user_config", absolute)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+# The custom-call targets of a compiled Pallas kernel in lowered StableHLO: Triton on a GPU,
+# Mosaic on a TPU.
+KERNEL_CALL_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
+
+
+def kernel_calls(stablehlo: str) -> int:
+    """How many Pallas kernel calls a lowered program makes (not interpret-mode emulations)."""
+    return sum(stablehlo.count(f"@{name}(") for name in KERNEL_CALL_TARGETS)
+
+
+def apply_changes(config, changes: dict[str, object]):
+    for dotted, value in changes.items():
+        *parents, field = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[field] = value
+    return config
+
+
+def topology_devices(target: str, topology: str):
+    """The devices of ``topology`` on ``target``'s hardware (no device is opened)."""
+    from jax.experimental import topologies
+
+    if platform_of(target) == "gpu":
+        description = topologies.get_topology_desc(
+            platform="cuda", target_config=gpu_target_config(GPUS[target]), topology=topology
+        )
+    else:
+        description = topologies.get_topology_desc(f"{TPUS[target].generation}:{topology}", "tpu")
+    return description.devices
+
+
+def fit(memory, device_bytes: int, usable_fraction: float) -> dict:
+    """What a step needs per device (arguments + outputs - the donated buffers they share +
+    temp) against the usable share of the device's memory; ``memory`` has the fields of
+    ``compiled.memory_analysis()``."""
+    need = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    budget = int(device_bytes * usable_fraction)
+    return dict(
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        need_bytes=int(need),
+        budget_bytes=budget,
+        fits=bool(need <= budget),
+        headroom_bytes=int(budget - need),
+    )
+
+
+def step_flops(
+    *,
+    matmul_params: int,
+    attention_layers: int,
+    attention_width: int,
+    seq_len: int,
+    tokens: int,
+    remat: bool,
+) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one train step on ``tokens`` tokens.
+
+    Model FLOPs are PaLM's (Chowdhery et al. 2022, App. B): 6 per matmul parameter per token
+    (forward 2, backward 4) plus 12 * layers * seq_len * attention width per token for the
+    attention scores and their weighted sum (dense: no causal halving, as the XLA attention
+    computes every score; sparse attention skips some). Remat recomputes the forward in the
+    backward pass: the hardware does 8/6 of the parameter work and 16/12 of the attention's."""
+    per_token = 6 * matmul_params + 12 * attention_layers * seq_len * attention_width
+    model = float(per_token) * tokens
+    hardware = model * (8 / 6) if remat else model
+    return model, hardware
+
+
+def roofline(
+    *,
+    model_flops: float,
+    hardware_flops: float,
+    hbm_bytes_per_device: float,
+    devices: int,
+    peak_flops: float,
+    memory_bandwidth: float,
+) -> dict:
+    """Lower bound on a step's seconds (the larger of its compute time at the peak FLOP rate
+    and its memory traffic at the peak bandwidth; communication not counted) and the MFU that
+    bound allows (model FLOPs over what the devices could do in that time)."""
+    compute_s = hardware_flops / (devices * peak_flops)
+    memory_s = hbm_bytes_per_device / memory_bandwidth
+    step_s = max(compute_s, memory_s)
+    return dict(
+        compute_seconds=compute_s,
+        memory_seconds=memory_s,
+        step_seconds=step_s,
+        bound="compute" if compute_s >= memory_s else "memory",
+        mfu_bound=model_flops / (devices * peak_flops * step_s),
+    )
+
+
+def _param_counts(exp) -> tuple[int, int, int]:
+    """(all parameters, those in matmuls, bytes of the parameters): the input embedding is a
+    lookup, not a matmul, unless the head reuses it (tied)."""
+    leaves = jax.tree.leaves(exp.abstract_state.params)
+    total = sum(int(x.size) for x in leaves)
+    nbytes = sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in leaves)
+    embed = exp.abstract_state.params.get("embed")
+    tied = exp.model_config.tie_embeddings
+    matmul = total - (0 if tied or embed is None else int(embed.size))
+    return total, matmul, nbytes
+
+
+def _attention_shape(model_config) -> tuple[int, int]:
+    """(layers with attention, query heads x head_dim) of a Transformer or a hybrid Mamba."""
+    heads = model_config.num_heads
+    head_dim = getattr(model_config, "head_dim", None)
+    if getattr(model_config, "mixer", None) is not None:  # Mamba: attention only where asked
+        layers = len(model_config.attention_layers)
+        width = model_config.hidden_size if layers else 0
+        return layers, width
+    width = heads * (head_dim or model_config.hidden_size // heads)
+    return model_config.num_layers, width
+
+
+def pod_row(target: str, name: str, config, topology: str, changes: dict, devices=None) -> dict:
+    """Builds ``config``'s experiment on ``topology``'s devices of ``target`` (or ``devices``),
+    compiles its train step and returns the row: the compiler's error, or memory, fit and
+    roofline."""
+    from jaxlab.train import loop
+    from jaxlab.train.sharding import batch_sharding
+
+    platform = platform_of(target)
+    card = chip(target)
+    apply_changes(config, changes)
+    row = dict(
+        target=target,
+        pod=name,
+        topology=topology,
+        changes={k: str(v) for k, v in changes.items()},
+        mesh={k: int(v) for k, v in config.mesh.to_dict().items()},
+        batch_size=int(config.batch_size),
+        seq_len=int(config.seq_len),
+        accum_steps=int(config.accum_steps),
+        remat=bool(config.model.get("remat", False)),
+    )
+    begin = time.perf_counter()
+    try:
+        devices = topology_devices(target, topology) if devices is None else devices
+        row["devices"] = len(devices)
+        # Traced for the target: 'auto' kernel choices and interpret mode follow its platform,
+        # not this process's CPU backend.
+        with target_platform(platform):
+            exp = loop.build_experiment(config, devices=devices)
+            train_step, _ = loop.compile_steps(exp)
+            batch = {
+                k: jax.ShapeDtypeStruct(
+                    (config.batch_size, config.seq_len),
+                    jnp.int32,
+                    sharding=batch_sharding(exp.mesh),
+                )
+                for k in loop.MODEL_INPUTS
+            }
+            lowered = train_step.lower(exp.abstract_state, batch, {})
+        row["lower_seconds"] = round(time.perf_counter() - begin, 2)
+        row["kernel_calls"] = kernel_calls(lowered.as_text())
+        compiled = lowered.compile()
+    except Exception as e:  # the compiler's (or the engine's) verdict is the result of this row
+        message = str(e).strip().splitlines()
+        row.update(compiled=False, error=(message[0] if message else type(e).__name__)[:400])
+        row["seconds"] = round(time.perf_counter() - begin, 2)
+        return row
+    row["seconds"] = round(time.perf_counter() - begin, 2)
+    row["mesh"] = {k: int(v) for k, v in exp.mesh.shape.items()}
+    row.update(
+        compiled=True,
+        **fit(compiled.memory_analysis(), card.memory_bytes, USABLE_FRACTION[platform]),
+    )
+    total, matmul, param_bytes = _param_counts(exp)
+    layers, width = _attention_shape(exp.model_config)
+    tokens = config.batch_size * config.seq_len
+    model_flops, hardware_flops = step_flops(
+        matmul_params=matmul,
+        attention_layers=layers,
+        attention_width=width,
+        seq_len=config.seq_len,
+        tokens=tokens,
+        remat=row["remat"],
+    )
+    # HBM traffic, a lower bound: the state read and written once, and each micro-step's
+    # passes over the layer weights (gathered by FSDP, split by the tensor axis).
+    passes = 3 if row["remat"] else 2
+    weights = param_bytes / exp.mesh.shape["tensor"]
+    hbm = row["argument_bytes"] + row["output_bytes"] + passes * config.accum_steps * weights
+    row.update(
+        params=total,
+        tokens=tokens,
+        model_flops=model_flops,
+        hardware_flops=hardware_flops,
+        hbm_bytes_lower_bound=hbm,
+        **roofline(
+            model_flops=model_flops,
+            hardware_flops=hardware_flops,
+            hbm_bytes_per_device=hbm,
+            devices=len(devices),
+            peak_flops=card.peak_flops,
+            memory_bandwidth=card.memory_bandwidth,
+        ),
+    )
+    return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """One decoding step (one new token for each of ``batch`` rows, a KV cache of ``max_len``
+    slots) of a shipped config's model, its parameters in bfloat16 on one device."""
+
+    name: str
+    config: str
+    batch: int
+    max_len: int
+
+
+DECODES = (Decode("llama2_7b decode", "configs/llama2_7b.py", batch=16, max_len=4096),)
+
+
+def decode_row(target: str, decode: Decode, config, devices=None) -> dict:
+    """Compiles ``jaxlab.infer.decode.decode_step`` of ``config.model`` (unrolled layers,
+    bfloat16 parameters, the cache donated) on one device of ``target`` (or ``devices[0]``).
+    The roofline of a decoding step is its memory traffic: every parameter and the whole cache
+    are read once per token."""
+    from flax import nnx
+
+    from jaxlab import models
+    from jaxlab.infer.decode import decode_step
+
+    platform = platform_of(target)
+    card = chip(target)
+    values = config.model.to_dict() | dict(param_dtype="bfloat16", scan_layers=False, remat=False)
+    if not values.get("vocab_size"):
+        raise ValueError(f"{decode.config}: decode rows need config.model.vocab_size set")
+    row = dict(target=target, pod=decode.name, batch=decode.batch, max_len=decode.max_len)
+    begin = time.perf_counter()
+    try:
+        device = (topology_devices(target, "1x1x1") if devices is None else devices)[0]
+        model_config = models.make_config(values)
+        place = jax.sharding.SingleDeviceSharding(device)
+
+        def placed(tree):
+            return jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place), tree
+            )
+
+        with target_platform(platform):
+            graphdef, params = nnx.split(
+                nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0))), nnx.Param
+            )
+            cache = jax.eval_shape(
+                lambda: models.make_cache(model_config, decode.batch, decode.max_len)
+            )
+            ids = jax.ShapeDtypeStruct((decode.batch,), jnp.int32, sharding=place)
+
+            def step(params, cache, tokens, positions):
+                return decode_step(nnx.merge(graphdef, params), tokens, positions, cache)
+
+            lowered = jax.jit(step, donate_argnums=1).lower(placed(params), placed(cache), ids, ids)
+        compiled = lowered.compile()
+    except Exception as e:  # the compiler's verdict is the result of this row
+        message = str(e).strip().splitlines()
+        row.update(compiled=False, error=(message[0] if message else type(e).__name__)[:400])
+        row["seconds"] = round(time.perf_counter() - begin, 2)
+        return row
+    row["seconds"] = round(time.perf_counter() - begin, 2)
+    row.update(
+        compiled=True,
+        **fit(compiled.memory_analysis(), card.memory_bytes, USABLE_FRACTION[platform]),
+    )
+    nbytes = sum(
+        int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves((params, cache))
+    )
+    row["hbm_bytes"] = nbytes
+    row["step_seconds"] = nbytes / card.memory_bandwidth
+    row["tokens_per_second"] = decode.batch / row["step_seconds"]
+    return row
+
+
+DECODE_HEADER = (
+    "decode",
+    "batch x cache",
+    "compiled",
+    "args GB",
+    "needs GB",
+    "usable GB",
+    "fits (headroom GB)",
+    "ms/step bound (HBM)",
+    "tokens/s bound",
+    "compile s",
+)
+
+
+def decode_table_row(row: dict) -> tuple:
+    common = (row["pod"], f"{row['batch']} x {row['max_len']}")
+    if not row["compiled"]:
+        return common + (f"no: {row['error'][:160]}", "", "", "", "", "", "", row["seconds"])
+    return common + (
+        "yes",
+        _gb(row["argument_bytes"]),
+        _gb(row["need_bytes"]),
+        _gb(row["budget_bytes"]),
+        f"{'yes' if row['fits'] else '**NO**'} ({_gb(row['headroom_bytes'])})",
+        f"{1e3 * row['step_seconds']:.2f}",
+        f"{row['tokens_per_second']:.0f}",
+        row["seconds"],
+    )
+
+
+def _gb(n: int | float | None) -> str:
+    return "" if n is None else f"{n / 1e9:.1f}"
+
+
 def _mib(n: int | None) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
 
+POD_HEADER = (
+    "pod",
+    "topology",
+    "mesh (data, fsdp, tensor)",
+    "batch x seq (accum)",
+    "compiled",
+    "Pallas calls",
+    "args GB",
+    "temp GB",
+    "needs GB",
+    "usable GB",
+    "fits (headroom GB)",
+    "compile s",
+)
+ROOFLINE_HEADER = (
+    "pod",
+    "topology",
+    "params (B)",
+    "tokens/step",
+    "model FLOP",
+    "compute s",
+    "HBM s (lower bound)",
+    "step s bound",
+    "MFU bound",
+)
+
+
+def pod_table_row(row: dict) -> tuple:
+    mesh = row["mesh"]
+    shape = f"{row['batch_size']} x {row['seq_len']} ({row['accum_steps']})"
+    where = f"{row['topology']} ({row.get('devices', '?')} devices)"
+    common = (row["pod"], where, f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}", shape)
+    if not row["compiled"]:
+        return common + (f"no: {row['error'][:160]}", "", "", "", "", "", "", row["seconds"])
+    verdict = "yes" if row["fits"] else "**NO**"
+    return common + (
+        "yes",
+        row["kernel_calls"],
+        _gb(row["argument_bytes"]),
+        _gb(row["temp_bytes"]),
+        _gb(row["need_bytes"]),
+        _gb(row["budget_bytes"]),
+        f"{verdict} ({_gb(row['headroom_bytes'])})",
+        row["seconds"],
+    )
+
+
+def roofline_table_row(row: dict) -> tuple:
+    return (
+        row["pod"],
+        f"{row['topology']} ({row['devices']} devices)",
+        f"{row['params'] / 1e9:.2f}" if row["params"] >= 1e8 else f"{row['params'] / 1e9:.4f}",
+        row["tokens"],
+        f"{row['model_flops']:.3g}",
+        f"{row['compute_seconds']:.3g}",
+        f"{row['memory_seconds']:.3g}",
+        f"{row['step_seconds']:.3g} ({row['bound']})",
+        f"{100 * row['mfu_bound']:.0f}%",
+    )
+
+
+def kernel_table_row(row: dict) -> tuple:
+    if row.get("note"):
+        return (row["kernel"], "", row["note"], "", "", "", "")
+    status = "yes" if row["compiled"] else f"no: {row['error'][:100]}"
+    return (
+        row["kernel"],
+        row["detail"],
+        status,
+        _mib(row.get("temp_bytes")),
+        _mib(row.get("argument_bytes")),
+        row["seconds"],
+        "yes" if row["as_expected"] else "**NO**",
+    )
+
+
+KERNEL_HEADER = ("kernel", "shapes", "compiled", "temp MiB", "args MiB", "s", "as expected")
+
+
+def report_of(results: dict):
+    """The Markdown report of ``results`` (what :func:`main` collected)."""
+    doc = report.Report("Ahead-of-time compile check: kernels and pod train steps").add(
+        f"jax {results['jax']}, compiled on this CPU machine for each target's topology "
+        "(`jax.experimental.topologies`); nothing ran on an accelerator. A pod's step needs "
+        "arguments + outputs - donated aliases + temp bytes per device (`memory_analysis()`); "
+        f"it fits if that is at most the usable memory: {USABLE_FRACTION['gpu']:.0%} of a GPU "
+        "(JAX's default preallocation; raise XLA_PYTHON_CLIENT_MEM_FRACTION to use more) and "
+        "all of a TPU chip. GB are 10^9 bytes. Compile s: wall seconds to build, trace and "
+        "compile on this (shared, 2-core) machine.",
+    )
+    for target, entry in results["targets"].items():
+        card = entry["chip"]
+        doc.section(
+            f"{target}: {card['description']}, {card['memory_bytes'] / 1e9:.1f} GB, "
+            f"{card['peak_flops'] / 1e12:.0f} TFLOP/s bf16, "
+            f"{card['memory_bandwidth'] / 1e12:.2f} TB/s"
+        )
+        pods = entry["pods"]
+        if pods:
+            doc.add("Train steps of the pod configurations.")
+            doc.table(POD_HEADER, [pod_table_row(r) for r in pods], "llllllrrrrlr")
+            changes = sorted({f"{r['pod']}: {r['changes']}" for r in pods if r["changes"]})
+            if changes:
+                doc.add("Fields the checker set (on top of the shipped config):")
+                doc.add(*[f"- {c}" for c in changes])
+            compiled = [r for r in pods if r["compiled"]]
+            if compiled:
+                doc.add(
+                    "Roofline bound per train step: model FLOPs 6 x matmul parameters + 12 x "
+                    "layers x seq x attention width per token (PaLM App. B; attention counted "
+                    "dense, also for the sparse LMs), remat adds a "
+                    f"forward; peak {card['peak_flops'] / 1e12:.0f} TFLOP/s and "
+                    f"{card['memory_bandwidth'] / 1e12:.2f} TB/s per device; communication not "
+                    "counted, so real steps are slower. For comparison, MEDITRON-70B reported "
+                    "42.3% MFU on 128 A100s (Chen et al. 2023)."
+                )
+                doc.table(ROOFLINE_HEADER, [roofline_table_row(r) for r in compiled], "llrrrrrrr")
+        if entry.get("decodes"):
+            doc.add(
+                "Decoding steps on one device (bfloat16 parameters, unrolled layers): the bound "
+                "reads every parameter and the whole cache once per step at the peak bandwidth."
+            )
+            doc.table(DECODE_HEADER, [decode_table_row(r) for r in entry["decodes"]], "lllrrrlrrr")
+        if entry["kernels"]:
+            doc.add("Pallas kernels, each on one device.")
+            doc.table(KERNEL_HEADER, [kernel_table_row(r) for r in entry["kernels"]], "lllrrrl")
+    return doc
+
+
+def unexpected(results: dict) -> list[tuple]:
+    """(target, what, why) of every row that did not turn out as it must."""
+    bad = []
+    for target, entry in results["targets"].items():
+        for r in entry["kernels"]:
+            if not r.get("note") and not r["as_expected"]:
+                bad.append((target, r["kernel"], r["detail"]))
+        for r in entry["pods"] + entry.get("decodes", []):
+            if not r["compiled"]:
+                bad.append((target, r["pod"], r["error"][:200]))
+            elif not r["fits"]:
+                bad.append((target, r["pod"], f"needs {_gb(r['need_bytes'])} GB per device"))
+    return bad
+
+
+def check_target(
+    target: str,
+    pods: list[tuple[str, str, str, dict]],
+    decodes: list[Decode],
+    kernels: bool,
+    quick: bool,
+    entry: dict,
+    save: Callable[[], None],
+) -> None:
+    """Fills ``entry`` with the pod rows and kernel rows of ``target``, calling ``save`` after
+    each (a long run leaves its finished rows behind); ``pods`` holds (name, config, topology,
+    changes)."""
+    entry.update(chip=dataclasses.asdict(chip(target)), kernels=[], pods=[], decodes=[])
+    for name, spec, topology, changes in pods:
+        row = pod_row(target, name, load_config(spec), topology, changes)
+        entry["pods"].append(row)
+        print(pod_table_row(row), flush=True)
+        save()
+    for decode in decodes:
+        entry["decodes"].append(decode_row(target, decode, load_config(decode.config)))
+        print(decode_table_row(entry["decodes"][-1]), flush=True)
+        save()
+    if kernels and platform_of(target) == "gpu":
+        device = topology_devices(target, "1x1x1")[0]
+        for case in kernel_cases(quick):
+            entry["kernels"].append(compile_case(case, device))
+            print(kernel_table_row(entry["kernels"][-1]), flush=True)
+            save()
+    elif kernels:
+        entry["kernels"] = [dict(kernel=k, note=TPU_KERNEL_NOTE) for k in KERNEL_FAMILIES]
+        save()
+
+
 def main(argv):
     del argv
-    from jax.experimental import topologies
-
-    unknown = [t for t in FLAGS.targets if t not in GPUS]
-    if unknown:
-        raise ValueError(f"--targets must be among {sorted(GPUS)}, got {unknown}")
+    for target in FLAGS.targets:
+        platform_of(target)  # refuses an unknown target before anything compiles
     results = dict(jax=jax.__version__, targets={})
     for target in FLAGS.targets:
-        gpu = GPUS[target]
-        topology = topologies.get_topology_desc(
-            platform="cuda", target_config=gpu_target_config(gpu), topology="1x1x1"
+        key = "gpu" if platform_of(target) == "gpu" else target
+        if FLAGS.config:
+            pods = [(FLAGS.config, FLAGS.config, FLAGS.topology, {})]
+        else:
+            pods = [
+                (p.name, p.config, p.topologies[key], p.changes)
+                for p in PODS
+                if (p.quick or not FLAGS.quick)
+                and key in p.topologies
+                and (not FLAGS.pods or p.name in FLAGS.pods)
+            ]
+        print(f"\n## {target}", flush=True)
+        results["targets"][target] = {}
+        check_target(
+            target,
+            pods,
+            []
+            if FLAGS.config or FLAGS.quick
+            else [d for d in DECODES if not FLAGS.pods or d.name in FLAGS.pods],
+            kernels=FLAGS.kernels and not FLAGS.config,
+            quick=FLAGS.quick,
+            entry=results["targets"][target],
+            save=lambda: report.write(FLAGS.workdir, report_of(results), results),
         )
-        device = topology.devices[0]
-        rows = []
-        print(f"\n## {target}: {gpu.description}, {gpu.memory_bytes / 2**30:.1f} GiB\n")
-        print("| kernel | shapes | compiled | temp MiB | args MiB | s | as expected |")
-        print("|---|---|---|---:|---:|---:|---|")
-        for case in kernel_cases(FLAGS.quick):
-            row = compile_case(case, device)
-            rows.append(row)
-            status = "yes" if row["compiled"] else f"no: {row['error'][:80]}"
-            print(
-                f"| {row['kernel']} | {row['detail']} | {status} | "
-                f"{_mib(row.get('temp_bytes'))} | {_mib(row.get('argument_bytes'))} | "
-                f"{row['seconds']} | {'yes' if row['as_expected'] else 'NO'} |",
-                flush=True,
-            )
-        results["targets"][target] = dict(gpu=dataclasses.asdict(gpu), rows=rows)
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=1)
-    bad = [
-        (t, r["kernel"], r["detail"])
-        for t, entry in results["targets"].items()
-        for r in entry["rows"]
-        if not r["as_expected"]
-    ]
+    bad = unexpected(results)
+    print(report_of(results).markdown())
     print(f"\n{len(bad)} unexpected result(s)" + "".join(f"\n  {b}" for b in bad))
     if bad:
         raise SystemExit(1)

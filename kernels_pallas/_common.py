@@ -3,20 +3,45 @@ the elementwise prologue/epilogue of the scans. Imports jax only, like the kerne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+_targets: list[str] = []  # the open target_platform() contexts, innermost last
+
+
+def platform() -> str:
+    """The platform the kernels are traced for: ``jax.default_backend()``, or the innermost
+    :func:`target_platform`'s."""
+    return _targets[-1] if _targets else jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+    """Traces the kernels (and ``jaxlab.ops``' ``'auto'`` choices) for ``name`` instead of
+    ``jax.default_backend()``: compiling ahead of time for a GPU or TPU topology happens on a
+    CPU-backed process (``experiments/aot_check.py``)."""
+    if name not in PLATFORMS:
+        raise ValueError(f"target_platform: name must be one of {PLATFORMS}, got {name!r}")
+    _targets.append(name)
+    try:
+        yield
+    finally:
+        _targets.pop()
+
 
 def resolve_interpret(interpret: bool | None, *, kernel: str, fallback: str) -> bool:
-    """``interpret`` as a bool: None means interpret mode on CPU, compiled on GPU.
+    """``interpret`` as a bool: None means interpret mode on CPU, compiled on GPU (the
+    :func:`platform` traced for).
 
     The kernels lower to Triton only, so TPU needs interpret mode; the error says which
     ``jaxlab.ops`` call (``fallback``, e.g. ``"jaxlab.ops.ssd(..., impl='chunked')"``) runs the
     same function natively there.
     """
-    backend = jax.default_backend()
+    backend = platform()
     interpret = backend == "cpu" if interpret is None else bool(interpret)
     if backend == "tpu" and not interpret:
         raise NotImplementedError(

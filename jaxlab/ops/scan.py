@@ -32,6 +32,7 @@ from jaxlab.registry import Registry
 from kernels_pallas import selective_scan as mamba1_kernels
 from kernels_pallas import ssd as ssd_kernels
 from kernels_pallas._common import check_positive_int, round_up
+from kernels_pallas._common import platform as kernel_platform
 
 ScanFn = Callable[..., tuple[jax.Array, jax.Array]]
 SELECTIVE_SCAN_IMPLS: Registry[ScanFn] = Registry(
@@ -53,7 +54,7 @@ def _auto(registry, rank):
         if seq < 16:  # decoding steps: a few sequential steps beat padding a kernel's chunk
             impl = "sequential"
         else:
-            impl = "pallas" if jax.default_backend() == "gpu" else "chunked"
+            impl = "pallas" if kernel_platform() == "gpu" else "chunked"
         return registry.get(impl)(x, *args, **kw)
 
     return run

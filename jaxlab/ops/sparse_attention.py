@@ -25,6 +25,7 @@ from jax import lax
 
 from jaxlab.registry import Registry
 from kernels_pallas import sparse_attention as kernels
+from kernels_pallas._common import platform as kernel_platform
 
 _BIG = jnp.iinfo(jnp.int32).max
 QK_SPARSE_IMPLS: Registry[Callable[..., jax.Array]] = Registry(
@@ -44,7 +45,7 @@ def _auto(registry):
     """The ``'auto'`` entry: the kernels on GPU, the XLA path elsewhere (no TPU lowering yet)."""
 
     def run(*args, **kw):
-        return registry.get("pallas" if jax.default_backend() == "gpu" else "xla")(*args, **kw)
+        return registry.get("pallas" if kernel_platform() == "gpu" else "xla")(*args, **kw)
 
     return run
 

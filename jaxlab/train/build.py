@@ -104,11 +104,15 @@ def _check_export(config, model_config) -> None:
         raise ValueError(f"config.export_hf={config.export_hf!r}: {e}") from None
 
 
-def build_experiment(config) -> Experiment:
-    """Mesh, tokenizer, model structure, optimizer and shardings (nothing allocated)."""
+def build_experiment(config, devices=None) -> Experiment:
+    """Mesh, tokenizer, model structure, optimizer and shardings (nothing allocated).
+
+    ``devices`` replaces ``jax.devices()`` as the mesh's devices, e.g. those of a topology
+    description (``jax.experimental.topologies``) to compile the steps ahead of time for
+    cards this machine does not have."""
     validate_config(config)
     try:
-        mesh = sharding.make_mesh(**config.mesh.to_dict())
+        mesh = sharding.make_mesh(**config.mesh.to_dict(), devices=devices)
     except ValueError as e:
         raise ValueError(f"config.mesh: {e}") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -220,3 +220,20 @@ def test_a_registered_attention_impl_is_dispatched_to_and_not_overwritten(monkey
     with pytest.raises(ValueError, match="'contract_probe' is already registered"):
         ops.register_attention_impl("contract_probe", probe)
     ops.register_attention_impl("contract_probe", ops.attention, replace=True)
+
+
+def test_target_platform_decides_what_the_kernels_are_traced_for():
+    assert common.platform() == jax.default_backend() == "cpu"
+    kw = dict(kernel="k", fallback="jaxlab.ops.k(..., impl='xla')")
+    assert common.resolve_interpret(None, **kw)  # emulated on the CPU
+    with common.target_platform("gpu"):
+        assert common.platform() == "gpu"
+        assert not common.resolve_interpret(None, **kw)  # compiled for the GPU target
+        with common.target_platform("tpu"):
+            with pytest.raises(NotImplementedError, match="impl='xla'"):
+                common.resolve_interpret(False, **kw)
+        assert common.platform() == "gpu"
+    assert common.platform() == "cpu"
+    with pytest.raises(ValueError, match="name must be one of .* got 'cuda'"):
+        with common.target_platform("cuda"):
+            pass
