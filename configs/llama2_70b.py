@@ -3,8 +3,9 @@ across hosts.
 
 Usage: as configs/llama2_7b.py, with --config=configs/llama2_70b.py.
 
-Checked ahead of time for 64 H100 80GB (8 hosts of 8, topology 1x8x8; make aot-check): the train
-step compiles and needs 53 GB per device of the 64 GB JAX takes by default, with remat and 32
+Checked ahead of time for 64 H100 80GB (8 hosts of 8, topology 1x8x8; make aot-check, with
+--config.model.scan_layers; the unrolled layout was not compiled): the train step compiles and
+needs 53 GB per device of the 64 GB JAX takes by default, with remat and 32
 sequences per micro-step (64 per micro-step need 81 GB).
 """
 

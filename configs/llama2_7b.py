@@ -6,8 +6,9 @@ Usage (one process per host; the data and tokenizer are yours):
       --config.data.tokenizer=/path/to/tokenizer.model
 
 Checked ahead of time for 8 H100 80GB (topology 1x1x8; make aot-check): the train step compiles
-and needs 46 GB per device (state 10 GB, temp 36 GB) of the 64 GB JAX takes by default, with
-remat and 32 sequences per micro-step. On more devices keep batch_size / accum_steps divisible
+and needs 48 GB per device as shipped (layers unrolled) and 46 GB with --config.model.scan_layers
+(state 10 GB, temp 36 GB) of the 64 GB JAX takes by default, with remat and 32 sequences per
+micro-step. On more devices keep batch_size / accum_steps divisible
 by data x fsdp (accum_steps=16 on 64 devices).
 """
 

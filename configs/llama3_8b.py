@@ -4,9 +4,11 @@ FSDP across devices with 2-way tensor parallelism.
 Usage: as configs/llama2_7b.py, with --config=configs/llama3_8b.py and a Llama-3
 tokenizer.json as --config.data.tokenizer.
 
-Checked ahead of time for 8 H100 80GB (topology 1x1x8; make aot-check): the train step compiles
-and needs 49 GB per device of the 64 GB JAX takes by default, with 8 sequences of 8k tokens per
-micro-step (at 16 it needs 84 GB).
+Checked ahead of time for 8 H100 80GB (topology 1x1x8; make aot-check, with
+--config.model.scan_layers; the unrolled layout was not compiled): the train step compiles and
+needs 49 GB per device of the 64 GB JAX takes by default, with 8 sequences of 8k tokens per
+micro-step (at 16 it needs 84 GB). The 8 sequences must divide over data x fsdp: up to 16 devices
+as shipped (tensor 2); on 32 devices set --config.accum_steps=32.
 """
 
 from configs import llama2_7b

@@ -10,8 +10,9 @@ llama2_70b's: 8-way tensor parallel inside a host, FSDP across hosts; the vocabu
 produces the 4 extra ids).
 
 Checked ahead of time for the paper's 128 GPUs as 128 H100 80GB (16 hosts of 8, topology 1x16x8;
-make aot-check): the train step compiles and needs 42 GB per device of the 64 GB JAX takes by
-default. On 64 GPUs the 64 sequences per micro-step need about 81 GB per device: there, set
+make aot-check, with scan_layers, which the end-of-run Hugging Face export refuses; the unrolled
+layout was not compiled): the train step compiles and needs 42 GB per device of the 64 GB JAX
+takes by default. On 64 GPUs the 64 sequences per micro-step need about 81 GB per device: there, set
 --config.accum_steps=16.
 """
 

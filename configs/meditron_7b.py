@@ -20,7 +20,9 @@ head grow from the checkpoint's (new rows: the mean of the old ones). At the end
 written as a Hugging Face checkpoint in bfloat16 to WORKDIR/hf.
 
 Checked ahead of time for 8 H100 80GB (topology 1x1x8; make aot-check): the train step compiles
-and needs 35 GB per device of the 64 GB JAX takes by default.
+and needs 35 GB per device of the 64 GB JAX takes by default. That was with scan_layers, which the
+end-of-run Hugging Face export refuses; the unrolled 7B step needs about 2 GB more
+(configs/llama2_7b.py).
 """
 
 from configs import llama2_7b, meditron_gap_replay

@@ -31,14 +31,15 @@ of ``.venv`` and runs
 
 which writes ``aot_results/REPORT.md`` and ``aot_results/results.json``. libtpu lets one process
 at a time describe TPU topologies (a lockfile in /tmp); a second one fails with ABORTED unless
-ALLOW_MULTIPLE_LIBTPU_LOAD=1. A user's own config:
-``--pods=NAME=configs/FILE.py[:ARG]@TOPOLOGY`` (see README, "Will it fit?").
+ALLOW_MULTIPLE_LIBTPU_LOAD=1. A user's own config: ``--config=configs/FILE.py[:ARG]
+--topology=...`` (see README, "Will it fit?").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -158,15 +159,21 @@ device_description_str: "{gpu.description}"
 """
 
 
+# What XLA's GPU compiler says when a kernel's tiles need more shared memory than the card has.
+SHARED_MEMORY_ERROR = r"RESOURCE_EXHAUSTED.*[Ss]hared memory"
+
+
 @dataclasses.dataclass
 class Case:
-    """One compilation: ``fn`` on arguments of ``shapes`` (name -> (shape, dtype))."""
+    """One compilation: ``fn`` on arguments of ``shapes`` (name -> (shape, dtype)). A case with
+    ``expect_error`` (a regular expression) must fail with an error it matches; any other
+    failure, or compiling, is unexpected."""
 
     kernel: str
     detail: str
     fn: Callable
     shapes: tuple[tuple[tuple[int, ...], jnp.dtype], ...]
-    expect_failure: bool = False
+    expect_error: str = ""
 
 
 def _with_grad(fn, grad_argnums):
@@ -276,7 +283,7 @@ def kernel_cases(quick: bool) -> list[Case]:
                 ((1, seq, heads), jnp.bool_),
                 ((1, seq, kv_heads), jnp.bool_),
             ),
-            expect_failure=True,
+            expect_error=SHARED_MEMORY_ERROR,
         )
     )
     return cases
@@ -285,7 +292,7 @@ def kernel_cases(quick: bool) -> list[Case]:
 def compile_case(case: Case, device) -> dict:
     sharding = jax.sharding.SingleDeviceSharding(device)
     specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in case.shapes]
-    row = dict(kernel=case.kernel, detail=case.detail, expect_failure=case.expect_failure)
+    row = dict(kernel=case.kernel, detail=case.detail, expect_error=case.expect_error)
     begin = time.perf_counter()
     try:
         compiled = jax.jit(case.fn).lower(*specs).compile()
@@ -301,7 +308,10 @@ def compile_case(case: Case, device) -> dict:
             temp_bytes=int(memory.temp_size_in_bytes),
         )
     row["seconds"] = round(time.perf_counter() - begin, 2)
-    row["as_expected"] = row["compiled"] != case.expect_failure
+    if case.expect_error:
+        row["as_expected"] = bool(re.search(case.expect_error, row.get("error", "")))
+    else:
+        row["as_expected"] = row["compiled"]
     return row
 
 
@@ -593,8 +603,9 @@ def pod_row(target: str, name: str, config, topology: str, changes: dict, device
         tokens=tokens,
         remat=row["remat"],
     )
-    # HBM traffic, a lower bound: the state read and written once, and each micro-step's
-    # passes over the layer weights (gathered by FSDP, split by the tensor axis).
+    # HBM traffic: the state read and written once, and each micro-step's passes over the layer
+    # weights (gathered by FSDP, split by the tensor axis) at their stored dtype; if XLA casts
+    # before gathering, that part is half this.
     passes = 3 if row["remat"] else 2
     weights = param_bytes / exp.mesh.shape["tensor"]
     hbm = row["argument_bytes"] + row["output_bytes"] + passes * config.accum_steps * weights
@@ -841,7 +852,10 @@ def report_of(results: dict):
                     "dense, also for the sparse LMs), remat adds a "
                     f"forward; peak {card['peak_flops'] / 1e12:.0f} TFLOP/s and "
                     f"{card['memory_bandwidth'] / 1e12:.2f} TB/s per device; communication not "
-                    "counted, so real steps are slower. For comparison, MEDITRON-70B reported "
+                    "counted, so real steps are slower. The SSM scans' own FLOPs are not counted "
+                    "(the Mamba rows count matmuls and attention only), and HBM traffic counts "
+                    "weight passes at the parameters' stored dtype (half that if XLA gathers "
+                    "them in bfloat16). For comparison, MEDITRON-70B reported "
                     "42.3% MFU on 128 A100s (Chen et al. 2023)."
                 )
                 doc.table(ROOFLINE_HEADER, [roofline_table_row(r) for r in compiled], "llrrrrrrr")

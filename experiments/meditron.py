@@ -357,6 +357,18 @@ def run(base: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     if len(e.cpt_weights) != 4:
         raise ValueError(f"config.experiment.cpt_weights needs 4 weights, got {e.cpt_weights}")
+    # Claims 3 and 4 read top-token accuracy with the clean parser: refuse a run without it
+    # before hours of training, not at the end.
+    if "top_token" not in e.modes or set(e.modes) - set(medical.MODES):
+        raise ValueError(
+            f"config.experiment.modes must be some of {medical.MODES} including 'top_token' "
+            f"(the claims read it), got {tuple(e.modes)}"
+        )
+    if "clean" not in e.parsers or set(e.parsers) - set(medical.PARSERS):
+        raise ValueError(
+            f"config.experiment.parsers must be some of {medical.PARSERS} including 'clean' "
+            f"(the claims read it), got {tuple(e.parsers)}"
+        )
     timings = {}
     begin = time.perf_counter()
     facts = medical_facts(e.num_diseases, e.seed)

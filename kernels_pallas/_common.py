@@ -23,14 +23,20 @@ def platform() -> str:
 def target_platform(name: str):
     """Traces the kernels (and ``jaxlab.ops``' ``'auto'`` choices) for ``name`` instead of
     ``jax.default_backend()``: compiling ahead of time for a GPU or TPU topology happens on a
-    CPU-backed process (``experiments/aot_check.py``)."""
+    CPU-backed process (``experiments/aot_check.py``).
+
+    jit's trace cache does not key on the platform (it is decided inside the jitted kernels), so
+    the caches are cleared on entry and exit: no trace made for one platform is reused for
+    another."""
     if name not in PLATFORMS:
         raise ValueError(f"target_platform: name must be one of {PLATFORMS}, got {name!r}")
+    jax.clear_caches()
     _targets.append(name)
     try:
         yield
     finally:
         _targets.pop()
+        jax.clear_caches()
 
 
 def resolve_interpret(interpret: bool | None, *, kernel: str, fallback: str) -> bool:

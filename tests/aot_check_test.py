@@ -28,8 +28,13 @@ def test_a_row_records_memory_when_it_compiles_and_the_error_when_it_does_not():
     good = aot_check.Case("matmul", "4x8", lambda a, b: a @ b.T, (((4, 8), jnp.float32),) * 2)
     row = aot_check.compile_case(good, device)
     assert row["compiled"] and row["as_expected"] and row["argument_bytes"] == 2 * 4 * 8 * 4
-    refused = aot_check.Case("bad", "", lambda a: a @ a, (((4, 8), jnp.float32),), True)
+    # An expected failure counts only with the expected error: a type error is not one.
+    bad = ((4, 8), jnp.float32)
+    refused = aot_check.Case("bad", "", lambda a: a @ a, (bad,), r"dot_general requires")
     assert aot_check.compile_case(refused, device)["as_expected"]
+    wrong = aot_check.Case("bad", "", lambda a: a @ a, (bad,), aot_check.SHARED_MEMORY_ERROR)
+    row = aot_check.compile_case(wrong, device)
+    assert not row["compiled"] and not row["as_expected"]
 
 
 def test_the_kernel_list_covers_every_kernel_forward_and_backward():
@@ -37,7 +42,8 @@ def test_the_kernel_list_covers_every_kernel_forward_and_backward():
     kinds = {c.kernel for c in cases}
     for kernel in ("qk_sparse", "hash_sparse", "selective_scan", "ssd"):
         assert {f"{kernel} fwd", f"{kernel} fwd+bwd"} <= kinds
-    assert [c.expect_failure for c in cases].count(True) == 1
+    assert [c.expect_error for c in cases].count(aot_check.SHARED_MEMORY_ERROR) == 1
+    assert sum(bool(c.expect_error) for c in cases) == 1
 
 
 def _memory(argument, output, alias, temp):

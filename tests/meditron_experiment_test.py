@@ -6,8 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import time
 
 import ml_collections
@@ -16,8 +14,7 @@ import pytest
 from configs import meditron as meditron_config
 from experiments import meditron
 from jaxlab.eval import medical
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.entrypoints import run_module
 
 
 def words(text: str) -> set[str]:
@@ -123,13 +120,7 @@ SMOKE = (
 
 def test_experiment_smoke_runs_every_stage_and_reports_claims(tmp_path):
     begin = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.meditron", f"--workdir={tmp_path}", *SMOKE],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+    result = run_module("experiments.meditron", f"--workdir={tmp_path}", *SMOKE)
     seconds = time.perf_counter() - begin
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -154,7 +145,16 @@ def test_experiment_smoke_runs_every_stage_and_reports_claims(tmp_path):
     print(f"smoke run: {seconds:.1f} s")
 
 
-@pytest.mark.parametrize("bad", [dict(benchmarks=("mmlu_medical",)), dict(cpt_weights=(1.0,))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(benchmarks=("mmlu_medical",)),
+        dict(cpt_weights=(1.0,)),
+        dict(modes=("likelihood", "cot")),
+        dict(modes=("top_token", "beam")),
+        dict(parsers=("parity",)),
+    ],
+)
 def test_bad_experiment_settings_are_named(bad, tmp_path):
     config = meditron_config.get_config()
     config.experiment.update(bad)

@@ -223,9 +223,11 @@ def test_a_registered_attention_impl_is_dispatched_to_and_not_overwritten(monkey
 
 
 def test_target_platform_decides_what_the_kernels_are_traced_for():
-    assert common.platform() == jax.default_backend() == "cpu"
+    backend = jax.default_backend()
+    assert common.platform() == backend  # outside a target_platform block: this process's
     kw = dict(kernel="k", fallback="jaxlab.ops.k(..., impl='xla')")
-    assert common.resolve_interpret(None, **kw)  # emulated on the CPU
+    with common.target_platform("cpu"):
+        assert common.resolve_interpret(None, **kw)  # emulated on the CPU
     with common.target_platform("gpu"):
         assert common.platform() == "gpu"
         assert not common.resolve_interpret(None, **kw)  # compiled for the GPU target
@@ -233,7 +235,30 @@ def test_target_platform_decides_what_the_kernels_are_traced_for():
             with pytest.raises(NotImplementedError, match="impl='xla'"):
                 common.resolve_interpret(False, **kw)
         assert common.platform() == "gpu"
-    assert common.platform() == "cpu"
+    assert common.platform() == backend
     with pytest.raises(ValueError, match="name must be one of .* got 'cuda'"):
         with common.target_platform("cuda"):
             pass
+
+
+def test_a_trace_for_one_platform_is_not_reused_for_another():
+    # The scan kernels decide interpret mode inside jit, which does not key its trace cache on
+    # the target platform: a CPU trace (interpret) must not stand in for a GPU one.
+    rng = np.random.default_rng(0)
+    u, delta = (jnp.asarray(rng.uniform(size=(1, 16, 16)), jnp.float32) for _ in range(2))
+    A = -jnp.ones((16, 16))
+    B = jnp.asarray(rng.normal(size=(1, 16, 1, 16)), jnp.float32)
+    args = (u, delta, A, B, B)
+
+    def interpret_modes():
+        return set(
+            re.findall(r"interpret=(\w+)", str(mamba1_kernels.selective_scan.trace(*args).jaxpr))
+        )
+
+    with common.target_platform("cpu"):
+        mamba1_kernels.selective_scan(*args)  # traced and cached for the CPU
+        assert interpret_modes() == {"True"}
+    with common.target_platform("gpu"):
+        assert interpret_modes() == {"False"}
+    with common.target_platform("cpu"):
+        assert interpret_modes() == {"True"}

@@ -154,7 +154,7 @@ def lower_train_step(config):
     exp = loop.build_experiment(config)
     built = time.perf_counter()
     train_step, _ = loop.compile_steps(exp)
-    shape = (config.batch_size // config.accum_steps, config.seq_len)
+    shape = (config.batch_size, config.seq_len)  # the step splits it into accum_steps micro-batches
     batch = {
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(exp.mesh))
         for k in loop.MODEL_INPUTS
