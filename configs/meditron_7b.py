@@ -26,6 +26,7 @@ end-of-run Hugging Face export refuses; the unrolled 7B step needs about 2 GB mo
 """
 
 from configs import llama2_7b, meditron_gap_replay
+from configs.arguments import split_argument
 
 WARMUP_STEPS = 2000
 HORIZON_EPOCHS = 2  # the cosine spans two epochs; the run stops after one
@@ -33,13 +34,13 @@ HORIZON_EPOCHS = 2  # the cosine spans two epochs; the run stops after one
 
 def paths(arg: str, config_file: str) -> tuple[str, str]:
     """``"LLAMA_DIR,DATA"`` from the config argument (``--config=FILE:LLAMA_DIR,DATA``)."""
-    parts = [p.strip() for p in arg.split(",")] if arg else []
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(
-            f"{config_file} needs the Hugging Face Llama-2 directory and the GAP-Replay folder, "
-            f"as --config={config_file}:LLAMA_DIR,DATA; got {arg!r}"
-        )
-    return parts[0], parts[1]
+    llama_dir, data = split_argument(
+        arg,
+        ("LLAMA_DIR", "DATA"),
+        config_file,
+        "the Hugging Face Llama-2 directory and the GAP-Replay folder",
+    )
+    return llama_dir, data
 
 
 def continued_pretraining(config, llama_dir: str, data: str, *, epoch_steps: int):

@@ -28,6 +28,7 @@ with the paper's 2e-5: no 70B finetuning config is given here.
 import math
 
 from configs import llama2_7b
+from configs.arguments import split_argument
 from jaxlab.data.guidelines import SPECIAL_TOKENS
 from jaxlab.data.prompts import CHATML_TOKENS
 from jaxlab.eval.medical.finetuning import FINETUNE_BENCHMARKS
@@ -54,14 +55,14 @@ def sft_steps(num_docs: int, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE)
 
 def paths(arg: str, config_file: str) -> tuple[str, str]:
     """``"MODEL,TRAIN_FILE"`` from the config argument (``--config=FILE:MODEL,TRAIN_FILE``)."""
-    parts = [p.strip() for p in arg.split(",")] if arg else []
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(
-            f"{config_file} needs the model to finetune (a Hugging Face directory or "
-            f"run:WORKDIR) and the benchmark's released train file, as "
-            f"--config={config_file}:MODEL,TRAIN_FILE; got {arg!r}"
-        )
-    return parts[0], parts[1]
+    model, train_file = split_argument(
+        arg,
+        ("MODEL", "TRAIN_FILE"),
+        config_file,
+        "the model to finetune (a Hugging Face directory or run:WORKDIR) and the benchmark's "
+        "released train file",
+    )
+    return model, train_file
 
 
 def init_source(model: str) -> str:

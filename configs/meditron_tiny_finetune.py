@@ -16,18 +16,24 @@ learning rate of 1e-3 (2e-5 moves a tiny model too little to see).
 """
 
 from configs import lm_tiny, meditron_finetune, meditron_tiny
+from configs.arguments import split_argument
 from jaxlab.eval.medical.finetuning import FINETUNE_BENCHMARKS
 
 
 def arguments(arg: str) -> tuple[str, str, str]:
     """``"BENCHMARK,MODEL,TRAIN_FILE"`` from the config argument."""
-    parts = [p.strip() for p in arg.split(",")] if arg else []
-    if len(parts) != 3 or not all(parts) or parts[0] not in FINETUNE_BENCHMARKS:
+    benchmark, model, train_file = split_argument(
+        arg,
+        ("BENCHMARK", "MODEL", "TRAIN_FILE"),
+        "configs/meditron_tiny_finetune.py",
+        f"BENCHMARK one of {FINETUNE_BENCHMARKS}, the model and the train file",
+    )
+    if benchmark not in FINETUNE_BENCHMARKS:
         raise ValueError(
-            "configs/meditron_tiny_finetune.py needs --config=configs/meditron_tiny_finetune.py:"
-            f"BENCHMARK,MODEL,TRAIN_FILE with BENCHMARK one of {FINETUNE_BENCHMARKS}; got {arg!r}"
+            f"configs/meditron_tiny_finetune.py: BENCHMARK must be one of {FINETUNE_BENCHMARKS}, "
+            f"got {benchmark!r}"
         )
-    return parts[0], parts[1], parts[2]
+    return benchmark, model, train_file
 
 
 def get_config(arg: str = ""):

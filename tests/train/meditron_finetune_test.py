@@ -203,8 +203,10 @@ def test_configs_name_their_arguments():
         meditron_7b_medqa.get_config()
     with pytest.raises(ValueError, match="must be a Hugging Face directory"):
         meditron_7b_medqa.get_config("run:/w,/d/train.jsonl")
-    with pytest.raises(ValueError, match="BENCHMARK,MODEL,TRAIN_FILE with BENCHMARK one of"):
+    with pytest.raises(ValueError, match="BENCHMARK must be one of .* got 'mmlu_medical'"):
         meditron_tiny_finetune.get_config("mmlu_medical,/m,/d")
+    with pytest.raises(ValueError, match="BENCHMARK,MODEL,TRAIN_FILE; got 'medqa,/m'"):
+        meditron_tiny_finetune.get_config("medqa,/m")
 
 
 def test_a_qa_source_reads_a_released_file_through_its_format(files):
