@@ -53,7 +53,6 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from configs import distill_mambainllama, distill_mohawk, lm_tiny
 from experiments import distill_stages, run_config
@@ -73,21 +72,11 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Defines the command-line flags; only when run as a program, so that tests and other
-    experiments can import this module beside another that defines the same names."""
-    flags.DEFINE_string("workdir", "runs/distill", "Output directory.")
-    flags.DEFINE_string(
-        "teacher_workdir",
-        "",
-        "The teacher's run directory (default WORKDIR/teacher); a finished run there is reused, "
-        "a partial one resumed. Its stored config must equal --config's without the experiment "
-        "block.",
-    )
-    config_flags.DEFINE_config_file(
-        "config",
-        os.path.join(os.path.dirname(__file__), "..", "configs", "distill.py"),
+    """This experiment's flags (:func:`experiments.run_config.define_flags`)."""
+    run_config.define_flags(
+        "distill",
         "The teacher's run configuration and the students (its experiment block).",
-        lock_config=True,
+        teacher_workdir=True,
     )
 
 

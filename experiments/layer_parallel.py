@@ -41,7 +41,6 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from configs import lm_tiny
 from configs.layer_parallel import sweep_starts
@@ -59,21 +58,11 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Defines the command-line flags; only when run as a program, so that tests and other
-    experiments can import this module beside another that defines the same names."""
-    flags.DEFINE_string("workdir", "runs/layer_parallel", "Output directory.")
-    flags.DEFINE_string(
-        "teacher_workdir",
-        "",
-        "The teacher's run directory (default WORKDIR/teacher); a finished run there is reused, "
-        "a partial one resumed. Its stored config must equal --config's without the experiment "
-        "block.",
-    )
-    config_flags.DEFINE_config_file(
-        "config",
-        os.path.join(os.path.dirname(__file__), "..", "configs", "layer_parallel.py"),
+    """This experiment's flags (:func:`experiments.run_config.define_flags`)."""
+    run_config.define_flags(
+        "layer_parallel",
         "The teacher's run configuration and the sweep (its experiment block).",
-        lock_config=True,
+        teacher_workdir=True,
     )
 
 

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from configs import meditron_finetune
 from experiments import run_config
@@ -62,14 +61,10 @@ RULES = (
 
 
 def define_flags() -> None:
-    """Defines the command-line flags; only when run as a program, so that tests and other
-    experiments can import this module beside another that defines the same names."""
-    flags.DEFINE_string("workdir", "runs/meditron", "Output directory.")
-    config_flags.DEFINE_config_file(
-        "config",
-        os.path.join(os.path.dirname(__file__), "..", "configs", "meditron.py"),
+    """This experiment's flags (:func:`experiments.run_config.define_flags`)."""
+    run_config.define_flags(
+        "meditron",
         "The pretraining run's configuration and the experiment block.",
-        lock_config=True,
     )
 
 

@@ -39,7 +39,6 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from experiments import run_config
 from jaxlab.data import reasoning
@@ -53,14 +52,10 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Defines the command-line flags; only when run as a program, so that tests and other
-    experiments can import this module beside another that defines the same names."""
-    flags.DEFINE_string("workdir", "runs/test_time_scaling", "Output directory.")
-    config_flags.DEFINE_config_file(
-        "config",
-        os.path.join(os.path.dirname(__file__), "..", "configs", "test_time_scaling.py"),
+    """This experiment's flags (:func:`experiments.run_config.define_flags`)."""
+    run_config.define_flags(
+        "test_time_scaling",
         "The teacher's run config with student_model and the experiment block.",
-        lock_config=True,
     )
 
 
