@@ -155,6 +155,7 @@ def main(argv):
     for n, row in ratios.items():
         cells = " | ".join(f"{row[t]:.3f}x" for t in row)
         print(f"| {n} / original (ideal {ideal[n]:.3f}x) | {cells} |")
+    print("ratios: decode tokens/s (> 1: LP faster); train step time (< 1: LP faster)")
     write_json(
         FLAGS.out,
         dict(
