@@ -424,12 +424,8 @@ def kernel_calls(stablehlo: str) -> int:
 
 
 def apply_changes(config, changes: dict[str, object]):
-    for dotted, value in changes.items():
-        *parents, field = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[field] = value
+    """``config`` with the dotted fields of ``changes`` set (``{"model.scan_layers": True}``)."""
+    config.update_from_flattened_dict(changes)
     return config
 
 
