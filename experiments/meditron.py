@@ -27,12 +27,14 @@ from flax import nnx
 
 from configs import meditron_finetune
 from experiments import run_config
+from jaxlab.data import sources
 from jaxlab.data.guidelines import SPECIAL_TOKENS
 from jaxlab.eval import medical, report
 from jaxlab.train import loop
 
 FLAGS = flags.FLAGS
 MEDICAL_SOURCES = ("guidelines", "abstracts", "papers")
+CPT_VALIDATION_FRACTION = 0.1  # of each source's documents, held out for its perplexity
 MODELS = ("meditron", "baseline")  # finetuned from the continued-pretrained / pretrained model
 # MEDITRON's 7B numbers (brief section 1.6): Table 4, 3-shot on the raw models (mean over seeds),
 # and Table 5, top-token after finetuning; columns PubMedQA, MedMCQA, MedQA.
@@ -147,6 +149,21 @@ def write_corpus(facts, docs_per_disease: int, root: str, seed: int) -> str:
     return root
 
 
+def check_held_out(corpus: str, documents: int) -> None:
+    """Every medical source needs held-out documents: the domain claim compares its perplexity
+    before and after continued pretraining."""
+    for source in MEDICAL_SOURCES:
+        held_out = sources.jsonl_documents(
+            f"{corpus}/{source}/*.jsonl", "validation", validation_fraction=CPT_VALIDATION_FRACTION
+        )
+        if not len(held_out):
+            raise ValueError(
+                f"config.experiment.num_diseases * docs_per_disease = {documents} documents per "
+                f"source hold out none of {source!r} (validation fraction "
+                f"{CPT_VALIDATION_FRACTION}); raise them"
+            )
+
+
 def _jsonl(path: str, rows) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -256,12 +273,12 @@ def cpt_config(base, corpus: str, pretrain_dir: str) -> ml_collections.ConfigDic
     """Continued pretraining from the pretrained run on the GAP-Replay-style mixture."""
     e = base.experiment
     config = engine_config(base)
-    sources = tuple(f"{s}=jsonl:{corpus}/{s}/*.jsonl" for s in MEDICAL_SOURCES)
+    medical = tuple(f"{s}=jsonl:{corpus}/{s}/*.jsonl" for s in MEDICAL_SOURCES)
     config.data.update(
-        sources=(*sources, "replay=embedded"),
+        sources=(*medical, "replay=embedded"),
         weights=tuple(float(w) for w in e.cpt_weights),
         special_tokens=SPECIAL_TOKENS,
-        validation_fraction=0.1,
+        validation_fraction=CPT_VALIDATION_FRACTION,
     )
     config.eval_per_source = True
     config.init_from = f"run:{pretrain_dir}"
@@ -369,6 +386,7 @@ def run(base: ml_collections.ConfigDict, workdir: str) -> dict:
     facts = medical_facts(e.num_diseases, e.seed)
     data = os.path.join(workdir, "data")
     corpus = write_corpus(facts, e.docs_per_disease, os.path.join(data, "corpus"), e.seed)
+    check_held_out(corpus, len(facts) * e.docs_per_disease)
     dirs = write_question_bank(facts, e, os.path.join(data, "benchmarks"))
     tests = {b: medical.load(b, dirs[b], "test")[: e.max_test_questions] for b in e.benchmarks}
 

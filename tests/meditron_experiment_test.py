@@ -160,3 +160,14 @@ def test_bad_experiment_settings_are_named(bad, tmp_path):
     config.experiment.update(bad)
     with pytest.raises(ValueError, match=f"config.experiment.{next(iter(bad))}"):
         meditron.run(config, str(tmp_path))
+
+
+def test_a_corpus_too_small_to_hold_out_every_source_is_named(tmp_path):
+    # 3 documents per source: at a 10% validation fraction some source keeps none, and the
+    # domain claim needs each source's held-out perplexity.
+    facts = meditron.medical_facts(3, seed=0)
+    corpus = meditron.write_corpus(facts, 1, str(tmp_path), seed=0)
+    with pytest.raises(ValueError, match=r"num_diseases \* docs_per_disease = 3 documents"):
+        meditron.check_held_out(corpus, 3)
+    corpus = meditron.write_corpus(meditron.medical_facts(40, seed=0), 2, str(tmp_path), seed=0)
+    meditron.check_held_out(corpus, 80)

@@ -162,8 +162,9 @@ def load_records(
       system_field: a field holding each record's system message (overrides ``system``).
       system: one system message for every record.
       split: None keeps every record; ``"train"`` / ``"validation"`` keep those that a hash of
-        ``path:line`` (the key :func:`jaxlab.data.sources.jsonl_documents` uses) or of
-        ``records[i]`` assigns to that split.
+        the record's :func:`jaxlab.data.sources.split_key` (the file's path relative to the
+        pattern's fixed part, and the record's index in it) or of ``records[i]`` assigns to
+        that split, so a moved dataset splits the same way.
       validation_fraction: the held-out share for ``split``.
       record_format: None (JSONL records), or the name of a reader in :data:`RECORD_FORMATS`
         that turns the file ``path_or_records`` into records (split keys: ``records[i]``).
@@ -198,7 +199,7 @@ def load_records(
 
     def keep(key: str) -> bool:
         return split is None or (
-            sources._is_validation(key, validation_fraction) == (split == "validation")
+            sources.is_validation(key, validation_fraction) == (split == "validation")
         )
 
     records = []
@@ -208,9 +209,9 @@ def load_records(
         if not paths:
             raise ValueError(f"load_records: no files match {pattern!r}")
         for path in paths:
-            for where, raw in sources.jsonl_lines(path):
+            for index, (where, raw) in enumerate(sources.jsonl_lines(path)):
                 record = _record(raw, where, **fields)
-                if keep(where):
+                if keep(sources.split_key(path, pattern, index)):
                     records.append(record)
         return records
     if isinstance(path_or_records, Mapping) or not isinstance(path_or_records, Sequence):

@@ -6,6 +6,9 @@
   a hash of each file's relative path. Needs nothing downloaded.
 * :func:`text_files`: one document per file matched by a glob.
 * :func:`jsonl_documents`: one document per line of JSONL files, from a named text field.
+
+Both split by a hash of :func:`split_key`: the path relative to the glob's fixed part (and the
+record's index), so the split is the same wherever the data lies.
 * TFDS array_record datasets: :mod:`jaxlab.data.tfds_text`.
 
 Every source is a :class:`Documents` (``len`` and integer indexing), which grain's
@@ -154,9 +157,23 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _is_validation(key: str, validation_fraction: float) -> bool:
+def is_validation(key: str, validation_fraction: float) -> bool:
+    """Whether the document or record named ``key`` is held out: a hash of the key, so the
+    split is the same in every run and every process."""
     digest = hashlib.sha1(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction
+
+
+def split_key(path: str, pattern: str, record: int | None = None) -> str:
+    """The key :func:`is_validation` hashes for ``path`` (and its ``record``-th JSONL record,
+    blank lines not counted) matched by the glob
+    ``pattern``: the path relative to the directory above the pattern's first wildcard, so a
+    dataset moved or copied elsewhere keeps its split."""
+    parts = os.path.normpath(pattern).split(os.sep)
+    wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    root = os.path.dirname(pattern) if wild is None else os.sep.join(parts[:wild])
+    key = os.path.relpath(path, root or os.curdir)
+    return key if record is None else f"{key}:{record}"
 
 
 def stdlib_root() -> str:
@@ -194,7 +211,7 @@ def embedded_corpus(
             rel = os.path.normpath(os.path.join(rel_dir, filename))
             domain = "_modules" if rel_dir == "." else rel.split(os.sep)[0]
             files = by_domain.setdefault(domain, [])  # every domain exists in both splits
-            if _is_validation(rel, validation_fraction) == (split == "validation"):
+            if is_validation(rel, validation_fraction) == (split == "validation"):
                 files.append(os.path.join(root, rel))
     if not by_domain:
         raise ValueError(f"embedded_corpus: no .py files under {root!r}")
@@ -224,7 +241,8 @@ def text_files(
     paths = sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise ValueError(f"text_files: no files match {pattern!r}")
-    keep = [p for p in paths if _is_validation(p, validation_fraction) == (split == "validation")]
+    fraction, held_out = validation_fraction, split == "validation"
+    keep = [p for p in paths if is_validation(split_key(p, pattern), fraction) == held_out]
     documents = FileDocuments(keep, name=pattern)
     documents.check()
     return documents
@@ -280,10 +298,11 @@ def jsonl_documents(
         raise ValueError(f"jsonl_documents: no files match {pattern!r}")
     texts = []
     for path in paths:
-        for where, record in jsonl_lines(path):
+        for index, (where, record) in enumerate(jsonl_lines(path)):
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise ValueError(f"{where}: expected an object with a string field {text_field!r}")
             text = check_text(record[text_field], where, text_field)
-            if _is_validation(where, validation_fraction) == (split == "validation"):
+            key = split_key(path, pattern, index)
+            if is_validation(key, validation_fraction) == (split == "validation"):
                 texts.append(text)
     return ListDocuments(texts, name=pattern)

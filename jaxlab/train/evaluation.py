@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from absl import logging
 
 from jaxlab.data import pipeline
 from jaxlab.train.build import Experiment
@@ -21,6 +22,13 @@ def eval_sets(exp: Experiment, components) -> dict[str, list[dict[str, np.ndarra
     if config.eval_per_source and len(with_validation) > 1:
         for c in with_validation:
             sets[c.name] = pipeline.eval_batches(*args, [c])
+        if missing := [c.name for c in components if not len(c.validation)]:
+            logging.warning(
+                "eval_per_source: no held-out documents in %s at config.data.validation_fraction="
+                "%s, so no eval_loss/<name> for them",
+                missing,
+                config.data.validation_fraction,
+            )
     return sets
 
 

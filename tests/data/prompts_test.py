@@ -265,6 +265,11 @@ def test_jsonl_file_system_field_and_splits(tmp_path, byte_chatml):
     valid = prompts.load_records(path, split="validation", validation_fraction=0.3, **kwargs)
     assert sorted(r.where for r in train + valid) == sorted(r.where for r in every)
     assert 0 < len(valid) < 40
+    moved = tmp_path / "elsewhere" / "qa.jsonl"  # the split does not depend on the folder
+    moved.parent.mkdir()
+    moved.write_bytes(path.read_bytes())
+    again = prompts.load_records(moved, split="validation", validation_fraction=0.3, **kwargs)
+    assert [r.prompt for r in again] == [r.prompt for r in valid]
     batch = next(
         prompts.prompt_answer_batches(str(path), byte_chatml, 96, 2, template="chatml", **kwargs)
     )

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from jaxlab.data import sources
@@ -28,6 +29,31 @@ def test_embedded_corpus_splits_are_disjoint_deterministic_and_complete():
     assert "email" in train and "_modules" in train
     assert train["email"][0] == open(train["email"].paths[0], encoding="utf-8").read()
     assert [p for p in sources.embedded_corpus("train")["email"].paths] == train["email"].paths
+
+
+def test_split_does_not_depend_on_where_the_data_lies(tmp_path, monkeypatch):
+    # The same dataset in two folders (and read through a relative pattern) splits the same way:
+    # the hash sees paths relative to the pattern's fixed part, not the absolute path.
+    rng = np.random.default_rng(0)
+    texts = [f"record {i} {rng.integers(1_000_000)}" for i in range(200)]
+    for folder in ("a", "deeper/b"):
+        root = tmp_path / folder / "data"
+        (root / "sub").mkdir(parents=True)
+        (root / "sub" / "part.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+        for i, t in enumerate(texts[:60]):
+            (root / f"{i}.txt").write_text(t)
+
+    def splits(pattern, read):
+        return [list(read(pattern, split, validation_fraction=0.3)) for split in sources.SPLITS]
+
+    for read, tail in ((sources.jsonl_documents, "**/*.jsonl"), (sources.text_files, "*.txt")):
+        first = splits(str(tmp_path / "a/data" / tail), read)
+        assert first == splits(str(tmp_path / "deeper/b/data" / tail), read)
+        assert 0 < len(first[1]) < len(first[0])  # both splits used
+        monkeypatch.chdir(tmp_path / "deeper")
+        assert first == splits(os.path.join("b/data", tail), read)
+    train, valid = splits(str(tmp_path / "a/data/sub/part.jsonl"), sources.jsonl_documents)
+    assert sorted(train + valid) == sorted(texts)
 
 
 def test_text_files_and_jsonl(tmp_path):
