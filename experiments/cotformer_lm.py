@@ -150,6 +150,15 @@ def decode_stats(exp, params, batch: int, new_tokens: int) -> dict[str, float]:
     )
 
 
+def residual_rms(exp, params) -> list[float]:
+    """Root mean square of every residual (embedding, reserved blocks, repeats) over the first
+    held-out batch: how much each stage changes the stream (a norm after a repeat resets it)."""
+    model = nnx.merge(exp.graphdef, params)
+    tokens = loop.eval_sets(exp, exp.components)[""][0]["inputs"]
+    _, hidden = model(jax.numpy.asarray(tokens), return_hidden=True)
+    return [float(np.sqrt(np.mean(np.square(np.asarray(h, np.float64))))) for h in hidden.residuals]
+
+
 def evaluate_budget(summary, budget) -> float:
     """Held-out perplexity of a trained adaptive model run at ``budget`` (a routing tuple)."""
     exp = summary.experiment
@@ -228,6 +237,10 @@ def main(argv):
                     paper_key=key,
                     parameters=int(params),
                     macs=model_macs(exp.model_config, base.seq_len),
+                    residual_rms=dict(
+                        init=residual_rms(exp, loop.init_state(exp).params),
+                        trained=residual_rms(exp, summary.state.params),
+                    ),
                     **decode_stats(
                         exp, summary.state.params, FLAGS.decode_batch, FLAGS.decode_tokens
                     ),
@@ -307,6 +320,26 @@ def main(argv):
     doc.add(
         "Paper (Fig. 4): a perplexity-vs-MACs curve with no percentage saving; the 20-30% and "
         "30-50% compute savings quoted for it come from summaries [secondary, not in the paper]."
+    )
+    doc.section("Residual scale")
+    doc.add(
+        "Root mean square of the residual stream after the embedding, each reserved block and "
+        "each repeat (standard arms: each layer), on the first held-out batch, seed "
+        f"{seeds[0]}, at initialisation and after training. The LN-CoTFormer's norm after every "
+        "repeat sets the stream to the norm's scale (1 at initialisation); the other arms carry "
+        "it at the scale the embedding and the blocks' updates give it.",
+    )
+
+    def scales(values):
+        return " → ".join(f"{v:.2f}" for v in values)
+
+    doc.table(
+        ("model", "at initialisation", "after training"),
+        [
+            (n, scales(a["residual_rms"]["init"]), scales(a["residual_rms"]["trained"]))
+            for n, a in r.items()
+        ],
+        align="lll",
     )
     doc.section("Decoding")
     rows = {**{n: r[n] for n in (standard, cot)}, **results["decode_reference"]}

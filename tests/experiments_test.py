@@ -549,6 +549,14 @@ def test_cotformer_experiment_smoke_reports_arms_budgets_and_claims(tmp_path):
     assert arms[cot]["parameters"] == arms[standard]["parameters"]
     assert arms[cot]["cache_bytes"] > arms[standard]["cache_bytes"]
     assert list(results["decode_reference"]) == ["Transformer L=6 (untrained)"]
+    # Residual scales: embedding + each layer, or + reserved blocks and repeats; a freshly
+    # initialised norm (scale 1) after every LN-CoTFormer repeat gives a stream of RMS 1.
+    depths = {standard: 3, deeper: 5, but: 4, cot: 4, ln: 6, adaptive: 6}
+    for name, depth in depths.items():
+        for when in ("init", "trained"):
+            assert len(arms[name]["residual_rms"][when]) == depth, (name, when)
+    np.testing.assert_allclose(arms[ln]["residual_rms"]["init"][2:5], 1.0, atol=0.03)  # norm eps
+    assert arms[cot]["residual_rms"]["init"][-1] < 0.5
 
     def beats(a, b):
         return b["mean"] - a["mean"] > max(a["spread"], b["spread"])
@@ -563,4 +571,5 @@ def test_cotformer_experiment_smoke_reports_arms_budgets_and_claims(tmp_path):
     report = (tmp_path / "REPORT.md").read_text()
     assert f"| {cot} | 8," in report and "27.07 (12x3, Table 1)" in report
     assert "| (1.0, 0.5) |" in report and "[secondary, not in the paper]" in report
+    assert "## Residual scale" in report
     assert (tmp_path / "perplexity_vs_macs.png").stat().st_size > 1000
