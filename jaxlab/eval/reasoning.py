@@ -1,7 +1,7 @@
 """Greedy exact-match on the arithmetic task of :mod:`jaxlab.data.reasoning`, by difficulty.
 
 A model continues ``[bos] prompt`` (the prompt part of the training examples) with
-:func:`jaxlab.infer.generate` until eos; the decoded continuation is scored with
+:func:`jaxlab.infer.generate_in_batches` until eos; the decoded continuation is scored with
 :func:`jaxlab.data.reasoning.extract_answer`. An output without a marker or a number after it is
 *malformed*: counted as wrong and also reported on its own, never read as a guessed answer.
 """
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from jaxlab.data import prompts
 from jaxlab.data.reasoning import Problem, extract_answer
 from jaxlab.data.tokenizers import Tokenizer
-from jaxlab.infer import generate
+from jaxlab.infer import generate_in_batches
 
 
 def greedy_outputs(
@@ -27,30 +25,16 @@ def greedy_outputs(
     batch_size: int = 64,
 ) -> list[str]:
     """The greedy continuation of every problem's prompt, decoded (eos and what follows cut)."""
-    if batch_size < 1:
-        raise ValueError(f"greedy_outputs: batch_size must be >= 1, got {batch_size}")
     encoded = [prompts.encode_prompt(p.prompt, tokenizer, template="none") for p in problems]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    texts = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        rows = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - rows)  # one compiled shape for every chunk
-        ids = np.full((batch_size, width), pad, np.int32)
-        for row, prompt in enumerate(chunk):
-            ids[row, : len(prompt)] = prompt
-        out = generate(
-            model,
-            ids,
-            [len(p) for p in chunk],
-            max_new_tokens=max_new_tokens,
-            stop_tokens=(tokenizer.eos_id,),
-            pad_id=pad,
-        )
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        texts += [tokenizer.decode(tokens[r, : lengths[r]]) for r in range(rows)]
-    return texts
+    outputs = generate_in_batches(
+        model,
+        encoded,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+    )
+    return [tokenizer.decode(tokens) for tokens in outputs]
 
 
 def exact_match(problems: Sequence[Problem], outputs: Sequence[str]) -> dict[int, dict[str, int]]:

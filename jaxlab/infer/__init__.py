@@ -5,6 +5,7 @@ from jaxlab.infer.decode import (
     GenerateOutput,
     decode_step,
     generate,
+    generate_in_batches,
     prefill,
     truncate_at_stop_strings,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "decode_step",
     "filter_logits",
     "generate",
+    "generate_in_batches",
     "greedy",
     "prefill",
     "sample",

@@ -332,6 +332,72 @@ def generate(
     return out
 
 
+def generate_in_batches(
+    model: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int | Sequence[int],
+    width: int | None = None,
+    pad_id: int = 0,
+    **options,
+) -> list[np.ndarray]:
+    """:func:`generate` over a list of prompts of any lengths, ``batch_size`` at a time.
+
+    Every call gets the same shape, so it compiles once: the prompts are right-padded with
+    ``pad_id`` to ``width`` (default the longest prompt) and the last call is filled up with
+    copies of its first prompt, whose outputs are dropped.
+
+    Args:
+      prompts: token id lists, each at least one token and at most ``width``.
+      batch_size: prompts per call (calls have ``min(batch_size, len(prompts))`` rows).
+      max_new_tokens: one budget for every call, or one per call (``ceil(len(prompts) /
+        batch_size)`` of them).
+      options: the rest of :func:`generate`'s keywords (``stop_tokens``, ``stop_strings``,
+        ``tokenizer``, ``sampling``, ...).
+
+    Returns:
+      Per prompt, its generated tokens up to its length (a stop token included).
+    """
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"generate_in_batches: batch_size must be an int >= 1, got {batch_size!r}")
+    if not prompts:
+        raise ValueError("generate_in_batches: prompts must hold at least one prompt, got none")
+    calls = -(-len(prompts) // batch_size)
+    budgets = [max_new_tokens] * calls if _is_int(max_new_tokens) else list(max_new_tokens)
+    if len(budgets) != calls:
+        raise ValueError(
+            f"generate_in_batches: max_new_tokens must be one int or one per call ({calls} calls "
+            f"of {batch_size} prompts), got {len(budgets)} budgets"
+        )
+    longest = max(len(p) for p in prompts)
+    width = longest if width is None else width
+    if longest > width:
+        raise ValueError(
+            f"generate_in_batches: width must hold the longest prompt ({longest} tokens), got "
+            f"{width}"
+        )
+    rows_per_call, outputs = min(batch_size, len(prompts)), []
+    for call, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = list(prompts[start : start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[0]] * (rows_per_call - real)
+        ids = np.full((rows_per_call, width), pad_id, np.int32)
+        for row, prompt in enumerate(chunk):
+            ids[row, : len(prompt)] = prompt
+        out = generate(
+            model,
+            ids,
+            [len(p) for p in chunk],
+            max_new_tokens=int(budgets[call]),
+            pad_id=pad_id,
+            **options,
+        )
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        outputs += [tokens[r, : lengths[r]] for r in range(real)]
+    return outputs
+
+
 def truncate_at_stop_strings(
     out: GenerateOutput, stop_strings: Sequence[str], tokenizer: Tokenizer, *, pad_id: int = 0
 ) -> GenerateOutput:

@@ -273,3 +273,39 @@ def test_stop_strings_truncate_exactly(llama):
 def test_bad_generate_arguments_are_named(llama, kwargs, error, message):
     with pytest.raises(error, match=message):
         generate(llama, np.zeros((2, 3), np.int32), max_new_tokens=2, **kwargs)
+
+
+def test_generate_in_batches_equals_one_generate_per_prompt(llama):
+    """Prompts of different lengths in padded, filled-up batches with a budget per call give
+    what each prompt gives alone (unpadded, batch of one), stop tokens included."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, 7, 1, 5, 6)]
+    budgets = [4, 6, 3]  # calls of 2, 2 and 1 prompts
+    stop = (int(rng.integers(0, VOCAB)),)
+    outputs = decode_lib.generate_in_batches(
+        llama, prompts, batch_size=2, max_new_tokens=budgets, width=9, stop_tokens=stop
+    )
+    assert len(outputs) == len(prompts)
+    for i, prompt in enumerate(prompts):
+        alone = generate(
+            llama, np.asarray([prompt]), max_new_tokens=budgets[i // 2], stop_tokens=stop
+        )
+        expected = np.asarray(alone.tokens)[0, : int(alone.lengths[0])]
+        np.testing.assert_array_equal(outputs[i], expected)
+    one_budget = decode_lib.generate_in_batches(llama, prompts, batch_size=4, max_new_tokens=3)
+    assert [len(o) for o in one_budget] == [3] * len(prompts)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (dict(max_new_tokens=(2, 2)), r"one per call \(3 calls of 2 prompts\), got 2 budgets"),
+        (dict(width=4), r"width must hold the longest prompt \(5 tokens\), got 4"),
+    ],
+)
+def test_generate_in_batches_names_a_bad_argument(llama, kwargs, message):
+    prompts = [[1, 2], [3], [4, 5, 6, 7, 8], [1], [2]]
+    arguments = {"batch_size": 2, "max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        decode_lib.generate_in_batches(llama, prompts, **arguments)

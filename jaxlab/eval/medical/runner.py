@@ -48,7 +48,7 @@ import numpy as np
 from jaxlab.eval.medical import parsing
 from jaxlab.eval.medical import prompts as prompts_lib
 from jaxlab.eval.medical.data import BENCHMARKS, Question
-from jaxlab.infer import generate, score
+from jaxlab.infer import generate_in_batches, score
 from jaxlab.infer.test_time import draw_samples
 
 MODES = ("top_token", "likelihood", "cot", "sc_cot")
@@ -207,24 +207,17 @@ def greedy_texts(
     width = max(len(e) for e in encoded)
     _check_fits(model, width, max(budgets), "greedy generation")
     width = _bucket(model, width, max(budgets))
-    texts, per_call = [], min(batch_size, len(prompts))
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        rows = encoded[start : start + batch_size]
-        real = len(rows)
-        rows = rows + [rows[0]] * (per_call - real)  # one shape per budget
-        out = generate(
-            model,
-            _padded(rows, width),
-            [len(r) for r in rows],
-            max_new_tokens=int(budgets[b]),
-            stop_tokens=_stop_tokens(tokenizer),
-            stop_strings=parsing.STOP_STRINGS,
-            tokenizer=tokenizer,
-        )
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        for r in range(real):
-            texts.append(parsing.strip_stop(tokenizer.decode(tokens[r, : lengths[r]].tolist())))
-    return texts
+    outputs = generate_in_batches(
+        model,
+        encoded,
+        batch_size=batch_size,
+        max_new_tokens=budgets,
+        width=width,
+        stop_tokens=_stop_tokens(tokenizer),
+        stop_strings=parsing.STOP_STRINGS,
+        tokenizer=tokenizer,
+    )
+    return [parsing.strip_stop(tokenizer.decode(tokens.tolist())) for tokens in outputs]
 
 
 def label_logprobs(
