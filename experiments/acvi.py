@@ -371,9 +371,7 @@ def claims(results, config):
                 f"distance ACVI {paper['acvi']:.2g} vs {best_paper} {paper[best_paper]:.2g} "
                 "(authors' notebook)",
                 f"distance ACVI {ours['acvi']:.2g} vs {best} {ours[best]:.2g}",
-                "holds"
-                if all(ours["acvi"] < ours[name] for name in S.BASELINES)
-                else "does not hold",
+                report.verdict(all(ours["acvi"] < ours[name] for name in S.BASELINES)),
             )
         )
     hbg = results["hbg"]
@@ -399,9 +397,9 @@ def claims(results, config):
             + " at eta "
             + "/".join(hbg)
             + f" (dim {config.dim})",
-            "holds"
-            if all(per["acvi"]["iterations"] < fastest[eta] for eta, per in hbg.items())
-            else "does not hold",
+            report.verdict(
+                all(per["acvi"]["iterations"] < fastest[eta] for eta, per in hbg.items())
+            ),
         )
     )
     slopes = results["rate"]
@@ -410,7 +408,7 @@ def claims(results, config):
             "ACVI's last-iterate gap decreases as O(1/sqrt(K)) or faster",
             "log-log slope at most -0.5 (theorem; abstracts)",
             f"slope {slopes['acvi_slope']:.2f} (projected GDA {slopes['gda_slope']:.2f})",
-            "holds" if slopes["acvi_slope"] <= -0.5 else "does not hold",
+            report.verdict(slopes["acvi_slope"] <= -0.5),
         )
     )
     mmd = {name: float(np.mean([r["mmd"] for r in rows])) for name, rows in results["gan"].items()}
@@ -420,7 +418,7 @@ def claims(results, config):
             "extragradient at equal operator evaluations",
             "faster than the projected baselines on MNIST (unverified: no FID value retrieved)",
             ", ".join(f"{name} {v:.4g}" for name, v in mmd.items()),
-            "holds" if mmd["pi-acvi"] < min(mmd["gda"], mmd["extragradient"]) else "does not hold",
+            report.verdict(mmd["pi-acvi"] < min(mmd["gda"], mmd["extragradient"])),
         )
     )
     return out

@@ -126,13 +126,13 @@ def claims(results) -> list[report.Claim]:
             "AdEMAMix reaches a lower held-out loss than AdamW with the same steps and tokens",
             "1.3B: AdEMAMix on 101B tokens matches AdamW on 197B tokens",
             f"best held-out loss AdEMAMix {best['ademamix']:.4f} vs AdamW {best['adamw']:.4f}",
-            "holds" if best["ademamix"] < best["adamw"] - 0.01 else "does not hold",
+            report.verdict(best["ademamix"] < best["adamw"] - 0.01),
         ),
         report.Claim(
             "AdEMAMix forgets a batch seen once more slowly than AdamW",
             "slower forgetting of an injected batch (Fig. 4, no number)",
             f"remembered at the end: AdEMAMix {kept['ademamix']:.4f} vs AdamW {kept['adamw']:.4f}",
-            "holds" if kept["ademamix"] > kept["adamw"] else "does not hold",
+            report.verdict(kept["ademamix"] > kept["adamw"]),
         ),
     ]
 

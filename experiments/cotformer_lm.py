@@ -368,22 +368,19 @@ def main(argv):
     lowest, full = r[adaptive]["budgets"][0], r[adaptive]["budgets"][-1]
     budget_helps, budget_spread = verdict_beats(full["perplexity"], lowest["perplexity"])
 
-    def verdict(holds: bool) -> str:
-        return "holds" if holds else "does not hold"
-
     claims = [
         report.Claim(
             f"{cot} beats {but}",
             "27.07 vs 27.47 (12x3), 24.85 vs 25.19 (24x3), Table 1",
             f"{r[cot]['perplexity']['mean']:.3f} vs {r[but]['perplexity']['mean']:.3f}, seed "
             f"spread {beats_spread:.3f}",
-            verdict(beats),
+            report.verdict(beats),
         ),
         report.Claim(
             f"{ln} matches {standard2}",
             "LN-CoTFormer 24.11 vs standard 48x1 24.17, Table 2",
             f"{ln_ppl['mean']:.3f} vs {deep_ppl['mean']:.3f}, seed spread {ln_spread:.3f}",
-            verdict(ln_matches),
+            report.verdict(ln_matches),
         ),
         report.Claim(
             f"{adaptive}: a larger budget lowers perplexity",
@@ -391,7 +388,7 @@ def main(argv):
             f"{full['perplexity']['mean']:.3f} at {tuple(full['budget'])} vs "
             f"{lowest['perplexity']['mean']:.3f} at {tuple(lowest['budget'])}, seed spread "
             f"{budget_spread:.3f}",
-            verdict(budget_helps),
+            report.verdict(budget_helps),
         ),
     ]
     results["claims"] = [dataclasses.asdict(c) for c in claims]

@@ -137,13 +137,13 @@ def main(argv):
             f"{dense} matches the held-out loss of {deep}",
             "equal perplexity to a 1.5x deeper Transformer",
             f"loss {dense_loss:.4f} vs {deep_loss:.4f}",
-            "holds" if dense_loss <= 1.01 * deep_loss else "does not hold",
+            report.verdict(dense_loss <= 1.01 * deep_loss),
         ),
         report.Claim(
             f"{dense} is faster than {deep}",
             "faster inference than the deeper Transformer",
             f"{speedup:.2f}x its decode speed",
-            "holds" if speedup > 1.0 else "does not hold",
+            report.verdict(speedup > 1.0),
         ),
     ]
     results["claims"] = [dataclasses.asdict(c) for c in claims]

@@ -304,10 +304,6 @@ def cell(rows: int, length: int) -> str:
     return f"b={rows},T={length}"
 
 
-def verdict(holds: bool | None) -> str:
-    return "not measured" if holds is None else "holds" if holds else "does not hold"
-
-
 def claims_of(results) -> list[report.Claim]:
     """The claims and their verdicts by the rules of :func:`verdict_rule` (fixed before the run);
     a claim about a student not in ``experiment.students`` is not measured."""
@@ -400,7 +396,7 @@ def claims_of(results) -> list[report.Claim]:
             ours, holds = f"not run ({', '.join(missing)} not in experiment.students)", None
         else:
             ours, holds = measure()
-        claims.append(report.Claim(claim, paper, ours, verdict(holds)))
+        claims.append(report.Claim(claim, paper, ours, report.verdict(holds)))
     return claims
 
 

@@ -292,7 +292,7 @@ def claims(results) -> list[report.Claim]:
         """``values``: the mean OOD-target number per method name of ``methods``."""
         ours = ", ".join(f"{n} {v:.4f}" for n, v in values.items())
         holds = values["DoGE-OOD"] < min(values["uniform"], values["DoReMi"])
-        return report.Claim(what, paper, ours, "holds" if holds else "does not hold")
+        return report.Claim(what, paper, ours, report.verdict(holds))
 
     synthetic_loss = {
         n: float(np.mean([r["target_loss"][m] for r in results["synthetic"]]))

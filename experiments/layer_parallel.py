@@ -292,10 +292,6 @@ def plot_perplexity_vs_time(results, path: str, rows: int) -> None:
     report.save_figure(fig, os.path.dirname(path), os.path.basename(path))
 
 
-def verdict(holds: bool | None) -> str:
-    return "not measured" if holds is None else "holds" if holds else "does not hold"
-
-
 def claims_of(results) -> list[report.Claim]:
     """The claims and their verdicts, by the rules fixed before the run (:func:`verdict_rule`)."""
     deltas = {int(d): entry for d, entry in results["deltas"].items()}
@@ -318,7 +314,7 @@ def claims_of(results) -> list[report.Claim]:
             f"(Delta={','.join(map(str, checked))})",
             PAPER["interventions"],
             "; ".join(parts),
-            verdict(holds),
+            report.verdict(holds),
         )
     )
 
@@ -336,7 +332,7 @@ def claims_of(results) -> list[report.Claim]:
             "one device",
             PAPER["speed"],
             "; ".join(parts),
-            verdict(holds),
+            report.verdict(holds),
         )
     )
 
@@ -351,7 +347,7 @@ def claims_of(results) -> list[report.Claim]:
             "95-99% of accuracy (v2); -1.5% average accuracy at 1.19x (v3)",
             f"next-token accuracy retention {kept:.3f}, perplexity retention "
             f"{deltas[d]['best']['LP']['retention']:.3f}",
-            verdict(kept >= 0.95),
+            report.verdict(kept >= 0.95),
         )
     )
 
@@ -371,7 +367,7 @@ def claims_of(results) -> list[report.Claim]:
             "Fine-tuning only the paired layers (KL to the original) recovers part of the loss",
             PAPER["recovery"],
             "; ".join(parts) or "not run",
-            verdict(holds if recovered else None),
+            report.verdict(holds if recovered else None),
         )
     )
 
@@ -397,7 +393,7 @@ def claims_of(results) -> list[report.Claim]:
             "pair's sub-block) as on one device",
             "the speedups above are tensor parallel on 2 A100s",
             ours,
-            verdict(holds),
+            report.verdict(holds),
         )
     )
     return claims

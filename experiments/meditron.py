@@ -53,12 +53,13 @@ CLAIMS = {
     "cpt": "continued pretraining helps after finetuning (top-token, mean over benchmarks)",
 }
 RULES = (
-    "domain: holds if after < before for each of guidelines, abstracts, papers, else fails. "
-    "general: holds if after <= 1.10 x before, else fails. chance: holds if accuracy > chance + "
-    "2 sqrt(chance (1 - chance) / n), fails if below chance minus that margin, else "
-    "inconclusive (chance: the most frequent test label's share). cpt: the mean over benchmarks "
-    "of MEDITRON minus baseline accuracy holds if > 2 standard errors (the mean over benchmarks "
-    "of sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)), fails if < -2, else inconclusive."
+    "domain: holds if after < before for each of guidelines, abstracts, papers, else does not "
+    "hold. general: holds if after <= 1.10 x before, else does not hold. chance: holds if "
+    "accuracy > chance + 2 sqrt(chance (1 - chance) / n), does not hold if below chance minus "
+    "that margin, else inconclusive (chance: the most frequent test label's share). cpt: the "
+    "mean over benchmarks of MEDITRON minus baseline accuracy holds if > 2 standard errors (the "
+    "mean over benchmarks of sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)), does not hold if < -2, "
+    "else inconclusive."
 )
 
 
@@ -468,7 +469,7 @@ def claims(results: dict, e) -> list[report.Claim]:
             CLAIMS["domain"],
             "GAP-Replay training lowers the medical validation loss (paper Fig. 5)",
             ", ".join(f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in MEDICAL_SOURCES),
-            "holds" if lower else "fails",
+            report.verdict(lower),
         )
     )
     ratio = after["replay"] / before["replay"]
@@ -477,7 +478,7 @@ def claims(results: dict, e) -> list[report.Claim]:
             CLAIMS["general"],
             "replay added to limit forgetting (Table 8: PMC + replay 56.2 vs PMC 54.6 average)",
             f"general {before['replay']:.2f} -> {after['replay']:.2f} ({ratio:.3f}x)",
-            "holds" if ratio <= 1.10 else "fails",
+            report.verdict(ratio <= 1.10),
         )
     )
     diffs, errors = [], []
@@ -486,7 +487,13 @@ def claims(results: dict, e) -> list[report.Claim]:
         p0 = results["chance"][b]
         acc = _top_token(results, "meditron", b)
         margin = 2 * math.sqrt(p0 * (1 - p0) / n)
-        verdict = "holds" if acc > p0 + margin else "fails" if acc < p0 - margin else "inconclusive"
+        verdict = (
+            "holds"
+            if acc > p0 + margin
+            else "does not hold"
+            if acc < p0 - margin
+            else "inconclusive"
+        )
         out.append(
             report.Claim(
                 CLAIMS["chance"].format(benchmark=b),
@@ -499,7 +506,9 @@ def claims(results: dict, e) -> list[report.Claim]:
         diffs.append(acc - base)
         errors.append(math.sqrt(acc * (1 - acc) / n + base * (1 - base) / n))
     diff, error = float(np.mean(diffs)), float(np.mean(errors))
-    verdict = "holds" if diff > 2 * error else "fails" if diff < -2 * error else "inconclusive"
+    verdict = (
+        "holds" if diff > 2 * error else "does not hold" if diff < -2 * error else "inconclusive"
+    )
     paper = {m: np.mean([PAPER_TABLE_5[m][b] for b in e.benchmarks]) for m in PAPER_TABLE_5}
     out.append(
         report.Claim(

@@ -143,7 +143,7 @@ def main(argv):
             f"no perplexity loss ({n})",
             "perplexity 1.00x dense",
             f"{perplexity_ratio(r):.3f}x dense",
-            "holds" if perplexity_ratio(r) <= 1.01 else "does not hold",
+            report.verdict(perplexity_ratio(r) <= 1.01),
         )
         for n, r in sparse.items()
     ] + [

@@ -256,10 +256,6 @@ def plot_vs_k(results, path: str) -> None:
     report.save_figure(fig, os.path.dirname(path) or ".", os.path.basename(path))
 
 
-def verdict(holds: bool) -> str:
-    return "holds" if holds else "does not hold"
-
-
 # How often, over bootstrap resamples of the problems, the student must lead somewhere for an
 # overtake to count: a lead in one resample in two is noise, not a result.
 FIRM = 0.95
@@ -305,7 +301,7 @@ def claims_of(results, teacher: str) -> list[report.Claim]:
                 f"{student} generates samples faster than {teacher}",
                 PAPER["speed"],
                 f"{speed:.2f}x samples/s at {results['rows_per_call']} rows per call",
-                verdict(speed > 1.0),
+                report.verdict(speed > 1.0),
             )
         )
         for metric in ("majority", "coverage"):

@@ -369,20 +369,20 @@ def claims(results) -> list[report.Claim]:
             "margin ratio 1 (theorem, abstract; its conditions (unverified))",
             "min over seeds, end of the longest run: "
             + ", ".join(f"{n} {v:.3f}" for n, v in worst.items()),
-            "holds" if max(worst.values()) >= 0.95 else "does not hold",
+            report.verdict(max(worst.values()) >= 0.95),
         ),
         report.Claim(
             "UDP gives a larger margin than ERM at equal steps (linear model)",
             "larger margins than ERM on simulated data (abstract; no value retrieved)",
             f"mean margin ratio {best} {mean[best]:.3f} vs erm {mean['erm']:.3f}",
-            "holds" if mean[best] > mean["erm"] else "does not hold",
+            report.verdict(mean[best] > mean["erm"]),
         ),
         report.Claim(
             "UDP reduces simplicity bias (LMS-7 slabs: accuracy with the simple coordinate "
             "shuffled)",
             "less simplicity bias than ERM (v2 abstract; no value retrieved)",
             f"{best_slab} {simple[best_slab]:.3f} vs erm {simple['erm']:.3f}",
-            "holds" if simple[best_slab] > simple["erm"] + 0.05 else "does not hold",
+            report.verdict(simple[best_slab] > simple["erm"] + 0.05),
         ),
     ]
 

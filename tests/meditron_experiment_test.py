@@ -85,7 +85,7 @@ def test_claims_follow_the_rules():
     verdicts = [c.verdict for c in meditron.claims(results, e)]
     # papers rose; general rose 8%; medqa far above chance, pubmedqa within 2 sigma (0.1);
     # mean difference 0.375 against a mean standard error of about 0.065.
-    assert verdicts == ["fails", "holds", "holds", "inconclusive", "holds"]
+    assert verdicts == ["does not hold", "holds", "holds", "inconclusive", "holds"]
 
 
 SMOKE = (

@@ -23,12 +23,29 @@ _ALIGN = {"l": "---", "r": "---:", "c": ":---:"}
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """One row of the claims table: what the paper claims, its number, ours and the verdict."""
+    """One row of the claims table: what the paper claims, its number, ours and the verdict
+    (one of :data:`VERDICTS`)."""
 
     claim: str
     paper: str
     ours: str
     verdict: str
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(
+                f"Claim {self.claim!r}: verdict must be one of {VERDICTS}, got {self.verdict!r}"
+            )
+
+
+# What a claim's rule decided: it held, it did not, the numbers do not decide (for example a
+# difference within twice its standard error), or the run did not measure it.
+VERDICTS = ("holds", "does not hold", "inconclusive", "not measured")
+
+
+def verdict(holds: bool | None) -> str:
+    """A verdict from a rule's outcome (None: not measured)."""
+    return "not measured" if holds is None else "holds" if holds else "does not hold"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> list[str]:

@@ -18,12 +18,12 @@ written as they come.
 | a | 1.5 | x |
 | b | 2 | None |
 
-Verdict rule: reproduced when ours is within 5% of the paper's number.
+Verdict rule: holds when ours is within 5% of the paper's number.
 
 | claim | paper | ours | verdict |
 |---|---|---|---|
-| loss of a | 1.50 | 1.52 | reproduced |
-| b beats a | yes | no | not reproduced |
+| loss of a | 1.50 | 1.52 | holds |
+| b beats a | yes | no | does not hold |
 
 ![curve](curve.png) ![weights](weights.png)
 """
@@ -37,10 +37,10 @@ def test_report_writes_the_expected_markdown_and_json(tmp_path):
         .table(("model", "loss", "note"), [("a", 1.5, "x"), ("b", 2, None)], align="lrc")
         .claims(
             [
-                report.Claim("loss of a", "1.50", "1.52", "reproduced"),
-                report.Claim("b beats a", "yes", "no", "not reproduced"),
+                report.Claim("loss of a", "1.50", "1.52", "holds"),
+                report.Claim("b beats a", "yes", "no", "does not hold"),
             ],
-            rule="reproduced when ours is within 5% of the paper's number.",
+            rule="holds when ours is within 5% of the paper's number.",
         )
         .images(("curve.png", "curve"), ("weights.png", "weights"))
     )
@@ -74,3 +74,14 @@ def test_save_figure_writes_a_png(tmp_path):
     path = report.save_figure(fig, str(tmp_path), "two.png")
     assert path == str(tmp_path / "two.png")
     assert (tmp_path / "two.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdicts_come_from_one_vocabulary():
+    assert [report.verdict(h) for h in (True, False, None)] == [
+        "holds",
+        "does not hold",
+        "not measured",
+    ]
+    assert set(report.VERDICTS) >= {"holds", "does not hold", "inconclusive", "not measured"}
+    with pytest.raises(ValueError, match=r"Claim 'c': verdict must be one of .*got 'fails'"):
+        report.Claim("c", "p", "o", "fails")
