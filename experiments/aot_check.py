@@ -289,6 +289,17 @@ def kernel_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def failed(error: Exception, limit: int) -> dict:
+    """A row's fields for a compilation that raised: the first line of the error (or its type)."""
+    lines = str(error).strip().splitlines()
+    return dict(compiled=False, error=(lines[0] if lines else type(error).__name__)[:limit])
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a tree of arrays or shapes."""
+    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def compile_case(case: Case, device) -> dict:
     sharding = jax.sharding.SingleDeviceSharding(device)
     specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in case.shapes]
@@ -297,8 +308,7 @@ def compile_case(case: Case, device) -> dict:
     try:
         compiled = jax.jit(case.fn).lower(*specs).compile()
     except Exception as e:  # the compiler's verdict is the result of this row
-        message = str(e).strip().splitlines()
-        row.update(compiled=False, error=(message[0] if message else type(e).__name__)[:300])
+        row.update(failed(e, 300))
     else:
         memory = compiled.memory_analysis()
         row.update(
@@ -516,11 +526,10 @@ def _param_counts(exp) -> tuple[int, int, int]:
     lookup, not a matmul, unless the head reuses it (tied)."""
     leaves = jax.tree.leaves(exp.abstract_state.params)
     total = sum(int(x.size) for x in leaves)
-    nbytes = sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in leaves)
     embed = exp.abstract_state.params.get("embed")
     tied = exp.model_config.tie_embeddings
     matmul = total - (0 if tied or embed is None else int(embed.size))
-    return total, matmul, nbytes
+    return total, matmul, tree_bytes(leaves)
 
 
 def _attention_shape(model_config) -> tuple[int, int]:
@@ -578,8 +587,7 @@ def pod_row(target: str, name: str, config, topology: str, changes: dict, device
         row["kernel_calls"] = kernel_calls(lowered.as_text())
         compiled = lowered.compile()
     except Exception as e:  # the compiler's (or the engine's) verdict is the result of this row
-        message = str(e).strip().splitlines()
-        row.update(compiled=False, error=(message[0] if message else type(e).__name__)[:400])
+        row.update(failed(e, 400))
         row["seconds"] = round(time.perf_counter() - begin, 2)
         return row
     row["seconds"] = round(time.perf_counter() - begin, 2)
@@ -679,8 +687,7 @@ def decode_row(target: str, decode: Decode, config, devices=None) -> dict:
             lowered = jax.jit(step, donate_argnums=1).lower(placed(params), placed(cache), ids, ids)
         compiled = lowered.compile()
     except Exception as e:  # the compiler's verdict is the result of this row
-        message = str(e).strip().splitlines()
-        row.update(compiled=False, error=(message[0] if message else type(e).__name__)[:400])
+        row.update(failed(e, 400))
         row["seconds"] = round(time.perf_counter() - begin, 2)
         return row
     row["seconds"] = round(time.perf_counter() - begin, 2)
@@ -688,9 +695,7 @@ def decode_row(target: str, decode: Decode, config, devices=None) -> dict:
         compiled=True,
         **fit(compiled.memory_analysis(), card.memory_bytes, USABLE_FRACTION[platform]),
     )
-    nbytes = sum(
-        int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves((params, cache))
-    )
+    nbytes = tree_bytes((params, cache))
     row["hbm_bytes"] = nbytes
     row["step_seconds"] = nbytes / card.memory_bandwidth
     row["tokens_per_second"] = decode.batch / row["step_seconds"]
