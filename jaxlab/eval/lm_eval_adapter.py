@@ -15,8 +15,16 @@ Only users who installed ``lm-eval`` import this module; importing it registers 
     results = lm_eval.simple_evaluate(model=lm, tasks=["pubmedqa"], num_fewshot=3)
     print(results["results"]["pubmedqa"]["acc,none"])
 
-    # the same through the registry (model_args may be objects when given as a dict):
-    lm_eval.simple_evaluate(model="jaxlab", model_args={"model": m, "tokenizer": t}, ...)
+    # the same from a model source, through lm-eval's registry:
+    lm_eval.simple_evaluate(
+        model="jaxlab", model_args="model=hf:llama-2-7b,batch_size=16", tasks=["pubmedqa"]
+    )
+
+``model`` may be a source string, ``hf:PATH`` (a Hugging Face Llama directory) or
+``run:WORKDIR[@STEP]`` (a jaxlab run's checkpoint), read by
+:func:`jaxlab.train.pretrained.load_model`; ``tokenizer`` may be a spec for
+:func:`jaxlab.data.tokenizers.load_tokenizer`, by default the source's own (the HF directory,
+the run's ``data.tokenizer``).
 
 The three request types:
 
@@ -65,8 +73,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 
-from jaxlab.data.tokenizers import Tokenizer
+from jaxlab.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlab.infer import generate_in_batches, token_logprobs_and_greedy
+from jaxlab.train import pretrained
 
 # Keys that only shape sampling: greedy decoding ignores them, as Hugging Face's does.
 _SAMPLING_ONLY_KWARGS = ("top_p", "top_k", "min_p")
@@ -82,9 +91,11 @@ class JaxlabLM(LM):
 
     Args:
       model: any model of :mod:`jaxlab.models` (``model(tokens) -> [batch, seq, vocab]``, a
-        ``config`` with ``vocab_size`` and ``max_seq_len``).
+        ``config`` with ``vocab_size`` and ``max_seq_len``), or a source string ``hf:PATH`` /
+        ``run:WORKDIR[@STEP]`` to load one from.
       tokenizer: a :class:`jaxlab.data.tokenizers.Tokenizer` whose ids fit the model's
-        vocabulary.
+        vocabulary, or a spec for ``load_tokenizer``; default (None, with a source string
+        only) the source's own tokenizer.
       batch_size: rows per forward pass or generation call, an int >= 1.
       max_gen_toks: the generation budget when a request's ``gen_kwargs`` name none (lm-eval's
         default is 256); it must leave room for a context: ``< max_seq_len``.
@@ -95,13 +106,19 @@ class JaxlabLM(LM):
     def __init__(
         self,
         model,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | str | None = None,
         *,
         batch_size: int = 16,
         max_gen_toks: int = 256,
         add_bos: bool | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(model, str):
+            if tokenizer is None:
+                tokenizer = pretrained.source_tokenizer(model, "JaxlabLM: model")
+            model = pretrained.load_model(model, "JaxlabLM: model")
+        if isinstance(tokenizer, str):
+            tokenizer = load_tokenizer(tokenizer)
         config = getattr(model, "config", None)
         if not all(_is_int(getattr(config, f, None)) for f in ("vocab_size", "max_seq_len")):
             raise TypeError(
@@ -110,8 +127,8 @@ class JaxlabLM(LM):
             )
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(
-                "JaxlabLM: tokenizer must be a jaxlab.data.tokenizers.Tokenizer, got "
-                f"{type(tokenizer).__name__}"
+                "JaxlabLM: tokenizer must be a jaxlab.data.tokenizers.Tokenizer or a spec for "
+                f"load_tokenizer (None only with a model source string), got {tokenizer!r}"
             )
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(

@@ -16,9 +16,11 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from jaxlab import models  # noqa: E402
-from jaxlab.data.tokenizers import CharTokenizer, Tokenizer  # noqa: E402
+from jaxlab.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer  # noqa: E402
 from jaxlab.eval.lm_eval_adapter import JaxlabLM  # noqa: E402
 from jaxlab.eval.medical import runner  # noqa: E402
+from jaxlab.interop.hf import save_hf_llama  # noqa: E402
+from jaxlab.train.pretrained import save_model_source  # noqa: E402
 from tests.infer import tiny_models  # noqa: E402
 
 # Every id but pad/bos/eos (0, 1, 2) is a character, so greedy outputs are text.
@@ -242,3 +244,28 @@ def test_simple_evaluate_on_a_local_multiple_choice_task(model, tmp_path, monkey
         fewshot_random_seed=None,
     )
     assert results["results"]["jaxlab_tiny_mc"]["acc,none"] == pytest.approx(4 / 6)
+
+
+def test_model_sources_through_the_registry(tmp_path):
+    """``hf:`` and ``run:`` sources load the same model; a run brings its config's tokenizer."""
+    model = models.build(tiny_models.llama(ByteTokenizer().vocab_size), nnx.Rngs(4))
+    save_hf_llama(model, str(tmp_path / "hf"))
+    save_model_source(str(tmp_path / "run"), model)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
+    save_model_source(str(tmp_path / "bare_run"), model)
+    requests = _requests("loglikelihood", [("ab", "cd"), ("", "xyz")])
+    expected = JaxlabLM(model, ByteTokenizer()).loglikelihood(requests)
+    registered = lm_eval.api.registry.get_model("jaxlab")
+    assert registered is JaxlabLM
+    arg_string = f"model=hf:{tmp_path / 'hf'},tokenizer=byte,batch_size=2"
+    for lm in (
+        registered.create_from_arg_string(arg_string),
+        registered.create_from_arg_obj({"model": f"run:{tmp_path / 'run'}"}, {"batch_size": 1}),
+    ):
+        assert isinstance(lm.tokenizer, ByteTokenizer)
+        got = lm.loglikelihood(requests)
+        np.testing.assert_allclose([g[0] for g in got], [e[0] for e in expected], rtol=1e-6)
+    with pytest.raises(ValueError, match="has no config.json naming its data.tokenizer"):
+        JaxlabLM(f"run:{tmp_path / 'bare_run'}")
+    with pytest.raises(TypeError, match="None only with a model source string"):
+        JaxlabLM(model)
