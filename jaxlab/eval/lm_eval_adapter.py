@@ -33,15 +33,17 @@ The three request types:
   them is the model's argmax after its prefix. Tokenization is that of jaxlab's native scorer
   (:func:`jaxlab.eval.medical.runner.label_logprobs`): context and continuation are encoded
   separately and concatenated, the context with the tokenizer's bos in front (``add_bos``;
-  default when the tokenizer has one). With a byte tokenizer this equals lm-eval's own rule;
-  with a subword tokenizer it can differ from lm-eval's Hugging Face model, which encodes
-  ``context + continuation`` whole, moves trailing spaces of the context into the continuation
-  and splits the ids where the context's end. An empty context is the prefix token alone (the
-  tokenizer's bos, else its eos, as lm-eval's ``prefix_token_id``). A pair longer than
-  ``config.max_seq_len`` keeps its last ``max_seq_len`` tokens (the context is cut from the
-  left, the continuation kept whole), as lm-eval's Hugging Face model does; that model keeps
-  ``max_length + 1`` tokens because it never feeds the last one, this adapter keeps one fewer
-  because :func:`jaxlab.infer.token_logprobs_and_greedy` feeds every token it scores.
+  default when the tokenizer has one). lm-eval's Hugging Face model instead moves trailing
+  whitespace of the context into the continuation (and scores it), encodes ``context +
+  continuation`` whole and splits the ids where the context's ids end: the two agree for a byte
+  tokenizer and a context that does not end in whitespace (lm-eval's tasks put the space
+  before an answer into the continuation), and can differ for a subword tokenizer. An empty
+  context is the prefix token alone (the tokenizer's bos, else its eos, as lm-eval's
+  ``prefix_token_id``). A pair longer than ``config.max_seq_len`` keeps its last
+  ``max_seq_len`` tokens (the context is cut from the left, the continuation kept whole), as
+  lm-eval's Hugging Face model does; that model keeps ``max_length + 1`` tokens because it never
+  feeds the last one, this adapter keeps one fewer because
+  :func:`jaxlab.infer.token_logprobs_and_greedy` feeds every token it scores.
 * ``loglikelihood_rolling``: ``(text,) -> logprob`` of the whole text after the prefix token,
   in lm-eval's disjoint windows (``lm_eval.utils.get_rolling_token_windows`` and
   ``make_disjoint_window``): each forward pass holds at most ``max_seq_len`` tokens and
@@ -259,12 +261,10 @@ class JaxlabLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         """Greedy text after each request's context, cut at its ``until`` strings."""
+        # One generation call sequence per (until, max_gen_toks): one stop rule and budget each.
         groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
-        settings = []
         for i, request in enumerate(requests):
-            context, gen_kwargs = request.args
-            settings.append(self._generation_settings(i, gen_kwargs))
-            groups.setdefault(settings[-1], []).append(i)
+            groups.setdefault(self._generation_settings(i, request.args[1]), []).append(i)
         texts = [""] * len(requests)
         for (until, max_gen_toks), members in groups.items():
             room = self.max_length - max_gen_toks
