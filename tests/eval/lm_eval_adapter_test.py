@@ -269,3 +269,29 @@ def test_model_sources_through_the_registry(tmp_path):
         JaxlabLM(f"run:{tmp_path / 'bare_run'}")
     with pytest.raises(TypeError, match="None only with a model source string"):
         JaxlabLM(model)
+
+
+def test_a_hybrid_mamba_model_through_the_same_adapter():
+    """Nothing in the adapter is Llama-specific: a Mamba-2 + attention hybrid scores and
+    generates as its float64 references say."""
+    model = models.build(
+        tiny_models.mamba(TOKENIZER.vocab_size, "mamba2", hybrid=True), nnx.Rngs(5)
+    )
+    rng = np.random.default_rng(5)
+    pairs = [(_text(rng, 7), _text(rng, 3)), ("", _text(rng, 4)), (_text(rng, 70), "ok")]
+    lm = JaxlabLM(model, TOKENIZER, batch_size=2)
+    got = lm.loglikelihood(_requests("loglikelihood", pairs))
+    expected = []
+    for context, continuation in pairs:
+        scored = TOKENIZER.encode(continuation)
+        ids = ([TOKENIZER.bos_id] + TOKENIZER.encode(context) + scored)[-MAX_LEN:]
+        expected.append(_scored(model, ids, len(scored)))
+    np.testing.assert_allclose([g[0] for g in got], [e[0] for e in expected], rtol=1e-5, atol=1e-4)
+    assert [g[1] for g in got] == [bool(e[1]) for e in expected]
+    reference = ""
+    while len(reference) < 4:  # a context whose greedy text is more than pad/bos/eos
+        context = _text(rng, 11)
+        ids = [TOKENIZER.bos_id, *TOKENIZER.encode(context)]
+        reference = TOKENIZER.decode(_greedy_ids(model, ids, 8, TOKENIZER.eos_id))
+    request = (context, {"until": ["\n\n"], "max_gen_toks": 8})
+    assert lm.generate_until(_requests("generate_until", [request])) == [reference]
