@@ -15,9 +15,6 @@ must hold them). See :mod:`jaxlab.eval.medical.runner` for the modes and the two
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags
 
 from jaxlab.data.prompts import CHATML_TOKENS
@@ -75,14 +72,7 @@ def load_model(spec: str):
 
 def tokenizer_for(spec: str, tokenizer_spec: str, chat: bool, vocab_size: int):
     """``tokenizer_spec``, or the model source's own tokenizer; with ChatML tokens for ``chat``."""
-    if not tokenizer_spec:
-        source = pretrained.parse_source(spec, "--model")
-        if source.kind == "hf":
-            tokenizer_spec = source.path
-        else:
-            with open(os.path.join(source.path, "config.json")) as f:
-                tokenizer_spec = json.load(f).get("data", {}).get("tokenizer") or "byte"
-    tokenizer = load_tokenizer(tokenizer_spec)
+    tokenizer = load_tokenizer(tokenizer_spec or pretrained.source_tokenizer(spec, "--model"))
     if chat and any(len(tokenizer.encode(t)) != 1 for t in CHATML_TOKENS):
         tokenizer = add_special_tokens(tokenizer, CHATML_TOKENS)
     if tokenizer.vocab_size > vocab_size:

@@ -16,7 +16,7 @@ from jaxlab.infer.sampling import (
     sample,
     sample_with_logprobs,
 )
-from jaxlab.infer.score import score, token_logprobs
+from jaxlab.infer.score import score, token_logprobs, token_logprobs_and_greedy
 
 __all__ = [
     "GenerateOutput",
@@ -31,5 +31,6 @@ __all__ = [
     "sample_with_logprobs",
     "score",
     "token_logprobs",
+    "token_logprobs_and_greedy",
     "truncate_at_stop_strings",
 ]

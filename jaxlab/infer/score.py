@@ -2,7 +2,9 @@
 
 ``token_logprobs(model, tokens)[b, t]`` is ``log p(tokens[b, t] | tokens[b, :t])`` under the
 model's raw softmax (temperature 1, nothing filtered), in float32, for every ``t >= 1``; column 0
-is 0 because the first token has no prefix and is never scored. ``score(model, tokens, mask)``
+is 0 because the first token has no prefix and is never scored. ``token_logprobs_and_greedy``
+adds, from the same forward pass, whether each token is the model's argmax after its prefix (the
+token greedy decoding would have picked; lm-eval's ``is_greedy``). ``score(model, tokens, mask)``
 sums those columns where ``mask`` is 1, so ``mask`` is aligned with ``tokens``: it marks the tokens
 whose log-probability is counted, and ``mask[:, 0]`` is ignored. For likelihood-scored multiple
 choice, ``tokens`` holds context + answer and ``mask`` the answer tokens; right-padded rows put 0
@@ -39,6 +41,24 @@ def token_logprobs(model: nnx.Module, tokens: jax.Array) -> jax.Array:
     tokens = _check_tokens("token_logprobs", model, tokens)
     graphdef, state = nnx.split(model)
     return _token_logprobs(graphdef, state, jnp.asarray(tokens, jnp.int32))
+
+
+def token_logprobs_and_greedy(model: nnx.Module, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`token_logprobs` and, from the same forward pass, where each token is the argmax.
+
+    Args:
+      model: any jaxlab language model (``model(tokens) -> [batch, seq, vocab]`` logits).
+      tokens: [batch, seq] int ids in ``[0, vocab_size)``, ``batch >= 1``, ``seq >= 2``.
+
+    Returns:
+      ``(logprobs, greedy)``: [batch, seq] float32 as :func:`token_logprobs` returns, and
+      [batch, seq] bool, column ``t >= 1`` true where ``tokens[:, t]`` is the argmax of
+      ``logits[:, t - 1]`` (ties go to the lowest id, as ``argmax`` breaks them); column 0 is
+      false.
+    """
+    tokens = _check_tokens("token_logprobs_and_greedy", model, tokens)
+    graphdef, state = nnx.split(model)
+    return _token_logprobs_and_greedy(graphdef, state, jnp.asarray(tokens, jnp.int32))
 
 
 def score(model: nnx.Module, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -103,19 +123,27 @@ def _check_mask(mask, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _gathered_logprobs(model, tokens):
-    """[batch, seq] float32 log p(tokens[:, t] | tokens[:, :t]) for t >= 1, zero at t = 0."""
+    """[batch, seq] float32 log p(tokens[:, t] | tokens[:, :t]) and bool "tokens[:, t] is the
+    argmax", for t >= 1; zero and false at t = 0. Callers that drop the flags leave XLA to
+    remove the argmax."""
     logits = model(tokens).astype(jnp.float32)[:, :-1]
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     logprobs = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(logprobs, ((0, 0), (1, 0)))
+    greedy = jnp.argmax(logits, axis=-1) == tokens[:, 1:]
+    return jnp.pad(logprobs, ((0, 0), (1, 0))), jnp.pad(greedy, ((0, 0), (1, 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _token_logprobs(graphdef, state, tokens):
+    return _gathered_logprobs(nnx.merge(graphdef, state), tokens)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _token_logprobs_and_greedy(graphdef, state, tokens):
     return _gathered_logprobs(nnx.merge(graphdef, state), tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score(graphdef, state, tokens, mask):
-    logprobs = _gathered_logprobs(nnx.merge(graphdef, state), tokens)
+    logprobs = _gathered_logprobs(nnx.merge(graphdef, state), tokens)[0]
     return jnp.sum(jnp.where(mask[:, 1:] != 0, logprobs[:, 1:], 0.0), axis=-1)

@@ -448,6 +448,24 @@ def load_frozen(frozen: FrozenModel, name: str, source: Source | None = None):
     return params
 
 
+def source_tokenizer(spec: str, field: str = "--model") -> str:
+    """The tokenizer spec (for :func:`jaxlab.data.tokenizers.load_tokenizer`) that an
+    ``hf:PATH`` or ``run:WORKDIR[@STEP]`` source brings: the Hugging Face directory itself, or the
+    run's ``data.tokenizer`` in ``WORKDIR/config.json`` (``"byte"``, jaxlab's default, when the
+    config names none). Errors name ``field``."""
+    source = parse_source(spec, field)
+    if source.kind == "hf":
+        return source.path
+    run_config = os.path.join(source.path, "config.json")
+    if not os.path.isfile(run_config):
+        raise ValueError(
+            f"{field}: {spec!r} has no config.json naming its data.tokenizer (a model written by "
+            "save_model_source); name the tokenizer explicitly"
+        )
+    with open(run_config) as f:
+        return json.load(f).get("data", {}).get("tokenizer") or "byte"
+
+
 def load_model(spec: str, field: str = "--model") -> nnx.Module:
     """The model of an ``hf:PATH`` or ``run:WORKDIR[@STEP]`` source, built from its own config
     with its parameters on the default device, ready for inference (errors name ``field``)."""

@@ -1,4 +1,5 @@
-"""Bad input to generate, SamplingConfig, score and token_logprobs: a named error, nothing traced.
+"""Bad input to generate, SamplingConfig, score and token_logprobs(_and_greedy): a named error,
+nothing traced.
 
 Each case was silently wrong or failed deep inside JAX/NumPy before: a 1-D prompt gave
 ``IndexError: tuple index out of range``; ids >= 2**32 wrapped into the vocabulary and float
@@ -17,7 +18,13 @@ import pytest
 from flax import nnx
 
 from jaxlab import models
-from jaxlab.infer import SamplingConfig, generate, score, token_logprobs
+from jaxlab.infer import (
+    SamplingConfig,
+    generate,
+    score,
+    token_logprobs,
+    token_logprobs_and_greedy,
+)
 from jaxlab.infer import decode as decode_lib
 from tests.infer import tiny_models
 
@@ -324,12 +331,20 @@ SCORE_CASES = {
 }
 
 
-@pytest.mark.parametrize("fn", ["score", "token_logprobs"])
+@pytest.mark.parametrize("fn", ["score", "token_logprobs", "token_logprobs_and_greedy"])
 @pytest.mark.parametrize("case", sorted(SCORE_CASES))
 def test_bad_score_tokens_are_named_before_tracing(llama, fn, case):
     tokens, error, message = SCORE_CASES[case]
-    call = {"score": score, "token_logprobs": token_logprobs}[fn]
-    jitted = {"score": score_lib._score, "token_logprobs": score_lib._token_logprobs}[fn]
+    call = {
+        "score": score,
+        "token_logprobs": token_logprobs,
+        "token_logprobs_and_greedy": token_logprobs_and_greedy,
+    }[fn]
+    jitted = {
+        "score": score_lib._score,
+        "token_logprobs": score_lib._token_logprobs,
+        "token_logprobs_and_greedy": score_lib._token_logprobs_and_greedy,
+    }[fn]
     traced = jitted._cache_size()
     with pytest.raises(error, match=f"{fn}: {message}"):
         call(llama, tokens)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from jaxlab import models
-from jaxlab.infer import score, token_logprobs
+from jaxlab.infer import score, token_logprobs, token_logprobs_and_greedy
 from tests.infer import tiny_models
 
 VOCAB = 37
@@ -67,6 +67,23 @@ def test_token_logprobs_are_float64_log_softmax(model):
     assert got.shape == (3, 10) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), _reference_logprobs(model, tokens), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got[:, 0]), 0.0)
+
+
+def test_greedy_flags_are_the_float64_argmax(model):
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, VOCAB, (3, 10))
+    # About half of the tokens, left to right, become the argmax after their prefix; the rest
+    # stay random (and are almost never the argmax).
+    for t in np.flatnonzero(rng.integers(0, 2, tokens.shape[1])[1:]) + 1:
+        tokens[:, t] = np.asarray(model(jnp.asarray(tokens[:, :t])), np.float64)[:, -1].argmax(-1)
+    logits = np.asarray(model(jnp.asarray(tokens)), np.float64)
+    expected = np.zeros(tokens.shape, bool)
+    expected[:, 1:] = logits.argmax(-1)[:, :-1] == tokens[:, 1:]
+    assert 0 < expected.sum() < expected[:, 1:].size
+    logprobs, greedy = token_logprobs_and_greedy(model, tokens)
+    assert greedy.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(greedy), expected)
+    np.testing.assert_allclose(np.asarray(logprobs), _reference_logprobs(model, tokens), atol=1e-4)
 
 
 def test_right_padded_rows_score_as_their_unpadded_selves(model):

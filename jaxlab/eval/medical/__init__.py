@@ -10,7 +10,9 @@ parsing rules exactly (``parity``) or fixed (``clean``).
 * :mod:`~jaxlab.eval.medical.finetuning`: :func:`finetuning_records` (a released train file in
   MEDITRON's finetuning prompt; importing registers the ``qa:...?format=BENCHMARK`` readers).
 
-No lm-evaluation-harness adapter: ``lm_eval`` is not installed in this environment.
+Users of lm-evaluation-harness run its own tasks on a jaxlab model through
+:class:`jaxlab.eval.lm_eval_adapter.JaxlabLM` (the ``lm_eval`` extra); its likelihoods equal
+:func:`~jaxlab.eval.medical.runner.label_logprobs`'s.
 """
 
 from jaxlab.eval.medical.data import (
