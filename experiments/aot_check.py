@@ -11,8 +11,11 @@ with ``RESOURCE_EXHAUSTED``, so a row that compiles is a kernel that launches.
 Kernel rows: both sparse-attention kernels (QK-dropping and hash buckets), forward and
 forward+backward, bf16 and float32, head_dim 64 and 128, at 4k..32k tokens; the Mamba-1 selective
 scan and the Mamba-2 SSD, forward and forward+backward, bf16 and float32, at 4k..16k tokens; and a
-deliberately oversized sparse-attention tile that must be refused (a check of the checker). The
-kernels are Triton (GPU) kernels: TPU targets list them as not compiled (no Mosaic kernel yet).
+deliberately oversized sparse-attention tile that must be refused (a check of the checker). On
+TPU targets the kernels with a Mosaic (TPU Pallas) version (:data:`TPU_KERNEL_FAMILIES`) compile
+at the same shapes, traced for the TPU (``target_platform``), each row with the scoped VMEM its
+Mosaic kernels reserve (:func:`mosaic_vmem_bytes`), beside an oversized SSD state tile that must
+run out of VMEM; the other kernels are listed as not compiled (no Mosaic kernel yet).
 
 Pod rows (:data:`PODS`): the engine's jitted train step of a shipped config, built from
 ShapeDtypeStructs on the topology's devices (``build_experiment(config, devices=...)``; no
@@ -59,7 +62,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", "aot_results", "Where REPORT.md and results.json go.")
     flags.DEFINE_list("targets", ["h100", "h200", "v5p"], "Targets (keys of GPUS and TPUS).")
     flags.DEFINE_bool("quick", False, "Short sequences, one dtype, the small pods: a smoke run.")
-    flags.DEFINE_bool("kernels", True, "Compile the kernels (GPU targets).")
+    flags.DEFINE_bool("kernels", True, "Compile the kernels (GPU; TPU: those with a Mosaic one).")
     flags.DEFINE_list("pods", [], "Only these pods (names in PODS); empty: all.")
     flags.DEFINE_string(
         "config", None, "Check only this config (FILE.py or FILE.py:ARG) instead of PODS."
@@ -159,8 +162,10 @@ device_description_str: "{gpu.description}"
 """
 
 
-# What XLA's GPU compiler says when a kernel's tiles need more shared memory than the card has.
+# What XLA's GPU compiler says when a kernel's tiles need more shared memory than the card has,
+# and the TPU compiler when a Mosaic kernel's blocks and scratch need more VMEM than it has.
 SHARED_MEMORY_ERROR = r"RESOURCE_EXHAUSTED.*[Ss]hared memory"
+VMEM_ERROR = r"RESOURCE_EXHAUSTED.*[Vv]mem"
 
 
 @dataclasses.dataclass
@@ -193,10 +198,11 @@ def _with_grad(fn, grad_argnums):
     return both
 
 
-def kernel_cases(quick: bool) -> list[Case]:
+def kernel_cases(quick: bool, platform: str = "gpu") -> list[Case]:
+    """The kernel rows for a ``platform`` ("gpu" or "tpu"): every kernel that compiles for it
+    and the oversized tile it must refuse."""
     from kernels_pallas import selective_scan as ss
     from kernels_pallas import sparse_attention as sa
-    from kernels_pallas import ssd as ssd_kernels
 
     dtypes = (jnp.bfloat16,) if quick else (jnp.bfloat16, jnp.float32)
     attention_lengths = (1024,) if quick else (4096, 16384, 32768)
@@ -204,9 +210,10 @@ def kernel_cases(quick: bool) -> list[Case]:
     head_dims = (128,) if quick else (64, 128)
     cases = []
     batch, heads, kv_heads = 1, 16, 4
+    gpu = platform == "gpu"
     for dtype in dtypes:
         name = jnp.dtype(dtype).name
-        for head_dim in head_dims:
+        for head_dim in head_dims if gpu else ():
             for seq in attention_lengths:
                 qkv = (
                     ((batch, seq, heads, head_dim), dtype),
@@ -245,25 +252,23 @@ def kernel_cases(quick: bool) -> list[Case]:
                 return ss.selective_scan(u, delta, A, B, C, delta_softplus=True, interpret=False)
 
             detail = f"{name} dim={dim} state={state} seq={seq}"
-            cases.append(Case("selective_scan fwd", detail, scan, scan_shapes))
-            cases.append(
-                Case("selective_scan fwd+bwd", detail, _with_grad(scan, (0, 1, 3, 4)), scan_shapes)
-            )
-            ssd_heads, ssd_head_dim, ssd_state = 32, 64, 128
-            ssd_shapes = (
-                ((batch, seq, ssd_heads, ssd_head_dim), dtype),
-                ((batch, seq, ssd_heads), jnp.float32),
-                ((ssd_heads,), jnp.float32),
-                ((batch, seq, 1, ssd_state), dtype),
-                ((batch, seq, 1, ssd_state), dtype),
-            )
-
-            def chunked(x, dt, A, B, C):
-                return ssd_kernels.ssd(x, dt, A, B, C, dt_softplus=True, interpret=False)
-
-            detail = f"{name} heads={ssd_heads} head_dim={ssd_head_dim} state={ssd_state} seq={seq}"
-            cases.append(Case("ssd fwd", detail, chunked, ssd_shapes))
-            cases.append(Case("ssd fwd+bwd", detail, _with_grad(chunked, (0, 3, 4)), ssd_shapes))
+            if gpu:
+                cases.append(Case("selective_scan fwd", detail, scan, scan_shapes))
+                cases.append(
+                    Case(
+                        "selective_scan fwd+bwd",
+                        detail,
+                        _with_grad(scan, (0, 1, 3, 4)),
+                        scan_shapes,
+                    )
+                )
+            cases += _ssd_cases(f"{name} heads=32", dtype, (batch, seq, 32, 64, 128))
+    if not gpu:
+        # The checker's own check: a state tile of 2048 x 2048 (16 MiB in float32, in the
+        # scratch and, double-buffered, in the initial, final and per-chunk state blocks) is
+        # beyond every generation's scoped VMEM (v6e's takes the 23 MiB of a 1024 x 1024 tile).
+        cases += _ssd_cases("float32", jnp.float32, (1, 256, 1, 2048, 2048), VMEM_ERROR)[:1]
+        return cases
     # The checker's own check: tiles far beyond the card's shared memory must be refused.
     huge = sa.BlockSizes(block_q=1024, block_k=1024, block_q_bwd=1024, block_k_bwd=1024)
 
@@ -289,6 +294,30 @@ def kernel_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def _ssd_cases(name, dtype, shape, expect_error="") -> list[Case]:
+    """SSD forward and forward+backward at ``shape = (batch, seq, heads, head_dim, state)``
+    (one group of B and C), the kernel of the platform traced for."""
+    from kernels_pallas import ssd as ssd_kernels
+
+    batch, seq, heads, head_dim, state = shape
+    shapes = (
+        ((batch, seq, heads, head_dim), dtype),
+        ((batch, seq, heads), jnp.float32),
+        ((heads,), jnp.float32),
+        ((batch, seq, 1, state), dtype),
+        ((batch, seq, 1, state), dtype),
+    )
+
+    def chunked(x, dt, A, B, C):
+        return ssd_kernels.ssd(x, dt, A, B, C, dt_softplus=True, interpret=False)
+
+    detail = f"{name} head_dim={head_dim} state={state} seq={seq}"
+    return [
+        Case("ssd fwd", detail, chunked, shapes, expect_error),
+        Case("ssd fwd+bwd", detail, _with_grad(chunked, (0, 3, 4)), shapes, expect_error),
+    ]
+
+
 def failed(error: Exception, limit: int) -> dict:
     """A row's fields for a compilation that raised: the first line of the error (or its type)."""
     lines = str(error).strip().splitlines()
@@ -298,6 +327,21 @@ def failed(error: Exception, limit: int) -> dict:
 def tree_bytes(tree) -> int:
     """Bytes of a tree of arrays or shapes."""
     return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def mosaic_vmem_bytes(hlo: str) -> int | None:
+    """The most scoped VMEM (memory space 1) that one Mosaic kernel call of a compiled TPU
+    program reserves, from its ``used_scoped_memory_configs``; None without a Mosaic call."""
+    sizes = []
+    for line in hlo.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        used = re.search(r'"used_scoped_memory_configs":\[([^\]]*)\]', line)
+        vmem = re.findall(
+            r'"memory_space":"1","offset":"\d+","size":"(\d+)"', used[1] if used else ""
+        )
+        sizes.append(sum(int(n) for n in vmem))
+    return max(sizes) if sizes else None
 
 
 def compile_case(case: Case, device) -> dict:
@@ -316,6 +360,7 @@ def compile_case(case: Case, device) -> dict:
             argument_bytes=int(memory.argument_size_in_bytes),
             output_bytes=int(memory.output_size_in_bytes),
             temp_bytes=int(memory.temp_size_in_bytes),
+            vmem_bytes=mosaic_vmem_bytes(compiled.as_text()),
         )
     row["seconds"] = round(time.perf_counter() - begin, 2)
     if case.expect_error:
@@ -325,9 +370,12 @@ def compile_case(case: Case, device) -> dict:
     return row
 
 
-# The kernels' rows on a TPU: there is no Mosaic (TPU Pallas) version of them yet.
+# The kernels' rows on a TPU for the families without a Mosaic (TPU Pallas) version yet.
 TPU_KERNEL_NOTE = "no TPU (Mosaic) kernel yet: issue 24"
 KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "selective_scan", "ssd")
+TPU_KERNEL_FAMILIES = ("ssd",)
+# One chip of each TPU generation's smallest slice holds a kernel row.
+KERNEL_TOPOLOGY = {"gpu": "1x1x1", "v5e": "2x2", "v5p": "2x2x1", "v6e": "2x2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -803,7 +851,7 @@ def roofline_table_row(row: dict) -> tuple:
 
 def kernel_table_row(row: dict) -> tuple:
     if row.get("note"):
-        return (row["kernel"], "", row["note"], "", "", "", "")
+        return (row["kernel"], "", row["note"], "", "", "", "", "")
     status = "yes" if row["compiled"] else f"no: {row['error'][:100]}"
     return (
         row["kernel"],
@@ -811,12 +859,22 @@ def kernel_table_row(row: dict) -> tuple:
         status,
         _mib(row.get("temp_bytes")),
         _mib(row.get("argument_bytes")),
+        _mib(row.get("vmem_bytes")),
         row["seconds"],
         "yes" if row["as_expected"] else "**NO**",
     )
 
 
-KERNEL_HEADER = ("kernel", "shapes", "compiled", "temp MiB", "args MiB", "s", "as expected")
+KERNEL_HEADER = (
+    "kernel",
+    "shapes",
+    "compiled",
+    "temp MiB",
+    "args MiB",
+    "VMEM MiB",
+    "s",
+    "as expected",
+)
 
 
 def report_of(results: dict):
@@ -867,8 +925,11 @@ def report_of(results: dict):
             )
             doc.table(DECODE_HEADER, [decode_table_row(r) for r in entry["decodes"]], "lllrrrlrrr")
         if entry["kernels"]:
-            doc.add("Pallas kernels, each on one device.")
-            doc.table(KERNEL_HEADER, [kernel_table_row(r) for r in entry["kernels"]], "lllrrrl")
+            doc.add(
+                "Pallas kernels, each on one device; VMEM: the most scoped VMEM one Mosaic "
+                "kernel call reserves (TPU)."
+            )
+            doc.table(KERNEL_HEADER, [kernel_table_row(r) for r in entry["kernels"]], "lllrrrrl")
     return doc
 
 
@@ -909,15 +970,23 @@ def check_target(
         entry["decodes"].append(decode_row(target, decode, load_config(decode.config)))
         print(decode_table_row(entry["decodes"][-1]), flush=True)
         save()
-    if kernels and platform_of(target) == "gpu":
-        device = topology_devices(target, "1x1x1")[0]
-        for case in kernel_cases(quick):
-            entry["kernels"].append(compile_case(case, device))
-            print(kernel_table_row(entry["kernels"][-1]), flush=True)
+    if kernels:
+        platform = platform_of(target)
+        topology = KERNEL_TOPOLOGY["gpu" if platform == "gpu" else target]
+        device = topology_devices(target, topology)[0]
+        # Traced for the target: the kernels pick Triton or Mosaic by the platform traced for.
+        with target_platform(platform):
+            for case in kernel_cases(quick, platform):
+                entry["kernels"].append(compile_case(case, device))
+                print(kernel_table_row(entry["kernels"][-1]), flush=True)
+                save()
+        if platform == "tpu":
+            entry["kernels"] += [
+                dict(kernel=k, note=TPU_KERNEL_NOTE)
+                for k in KERNEL_FAMILIES
+                if k not in TPU_KERNEL_FAMILIES
+            ]
             save()
-    elif kernels:
-        entry["kernels"] = [dict(kernel=k, note=TPU_KERNEL_NOTE) for k in KERNEL_FAMILIES]
-        save()
 
 
 def main(argv):

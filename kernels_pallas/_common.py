@@ -39,20 +39,24 @@ def target_platform(name: str):
         jax.clear_caches()
 
 
-def resolve_interpret(interpret: bool | None, *, kernel: str, fallback: str) -> bool:
-    """``interpret`` as a bool: None means interpret mode on CPU, compiled on GPU (the
+def resolve_interpret(
+    interpret: bool | None, *, kernel: str, fallback: str, compiled_on: tuple[str, ...] = ("gpu",)
+) -> bool:
+    """``interpret`` as a bool: None means interpret mode on CPU, compiled elsewhere (the
     :func:`platform` traced for).
 
-    The kernels lower to Triton only, so TPU needs interpret mode; the error says which
-    ``jaxlab.ops`` call (``fallback``, e.g. ``"jaxlab.ops.ssd(..., impl='chunked')"``) runs the
-    same function natively there.
+    ``compiled_on``: the platforms the kernel has a compiled version for (Triton on ``"gpu"``,
+    Mosaic on ``"tpu"``); on another accelerator only interpret mode runs, and the error says
+    which ``jaxlab.ops`` call (``fallback``, e.g. ``"jaxlab.ops.ssd(..., impl='chunked')"``) runs
+    the same function natively there.
     """
     backend = platform()
     interpret = backend == "cpu" if interpret is None else bool(interpret)
-    if backend == "tpu" and not interpret:
+    if backend not in ("cpu", *compiled_on) and not interpret:
         raise NotImplementedError(
-            f"{kernel}: the Pallas kernels lower to Triton (GPU) only, not to TPU; on TPU call "
-            f"{fallback}, or set interpret to True (slow: the kernel is emulated)"
+            f"{kernel}: the Pallas kernels compile for {' and '.join(compiled_on)} only, not for "
+            f"{backend}; on {backend} call {fallback}, or set interpret to True (slow: the kernel "
+            "is emulated)"
         )
     return interpret
 

@@ -18,7 +18,9 @@ Three implementations of the same function:
 * :func:`ssd`: the chunked algorithm as Pallas (Triton) kernels, forward and backward, one
   program per (head, batch row) carrying the state ``[head_dim, state]`` in registers across
   chunks; every per-chunk product is a matmul (tensor cores on GPU); the forward saves one state
-  per chunk and the backward walks the chunks in reverse from them.
+  per chunk and the backward walks the chunks in reverse from them. On TPU the same algorithm
+  as Mosaic kernels (:mod:`kernels_pallas.ssd_tpu`), the state carried in VMEM across a
+  sequential chunk grid axis.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas import ssd_tpu
 from kernels_pallas._common import (
     check_positive_int,
     check_shapes,
@@ -39,6 +42,7 @@ from kernels_pallas._common import (
     finish_output,
     next_power_of_2,
     pad_trailing,
+    platform,
     prepare_delta,
     resolve_interpret,
     round_up,
@@ -458,23 +462,50 @@ def ssd(
 ):
     """SSD with the chunked Pallas kernels; same arguments as :func:`ssd_chunked`.
 
-    ``chunk_size`` (default 64) is rounded up to a power of two in [16, 64] for the kernels' tiles;
-    head_dim and state are zero-padded to powers of two >= 16. ``block_sizes``:
-    :class:`BlockSizes` (default :meth:`BlockSizes.get_default`). ``interpret=None`` runs the
-    kernels in interpret mode on CPU. On GPU, float32 matmuls use Triton's default TF32
-    tensor-core precision (about 1e-3 relative); interpret mode computes in full float32.
-    Jitted: ``chunk_size``, ``dt_softplus``, ``return_final_state``, ``block_sizes`` and
-    ``interpret`` are static.
+    The kernels are those of the :func:`~kernels_pallas._common.platform` traced for: Triton on
+    GPU (and in interpret mode on CPU), Mosaic (:mod:`kernels_pallas.ssd_tpu`) on TPU; under
+    ``target_platform('tpu')`` with ``interpret=True`` the Mosaic kernels run in Pallas' TPU
+    interpret mode on the CPU. ``interpret=None`` runs the kernels in interpret mode on CPU.
+
+    Triton: ``chunk_size`` (default 64) is rounded up to a power of two in [16, 64] for the
+    kernels' tiles; head_dim and state are zero-padded to powers of two >= 16; float32 matmuls
+    use Triton's default TF32 tensor-core precision (about 1e-3 relative). Mosaic:
+    ``chunk_size`` (default 128) becomes a power of two in [8, 256]
+    (:func:`kernels_pallas.ssd_tpu.chunk_tile`), head_dim and state are padded to multiples of
+    8, and matmuls run at float32 precision. Interpret mode computes in full float32.
+    ``block_sizes``: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`), the Triton
+    kernels' only (the Mosaic kernels' one tile is the chunk). Jitted: ``chunk_size``,
+    ``dt_softplus``, ``return_final_state``, ``block_sizes`` and ``interpret`` are static.
     """
     check_ssd_arguments("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
     dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
-    batch, seq, heads, head_dim = x.shape
+    batch, _, heads, head_dim = x.shape
     state = B.shape[3]
     interpret = resolve_interpret(
         interpret,
         kernel="ssd",
-        fallback="jaxlab.ops.ssd(..., impl='chunked') (or impl='auto', which picks it off GPU)",
+        fallback="jaxlab.ops.ssd(..., impl='chunked')",
+        compiled_on=("gpu", "tpu"),
     )
+    s0 = (
+        jnp.zeros((batch, heads, head_dim, state), jnp.float32)
+        if initial_state is None
+        else initial_state
+    )
+    if platform() == "tpu":
+        core = ssd_tpu.ssd_core
+    else:
+        core = functools.partial(_triton_core, block_sizes=block_sizes)
+    y, final = core(x, dt, A, B, C, s0, chunk_size=chunk_size, interpret=interpret)
+    out = finish_output(y.astype(dtype), x, D, z, dtype)
+    return (out, final) if return_final_state else out
+
+
+def _triton_core(x, dt, A, B, C, s0, *, chunk_size, block_sizes, interpret):
+    """``(y, final state)`` of the bare recurrence from the Triton kernels, in float32; the
+    arguments as :func:`kernels_pallas.ssd_tpu.ssd_core`'s."""
+    _, seq, _, head_dim = x.shape
+    state = B.shape[3]
     if block_sizes is None or block_sizes.num_warps is None:
         block_sizes = BlockSizes.get_default(head_dim=head_dim, state=state)
     # The kernels' chunk is at most 64 whatever the model's: [q, q] float32 tiles beyond that do
@@ -483,11 +514,6 @@ def ssd(
     p_pad, n_pad, t_pad = _tile(head_dim) - head_dim, _tile(state) - state, round_up(seq, q) - seq
     f32 = jnp.float32
     # Padded steps have dt = 0 (no decay, no input); padded head_dim/state slots stay 0.
-    s0 = (
-        jnp.zeros((batch, heads, head_dim, state), f32)
-        if initial_state is None
-        else initial_state.astype(f32)
-    )
     static = _SSDStatic(chunk=q, num_warps=block_sizes.num_warps, interpret=interpret)
     y, final = _ssd_core(
         static,
@@ -496,12 +522,9 @@ def ssd(
         A.astype(f32),
         pad_trailing(B.astype(f32), (0, t_pad, 0, n_pad)),
         pad_trailing(C.astype(f32), (0, t_pad, 0, n_pad)),
-        pad_trailing(s0, (0, 0, p_pad, n_pad)),
+        pad_trailing(s0.astype(f32), (0, 0, p_pad, n_pad)),
     )
-    y = y[:, :seq, :, :head_dim]
-    out = finish_output(y.astype(dtype), x, D, z, dtype)
-    final = final[:, :, :head_dim, :state]
-    return (out, final) if return_final_state else out
+    return y[:, :seq, :, :head_dim], final[:, :, :head_dim, :state]
 
 
 __all__ = [

@@ -28,6 +28,7 @@ def test_a_row_records_memory_when_it_compiles_and_the_error_when_it_does_not():
     good = aot_check.Case("matmul", "4x8", lambda a, b: a @ b.T, (((4, 8), jnp.float32),) * 2)
     row = aot_check.compile_case(good, device)
     assert row["compiled"] and row["as_expected"] and row["argument_bytes"] == 2 * 4 * 8 * 4
+    assert row["vmem_bytes"] is None  # no Mosaic kernel
     # An expected failure counts only with the expected error: a type error is not one.
     bad = ((4, 8), jnp.float32)
     refused = aot_check.Case("bad", "", lambda a: a @ a, (bad,), r"dot_general requires")
@@ -44,6 +45,26 @@ def test_the_kernel_list_covers_every_kernel_forward_and_backward():
         assert {f"{kernel} fwd", f"{kernel} fwd+bwd"} <= kinds
     assert [c.expect_error for c in cases].count(aot_check.SHARED_MEMORY_ERROR) == 1
     assert sum(bool(c.expect_error) for c in cases) == 1
+    # On a TPU: the kernels with a Mosaic version, and an oversized one that must run out of VMEM.
+    tpu = aot_check.kernel_cases(quick=True, platform="tpu")
+    assert {c.kernel.split()[0] for c in tpu} == set(aot_check.TPU_KERNEL_FAMILIES)
+    for kernel in aot_check.TPU_KERNEL_FAMILIES:
+        assert {f"{kernel} fwd", f"{kernel} fwd+bwd"} <= {c.kernel for c in tpu}
+    assert [c.expect_error for c in tpu if c.expect_error] == [aot_check.VMEM_ERROR]
+
+
+def test_the_vmem_of_a_mosaic_call_is_read_from_its_backend_config():
+    call = (
+        '%k = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call", '
+        'backend_config={"custom_call_config":{},"used_scoped_memory_configs":'
+        '[{"memory_space":"1","offset":"0","size":"SIZE"}]}'
+    )
+    other = '%f = f32[8]{0} fusion(%a), backend_config={"used_scoped_memory_configs":' + (
+        '[{"memory_space":"1","offset":"0","size":"99999999"}]}'
+    )
+    hlo = "\n".join([call.replace("SIZE", "4096"), other, call.replace("SIZE", "733184")])
+    assert aot_check.mosaic_vmem_bytes(hlo) == 733184  # the larger kernel, not the fusion
+    assert aot_check.mosaic_vmem_bytes(other) is None
 
 
 def _memory(argument, output, alias, temp):
@@ -135,7 +156,7 @@ def test_a_pod_row_carries_the_engines_refusal():
     assert row["compiled"] is False and "config.batch_size=6" in row["error"]
 
 
-def test_the_report_says_what_did_not_fit_and_that_tpus_have_no_kernels_yet():
+def test_the_report_says_what_did_not_fit_and_which_kernels_have_no_tpu_version():
     pod = dict(
         pod="p",
         topology="1x1x8",
@@ -161,7 +182,7 @@ def test_the_report_says_what_did_not_fit_and_that_tpus_have_no_kernels_yet():
     gpu = dict(chip=dataclasses.asdict(aot_check.GPUS["h100"]), kernels=[], pods=[pod])
     tpu = dict(
         chip=dataclasses.asdict(aot_check.TPUS["v5p"]),
-        kernels=[dict(kernel="ssd", note=aot_check.TPU_KERNEL_NOTE)],
+        kernels=[dict(kernel="selective_scan", note=aot_check.TPU_KERNEL_NOTE)],
         pods=[],
     )
     results = dict(jax=jax.__version__, targets={"h100": gpu, "v5p": tpu})
@@ -171,7 +192,7 @@ def test_the_report_says_what_did_not_fit_and_that_tpus_have_no_kernels_yet():
         in text
     )
     assert "**NO** (-10.0)" in text and "42.3% MFU on 128 A100s" in text
-    assert "| ssd |  | no TPU (Mosaic) kernel yet: issue 24 |" in text
+    assert "| selective_scan |  | no TPU (Mosaic) kernel yet: issue 24 |" in text
     assert aot_check.unexpected(results) == [("h100", "p", "needs 70.0 GB per device")]
 
 

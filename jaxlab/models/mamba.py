@@ -64,7 +64,7 @@ from jaxlab.models.interface import (
     config_values,
 )
 from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, logical_param, param
-from jaxlab.models.partitioning import constrain
+from jaxlab.models.partitioning import constrain, mesh_parts, per_shard
 from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
 from jaxlab.ops import scan as scan_ops
 from jaxlab.ops import ssm_matrix
@@ -396,6 +396,36 @@ class MambaMixer(nnx.Module):
             A = -jnp.ones(c.heads, f32)
         return x, step, A, B, C, z, conv_state
 
+    def _ssd(self, x, step, A, B, C, D, state):
+        """``scan_ops.ssd`` (``D``, ``state``: None or arrays) on each device's shard of a
+        sharded model: its batch rows, and its heads where the groups of B and C split with them
+        (or there is one group). XLA cannot partition a Mosaic (TPU) kernel itself, and the scan
+        is independent per row and head."""
+        c = self.config
+        groups = B.shape[2]
+        split = groups % mesh_parts("heads") == 0
+        heads = "heads" if split or groups == 1 else None
+        group = heads if split else None
+        arrays = {
+            "x": (x, ("batch", "seq", heads, "head_dim")),
+            "dt": (step, ("batch", "seq", heads)),
+            "A": (A, (heads,)),
+            "B": (B, ("batch", "seq", group, "state")),
+            "C": (C, ("batch", "seq", group, "state")),
+            "D": (D, (heads,)),
+            "initial_state": (state, ("batch", heads, "head_dim", "state")),
+        }
+        arrays = {k: v for k, v in arrays.items() if v[0] is not None}
+
+        def run(*values):
+            kw = dict(zip(arrays, values, strict=True))
+            args = [kw.pop(k) for k in ("x", "dt", "A", "B", "C")]
+            return scan_ops.ssd(*args, **kw, chunk_size=c.chunk_size, impl=c.scan_impl)
+
+        out_axes = (("batch", "seq", heads, "head_dim"), ("batch", heads, "head_dim", "state"))
+        axes = [a for _, a in arrays.values()]
+        return per_shard(run, axes, out_axes)(*[v for v, _ in arrays.values()])
+
     def mixer_matrix(self, hidden):
         """MOHAWK stage 1: the matrix ``M`` [batch, heads, seq, seq] (float32 or wider) of this
         mixer's SSD on ``hidden`` [batch, seq, embed], with the SSD output from a zero state
@@ -463,17 +493,7 @@ class MambaMixer(nnx.Module):
         else:
             x, step, A, B, C, z, conv_state = self.ssd_inputs(hidden, conv_cache, lengths)
             if c.mixer == "mamba2":
-                y, new_state = scan_ops.ssd(
-                    x,
-                    step * valid,
-                    A,
-                    B,
-                    C,
-                    chunk_size=c.chunk_size,
-                    D=self.D[...],
-                    initial_state=state,
-                    impl=c.scan_impl,
-                )
+                y, new_state = self._ssd(x, step * valid, A, B, C, self.D[...], state)
                 y = self.norm(y.reshape(batch, seq, d) * jax.nn.silu(z))
             else:
                 # Decay exp(-softplus(a)) with an input not scaled by the step: the SSD multiplies
@@ -483,16 +503,7 @@ class MambaMixer(nnx.Module):
                 if lengths is not None:
                     step = step * valid
                     x_in = jnp.where(valid[..., None] > 0, x_in, 0)
-                y, new_state = scan_ops.ssd(
-                    x_in,
-                    step,
-                    A,
-                    B,
-                    C,
-                    chunk_size=c.chunk_size,
-                    initial_state=state,
-                    impl=c.scan_impl,
-                )
+                y, new_state = self._ssd(x_in, step, A, B, C, None, state)
                 # The skip connection uses x itself, not the rescaled input.
                 y = y + self.D[...].astype(f32)[:, None] * x.astype(f32)
                 y = y.reshape(batch, seq, d) * jax.nn.silu(z + self.z_bias[...].astype(dt_))

@@ -119,3 +119,48 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = context
     spec = logical_to_spec(axes, x.shape, mesh, rules, name=f"activation {tuple(axes)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def mesh_parts(logical: str) -> int:
+    """How many shards the active :func:`activation_sharding` context splits the logical axis
+    ``logical`` into (1 outside a context)."""
+    context = _CONTEXT.get()
+    if context is None:
+        return 1
+    mesh, rules = context
+    target = dict(rules).get(logical, logical if logical in mesh.shape else None)
+    names = [target] if isinstance(target, str) else list(target or ())
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def per_shard(fn, in_axes: Sequence[Sequence[str | None]], out_axes):
+    """``fn`` run on each device's shard (``jax.shard_map``) of the active
+    :func:`activation_sharding` context's mesh, every argument and result split along its logical
+    axes (``in_axes``: one tuple per positional argument; ``out_axes``: one per result of the
+    tuple ``fn`` returns); ``fn`` itself outside a context.
+
+    For computations that XLA cannot partition itself, such as Pallas Mosaic (TPU) kernels, and
+    that are independent along the split axes: the caller vouches for that.
+    """
+    context = _CONTEXT.get()
+    if context is None:
+        return fn
+    mesh, rules = context
+
+    def spec(axes, x, what):
+        return logical_to_spec(axes, x.shape, mesh, rules, name=f"per_shard {what} {tuple(axes)}")
+
+    def run(*args):
+        if len(args) != len(in_axes):
+            raise ValueError(
+                f"per_shard: in_axes names {len(in_axes)} arguments, got {len(args)} arguments"
+            )
+        outs = jax.eval_shape(fn, *args)
+        in_specs = tuple(spec(a, x, "argument") for a, x in zip(in_axes, args, strict=True))
+        out_specs = tuple(spec(a, x, "result") for a, x in zip(out_axes, outs, strict=True))
+        # check_vma=False: a Pallas kernel's outputs carry no varying-axes annotation.
+        return jax.shard_map(
+            fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )(*args)
+
+    return run

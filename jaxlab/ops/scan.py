@@ -3,7 +3,7 @@
 Math and layouts are those of :mod:`kernels_pallas.selective_scan` and :mod:`kernels_pallas.ssd`.
 ``impl`` picks the implementation:
 
-* ``'pallas'``: the Triton kernels (interpret mode on CPU);
+* ``'pallas'``: the Pallas kernels: Triton on GPU, for SSD Mosaic on TPU (interpret mode on CPU);
 * ``'sequential'``: ``lax.scan`` one step at a time (the reference; least memory, least parallel);
 * ``'associative'``: ``lax.associative_scan`` over the whole sequence (parallel; keeps every
   step's state, so memory grows as ``seq * dim * state``);
@@ -11,8 +11,8 @@ Math and layouts are those of :mod:`kernels_pallas.selective_scan` and :mod:`ker
   between chunks, each chunk rematerialised in the backward pass (memory ``seq / chunk_size``
   states);
   for SSD, the chunked SSD algorithm (matmuls inside chunks);
-* ``'auto'``: ``'sequential'`` for fewer than 16 steps (decoding), else Pallas on GPU and
-  ``'chunked'`` elsewhere.
+* ``'auto'``: ``'sequential'`` for fewer than 16 steps (decoding), else Pallas where the kernels
+  compile (GPU; for SSD also TPU) and ``'chunked'`` elsewhere.
 
 Both scans return ``(out, final_state)`` whatever the implementation (under ``jax.jit`` an unused
 state costs nothing: every path computes it anyway). The implementations live in two registries,
@@ -46,15 +46,16 @@ def available_impls() -> tuple[str, ...]:
     return tuple(name for name in SELECTIVE_SCAN_IMPLS.names() if name in SSD_IMPLS)
 
 
-def _auto(registry, rank):
-    """The ``'auto'`` entry of ``registry``: picks an implementation by length and backend."""
+def _auto(registry, rank, kernel_platforms):
+    """The ``'auto'`` entry of ``registry``: picks an implementation by length and backend;
+    ``kernel_platforms``: where the ``'pallas'`` kernels compile."""
 
     def run(x, *args, **kw):
         seq = x.shape[1] if x.ndim == rank else 0
         if seq < 16:  # decoding steps: a few sequential steps beat padding a kernel's chunk
             impl = "sequential"
         else:
-            impl = "pallas" if kernel_platform() == "gpu" else "chunked"
+            impl = "pallas" if kernel_platform() in kernel_platforms else "chunked"
         return registry.get(impl)(x, *args, **kw)
 
     return run
@@ -177,7 +178,9 @@ def _selective_xla(method):
     return run
 
 
-SELECTIVE_SCAN_IMPLS.register("auto", _auto(SELECTIVE_SCAN_IMPLS, rank=3))
+SELECTIVE_SCAN_IMPLS.register(
+    "auto", _auto(SELECTIVE_SCAN_IMPLS, rank=3, kernel_platforms=("gpu",))
+)
 SELECTIVE_SCAN_IMPLS.register("pallas", _selective_pallas)
 SELECTIVE_SCAN_IMPLS.register("sequential", _selective_sequential)
 SELECTIVE_SCAN_IMPLS.register("associative", _selective_xla("associative"))
@@ -286,7 +289,7 @@ def _ssd_associative(
     return out, s.reshape(batch, heads, head_dim, state)
 
 
-SSD_IMPLS.register("auto", _auto(SSD_IMPLS, rank=4))
+SSD_IMPLS.register("auto", _auto(SSD_IMPLS, rank=4, kernel_platforms=("gpu", "tpu")))
 SSD_IMPLS.register("pallas", _ssd_pallas)
 SSD_IMPLS.register("sequential", _ssd_sequential)
 SSD_IMPLS.register("associative", _ssd_associative)
@@ -314,7 +317,8 @@ def ssd(
 
     Args:
       impl: a name in :data:`SSD_IMPLS` (see the module docstring).
-      chunk_size: the chunked algorithm's chunk (the kernels round it to a tile in [16, 64]).
+      chunk_size: the chunked algorithm's chunk (the kernels round it to a tile: in [16, 64] on
+        GPU, [8, 256] on TPU).
       block_sizes, interpret: the Pallas kernels' (``'pallas'`` only).
 
     Returns:

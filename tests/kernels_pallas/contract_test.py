@@ -135,11 +135,11 @@ def _sparse_args(seq):
     return q, q, q, buckets, buckets
 
 
-# (kernel, its arguments, the ops function, the ops registry or names its impl must be in);
-# odd lengths no other test uses, so that no jit cache skips the trace-time check.
+# (kernel, its arguments, the ops function) of the kernels without a Mosaic (TPU) version; odd
+# lengths no other test uses, so that no jit cache skips the trace-time check. SSD has one
+# (tests/kernels_pallas/ssd_tpu_test.py).
 TPU_CASES = [
     (mamba1_kernels.selective_scan, _scan_args(21), scan_ops.selective_scan),
-    (ssd_kernels.ssd, _ssd_args(19), scan_ops.ssd),
     (sparse_kernels.hash_sparse_attention, _sparse_args(17), sparse_ops.hash_sparse_attention),
 ]
 
@@ -157,6 +157,14 @@ def test_tpu_message_names_an_ops_call_that_runs_there(monkeypatch, kernel, args
         out = op(*args, impl=impl)
         out = out[0] if isinstance(out, tuple) else out
         assert bool(jnp.all(jnp.isfinite(out))), impl
+
+
+def test_ssd_compiles_for_tpu_where_the_other_kernels_refuse():
+    with common.target_platform("tpu"):
+        text = ssd_kernels.ssd.trace(*_ssd_args(19), interpret=False).lower(
+            lowering_platforms=("tpu",)
+        )
+    assert "tpu_custom_call" in text.as_text()
 
 
 def test_ssd_block_sizes_default_warps_follow_the_padded_state_tile():
@@ -234,6 +242,7 @@ def test_target_platform_decides_what_the_kernels_are_traced_for():
         with common.target_platform("tpu"):
             with pytest.raises(NotImplementedError, match="impl='xla'"):
                 common.resolve_interpret(False, **kw)
+            assert not common.resolve_interpret(None, **kw, compiled_on=("gpu", "tpu"))
         assert common.platform() == "gpu"
     assert common.platform() == backend
     with pytest.raises(ValueError, match="name must be one of .* got 'cuda'"):

@@ -285,3 +285,26 @@ def test_generate_stops_a_mamba_model_at_its_eos_token(variant):
         np.testing.assert_array_equal(np.asarray(out.tokens[row, :stop]), tokens[:stop])
         assert (np.asarray(out.tokens[row, stop:]) == 0).all()
     assert int(out.lengths[0]) <= 3
+
+
+@pytest.mark.parametrize(
+    "groups,tensor", [(2, 2), (1, 4), (2, 4)], ids=["groups-split", "one-group", "heads-whole"]
+)
+def test_the_ssd_runs_per_shard_in_a_sharded_model_and_computes_the_same(groups, tensor):
+    # 4 heads over the tensor axis: 2 groups split with them; 1 group goes whole to every shard;
+    # 2 groups over 4 shards cannot split, so the heads stay whole too.
+    from jaxlab.models.partitioning import activation_sharding, mesh_parts
+    from jaxlab.train.sharding import make_mesh
+
+    config = dataclasses.replace(BASE, mixer="mamba2", num_groups=groups)
+    mixer = models.build(config, nnx.Rngs(3)).layers[0].mixer
+    _randomize(mixer, 4)
+    hidden = jax.random.normal(jax.random.key(2), (4, 19, config.hidden_size))
+    want, _ = mixer(hidden, None)
+    mesh = make_mesh(data=8 // tensor, tensor=tensor)
+    with activation_sharding(mesh):
+        assert mesh_parts("heads") == tensor and mesh_parts("batch") == 8 // tensor
+        jaxpr = str(jax.make_jaxpr(lambda h: mixer(h, None)[0])(hidden))
+        got = jax.jit(lambda h: mixer(h, None)[0])(hidden)
+    assert "shard_map" in jaxpr
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
