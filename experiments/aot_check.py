@@ -374,8 +374,14 @@ def compile_case(case: Case, device) -> dict:
 TPU_KERNEL_NOTE = "no TPU (Mosaic) kernel yet: issue 24"
 KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "selective_scan", "ssd")
 TPU_KERNEL_FAMILIES = ("ssd",)
-# One chip of each TPU generation's smallest slice holds a kernel row.
-KERNEL_TOPOLOGY = {"gpu": "1x1x1", "v5e": "2x2", "v5p": "2x2x1", "v6e": "2x2"}
+# One chip of each TPU generation's smallest slice holds a kernel or decode row.
+ONE_CHIP_TOPOLOGY = {"gpu": "1x1x1", "v5e": "2x2", "v5p": "2x2x1", "v6e": "2x2"}
+
+
+def one_device(target: str):
+    """A device of ``target``'s smallest topology (TPU slices come in whole hosts)."""
+    platform = platform_of(target)
+    return topology_devices(target, ONE_CHIP_TOPOLOGY["gpu" if platform == "gpu" else target])[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -711,7 +717,7 @@ def decode_row(target: str, decode: Decode, config, devices=None) -> dict:
     row = dict(target=target, pod=decode.name, batch=decode.batch, max_len=decode.max_len)
     begin = time.perf_counter()
     try:
-        device = (topology_devices(target, "1x1x1") if devices is None else devices)[0]
+        device = one_device(target) if devices is None else devices[0]
         model_config = models.make_config(values)
         place = jax.sharding.SingleDeviceSharding(device)
 
@@ -972,8 +978,7 @@ def check_target(
         save()
     if kernels:
         platform = platform_of(target)
-        topology = KERNEL_TOPOLOGY["gpu" if platform == "gpu" else target]
-        device = topology_devices(target, topology)[0]
+        device = one_device(target)
         # Traced for the target: the kernels pick Triton or Mosaic by the platform traced for.
         with target_platform(platform):
             for case in kernel_cases(quick, platform):
