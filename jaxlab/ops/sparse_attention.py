@@ -1,8 +1,8 @@
 """Dynamic sparse causal attention: QK-dropping and hash buckets, Pallas or XLA.
 
 Same signatures and meaning as :mod:`kernels_pallas.sparse_attention` (read its docstring for the
-masks), plus ``impl``: ``'pallas'`` runs the Triton kernels (interpret mode on CPU), ``'xla'`` the
-paths below, ``'auto'`` Pallas on GPU and XLA elsewhere (the kernels have no TPU lowering yet).
+masks), plus ``impl``: ``'pallas'`` runs the kernels (Triton on GPU, Mosaic on TPU, interpret mode
+on CPU), ``'xla'`` the paths below, ``'auto'`` the kernels on GPU and TPU and XLA on CPU.
 
 The XLA paths keep static shapes, so they save work only through static size hints, and stay exact
 when a hint is too small by falling back (``lax.cond``) to the full-size computation:
@@ -42,10 +42,12 @@ def available_impls() -> tuple[str, ...]:
 
 
 def _auto(registry):
-    """The ``'auto'`` entry: the kernels on GPU, the XLA path elsewhere (no TPU lowering yet)."""
+    """The ``'auto'`` entry: the kernels on GPU and TPU, the XLA path on CPU (where the kernels
+    would be emulated)."""
 
     def run(*args, **kw):
-        return registry.get("pallas" if kernel_platform() == "gpu" else "xla")(*args, **kw)
+        compiled = kernel_platform() in ("gpu", "tpu")
+        return registry.get("pallas" if compiled else "xla")(*args, **kw)
 
     return run
 

@@ -128,19 +128,12 @@ def _ssd_args(seq):
     return x, dt, A, B, B
 
 
-def _sparse_args(seq):
-    rng = np.random.default_rng(seq)
-    q = jnp.asarray(rng.standard_normal((1, seq, 2, 16)), jnp.float32)
-    buckets = jnp.asarray(rng.integers(0, 2, (1, seq, 2)), jnp.int32)
-    return q, q, q, buckets, buckets
-
-
 # (kernel, its arguments, the ops function, the ops registry or names its impl must be in);
-# odd lengths no other test uses, so that no jit cache skips the trace-time check.
+# odd lengths no other test uses, so that no jit cache skips the trace-time check. The sparse
+# attention kernels have Mosaic kernels for TPU (tests/kernels_pallas/sparse_attention_tpu_test).
 TPU_CASES = [
     (mamba1_kernels.selective_scan, _scan_args(21), scan_ops.selective_scan),
     (ssd_kernels.ssd, _ssd_args(19), scan_ops.ssd),
-    (sparse_kernels.hash_sparse_attention, _sparse_args(17), sparse_ops.hash_sparse_attention),
 ]
 
 
