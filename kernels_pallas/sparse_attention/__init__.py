@@ -72,7 +72,7 @@ from kernels_pallas.sparse_attention.reorder import (
     segmented_buckets,
     to_rows,
 )
-from kernels_pallas.sparse_attention.tiles import PAD_K_POS, PAD_Q_POS, live_tiles
+from kernels_pallas.sparse_attention.tiles import PAD_K_POS, PAD_Q_POS, live_tiles, tile_ranges
 
 
 def _check_qkv(name, q, k, v):
@@ -304,5 +304,6 @@ __all__ = [
     "qk_sparse_attention",
     "qk_sparse_attention_reference",
     "segmented_buckets",
+    "tile_ranges",
     "to_rows",
 ]

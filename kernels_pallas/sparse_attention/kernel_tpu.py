@@ -3,11 +3,12 @@
 The same problem as :mod:`.kernel` (causal flash attention on reordered rows, masked on the rows'
 original positions and buckets, visiting only the live tiles of :mod:`.tiles`), in the form
 Mosaic wants: no loops over data-dependent lists inside a kernel, but a grid whose innermost
-("arbitrary") axis walks a tile's list, as jax's splash attention does. The lists and their
-counts are scalar-prefetched into SMEM; the index maps read them, so the step ``t`` of query tile
-``i`` fetches key tile ``kv_tiles[i, t]``. Steps past the count repeat the last live tile (an
-unchanged block index: the pipeline issues no copy) and skip the compute under ``pl.when``, so
-dead tiles are never read from HBM.
+("arbitrary") axis walks a tile's live tiles, as jax's splash attention does. Each list becomes a
+range (:func:`.tiles.tile_ranges`: its first live tile and the span to its last), and the ranges
+are scalar-prefetched into SMEM, where whole lists would not fit at long sequences; the index
+maps read them, so the step ``t`` of query tile ``i`` fetches key tile ``first[i] + t``. Steps
+past the span repeat its last tile (an unchanged block index: the pipeline issues no copy) and
+skip the compute under ``pl.when``, so tiles outside the range are never read from HBM.
 
 Grids (fastest axis last):
 * forward and dQ ``(batch, heads, q_tiles, k_tiles)``: the output tile stays in VMEM scratch
@@ -35,7 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas._common import next_power_of_2, round_up
 from kernels_pallas.sparse_attention.kernel import _MASK_VALUE, attention_core, pad_problem
-from kernels_pallas.sparse_attention.tiles import live_tiles
+from kernels_pallas.sparse_attention.tiles import live_tiles, tile_ranges
 
 LANES = 128  # TPU vector lanes: tiles and head_dim are multiples of this
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -79,7 +80,7 @@ def _unpack(refs, n_in, use_buckets):
 # -------------------------------------------------------------------------------------- kernels
 
 
-def _forward_kernel(tiles_ref, count_ref, *refs, scale, heads, nq, use_buckets):
+def _forward_kernel(first_ref, span_ref, *refs, scale, heads, nq, use_buckets):
     (q_ref, k_ref, v_ref, qp_ref, kp_ref), (qb_ref, kb_ref), rest = _unpack(refs, 5, use_buckets)
     o_ref, lse_ref, acc_ref, max_ref, sum_ref = rest
     b, h, i, t = (pl.program_id(axis) for axis in range(4))
@@ -90,7 +91,7 @@ def _forward_kernel(tiles_ref, count_ref, *refs, scale, heads, nq, use_buckets):
         max_ref[...] = jnp.full(max_ref.shape, _MASK_VALUE, jnp.float32)
         sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
 
-    @pl.when(t < count_ref[(b * heads + h) * nq + i])
+    @pl.when(t < span_ref[(b * heads + h) * nq + i])
     def _step():
         s, mask = _scores(q_ref, k_ref, qp_ref, kp_ref, qb_ref, kb_ref, scale)
         s = jnp.where(mask, s, _MASK_VALUE)
@@ -114,7 +115,7 @@ def _forward_kernel(tiles_ref, count_ref, *refs, scale, heads, nq, use_buckets):
         lse_ref[...] = jnp.where(seen, max_ref[...] + jnp.log(safe), 0.0)
 
 
-def _dq_kernel(tiles_ref, count_ref, *refs, scale, heads, nq, use_buckets):
+def _dq_kernel(first_ref, span_ref, *refs, scale, heads, nq, use_buckets):
     inputs, (qb_ref, kb_ref), (dq_ref, acc_ref) = _unpack(refs, 8, use_buckets)
     q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref = inputs
     b, h, i, t = (pl.program_id(axis) for axis in range(4))
@@ -123,7 +124,7 @@ def _dq_kernel(tiles_ref, count_ref, *refs, scale, heads, nq, use_buckets):
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(t < count_ref[(b * heads + h) * nq + i])
+    @pl.when(t < span_ref[(b * heads + h) * nq + i])
     def _step():
         s, mask = _scores(q_ref, k_ref, qp_ref, kp_ref, qb_ref, kb_ref, scale)
         p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
@@ -137,7 +138,7 @@ def _dq_kernel(tiles_ref, count_ref, *refs, scale, heads, nq, use_buckets):
         dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(tiles_ref, count_ref, *refs, scale, heads, groups, nk, use_buckets):
+def _dkv_kernel(first_ref, span_ref, *refs, scale, heads, groups, nk, use_buckets):
     inputs, (qb_ref, kb_ref), rest = _unpack(refs, 8, use_buckets)
     q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref = inputs
     dk_ref, dv_ref, dk_acc, dv_acc = rest
@@ -150,7 +151,7 @@ def _dkv_kernel(tiles_ref, count_ref, *refs, scale, heads, groups, nk, use_bucke
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    @pl.when(t < count_ref[(b * heads + g_kv * groups + g) * nk + j])
+    @pl.when(t < span_ref[(b * heads + g_kv * groups + g) * nk + j])
     def _step():
         s, mask = _scores(q_ref, k_ref, qp_ref, kp_ref, qb_ref, kb_ref, scale)
         p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
@@ -169,10 +170,10 @@ def _dkv_kernel(tiles_ref, count_ref, *refs, scale, heads, groups, nk, use_bucke
 # ----------------------------------------------------------------------------------------- core
 
 
-def _live_entry(tiles, count, row, t, width):
-    """Entry ``t`` of list ``row`` (flat, ``width`` per list), or its last live entry past the
-    count: an unchanged block index, so padding steps fetch nothing."""
-    return tiles[row * width + jnp.minimum(t, jnp.maximum(count[row] - 1, 0))]
+def _live_entry(first, span, row, t):
+    """Step ``t``'s tile of range ``row``, or its last tile past the span: an unchanged block
+    index, so padding steps fetch nothing."""
+    return first[row] + jnp.minimum(t, jnp.maximum(span[row] - 1, 0))
 
 
 def _as_column(x):
@@ -185,30 +186,34 @@ def _as_row(x):
     return x[:, :, None, :]
 
 
-def _tile_lists(q_pos, k_pos, q_bkt, k_bkt, bq, bk):
-    """:func:`.tiles.live_tiles`, with bucket 0 everywhere when there are no buckets."""
+def _tile_ranges(q_pos, k_pos, q_bkt, k_bkt, bq, bk):
+    """The live key tiles of each query tile and the live query tiles of each key tile as
+    flat ranges (``first``, ``span``), from :func:`.tiles.live_tiles` (bucket 0 for QK)."""
     if q_bkt is None:
         q_bkt, k_bkt = jnp.zeros_like(q_pos), jnp.zeros_like(k_pos)
-    return live_tiles(q_pos, k_pos, q_bkt, k_bkt, bq, bk)
+    kv_tiles, kv_count, q_tiles, q_count = live_tiles(q_pos, k_pos, q_bkt, k_bkt, bq, bk)
+    flat = [
+        x.reshape(-1) for x in (*tile_ranges(kv_tiles, kv_count), *tile_ranges(q_tiles, q_count))
+    ]
+    return flat[:2], flat[2:]
 
 
-def _query_grid(q, k, q_pos, k_pos, q_bkt, k_bkt, bq, bk):
-    """What the forward and dQ kernels share, on grid (batch, head, query tile, step): the live
-    key tiles per query tile (flat), the block specs, the bucket inputs, the static sizes."""
+def _query_grid(q, k, kv_ranges, q_bkt, k_bkt, bq, bk):
+    """What the forward and dQ kernels share, on grid (batch, head, query tile, step): the ranges
+    of live key tiles per query tile, the block specs, the bucket inputs, the static sizes."""
     batch, heads, q_len, d = q.shape
     kv_len = k.shape[2]
     groups = heads // k.shape[1]
     nq, nk = q_len // bq, kv_len // bk
-    kv_tiles, kv_count, _, _ = _tile_lists(q_pos, k_pos, q_bkt, k_bkt, bq, bk)
 
-    def key_tile(b, h, i, t, tiles, count):
-        return _live_entry(tiles, count, (b * heads + h) * nq + i, t, nk)
+    def key_tile(b, h, i, t, first, span):
+        return _live_entry(first, span, (b * heads + h) * nq + i, t)
 
-    def k_block(b, h, i, t, tiles, count):
-        return b, h // groups, key_tile(b, h, i, t, tiles, count), 0
+    def k_block(b, h, i, t, first, span):
+        return b, h // groups, key_tile(b, h, i, t, first, span), 0
 
-    def k_row(b, h, i, t, tiles, count):
-        return b, h // groups, 0, key_tile(b, h, i, t, tiles, count)
+    def k_row(b, h, i, t, first, span):
+        return b, h // groups, 0, key_tile(b, h, i, t, first, span)
 
     specs = dict(
         q=pl.BlockSpec((None, None, bq, d), lambda b, h, i, t, *_: (b, h, i, 0)),
@@ -218,9 +223,8 @@ def _query_grid(q, k, q_pos, k_pos, q_bkt, k_bkt, bq, bk):
     )
     bucket_args = [] if q_bkt is None else [_as_column(q_bkt), _as_row(k_bkt)]
     bucket_specs = [] if q_bkt is None else [specs["q_col"], specs["k_row"]]
-    prefetch = (kv_tiles.reshape(-1), kv_count.reshape(-1))
     sizes = dict(grid=(batch, heads, nq, nk), heads=heads, nq=nq)
-    return prefetch, specs, bucket_args, bucket_specs, sizes
+    return specs, bucket_args, bucket_specs, sizes
 
 
 _QUERY_GRID_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -229,9 +233,9 @@ _QUERY_GRID_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
     batch, heads, q_len, d = q.shape
     bq = static.block_q
-    prefetch, sp, bucket_args, bucket_specs, sizes = _query_grid(
-        q, k, q_pos, k_pos, q_bkt, k_bkt, bq, static.block_k
-    )
+    bk = static.block_k
+    kv_ranges, _ = _tile_ranges(q_pos, k_pos, q_bkt, k_bkt, bq, bk)
+    sp, bucket_args, bucket_specs, sizes = _query_grid(q, k, kv_ranges, q_bkt, k_bkt, bq, bk)
     kernel = functools.partial(
         _forward_kernel,
         scale=static.scale,
@@ -259,7 +263,7 @@ def _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
         ],
         name="sparse_flash_attention_fwd",
         **_call_options(static, _QUERY_GRID_SEMANTICS),
-    )(*prefetch, q, k, v, _as_column(q_pos), _as_row(k_pos), *bucket_args)
+    )(*kv_ranges, q, k, v, _as_column(q_pos), _as_row(k_pos), *bucket_args)
     return o, lse[..., 0]
 
 
@@ -276,9 +280,8 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     stats = [_as_column(lse), _as_column(delta)]
 
     # dQ: grid (batch, head, query tile, step over its live key tiles).
-    prefetch, sp, bucket_args, bucket_specs, sizes = _query_grid(
-        q, k, q_pos, k_pos, q_bkt, k_bkt, bq, bk
-    )
+    kv_ranges, q_ranges = _tile_ranges(q_pos, k_pos, q_bkt, k_bkt, bq, bk)
+    sp, bucket_args, bucket_specs, sizes = _query_grid(q, k, kv_ranges, q_bkt, k_bkt, bq, bk)
     in_specs = [sp["q"], sp["kv"], sp["kv"], sp["q_col"], sp["k_row"], sp["q"], sp["q_col"]]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -299,16 +302,14 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="sparse_flash_attention_dq",
         **_call_options(static, _QUERY_GRID_SEMANTICS),
-    )(*prefetch, q, k, v, *rows, do, *stats, *bucket_args)
+    )(*kv_ranges, q, k, v, *rows, do, *stats, *bucket_args)
 
     # dK, dV: grid (batch, kv head, key tile, head of the group, step over its live query tiles).
-    _, _, q_tiles, q_count = _tile_lists(q_pos, k_pos, q_bkt, k_bkt, bq, bk)
+    def query_tile(b, g_kv, j, g, t, first, span):
+        return _live_entry(first, span, (b * heads + g_kv * groups + g) * nk + j, t)
 
-    def query_tile(b, g_kv, j, g, t, tiles, count):
-        return _live_entry(tiles, count, (b * heads + g_kv * groups + g) * nk + j, t, nq)
-
-    def q_block(b, g_kv, j, g, t, tiles, count):
-        return b, g_kv * groups + g, query_tile(b, g_kv, j, g, t, tiles, count), 0
+    def q_block(b, g_kv, j, g, t, first, span):
+        return b, g_kv * groups + g, query_tile(b, g_kv, j, g, t, first, span), 0
 
     q_spec = pl.BlockSpec((None, None, bq, d), q_block)
     q_col = pl.BlockSpec((None, None, bq, 1), q_block)
@@ -335,7 +336,7 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         name="sparse_flash_attention_dkv",
         **_call_options(static, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-    )(q_tiles.reshape(-1), q_count.reshape(-1), q, k, v, *rows, do, *stats, *bucket_args)
+    )(*q_ranges, q, k, v, *rows, do, *stats, *bucket_args)
     return dq, dk, dv
 
 

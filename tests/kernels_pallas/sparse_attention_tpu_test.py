@@ -116,6 +116,47 @@ def test_tiles_are_multiples_of_the_lanes():
     assert kernel_tpu._fit_block(256, 4096) == 256
 
 
+def test_padding_steps_repeat_the_last_tile_of_the_range():
+    """The index maps' tiles: the range, then its last tile again (an unchanged block index, so
+    the pipeline copies nothing); an empty range stays on its first tile."""
+    first, span = jnp.asarray([2, 0], jnp.int32), jnp.asarray([3, 0], jnp.int32)
+
+    def fetched(row):
+        return [int(kernel_tpu._live_entry(first, span, row, t)) for t in range(6)]
+
+    assert fetched(0) == [2, 3, 4, 4, 4, 4]
+    assert fetched(1) == [0] * 6
+
+
+def test_tile_ranges_are_the_qk_lists_and_cover_the_hash_lists():
+    rng = np.random.default_rng(1)
+    batch, seq, heads, kv_heads, block = 2, 1024, 4, 2, 128
+    keep_q = jnp.asarray(rng.random((batch, seq, heads)) < 0.4)
+    keep_k = jnp.asarray(rng.random((batch, seq, kv_heads)) < 0.4)
+    q_order, q_kept = sa.compact_order(keep_q)
+    k_order, k_kept = sa.compact_order(keep_k)
+    q_pos = sa.to_rows(jnp.where(q_kept, q_order, sa.PAD_Q_POS))
+    k_pos = sa.to_rows(jnp.where(k_kept, k_order, sa.PAD_K_POS))
+    buckets_q = jnp.asarray(rng.integers(0, 4, (batch, seq, heads)), jnp.int32)
+    buckets_k = jnp.asarray(rng.integers(0, 4, (batch, seq, kv_heads)), jnp.int32)
+    (q_order_h, q_sorted), (k_order_h, k_sorted) = map(sa.bucket_order, (buckets_q, buckets_k))
+    for kind, rows in (
+        ("qk", (q_pos, k_pos, jnp.zeros_like(q_pos), jnp.zeros_like(k_pos))),
+        ("hash", tuple(map(sa.to_rows, (q_order_h, k_order_h, q_sorted, k_sorted)))),
+    ):
+        kv_tiles, kv_count, q_tiles, q_count = sa.live_tiles(*rows, block, block)
+        for tiles, count in ((kv_tiles, kv_count), (q_tiles, q_count)):
+            first, span = (np.asarray(x) for x in sa.tile_ranges(tiles, count))
+            tiles, count = np.asarray(tiles), np.asarray(count)
+            for idx in np.ndindex(count.shape):
+                live = set(tiles[idx][: count[idx]].tolist())
+                covered = set(range(first[idx], first[idx] + span[idx]))
+                assert live <= covered
+                if kind == "qk":
+                    assert live == covered, (idx, sorted(live), first[idx], span[idx])
+            assert np.any(span < tiles.shape[-1]) and np.any(span > 0)
+
+
 # A TPU as jax describes one without opening it: the Mosaic lowering asks for the chip.
 V5E = jax.sharding.AbstractMesh(
     (1,), ("x",), abstract_device=jax.sharding.AbstractDevice("TPU v5 lite", 1, "tpu")
