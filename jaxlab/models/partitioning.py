@@ -119,3 +119,36 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = context
     spec = logical_to_spec(axes, x.shape, mesh, rules, name=f"activation {tuple(axes)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def per_shard(fn, in_axes, out_axes):
+    """``fn`` run on each device's shard (``jax.shard_map``) of its arguments' logical axes,
+    inside an :func:`activation_sharding` context; ``fn`` itself outside one.
+
+    For computations XLA cannot partition by itself (Pallas TPU kernels are refused with "Mosaic
+    kernels cannot be automatically partitioned") that are independent along every sharded axis.
+    ``in_axes``: one tuple of logical axes per argument (None for an argument that is None);
+    ``out_axes``: the output's. Arguments are resharded to these layouts where they differ.
+    """
+    context = _CONTEXT.get()
+    if context is None:
+        return fn
+    mesh, rules = context
+
+    def spec(axes, x, name):
+        return None if x is None else logical_to_spec(axes, x.shape, mesh, rules, name=name)
+
+    def run(*args):
+        in_specs = tuple(
+            spec(axes, x, f"argument {i} of {fn.__name__}")
+            for i, (axes, x) in enumerate(zip(in_axes, args, strict=True))
+        )
+        out = jax.eval_shape(fn, *args)
+        out_specs = spec(out_axes, out, f"output of {fn.__name__}")
+        # check_vma=False: Pallas calls carry no varying-axes types to check.
+        mapped = jax.shard_map(
+            fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
+        return mapped(*args)
+
+    return run
