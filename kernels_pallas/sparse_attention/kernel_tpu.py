@@ -9,6 +9,9 @@ are scalar-prefetched into SMEM, where whole lists would not fit at long sequenc
 maps read them, so the step ``t`` of query tile ``i`` fetches key tile ``first[i] + t``. Steps
 past the span repeat its last tile (an unchanged block index: the pipeline issues no copy) and
 skip the compute under ``pl.when``, so tiles outside the range are never read from HBM.
+SMEM holds two int32 per (batch, head, tile) per kernel: 16 KiB at 32k tokens, 16 heads, batch 1
+and 128-row tiles, where the lists took 4 MiB and the v5e compile refused them (its SMEM is 1 MiB);
+larger tiles shrink it for big per-device batches.
 
 Grids (fastest axis last):
 * forward and dQ ``(batch, heads, q_tiles, k_tiles)``: the output tile stays in VMEM scratch
