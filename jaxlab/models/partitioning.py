@@ -133,14 +133,18 @@ def mesh_parts(logical: str) -> int:
     return int(np.prod([mesh.shape[a] for a in names]))
 
 
-def per_shard(fn, in_axes: Sequence[Sequence[str | None]], out_axes):
+def per_shard(fn, in_axes: Sequence[Sequence[str | None] | None], out_axes):
     """``fn`` run on each device's shard (``jax.shard_map``) of the active
     :func:`activation_sharding` context's mesh, every argument and result split along its logical
-    axes (``in_axes``: one tuple per positional argument; ``out_axes``: one per result of the
-    tuple ``fn`` returns); ``fn`` itself outside a context.
+    axes; ``fn`` itself outside a context.
 
-    For computations that XLA cannot partition itself, such as Pallas Mosaic (TPU) kernels, and
-    that are independent along the split axes: the caller vouches for that.
+    ``in_axes``: one tuple of logical axes per positional argument (anything for an argument
+    that is None); ``out_axes``: the result's axes, or one tuple per result when ``fn`` returns
+    a tuple. Arguments are resharded to these layouts where they differ.
+
+    For computations that XLA cannot partition itself, such as Pallas Mosaic (TPU) kernels
+    ("Mosaic kernels cannot be automatically partitioned"), and that are independent along the
+    split axes: the caller vouches for that.
     """
     context = _CONTEXT.get()
     if context is None:
@@ -148,6 +152,8 @@ def per_shard(fn, in_axes: Sequence[Sequence[str | None]], out_axes):
     mesh, rules = context
 
     def spec(axes, x, what):
+        if x is None:
+            return None
         return logical_to_spec(axes, x.shape, mesh, rules, name=f"per_shard {what} {tuple(axes)}")
 
     def run(*args):
@@ -157,7 +163,10 @@ def per_shard(fn, in_axes: Sequence[Sequence[str | None]], out_axes):
             )
         outs = jax.eval_shape(fn, *args)
         in_specs = tuple(spec(a, x, "argument") for a, x in zip(in_axes, args, strict=True))
-        out_specs = tuple(spec(a, x, "result") for a, x in zip(out_axes, outs, strict=True))
+        if isinstance(outs, tuple):
+            out_specs = tuple(spec(a, x, "result") for a, x in zip(out_axes, outs, strict=True))
+        else:
+            out_specs = spec(out_axes, outs, "result")
         # check_vma=False: a Pallas kernel's outputs carry no varying-axes annotation.
         return jax.shard_map(
             fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False

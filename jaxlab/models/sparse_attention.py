@@ -14,9 +14,9 @@ dense causal attention by one of:
   because it depends on the position only. A dropped query's attention output is 0 (the residual
   carries the token on).
 
-Training and prefill run :mod:`jaxlab.ops.sparse_attention` (Pallas on GPU, XLA elsewhere);
-decoding with a KV cache computes the same mask densely (buckets of cached keys are recomputed
-from the cache), so generation sees exactly the attention the model was trained with.
+Training and prefill run :mod:`jaxlab.ops.sparse_attention` (the Pallas kernels on GPU and TPU,
+XLA on CPU); decoding with a KV cache computes the same mask densely (buckets of cached keys are
+recomputed from the cache), so generation sees exactly the attention the model was trained with.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxlab.models.partitioning import per_shard
 from jaxlab.ops import sparse_attention as sparse_ops
 
 KINDS = ("hash", "qk")
@@ -38,7 +39,7 @@ class SparseAttentionConfig:
     kind: ``'hash'`` or ``'qk'``.
     num_buckets: hash buckets per head (even, >= 2).
     keep_rate: QK: probability that a query (and, independently, a key) is kept.
-    impl: ``'auto'`` (Pallas on GPU, XLA elsewhere), ``'xla'`` or ``'pallas'``.
+    impl: ``'auto'`` (Pallas on GPU and TPU, XLA on CPU), ``'xla'`` or ``'pallas'``.
     seed: seed of the hash projections / keep decisions.
     slack: XLA paths: static work bound as a multiple of the expected size (exact regardless).
     """
@@ -108,39 +109,64 @@ def keep_mask(
     return bits < jnp.uint32(threshold) if config.keep_rate < 1.0 else jnp.ones(bits.shape, bool)
 
 
+# Logical axes of the sparse attention's arguments: independent per (batch, head), so a mesh
+# may split both (GQA: a kv head's group of query heads stays on its device when kv_heads
+# divides by the same axes as heads).
+_Q_AXES = ("batch", "seq", "heads", "head_dim")
+_KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
+_Q_ROWS = ("batch", "seq", "heads")
+_KV_ROWS = ("batch", "seq", "kv_heads")
+_SEGMENTS = ("batch", "seq")
+
+
 def sparse_attention(config: SparseAttentionConfig, layer: int, q, k, v, positions, segment_ids):
-    """Training / prefill attention of one layer; q, k, v as in ``jaxlab.ops.attention``."""
+    """Training / prefill attention of one layer; q, k, v as in ``jaxlab.ops.attention``.
+
+    The kernels run per shard inside a sharded model where XLA cannot partition them (the TPU
+    kernels: :func:`jaxlab.ops.sparse_attention.needs_per_shard`)."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     if config.kind == "hash":
         r = hash_projections(config, layer, kv_heads, head_dim)
         block = min(128, seq)
         window = sparse_ops.hash_window(seq, config.num_buckets, block, config.slack)
-        return sparse_ops.hash_sparse_attention(
-            q,
-            k,
-            v,
-            hash_buckets(q, r),
-            hash_buckets(k, r),
-            segment_ids=segment_ids,
-            impl=config.impl,
-            window=window,
-            block=block,
-        )
-    q_keep = keep_mask(config, layer, 0, positions, heads)
-    k_keep = keep_mask(config, layer, 1, positions, kv_heads)
-    p = config.keep_rate
-    rows = min(seq, math.ceil(seq * p + config.slack * 2.0 * math.sqrt(seq * p * (1 - p)) + 1))
-    return sparse_ops.qk_sparse_attention(
-        q,
-        k,
-        v,
-        q_keep,
-        k_keep,
-        segment_ids=segment_ids,
-        impl=config.impl,
-        capacity=(rows, rows),
-    )
+        q_rows, k_rows = hash_buckets(q, r), hash_buckets(k, r)
+
+        def attend(q, k, v, q_buckets, k_buckets, segment_ids):
+            return sparse_ops.hash_sparse_attention(
+                q,
+                k,
+                v,
+                q_buckets,
+                k_buckets,
+                segment_ids=segment_ids,
+                impl=config.impl,
+                window=window,
+                block=block,
+            )
+
+    else:
+        q_rows = keep_mask(config, layer, 0, positions, heads)
+        k_rows = keep_mask(config, layer, 1, positions, kv_heads)
+        p = config.keep_rate
+        rows = min(seq, math.ceil(seq * p + config.slack * 2.0 * math.sqrt(seq * p * (1 - p)) + 1))
+
+        def attend(q, k, v, q_keep, k_keep, segment_ids):
+            return sparse_ops.qk_sparse_attention(
+                q,
+                k,
+                v,
+                q_keep,
+                k_keep,
+                segment_ids=segment_ids,
+                impl=config.impl,
+                capacity=(rows, rows),
+            )
+
+    if sparse_ops.needs_per_shard(config.impl):
+        in_axes = (_Q_AXES, _KV_AXES, _KV_AXES, _Q_ROWS, _KV_ROWS, _SEGMENTS)
+        attend = per_shard(attend, in_axes, _Q_AXES)
+    return attend(q, k, v, q_rows, k_rows, segment_ids)
 
 
 def sparse_attention_mask(

@@ -1,8 +1,8 @@
 """Dynamic sparse causal attention: QK-dropping and hash buckets, Pallas or XLA.
 
 Same signatures and meaning as :mod:`kernels_pallas.sparse_attention` (read its docstring for the
-masks), plus ``impl``: ``'pallas'`` runs the Triton kernels (interpret mode on CPU), ``'xla'`` the
-paths below, ``'auto'`` Pallas on GPU and XLA elsewhere (the kernels have no TPU lowering yet).
+masks), plus ``impl``: ``'pallas'`` runs the kernels (Triton on GPU, Mosaic on TPU, interpret mode
+on CPU), ``'xla'`` the paths below, ``'auto'`` the kernels on GPU and TPU and XLA on CPU.
 
 The XLA paths keep static shapes, so they save work only through static size hints, and stay exact
 when a hint is too small by falling back (``lax.cond``) to the full-size computation:
@@ -41,13 +41,27 @@ def available_impls() -> tuple[str, ...]:
     return tuple(name for name in QK_SPARSE_IMPLS.names() if name in HASH_SPARSE_IMPLS)
 
 
+def _resolve_auto(impl: str) -> str:
+    """``impl``, with ``'auto'`` resolved: the kernels on GPU and TPU, the XLA path on CPU (where
+    the kernels would be emulated)."""
+    if impl != "auto":
+        return impl
+    return "pallas" if kernel_platform() in ("gpu", "tpu") else "xla"
+
+
 def _auto(registry):
-    """The ``'auto'`` entry: the kernels on GPU, the XLA path elsewhere (no TPU lowering yet)."""
+    """The ``'auto'`` entry of ``registry`` (:func:`_resolve_auto`)."""
 
     def run(*args, **kw):
-        return registry.get("pallas" if kernel_platform() == "gpu" else "xla")(*args, **kw)
+        return registry.get(_resolve_auto("auto"))(*args, **kw)
 
     return run
+
+
+def needs_per_shard(impl: str) -> bool:
+    """Whether a sharded model must run ``impl`` per shard (``jax.shard_map``): the Mosaic (TPU)
+    kernels, which XLA refuses to partition. The platform is the one traced for."""
+    return _resolve_auto(impl) == "pallas" and kernel_platform() == "tpu"
 
 
 def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, scale):

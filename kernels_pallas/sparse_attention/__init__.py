@@ -1,4 +1,5 @@
-"""Dynamic sparse causal flash attention (Pagliardini et al. 2023) for Pallas GPU (Triton).
+"""Dynamic sparse causal flash attention (Pagliardini et al. 2023) for Pallas: Triton (GPU) and
+Mosaic (TPU).
 
 Two sparsity patterns, both exact (no approximation of the attention they define):
 
@@ -28,14 +29,20 @@ in L2:
   query tiles, so GQA gradients are summed in registers, not in an extra buffer.
 
 Matmuls accumulate in float32 for every input dtype; outputs have the input dtype. Head dims are
-zero-padded to a power of two (>= 16), sequences to a multiple of the tiles. TPU is not supported by
-these kernels (they use Triton pointer loads and in-kernel loops over data-dependent lists;
-Mosaic TPU would need scalar prefetch): ``jaxlab.ops`` runs the XLA path there.
+zero-padded to a power of two (>= 16), sequences to a multiple of the tiles.
+
+On TPU (:func:`kernels_pallas._common.platform`, which follows ``target_platform('tpu')``) the
+same core runs as Mosaic kernels (:mod:`.kernel_tpu`): the live tile lists are scalar-prefetched
+and walked by the grid's last axis, so dead K/V tiles are never fetched; tiles are multiples of
+128 rows and head dims are padded to 128 lanes. ``interpret=None`` compiles them there;
+``interpret=True`` under ``target_platform('tpu')`` runs them in Pallas' TPU interpret mode on a
+CPU (how the tests check them).
 
 Modules, split as jax's splash attention splits mask, mask info and kernel:
 :mod:`.reorder` (row orders and permutations), :mod:`.tiles` (live tile lists),
-:mod:`.kernel` (the Pallas kernels and their custom VJP), :mod:`.reference` (dense masked
-definitions). This module checks arguments and composes them; it re-exports their public names.
+:mod:`.kernel` (the Triton kernels and their custom VJP), :mod:`.kernel_tpu` (the Mosaic
+ones), :mod:`.reference` (dense masked definitions). This module checks arguments and composes
+them; it re-exports their public names.
 """
 
 from __future__ import annotations
@@ -46,8 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas._common import resolve_interpret
+from kernels_pallas._common import platform, resolve_interpret
 from kernels_pallas.sparse_attention.kernel import BlockSizes, index_masked_attention
+from kernels_pallas.sparse_attention.kernel_tpu import (
+    index_masked_attention as index_masked_attention_tpu,
+)
 from kernels_pallas.sparse_attention.reference import (
     hash_sparse_attention_reference,
     masked_attention_reference,
@@ -62,7 +72,7 @@ from kernels_pallas.sparse_attention.reorder import (
     segmented_buckets,
     to_rows,
 )
-from kernels_pallas.sparse_attention.tiles import PAD_K_POS, PAD_Q_POS, live_tiles
+from kernels_pallas.sparse_attention.tiles import PAD_K_POS, PAD_Q_POS, live_tiles, tile_ranges
 
 
 def _check_qkv(name, q, k, v):
@@ -144,6 +154,9 @@ def _resolve(q, scale, block_sizes, interpret):
     block_sizes = (
         BlockSizes.get_default(head_dim=q.shape[-1]) if block_sizes is None else block_sizes
     )
+    if platform() == "tpu":  # the Mosaic kernels: compiled unless interpret is asked for
+        return scale, block_sizes, bool(interpret)
+    # Off TPU resolve_interpret never raises, so its TPU fallback text is not shown.
     interpret = resolve_interpret(
         interpret,
         kernel="sparse attention",
@@ -158,7 +171,10 @@ def _reordered(q, k, v, q_order, k_order, q_pos, k_pos, q_bkt, k_bkt, static_arg
     q_inverse, k_inverse = inverse_permutation(q_order), inverse_permutation(k_order)
     qs = permute_rows(q, q_order, q_inverse)
     ks, vs = permute_rows(k, k_order, k_inverse), permute_rows(v, k_order, k_inverse)
-    out = index_masked_attention(
+    # The platform is read while tracing (the jitted entries' caches are cleared by
+    # target_platform), so one trace never serves two platforms.
+    core = index_masked_attention_tpu if platform() == "tpu" else index_masked_attention
+    out = core(
         qs,
         ks,
         vs,
@@ -185,7 +201,8 @@ def qk_sparse_attention(
       segment_ids: optional [batch, seq] ints (packed documents): attend only within a segment.
       scale: logit scale, default ``head_dim ** -0.5``.
       block_sizes: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`).
-      interpret: run the kernels in interpret mode (None = on CPU).
+      interpret: run the kernels in interpret mode (None = on CPU); under
+        ``target_platform('tpu')`` the Mosaic kernels in Pallas' TPU interpret mode.
     Returns:
       [batch, seq, heads, head_dim]; query ``i`` attends to key ``j`` iff ``q_keep[i]``,
       ``k_keep[j]`` and ``j <= i``; other rows are exactly 0.
@@ -279,6 +296,7 @@ __all__ = [
     "hash_sparse_attention",
     "hash_sparse_attention_reference",
     "index_masked_attention",
+    "index_masked_attention_tpu",
     "inverse_permutation",
     "live_tiles",
     "masked_attention_reference",
@@ -286,5 +304,6 @@ __all__ = [
     "qk_sparse_attention",
     "qk_sparse_attention_reference",
     "segmented_buckets",
+    "tile_ranges",
     "to_rows",
 ]

@@ -367,23 +367,50 @@ def _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
-    return _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt)[0]
+def attention_core(forward, backward):
+    """The differentiable core of a kernel family: ``forward(static, q, k, v, q_pos, k_pos,
+    q_bkt, k_bkt) -> (o, lse)`` and ``backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o,
+    lse, do) -> (dq, dk, dv)``. Returns ``core(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt) ->
+    o``, differentiable in q, k and v, whose backward keeps the inputs, o and the log-sum-exp."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def core(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
+        return forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt)[0]
+
+    def core_fwd(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
+        o, lse = forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt)
+        return o, (q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse)
+
+    def core_bwd(static, residuals, do):
+        dq, dk, dv = backward(static, *residuals, do)
+        return dq, dk, dv, None, None, None, None
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
 
 
-def _core_fwd(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt):
-    o, lse = _forward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt)
-    return o, (q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse)
+_core = attention_core(_forward, _backward)
 
 
-def _core_bwd(static, residuals, do):
-    q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse = residuals
-    dq, dk, dv = _backward(static, q, k, v, q_pos, k_pos, q_bkt, k_bkt, o, lse, do)
-    return dq, dk, dv, None, None, None, None
+def pad_problem(q, k, v, q_pos, k_pos, q_buckets, k_buckets, *, q_multiple, k_multiple, d_full):
+    """Pads the sequences to multiples of the tiles and head_dim to ``d_full``: zero rows and
+    columns, positions no pair allows (:data:`PAD_Q_POS`, :data:`PAD_K_POS`), bucket 0.
 
-
-_core.defvjp(_core_fwd, _core_bwd)
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; the tables
+    [batch, heads or kv_heads, len]. Returns them padded, the tables as int32.
+    """
+    q_pad = round_up(q.shape[1], q_multiple) - q.shape[1]
+    k_pad = round_up(k.shape[1], k_multiple) - k.shape[1]
+    d_pad = d_full - q.shape[-1]
+    q = pad_trailing(q, (0, q_pad, 0, d_pad))
+    k = pad_trailing(k, (0, k_pad, 0, d_pad))
+    v = pad_trailing(v, (0, k_pad, 0, d_pad))
+    q_pos = pad_trailing(q_pos.astype(jnp.int32), (0, 0, q_pad), PAD_Q_POS)
+    k_pos = pad_trailing(k_pos.astype(jnp.int32), (0, 0, k_pad), PAD_K_POS)
+    if q_buckets is not None:
+        q_buckets = pad_trailing(q_buckets.astype(jnp.int32), (0, 0, q_pad))
+        k_buckets = pad_trailing(k_buckets.astype(jnp.int32), (0, 0, k_pad))
+    return q, k, v, q_pos, k_pos, q_buckets, k_buckets
 
 
 def index_masked_attention(
@@ -417,17 +444,18 @@ def index_masked_attention(
 
     bq, bq_bwd = fit_block(bs.block_q, q_len), fit_block(bs.block_q_bwd, q_len)
     bk, bk_bwd = fit_block(bs.block_k, kv_len), fit_block(bs.block_k_bwd, kv_len)
-    q_pad = round_up(q_len, max(bq, bq_bwd)) - q_len
-    k_pad = round_up(kv_len, max(bk, bk_bwd)) - kv_len
-    d_pad = d_full - head_dim
-    q = pad_trailing(q, (0, q_pad, 0, d_pad))
-    k = pad_trailing(k, (0, k_pad, 0, d_pad))
-    v = pad_trailing(v, (0, k_pad, 0, d_pad))
-    q_pos = pad_trailing(q_pos.astype(jnp.int32), (0, 0, q_pad), PAD_Q_POS)
-    k_pos = pad_trailing(k_pos.astype(jnp.int32), (0, 0, k_pad), PAD_K_POS)
-    if q_buckets is not None:
-        q_buckets = pad_trailing(q_buckets.astype(jnp.int32), (0, 0, q_pad))
-        k_buckets = pad_trailing(k_buckets.astype(jnp.int32), (0, 0, k_pad))
+    padded = pad_problem(
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        q_buckets,
+        k_buckets,
+        q_multiple=max(bq, bq_bwd),
+        k_multiple=max(bk, bk_bwd),
+        d_full=d_full,
+    )
     num_warps = bs.num_warps if bs.num_warps is not None else _default_num_warps(head_dim)
     static = _Static(
         scale=float(scale),
@@ -439,5 +467,5 @@ def index_masked_attention(
         num_stages=bs.num_stages,
         interpret=bool(interpret),
     )
-    out = _core(static, q, k, v, q_pos, k_pos, q_buckets, k_buckets)
+    out = _core(static, *padded)
     return out[:, :q_len, :, :head_dim]

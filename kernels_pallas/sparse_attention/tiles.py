@@ -61,3 +61,17 @@ def live_tiles(q_pos, k_pos, q_buckets, k_buckets, block_q, block_k):
     kv_tiles, kv_count = compact(live)
     q_tiles, q_count = compact(live.transpose(0, 1, 3, 2))
     return kv_tiles, kv_count, q_tiles, q_count
+
+
+def tile_ranges(tiles, count):
+    """The lists of :func:`live_tiles` as ranges: each list's first live tile and the number of
+    tiles from it to its last (0 for an empty list), two ints per list instead of one per tile.
+
+    For the TPU kernels, whose per-tile metadata sits in SMEM (1 MiB on v4 and later): the lists
+    of 16 heads at 32k tokens in 128-row tiles would take 4 MiB. A range is exact where the live
+    tiles are contiguous (always for QK: kept keys, and kept queries, are sorted by position);
+    for hash buckets it also covers the dead tiles between two buckets' live ones.
+    """
+    first = tiles[..., 0]
+    last = jnp.take_along_axis(tiles, jnp.maximum(count - 1, 0)[..., None], axis=-1)[..., 0]
+    return first, jnp.where(count > 0, last - first + 1, 0)

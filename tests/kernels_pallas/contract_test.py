@@ -128,19 +128,11 @@ def _ssd_args(seq):
     return x, dt, A, B, B
 
 
-def _sparse_args(seq):
-    rng = np.random.default_rng(seq)
-    q = jnp.asarray(rng.standard_normal((1, seq, 2, 16)), jnp.float32)
-    buckets = jnp.asarray(rng.integers(0, 2, (1, seq, 2)), jnp.int32)
-    return q, q, q, buckets, buckets
-
-
 # (kernel, its arguments, the ops function) of the kernels without a Mosaic (TPU) version; odd
-# lengths no other test uses, so that no jit cache skips the trace-time check. SSD has one
-# (tests/kernels_pallas/ssd_tpu_test.py).
+# lengths no other test uses, so that no jit cache skips the trace-time check. SSD and sparse
+# attention have one (tests/kernels_pallas/ssd_tpu_test.py, sparse_attention_tpu_test.py).
 TPU_CASES = [
     (mamba1_kernels.selective_scan, _scan_args(21), scan_ops.selective_scan),
-    (sparse_kernels.hash_sparse_attention, _sparse_args(17), sparse_ops.hash_sparse_attention),
 ]
 
 

@@ -117,3 +117,16 @@ def test_xla_paths_respect_packed_segments():
     )
     want = dense_reference(q, k, v, hash_mask(qb, kb, 4) & same)
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)
+
+
+def test_only_the_tpu_kernels_run_per_shard():
+    """XLA partitions the XLA paths and the Triton calls itself; Mosaic calls it refuses."""
+    from jaxlab.ops.sparse_attention import needs_per_shard
+    from kernels_pallas._common import target_platform
+
+    with target_platform("tpu"):
+        assert needs_per_shard("auto") and needs_per_shard("pallas")
+        assert not needs_per_shard("xla")
+    for platform in ("gpu", "cpu"):
+        with target_platform(platform):
+            assert not any(needs_per_shard(impl) for impl in ("auto", "pallas", "xla"))

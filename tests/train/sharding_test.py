@@ -8,7 +8,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxlab import models
-from jaxlab.models.partitioning import DEFAULT_RULES, logical_to_spec
+from jaxlab.models.partitioning import (
+    DEFAULT_RULES,
+    activation_sharding,
+    logical_to_spec,
+    per_shard,
+)
 from jaxlab.train.sharding import make_mesh, state_shardings
 
 TINY = dict(
@@ -109,3 +114,26 @@ def test_logical_to_spec_rules():
         logical_to_spec(("embed", "depth"), (4, 4), mesh, name="w")
     with pytest.raises(ValueError, match=r"w: logical axes \('embed',\) must name each of its 2"):
         logical_to_spec(("embed",), (4, 4), mesh, name="w")
+
+
+def test_per_shard_runs_the_function_on_each_shard_inside_a_sharding_context():
+    """What a sharded model does with kernels XLA cannot partition (the TPU sparse attention)."""
+
+    def per_batch_and_head(x, y):
+        return jax.nn.softmax(x, axis=1) * jnp.sum(y, axis=1, keepdims=True)
+
+    axes = ("batch", "seq", "heads", "head_dim")
+    rows = ("batch", "seq", "heads")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 6, 2, 3)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((4, 6, 2)), jnp.float32)[..., None]
+    want = per_batch_and_head(x, y)
+    assert per_shard(per_batch_and_head, (axes, axes), axes) is per_batch_and_head  # no mesh
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    with activation_sharding(mesh):
+        fn = jax.jit(per_shard(per_batch_and_head, (axes, rows + (None,)), axes))
+        text = str(jax.make_jaxpr(fn)(x, y))
+        got = fn(x, y)
+    assert "shard_map" in text
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    assert tuple(got.sharding.spec)[:3] == (("data", "fsdp"), None, "tensor")
