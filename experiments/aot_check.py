@@ -48,6 +48,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 from jaxlab.eval import report
@@ -213,7 +214,7 @@ def kernel_cases(quick: bool, platform: str = "gpu") -> list[Case]:
     gpu = platform == "gpu"
     for dtype in dtypes:
         name = jnp.dtype(dtype).name
-        for head_dim in head_dims if gpu else ():
+        for head_dim in head_dims:
             for seq in attention_lengths:
                 qkv = (
                     ((batch, seq, heads, head_dim), dtype),
@@ -373,7 +374,7 @@ def compile_case(case: Case, device) -> dict:
 # The kernels' rows on a TPU for the families without a Mosaic (TPU Pallas) version yet.
 TPU_KERNEL_NOTE = "no TPU (Mosaic) kernel yet: issue 24"
 KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "selective_scan", "ssd")
-TPU_KERNEL_FAMILIES = ("ssd",)
+TPU_KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "ssd")
 # One chip of each TPU generation's smallest slice holds a kernel or decode row.
 ONE_CHIP_TOPOLOGY = {"gpu": "1x1x1", "v5e": "2x2", "v5p": "2x2x1", "v6e": "2x2"}
 
@@ -979,8 +980,10 @@ def check_target(
     if kernels:
         platform = platform_of(target)
         device = one_device(target)
-        # Traced for the target: the kernels pick Triton or Mosaic by the platform traced for.
-        with target_platform(platform):
+        # Traced for the target: the kernels pick Triton or Mosaic by the platform traced for;
+        # the one-device mesh tells Mosaic's scalar-prefetch lowering which chip it targets.
+        mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+        with target_platform(platform), jax.set_mesh(mesh):
             for case in kernel_cases(quick, platform):
                 entry["kernels"].append(compile_case(case, device))
                 print(kernel_table_row(entry["kernels"][-1]), flush=True)
