@@ -22,47 +22,29 @@ from jaxlab.data.tokenizers import add_special_tokens, load_tokenizer
 from jaxlab.eval import medical
 from jaxlab.train import pretrained
 
+FLAGS = flags.FLAGS
+
 
 def define_flags() -> None:
     """Defines the command-line flags; only when run as a program, so that tests can import
     this module beside others that define the same names."""
-    global \
-        _MODEL, \
-        _TOKENIZER, \
-        _BENCHMARK, \
-        _DATA_DIR, \
-        _MODE, \
-        _FORMAT, \
-        _PARSER, \
-        _SHOTS, \
-        _SEEDS, \
-        _CHAT, \
-        _SC_SAMPLES, \
-        _TEMPERATURE, \
-        _COT_TOKENS, \
-        _BATCH, \
-        _COP_BASE, \
-        _LIMIT, \
-        _OUT
-    _MODEL = flags.DEFINE_string("model", None, "hf:PATH or run:WORKDIR[@STEP].", required=True)
-    _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer spec; default from --model.")
-    _BENCHMARK = flags.DEFINE_enum("benchmark", "medqa", medical.BENCHMARKS, "Benchmark.")
-    _DATA_DIR = flags.DEFINE_string(
-        "data_dir", None, "The benchmark's released files.", required=True
-    )
-    _MODE = flags.DEFINE_enum("mode", "top_token", medical.MODES, "Evaluation mode.")
-    _FORMAT = flags.DEFINE_enum("format", "meditron", medical.FORMATS, "Prompt format.")
-    _PARSER = flags.DEFINE_enum("parser", "parity", medical.PARSERS, "Answer parsing rules.")
-    _SHOTS = flags.DEFINE_integer("shots", 0, "Few-shot demonstrations (3 for 7B, 5 for 70B).")
-    _SEEDS = flags.DEFINE_list("seeds", [str(s) for s in medical.SEEDS], "Few-shot/sampling seeds.")
-    _CHAT = flags.DEFINE_bool("chat", False, "MEDITRON's ChatML wrapper (finetuned models).")
-    _SC_SAMPLES = flags.DEFINE_integer("sc_samples", 5, "SC-CoT samples per question.")
-    _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "SC-CoT sampling temperature.")
-    _COT_TOKENS = flags.DEFINE_integer("cot_max_new_tokens", 1024, "CoT generation budget.")
-    _BATCH = flags.DEFINE_integer("batch_size", 16, "Questions per generation call.")
-    _COP_BASE = flags.DEFINE_integer("cop_base", 1, "MedMCQA cop of option A (1 release, 0 HF).")
-    _LIMIT = flags.DEFINE_integer("max_questions", 0, "Evaluate only the first N (0: all).")
-    _OUT = flags.DEFINE_string("out", "runs/medical_eval.json", "Where to write the JSON.")
+    flags.DEFINE_string("model", None, "hf:PATH or run:WORKDIR[@STEP].", required=True)
+    flags.DEFINE_string("tokenizer", "", "Tokenizer spec; default from --model.")
+    flags.DEFINE_enum("benchmark", "medqa", medical.BENCHMARKS, "Benchmark.")
+    flags.DEFINE_string("data_dir", None, "The benchmark's released files.", required=True)
+    flags.DEFINE_enum("mode", "top_token", medical.MODES, "Evaluation mode.")
+    flags.DEFINE_enum("format", "meditron", medical.FORMATS, "Prompt format.")
+    flags.DEFINE_enum("parser", "parity", medical.PARSERS, "Answer parsing rules.")
+    flags.DEFINE_integer("shots", 0, "Few-shot demonstrations (3 for 7B, 5 for 70B).")
+    flags.DEFINE_list("seeds", [str(s) for s in medical.SEEDS], "Few-shot/sampling seeds.")
+    flags.DEFINE_bool("chat", False, "MEDITRON's ChatML wrapper (finetuned models).")
+    flags.DEFINE_integer("sc_samples", 5, "SC-CoT samples per question.")
+    flags.DEFINE_float("temperature", 0.8, "SC-CoT sampling temperature.")
+    flags.DEFINE_integer("cot_max_new_tokens", 1024, "CoT generation budget.")
+    flags.DEFINE_integer("batch_size", 16, "Questions per generation call.")
+    flags.DEFINE_integer("cop_base", 1, "MedMCQA cop of option A (1 release, 0 HF).")
+    flags.DEFINE_integer("max_questions", 0, "Evaluate only the first N (0: all).")
+    flags.DEFINE_string("out", "runs/medical_eval.json", "Where to write the JSON.")
 
 
 def load_model(spec: str):
@@ -85,39 +67,39 @@ def tokenizer_for(spec: str, tokenizer_spec: str, chat: bool, vocab_size: int):
 
 def main(argv):
     del argv
-    model = load_model(_MODEL.value)
-    tokenizer = tokenizer_for(_MODEL.value, _TOKENIZER.value, _CHAT.value, model.config.vocab_size)
+    model = load_model(FLAGS.model)
+    tokenizer = tokenizer_for(FLAGS.model, FLAGS.tokenizer, FLAGS.chat, model.config.vocab_size)
     config = medical.EvalConfig(
-        benchmark=_BENCHMARK.value,
-        mode=_MODE.value,
-        fmt=_FORMAT.value,
-        parser=_PARSER.value,
-        shots=_SHOTS.value,
-        seeds=tuple(int(s) for s in _SEEDS.value),
-        chat=_CHAT.value,
-        sc_samples=_SC_SAMPLES.value,
-        temperature=_TEMPERATURE.value,
-        cot_max_new_tokens=_COT_TOKENS.value,
-        batch_size=_BATCH.value,
+        benchmark=FLAGS.benchmark,
+        mode=FLAGS.mode,
+        fmt=FLAGS.format,
+        parser=FLAGS.parser,
+        shots=FLAGS.shots,
+        seeds=tuple(int(s) for s in FLAGS.seeds),
+        chat=FLAGS.chat,
+        sc_samples=FLAGS.sc_samples,
+        temperature=FLAGS.temperature,
+        cot_max_new_tokens=FLAGS.cot_max_new_tokens,
+        batch_size=FLAGS.batch_size,
     )
-    test = medical.load(config.benchmark, _DATA_DIR.value, "test", cop_base=_COP_BASE.value)
-    if _LIMIT.value:
-        test = test[: _LIMIT.value]
+    test = medical.load(config.benchmark, FLAGS.data_dir, "test", cop_base=FLAGS.cop_base)
+    if FLAGS.max_questions:
+        test = test[: FLAGS.max_questions]
     train = (
-        medical.load(config.benchmark, _DATA_DIR.value, "train", cop_base=_COP_BASE.value)
+        medical.load(config.benchmark, FLAGS.data_dir, "train", cop_base=FLAGS.cop_base)
         if config.shots
         else []
     )
     result = medical.evaluate(model, tokenizer, config, test, train)
-    result["model"] = _MODEL.value
-    result["data_dir"] = _DATA_DIR.value
-    medical.write_json(_OUT.value, result)
+    result["model"] = FLAGS.model
+    result["data_dir"] = FLAGS.data_dir
+    medical.write_json(FLAGS.out, result)
     acc, failures = result["accuracy"], result["parse_failures"]
     print(
         f"{config.benchmark} {config.mode} ({config.fmt}, {config.parser}, {config.shots}-shot): "
         f"accuracy {100 * acc['mean']:.1f} +- {100 * acc['std']:.1f} over seeds "
         f"{result['seeds']}, parse failures {failures['per_seed']}, "
-        f"{result['questions_per_second']:.2f} questions/s -> {_OUT.value}"
+        f"{result['questions_per_second']:.2f} questions/s -> {FLAGS.out}"
     )
 
 
