@@ -136,10 +136,9 @@ def _sparse_args(seq):
 
 
 # (kernel, its arguments, the ops function) of the kernels without a Mosaic (TPU) version; odd
-# lengths no other test uses, so that no jit cache skips the trace-time check. SSD has one
-# (tests/kernels_pallas/ssd_tpu_test.py).
+# lengths no other test uses, so that no jit cache skips the trace-time check. The scans have
+# one (tests/kernels_pallas/ssd_tpu_test.py, selective_scan_tpu_test.py).
 TPU_CASES = [
-    (mamba1_kernels.selective_scan, _scan_args(21), scan_ops.selective_scan),
     (sparse_kernels.hash_sparse_attention, _sparse_args(17), sparse_ops.hash_sparse_attention),
 ]
 
@@ -159,11 +158,14 @@ def test_tpu_message_names_an_ops_call_that_runs_there(monkeypatch, kernel, args
         assert bool(jnp.all(jnp.isfinite(out))), impl
 
 
-def test_ssd_compiles_for_tpu_where_the_other_kernels_refuse():
+@pytest.mark.parametrize(
+    "kernel,args",
+    [(ssd_kernels.ssd, _ssd_args(19)), (mamba1_kernels.selective_scan, _scan_args(21))],
+    ids=["ssd", "selective_scan"],
+)
+def test_the_scans_compile_for_tpu_where_the_other_kernels_refuse(kernel, args):
     with common.target_platform("tpu"):
-        text = ssd_kernels.ssd.trace(*_ssd_args(19), interpret=False).lower(
-            lowering_platforms=("tpu",)
-        )
+        text = kernel.trace(*args, interpret=False).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in text.as_text()
 
 
