@@ -252,16 +252,10 @@ def kernel_cases(quick: bool, platform: str = "gpu") -> list[Case]:
                 return ss.selective_scan(u, delta, A, B, C, delta_softplus=True, interpret=False)
 
             detail = f"{name} dim={dim} state={state} seq={seq}"
-            if gpu:
-                cases.append(Case("selective_scan fwd", detail, scan, scan_shapes))
-                cases.append(
-                    Case(
-                        "selective_scan fwd+bwd",
-                        detail,
-                        _with_grad(scan, (0, 1, 3, 4)),
-                        scan_shapes,
-                    )
-                )
+            cases.append(Case("selective_scan fwd", detail, scan, scan_shapes))
+            cases.append(
+                Case("selective_scan fwd+bwd", detail, _with_grad(scan, (0, 1, 3, 4)), scan_shapes)
+            )
             cases += _ssd_cases(f"{name} heads=32", dtype, (batch, seq, 32, 64, 128))
     if not gpu:
         # The checker's own check: a state tile of 2048 x 2048 (16 MiB in float32, in the
@@ -373,7 +367,7 @@ def compile_case(case: Case, device) -> dict:
 # The kernels' rows on a TPU for the families without a Mosaic (TPU Pallas) version yet.
 TPU_KERNEL_NOTE = "no TPU (Mosaic) kernel yet: issue 24"
 KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "selective_scan", "ssd")
-TPU_KERNEL_FAMILIES = ("ssd",)
+TPU_KERNEL_FAMILIES = ("selective_scan", "ssd")
 # One chip of each TPU generation's smallest slice holds a kernel row.
 KERNEL_TOPOLOGY = {"gpu": "1x1x1", "v5e": "2x2", "v5p": "2x2x1", "v6e": "2x2"}
 
