@@ -35,12 +35,13 @@ def assert_close(got, want, tol, what):
 
 # (chunk_size, seq, dim, groups, state, options kept): lengths that are no multiple of the
 # chunk, a state that is no multiple of 8 (padded), one group and several (a channel block per
-# group), with and without each option.
+# group; groups of 256 channels: two blocks of 128 lanes each), with and without each option.
 CASES = [
     (8, 21, 8, 2, 5, ("D", "z", "delta_bias", "delta_softplus", "initial_state")),
     (16, 37, 6, 1, 8, ()),
     (8, 13, 12, 3, 3, ("D", "initial_state")),
     (16, 19, 4, 1, 16, ("z", "delta_bias", "delta_softplus")),
+    (8, 11, 512, 2, 3, ("D", "delta_softplus", "initial_state")),
 ]
 
 
@@ -84,7 +85,9 @@ def grads(fn, values, names, fixed, ct, ct_final):
     return jax.grad(loss, argnums=tuple(range(len(names))))(*values)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["all-options-groups", "bare"])
+@pytest.mark.parametrize(
+    "case", [CASES[0], CASES[1], CASES[4]], ids=["all-options-groups", "bare", "lane-blocks"]
+)
 def test_gradients_of_every_input_match_the_float64_reference(case):
     chunk_size, seq, dim, groups, state, kept = case
     rng, args, options = case_inputs(seq + 1, seq, dim, groups, state, kept)
