@@ -3,9 +3,11 @@ of :func:`kernels_pallas.selective_scan.selective_scan`, which checks the argume
 ``delta_bias``/softplus, ``D`` and the ``z`` gate, and calls :func:`scan_core` here on TPU.
 
 Layout: channels on lanes, the state on sublanes. The caller's XLA program makes group-major
-copies (free reshapes for one group): u, delta ``[batch, groups, seq, per_group]``, B and C
-``[batch, groups, seq, state]``, A and the states ``[..., state, per_group]``. A channel block is
-128 lanes where 128 divides ``per_group``, else the whole group, so that every channel of a
+copies (free reshapes for one group): u, delta ``[batch, groups, seq, width]``, B and C
+``[batch, groups, seq, state]``, A and the states ``[..., state, width]``, with ``width`` the
+channels per group padded to a multiple of 128 lanes when above 128 (:func:`group_width`). A
+channel block is 128 lanes, or a whole group of at most 128 channels (narrow groups, e.g.
+``mamba1_qkv``'s one per ``state`` channels, leave lanes idle), so that every channel of a
 block reads the same B and C.
 
 Grid ``(batch, channel blocks, chunks)``: batch and channel blocks are parallel (megacore chips
@@ -51,9 +53,15 @@ def chunk_tile(chunk_size: int | None) -> int:
     return min(next_power_of_2(chunk_size or DEFAULT_CHUNK, minimum=TILE), MAX_CHUNK)
 
 
-def channel_block(per_group: int) -> int:
-    """Channels per program: 128 lanes where they divide a group, else the whole group."""
-    return LANES if per_group % LANES == 0 else per_group
+def group_width(per_group: int) -> int:
+    """A group's channels in the kernels' layout: padded to a multiple of 128 lanes above 128
+    (whole blocks, of bounded VMEM), as they are up to 128."""
+    return per_group if per_group <= LANES else round_up(per_group, LANES)
+
+
+def channel_block(width: int) -> int:
+    """Channels per program for a group of ``width`` (:func:`group_width`) channels."""
+    return min(width, LANES)
 
 
 def _dot(a, b):
@@ -220,7 +228,7 @@ class _Static:
 
 def _specs(static, shape, state, *, reverse=False):
     """Block specs over the (batch, channel block, chunk) grid for group-major arrays of
-    ``shape = (batch, groups, seq, per_group)``: channel rows, B/C rows (shared by a group) and
+    ``shape = (batch, groups, seq, width)``: channel rows, B/C rows (shared by a group) and
     per-block B/C gradients, A, the states and the per-chunk starts; ``reverse``: grid step k is
     chunk ``chunks - 1 - k``."""
     q, w = static.chunk, static.block
@@ -264,12 +272,12 @@ def _call(kernel, static, grid, name, **kw):
 
 
 def _grid(static, u):
-    batch, groups, seq, per_group = u.shape
-    return (batch, groups * (per_group // static.block), seq // static.chunk)
+    batch, groups, seq, width = u.shape
+    return (batch, groups * (width // static.block), seq // static.chunk)
 
 
 def _forward(static, u, delta, A, B, C, h0):
-    batch, groups, seq, per_group = u.shape
+    batch, groups, seq, width = u.shape
     state = B.shape[3]
     grid = _grid(static, u)
     sp = _specs(static, u.shape, state)
@@ -282,7 +290,7 @@ def _forward(static, u, delta, A, B, C, h0):
         out_specs=[sp["rows"], sp["starts"], sp["h"]],
         out_shape=[
             jax.ShapeDtypeStruct(u.shape, F32),
-            jax.ShapeDtypeStruct((batch, groups, grid[2], state, per_group), F32),
+            jax.ShapeDtypeStruct((batch, groups, grid[2], state, width), F32),
             jax.ShapeDtypeStruct(h0.shape, F32),
         ],
         scratch_shapes=[pltpu.VMEM((state, static.block), F32)],
@@ -290,7 +298,7 @@ def _forward(static, u, delta, A, B, C, h0):
 
 
 def _backward(static, u, delta, A, B, C, starts, dy, dhL):
-    batch, groups, seq, per_group = u.shape
+    batch, groups, seq, width = u.shape
     state = B.shape[3]
     grid = _grid(static, u)
     sp = _specs(static, u.shape, state, reverse=True)
@@ -340,26 +348,28 @@ def scan_core(u, delta, A, B, C, h0, *, chunk_size, interpret):
     ``u, delta [batch, seq, dim]`` (delta after bias and softplus), ``A [dim, state]``, ``B, C
     [batch, seq, groups, state]``, ``h0 [batch, dim, state]``; ``chunk_size``: see
     :func:`chunk_tile`; ``interpret``: run in Pallas' TPU interpret mode. Pads the sequence to
-    whole chunks (delta = 0 there: no decay, no input) and the state to a multiple of 8 (A = 0
-    and B = C = 0 there: those slots stay 0), in the group-major layout the kernels read.
+    whole chunks (delta = 0 there: no decay, no input), the state to a multiple of 8 (A = 0
+    and B = C = 0 there: those slots stay 0) and the channels of a group to
+    :func:`group_width`, in the group-major layout the kernels read.
     """
     batch, seq, dim = u.shape
     groups, state = B.shape[2], B.shape[3]
     per_group = dim // groups
     q = chunk_tile(chunk_size)
     t_pad, n_pad = round_up(seq, q) - seq, round_up(state, TILE) - state
-    static = _Static(chunk=q, block=channel_block(per_group), interpret=interpret)
+    width = group_width(per_group)
+    w_pad = width - per_group
+    static = _Static(chunk=q, block=channel_block(width), interpret=interpret)
 
-    def group_major(v, last_pad=0):  # [batch, seq, groups, w] -> [batch, groups, seq_pad, w]
+    def group_major(v, last_pad):  # [batch, seq, groups, w] -> [batch, groups, seq_pad, w + pad]
         return pad_trailing(v.astype(F32), (0, t_pad, 0, last_pad)).transpose(0, 2, 1, 3)
 
-    def channels(v):
-        return group_major(v.reshape(batch, seq, groups, per_group))
+    def channels(v):  # padded channels: u = delta = 0, A = 0, h0 = 0; their outputs are dropped
+        return group_major(v.reshape(batch, seq, groups, per_group), w_pad)
 
-    def state_major(v):  # [..., dim, state] -> [..., groups, state_pad, per_group]
-        v = pad_trailing(v.astype(F32), (0,) * (v.ndim - 1) + (n_pad,))
-        v = v.reshape(*v.shape[:-2], groups, per_group, state + n_pad)
-        return jnp.swapaxes(v, -1, -2)
+    def state_major(v):  # [..., dim, state] -> [..., groups, state_pad, width]
+        v = v.reshape(*v.shape[:-2], groups, per_group, state).astype(F32)
+        return jnp.swapaxes(pad_trailing(v, (0,) * (v.ndim - 2) + (w_pad, n_pad)), -1, -2)
 
     y, hL = _core(
         static,
@@ -370,5 +380,6 @@ def scan_core(u, delta, A, B, C, h0, *, chunk_size, interpret):
         group_major(C, n_pad),
         state_major(h0),
     )
-    y = y[:, :, :seq].transpose(0, 2, 1, 3).reshape(batch, seq, dim)
-    return y, jnp.swapaxes(hL, -1, -2).reshape(batch, dim, state + n_pad)[:, :, :state]
+    y = y[:, :, :seq, :per_group].transpose(0, 2, 1, 3).reshape(batch, seq, dim)
+    hL = jnp.swapaxes(hL, -1, -2)[:, :, :per_group, :state]
+    return y, hL.reshape(batch, dim, state)

@@ -35,13 +35,14 @@ def assert_close(got, want, tol, what):
 
 # (chunk_size, seq, dim, groups, state, options kept): lengths that are no multiple of the
 # chunk, a state that is no multiple of 8 (padded), one group and several (a channel block per
-# group; groups of 256 channels: two blocks of 128 lanes each), with and without each option.
+# group of at most 128; groups of 200 channels: padded to two blocks of 128 lanes each), with
+# and without each option.
 CASES = [
     (8, 21, 8, 2, 5, ("D", "z", "delta_bias", "delta_softplus", "initial_state")),
     (16, 37, 6, 1, 8, ()),
     (8, 13, 12, 3, 3, ("D", "initial_state")),
     (16, 19, 4, 1, 16, ("z", "delta_bias", "delta_softplus")),
-    (8, 11, 512, 2, 3, ("D", "delta_softplus", "initial_state")),
+    (8, 11, 400, 2, 3, ("D", "delta_softplus", "initial_state")),
 ]
 
 
@@ -124,14 +125,10 @@ def test_chunk_tile_and_channel_block():
         256,
         256,
     ]
-    # 128 lanes where they divide a group's channels, else the whole group.
-    assert [selective_scan_tpu.channel_block(w) for w in (2048, 256, 128, 200, 16)] == [
-        128,
-        128,
-        128,
-        200,
-        16,
-    ]
+    # A group's channels padded to whole 128-lane blocks above 128; narrower groups are a block.
+    widths = [selective_scan_tpu.group_width(w) for w in (2048, 200, 129, 128, 100, 16)]
+    assert widths == [2048, 256, 256, 128, 100, 16]
+    assert [selective_scan_tpu.channel_block(w) for w in widths] == [128, 128, 128, 128, 100, 16]
 
 
 def _specs(dtype, batch=1, seq=300, dim=256, groups=1, state=16):
