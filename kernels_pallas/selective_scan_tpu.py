@@ -98,9 +98,8 @@ def _tile(s):
 
 def _step(h, A, d, u, b):
     """One step of the recurrence: ``h [state, block]``, ``A [state, block]``, ``d, u [1,
-    block]``, ``b [state, 1]``; returns the new state and the decay."""
-    a = jnp.exp(d * A)
-    return a * h + (d * u) * b, a
+    block]``, ``b [state, 1]``; returns the new state."""
+    return jnp.exp(d * A) * h + (d * u) * b
 
 
 def _forward_kernel(
@@ -121,7 +120,7 @@ def _forward_kernel(
         b, c = _columns(B_ref[rows, :]), _columns(C_ref[rows, :])
         y = jnp.zeros(u.shape, F32)
         for i in range(TILE):
-            h, _ = _step(h, A, d[i : i + 1], u[i : i + 1], b[:, i : i + 1])
+            h = _step(h, A, d[i : i + 1], u[i : i + 1], b[:, i : i + 1])
             y = _place(y, jnp.sum(h * c[:, i : i + 1], axis=0, keepdims=True), i, 0)
         y_ref[rows, :] = y
         return h
@@ -177,7 +176,7 @@ def _backward_kernel(
         rows = _tile(s)
         u, d, b = u_ref[rows, :], delta_ref[rows, :], _columns(B_ref[rows, :])
         for i in range(TILE):
-            h, _ = _step(h, A, d[i : i + 1], u[i : i + 1], b[:, i : i + 1])
+            h = _step(h, A, d[i : i + 1], u[i : i + 1], b[:, i : i + 1])
             hs_ref[s * TILE + i + 1] = h
         return h
 
