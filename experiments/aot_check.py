@@ -12,10 +12,9 @@ Kernel rows: both sparse-attention kernels (QK-dropping and hash buckets), forwa
 forward+backward, bf16 and float32, head_dim 64 and 128, at 4k..32k tokens; the Mamba-1 selective
 scan and the Mamba-2 SSD, forward and forward+backward, bf16 and float32, at 4k..16k tokens; and a
 deliberately oversized sparse-attention tile that must be refused (a check of the checker). On
-TPU targets the kernels with a Mosaic (TPU Pallas) version (:data:`TPU_KERNEL_FAMILIES`) compile
-at the same shapes, traced for the TPU (``target_platform``), each row with the scoped VMEM its
-Mosaic kernels reserve (:func:`mosaic_vmem_bytes`), beside an oversized SSD state tile that must
-run out of VMEM; the other kernels are listed as not compiled (no Mosaic kernel yet).
+TPU targets the same kernels' Mosaic (TPU Pallas) versions compile at the same shapes, traced for
+the TPU (``target_platform``), each row with the scoped VMEM its Mosaic kernels reserve
+(:func:`mosaic_vmem_bytes`), beside an oversized SSD state tile that must run out of VMEM.
 
 Pod rows (:data:`PODS`): the engine's jitted train step of a shipped config, built from
 ShapeDtypeStructs on the topology's devices (``build_experiment(config, devices=...)``; no
@@ -253,16 +252,10 @@ def kernel_cases(quick: bool, platform: str = "gpu") -> list[Case]:
                 return ss.selective_scan(u, delta, A, B, C, delta_softplus=True, interpret=False)
 
             detail = f"{name} dim={dim} state={state} seq={seq}"
-            if gpu:
-                cases.append(Case("selective_scan fwd", detail, scan, scan_shapes))
-                cases.append(
-                    Case(
-                        "selective_scan fwd+bwd",
-                        detail,
-                        _with_grad(scan, (0, 1, 3, 4)),
-                        scan_shapes,
-                    )
-                )
+            cases.append(Case("selective_scan fwd", detail, scan, scan_shapes))
+            cases.append(
+                Case("selective_scan fwd+bwd", detail, _with_grad(scan, (0, 1, 3, 4)), scan_shapes)
+            )
             cases += _ssd_cases(f"{name} heads=32", dtype, (batch, seq, 32, 64, 128))
     if not gpu:
         # The checker's own check: a state tile of 2048 x 2048 (16 MiB in float32, in the
@@ -371,10 +364,8 @@ def compile_case(case: Case, device) -> dict:
     return row
 
 
-# The kernels' rows on a TPU for the families without a Mosaic (TPU Pallas) version yet.
-TPU_KERNEL_NOTE = "no TPU (Mosaic) kernel yet: issue 24"
+# Every kernel has a Triton (GPU) and a Mosaic (TPU) version.
 KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "selective_scan", "ssd")
-TPU_KERNEL_FAMILIES = ("qk_sparse", "hash_sparse", "ssd")
 # One chip of each TPU generation's smallest slice holds a kernel or decode row.
 ONE_CHIP_TOPOLOGY = {"gpu": "1x1x1", "v5e": "2x2", "v5p": "2x2x1", "v6e": "2x2"}
 
@@ -857,8 +848,6 @@ def roofline_table_row(row: dict) -> tuple:
 
 
 def kernel_table_row(row: dict) -> tuple:
-    if row.get("note"):
-        return (row["kernel"], "", row["note"], "", "", "", "", "")
     status = "yes" if row["compiled"] else f"no: {row['error'][:100]}"
     return (
         row["kernel"],
@@ -945,7 +934,7 @@ def unexpected(results: dict) -> list[tuple]:
     bad = []
     for target, entry in results["targets"].items():
         for r in entry["kernels"]:
-            if not r.get("note") and not r["as_expected"]:
+            if not r["as_expected"]:
                 bad.append((target, r["kernel"], r["detail"]))
         for r in entry["pods"] + entry.get("decodes", []):
             if not r["compiled"]:
@@ -988,13 +977,6 @@ def check_target(
                 entry["kernels"].append(compile_case(case, device))
                 print(kernel_table_row(entry["kernels"][-1]), flush=True)
                 save()
-        if platform == "tpu":
-            entry["kernels"] += [
-                dict(kernel=k, note=TPU_KERNEL_NOTE)
-                for k in KERNEL_FAMILIES
-                if k not in TPU_KERNEL_FAMILIES
-            ]
-            save()
 
 
 def main(argv):

@@ -39,26 +39,10 @@ def target_platform(name: str):
         jax.clear_caches()
 
 
-def resolve_interpret(
-    interpret: bool | None, *, kernel: str, fallback: str, compiled_on: tuple[str, ...] = ("gpu",)
-) -> bool:
-    """``interpret`` as a bool: None means interpret mode on CPU, compiled elsewhere (the
-    :func:`platform` traced for).
-
-    ``compiled_on``: the platforms the kernel has a compiled version for (Triton on ``"gpu"``,
-    Mosaic on ``"tpu"``); on another accelerator only interpret mode runs, and the error says
-    which ``jaxlab.ops`` call (``fallback``, e.g. ``"jaxlab.ops.ssd(..., impl='chunked')"``) runs
-    the same function natively there.
-    """
-    backend = platform()
-    interpret = backend == "cpu" if interpret is None else bool(interpret)
-    if backend not in ("cpu", *compiled_on) and not interpret:
-        raise NotImplementedError(
-            f"{kernel}: the Pallas kernels compile for {' and '.join(compiled_on)} only, not for "
-            f"{backend}; on {backend} call {fallback}, or set interpret to True (slow: the kernel "
-            "is emulated)"
-        )
-    return interpret
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``interpret`` as a bool: None means interpret mode on CPU and the compiled kernels on GPU
+    (Triton) and TPU (Mosaic), by the :func:`platform` traced for."""
+    return platform() == "cpu" if interpret is None else bool(interpret)
 
 
 # --------------------------------------------------------------------------------------- padding

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan (Gu & Dao 2023) as Pallas GPU (Triton) kernels.
+"""Mamba-1 selective scan (Gu & Dao 2023) as Pallas GPU (Triton) kernels; on TPU the same
+function as Mosaic kernels (:mod:`kernels_pallas.selective_scan_tpu`).
 
 Math, per batch row, channel ``d`` and state index ``n`` (the function of mamba_ssm's
 ``selective_scan_ref``, in a ``[batch, seq, ...]`` layout)::
@@ -37,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas import selective_scan_tpu
 from kernels_pallas._common import (
     check_shapes,
     chunked_scan_core,
@@ -44,6 +46,7 @@ from kernels_pallas._common import (
     largest_power_of_2_dividing,
     next_power_of_2,
     pad_trailing,
+    platform,
     prepare_delta,
     resolve_interpret,
     round_up,
@@ -377,26 +380,35 @@ def selective_scan(
 ):
     """Mamba-1 selective scan (see the module docstring for the math and layouts).
 
+    The kernels are those of the :func:`~kernels_pallas._common.platform` traced for: Triton on
+    GPU (and in interpret mode on CPU), Mosaic (:mod:`kernels_pallas.selective_scan_tpu`) on
+    TPU; under ``target_platform('tpu')`` with ``interpret=True`` the Mosaic kernels run in
+    Pallas' TPU interpret mode on the CPU.
+
     Returns ``out [batch, seq, dim]`` in ``u``'s dtype, and the final state ``[batch, dim,
     state]`` (float32) when ``return_final_state``. Differentiable in every array argument.
-    ``block_sizes``: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`);
-    ``interpret=None`` runs the kernels in interpret mode on CPU. Jitted: ``delta_softplus``,
-    ``return_final_state``, ``block_sizes`` and ``interpret`` are static.
+    ``block_sizes``: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`); the Mosaic
+    kernels read only its ``chunk_size``, as a power of two in [8, 256], and chunks of 128 steps
+    when ``block_sizes`` is None (:func:`kernels_pallas.selective_scan_tpu.chunk_tile`; their
+    channel block is 128 lanes or a whole group). ``interpret=None`` runs the kernels in
+    interpret mode on CPU. Jitted: ``delta_softplus``, ``return_final_state``, ``block_sizes``
+    and ``interpret`` are static.
     """
     check_scan_arguments("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    block_sizes = BlockSizes.get_default() if block_sizes is None else block_sizes
-    interpret = resolve_interpret(
-        interpret,
-        kernel="selective_scan",
-        fallback="jaxlab.ops.selective_scan(..., impl='chunked') (or impl='auto', which picks it "
-        "off GPU)",
-    )
+    interpret = resolve_interpret(interpret)
     dtype, delta = prepare_delta(u, delta, delta_bias, delta_softplus)
     batch, _, dim = u.shape
     h0 = (
         jnp.zeros((batch, dim, A.shape[1]), jnp.float32) if initial_state is None else initial_state
     )
-    y, hL = scan_recurrence(u, delta, A, B, C, h0, block_sizes=block_sizes, interpret=interpret)
+    if platform() == "tpu":
+        chunk_size = None if block_sizes is None else block_sizes.chunk_size
+        y, hL = selective_scan_tpu.scan_core(
+            u, delta, A, B, C, h0, chunk_size=chunk_size, interpret=interpret
+        )
+    else:
+        block_sizes = BlockSizes.get_default() if block_sizes is None else block_sizes
+        y, hL = scan_recurrence(u, delta, A, B, C, h0, block_sizes=block_sizes, interpret=interpret)
     out = finish_output(y.astype(dtype), u, D, z, dtype)
     return (out, hL) if return_final_state else out
 

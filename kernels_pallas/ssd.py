@@ -481,12 +481,7 @@ def ssd(
     dtype, dt = prepare_delta(x, dt, dt_bias, dt_softplus)
     batch, _, heads, head_dim = x.shape
     state = B.shape[3]
-    interpret = resolve_interpret(
-        interpret,
-        kernel="ssd",
-        fallback="jaxlab.ops.ssd(..., impl='chunked')",
-        compiled_on=("gpu", "tpu"),
-    )
+    interpret = resolve_interpret(interpret)
     s0 = (
         jnp.zeros((batch, heads, head_dim, state), jnp.float32)
         if initial_state is None

@@ -45,10 +45,10 @@ def test_the_kernel_list_covers_every_kernel_forward_and_backward():
         assert {f"{kernel} fwd", f"{kernel} fwd+bwd"} <= kinds
     assert [c.expect_error for c in cases].count(aot_check.SHARED_MEMORY_ERROR) == 1
     assert sum(bool(c.expect_error) for c in cases) == 1
-    # On a TPU: the kernels with a Mosaic version, and an oversized one that must run out of VMEM.
+    # On a TPU: every kernel's Mosaic version, and an oversized one that must run out of VMEM.
     tpu = aot_check.kernel_cases(quick=True, platform="tpu")
-    assert {c.kernel.split()[0] for c in tpu} == set(aot_check.TPU_KERNEL_FAMILIES)
-    for kernel in aot_check.TPU_KERNEL_FAMILIES:
+    assert {c.kernel.split()[0] for c in tpu} == set(aot_check.KERNEL_FAMILIES)
+    for kernel in aot_check.KERNEL_FAMILIES:
         assert {f"{kernel} fwd", f"{kernel} fwd+bwd"} <= {c.kernel for c in tpu}
     assert [c.expect_error for c in tpu if c.expect_error] == [aot_check.VMEM_ERROR]
 
@@ -182,7 +182,17 @@ def test_the_report_says_what_did_not_fit_and_which_kernels_have_no_tpu_version(
     gpu = dict(chip=dataclasses.asdict(aot_check.GPUS["h100"]), kernels=[], pods=[pod])
     tpu = dict(
         chip=dataclasses.asdict(aot_check.TPUS["v5p"]),
-        kernels=[dict(kernel="selective_scan", note=aot_check.TPU_KERNEL_NOTE)],
+        kernels=[
+            dict(
+                kernel="ssd fwd",
+                detail="d",
+                compiled=False,
+                error="RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: x",
+                seconds=1.0,
+                expect_error=aot_check.VMEM_ERROR,
+                as_expected=True,
+            )
+        ],
         pods=[],
     )
     results = dict(jax=jax.__version__, targets={"h100": gpu, "v5p": tpu})
@@ -192,7 +202,7 @@ def test_the_report_says_what_did_not_fit_and_which_kernels_have_no_tpu_version(
         in text
     )
     assert "**NO** (-10.0)" in text and "42.3% MFU on 128 A100s" in text
-    assert "| selective_scan |  | no TPU (Mosaic) kernel yet: issue 24 |" in text
+    assert "| ssd fwd | d | no: RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: x |" in text
     assert aot_check.unexpected(results) == [("h100", "p", "needs 70.0 GB per device")]
 
 

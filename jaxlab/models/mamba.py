@@ -48,6 +48,7 @@ Internals: ``return_hidden=True`` (or ``return_attention=True``) appends ``hidde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -287,6 +288,27 @@ def _inverse_softplus(y):
     return y + jnp.log(-jnp.expm1(-y))
 
 
+def _channel_axes(channels: str, groups: int) -> tuple[str | None, str | None]:
+    """The logical axes of a scan's channels (``"heads"`` or ``"mlp"``) and of its B/C groups
+    inside :func:`_per_shard_scan`: the channels split over devices where the groups split with
+    them, or there is one group (then every shard reads it whole); otherwise neither splits."""
+    split = groups % mesh_parts(channels) == 0
+    return (channels if split or groups == 1 else None), (channels if split else None)
+
+
+def _per_shard_scan(scan, arrays: dict, out_axes):
+    """``scan(**arrays)`` on each device's shard of a sharded model (``partitioning.per_shard``);
+    ``arrays``: keyword -> (array or None, logical axes), the Nones left out. XLA cannot partition
+    a Mosaic (TPU) kernel itself, and a scan is independent per batch row and channel."""
+    arrays = {k: v for k, v in arrays.items() if v[0] is not None}
+
+    def run(*values):
+        return scan(**dict(zip(arrays, values, strict=True)))
+
+    axes = [a for _, a in arrays.values()]
+    return per_shard(run, axes, out_axes)(*[v for v, _ in arrays.values()])
+
+
 class MambaMixer(nnx.Module):
     def __init__(self, config: MambaConfig, rngs: nnx.Rngs):
         c = self.config = config
@@ -397,34 +419,45 @@ class MambaMixer(nnx.Module):
         return x, step, A, B, C, z, conv_state
 
     def _ssd(self, x, step, A, B, C, D, state):
-        """``scan_ops.ssd`` (``D``, ``state``: None or arrays) on each device's shard of a
-        sharded model: its batch rows, and its heads where the groups of B and C split with them
-        (or there is one group). XLA cannot partition a Mosaic (TPU) kernel itself, and the scan
-        is independent per row and head."""
+        """``scan_ops.ssd`` (``D``, ``state``: None or arrays) per shard (:func:`_per_shard_scan`):
+        each device's batch rows, and its heads where the groups of B and C split with them (or
+        there is one group)."""
         c = self.config
-        groups = B.shape[2]
-        split = groups % mesh_parts("heads") == 0
-        heads = "heads" if split or groups == 1 else None
-        group = heads if split else None
-        arrays = {
-            "x": (x, ("batch", "seq", heads, "head_dim")),
-            "dt": (step, ("batch", "seq", heads)),
-            "A": (A, (heads,)),
-            "B": (B, ("batch", "seq", group, "state")),
-            "C": (C, ("batch", "seq", group, "state")),
-            "D": (D, (heads,)),
-            "initial_state": (state, ("batch", heads, "head_dim", "state")),
-        }
-        arrays = {k: v for k, v in arrays.items() if v[0] is not None}
+        heads, group = _channel_axes("heads", B.shape[2])
+        return _per_shard_scan(
+            functools.partial(scan_ops.ssd, chunk_size=c.chunk_size, impl=c.scan_impl),
+            {
+                "x": (x, ("batch", "seq", heads, "head_dim")),
+                "dt": (step, ("batch", "seq", heads)),
+                "A": (A, (heads,)),
+                "B": (B, ("batch", "seq", group, "state")),
+                "C": (C, ("batch", "seq", group, "state")),
+                "D": (D, (heads,)),
+                "initial_state": (state, ("batch", heads, "head_dim", "state")),
+            },
+            (("batch", "seq", heads, "head_dim"), ("batch", heads, "head_dim", "state")),
+        )
 
-        def run(*values):
-            kw = dict(zip(arrays, values, strict=True))
-            args = [kw.pop(k) for k in ("x", "dt", "A", "B", "C")]
-            return scan_ops.ssd(*args, **kw, chunk_size=c.chunk_size, impl=c.scan_impl)
-
-        out_axes = (("batch", "seq", heads, "head_dim"), ("batch", heads, "head_dim", "state"))
-        axes = [a for _, a in arrays.values()]
-        return per_shard(run, axes, out_axes)(*[v for v, _ in arrays.values()])
+    def _selective_scan(self, x, delta, A, B, C, z, state):
+        """Mamba-1's ``scan_ops.selective_scan`` (``state``: None or an array) per shard
+        (:func:`_per_shard_scan`): each device's batch rows, and its channels where the groups of
+        B and C split with them (or there is one group)."""
+        c = self.config
+        channels, group = _channel_axes("mlp", B.shape[2])
+        return _per_shard_scan(
+            functools.partial(scan_ops.selective_scan, chunk_size=c.chunk_size, impl=c.scan_impl),
+            {
+                "u": (x, ("batch", "seq", channels)),
+                "delta": (delta, ("batch", "seq", channels)),
+                "A": (A, (channels, "state")),
+                "B": (B, ("batch", "seq", group, "state")),
+                "C": (C, ("batch", "seq", group, "state")),
+                "D": (self.D[...], (channels,)),
+                "z": (z, ("batch", "seq", channels)),
+                "initial_state": (state, ("batch", channels, "state")),
+            },
+            (("batch", "seq", channels), ("batch", channels, "state")),
+        )
 
     def mixer_matrix(self, hidden):
         """MOHAWK stage 1: the matrix ``M`` [batch, heads, seq, seq] (float32 or wider) of this
@@ -478,17 +511,8 @@ class MambaMixer(nnx.Module):
                 (dt_low @ self.dt_proj[...].astype(dt_)).astype(f32) + self.dt_bias[...].astype(f32)
             )
             delta = delta * valid
-            y, new_state = scan_ops.selective_scan(
-                x,
-                delta,
-                -jnp.exp(self.A_log[...].astype(f32)),
-                B,
-                C,
-                D=self.D[...],
-                z=z,
-                initial_state=state,
-                impl=c.scan_impl,
-                chunk_size=c.chunk_size,
+            y, new_state = self._selective_scan(
+                x, delta, -jnp.exp(self.A_log[...].astype(f32)), B, C, z, state
             )
         else:
             x, step, A, B, C, z, conv_state = self.ssd_inputs(hidden, conv_cache, lengths)

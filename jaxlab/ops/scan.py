@@ -3,7 +3,7 @@
 Math and layouts are those of :mod:`kernels_pallas.selective_scan` and :mod:`kernels_pallas.ssd`.
 ``impl`` picks the implementation:
 
-* ``'pallas'``: the Pallas kernels: Triton on GPU, for SSD Mosaic on TPU (interpret mode on CPU);
+* ``'pallas'``: the Pallas kernels: Triton on GPU, Mosaic on TPU (interpret mode on CPU);
 * ``'sequential'``: ``lax.scan`` one step at a time (the reference; least memory, least parallel);
 * ``'associative'``: ``lax.associative_scan`` over the whole sequence (parallel; keeps every
   step's state, so memory grows as ``seq * dim * state``);
@@ -12,7 +12,7 @@ Math and layouts are those of :mod:`kernels_pallas.selective_scan` and :mod:`ker
   states);
   for SSD, the chunked SSD algorithm (matmuls inside chunks);
 * ``'auto'``: ``'sequential'`` for fewer than 16 steps (decoding), else Pallas where the kernels
-  compile (GPU; for SSD also TPU) and ``'chunked'`` elsewhere.
+  compile (GPU and TPU) and ``'chunked'`` elsewhere.
 
 Both scans return ``(out, final_state)`` whatever the implementation (under ``jax.jit`` an unused
 state costs nothing: every path computes it anyway). The implementations live in two registries,
@@ -179,7 +179,7 @@ def _selective_xla(method):
 
 
 SELECTIVE_SCAN_IMPLS.register(
-    "auto", _auto(SELECTIVE_SCAN_IMPLS, rank=3, kernel_platforms=("gpu",))
+    "auto", _auto(SELECTIVE_SCAN_IMPLS, rank=3, kernel_platforms=("gpu", "tpu"))
 )
 SELECTIVE_SCAN_IMPLS.register("pallas", _selective_pallas)
 SELECTIVE_SCAN_IMPLS.register("sequential", _selective_sequential)

@@ -154,15 +154,7 @@ def _resolve(q, scale, block_sizes, interpret):
     block_sizes = (
         BlockSizes.get_default(head_dim=q.shape[-1]) if block_sizes is None else block_sizes
     )
-    if platform() == "tpu":  # the Mosaic kernels: compiled unless interpret is asked for
-        return scale, block_sizes, bool(interpret)
-    # Off TPU resolve_interpret never raises, so its TPU fallback text is not shown.
-    interpret = resolve_interpret(
-        interpret,
-        kernel="sparse attention",
-        fallback="jaxlab.ops.qk_sparse_attention or jaxlab.ops.hash_sparse_attention with "
-        "impl='xla' (or impl='auto', which picks it off GPU)",
-    )
+    interpret = resolve_interpret(interpret)
     return scale, block_sizes, interpret
 
 

@@ -3,6 +3,7 @@
 names an ``ops`` call that exists."""
 
 import dataclasses
+import functools
 import inspect
 import pathlib
 import re
@@ -21,6 +22,7 @@ from kernels_pallas import _common as common
 from kernels_pallas import selective_scan as mamba1_kernels
 from kernels_pallas import sparse_attention as sparse_kernels
 from kernels_pallas import ssd as ssd_kernels
+from tests.kernels_pallas.sparse_attention_tpu_test import V5E
 
 KERNEL_MODULES = [mamba1_kernels, ssd_kernels, sparse_kernels]
 # (kernel entry point, the ops function that dispatches to it)
@@ -128,34 +130,28 @@ def _ssd_args(seq):
     return x, dt, A, B, B
 
 
-# (kernel, its arguments, the ops function) of the kernels without a Mosaic (TPU) version; odd
-# lengths no other test uses, so that no jit cache skips the trace-time check. SSD and sparse
-# attention have one (tests/kernels_pallas/ssd_tpu_test.py, sparse_attention_tpu_test.py).
-TPU_CASES = [
-    (mamba1_kernels.selective_scan, _scan_args(21), scan_ops.selective_scan),
-]
+def _sparse_args(seq):
+    rng = np.random.default_rng(seq)
+    q = jnp.asarray(rng.standard_normal((1, seq, 2, 16)), jnp.float32)
+    buckets = jnp.asarray(rng.integers(0, 2, (1, seq, 2)), jnp.int32)
+    return q, q, q, buckets, buckets
 
 
-@pytest.mark.parametrize("kernel,args,op", TPU_CASES, ids=lambda x: getattr(x, "__name__", ""))
-def test_tpu_message_names_an_ops_call_that_runs_there(monkeypatch, kernel, args, op):
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with pytest.raises(NotImplementedError) as error:
-        kernel(*args, interpret=False)
-    message = str(error.value)
-    assert f"jaxlab.ops.{op.__name__}" in message, message
-    impls = re.findall(r"impl='(\w+)'", message)
-    assert impls, message
-    for impl in impls:  # each suggested impl is accepted by ops and runs on a "TPU"
-        out = op(*args, impl=impl)
-        out = out[0] if isinstance(out, tuple) else out
-        assert bool(jnp.all(jnp.isfinite(out))), impl
-
-
-def test_ssd_compiles_for_tpu_where_the_other_kernels_refuse():
-    with common.target_platform("tpu"):
-        text = ssd_kernels.ssd.trace(*_ssd_args(19), interpret=False).lower(
-            lowering_platforms=("tpu",)
-        )
+# Odd lengths no other test uses, so that no jit cache skips the trace for the TPU.
+@pytest.mark.parametrize(
+    "kernel,args",
+    [
+        (ssd_kernels.ssd, _ssd_args(19)),
+        (mamba1_kernels.selective_scan, _scan_args(21)),
+        (sparse_kernels.hash_sparse_attention, _sparse_args(17)),
+    ],
+    ids=["ssd", "selective_scan", "hash_sparse_attention"],
+)
+def test_every_kernel_compiles_to_mosaic_when_traced_for_tpu(kernel, args):
+    # A TPU as jax describes one without opening it: the Mosaic lowering asks for the chip.
+    with common.target_platform("tpu"), jax.sharding.use_abstract_mesh(V5E):
+        traced = jax.jit(functools.partial(kernel, interpret=False)).trace(*args)
+        text = traced.lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in text.as_text()
 
 
@@ -225,16 +221,16 @@ def test_a_registered_attention_impl_is_dispatched_to_and_not_overwritten(monkey
 def test_target_platform_decides_what_the_kernels_are_traced_for():
     backend = jax.default_backend()
     assert common.platform() == backend  # outside a target_platform block: this process's
-    kw = dict(kernel="k", fallback="jaxlab.ops.k(..., impl='xla')")
     with common.target_platform("cpu"):
-        assert common.resolve_interpret(None, **kw)  # emulated on the CPU
+        assert common.resolve_interpret(None)  # emulated on the CPU
+        assert not common.resolve_interpret(False)
     with common.target_platform("gpu"):
         assert common.platform() == "gpu"
-        assert not common.resolve_interpret(None, **kw)  # compiled for the GPU target
+        assert not common.resolve_interpret(None)  # compiled for the GPU target
         with common.target_platform("tpu"):
-            with pytest.raises(NotImplementedError, match="impl='xla'"):
-                common.resolve_interpret(False, **kw)
-            assert not common.resolve_interpret(None, **kw, compiled_on=("gpu", "tpu"))
+            assert common.platform() == "tpu"
+            assert not common.resolve_interpret(None)  # compiled for the TPU target
+            assert common.resolve_interpret(True)  # TPU interpret mode, as the tests run it
         assert common.platform() == "gpu"
     assert common.platform() == backend
     with pytest.raises(ValueError, match="name must be one of .* got 'cuda'"):

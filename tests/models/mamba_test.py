@@ -308,3 +308,38 @@ def test_the_ssd_runs_per_shard_in_a_sharded_model_and_computes_the_same(groups,
         got = jax.jit(lambda h: mixer(h, None)[0])(hidden)
     assert "shard_map" in jaxpr
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mixer,state,tensor",
+    [("mamba1", 8, 2), ("mamba1_qkv", 8, 4), ("mamba1_qkv", 16, 8)],
+    ids=["one-group", "groups-split", "channels-whole"],
+)
+def test_the_selective_scan_runs_per_shard_in_a_sharded_model_and_computes_the_same(
+    mixer, state, tensor
+):
+    # 64 channels over the tensor axis: mamba1's one group goes whole to every shard; mamba1_qkv
+    # has a group per state_size channels: 8 groups split over 4 shards, 4 over 8 cannot, so the
+    # channels stay whole too. A cache gives the scan an initial state.
+    from jaxlab.models.interface import MixerCache
+    from jaxlab.models.partitioning import activation_sharding, mesh_parts
+    from jaxlab.train.sharding import make_mesh
+
+    config = dataclasses.replace(BASE, mixer=mixer, state_size=state)
+    mixer = models.build(config, nnx.Rngs(3)).layers[0].mixer
+    _randomize(mixer, 4)
+    keys = jax.random.split(jax.random.key(2), 3)
+    hidden = jax.random.normal(keys[0], (4, 19, config.hidden_size))
+    cache = MixerCache(
+        jax.random.normal(keys[1], (4, config.conv_kernel - 1, config.inner_size)),
+        jax.random.normal(keys[2], (4, config.inner_size, state)),
+    )
+    want = mixer(hidden, cache)
+    mesh = make_mesh(data=8 // tensor, tensor=tensor)
+    with activation_sharding(mesh):
+        assert mesh_parts("mlp") == tensor
+        jaxpr = str(jax.make_jaxpr(lambda h, c: mixer(h, c))(hidden, cache))
+        got = jax.jit(lambda h, c: mixer(h, c))(hidden, cache)
+    assert "shard_map" in jaxpr
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
