@@ -35,7 +35,7 @@ config_flags.DEFINE_config_file("config", "configs/doge.py", "Experiment configu
 FLAGS = flags.FLAGS
 CLAIMS_RULE = (
     "a claim holds when DoGE-OOD's weights give a lower mean (over seeds) loss or perplexity on "
-    "the OOD target than both uniform and DoReMi weights; the corpus claim is not tested when "
+    "the OOD target than both uniform and DoReMi weights; the corpus claim is not measured when "
     "the corpus runs are off (corpus.steps = 0)."
 )
 
@@ -302,7 +302,9 @@ def claims(results) -> list[report.Claim]:
     corpus_claim = "embedded corpus: DoGE-OOD weights give the lowest perplexity on the OOD package"
     corpus_result = results["corpus"]
     if corpus_result is None:
-        out.append(report.Claim(corpus_claim, paper, "not run", "not tested (corpus.steps = 0)"))
+        out.append(
+            report.Claim(corpus_claim, paper, "not run (corpus.steps = 0)", report.verdict(None))
+        )
         return out
     target = corpus_result["target"]
     methods["DoGE-OOD"] = "doge"  # the corpus runs name their DoGE-OOD weights "doge"

@@ -214,7 +214,7 @@ def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
         for n in ("hash, 8 buckets", "qk, keep 0.7")
     ]
     assert [c["verdict"] for c in claims] == [*expected, claims[-1]["verdict"]]
-    assert claims[-1]["verdict"].startswith("not tested")
+    assert claims[-1]["verdict"] == "not measured" and "make bench-gpu" in claims[-1]["ours"]
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
@@ -573,3 +573,15 @@ def test_cotformer_experiment_smoke_reports_arms_budgets_and_claims(tmp_path):
     assert "| (1.0, 0.5) |" in report and "[secondary, not in the paper]" in report
     assert "## Residual scale" in report
     assert (tmp_path / "perplexity_vs_macs.png").stat().st_size > 1000
+
+
+def test_doge_claims_without_corpus_runs_say_not_measured():
+    from experiments import doge
+
+    synthetic = [
+        dict(target_loss={"doge-ood": 1.0, "uniform": 1.5, "doremi": 1.2}),
+        dict(target_loss={"doge-ood": 1.1, "uniform": 1.4, "doremi": 1.3}),
+    ]
+    first, corpus = doge.claims(dict(synthetic=synthetic, corpus=None))
+    assert first.verdict == "holds"  # 1.05 < min(1.45, 1.25)
+    assert corpus.verdict == "not measured" and "corpus.steps = 0" in corpus.ours
