@@ -306,7 +306,9 @@ def _per_shard_scan(scan, arrays: dict, out_axes):
         return scan(**dict(zip(arrays, values, strict=True)))
 
     axes = [a for _, a in arrays.values()]
-    return per_shard(run, axes, out_axes)(*[v for v, _ in arrays.values()])
+    # A scan runs along the sequence and sums over the state: neither may split.
+    sharded = per_shard(run, axes, out_axes, whole=("seq", "state"))
+    return sharded(*[v for v, _ in arrays.values()])
 
 
 class MambaMixer(nnx.Module):

@@ -133,14 +133,18 @@ def mesh_parts(logical: str) -> int:
     return int(np.prod([mesh.shape[a] for a in names]))
 
 
-def per_shard(fn, in_axes: Sequence[Sequence[str | None] | None], out_axes):
+def per_shard(
+    fn, in_axes: Sequence[Sequence[str | None] | None], out_axes, *, whole: Sequence[str] = ()
+):
     """``fn`` run on each device's shard (``jax.shard_map``) of the active
     :func:`activation_sharding` context's mesh, every argument and result split along its logical
     axes; ``fn`` itself outside a context.
 
     ``in_axes``: one tuple of logical axes per positional argument (anything for an argument
     that is None); ``out_axes``: the result's axes, or one tuple per result when ``fn`` returns
-    a tuple. Arguments are resharded to these layouts where they differ.
+    a tuple. Arguments are resharded to these layouts where they differ. ``whole``: logical
+    axes ``fn`` is not independent along (a scan's sequence, a sum's axis); they stay unsplit
+    whatever the rules map them to.
 
     For computations that XLA cannot partition itself, such as Pallas Mosaic (TPU) kernels
     ("Mosaic kernels cannot be automatically partitioned"), and that are independent along the
@@ -154,7 +158,8 @@ def per_shard(fn, in_axes: Sequence[Sequence[str | None] | None], out_axes):
     def spec(axes, x, what):
         if x is None:
             return None
-        return logical_to_spec(axes, x.shape, mesh, rules, name=f"per_shard {what} {tuple(axes)}")
+        axes = tuple(None if a in whole else a for a in axes)
+        return logical_to_spec(axes, x.shape, mesh, rules, name=f"per_shard {what} {axes}")
 
     def run(*args):
         if len(args) != len(in_axes):

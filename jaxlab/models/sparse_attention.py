@@ -165,7 +165,8 @@ def sparse_attention(config: SparseAttentionConfig, layer: int, q, k, v, positio
 
     if sparse_ops.needs_per_shard(config.impl):
         in_axes = (_Q_AXES, _KV_AXES, _KV_AXES, _Q_ROWS, _KV_ROWS, _SEGMENTS)
-        attend = per_shard(attend, in_axes, _Q_AXES)
+        # Attention reads every earlier key and sums over head_dim: neither may split.
+        attend = per_shard(attend, in_axes, _Q_AXES, whole=("seq", "head_dim"))
     return attend(q, k, v, q_rows, k_rows, segment_ids)
 
 

@@ -59,9 +59,11 @@ def _auto(registry):
 
 
 def needs_per_shard(impl: str) -> bool:
-    """Whether a sharded model must run ``impl`` per shard (``jax.shard_map``): the Mosaic (TPU)
-    kernels, which XLA refuses to partition. The platform is the one traced for."""
-    return _resolve_auto(impl) == "pallas" and kernel_platform() == "tpu"
+    """Whether a sharded model must run ``impl`` per shard (``jax.shard_map``): the Pallas
+    kernels, which XLA cannot partition (it refuses Mosaic calls, and would gather a Triton
+    call's operands onto every device); the XLA paths it partitions itself, as the scans' per
+    shard helper does for every path. The platform is the one traced for."""
+    return _resolve_auto(impl) == "pallas" and kernel_platform() in ("gpu", "tpu")
 
 
 def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, scale):

@@ -117,3 +117,32 @@ def test_tiny_lm_trains_with_sparse_attention_on_eight_devices(tmp_path, kind):
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < losses[0] - 0.5
     assert jax.tree.leaves(summary.state.params)  # parameters exist and were trained
+
+
+@pytest.mark.parametrize("kind", ["hash", "qk"])
+def test_the_per_shard_path_computes_the_unsharded_attention(kind, monkeypatch):
+    """The path a sharded model takes for the Pallas kernels (shard_map by logical axes, GQA
+    groups kept on their device), run here with the XLA path on the 8-device CPU mesh."""
+    from jaxlab.models.partitioning import activation_sharding
+    from jaxlab.train.sharding import make_mesh
+
+    config = sparse.SparseAttentionConfig(kind=kind, num_buckets=4, keep_rate=0.6, impl="xla")
+    rng = np.random.default_rng(7)
+    batch, seq, heads, kv_heads, dim = 4, 24, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, dim)), jnp.float32)
+    k, v = (
+        jnp.asarray(rng.standard_normal((batch, seq, kv_heads, dim)), jnp.float32) for _ in "kv"
+    )
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    segments = jnp.asarray(np.repeat([[1] * 16 + [2] * 8], batch, axis=0), jnp.int32)
+    for segment_ids in (None, segments):
+        want = sparse.sparse_attention(config, 1, q, k, v, positions, segment_ids)
+        monkeypatch.setattr(sparse.sparse_ops, "needs_per_shard", lambda impl: True)
+        mesh = make_mesh(data=2, fsdp=2, tensor=2)
+        with activation_sharding(mesh):
+            run = jax.jit(lambda *a: sparse.sparse_attention(config, 1, *a))
+            text = str(jax.make_jaxpr(run)(q, k, v, positions, segment_ids))
+            got = run(q, k, v, positions, segment_ids)
+        monkeypatch.undo()
+        assert "shard_map" in text
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -137,3 +137,22 @@ def test_per_shard_runs_the_function_on_each_shard_inside_a_sharding_context():
     assert "shard_map" in text
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
     assert tuple(got.sharding.spec)[:3] == (("data", "fsdp"), None, "tensor")
+
+
+def test_per_shard_keeps_whole_the_axes_a_function_runs_along():
+    """A rule that splits the sequence must not cut a scan into independent pieces."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    rules = (("batch", ("data", "fsdp")), ("seq", "tensor"))
+    x = jnp.arange(1.0, 9.0).reshape(4, 2)  # [batch, seq]
+    want = jnp.cumsum(x, axis=1)
+    axes = ("batch", "seq")
+
+    def scan(v):
+        return jnp.cumsum(v, axis=1)
+
+    with activation_sharding(mesh, rules):
+        cut = jax.jit(per_shard(scan, (axes,), axes))(x)
+        whole = jax.jit(per_shard(scan, (axes,), axes, whole=("seq",)))(x)
+    assert not np.allclose(np.asarray(cut), np.asarray(want))  # each shard restarts the sum
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(want))
+    assert tuple(whole.sharding.spec)[:1] == (("data", "fsdp"),)
