@@ -172,7 +172,9 @@ def split_key(path: str, pattern: str, record: int | None = None) -> str:
     parts = os.path.normpath(pattern).split(os.sep)
     wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
     root = os.path.dirname(pattern) if wild is None else os.sep.join(parts[:wild])
-    key = os.path.relpath(path, root or os.curdir)
+    if not root:  # "/*.jsonl" keeps its root "/"; a relative pattern's is the working directory
+        root = os.sep if os.path.isabs(pattern) else os.curdir
+    key = os.path.relpath(path, root)
     return key if record is None else f"{key}:{record}"
 
 

@@ -98,11 +98,15 @@ class JaxlabLM(LM):
       tokenizer: a :class:`jaxlab.data.tokenizers.Tokenizer` whose ids fit the model's
         vocabulary, or a spec for ``load_tokenizer``; default (None, with a source string
         only) the source's own tokenizer.
-      batch_size: rows per forward pass or generation call, an int >= 1.
+      batch_size: rows per forward pass or generation call, an int >= 1 (or its decimal
+        string, as lm-eval's command line passes it).
       max_gen_toks: the generation budget when a request's ``gen_kwargs`` name none (lm-eval's
         default is 256); it must leave room for a context: ``< max_seq_len``.
       add_bos: put the tokenizer's bos before every context and prompt; default (None) when
         the tokenizer has one, as Llama's Hugging Face tokenizer does.
+      device, max_batch_size: what lm-eval's evaluator passes every model (its command line
+        sets ``device="cuda:0"`` by default); ignored: jax places the model, and batches have
+        one size.
     """
 
     def __init__(
@@ -110,11 +114,19 @@ class JaxlabLM(LM):
         model,
         tokenizer: Tokenizer | str | None = None,
         *,
-        batch_size: int = 16,
+        batch_size: int | str = 16,
         max_gen_toks: int = 256,
         add_bos: bool | None = None,
+        device: str | None = None,
+        max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        del device, max_batch_size
+        if isinstance(batch_size, str) and batch_size.strip().isdigit():
+            batch_size = int(batch_size)
+        for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
+            if not _is_int(value) or value < 1:  # checked before a model is loaded
+                raise ValueError(f"JaxlabLM: {name} must be an int >= 1, got {value!r}")
         if isinstance(model, str):
             if tokenizer is None:
                 tokenizer = pretrained.source_tokenizer(model, "JaxlabLM: model")
@@ -142,9 +154,6 @@ class JaxlabLM(LM):
                 f"JaxlabLM: the model's max_seq_len must be >= 2 (a token of context and one "
                 f"to score), got {config.max_seq_len}"
             )
-        for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"JaxlabLM: {name} must be an int >= 1, got {value!r}")
         if add_bos is None:
             add_bos = tokenizer.bos_id is not None
         elif add_bos and tokenizer.bos_id is None:

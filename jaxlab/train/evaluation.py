@@ -22,7 +22,9 @@ def eval_sets(exp: Experiment, components) -> dict[str, list[dict[str, np.ndarra
     if config.eval_per_source and len(with_validation) > 1:
         for c in with_validation:
             sets[c.name] = pipeline.eval_batches(*args, [c])
-        if missing := [c.name for c in components if not len(c.validation)]:
+    if config.eval_per_source and len(components) > 1:
+        # Components with documents but none held out (reasoning and qa sources hold none).
+        if missing := [c.name for c in components if len(c.train) and not len(c.validation)]:
             logging.warning(
                 "eval_per_source: no held-out documents in %s at config.data.validation_fraction="
                 "%s, so no eval_loss/<name> for them",

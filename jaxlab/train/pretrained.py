@@ -463,7 +463,7 @@ def source_tokenizer(spec: str, field: str = "--model") -> str:
             "save_model_source); name the tokenizer explicitly"
         )
     with open(run_config) as f:
-        return json.load(f).get("data", {}).get("tokenizer") or "byte"
+        return (json.load(f).get("data") or {}).get("tokenizer") or "byte"
 
 
 def load_model(spec: str, field: str = "--model") -> nnx.Module:

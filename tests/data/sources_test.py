@@ -219,3 +219,9 @@ def test_utf8_errors_count_lines_as_text_mode_and_bytes_in_the_file(
     )
     with pytest.raises(ValueError, match=message):
         sources.text_files(str(tmp_path / "*.txt"), validation_fraction=0.0)
+
+
+def test_split_key_of_a_pattern_wild_from_its_first_component():
+    # "/*.jsonl": the root is "/" whatever the working directory; a relative one's is ".".
+    assert sources.split_key("/data.jsonl", "/*.jsonl", 3) == "data.jsonl:3"
+    assert sources.split_key("a/b.txt", "*/b.txt") == os.path.join("a", "b.txt")

@@ -258,9 +258,12 @@ def test_model_sources_through_the_registry(tmp_path):
     registered = lm_eval.api.registry.get_model("jaxlab")
     assert registered is JaxlabLM
     arg_string = f"model=hf:{tmp_path / 'hf'},tokenizer=byte,batch_size=2"
+    # What lm-eval's command line adds: a string batch size and device="cuda:0".
+    cli_extras = {"batch_size": "2", "max_batch_size": None, "device": "cuda:0"}
     for lm in (
         registered.create_from_arg_string(arg_string),
         registered.create_from_arg_obj({"model": f"run:{tmp_path / 'run'}"}, {"batch_size": 1}),
+        registered.create_from_arg_string(f"model=hf:{tmp_path / 'hf'},tokenizer=byte", cli_extras),
     ):
         assert isinstance(lm.tokenizer, ByteTokenizer)
         got = lm.loglikelihood(requests)
@@ -269,6 +272,8 @@ def test_model_sources_through_the_registry(tmp_path):
         JaxlabLM(f"run:{tmp_path / 'bare_run'}")
     with pytest.raises(TypeError, match="None only with a model source string"):
         JaxlabLM(model)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 'auto'"):
+        JaxlabLM(f"hf:{tmp_path / 'missing'}", batch_size="auto")  # before loading anything
 
 
 def test_a_hybrid_mamba_model_through_the_same_adapter():

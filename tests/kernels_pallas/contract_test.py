@@ -22,7 +22,7 @@ from kernels_pallas import _common as common
 from kernels_pallas import selective_scan as mamba1_kernels
 from kernels_pallas import sparse_attention as sparse_kernels
 from kernels_pallas import ssd as ssd_kernels
-from tests.kernels_pallas.sparse_attention_tpu_test import V5E
+from tests.kernels_pallas.tpu_target import V5E
 
 KERNEL_MODULES = [mamba1_kernels, ssd_kernels, sparse_kernels]
 # (kernel entry point, the ops function that dispatches to it)
@@ -147,8 +147,7 @@ def _sparse_args(seq):
     ],
     ids=["ssd", "selective_scan", "hash_sparse_attention"],
 )
-def test_every_kernel_compiles_to_mosaic_when_traced_for_tpu(kernel, args):
-    # A TPU as jax describes one without opening it: the Mosaic lowering asks for the chip.
+def test_every_kernel_lowers_to_mosaic_when_traced_for_tpu(kernel, args):
     with common.target_platform("tpu"), jax.sharding.use_abstract_mesh(V5E):
         traced = jax.jit(functools.partial(kernel, interpret=False)).trace(*args)
         text = traced.lower(lowering_platforms=("tpu",))

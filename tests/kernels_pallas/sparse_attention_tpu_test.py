@@ -16,6 +16,7 @@ from jaxlab.ops import sparse_attention as sparse_ops
 from kernels_pallas import sparse_attention as sa
 from kernels_pallas._common import target_platform
 from kernels_pallas.sparse_attention import kernel_tpu
+from tests.kernels_pallas.tpu_target import V5E
 
 # Tiles of the forward and backward kernels that differ (one padded length serves both).
 MIXED = sa.BlockSizes(block_q=256, block_k=128, block_q_bwd=128, block_k_bwd=256)
@@ -78,12 +79,14 @@ def empty_rows(kind, masks, seq, heads, segment_ids):
 
 
 # (kind, batch, seq, heads, kv_heads, head_dim, dtype, block sizes, packed segments): odd
-# lengths, GQA, head_dim 64 / padded 48 / 128, forward and backward tiles that differ, bf16.
+# lengths, GQA (one and two kv heads), head_dim 32 / padded 48 / 64 / 128, forward and
+# backward tiles that differ, bf16.
 CASES = [
     ("qk", 1, 300, 2, 1, 64, jnp.float32, MIXED, True),
     ("hash", 1, 150, 2, 1, 48, jnp.float32, None, False),
     ("qk", 1, 130, 2, 2, 128, jnp.bfloat16, None, False),
     ("hash", 2, 140, 2, 1, 64, jnp.bfloat16, None, True),
+    ("qk", 1, 140, 4, 2, 32, jnp.float32, None, False),  # two kv heads, two query heads each
 ]
 
 
@@ -155,12 +158,6 @@ def test_tile_ranges_are_the_qk_lists_and_cover_the_hash_lists():
                 if kind == "qk":
                     assert live == covered, (idx, sorted(live), first[idx], span[idx])
             assert np.any(span < tiles.shape[-1]) and np.any(span > 0)
-
-
-# A TPU as jax describes one without opening it: the Mosaic lowering asks for the chip.
-V5E = jax.sharding.AbstractMesh(
-    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice("TPU v5 lite", 1, "tpu")
-)
 
 
 def lower_for_tpu(fn, *args):
