@@ -22,7 +22,7 @@ from kernels_pallas import _common as common
 from kernels_pallas import selective_scan as mamba1_kernels
 from kernels_pallas import sparse_attention as sparse_kernels
 from kernels_pallas import ssd as ssd_kernels
-from tests.kernels_pallas.tpu_target import V5E
+from tests.kernels_pallas.tpu_testing import V5E
 
 KERNEL_MODULES = [mamba1_kernels, ssd_kernels, sparse_kernels]
 # (kernel entry point, the ops function that dispatches to it)

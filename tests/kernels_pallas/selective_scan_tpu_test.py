@@ -9,7 +9,6 @@ magnitude (at least 1); bf16 inputs 3e-2. Shapes are tiny: the TPU interpreter i
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxlab.ops import scan as scan_ops
@@ -17,6 +16,12 @@ from kernels_pallas import selective_scan as ss
 from kernels_pallas import selective_scan_tpu
 from kernels_pallas._common import target_platform
 from tests.kernels_pallas.selective_scan_test import numpy_of, scan_inputs
+from tests.kernels_pallas.tpu_testing import (
+    assert_close,
+    assert_grads_match_float64,
+    grads,
+    lowered_for_tpu,
+)
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -25,12 +30,6 @@ def tpu_scan(**kw):
     """The public kernel entry traced for TPU, in TPU interpret mode."""
     with target_platform("tpu"):
         return ss.selective_scan(**kw, return_final_state=True, interpret=True)
-
-
-def assert_close(got, want, tol, what):
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(np.asarray(got, np.float64) - want).max())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x {scale:.3g}"
 
 
 # (chunk_size, seq, dim, groups, state, options kept): lengths that are no multiple of the
@@ -78,14 +77,6 @@ def test_bf16_inputs_match_the_float64_recurrence():
     assert_close(final, want_final, 3e-2, "final state")
 
 
-def grads(fn, values, names, fixed, ct, ct_final):
-    def loss(*vs):
-        out, final = fn(**dict(zip(names, vs, strict=True)), **fixed)
-        return jnp.sum(out * ct) + jnp.sum(final * ct_final)
-
-    return jax.grad(loss, argnums=tuple(range(len(names))))(*values)
-
-
 @pytest.mark.parametrize(
     "case", [CASES[0], CASES[1], CASES[4]], ids=["all-options-groups", "bare", "lane-blocks"]
 )
@@ -99,19 +90,11 @@ def test_gradients_of_every_input_match_the_float64_reference(case):
     ct = jnp.asarray(rng.standard_normal(args["u"].shape), jnp.float32)
     ct_final = jnp.asarray(rng.standard_normal((2, dim, state)), jnp.float32)
     got = grads(tpu_scan, values, names, dict(fixed, block_sizes=blocks(chunk_size)), ct, ct_final)
-    with jax.enable_x64(True):
 
-        def to64(v):
-            return jnp.asarray(np.asarray(v, np.float64))
+    def reference(**kw):
+        return ss.selective_scan_reference(**kw, return_final_state=True)
 
-        def reference(**kw):
-            return ss.selective_scan_reference(**kw, return_final_state=True)
-
-        want = grads(reference, [to64(v) for v in values], names, fixed, to64(ct), to64(ct_final))
-        want = [np.asarray(w) for w in want]
-    for name, g, w in zip(names, got, want, strict=True):
-        assert g.shape == w.shape, name
-        assert_close(g, w, 5e-5, f"d{name}")
+    assert_grads_match_float64(got, reference, values, names, fixed, ct, ct_final)
 
 
 def test_chunk_tile_and_channel_block():
@@ -141,11 +124,6 @@ def _specs(dtype, batch=1, seq=300, dim=256, groups=1, state=16):
         spec((batch, seq, groups, state), dtype),
         spec((batch, dim, state), jnp.float32),
     )
-
-
-def lowered_for_tpu(fn, args):
-    with target_platform("tpu"):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

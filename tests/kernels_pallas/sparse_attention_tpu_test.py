@@ -16,7 +16,7 @@ from jaxlab.ops import sparse_attention as sparse_ops
 from kernels_pallas import sparse_attention as sa
 from kernels_pallas._common import target_platform
 from kernels_pallas.sparse_attention import kernel_tpu
-from tests.kernels_pallas.tpu_target import V5E
+from tests.kernels_pallas.tpu_testing import V5E
 
 # Tiles of the forward and backward kernels that differ (one padded length serves both).
 MIXED = sa.BlockSizes(block_q=256, block_k=128, block_q_bwd=128, block_k_bwd=256)

@@ -9,7 +9,6 @@ their lowering for TPU.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxlab.ops import scan as scan_ops
@@ -17,6 +16,12 @@ from kernels_pallas import ssd as ssd_lib
 from kernels_pallas import ssd_tpu
 from kernels_pallas._common import target_platform
 from tests.kernels_pallas.selective_scan_test import numpy_ssd, ssd_inputs
+from tests.kernels_pallas.tpu_testing import (
+    assert_close,
+    assert_grads_match_float64,
+    grads,
+    lowered_for_tpu,
+)
 
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
@@ -25,12 +30,6 @@ def tpu_ssd(**kw):
     """The public kernel entry traced for TPU, in TPU interpret mode."""
     with target_platform("tpu"):
         return ssd_lib.ssd(**kw, return_final_state=True, interpret=True)
-
-
-def assert_close(got, want, tol, what):
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(np.asarray(got, np.float64) - want).max())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x {scale:.3g}"
 
 
 def numpy_of(args, options):
@@ -89,14 +88,6 @@ def test_bf16_inputs_match_the_float64_recurrence():
     assert_close(final, want_final, 3e-2, "final state")
 
 
-def grads(fn, values, names, fixed, ct, ct_final):
-    def loss(*vs):
-        out, final = fn(**dict(zip(names, vs, strict=True)), **fixed)
-        return jnp.sum(out * ct) + jnp.sum(final * ct_final)
-
-    return jax.grad(loss, argnums=tuple(range(len(names))))(*values)
-
-
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["all-options-gqa", "bare"])
 def test_gradients_of_every_input_match_the_float64_reference(case):
     chunk_size, seq, heads, head_dim, groups, state, kept = case
@@ -108,19 +99,11 @@ def test_gradients_of_every_input_match_the_float64_reference(case):
     ct = jnp.asarray(rng.standard_normal(args["x"].shape), jnp.float32)
     ct_final = jnp.asarray(rng.standard_normal((2, heads, head_dim, state)), jnp.float32)
     got = grads(tpu_ssd, values, names, dict(fixed, chunk_size=chunk_size), ct, ct_final)
-    with jax.enable_x64(True):
 
-        def to64(v):
-            return jnp.asarray(np.asarray(v, np.float64))
+    def reference(**kw):
+        return ssd_lib.ssd_reference(**kw, return_final_state=True)
 
-        def reference(**kw):
-            return ssd_lib.ssd_reference(**kw, return_final_state=True)
-
-        want = grads(reference, [to64(v) for v in values], names, fixed, to64(ct), to64(ct_final))
-        want = [np.asarray(w) for w in want]
-    for name, g, w in zip(names, got, want, strict=True):
-        assert g.shape == w.shape, name
-        assert_close(g, w, 5e-5, f"d{name}")
+    assert_grads_match_float64(got, reference, values, names, fixed, ct, ct_final)
 
 
 def test_chunk_tile_is_a_power_of_two_in_8_to_256():
@@ -146,11 +129,6 @@ def _specs(dtype, batch=1, seq=300, heads=4, head_dim=64, groups=2, state=128):
         spec((batch, seq, groups, state), dtype),
         spec((batch, heads, head_dim, state), jnp.float32),
     )
-
-
-def lowered_for_tpu(fn, args):
-    with target_platform("tpu"):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
