@@ -382,8 +382,8 @@ def selective_scan(
 
     The kernels are those of the :func:`~kernels_pallas._common.platform` traced for: Triton on
     GPU (and in interpret mode on CPU), Mosaic (:mod:`kernels_pallas.selective_scan_tpu`) on
-    TPU; under ``target_platform('tpu')`` with ``interpret=True`` the Mosaic kernels run in
-    Pallas' TPU interpret mode on the CPU.
+    TPU; under ``target_platform('tpu')`` with interpret mode asked for, the Mosaic kernels run
+    in Pallas' TPU interpret mode on the CPU.
 
     Returns ``out [batch, seq, dim]`` in ``u``'s dtype, and the final state ``[batch, dim,
     state]`` (float32) when ``return_final_state``. Differentiable in every array argument.

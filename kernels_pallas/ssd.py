@@ -464,8 +464,8 @@ def ssd(
 
     The kernels are those of the :func:`~kernels_pallas._common.platform` traced for: Triton on
     GPU (and in interpret mode on CPU), Mosaic (:mod:`kernels_pallas.ssd_tpu`) on TPU; under
-    ``target_platform('tpu')`` with ``interpret=True`` the Mosaic kernels run in Pallas' TPU
-    interpret mode on the CPU. ``interpret=None`` runs the kernels in interpret mode on CPU.
+    ``target_platform('tpu')`` with interpret mode asked for, the Mosaic kernels run in Pallas'
+    TPU interpret mode on the CPU. ``interpret=None`` runs the kernels in interpret mode on CPU.
 
     Triton: ``chunk_size`` (default 64) is rounded up to a power of two in [16, 64] for the
     kernels' tiles; head_dim and state are zero-padded to powers of two >= 16; float32 matmuls

@@ -35,8 +35,8 @@ On TPU (:func:`kernels_pallas._common.platform`, which follows ``target_platform
 same core runs as Mosaic kernels (:mod:`.kernel_tpu`): the live tile lists are scalar-prefetched
 and walked by the grid's last axis, so dead K/V tiles are never fetched; tiles are multiples of
 128 rows and head dims are padded to 128 lanes. ``interpret=None`` compiles them there;
-``interpret=True`` under ``target_platform('tpu')`` runs them in Pallas' TPU interpret mode on a
-CPU (how the tests check them).
+asking for interpret mode under ``target_platform('tpu')`` runs them in Pallas' TPU interpret
+mode on a CPU (how the tests check them).
 
 Modules, split as jax's splash attention splits mask, mask info and kernel:
 :mod:`.reorder` (row orders and permutations), :mod:`.tiles` (live tile lists),
