@@ -123,6 +123,11 @@ def test_bench_optim_quick(tmp_path):
     # State sizes are exact: AdEMAMix keeps 3 buffers per parameter, 2 with b1 = 0 (as AdamW).
     assert rows["jaxlab ademamix"]["state_ratio"] == pytest.approx(1.5, rel=1e-3)
     assert rows["jaxlab ademamix b1=0"]["state_ratio"] == pytest.approx(1.0, rel=1e-3)
+    # The compiled step moves at least the arrays it must read and write once (one loop per
+    # leaf): 7 per parameter for AdamW and AdEMAMix with b1 = 0, 9 for AdEMAMix.
+    floors = {"optax.adamw": 7, "jaxlab ademamix": 9, "jaxlab ademamix b1=0": 7}
+    for name, floor in floors.items():
+        assert rows[name]["hlo_passes"] >= floor, (name, rows[name]["hlo_passes"])
 
 
 def test_bench_denseformer_quick(tmp_path):

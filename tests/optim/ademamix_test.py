@@ -181,6 +181,41 @@ def test_b1_zero_has_no_fast_ema_and_uses_the_gradient():
     _close(ours, ref, atol=2e-5)
 
 
+def _compiled_passes(tx, params):
+    """Bytes a donated ``update + apply_updates`` step reads and writes once compiled (XLA's cost
+    analysis), over the parameters' bytes."""
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+    cost = compiled.compile().cost_analysis()
+    return cost["bytes accessed"] / sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("b1, passes", [(0.9, 14), (0.0, 11)])
+@pytest.mark.parametrize("configured", [False, True], ids=["plain", "decay-mask-schedules"])
+def test_compiled_step_touches_each_array_no_more_than_one_loop_per_output(b1, passes, configured):
+    # Float32 state costs at most one loop per stored output: each new moment reads the gradient
+    # and its old value, the parameter loop reads p and the new moments (b1 = 0: p, the gradient,
+    # m2 and nu) and writes p. So 4 writes + 10 reads per parameter (3 + 8 with b1 = 0); a float64
+    # schedule, an extra cast or a separately stored update would add passes.
+    params = {"w": jnp.ones((64, 256)), "layers": [jnp.ones((256,)), jnp.ones((32, 8, 16))]}
+    if configured:
+        tx = ademamix(
+            optax.cosine_decay_schedule(1e-3, 100),
+            b1=b1,
+            b3=beta3_schedule(b1, 0.9999, 100),
+            alpha=alpha_schedule(5.0, 100),
+            weight_decay=0.1,
+            mask={"w": True, "layers": [False, True]},
+        )
+    else:
+        tx = ademamix(1e-3, b1=b1)
+    assert _compiled_passes(tx, params) <= passes + 0.01
+
+
 def test_inject_hyperparams_mask_and_multisteps():
     params, grads = _tree(12), _grads(13, 8)
     injected = optax.inject_hyperparams(ademamix)(
