@@ -20,6 +20,8 @@ Usage:
   python -m experiments.test_time_scaling --workdir=runs/test_time_scaling
   python -m experiments.test_time_scaling --workdir=runs/tts \
       --config.experiment.models=teacher=run:runs/reasoning,hybrid=run:runs/hybrid
+  python -m experiments.test_time_scaling --workdir=runs/test_time_scaling \
+      --config.experiment.distill_workdir=runs/distill
   python -m experiments.bench.test_time --out=bench_results/bench_test_time.json
 """
 
@@ -65,8 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             # "name=run:DIR[@STEP],name=hf:PATH,...": the models compared; the first is the
             # reference (the teacher) each other model's crossover is measured against. Empty:
-            # train the teacher (this config) and the stand-in student (student_model) here.
+            # train the teacher (this config) and the stand-in student (student_model) here,
+            # unless distill_workdir is set.
             models="",
+            # A finished experiments/distill run (its results.json): with models empty, compare
+            # its teacher and the students named in distill_students (each at its last stage).
+            distill_workdir="",
+            distill_students=("hybrid50", "hybrid25", "pure"),
             # The first num_problems test problems of the task (config.data.sources[0]).
             num_problems=200,
             # Completions per problem (n), their temperature, and the problems generated

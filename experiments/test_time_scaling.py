@@ -19,18 +19,23 @@ With ``experiment.models`` empty the experiment trains what it needs with the en
 teacher (the run config, ``configs/reasoning_lm.py``) in ``WORKDIR/teacher`` and, as a stand-in
 student until distilled students exist, a Mamba LM of about the same size trained from scratch on
 the same task (``config.student_model``) in ``WORKDIR/mamba_student``; finished runs there are
-reused. Writes ``REPORT.md``, ``results.json``, ``coverage_vs_seconds.png``,
-``majority_vs_seconds.png`` and ``accuracy_vs_k.png`` in ``--workdir``.
+reused; with ``experiment.distill_workdir`` set instead (a finished ``experiments/distill`` run),
+its teacher and the students of ``experiment.distill_students`` are compared. Writes
+``REPORT.md``, ``results.json``, ``coverage_vs_seconds.png``, ``majority_vs_seconds.png`` and
+``accuracy_vs_k.png`` in ``--workdir``.
 
   python -m experiments.test_time_scaling --workdir=runs/test_time_scaling
   python -m experiments.test_time_scaling --workdir=runs/tts \
       --config.experiment.models=teacher=run:runs/reasoning,hybrid=run:runs/hybrid
+  python -m experiments.test_time_scaling --workdir=runs/test_time_scaling \
+      --config.experiment.distill_workdir=runs/distill
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import time
 
@@ -88,6 +93,47 @@ def parse_models(spec: str) -> dict[str, str]:
         pretrained.parse_source(source.strip(), f"config.experiment.models[{name.strip()!r}]")
         out[name.strip()] = source.strip()
     return out
+
+
+def distilled_models(distill_workdir: str, students) -> dict[str, str]:
+    """The teacher and ``students`` of a finished ``experiments/distill`` run in
+    ``distill_workdir`` (its ``results.json``), each student at its last stage:
+    ``{name: "run:DIR"}``, the teacher first."""
+    path = os.path.join(distill_workdir, "results.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"config.experiment.distill_workdir={distill_workdir!r}: no results.json there; "
+            "run `python -m experiments.distill --workdir=...` to the end first"
+        )
+    with open(path) as f:
+        record = json.load(f)
+    teacher = record["teacher"]["workdir"]
+    if not os.path.isdir(teacher):
+        raise ValueError(
+            f"config.experiment.distill_workdir={distill_workdir!r}: its teacher run "
+            f"{teacher!r} (as recorded, relative to where experiments.distill ran) is not a "
+            f"directory from {os.getcwd()!r}"
+        )
+    models = {"teacher": f"run:{teacher}"}
+    for name in students:
+        if name not in record["students"]:
+            raise ValueError(
+                f"config.experiment.distill_students names {name!r}, which the run in "
+                f"{distill_workdir!r} did not train (it has {sorted(record['students'])})"
+            )
+        # The last stage's run, found under distill_workdir by its place in the student's
+        # folder (experiments/distill's layout: WORKDIR/student_NAME[/<k>_<stage>]), so that a
+        # moved workdir still resolves.
+        folder = f"student_{name}"
+        parts = os.path.normpath(record["students"][name]["stages"][-1]["workdir"]).split(os.sep)
+        if folder not in parts:
+            raise ValueError(
+                f"{path}: student {name!r}'s last stage {'/'.join(parts)!r} is not inside "
+                f"its folder {folder!r}"
+            )
+        tail = parts[len(parts) - 1 - parts[::-1].index(folder) + 1 :]
+        models[name] = f"run:{os.path.join(distill_workdir, folder, *tail)}"
+    return models
 
 
 def run_configs(base: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -446,6 +492,8 @@ def main(argv):
             raise ValueError(f"config.experiment.{name} must be >= 1, got {e[name]!r}")
     os.makedirs(workdir, exist_ok=True)
     sources = parse_models(e.models)
+    if not sources and e.distill_workdir:
+        sources = distilled_models(e.distill_workdir, tuple(e.distill_students))
     trained_here = not sources
     if trained_here:
         sources = train_models(base, workdir)

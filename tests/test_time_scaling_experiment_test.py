@@ -3,6 +3,7 @@ the pieces the experiment decides with: the model list, the k grid, chance level
 student's lead over the teacher on the seconds axis."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -54,6 +55,40 @@ def test_parse_models_keeps_order_and_rejects_malformed_entries(tmp_path):
         tts.parse_models(f"a={d}")
     with pytest.raises(ValueError, match="not a directory"):
         tts.parse_models(f"a=run:{d}/missing")
+
+
+def test_distilled_models_reads_a_distill_run_record_even_when_moved(tmp_path):
+    # The record as experiments/distill writes it when run as --workdir=runs/distill: paths
+    # relative to where it ran. The folder was since moved to tmp_path/moved.
+    moved = tmp_path / "moved"
+    teacher = tmp_path / "teacher_run"
+    teacher.mkdir()
+    stage = lambda *p: dict(workdir=os.path.join("runs", "distill", *p))  # noqa: E731
+    record = dict(
+        teacher=dict(workdir=str(teacher)),
+        students=dict(
+            pure=dict(stages=[stage("student_pure", "0_matrix"), stage("student_pure", "2_kl")]),
+            hybrid50=dict(stages=[stage("student_hybrid50", "1_e2e")]),
+            scratch=dict(stages=[stage("student_scratch")]),
+        ),
+    )
+    moved.mkdir()
+    (moved / "results.json").write_text(json.dumps(record))
+    got = tts.distilled_models(str(moved), ("hybrid50", "pure", "scratch"))
+    assert list(got.items()) == [
+        ("teacher", f"run:{teacher}"),
+        ("hybrid50", f"run:{moved / 'student_hybrid50' / '1_e2e'}"),
+        ("pure", f"run:{moved / 'student_pure' / '2_kl'}"),
+        ("scratch", f"run:{moved / 'student_scratch'}"),
+    ]
+    with pytest.raises(ValueError, match="did not train"):
+        tts.distilled_models(str(moved), ("hybrid25",))
+    with pytest.raises(ValueError, match="no results.json"):
+        tts.distilled_models(str(tmp_path), ("pure",))
+    record["teacher"]["workdir"] = str(tmp_path / "gone")
+    (moved / "results.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="teacher run"):
+        tts.distilled_models(str(moved), ("pure",))
 
 
 def test_k_grid_and_chance_levels():
