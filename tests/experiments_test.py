@@ -195,6 +195,9 @@ def test_bench_attention_quick(tmp_path):
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert {"dense xla", "hash nb=8", "qk drop=0.5"} <= set(rows)
     assert rows["dense xla"]["forward_speedup"] == 1.0
+    # At seq 256 the hash window is both tiles (all the work): auto runs the dense masked path.
+    assert rows["hash nb=2 auto"]["auto_runs"] == "dense"
+    assert rows["qk drop=0.8 auto"]["auto_runs"] == "xla" and rows["qk drop=0.8 auto"]["xla_work"]
     assert (tmp_path / "attention.png").stat().st_size > 1000
 
 

@@ -39,7 +39,8 @@ class SparseAttentionConfig:
     kind: ``'hash'`` or ``'qk'``.
     num_buckets: hash buckets per head (even, >= 2).
     keep_rate: QK: probability that a query (and, independently, a key) is kept.
-    impl: ``'auto'`` (Pallas on GPU and TPU, XLA on CPU), ``'xla'`` or ``'pallas'``.
+    impl: ``'auto'`` (Pallas on GPU and TPU; on CPU the XLA sparse path where its work bound
+      skips enough, else dense masked attention), ``'xla'``, ``'dense'`` or ``'pallas'``.
     seed: seed of the hash projections / keep decisions.
     slack: XLA paths: static work bound as a multiple of the expected size (exact regardless).
     """

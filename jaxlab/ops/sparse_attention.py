@@ -2,7 +2,9 @@
 
 Same signatures and meaning as :mod:`kernels_pallas.sparse_attention` (read its docstring for the
 masks), plus ``impl``: ``'pallas'`` runs the kernels (Triton on GPU, Mosaic on TPU, interpret mode
-on CPU), ``'xla'`` the paths below, ``'auto'`` the kernels on GPU and TPU and XLA on CPU.
+on CPU), ``'xla'`` the sparse paths below, ``'dense'`` the same function as dense masked attention
+in the original order (no sort), ``'auto'`` the kernels on GPU and TPU and on CPU the XLA path
+where its static hint says it skips enough work, else ``'dense'`` (:data:`XLA_MAX_WORK`).
 
 The XLA paths keep static shapes, so they save work only through static size hints, and stay exact
 when a hint is too small by falling back (``lax.cond``) to the full-size computation:
@@ -42,20 +44,12 @@ def available_impls() -> tuple[str, ...]:
 
 
 def _resolve_auto(impl: str) -> str:
-    """``impl``, with ``'auto'`` resolved: the kernels on GPU and TPU, the XLA path on CPU (where
-    the kernels would be emulated)."""
+    """``impl``, with ``'auto'`` resolved by platform: the kernels on GPU and TPU, the XLA paths
+    on CPU (where the kernels would be emulated); which XLA path, the shapes decide
+    (:func:`qk_auto_impl`, :func:`hash_auto_impl`)."""
     if impl != "auto":
         return impl
     return "pallas" if kernel_platform() in ("gpu", "tpu") else "xla"
-
-
-def _auto(registry):
-    """The ``'auto'`` entry of ``registry`` (:func:`_resolve_auto`)."""
-
-    def run(*args, **kw):
-        return registry.get(_resolve_auto("auto"))(*args, **kw)
-
-    return run
 
 
 def needs_per_shard(impl: str) -> bool:
@@ -81,8 +75,21 @@ def _masked(qs, ks, vs, q_pos, k_pos, q_bkt, k_bkt, scale):
 
 def masked_attention(q, k, v, mask, *, scale=None):
     """Dense attention under an explicit mask ``[batch, heads, q_len, kv_len]``; a query with no
-    visible key gives 0 (decoding with a sparse pattern, where the mask is cheap to build)."""
-    return kernels.masked_attention_reference(q, k, v, mask, scale)
+    visible key gives 0 (decoding with a sparse pattern, where the mask is cheap to build).
+
+    The function of ``kernels_pallas.sparse_attention.masked_attention_reference``, computed in
+    float32 (or wider) as it is, but by ``jax.nn.dot_product_attention`` (XLA), with empty rows
+    zeroed on the output: the reference's explicit max/exp/sum, differentiated as written, made
+    forward+backward 1.6-1.8x slower on a 2-core CPU (seq 1k-2k, 4 heads of 64, QK mask), and
+    jax's form was another 1.2-1.3x faster than the same formula with ``jax.nn.softmax``.
+    """
+    batch, q_len, heads, _ = q.shape
+    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    mask = jnp.broadcast_to(mask, (batch, heads, q_len, k.shape[1]))
+    q32, k32, v32 = (x.astype(dtype) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q32, k32, v32, mask=mask, scale=scale, implementation="xla")
+    seen = jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None]  # [batch, q_len, heads, 1]
+    return jnp.where(seen, out, 0.0).astype(q.dtype)
 
 
 def _unsort(out, order, inverse):
@@ -99,6 +106,33 @@ def _exact_cond(fits, small, full):
     even when the small branch runs.
     """
     return lax.cond(fits, jax.checkpoint(small), jax.checkpoint(full))
+
+
+def _rows_of(x, batch, seq, hh):
+    """``x`` ([seq] or [batch, seq]) broadcast to the per-row layout ``[batch, seq, hh]``."""
+    return jnp.broadcast_to(x[..., None], (batch, seq, hh))
+
+
+def qk_dense_xla(q, k, v, q_keep, k_keep, *, scale, segment_ids=None):
+    """The QK-sparse function by dense masked attention in the original order: the XLA path's
+    masking (:func:`_masked` on positions, dropped queries at -1 and keys past every query)
+    without its sort, for when the sort and gathers cost more than the dropped work saves."""
+    batch, seq, heads, _ = q.shape
+    kv_heads = k.shape[2]
+    pos = jnp.arange(seq, dtype=jnp.int32)
+    q_pos = jnp.where(q_keep, _rows_of(pos, batch, seq, heads), -1)
+    k_pos = jnp.where(k_keep, _rows_of(pos, batch, seq, kv_heads), _BIG)
+    q_seg = k_seg = None
+    if segment_ids is not None:
+        q_seg = _rows_of(segment_ids, batch, seq, heads)
+        k_seg = _rows_of(segment_ids, batch, seq, kv_heads)
+    return _masked(q, k, v, q_pos, k_pos, q_seg, k_seg, scale)
+
+
+def _capacity_rows(seq, capacity):
+    """The (q_rows, k_rows) the QK XLA path computes under ``capacity``: rounded up to multiples
+    of 128 rows, which keep the matmuls on shapes XLA tiles well, and at most ``seq``."""
+    return tuple(min(-(-int(c) // 128) * 128, seq) for c in capacity)
 
 
 def qk_sparse_xla(q, k, v, q_keep, k_keep, *, scale, segment_ids=None, capacity=None):
@@ -126,8 +160,7 @@ def qk_sparse_xla(q, k, v, q_keep, k_keep, *, scale, segment_ids=None, capacity=
 
     if capacity is None or tuple(capacity) == (seq, seq):
         return run(seq, seq)
-    # Multiples of 128 rows keep the matmuls on shapes XLA tiles well.
-    q_rows, k_rows = (min(-(-int(c) // 128) * 128, seq) for c in capacity)
+    q_rows, k_rows = _capacity_rows(seq, capacity)
     fits = (jnp.max(jnp.sum(q_keep, axis=1)) <= q_rows) & (
         jnp.max(jnp.sum(k_keep, axis=1)) <= k_rows
     )
@@ -146,15 +179,30 @@ def hash_window(seq: int, num_buckets: int, block: int = 128, slack: float = 2.0
     return min(tiles, math.ceil(seq / block))
 
 
+def hash_dense_xla(q, k, v, q_buckets, k_buckets, *, scale, segment_ids=None):
+    """The hash-sparse function by dense masked attention in the original order: the XLA path's
+    masking (:func:`_masked` on positions and per-document buckets) without its sort."""
+    batch, seq, heads, _ = q.shape
+    pos = jnp.arange(seq, dtype=jnp.int32)
+    q_bkt, k_bkt = kernels.segmented_buckets(q_buckets, k_buckets, segment_ids)
+    q_pos, k_pos = (_rows_of(pos, batch, seq, x.shape[2]) for x in (q_bkt, k_bkt))
+    return _masked(q, k, v, q_pos, k_pos, q_bkt, k_bkt, scale)
+
+
+def _hash_tiles(seq, block):
+    """(block, tiles): the hash XLA path's tile rows (at most ``seq``) and query tiles."""
+    block = min(block, seq)
+    return block, -(-seq // block)
+
+
 def hash_sparse_xla(
     q, k, v, q_buckets, k_buckets, *, scale, segment_ids=None, block=128, window=None
 ):
     """XLA hash-sparse attention: sort by bucket, query tiles attend to windows of key tiles."""
     batch, seq, heads, _ = q.shape
     groups = heads // k.shape[2]
-    block = min(block, seq)
-    padded = -(-seq // block) * block
-    tiles = padded // block
+    block, tiles = _hash_tiles(seq, block)
+    padded = tiles * block
     q_buckets, k_buckets = kernels.segmented_buckets(q_buckets, k_buckets, segment_ids)
     q_order, q_sorted = kernels.bucket_order(q_buckets)
     k_order, k_sorted = kernels.bucket_order(k_buckets)
@@ -233,6 +281,71 @@ def hash_sparse_xla(
     return _exact_cond(fits, lambda: run(window), dense)
 
 
+# The largest fraction of dense work at which ``'auto'`` runs an XLA sparse path on CPU. Measured
+# on the bench's shapes and inputs (experiments/bench/attention.py: forward+backward, batch 1,
+# 4 heads of 64, float32; QK capacity = rows kept, hash windows from hash_window for 4-32
+# buckets), 2 cores at load 6-7, as the sparse path's time over the dense masked path's (the
+# same function), median of 5:
+#   seq 1k  QK work 0.25 / 0.39 / 0.56 / 0.77: 0.39 / 0.47 / 0.93 / 1.22
+#           hash work 0.62 / 0.88: 0.74 / 1.24
+#   seq 2k  QK work 0.25 / 0.39 / 0.56 / 0.77: 0.21 / 0.24 / 0.37 / 0.60
+#           hash work 0.25 / 0.31 / 0.44 / 0.69: 0.21 / 0.29 / 0.47 / 0.53
+# The sort, gathers and windows pay for themselves at every measured fraction from seq 2k on, and
+# at seq 1k up to about 0.6 of the work but not from 0.77: the threshold sits between.
+XLA_MAX_WORK = 0.7
+
+
+def qk_xla_work(seq: int, capacity=None) -> float:
+    """Fraction of the dense ``[seq, seq]`` logits that the QK XLA path computes under
+    ``capacity`` (the static hint of :func:`qk_sparse_attention`)."""
+    if capacity is None:
+        return 1.0
+    q_rows, k_rows = _capacity_rows(seq, capacity)
+    return q_rows * k_rows / seq**2
+
+
+def hash_xla_work(seq: int, window=None, block: int = 128) -> float:
+    """Fraction of the dense ``[seq, seq]`` logits that the hash XLA path computes with
+    ``window`` key tiles of ``block`` rows per query tile (:func:`hash_sparse_attention`)."""
+    block, tiles = _hash_tiles(seq, block)
+    if window is None or window >= tiles:
+        return 1.0
+    return tiles * block * window * block / seq**2
+
+
+def qk_auto_impl(seq: int, capacity=None) -> str:
+    """The implementation ``impl='auto'`` runs: the kernels on GPU and TPU; on CPU the XLA path
+    when its work fraction (:func:`qk_xla_work`) is at most :data:`XLA_MAX_WORK`, else
+    ``'dense'``."""
+    impl = _resolve_auto("auto")
+    if impl == "xla" and qk_xla_work(seq, capacity) > XLA_MAX_WORK:
+        return "dense"
+    return impl
+
+
+def hash_auto_impl(seq: int, window=None, block: int = 128) -> str:
+    """The implementation ``impl='auto'`` runs: the kernels on GPU and TPU; on CPU the XLA path
+    when its work fraction (:func:`hash_xla_work`) is at most :data:`XLA_MAX_WORK`, else
+    ``'dense'``."""
+    impl = _resolve_auto("auto")
+    if impl == "xla" and hash_xla_work(seq, window, block) > XLA_MAX_WORK:
+        return "dense"
+    return impl
+
+
+def _qk_auto(q, k, v, q_keep, k_keep, *, capacity, **kw):
+    kernels.check_qk_arguments(q, k, v, q_keep, k_keep, kw["segment_ids"])
+    impl = QK_SPARSE_IMPLS.get(qk_auto_impl(q.shape[1], capacity))
+    return impl(q, k, v, q_keep, k_keep, capacity=capacity, **kw)
+
+
+def _qk_dense(q, k, v, q_keep, k_keep, *, segment_ids, scale, block_sizes, interpret, capacity):
+    del block_sizes, interpret, capacity
+    kernels.check_qk_arguments(q, k, v, q_keep, k_keep, segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return qk_dense_xla(q, k, v, q_keep, k_keep, scale=scale, segment_ids=segment_ids)
+
+
 def _qk_pallas(q, k, v, q_keep, k_keep, *, capacity, **kw):
     del capacity  # the kernels skip dropped tiles without a hint
     return kernels.qk_sparse_attention(q, k, v, q_keep, k_keep, **kw)
@@ -247,9 +360,10 @@ def _qk_xla(q, k, v, q_keep, k_keep, *, segment_ids, scale, block_sizes, interpr
     )
 
 
-QK_SPARSE_IMPLS.register("auto", _auto(QK_SPARSE_IMPLS))
+QK_SPARSE_IMPLS.register("auto", _qk_auto)
 QK_SPARSE_IMPLS.register("pallas", _qk_pallas)
 QK_SPARSE_IMPLS.register("xla", _qk_xla)
+QK_SPARSE_IMPLS.register("dense", _qk_dense)
 
 
 def qk_sparse_attention(
@@ -286,6 +400,21 @@ def qk_sparse_attention(
     )
 
 
+def _hash_auto(q, k, v, q_buckets, k_buckets, *, window, block, **kw):
+    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, kw["segment_ids"])
+    impl = HASH_SPARSE_IMPLS.get(hash_auto_impl(q.shape[1], window, block))
+    return impl(q, k, v, q_buckets, k_buckets, window=window, block=block, **kw)
+
+
+def _hash_dense(
+    q, k, v, q_buckets, k_buckets, *, segment_ids, scale, block_sizes, interpret, window, block
+):
+    del block_sizes, interpret, window, block
+    kernels.check_hash_arguments(q, k, v, q_buckets, k_buckets, segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return hash_dense_xla(q, k, v, q_buckets, k_buckets, scale=scale, segment_ids=segment_ids)
+
+
 def _hash_pallas(q, k, v, q_buckets, k_buckets, *, window, block, **kw):
     del window, block  # the kernels find each tile's keys themselves
     return kernels.hash_sparse_attention(q, k, v, q_buckets, k_buckets, **kw)
@@ -310,9 +439,10 @@ def _hash_xla(
     )
 
 
-HASH_SPARSE_IMPLS.register("auto", _auto(HASH_SPARSE_IMPLS))
+HASH_SPARSE_IMPLS.register("auto", _hash_auto)
 HASH_SPARSE_IMPLS.register("pallas", _hash_pallas)
 HASH_SPARSE_IMPLS.register("xla", _hash_xla)
+HASH_SPARSE_IMPLS.register("dense", _hash_dense)
 
 
 def hash_sparse_attention(
