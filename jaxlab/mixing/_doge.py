@@ -197,6 +197,21 @@ def domain_gradients(domain_losses: Callable[[Any], Any], params, *, has_aux: bo
     return (losses, grads, aux) if has_aux else (losses, grads)
 
 
+def row_domain_gradients(row_loss: Callable[[Any, Any], Any], params, rows, members):
+    """``(grads, aux)`` with ``grads[i] = sum_r members[i, r] * d row_loss(params, row_r)[0] /
+    d params`` (a leading axis of ``k`` on every leaf), for batches whose rows each belong to one
+    domain and do not interact (a language model's sequences).
+
+    ``row_loss(params, row) -> (loss, aux)`` sees one row (every leaf of ``rows`` has a leading
+    row axis ``B``); ``members`` is ``[k, B]``. The per-row gradients come from ``vmap`` over
+    rows of ``grad`` (per-example gradients): one forward and one backward pass over the batch,
+    holding ``B`` gradients, where :func:`domain_gradients` runs ``k`` backward passes over the
+    whole batch, each mostly on other domains' rows whose cotangents are zero."""
+    per_row, aux = jax.vmap(jax.grad(row_loss, has_aux=True), in_axes=(None, 0))(params, rows)
+    grads = jax.tree.map(lambda g: jnp.tensordot(members.astype(g.dtype), g, axes=1), per_row)
+    return grads, aux
+
+
 def cancellation_ratios(grads, old_params, new_params):
     """Per parameter tensor ``||grad|| / ||W_t - W_{t-1}||``: the authors' pre-run statistic for
     parameter selection (summed over its steps; large when updates cancel out)."""

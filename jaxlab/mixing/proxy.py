@@ -4,8 +4,8 @@ The two cores, shared by the proxy steps below (small models with one batch per 
 the training engine's mixer objectives (:mod:`jaxlab.mixing.objectives`):
 
 * :func:`doge_gradients`: per-domain gradients (one forward, vmapped backward passes),
-  target-domain gradients for the OOD objective, the mixer update, then ``sum_i a_i g_i`` with
-  the new weights (gradient reweighting, as the authors' trainer does).
+  target-domain gradients for the OOD objective, then :func:`doge_update`: the mixer update and
+  ``sum_i a_i g_i`` with the new weights (gradient reweighting, as the authors' trainer does).
 * :func:`doremi_gradients`: the model's and the reference model's per-token (or per-example)
   losses give the clipped excess and the weights; one VJP gives the gradient of
   ``sum_i a_i loss_i`` (loss reweighting).
@@ -51,12 +51,18 @@ def doge_gradients(
       target_losses: ``params -> [m]`` target-domain losses (the OOD objective), or None.
     """
     losses, grads, aux = domain_gradients(domain_losses, params, has_aux=True)
-    grads = mixer.prepare(grads)  # per-domain clipping: the scores and the update both see it
     target = None
     if target_losses is not None:
         _, target = domain_gradients(target_losses, params)
-    weights, mixer_state = mixer.update(Observation(grads, target_grads=target), mixer_state)
-    return weighted_sum(weights, grads), weights, mixer_state, losses, aux
+    return (*doge_update(grads, mixer, mixer_state, target), losses, aux)
+
+
+def doge_update(domain_grads, mixer: Mixer, mixer_state, target_grads=None):
+    """``(update, weights, mixer_state)`` from per-domain gradients (leading axis ``k``, however
+    they were computed): the mixer update, then ``sum_i a_i g_i`` with the new weights."""
+    grads = mixer.prepare(domain_grads)  # per-domain clipping: the scores and the update see it
+    weights, mixer_state = mixer.update(Observation(grads, target_grads=target_grads), mixer_state)
+    return weighted_sum(weights, grads), weights, mixer_state
 
 
 def doremi_gradients(

@@ -182,6 +182,56 @@ def test_domain_gradients_equal_separate_grads():
         assert float(losses[i]) == pytest.approx(float(domain_loss(params, i)), rel=1e-6)
 
 
+def test_row_domain_gradients_equal_separate_grads():
+    """Rows of a sequence model (tokens within a row interact through a running sum), each row in
+    one domain, domain 3 absent, one row without counted tokens: every domain's gradient and
+    mean loss equal a separate float64 jax.grad of that domain's masked mean over the batch."""
+    rng = np.random.default_rng(1)
+    k, rows, seq = 4, 7, 5
+    params64 = {
+        "w": rng.standard_normal((3, 6)),
+        "v": rng.standard_normal((6, 4)),
+    }
+    x = rng.standard_normal((rows, seq, 3))
+    y = rng.integers(0, 4, (rows, seq))
+    row_domain = np.array([0, 2, 1, 0, 2, 2, 1])
+    mask = (rng.random((rows, seq)) < 0.8).astype(np.float64)
+    mask[3] = 0.0  # a row of domain 0 with no counted token
+    masks = (row_domain[None, :, None] == np.arange(k)[:, None, None]) * mask[None]
+    counts = masks.sum(axis=(1, 2))
+
+    def token_losses(p, x, y):  # [..., seq]; a token sees the running sum of its row's prefix
+        h = jnp.cumsum(jnp.tanh(x @ p["w"]), axis=-2)
+        return optax.softmax_cross_entropy_with_integer_labels(h @ p["v"], y)
+
+    def domain_loss(p, i):
+        return jnp.sum(token_losses(p, x, y) * masks[i]) / max(counts[i], 1.0)
+
+    def row_loss(p, row):
+        losses = token_losses(p, row["x"], row["y"])
+        return jnp.sum(losses * row["weight"]), losses
+
+    weight = (masks / np.maximum(counts, 1.0)[:, None, None]).sum(axis=0)
+    as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
+    grads, losses = jax.jit(mixing.row_domain_gradients, static_argnums=0)(
+        row_loss,
+        as32(params64),
+        {"x": as32(x), "y": jnp.asarray(y), "weight": as32(weight)},
+        jnp.asarray(masks.any(axis=2)),
+    )
+    means = mixing.domain_means(losses, as32(masks))[0]
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(jnp.asarray, params64)
+        for i in range(k):
+            expected = jax.grad(domain_loss)(p64, i)
+            for name in params64:
+                np.testing.assert_allclose(
+                    np.asarray(grads[name][i]), np.asarray(expected[name]), rtol=1e-5, atol=1e-6
+                )
+            assert float(means[i]) == pytest.approx(float(domain_loss(p64, i)), rel=1e-5)
+    assert not np.any(np.asarray(grads["w"][3]))  # the absent domain: exactly zero
+
+
 def test_doremi_update_matches_numpy():
     """Per-token clipped excess averaged per domain (not the clip of the domain means), then the
     exponentiated step with smoothing; an absent domain takes no step."""
