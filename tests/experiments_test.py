@@ -421,6 +421,7 @@ def test_bench_doge_quick(tmp_path):
         "doge",
         "doge_mixed_rows",
         "doge_selected",
+        "doge_selected_mixed_rows",
         "doge_ood",
         "doremi",
     }
@@ -428,7 +429,7 @@ def test_bench_doge_quick(tmp_path):
     assert rows["plain"]["ratio_to_plain"] == 1.0 and all(
         r["ms_per_step"] > 0 for r in rows.values()
     )
-    assert record["doge_selected_to_doge"] > 0
+    assert record["doge_selected_to_doge"] > 0 and record["doge_selected_to_doge_mixed_rows"] > 0
 
 
 def test_bench_input_pipeline_quick_with_an_overridden_seq_len(tmp_path):

@@ -11,15 +11,17 @@ between rounds cancels):
 * ``doge``: the universal DoGE update over all parameters, per-domain gradients taken row by
   row (one forward and one backward pass; :func:`jaxlab.mixing.row_domain_gradients`);
 * ``doge_selected``: the same with a parameter filter keeping the 2 smallest tensors (only the
-  scores shrink);
+  scores shrink: the row path takes every leaf's per-row gradient for the update anyway);
 * ``doge_ood``: one domain held out as the target (its gradient comes from the same pass);
-* ``doge_mixed_rows``: ``doge`` on the same batches with every row's second half relabelled to
-  the next domain, so the objective takes its general path (``k`` vmapped backward passes over
-  the whole batch; every batch took it before the row path);
+* ``doge_mixed_rows`` / ``doge_selected_mixed_rows``: ``doge`` / ``doge_selected`` on the same
+  batches with every row's second half relabelled to the next domain, so the objective takes
+  its general path (``k`` vmapped backward passes over the whole batch, as every batch did
+  before the row path; with the filter only of the selected tensors, plus one backward pass for
+  the update);
 * ``doremi``: proxy and reference forward passes and one backward pass.
 
-Printed and written: ms per step, the ratio to ``plain``, ``doge_selected`` / ``doge`` and the
-load average before and after the timed rounds.
+Printed and written: ms per step, the ratio to ``plain``, ``doge_selected`` / ``doge`` (and the
+same on mixed rows) and the load average before and after the timed rounds.
 
   python -m experiments.bench.doge [--out=bench_results/bench_doge.json] [--quick]
       [--config.corpus.lm.model.num_layers=4]
@@ -121,8 +123,8 @@ def main(argv):
         state = TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params), obj.init())
         step_frozen = frozen if name == "doremi" else {}
         runs[name] = (step, state, step_frozen, batches)
-        if name == "doge":
-            runs["doge_mixed_rows"] = (step, state, step_frozen, mixed_batches)
+        if name in ("doge", "doge_selected"):
+            runs[f"{name}_mixed_rows"] = (step, state, step_frozen, mixed_batches)
 
     def run(name):
         step, s, step_frozen, step_batches = runs[name]
@@ -150,7 +152,9 @@ def main(argv):
         )
         print(f"{name:16s} {ms:8.1f} ms/step  x{ratio(name, 'plain'):5.2f}", flush=True)
     selected_to_full = ratio("doge_selected", "doge")
+    selected_to_full_mixed = ratio("doge_selected_mixed_rows", "doge_mixed_rows")
     print(f"doge_selected / doge x{selected_to_full:5.2f}")
+    print(f"doge_selected_mixed_rows / doge_mixed_rows x{selected_to_full_mixed:5.2f}")
     print(f"load average before {load_before}, after {load_after}")
     write_json(
         FLAGS.out,
@@ -158,6 +162,7 @@ def main(argv):
             environment=environment(),
             rows=rows,
             doge_selected_to_doge=selected_to_full,
+            doge_selected_to_doge_mixed_rows=selected_to_full_mixed,
             load_average_before=load_before,
             load_average_after=load_after,
             selected_tensors=list(selected),

@@ -169,7 +169,8 @@ def doge(
     def prepare(domain_grads):
         return domain_grads if grad_clip is None else clip_per_domain(domain_grads, grad_clip)
 
-    return Mixer(init, update, prepare)
+    # Clipping needs every leaf's norm; without it only the scored leaves are read.
+    return Mixer(init, update, prepare, reads=param_filter if grad_clip is None else None)
 
 
 def mirror_step(log_weights, step, smoothing: float):

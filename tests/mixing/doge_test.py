@@ -232,6 +232,59 @@ def test_row_domain_gradients_equal_separate_grads():
     assert not np.any(np.asarray(grads["w"][3]))  # the absent domain: exactly zero
 
 
+@pytest.mark.parametrize("objective", ["universal", "ood"])
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_selected_gradients_equal_all_leaves(objective, grad_clip):
+    """With a param_filter and no clipping the mixer reads only the selected leaves and
+    doge_gradients takes only their per-domain gradients, then the update by one more backward
+    pass; weights, state and update equal per-domain gradients of every leaf (domain_gradients)
+    reweighted by doge_update, with domain 2 absent from the batch. Clipping reads every leaf."""
+    rng = np.random.default_rng(2)
+    k, m = 3, 2
+    params = {
+        "w": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
+        "v": jnp.asarray(rng.standard_normal((5, 4)), jnp.float32),
+    }
+    chosen = {"w": False, "b": True, "v": False}
+    x = jnp.asarray(rng.standard_normal((40, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 40))
+    domain = jnp.asarray(rng.choice([0, 1, 3, 4], 40))  # 0-2 train (2 absent), 3, 4 target
+
+    def domain_losses(p, domains):
+        logits = jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        masks = jnp.stack([(domain == d).astype(jnp.float32) for d in domains])
+        return mixing.domain_means(losses, masks)
+
+    mixer = mixing.doge(
+        num_domains=k,
+        mu=0.05,
+        lr_schedule=0.5,
+        score_clip=(-5.0, 5.0),  # negative scores move the weights too
+        objective=objective,
+        param_filter=chosen,
+        grad_clip=grad_clip,
+    )
+    assert mixer.reads == (chosen if grad_clip is None else None)
+    train = lambda p: domain_losses(p, range(k))  # noqa: E731
+    target = (lambda p: domain_losses(p, range(k, k + m))[0]) if objective == "ood" else None
+    state = mixer.init()._replace(log_weights=jnp.log(jnp.asarray([0.2, 0.5, 0.3])))
+
+    @jax.jit
+    def every_leaf(params, state):
+        losses, grads, counts = mixing.domain_gradients(train, params, has_aux=True)
+        target_grads = None if target is None else mixing.domain_gradients(target, params)[1]
+        return (*mixing.doge_update(grads, mixer, state, target_grads), losses, counts)
+
+    got = jax.jit(lambda p, s: mixing.doge_gradients(train, p, mixer, s, target))(params, state)
+    want = every_leaf(params, state)
+    assert float(want[4][2]) == 0.0  # domain 2 is absent
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got[1], [0.2, 0.5, 0.3])  # the weights moved
+
+
 def test_doremi_update_matches_numpy():
     """Per-token clipped excess averaged per domain (not the clip of the domain means), then the
     exponentiated step with smoothing; an absent domain takes no step."""

@@ -230,9 +230,10 @@ def test_mixer_config_errors_name_the_field():
 )
 def test_row_gradients_equal_the_general_path(mixer, monkeypatch):
     """The engine's DoGE objective takes per-domain gradients row by row: its update, weights and
-    metrics equal the general path (mixing.doge_gradients: k vmapped backward passes, and target
-    gradients of their own) on a batch where one training domain is absent; a batch whose rows
-    mix domains takes the general path and equals it too."""
+    metrics equal every leaf's per-domain gradient from k vmapped backward passes (and target
+    gradients of their own) reweighted by doge_update, on a batch where one training domain is
+    absent; a batch whose rows mix domains takes the general path (doge_gradients, selected
+    leaves only when the mixer says so) and equals it too."""
     config = proxy_config(mu=0.01, **mixer)
     exp = loop.build_experiment(config)
     state = loop.init_state(exp)
@@ -257,11 +258,14 @@ def test_row_gradients_equal_the_general_path(mixer, monkeypatch):
         return domain_mean_losses(losses, mask, batch["domain"], domains)
 
     @jax.jit
-    def general(params, batch, mixer_state):
-        targets = (lambda p: per_domain(p, batch, target)[0]) if target else None
-        return mixing.doge_gradients(
-            lambda p: per_domain(p, batch, train), params, rule, mixer_state, targets
+    def general(params, batch, mixer_state):  # every leaf's per-domain gradient, k backward passes
+        losses, grads, counts = mixing.domain_gradients(
+            lambda p: per_domain(p, batch, train), params, has_aux=True
         )
+        targets = None
+        if target:
+            targets = mixing.domain_gradients(lambda p: per_domain(p, batch, target)[0], params)[1]
+        return (*mixing.doge_update(grads, rule, mixer_state, targets), losses, counts)
 
     iterator = loop.pipeline.train_iterator(
         config.data, exp.tokenizer, config.seq_len, config.batch_size, weights=[1.0] * 3
