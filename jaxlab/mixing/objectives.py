@@ -135,7 +135,8 @@ def doge_objective(context) -> objectives.Objective:
     The engine's rows each come from one component (:class:`jaxlab.data.pipeline.DataIterator`)
     and a language model's rows do not interact, so each domain's gradient is the sum of its
     rows' gradients: :func:`row_domain_gradients` gives every train and target domain's gradient
-    from one forward and one backward pass (per-row gradients, ``B`` of them held at once).
+    from one forward and one backward pass (per-row gradients, ``B`` of them held at once, or
+    ``config.mixer.rows_per_pass`` at a time).
     A batch with a row mixing domains' counted tokens takes the general path instead
     (:func:`jaxlab.mixing.proxy.doge_gradients`: ``k`` backward passes, ``m`` more for the
     targets), chosen per batch by ``lax.cond``; so does every batch when the mesh splits the
@@ -183,7 +184,9 @@ def doge_objective(context) -> objectives.Objective:
         rows = {key: batch[key] for key in objectives.MODEL_INPUTS}
         rows["weight"] = jnp.sum(masks / jnp.maximum(counts, 1.0)[:, None, None], axis=0)
         members = jnp.any(masks > 0, axis=2)  # [train + target, B]
-        grads, losses = row_domain_gradients(row_loss, params, rows, members)
+        grads, losses = row_domain_gradients(
+            row_loss, params, rows, members, rows_per_pass=int(m.get("rows_per_pass", 0))
+        )
         means = domain_means(losses, masks[:k])[0]
         target_grads = jax.tree.map(lambda g: g[k:], grads) if target else None
         grads = jax.tree.map(lambda g: g[:k], grads)

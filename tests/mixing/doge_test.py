@@ -1,6 +1,8 @@
 """DoGE and DoReMi updates against float64 NumPy implementations of the rules written from the
 brief, per-domain gradients against separate jax.grad calls, checkpointing with orbax."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,10 +184,12 @@ def test_domain_gradients_equal_separate_grads():
         assert float(losses[i]) == pytest.approx(float(domain_loss(params, i)), rel=1e-6)
 
 
-def test_row_domain_gradients_equal_separate_grads():
+@pytest.mark.parametrize("rows_per_pass", [0, 3, 7])
+def test_row_domain_gradients_equal_separate_grads(rows_per_pass):
     """Rows of a sequence model (tokens within a row interact through a running sum), each row in
     one domain, domain 3 absent, one row without counted tokens: every domain's gradient and
-    mean loss equal a separate float64 jax.grad of that domain's masked mean over the batch."""
+    mean loss equal a separate float64 jax.grad of that domain's masked mean over the batch, all
+    rows at once or a few at a time (3: the last group padded)."""
     rng = np.random.default_rng(1)
     k, rows, seq = 4, 7, 5
     params64 = {
@@ -213,7 +217,10 @@ def test_row_domain_gradients_equal_separate_grads():
 
     weight = (masks / np.maximum(counts, 1.0)[:, None, None]).sum(axis=0)
     as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
-    grads, losses = jax.jit(mixing.row_domain_gradients, static_argnums=0)(
+    grads, losses = jax.jit(
+        functools.partial(mixing.row_domain_gradients, rows_per_pass=rows_per_pass),
+        static_argnums=0,
+    )(
         row_loss,
         as32(params64),
         {"x": as32(x), "y": jnp.asarray(y), "weight": as32(weight)},

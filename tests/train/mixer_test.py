@@ -225,8 +225,9 @@ def test_mixer_config_errors_name_the_field():
         dict(target_sources=("html",)),
         dict(selected_params=("layers/1/mlp",)),
         dict(grad_clip=0.05, smoothing=0.1),
+        dict(rows_per_pass=3),
     ],
-    ids=["universal", "ood", "selected", "clipped"],
+    ids=["universal", "ood", "selected", "clipped", "three-rows-per-pass"],
 )
 def test_row_gradients_equal_the_general_path(mixer, monkeypatch):
     """The engine's DoGE objective takes per-domain gradients row by row: its update, weights and
@@ -252,6 +253,7 @@ def test_row_gradients_equal_the_general_path(mixer, monkeypatch):
         grad_clip=mixer.get("grad_clip"),
         smoothing=mixer.get("smoothing", 0.0),
     )
+    assert config.batch_size % 3, "rows_per_pass=3 should leave a padded group"
 
     def per_domain(params, batch, domains):
         losses, mask = token_losses(exp.graphdef, params, batch)
