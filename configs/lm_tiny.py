@@ -153,6 +153,8 @@ def get_config() -> ml_collections.ConfigDict:
     # The averaged weights go to WORKDIR/domain_weights.json (config.data.weights_file reads it).
     # selected_params: DoGE scores only parameters whose path contains one of these strings
     # (e.g. "layers/1/mlp"; empty = all), which bounds the score computation.
+    # rows_per_pass: DoGE takes per-row gradients (one backward pass for every domain) this many
+    # rows at a time; memory rows_per_pass x the parameters (0: the whole batch at once).
     config.mixer = ml_collections.ConfigDict(
         dict(
             mu=0.01,
@@ -163,6 +165,7 @@ def get_config() -> ml_collections.ConfigDict:
             step_size=1.0,
             reference_workdir="",
             selected_params=(),
+            rows_per_pass=0,
         )
     )
     return config

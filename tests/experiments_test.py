@@ -417,12 +417,22 @@ def test_bench_doge_quick(tmp_path):
         "--config.corpus.domains=('email','asyncio','multiprocessing')",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"plain", "doge", "doge_selected", "doge_ood", "doremi"}
+    record = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert set(rows) == {
+        "plain",
+        "doge",
+        "doge_mixed_rows",
+        "doge_selected",
+        "doge_selected_mixed_rows",
+        "doge_ood",
+        "doremi",
+    }
     assert all(r["domains"] == 3 for r in rows.values())  # the overridden corpus.domains
     assert rows["plain"]["ratio_to_plain"] == 1.0 and all(
         r["ms_per_step"] > 0 for r in rows.values()
     )
+    assert record["doge_selected_to_doge"] > 0 and record["doge_selected_to_doge_mixed_rows"] > 0
 
 
 def test_bench_input_pipeline_quick_with_an_overridden_seq_len(tmp_path):

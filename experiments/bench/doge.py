@@ -2,16 +2,26 @@
 
 The byte-level Llama of ``--config``'s ``corpus.lm`` (default ``configs/doge.py``: 2 layers, 128
 wide) on batches of 16 x 128 tokens drawn from the embedded-corpus domains ``corpus.domains``
-(fewer: ``--config.corpus.domains="('email','asyncio')"``). Steps compared (each jitted,
-compiled first, median of ``--repeats`` timed runs of ``--steps`` steps):
+(fewer: ``--config.corpus.domains="('email','asyncio')"``). Steps compared (each jitted and
+compiled first, then timed interleaved: ``--repeats`` rounds, each running every variant for
+``--steps`` steps; ratios are medians over rounds of the per-round ratios, so load that drifts
+between rounds cancels):
 
 * ``plain``: the engine's training step;
-* ``doge``: per-domain gradients (vmapped backward passes) and the universal DoGE update over all
-  parameters;
-* ``doge_selected``: the same with a parameter filter keeping the 2 smallest tensors (the score
-  matrix is then tiny; the backward passes are not);
-* ``doge_ood``: one domain held out as the target (its gradient is computed too);
+* ``doge``: the universal DoGE update over all parameters, per-domain gradients taken row by
+  row (one forward and one backward pass; :func:`jaxlab.mixing.row_domain_gradients`);
+* ``doge_selected``: the same with a parameter filter keeping the 2 smallest tensors (only the
+  scores shrink: the row path takes every leaf's per-row gradient for the update anyway);
+* ``doge_ood``: one domain held out as the target (its gradient comes from the same pass);
+* ``doge_mixed_rows`` / ``doge_selected_mixed_rows``: ``doge`` / ``doge_selected`` on the same
+  batches with every row's second half relabelled to the next domain, so the objective takes
+  its general path (``k`` vmapped backward passes over the whole batch, as every batch did
+  before the row path; with the filter only of the selected tensors, plus one backward pass for
+  the update);
 * ``doremi``: proxy and reference forward passes and one backward pass.
+
+Printed and written: ms per step, the ratio to ``plain``, ``doge_selected`` / ``doge`` (and the
+same on mixed rows) and the load average before and after the timed rounds.
 
   python -m experiments.bench.doge [--out=bench_results/bench_doge.json] [--quick]
       [--config.corpus.lm.model.num_layers=4]
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -99,32 +110,61 @@ def main(argv):
         "doremi": objective("doremi", reference_workdir="(the initial model)"),
     }
     frozen = {"reference": params}
-    rows, base = [], None
+    half = config.seq_len // 2
+    mixed_batches = [
+        dict(b, domain=b["domain"].at[:, half:].set((b["domain"][:, half:] + 1) % k))
+        for b in batches
+    ]
+    runs = {}
     for name, obj in variants.items():
         step = jax.jit(
             make_train_step(exp.graphdef, exp.optimizer, objective=obj, learning_rate=exp.schedule)
         )
-        state = [
-            TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params), obj.init())
-        ]
+        state = TrainState(jnp.zeros((), jnp.int32), params, exp.optimizer.init(params), obj.init())
         step_frozen = frozen if name == "doremi" else {}
+        runs[name] = (step, state, step_frozen, batches)
+        if name in ("doge", "doge_selected"):
+            runs[f"{name}_mixed_rows"] = (step, state, step_frozen, mixed_batches)
 
-        def run(step=step, state=state, step_frozen=step_frozen):
-            s = state[0]
-            for batch in batches:
-                s, metrics = step(s, batch, step_frozen)
-            jax.block_until_ready(metrics["loss"])
-            state[0] = s
+    def run(name):
+        step, s, step_frozen, step_batches = runs[name]
+        for batch in step_batches:
+            s, metrics = step(s, batch, step_frozen)
+        return metrics["loss"]
 
-        ms = time_calls(run, repeats=repeats).median / steps * 1e3
-        base = ms if name == "plain" else base
-        rows.append(dict(variant=name, ms_per_step=ms, ratio_to_plain=ms / base, domains=k))
-        print(f"{name:14s} {ms:8.1f} ms/step  x{ms / base:5.2f}", flush=True)
+    for name in runs:  # compile
+        time_calls(lambda name=name: run(name), repeats=1, warmup=0)
+    load_before = os.getloadavg()
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name in runs:
+            seconds[name] += time_calls(lambda name=name: run(name), repeats=1, warmup=0).seconds
+    load_after = os.getloadavg()
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))
+
+    rows = []
+    for name in runs:
+        ms = statistics.median(seconds[name]) / steps * 1e3
+        rows.append(
+            dict(variant=name, ms_per_step=ms, ratio_to_plain=ratio(name, "plain"), domains=k)
+        )
+        print(f"{name:16s} {ms:8.1f} ms/step  x{ratio(name, 'plain'):5.2f}", flush=True)
+    selected_to_full = ratio("doge_selected", "doge")
+    selected_to_full_mixed = ratio("doge_selected_mixed_rows", "doge_mixed_rows")
+    print(f"doge_selected / doge x{selected_to_full:5.2f}")
+    print(f"doge_selected_mixed_rows / doge_mixed_rows x{selected_to_full_mixed:5.2f}")
+    print(f"load average before {load_before}, after {load_after}")
     write_json(
         FLAGS.out,
         dict(
             environment=environment(),
             rows=rows,
+            doge_selected_to_doge=selected_to_full,
+            doge_selected_to_doge_mixed_rows=selected_to_full_mixed,
+            load_average_before=load_before,
+            load_average_after=load_after,
             selected_tensors=list(selected),
             total_tensors=len(leaves),
         ),

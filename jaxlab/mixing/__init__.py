@@ -16,6 +16,7 @@ from jaxlab.mixing._doge import (
     domain_gradients,
     flatten_selected,
     mirror_step,
+    row_domain_gradients,
     select_parameters,
     weighted_sum,
 )
@@ -30,6 +31,7 @@ from jaxlab.mixing.objectives import (
 from jaxlab.mixing.proxy import (
     doge_gradients,
     doge_proxy_objective,
+    doge_update,
     doremi_gradients,
     doremi_proxy_objective,
     make_doge_step,
@@ -49,6 +51,7 @@ __all__ = [
     "current_weights",
     "doge",
     "doge_gradients",
+    "doge_update",
     "doge_proxy_objective",
     "doge_objective",
     "domain_masks",
@@ -64,6 +67,7 @@ __all__ = [
     "mirror_step",
     "make_doge_step",
     "make_doremi_step",
+    "row_domain_gradients",
     "select_parameters",
     "weighted_sum",
 ]

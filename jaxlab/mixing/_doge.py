@@ -169,7 +169,8 @@ def doge(
     def prepare(domain_grads):
         return domain_grads if grad_clip is None else clip_per_domain(domain_grads, grad_clip)
 
-    return Mixer(init, update, prepare)
+    # Clipping needs every leaf's norm; without it only the scored leaves are read.
+    return Mixer(init, update, prepare, reads=param_filter if grad_clip is None else None)
 
 
 def mirror_step(log_weights, step, smoothing: float):
@@ -195,6 +196,54 @@ def domain_gradients(domain_losses: Callable[[Any], Any], params, *, has_aux: bo
         losses, vjp = jax.vjp(domain_losses, params)
     (grads,) = jax.vmap(vjp)(jnp.eye(losses.shape[0], dtype=losses.dtype))
     return (losses, grads, aux) if has_aux else (losses, grads)
+
+
+def row_domain_gradients(
+    row_loss: Callable[[Any, Any], Any], params, rows, members, *, rows_per_pass: int = 0
+):
+    """``(grads, aux)`` with ``grads[i] = sum_r members[i, r] * d row_loss(params, row_r)[0] /
+    d params`` (a leading axis of ``k`` on every leaf), for batches whose rows each belong to one
+    domain and do not interact (a language model's sequences).
+
+    ``row_loss(params, row) -> (loss, aux)`` sees one row (every leaf of ``rows`` has a leading
+    row axis ``B``); ``members`` is ``[k, B]``. The per-row gradients come from ``vmap`` over
+    rows of ``grad`` (per-example gradients): one forward and one backward pass over the batch,
+    where :func:`domain_gradients` runs ``k`` backward passes over the whole batch, each mostly
+    on other domains' rows whose cotangents are zero. ``rows_per_pass`` bounds the memory: that
+    many rows' gradients at a time (a ``lax.scan`` over groups of rows summing into the ``k``
+    domain gradients; the last group padded with rows of no domain), 0 for all ``B`` at once."""
+    per_row = jax.vmap(jax.grad(row_loss, has_aux=True), in_axes=(None, 0))
+    num_rows = members.shape[1]
+    if rows_per_pass < 0:
+        raise ValueError(f"rows_per_pass must be >= 0, got {rows_per_pass}")
+    if rows_per_pass == 0 or rows_per_pass >= num_rows:
+        grads, aux = per_row(params, rows)
+        return jax.tree.map(lambda g: jnp.tensordot(members.astype(g.dtype), g, axes=1), grads), aux
+    groups = -(-num_rows // rows_per_pass)
+    pad = groups * rows_per_pass - num_rows
+
+    def grouped(x):  # [B, ...] -> [groups, rows_per_pass, ...], padded by repeating row 0
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+        return x.reshape(groups, rows_per_pass, *x.shape[1:])
+
+    weights = jnp.pad(members, ((0, 0), (0, pad))).reshape(-1, groups, rows_per_pass)
+
+    def body(total, group):
+        row_group, w = group
+        grads, aux = per_row(params, row_group)
+        total = jax.tree.map(
+            lambda t, g: t + jnp.tensordot(w.astype(g.dtype), g, axes=1), total, grads
+        )
+        return total, aux
+
+    zeros = jax.tree.map(
+        lambda p: jnp.zeros((members.shape[0], *jnp.shape(p)), jnp.result_type(p)), params
+    )
+    grads, aux = jax.lax.scan(
+        body, zeros, (jax.tree.map(grouped, rows), jnp.moveaxis(weights, 1, 0))
+    )
+    aux = jax.tree.map(lambda a: a.reshape(groups * rows_per_pass, *a.shape[2:])[:num_rows], aux)
+    return grads, aux
 
 
 def cancellation_ratios(grads, old_params, new_params):

@@ -47,11 +47,14 @@ def _identity(domain_grads):
 class Mixer(NamedTuple):
     """``init() -> state``; ``update(observation, state) -> (weights, state)``;
     ``prepare(domain_grads)`` gives the per-domain gradients the model steps on (DoGE's
-    per-domain clipping; identity otherwise)."""
+    per-domain clipping; identity otherwise); ``reads``: a pytree of bools like the gradients,
+    the leaves of ``domain_grads`` and ``target_grads`` that ``update`` and ``prepare`` read
+    (None: all), so a caller may pass zeros for the others instead of computing them."""
 
     init: Callable[[], Any]
     update: Callable[[Observation, Any], tuple[jax.Array, Any]]
     prepare: Callable[[Any], Any] = _identity
+    reads: Any = None
 
 
 def required(mixer: str, observation: Observation, field: str):

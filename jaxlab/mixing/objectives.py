@@ -9,8 +9,8 @@ weights go to ``WORKDIR/domain_weights.json``, which a base run reads with
 ``config.data.weights_file``. DoReMi's reference model is the frozen model ``reference``, loaded
 from ``run:{config.mixer.reference_workdir}``.
 
-Both steps are :func:`jaxlab.mixing.proxy.doge_gradients` / :func:`doremi_gradients`, the same
-code the proxy experiments run.
+Both steps share the proxy experiments' code: :func:`jaxlab.mixing.proxy.doge_update` (on
+per-domain gradients taken row by row, see :func:`doge_objective`) and :func:`doremi_gradients`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import objectives
-from jaxlab.mixing._doge import averaged_weights, current_weights, doge
+from jaxlab.mixing._doge import averaged_weights, current_weights, doge, row_domain_gradients
 from jaxlab.mixing._doremi import domain_means, doremi
-from jaxlab.mixing.proxy import doge_gradients, doremi_gradients
+from jaxlab.mixing.proxy import doge_gradients, doge_update, doremi_gradients
+from jaxlab.models.partitioning import mesh_parts
 from jaxlab.optim import params_matching
 
 
@@ -129,7 +130,17 @@ def _scored(context):
 def doge_objective(context) -> objectives.Objective:
     """Per-domain gradients of the training components (and of the targets for the OOD
     objective), clipped per domain by the mixer, the mixer update, then the weighted sum of the
-    domain gradients. Metrics: ``loss`` (token mean over the train domains), ``weight_<name>``."""
+    domain gradients. Metrics: ``loss`` (token mean over the train domains), ``weight_<name>``.
+
+    The engine's rows each come from one component (:class:`jaxlab.data.pipeline.DataIterator`)
+    and a language model's rows do not interact, so each domain's gradient is the sum of its
+    rows' gradients: :func:`row_domain_gradients` gives every train and target domain's gradient
+    from one forward and one backward pass (per-row gradients, ``B`` of them held at once, or
+    ``config.mixer.rows_per_pass`` at a time).
+    A batch with a row mixing domains' counted tokens takes the general path instead
+    (:func:`jaxlab.mixing.proxy.doge_gradients`: ``k`` backward passes, ``m`` more for the
+    targets), chosen per batch by ``lax.cond``; so does every batch when the mesh splits the
+    batch over devices (a one-row model has no batch axis to split)."""
     m, names, graphdef = context.config.mixer, context.components, context.graphdef
     train, target = _domains(context)
     mixer = doge(
@@ -142,23 +153,62 @@ def doge_objective(context) -> objectives.Objective:
         grad_clip=m.grad_clip or None,
         param_filter=_scored(context),
     )
+    k = len(train)
 
     def per_domain(params, batch, domains):
         params = objectives.stop_frozen(params, context.trainable)
         losses, mask = objectives.token_losses(graphdef, params, batch)
         return domain_mean_losses(losses, mask, batch["domain"], domains)
 
-    def gradients(params, batch, frozen, state, rng):
-        del frozen, rng
+    def by_domain(params, batch, state):
         target_losses = None
         if target:
 
             def target_losses(p):
                 return per_domain(p, batch, target)[0]
 
-        update, weights, state, losses, counts = doge_gradients(
+        return doge_gradients(
             lambda p: per_domain(p, batch, train), params, mixer, state, target_losses
         )
+
+    def row_loss(params, row):
+        """One row's tokens weighted by 1 / (its domain's token count): its share of its
+        domain's mean loss; aux: its per-token losses."""
+        params = objectives.stop_frozen(params, context.trainable)
+        one = {key: row[key][None] for key in objectives.MODEL_INPUTS}
+        losses = objectives.token_losses(graphdef, params, one)[0][0]
+        return jnp.sum(losses * row["weight"]), losses
+
+    def by_rows(params, batch, state, masks):
+        counts = jnp.sum(masks, axis=(1, 2))
+        rows = {key: batch[key] for key in objectives.MODEL_INPUTS}
+        rows["weight"] = jnp.sum(masks / jnp.maximum(counts, 1.0)[:, None, None], axis=0)
+        members = jnp.any(masks > 0, axis=2)  # [train + target, B]
+        grads, losses = row_domain_gradients(
+            row_loss, params, rows, members, rows_per_pass=int(m.get("rows_per_pass", 0))
+        )
+        means = domain_means(losses, masks[:k])[0]
+        target_grads = jax.tree.map(lambda g: g[k:], grads) if target else None
+        grads = jax.tree.map(lambda g: g[:k], grads)
+        return (*doge_update(grads, mixer, state, target_grads), means, counts[:k])
+
+    def gradients(params, batch, frozen, state, rng):
+        del frozen, rng
+        if mesh_parts("batch") > 1:
+            update, weights, state, losses, counts = by_domain(params, batch, state)
+        else:
+            mask = batch["loss_mask"].astype(jnp.float32)
+            masks = domain_masks(batch["domain"], mask, train + target)
+            one_domain_rows = jnp.all(jnp.sum(jnp.any(masks > 0, axis=2), axis=0) <= 1)
+            update, weights, state, losses, counts = jax.lax.cond(
+                one_domain_rows,
+                by_rows,
+                lambda params, batch, state, _: by_domain(params, batch, state),
+                params,
+                batch,
+                state,
+                masks,
+            )
         return update, state, _metrics(losses, counts, weights, [names[i] for i in train])
 
     return objectives.Objective(

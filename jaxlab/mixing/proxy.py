@@ -3,9 +3,11 @@
 The two cores, shared by the proxy steps below (small models with one batch per domain) and by
 the training engine's mixer objectives (:mod:`jaxlab.mixing.objectives`):
 
-* :func:`doge_gradients`: per-domain gradients (one forward, vmapped backward passes),
-  target-domain gradients for the OOD objective, the mixer update, then ``sum_i a_i g_i`` with
-  the new weights (gradient reweighting, as the authors' trainer does).
+* :func:`doge_gradients`: per-domain gradients (one forward, vmapped backward passes; only
+  of the parameters the mixer reads, ``Mixer.reads``, when it says), target-domain gradients
+  for the OOD objective, then the mixer update and ``sum_i a_i g_i`` with the new weights
+  (gradient reweighting, as the authors' trainer does; :func:`doge_update` on gradients taken
+  elsewhere).
 * :func:`doremi_gradients`: the model's and the reference model's per-token (or per-example)
   losses give the clipped excess and the weights; one VJP gives the gradient of
   ``sum_i a_i loss_i`` (loss reweighting).
@@ -50,13 +52,38 @@ def doge_gradients(
       mixer: a :func:`jaxlab.mixing.doge` mixer; ``mixer_state`` its state.
       target_losses: ``params -> [m]`` target-domain losses (the OOD objective), or None.
     """
-    losses, grads, aux = domain_gradients(domain_losses, params, has_aux=True)
-    grads = mixer.prepare(grads)  # per-domain clipping: the scores and the update both see it
+    if mixer.reads is None:
+        losses, grads, aux = domain_gradients(domain_losses, params, has_aux=True)
+        target = None
+        if target_losses is not None:
+            _, target = domain_gradients(target_losses, params)
+        return (*doge_update(grads, mixer, mixer_state, target), losses, aux)
+    # The mixer reads only some leaves (DoGE's param_filter without clipping): the k backward
+    # passes give only those (XLA drops the other weight-gradient products), and the update
+    # sum_i a_i g_i is one more backward pass with cotangent a.
+    losses, vjp, aux = jax.vjp(domain_losses, params, has_aux=True)
+    grads = _read_only(jax.vmap(vjp)(jnp.eye(losses.shape[0], dtype=losses.dtype))[0], mixer)
     target = None
     if target_losses is not None:
-        _, target = domain_gradients(target_losses, params)
+        target_values, target_vjp = jax.vjp(target_losses, params)
+        eye = jnp.eye(target_values.shape[0], dtype=target_values.dtype)
+        target = _read_only(jax.vmap(target_vjp)(eye)[0], mixer)
     weights, mixer_state = mixer.update(Observation(grads, target_grads=target), mixer_state)
-    return weighted_sum(weights, grads), weights, mixer_state, losses, aux
+    (update,) = vjp(weights.astype(losses.dtype))
+    return update, weights, mixer_state, losses, aux
+
+
+def _read_only(grads, mixer: Mixer):
+    """Zeros on the leaves the mixer does not read (their backward products are then dead)."""
+    return jax.tree.map(lambda g, read: g if read else jnp.zeros_like(g), grads, mixer.reads)
+
+
+def doge_update(domain_grads, mixer: Mixer, mixer_state, target_grads=None):
+    """``(update, weights, mixer_state)`` from per-domain gradients (leading axis ``k``, however
+    they were computed): the mixer update, then ``sum_i a_i g_i`` with the new weights."""
+    grads = mixer.prepare(domain_grads)  # per-domain clipping: the scores and the update see it
+    weights, mixer_state = mixer.update(Observation(grads, target_grads=target_grads), mixer_state)
+    return weighted_sum(weights, grads), weights, mixer_state
 
 
 def doremi_gradients(

@@ -1,6 +1,8 @@
 """DoGE and DoReMi updates against float64 NumPy implementations of the rules written from the
 brief, per-domain gradients against separate jax.grad calls, checkpointing with orbax."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,6 +182,114 @@ def test_domain_gradients_equal_separate_grads():
                 np.asarray(grads[name][i]), np.asarray(expected[name]), rtol=1e-5, atol=1e-6
             )
         assert float(losses[i]) == pytest.approx(float(domain_loss(params, i)), rel=1e-6)
+
+
+@pytest.mark.parametrize("rows_per_pass", [0, 3, 7])
+def test_row_domain_gradients_equal_separate_grads(rows_per_pass):
+    """Rows of a sequence model (tokens within a row interact through a running sum), each row in
+    one domain, domain 3 absent, one row without counted tokens: every domain's gradient and
+    mean loss equal a separate float64 jax.grad of that domain's masked mean over the batch, all
+    rows at once or a few at a time (3: the last group padded)."""
+    rng = np.random.default_rng(1)
+    k, rows, seq = 4, 7, 5
+    params64 = {
+        "w": rng.standard_normal((3, 6)),
+        "v": rng.standard_normal((6, 4)),
+    }
+    x = rng.standard_normal((rows, seq, 3))
+    y = rng.integers(0, 4, (rows, seq))
+    row_domain = np.array([0, 2, 1, 0, 2, 2, 1])
+    mask = (rng.random((rows, seq)) < 0.8).astype(np.float64)
+    mask[3] = 0.0  # a row of domain 0 with no counted token
+    masks = (row_domain[None, :, None] == np.arange(k)[:, None, None]) * mask[None]
+    counts = masks.sum(axis=(1, 2))
+
+    def token_losses(p, x, y):  # [..., seq]; a token sees the running sum of its row's prefix
+        h = jnp.cumsum(jnp.tanh(x @ p["w"]), axis=-2)
+        return optax.softmax_cross_entropy_with_integer_labels(h @ p["v"], y)
+
+    def domain_loss(p, i):
+        return jnp.sum(token_losses(p, x, y) * masks[i]) / max(counts[i], 1.0)
+
+    def row_loss(p, row):
+        losses = token_losses(p, row["x"], row["y"])
+        return jnp.sum(losses * row["weight"]), losses
+
+    weight = (masks / np.maximum(counts, 1.0)[:, None, None]).sum(axis=0)
+    as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
+    grads, losses = jax.jit(
+        functools.partial(mixing.row_domain_gradients, rows_per_pass=rows_per_pass),
+        static_argnums=0,
+    )(
+        row_loss,
+        as32(params64),
+        {"x": as32(x), "y": jnp.asarray(y), "weight": as32(weight)},
+        jnp.asarray(masks.any(axis=2)),
+    )
+    means = mixing.domain_means(losses, as32(masks))[0]
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(jnp.asarray, params64)
+        for i in range(k):
+            expected = jax.grad(domain_loss)(p64, i)
+            for name in params64:
+                np.testing.assert_allclose(
+                    np.asarray(grads[name][i]), np.asarray(expected[name]), rtol=1e-5, atol=1e-6
+                )
+            assert float(means[i]) == pytest.approx(float(domain_loss(p64, i)), rel=1e-5)
+    assert not np.any(np.asarray(grads["w"][3]))  # the absent domain: exactly zero
+
+
+@pytest.mark.parametrize("objective", ["universal", "ood"])
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_selected_gradients_equal_all_leaves(objective, grad_clip):
+    """With a param_filter and no clipping the mixer reads only the selected leaves and
+    doge_gradients takes only their per-domain gradients, then the update by one more backward
+    pass; weights, state and update equal per-domain gradients of every leaf (domain_gradients)
+    reweighted by doge_update, with domain 2 absent from the batch. Clipping reads every leaf."""
+    rng = np.random.default_rng(2)
+    k, m = 3, 2
+    params = {
+        "w": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
+        "v": jnp.asarray(rng.standard_normal((5, 4)), jnp.float32),
+    }
+    chosen = {"w": False, "b": True, "v": False}
+    x = jnp.asarray(rng.standard_normal((40, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 40))
+    domain = jnp.asarray(rng.choice([0, 1, 3, 4], 40))  # 0-2 train (2 absent), 3, 4 target
+
+    def domain_losses(p, domains):
+        logits = jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        masks = jnp.stack([(domain == d).astype(jnp.float32) for d in domains])
+        return mixing.domain_means(losses, masks)
+
+    mixer = mixing.doge(
+        num_domains=k,
+        mu=0.05,
+        lr_schedule=0.5,
+        score_clip=(-5.0, 5.0),  # negative scores move the weights too
+        objective=objective,
+        param_filter=chosen,
+        grad_clip=grad_clip,
+    )
+    assert mixer.reads == (chosen if grad_clip is None else None)
+    train = lambda p: domain_losses(p, range(k))  # noqa: E731
+    target = (lambda p: domain_losses(p, range(k, k + m))[0]) if objective == "ood" else None
+    state = mixer.init()._replace(log_weights=jnp.log(jnp.asarray([0.2, 0.5, 0.3])))
+
+    @jax.jit
+    def every_leaf(params, state):
+        losses, grads, counts = mixing.domain_gradients(train, params, has_aux=True)
+        target_grads = None if target is None else mixing.domain_gradients(target, params)[1]
+        return (*mixing.doge_update(grads, mixer, state, target_grads), losses, counts)
+
+    got = jax.jit(lambda p, s: mixing.doge_gradients(train, p, mixer, s, target))(params, state)
+    want = every_leaf(params, state)
+    assert float(want[4][2]) == 0.0  # domain 2 is absent
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got[1], [0.2, 0.5, 0.3])  # the weights moved
 
 
 def test_doremi_update_matches_numpy():

@@ -216,3 +216,105 @@ def test_mixer_config_errors_name_the_field():
     config.data.weights = (1.0, 2.0, 1.0)
     with pytest.raises(ValueError, match="samples its components uniformly"):
         loop.build_experiment(config)
+
+
+@pytest.mark.parametrize(
+    "mixer",
+    [
+        dict(),
+        dict(target_sources=("html",)),
+        dict(selected_params=("layers/1/mlp",)),
+        dict(grad_clip=0.05, smoothing=0.1),
+        dict(rows_per_pass=3),
+    ],
+    ids=["universal", "ood", "selected", "clipped", "three-rows-per-pass"],
+)
+def test_row_gradients_equal_the_general_path(mixer, monkeypatch):
+    """The engine's DoGE objective takes per-domain gradients row by row: its update, weights and
+    metrics equal every leaf's per-domain gradient from k vmapped backward passes (and target
+    gradients of their own) reweighted by doge_update, on a batch where one training domain is
+    absent; a batch whose rows mix domains takes the general path (doge_gradients, selected
+    leaves only when the mixer says so) and equals it too."""
+    config = proxy_config(mu=0.01, **mixer)
+    exp = loop.build_experiment(config)
+    state = loop.init_state(exp)
+    state = state._replace(objective=state.objective._replace(step=jnp.int32(5)))  # lr > 0
+    target = (2,) if mixer.get("target_sources") else ()
+    train = tuple(d for d in range(3) if d not in target)
+    chosen = None
+    if mixer.get("selected_params"):
+        chosen = params_matching(state.params, mixer["selected_params"], "selected")
+    rule = mixing.doge(
+        num_domains=len(train),
+        mu=0.01,
+        lr_schedule=exp.schedule,
+        objective="ood" if target else "universal",
+        param_filter=chosen,
+        grad_clip=mixer.get("grad_clip"),
+        smoothing=mixer.get("smoothing", 0.0),
+    )
+    assert config.batch_size % 3, "rows_per_pass=3 should leave a padded group"
+
+    def per_domain(params, batch, domains):
+        losses, mask = token_losses(exp.graphdef, params, batch)
+        return domain_mean_losses(losses, mask, batch["domain"], domains)
+
+    @jax.jit
+    def general(params, batch, mixer_state):  # every leaf's per-domain gradient, k backward passes
+        losses, grads, counts = mixing.domain_gradients(
+            lambda p: per_domain(p, batch, train), params, has_aux=True
+        )
+        targets = None
+        if target:
+            targets = mixing.domain_gradients(lambda p: per_domain(p, batch, target)[0], params)[1]
+        return (*mixing.doge_update(grads, rule, mixer_state, targets), losses, counts)
+
+    iterator = loop.pipeline.train_iterator(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, weights=[1.0] * 3
+    )
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in next(iter(iterator)).items()
+        if k in (*loop.MODEL_INPUTS, "domain")
+    }
+    absent = jnp.where(batch["domain"] == 1, 0, batch["domain"])  # no email rows
+    half = config.seq_len // 2
+    mixed = absent.at[:, half:].set((absent[:, half:] + 1) % 3)  # every row mixes two domains
+    step = jax.jit(exp.objective.gradients)
+    names = [("json", "email", "html")[d] for d in train]
+    for domain in (absent, mixed):
+        b = dict(batch, domain=domain)
+        update, mixer_state, metrics = step(
+            state.params, b, {}, state.objective, jax.random.PRNGKey(0)
+        )
+        expected, weights, expected_state, losses, counts = general(
+            state.params, b, state.objective
+        )
+        assert float(counts[1]) == 0.0 or domain is mixed  # email absent from `absent`
+        np.testing.assert_allclose(
+            [float(metrics[f"weight_{n}"]) for n in names], weights, rtol=1e-5, atol=1e-7
+        )
+        for got, want in zip(
+            jax.tree.leaves((update, mixer_state)),
+            jax.tree.leaves((expected, expected_state)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        assert float(metrics["loss"]) == pytest.approx(
+            float(jnp.dot(losses, counts) / jnp.sum(counts)), rel=1e-5
+        )
+
+    if mixer:
+        return
+
+    # The single-domain batch does take the row path: with the general path poisoned, its update
+    # stays finite while the mixed batch's does not.
+    def poisoned(*args, **kwargs):
+        update, *rest = mixing.doge_gradients(*args, **kwargs)
+        return (jax.tree.map(lambda g: g * jnp.nan, update), *rest)
+
+    monkeypatch.setattr(mixing.objectives, "doge_gradients", poisoned)
+    step = jax.jit(loop.build_experiment(config).objective.gradients)
+    for domain, finite in ((absent, True), (mixed, False)):
+        update = step(state.params, dict(batch, domain=domain), {}, state.objective, None)[0]
+        assert all(bool(jnp.all(jnp.isfinite(g))) == finite for g in jax.tree.leaves(update))
