@@ -74,8 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
             tie_embeddings=True,
             param_dtype="float32",
             dtype="float32",
-            # jaxlab.ops.attention implementation; "auto": the best measured for the platform.
-            attention_impl="auto",
+            attention_impl="xla",
             # DenseFormer depth-weighted averages, e.g. {"dilation": 1, "period": 1}; None = off.
             dwa=None,
             # Dynamic sparse attention, e.g. {"kind": "hash", "num_buckets": 8} or

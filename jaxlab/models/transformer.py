@@ -107,8 +107,7 @@ class TransformerConfig:
       param_dtype: storage dtype of parameters: a :data:`DTYPES` name or anything ``jnp.dtype``
         takes for one (``jnp.bfloat16``, ``np.float32``); stored as the name.
       dtype: compute dtype of activations, given and stored as ``param_dtype``.
-      attention_impl: name of a :mod:`jaxlab.ops.attention` implementation (``'auto'``: the
-        one measured best for the platform, :func:`jaxlab.ops.resolve_attention_impl`).
+      attention_impl: name of a :mod:`jaxlab.ops.attention` implementation.
       bos_token_id: beginning-of-sequence id, kept for checkpoint round trips.
       eos_token_id: end-of-sequence id(s), kept for checkpoint round trips.
       dwa: if set, a DenseFormer: depth-weighted averages between blocks

@@ -1,11 +1,6 @@
 """Dispatch between Pallas kernels and pure-XLA paths."""
 
-from jaxlab.ops.attention import (
-    attention,
-    available_impls,
-    register_attention_impl,
-    resolve_attention_impl,
-)
+from jaxlab.ops.attention import attention, available_impls, register_attention_impl
 from jaxlab.ops.sparse_attention import (
     hash_sparse_attention,
     hash_window,
@@ -21,5 +16,4 @@ __all__ = [
     "masked_attention",
     "qk_sparse_attention",
     "register_attention_impl",
-    "resolve_attention_impl",
 ]

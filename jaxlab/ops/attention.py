@@ -11,21 +11,17 @@ that drop or reorder tokens share one meaning of "causal":
 
 A query that sees no key (only possible for padding) gets a uniform average instead of NaN.
 Kernels register themselves under a name with :func:`register_attention_impl`; models pick one
-through their config (``attention_impl``). Registered here: ``'xla'`` (plain jnp, autodiff),
-``'xla_recompute'`` (same forward, a backward that recomputes the probabilities instead of storing
-them) and ``'auto'`` (:func:`resolve_attention_impl`: the better of the two for the platform).
+through their config (``attention_impl``).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxlab.registry import Registry
-from kernels_pallas._common import platform as kernel_platform
 
 # Large finite negative instead of -inf: a fully masked row stays finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -68,26 +64,6 @@ def attention_mask(
     return mask
 
 
-def _masked_logits(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Float32 logits ``[batch, kv_heads, groups, q_len, kv_len]``, hidden keys at
-    ``_MASK_VALUE``; ``mask``: [batch, q_len, kv_len]."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * scale
-    return jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-
-
-def _weighted_values(probs: jax.Array, v: jax.Array, q: jax.Array) -> jax.Array:
-    """``probs`` [batch, kv_heads, groups, q_len, kv_len] applied to ``v``: [batch, q_len,
-    heads, head_dim] in the dtype of ``q``."""
-    out = jnp.einsum(
-        "bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    return out.reshape(q.shape).astype(q.dtype)
-
-
 def xla_attention(
     q: jax.Array,
     k: jax.Array,
@@ -102,74 +78,12 @@ def xla_attention(
     scale: float,
 ) -> jax.Array:
     """Dense attention in plain jnp; logits and softmax in float32."""
-    mask = attention_mask(
-        q_positions,
-        kv_positions,
-        causal=causal,
-        sliding_window=sliding_window,
-        q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-    )
-    probs = jax.nn.softmax(_masked_logits(q, k, mask, scale), axis=-1)
-    return _weighted_values(probs, v, q)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _recomputed(q, k, v, mask, scale):
-    return _recomputed_forward(q, k, v, mask, scale)[0]
-
-
-def _recomputed_forward(q, k, v, mask, scale):
-    probs = jax.nn.softmax(_masked_logits(q, k, mask, scale), axis=-1)
-    return _weighted_values(probs, v, q), (q, k, v, mask)
-
-
-def _recomputed_backward(scale, residuals, d_out):
-    """The softmax-attention gradient with the probabilities recomputed from ``q`` and ``k``
-    (FlashAttention's backward, unblocked): ``dS = P * (dP - rowsum(P * dP))``, zero where the
-    mask hides a key (also in a row that sees no key, whose uniform average ignores the logits)."""
-    q, k, v, mask = residuals
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    grouped = (batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    probs = jax.nn.softmax(_masked_logits(q, k, mask, scale), axis=-1)
-    d_out = d_out.reshape(grouped)
-    f32 = dict(preferred_element_type=jnp.float32)
-    d_v = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(v.dtype), d_out, **f32)
-    d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out, v, **f32)
-    d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
-    d_logits = jnp.where(mask[:, None, None], d_logits * scale, 0.0)
-    d_q = jnp.einsum("bkgqs,bskd->bqkgd", d_logits.astype(k.dtype), k, **f32)
-    d_k = jnp.einsum("bkgqs,bqkgd->bskd", d_logits.astype(q.dtype), q.reshape(grouped), **f32)
-    return (
-        d_q.reshape(q.shape).astype(q.dtype),
-        d_k.astype(k.dtype),
-        d_v.astype(v.dtype),
-        None,
-    )
-
-
-_recomputed.defvjp(_recomputed_forward, _recomputed_backward)
-
-
-def recompute_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    causal: bool,
-    sliding_window: int | None,
-    q_segment_ids: jax.Array | None,
-    kv_segment_ids: jax.Array | None,
-    scale: float,
-) -> jax.Array:
-    """:func:`xla_attention`'s forward with a hand-written backward that keeps only ``q, k, v``
-    and the boolean mask between the passes and recomputes the float32 probabilities, instead of
-    storing them and the softmax's intermediates ([batch, heads, q_len, kv_len] each).
-    Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` through it raises, ``jax.jvp`` of a
-    ``jax.grad`` through it works; use ``'xla'`` for forward-mode derivatives."""
+    groups = heads // kv_heads
+    qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * scale
     mask = attention_mask(
         q_positions,
         kv_positions,
@@ -178,25 +92,13 @@ def recompute_attention(
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
     )
-    return _recomputed(q, k, v, mask, scale)
-
-
-def resolve_attention_impl(impl: str) -> str:
-    """``impl``, with ``'auto'`` resolved for the platform traced for: ``'xla_recompute'`` on the
-    CPU (measured on lm_tiny's train step: XLA scratch 296 -> 240 MiB under XLA's default CPU
-    scheduler, time equal within the noise), ``'xla'`` elsewhere (not measured there)."""
-    if impl != "auto":
-        return impl
-    return "xla_recompute" if kernel_platform() == "cpu" else "xla"
-
-
-def _auto_attention(q, k, v, **kw):
-    return ATTENTION_IMPLS.get(resolve_attention_impl("auto"))(q, k, v, **kw)
+    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
 register_attention_impl("xla", xla_attention)
-register_attention_impl("xla_recompute", recompute_attention)
-register_attention_impl("auto", _auto_attention)
 
 
 def attention(

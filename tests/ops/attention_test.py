@@ -1,12 +1,10 @@
 """jaxlab.ops.attention against a float64 NumPy reference written from the definition."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlab import ops
-from kernels_pallas._common import target_platform
 
 
 def reference_attention(q, k, v, q_pos, kv_pos, *, causal, window=None, q_seg=None, kv_seg=None):
@@ -118,115 +116,3 @@ def test_bad_input_is_named(kwargs, message):
     q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
     with pytest.raises(ValueError, match=message):
         ops.attention(q, k, k, **kwargs)
-
-
-def reference_attention_float64(
-    q, k, v, q_pos, kv_pos, *, causal, window=None, q_seg=None, kv_seg=None
-):
-    """The definition in jnp (call under ``jax.enable_x64``), differentiable: keys repeated per
-    query head, hidden keys at -inf, a row that sees no key the uniform average of the values."""
-    groups = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    qp, kp = q_pos[:, None, :, None], kv_pos[:, None, None, :]
-    visible = jnp.ones(logits.shape, bool)
-    if causal:
-        visible &= kp <= qp
-    if window is not None:
-        visible &= kp > qp - window
-    if q_seg is not None:
-        visible &= q_seg[:, None, :, None] == kv_seg[:, None, None, :]
-    sees_a_key = jnp.any(visible, axis=-1, keepdims=True)
-    logits = jnp.where(visible, logits, jnp.where(sees_a_key, -jnp.inf, 0.0))
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-
-
-def _masking_case(rng):
-    """GQA (6 query heads, 2 kv heads), shuffled positions, a window of 4, three segments, and
-    query 0 of row 0 placed before every key so that it sees none."""
-    q, k, v = _inputs(rng, 2, 9, 11, 6, 2, 8)
-    q_pos = np.stack([rng.permutation(11)[:9] for _ in range(2)])
-    q_pos[0, 0] = -1
-    kv_pos = np.stack([rng.permutation(11) for _ in range(2)])
-    q_seg, kv_seg = rng.integers(0, 3, (2, 9)), rng.integers(0, 3, (2, 11))
-    masks = dict(
-        q_positions=q_pos,
-        kv_positions=kv_pos,
-        q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg,
-        sliding_window=4,
-    )
-    return (q, k, v), masks
-
-
-def _values_and_grads(fn, qkv, cotangent):
-    out, pullback = jax.vjp(fn, *qkv)
-    return out, pullback(cotangent)
-
-
-@pytest.mark.parametrize("impl", ["xla_recompute", "auto"])
-def test_recomputing_backward_matches_float64_reference_and_xla(impl):
-    rng = np.random.default_rng(5)
-    qkv, masks = _masking_case(rng)
-    ct = rng.standard_normal(qkv[0].shape).astype(np.float32)
-    arrays = {name: jnp.asarray(x) for name, x in masks.items() if name != "sliding_window"}
-
-    def run(impl_name):
-        def fn(q, k, v):
-            return ops.attention(q, k, v, sliding_window=4, impl=impl_name, **arrays)
-
-        return _values_and_grads(jax.jit(fn), [jnp.asarray(x) for x in qkv], jnp.asarray(ct))
-
-    out, grads = run(impl)
-    out_xla, grads_xla = run("xla")
-    with jax.enable_x64(True):
-        as64 = {name: jnp.asarray(x) for name, x in masks.items() if name != "sliding_window"}
-
-        def reference(q, k, v):
-            return reference_attention_float64(
-                q,
-                k,
-                v,
-                as64["q_positions"],
-                as64["kv_positions"],
-                causal=True,
-                window=4,
-                q_seg=as64["q_segment_ids"],
-                kv_seg=as64["kv_segment_ids"],
-            )
-
-        out64, grads64 = _values_and_grads(
-            reference, [jnp.asarray(x, jnp.float64) for x in qkv], jnp.asarray(ct, jnp.float64)
-        )
-        out64, grads64 = np.asarray(out64), [np.asarray(g) for g in grads64]
-    # The row that sees no key: the uniform average of its batch row's values, gradient-free in
-    # the logits (so q gets none there).
-    np.testing.assert_allclose(
-        out64[0, 0], np.repeat(qkv[2][0].astype(np.float64).mean(0), 3, axis=0), atol=1e-12
-    )
-    assert np.all(grads64[0][0, 0] == 0)
-    np.testing.assert_allclose(np.asarray(out), out64, atol=2e-5)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(out_xla))
-    for name, got, want, xla in zip("qkv", grads, grads64, grads_xla, strict=True):
-        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, err_msg=f"d{name}")
-        np.testing.assert_allclose(np.asarray(got), np.asarray(xla), atol=2e-5, err_msg=name)
-
-
-def test_recomputing_backward_keeps_bfloat16_dtypes_and_stays_close_to_xla():
-    rng = np.random.default_rng(6)
-    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(rng, 2, 16, 16, 4, 2, 16))
-    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
-    got = _values_and_grads(lambda *a: ops.attention(*a, impl="xla_recompute"), (q, k, v), ct)
-    want = _values_and_grads(lambda *a: ops.attention(*a, impl="xla"), (q, k, v), ct)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=6e-2)
-
-
-def test_auto_resolves_per_traced_platform():
-    assert ops.resolve_attention_impl("xla") == "xla"
-    with target_platform("cpu"):
-        assert ops.resolve_attention_impl("auto") == "xla_recompute"
-    for name in ("gpu", "tpu"):
-        with target_platform(name):
-            assert ops.resolve_attention_impl("auto") == "xla"
