@@ -6,7 +6,9 @@ tokenizer's vocabulary (259), tied embeddings, float32). A random
 ``transformers.LlamaForCausalLM`` (its own initialisation, seed 0) is written with
 ``save_pretrained`` and both sides start from those weights: PyTorch reads them with
 ``from_pretrained``, jaxlab with :func:`jaxlab.interop.hf.load_hf_llama` (parameters taken as
-``nnx.to_pure_dict(nnx.state(model, nnx.Param))``). One training step on a batch of the config's
+``nnx.to_pure_dict(nnx.state(model, nnx.Param))``) into the config's model (its graph
+definition from :func:`jaxlab.train.loop.build_experiment`, so ``--config.model.attention_impl``,
+``remat`` and the like reach the step). One training step on a batch of the config's
 shape (lm_tiny: ``[16, 128]``) of random byte tokens, next-token cross-entropy averaged over all
 positions, AdamW (``OPTIM``: lr 1e-3 constant, b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on
 matrices only, replacing the config's ``optim`` except for ``--config.optim.`` overrides) after
@@ -236,7 +238,7 @@ def run_jaxlab(side_dir: str, config, repeats: int, breakdown: bool):
     memory = {"after_imports": memory_snapshot()}
     exp = build_experiment(config)
     model = load_hf_llama(side_dir, dtype="float32")
-    graphdef, _ = nnx.split(model, nnx.Param)
+    graphdef = exp.graphdef  # the config's model (attention_impl, remat, ...), the HF weights
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     del model
     shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
