@@ -201,6 +201,7 @@ def test_bench_quick_writes_ratios_per_batch(tmp_path):
         assert row["student_over_teacher"] == pytest.approx(
             student["samples_per_s"] / teacher["samples_per_s"]
         )
+        assert row["over_teacher"] == {"student (mamba)": row["student_over_teacher"]}
         assert teacher["samples_per_s"] == pytest.approx(1 / teacher["median_seconds_per_sample"])
 
 

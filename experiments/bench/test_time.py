@@ -10,9 +10,16 @@ full ``new_tokens`` (no early stop: random weights would stop at random points),
 the longest test answer plus eos. Reported per batch: samples per second of each model
 (compilation excluded, ``--repeats`` runs, median), and the student / teacher ratio.
 
+With ``--distill_workdir`` (a finished ``experiments/distill`` run) the arms are that run's
+trained teacher and the students of ``--students`` instead (each at its last stage, as
+``experiments/test_time_scaling`` with ``experiment.distill_workdir`` compares them), and every
+student's ratio to the teacher is reported.
+
 Usage::
 
   python -m experiments.bench.test_time --out=bench_results/bench_test_time.json [--quick]
+  python -m experiments.bench.test_time --distill_workdir=runs/distill \
+      --out=bench_results/bench_test_time_distilled.json
 """
 
 from __future__ import annotations
@@ -25,16 +32,24 @@ from absl import app, flags
 from flax import nnx
 
 from configs import test_time_scaling
+from experiments import test_time_scaling as experiment
 from experiments.bench.common import environment, write_json
 from jaxlab import models
 from jaxlab.data import reasoning
 from jaxlab.data.tokenizers import load_tokenizer
 from jaxlab.infer import test_time
+from jaxlab.train import pretrained
 
 _OUT = flags.DEFINE_string("out", "bench_results/bench_test_time.json", "Where to write the JSON.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed draws per measurement (median reported).")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Tiny smoke run: 1-layer width-16 models, 8 new tokens, batches 1 and 4."
+)
+_DISTILL = flags.DEFINE_string(
+    "distill_workdir", "", "A finished experiments/distill run: time its teacher and students."
+)
+_STUDENTS = flags.DEFINE_list(
+    "students", ["hybrid50", "hybrid25", "pure"], "With --distill_workdir: the students timed."
 )
 
 SAMPLES_PER_PROBLEM = 32
@@ -77,11 +92,18 @@ def main(argv):
     problems = reasoning.parse_spec(config.data.sources[0]).split("test")
     new_tokens = setup["new_tokens"] or max(len(p.answer) for p in problems) + 1
     per_problem = 4 if _QUICK.value else SAMPLES_PER_PROBLEM
-    fields = {
-        "teacher (llama)": dict(config.model.to_dict(), **setup["shrink"]),
-        "student (mamba)": dict(config.student_model.to_dict(), **setup["shrink"]),
-    }
-    arms = {name: build(f, tokenizer.vocab_size) for name, f in fields.items()}
+    if _DISTILL.value:
+        sources = experiment.distilled_models(_DISTILL.value, tuple(_STUDENTS.value))
+        fields = sources
+        arms = {
+            name: pretrained.load_model(src, "--distill_workdir") for name, src in sources.items()
+        }
+    else:
+        fields = {
+            "teacher (llama)": dict(config.model.to_dict(), **setup["shrink"]),
+            "student (mamba)": dict(config.student_model.to_dict(), **setup["shrink"]),
+        }
+        arms = {name: build(f, tokenizer.vocab_size) for name, f in fields.items()}
     parameters = {
         name: int(sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
         for name, m in arms.items()
@@ -120,12 +142,17 @@ def main(argv):
                 tokens_per_s=new_tokens / seconds,
                 first_draw_wall_s=compile_and_first,
             )
-        teacher, student = (row[n]["samples_per_s"] for n in arms)
-        row["student_over_teacher"] = student / teacher
+        teacher, *students = arms  # the first arm is the teacher
+        speeds = {n: row[n]["samples_per_s"] for n in arms}
+        row["over_teacher"] = {n: speeds[n] / speeds[teacher] for n in students}
+        if not _DISTILL.value:
+            row["student_over_teacher"] = row["over_teacher"][students[0]]
         rows.append(row)
         print(
-            f"  batch {batch:>3} ({calls} x {samples}): teacher {teacher:,.1f} samples/s, "
-            f"student {student:,.1f} samples/s, ratio {student / teacher:.2f}",
+            f"  batch {batch:>3} ({calls} x {samples}): "
+            + ", ".join(f"{n} {speeds[n]:,.1f} samples/s" for n in arms)
+            + "; / teacher: "
+            + ", ".join(f"{n} {r:.2f}" for n, r in row["over_teacher"].items()),
             flush=True,
         )
     result = dict(
@@ -137,9 +164,11 @@ def main(argv):
         parameters=parameters,
         models=fields,
         rows=rows,
+        distill_workdir=_DISTILL.value or None,
         note="samples/s = samples / timed generation seconds of draw_samples (compilation "
-        "excluded by its untimed first call), median over repeats; random weights, no early "
-        "stop, the reasoning task's test prompts",
+        "excluded by its untimed first call), median over repeats; no early stop, the reasoning "
+        "task's test prompts; "
+        + ("the distill run's trained weights" if _DISTILL.value else "random weights"),
     )
     write_json(_OUT.value, result)
     print(f"wrote {_OUT.value}")
