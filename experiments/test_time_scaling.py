@@ -98,7 +98,11 @@ def parse_models(spec: str) -> dict[str, str]:
 def distilled_models(distill_workdir: str, students) -> dict[str, str]:
     """The teacher and ``students`` of a finished ``experiments/distill`` run in
     ``distill_workdir`` (its ``results.json``), each student at its last stage:
-    ``{name: "run:DIR"}``, the teacher first."""
+    ``{name: "run:DIR"}``, the teacher first.
+
+    The record's paths are relative to where ``experiments.distill`` ran; those inside its
+    workdir (the students' stages, and the teacher unless it was a ``--teacher_workdir`` elsewhere)
+    are found under ``distill_workdir`` by their place in it, so a moved workdir still resolves."""
     path = os.path.join(distill_workdir, "results.json")
     if not os.path.isfile(path):
         raise ValueError(
@@ -107,23 +111,14 @@ def distilled_models(distill_workdir: str, students) -> dict[str, str]:
         )
     with open(path) as f:
         record = json.load(f)
-    teacher = record["teacher"]["workdir"]
-    if not os.path.isdir(teacher):
-        raise ValueError(
-            f"config.experiment.distill_workdir={distill_workdir!r}: its teacher run "
-            f"{teacher!r} (as recorded, relative to where experiments.distill ran) is not a "
-            f"directory from {os.getcwd()!r}"
-        )
-    models = {"teacher": f"run:{teacher}"}
+    runs, recorded_root = {}, None
     for name in students:
         if name not in record["students"]:
             raise ValueError(
                 f"config.experiment.distill_students names {name!r}, which the run in "
                 f"{distill_workdir!r} did not train (it has {sorted(record['students'])})"
             )
-        # The last stage's run, found under distill_workdir by its place in the student's
-        # folder (experiments/distill's layout: WORKDIR/student_NAME[/<k>_<stage>]), so that a
-        # moved workdir still resolves.
+        # experiments/distill's layout: WORKDIR/student_NAME[/<k>_<stage>].
         folder = f"student_{name}"
         parts = os.path.normpath(record["students"][name]["stages"][-1]["workdir"]).split(os.sep)
         if folder not in parts:
@@ -131,9 +126,20 @@ def distilled_models(distill_workdir: str, students) -> dict[str, str]:
                 f"{path}: student {name!r}'s last stage {'/'.join(parts)!r} is not inside "
                 f"its folder {folder!r}"
             )
-        tail = parts[len(parts) - 1 - parts[::-1].index(folder) + 1 :]
-        models[name] = f"run:{os.path.join(distill_workdir, folder, *tail)}"
-    return models
+        at = len(parts) - 1 - parts[::-1].index(folder)
+        recorded_root = parts[:at]
+        runs[name] = os.path.join(distill_workdir, *parts[at:])
+    teacher = record["teacher"]["workdir"]
+    teacher_parts = os.path.normpath(teacher).split(os.sep)
+    inside = recorded_root is not None and not os.path.isabs(teacher)
+    if inside and teacher_parts[: len(recorded_root)] == recorded_root:
+        teacher = os.path.join(distill_workdir, *teacher_parts[len(recorded_root) :])
+    if not os.path.isdir(teacher):
+        raise ValueError(
+            f"config.experiment.distill_workdir={distill_workdir!r}: its teacher run "
+            f"{record['teacher']['workdir']!r} (looked for at {teacher!r}) is not a directory"
+        )
+    return {"teacher": f"run:{teacher}", **{n: f"run:{d}" for n, d in runs.items()}}
 
 
 def run_configs(base: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -492,7 +498,12 @@ def main(argv):
             raise ValueError(f"config.experiment.{name} must be >= 1, got {e[name]!r}")
     os.makedirs(workdir, exist_ok=True)
     sources = parse_models(e.models)
-    if not sources and e.distill_workdir:
+    if sources and e.distill_workdir:
+        raise ValueError(
+            "config.experiment.models and config.experiment.distill_workdir both name the "
+            f"models (got {e.models!r} and {e.distill_workdir!r}): set one of them"
+        )
+    if e.distill_workdir:
         sources = distilled_models(e.distill_workdir, tuple(e.distill_students))
     trained_here = not sources
     if trained_here:

@@ -59,24 +59,23 @@ def test_parse_models_keeps_order_and_rejects_malformed_entries(tmp_path):
 
 def test_distilled_models_reads_a_distill_run_record_even_when_moved(tmp_path):
     # The record as experiments/distill writes it when run as --workdir=runs/distill: paths
-    # relative to where it ran. The folder was since moved to tmp_path/moved.
+    # relative to where it ran, the teacher in its default place inside the workdir. The
+    # folder was since moved to tmp_path/moved.
     moved = tmp_path / "moved"
-    teacher = tmp_path / "teacher_run"
-    teacher.mkdir()
+    (moved / "teacher").mkdir(parents=True)
     stage = lambda *p: dict(workdir=os.path.join("runs", "distill", *p))  # noqa: E731
     record = dict(
-        teacher=dict(workdir=str(teacher)),
+        teacher=dict(workdir=os.path.join("runs", "distill", "teacher")),
         students=dict(
             pure=dict(stages=[stage("student_pure", "0_matrix"), stage("student_pure", "2_kl")]),
             hybrid50=dict(stages=[stage("student_hybrid50", "1_e2e")]),
             scratch=dict(stages=[stage("student_scratch")]),
         ),
     )
-    moved.mkdir()
     (moved / "results.json").write_text(json.dumps(record))
     got = tts.distilled_models(str(moved), ("hybrid50", "pure", "scratch"))
     assert list(got.items()) == [
-        ("teacher", f"run:{teacher}"),
+        ("teacher", f"run:{moved / 'teacher'}"),
         ("hybrid50", f"run:{moved / 'student_hybrid50' / '1_e2e'}"),
         ("pure", f"run:{moved / 'student_pure' / '2_kl'}"),
         ("scratch", f"run:{moved / 'student_scratch'}"),
@@ -85,6 +84,12 @@ def test_distilled_models_reads_a_distill_run_record_even_when_moved(tmp_path):
         tts.distilled_models(str(moved), ("hybrid25",))
     with pytest.raises(ValueError, match="no results.json"):
         tts.distilled_models(str(tmp_path), ("pure",))
+    # A teacher given with --teacher_workdir elsewhere is taken as recorded.
+    elsewhere = tmp_path / "teacher_run"
+    elsewhere.mkdir()
+    record["teacher"]["workdir"] = str(elsewhere)
+    (moved / "results.json").write_text(json.dumps(record))
+    assert tts.distilled_models(str(moved), ("pure",))["teacher"] == f"run:{elsewhere}"
     record["teacher"]["workdir"] = str(tmp_path / "gone")
     (moved / "results.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="teacher run"):
@@ -296,3 +301,53 @@ def test_experiment_takes_given_models_of_any_family(tmp_path):
     ]
     check_claims(results)
     assert "stand-in" not in (tmp_path / "out" / "REPORT.md").read_text()
+
+
+def test_experiment_takes_a_distill_runs_teacher_and_students(tmp_path):
+    from flax import nnx
+
+    from jaxlab import models
+    from jaxlab.train import pretrained
+
+    # A distill workdir's layout and record (experiments/distill), with tiny untrained models.
+    shared = dict(vocab_size=46, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2)
+    mamba = dict(shared, name="mamba", mixer="mamba1", expand=1, state_size=4, num_kv_heads=2)
+    runs = {
+        "teacher": ("teacher", dict(shared, name="llama", num_kv_heads=1)),
+        "hybrid50": ("student_hybrid50/1_e2e", dict(mamba, attention_layers=(1,))),
+        "pure": ("student_pure/2_kl", mamba),
+    }
+    distill = tmp_path / "distill"
+    for where, fields in runs.values():
+        model = models.build(models.make_config(fields), nnx.Rngs(1))
+        pretrained.save_model_source(str(distill / where), model)
+    record = dict(
+        teacher=dict(workdir="runs/distill/teacher"),
+        students={
+            name: dict(stages=[dict(workdir=f"runs/distill/{where}")])
+            for name, (where, _) in runs.items()
+            if name != "teacher"
+        },
+    )
+    (distill / "results.json").write_text(json.dumps(record))
+    tiny = [a for a in TINY if not a.startswith(("--config.model", "--config.student_model"))]
+    args = (
+        f"--config.experiment.distill_workdir={distill}",
+        "--config.experiment.distill_students=('pure',)",
+        *tiny,
+    )
+    result = run_module("experiments.test_time_scaling", f"--workdir={tmp_path / 'out'}", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["models"]) == ["teacher", "pure"]
+    assert results["models"]["pure"]["source"] == f"run:{distill / 'student_pure' / '2_kl'}"
+    assert results["models"]["teacher"]["family"] == "TransformerConfig"
+    # Both ways of naming the models at once is an error naming both fields.
+    both = run_module(
+        "experiments.test_time_scaling",
+        f"--workdir={tmp_path / 'both'}",
+        f"--config.experiment.models=teacher=run:{distill / 'teacher'}",
+        *args,
+    )
+    assert both.returncode != 0
+    assert "config.experiment.models and config.experiment.distill_workdir" in both.stderr

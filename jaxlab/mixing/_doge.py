@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlab.mixing._mixer import MIXERS, Mixer, Observation, required
+from jaxlab.mixing._mixer import MIXERS, Mixer, Observation, _identity, required
 
 OBJECTIVES = ("universal", "ood")
 
@@ -170,7 +170,9 @@ def doge(
         return domain_grads if grad_clip is None else clip_per_domain(domain_grads, grad_clip)
 
     # Clipping needs every leaf's norm; without it only the scored leaves are read.
-    return Mixer(init, update, prepare, reads=param_filter if grad_clip is None else None)
+    if grad_clip is None:
+        return Mixer(init, update, _identity, reads=param_filter)
+    return Mixer(init, update, prepare)
 
 
 def mirror_step(log_weights, step, smoothing: float):

@@ -154,6 +154,12 @@ def doge_objective(context) -> objectives.Objective:
         param_filter=_scored(context),
     )
     k = len(train)
+    rows_per_pass = m.get("rows_per_pass", 0)
+    if not isinstance(rows_per_pass, int) or rows_per_pass < 0:
+        raise ValueError(
+            "config.mixer.rows_per_pass must be an integer >= 0 (0: every row at once), got "
+            f"{rows_per_pass!r}"
+        )
 
     def per_domain(params, batch, domains):
         params = objectives.stop_frozen(params, context.trainable)
@@ -185,7 +191,7 @@ def doge_objective(context) -> objectives.Objective:
         rows["weight"] = jnp.sum(masks / jnp.maximum(counts, 1.0)[:, None, None], axis=0)
         members = jnp.any(masks > 0, axis=2)  # [train + target, B]
         grads, losses = row_domain_gradients(
-            row_loss, params, rows, members, rows_per_pass=int(m.get("rows_per_pass", 0))
+            row_loss, params, rows, members, rows_per_pass=rows_per_pass
         )
         means = domain_means(losses, masks[:k])[0]
         target_grads = jax.tree.map(lambda g: g[k:], grads) if target else None

@@ -33,7 +33,7 @@ import optax
 
 from jaxlab.mixing._doge import domain_gradients, weighted_sum
 from jaxlab.mixing._doremi import domain_excess, domain_means
-from jaxlab.mixing._mixer import Mixer, Observation
+from jaxlab.mixing._mixer import Mixer, Observation, _identity
 from jaxlab.objectives import Objective, make_train_step
 
 
@@ -58,6 +58,13 @@ def doge_gradients(
         if target_losses is not None:
             _, target = domain_gradients(target_losses, params)
         return (*doge_update(grads, mixer, mixer_state, target), losses, aux)
+    if mixer.prepare is not _identity:
+        # prepare (DoGE's clipping) needs every leaf's gradient; doge() sets reads only
+        # without it.
+        raise ValueError(
+            "doge_gradients: a mixer with Mixer.reads set must have no prepare step (it would "
+            "need the gradients of the leaves reads leaves out)"
+        )
     # The mixer reads only some leaves (DoGE's param_filter without clipping): the k backward
     # passes give only those (XLA drops the other weight-gradient products), and the update
     # sum_i a_i g_i is one more backward pass with cotangent a.

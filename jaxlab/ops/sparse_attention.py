@@ -77,15 +77,16 @@ def masked_attention(q, k, v, mask, *, scale=None):
     """Dense attention under an explicit mask ``[batch, heads, q_len, kv_len]``; a query with no
     visible key gives 0 (decoding with a sparse pattern, where the mask is cheap to build).
 
-    The function of ``kernels_pallas.sparse_attention.masked_attention_reference``, computed in
-    float32 (or wider) as it is, but by ``jax.nn.dot_product_attention`` (XLA), with empty rows
+    The function of ``kernels_pallas.sparse_attention.masked_attention_reference``, but computed
+    by ``jax.nn.dot_product_attention`` (XLA; its softmax is float32 even for float64 inputs,
+    use the reference for float64 precision), with empty rows
     zeroed on the output: the reference's explicit max/exp/sum, differentiated as written, made
     forward+backward 1.6-1.8x slower on a 2-core CPU (seq 1k-2k, 4 heads of 64, QK mask), and
     jax's form was another 1.2-1.3x faster than the same formula with ``jax.nn.softmax``.
     """
     batch, q_len, heads, _ = q.shape
     dtype = jnp.promote_types(q.dtype, jnp.float32)
-    mask = jnp.broadcast_to(mask, (batch, heads, q_len, k.shape[1]))
+    mask = jnp.broadcast_to(jnp.asarray(mask).astype(bool), (batch, heads, q_len, k.shape[1]))
     q32, k32, v32 = (x.astype(dtype) for x in (q, k, v))
     out = jax.nn.dot_product_attention(q32, k32, v32, mask=mask, scale=scale, implementation="xla")
     seen = jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None]  # [batch, q_len, heads, 1]

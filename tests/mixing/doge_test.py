@@ -184,12 +184,12 @@ def test_domain_gradients_equal_separate_grads():
         assert float(losses[i]) == pytest.approx(float(domain_loss(params, i)), rel=1e-6)
 
 
-@pytest.mark.parametrize("rows_per_pass", [0, 3, 7])
+@pytest.mark.parametrize("rows_per_pass", [0, 1, 3])
 def test_row_domain_gradients_equal_separate_grads(rows_per_pass):
     """Rows of a sequence model (tokens within a row interact through a running sum), each row in
     one domain, domain 3 absent, one row without counted tokens: every domain's gradient and
     mean loss equal a separate float64 jax.grad of that domain's masked mean over the batch, all
-    rows at once or a few at a time (3: the last group padded)."""
+    rows at once or a few at a time (1: seven groups; 3: the last group padded)."""
     rng = np.random.default_rng(1)
     k, rows, seq = 4, 7, 5
     params64 = {
@@ -237,6 +237,23 @@ def test_row_domain_gradients_equal_separate_grads(rows_per_pass):
                 )
             assert float(means[i]) == pytest.approx(float(domain_loss(p64, i)), rel=1e-5)
     assert not np.any(np.asarray(grads["w"][3]))  # the absent domain: exactly zero
+
+
+def test_a_mixer_reading_some_leaves_cannot_also_prepare_all():
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    rule = mixing.doge(num_domains=2, mu=0.1, lr_schedule=0.1, param_filter={"a": True, "b": False})
+    assert rule.reads == {"a": True, "b": False}
+    clipping = rule._replace(prepare=lambda g: g)  # a prepare step that reads every leaf
+
+    def losses(p):
+        return jnp.stack([jnp.sum(p["a"]), jnp.sum(p["b"] ** 2)]), ()
+
+    with pytest.raises(ValueError, match="Mixer.reads set must have no prepare step"):
+        mixing.proxy.doge_gradients(losses, params, clipping, rule.init())
+    clipped = mixing.doge(
+        num_domains=2, mu=0.1, lr_schedule=0.1, param_filter={"a": True, "b": False}, grad_clip=1.0
+    )
+    assert clipped.reads is None  # clipping needs every leaf: the mixer reads them all
 
 
 @pytest.mark.parametrize("objective", ["universal", "ood"])

@@ -216,6 +216,9 @@ def test_mixer_config_errors_name_the_field():
     config.data.weights = (1.0, 2.0, 1.0)
     with pytest.raises(ValueError, match="samples its components uniformly"):
         loop.build_experiment(config)
+    config = proxy_config(rows_per_pass=-1)
+    with pytest.raises(ValueError, match="config.mixer.rows_per_pass must be an integer >= 0"):
+        loop.build_experiment(config)
 
 
 @pytest.mark.parametrize(
