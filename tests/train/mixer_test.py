@@ -28,6 +28,16 @@ def proxy_config(**mixer):
     return config
 
 
+def first_batch(config, exp):
+    """The first training batch of the three domains sampled uniformly: the model inputs and
+    each token's domain, as arrays."""
+    iterator = loop.pipeline.train_iterator(
+        config.data, exp.tokenizer, config.seq_len, config.batch_size, weights=[1.0] * 3
+    )
+    keep = (*loop.MODEL_INPUTS, "domain")
+    return {k: jnp.asarray(v) for k, v in next(iter(iterator)).items() if k in keep}
+
+
 def test_doge_proxy_run_writes_weights_and_the_step_matches_the_rule(tmp_path):
     config = proxy_config(mu=0.05)
     summary = loop.train_and_evaluate(config, str(tmp_path))
@@ -166,14 +176,7 @@ def test_selected_parameters_restrict_the_scores():
         if keep
     ]
     assert paths and all("1" in p and "mlp" in p for p in paths)
-    iterator = loop.pipeline.train_iterator(
-        selected.data, exp.tokenizer, selected.seq_len, selected.batch_size, weights=[1.0] * 3
-    )
-    batch = {
-        k: jnp.asarray(v)
-        for k, v in next(iter(iterator)).items()
-        if k in (*loop.MODEL_INPUTS, "domain")
-    }
+    batch = first_batch(selected, exp)
 
     def domain_loss(params, d):
         losses, mask = token_losses(exp.graphdef, params, batch)
@@ -272,14 +275,7 @@ def test_row_gradients_equal_the_general_path(mixer, monkeypatch):
             targets = mixing.domain_gradients(lambda p: per_domain(p, batch, target)[0], params)[1]
         return (*mixing.doge_update(grads, rule, mixer_state, targets), losses, counts)
 
-    iterator = loop.pipeline.train_iterator(
-        config.data, exp.tokenizer, config.seq_len, config.batch_size, weights=[1.0] * 3
-    )
-    batch = {
-        k: jnp.asarray(v)
-        for k, v in next(iter(iterator)).items()
-        if k in (*loop.MODEL_INPUTS, "domain")
-    }
+    batch = first_batch(config, exp)
     absent = jnp.where(batch["domain"] == 1, 0, batch["domain"])  # no email rows
     half = config.seq_len // 2
     mixed = absent.at[:, half:].set((absent[:, half:] + 1) % 3)  # every row mixes two domains
