@@ -15,6 +15,7 @@ question bank (in the benchmarks' released formats) in ``WORKDIR/data``. Writes 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -325,12 +326,15 @@ def chance(questions) -> float:
     return max(golds.count(g) for g in set(golds)) / len(golds)
 
 
-def evaluate_model(model, tokenizer, e, benchmark: str, test, *, chat: bool, runs) -> dict:
-    """``{mode/parser: accuracy summary}`` of ``model`` on ``test`` for ``runs`` ((mode,
-    parser) pairs)."""
-    out = {}
-    for mode, parser in runs:
-        config = medical.EvalConfig(
+def evaluate_model(
+    model, tokenizer, e, benchmark: str, test, *, chat: bool, runs, cache: str, step: int
+) -> dict:
+    """``{mode/parser: accuracy summary}`` of ``model`` (trained ``step`` steps) on ``test`` for
+    ``runs`` ((mode, parser) pairs), generating once per mode where the parser does not change
+    the outputs. Every result, predictions included, goes to the JSON file ``cache``; a rerun
+    with the same settings reads it back instead of evaluating again."""
+    configs = [
+        medical.EvalConfig(
             benchmark=benchmark,
             mode=mode,
             parser=parser,
@@ -341,13 +345,35 @@ def evaluate_model(model, tokenizer, e, benchmark: str, test, *, chat: bool, run
             cot_max_new_tokens=e.cot_max_new_tokens,
             batch_size=e.eval_batch_size,
         )
-        result = medical.evaluate(model, tokenizer, config, test)
-        out[f"{mode}/{parser}"] = dict(
-            accuracy=result["accuracy"],
-            parse_failures=result["parse_failures"],
-            questions_per_second=result["questions_per_second"],
+        for mode, parser in runs
+    ]
+    settings = dict(
+        configs=[dataclasses.asdict(c) for c in configs],
+        step=int(step),
+        questions=[q.id for q in test],
+    )
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+    if os.path.exists(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved["settings"] == settings:
+            results = saved["results"]
+        else:
+            results = None
+            print(f"--- {cache} holds other settings: evaluating again")
+    else:
+        results = None
+    if results is None:
+        results = medical.evaluate_many(model, tokenizer, configs, test)
+        medical.write_json(cache, dict(settings=settings, results=results))
+    return {
+        f"{c.mode}/{c.parser}": dict(
+            accuracy=r["accuracy"],
+            parse_failures=r["parse_failures"],
+            questions_per_second=r["questions_per_second"],
         )
-    return out
+        for c, r in zip(configs, results, strict=True)
+    }
 
 
 def eval_runs(e) -> list[tuple[str, str]]:
@@ -421,11 +447,20 @@ def run(base: ml_collections.ConfigDict, workdir: str) -> dict:
         finetuned={m: {} for m in MODELS},
     )
     start = time.perf_counter()
+    evals = os.path.join(workdir, "evals")
     for name, result in (("baseline", pretrain), ("meditron", cpt)):
         model, tokenizer = trained_model(result)
         results["raw"][name] = {
             b: evaluate_model(
-                model, tokenizer, e, b, tests[b], chat=False, runs=[("likelihood", "clean")]
+                model,
+                tokenizer,
+                e,
+                b,
+                tests[b],
+                chat=False,
+                runs=[("likelihood", "clean")],
+                cache=os.path.join(evals, f"raw_{name}_{b}.json"),
+                step=result.step,
             )
             for b in e.benchmarks
         }
@@ -442,7 +477,15 @@ def run(base: ml_collections.ConfigDict, workdir: str) -> dict:
             start = time.perf_counter()
             model, tokenizer = trained_model(ft)
             results["finetuned"][name][b] = evaluate_model(
-                model, tokenizer, e, b, tests[b], chat=True, runs=eval_runs(e)
+                model,
+                tokenizer,
+                e,
+                b,
+                tests[b],
+                chat=True,
+                runs=eval_runs(e),
+                cache=os.path.join(evals, f"finetuned_{name}_{b}.json"),
+                step=ft.step,
             )
             timings["finetuned_eval"] += time.perf_counter() - start
     timings["total"] = time.perf_counter() - begin

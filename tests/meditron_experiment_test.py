@@ -143,6 +143,18 @@ def test_experiment_smoke_runs_every_stage_and_reports_claims(tmp_path):
     assert "Verdict rule:" in report_text and "Table 5" in report_text
     assert math.isfinite(results["seconds"]["total"])
     print(f"smoke run: {seconds:.1f} s")
+    # A rerun trains nothing and reads every evaluation back from evals/.
+    evals = sorted((tmp_path / "evals").iterdir())
+    assert [p.name for p in evals] == sorted(
+        f"{kind}_{model}_medqa.json" for kind in ("raw", "finetuned") for model in meditron.MODELS
+    )
+    written = {p.name: p.stat().st_mtime_ns for p in evals}
+    again = run_module("experiments.meditron", f"--workdir={tmp_path}", *SMOKE)
+    assert again.returncode == 0, again.stderr[-4000:]
+    rerun = json.loads((tmp_path / "results.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in evals} == written
+    for key in ("perplexity", "raw", "finetuned", "claims"):
+        assert rerun[key] == results[key], key
 
 
 @pytest.mark.parametrize(

@@ -497,3 +497,30 @@ def test_outputs_are_cut_at_either_of_meditrons_stop_strings():
     assert parsing.strip_stop("the answer is b$$$ then c") == "the answer is b"
     assert parsing.strip_stop("x $$$ y ### z") == "x "
     assert parsing.strip_stop("plain") == "plain"
+
+
+def test_evaluate_many_generates_once_per_output_shaping_config(tiny, data, monkeypatch):
+    model, tokenizer = tiny
+    test, train = data["medmcqa"]
+    cot = dict(mode="cot", cot_max_new_tokens=6, batch_size=4)
+    sc = dict(mode="sc_cot", cot_max_new_tokens=6, sc_samples=2, seeds=(1, 2), batch_size=4)
+    configs = [
+        runner.EvalConfig("medmcqa", parser="parity", **cot),
+        runner.EvalConfig("medmcqa", parser="clean", **cot),
+        runner.EvalConfig("medmcqa", parser="parity", **sc),
+        runner.EvalConfig("medmcqa", parser="clean", **sc),
+        runner.EvalConfig("medmcqa", mode="top_token", parser="parity", batch_size=4),
+        runner.EvalConfig("medmcqa", mode="top_token", parser="clean", batch_size=4),
+    ]
+    alone = [runner.evaluate(model, tokenizer, c, test, train) for c in configs]
+    calls = []
+    outputs = runner._outputs
+    monkeypatch.setattr(runner, "_outputs", lambda *a: calls.append(a[2].mode) or outputs(*a))
+    shared = runner.evaluate_many(model, tokenizer, configs, test, train)
+    # cot once, sc_cot once per seed; top-token's budget depends on the parser: twice
+    assert calls == ["cot", "sc_cot", "sc_cot", "top_token", "top_token"]
+    assert [r["reused_outputs"] for r in shared] == [False, True, False, True, False, False]
+    for one, many in zip(alone, shared, strict=True):
+        assert many["predictions"] == one["predictions"]
+        assert many["accuracy"] == one["accuracy"]
+        assert many["seconds"] > 0

@@ -6,7 +6,7 @@ parsing rules exactly (``parity``) or fixed (``clean``).
 * :mod:`~jaxlab.eval.medical.data`: :class:`Question` and :func:`load`.
 * :mod:`~jaxlab.eval.medical.prompts`: :func:`prompt`, :func:`few_shot`.
 * :mod:`~jaxlab.eval.medical.parsing`: :func:`parse_parity`, :func:`parse_clean`, votes.
-* :mod:`~jaxlab.eval.medical.runner`: :class:`EvalConfig`, :func:`evaluate`.
+* :mod:`~jaxlab.eval.medical.runner`: :class:`EvalConfig`, :func:`evaluate`, :func:`evaluate_many`.
 * :mod:`~jaxlab.eval.medical.finetuning`: :func:`finetuning_records` (a released train file in
   MEDITRON's finetuning prompt; importing registers the ``qa:...?format=BENCHMARK`` readers).
 
@@ -26,7 +26,7 @@ from jaxlab.eval.medical.data import (
 from jaxlab.eval.medical.finetuning import FINETUNE_BENCHMARKS, finetuning_records
 from jaxlab.eval.medical.parsing import PARSERS, parse_clean, parse_parity
 from jaxlab.eval.medical.prompts import FORMATS, SEEDS, few_shot, prompt
-from jaxlab.eval.medical.runner import MODES, EvalConfig, evaluate, write_json
+from jaxlab.eval.medical.runner import MODES, EvalConfig, evaluate, evaluate_many, write_json
 
 __all__ = [
     "BENCHMARKS",
@@ -40,6 +40,7 @@ __all__ = [
     "EvalConfig",
     "Question",
     "evaluate",
+    "evaluate_many",
     "few_shot",
     "finetuning_records",
     "load",

@@ -290,21 +290,20 @@ def _budgets(config: EvalConfig, tokenizer, test: Sequence[Question]) -> list[in
     return [longest + extra] * len(starts)
 
 
-def evaluate_seed(
+def _outputs(
     model,
     tokenizer,
     config: EvalConfig,
     test: Sequence[Question],
     train: Sequence[Question],
     seed: int,
-) -> list[dict[str, Any]]:
-    """One record per test question for one seed: ``{id, gold, pred, correct, failed, output}``
-    (``output``: the generated text(s); ``scores`` in likelihood mode)."""
+):
+    """What the model produced for one seed, before any parsing: per question the label scores
+    (likelihood), the sampled texts (sc_cot) or the greedy text."""
     prompts = build_prompts(config, test, train, seed)
     add_bos = _add_bos(config, tokenizer)
-    records = []
     if config.mode == "likelihood":
-        scores = label_logprobs(
+        return label_logprobs(
             model,
             tokenizer,
             prompts,
@@ -312,21 +311,8 @@ def evaluate_seed(
             batch_size=config.batch_size,
             add_bos=add_bos,
         )
-        for q, s in zip(test, scores, strict=True):
-            pred = q.labels[int(np.argmax(s))]
-            records.append(
-                dict(
-                    id=q.id,
-                    gold=q.answer,
-                    pred=pred,
-                    correct=pred == q.answer,
-                    failed=False,
-                    scores=s.tolist(),
-                )
-            )
-        return records
     if config.mode == "sc_cot":
-        samples = draw_samples(
+        return draw_samples(
             model,
             tokenizer,
             prompts,
@@ -339,32 +325,8 @@ def evaluate_seed(
             stop_tokens=_stop_tokens(tokenizer),
             stop_strings=parsing.STOP_STRINGS,
             add_bos=add_bos,
-        )
-        for q, texts in zip(test, samples.answers, strict=True):
-            branch = [_judge(config, q, t)[0] for t in texts]
-            if config.parser == "parity":  # failed branches vote with their raw text
-                votes = [
-                    p if p is not None else t.lower() for p, t in zip(branch, texts, strict=True)
-                ]
-                pred = parsing.parity_vote(votes)
-                pred = pred if pred in parsing.PARITY_ANSWERS else None
-                correct = pred is not None and pred == parsing.parity_gold(_gold_text(config, q))
-            else:
-                pred = parsing.vote(branch)
-                correct = pred is not None and pred == q.answer
-            records.append(
-                dict(
-                    id=q.id,
-                    gold=q.answer,
-                    pred=pred,
-                    correct=correct,
-                    failed=pred is None,
-                    output=list(texts),
-                    branches=branch,
-                )
-            )
-        return records
-    texts = greedy_texts(
+        ).answers
+    return greedy_texts(
         model,
         tokenizer,
         prompts,
@@ -372,19 +334,57 @@ def evaluate_seed(
         batch_size=config.batch_size,
         add_bos=add_bos,
     )
-    for q, text in zip(test, texts, strict=True):
-        pred, correct = _judge(config, q, text)
-        records.append(
-            dict(
-                id=q.id,
-                gold=q.answer,
-                pred=pred,
-                correct=correct,
-                failed=pred is None,
-                output=text,
+
+
+def _records(config: EvalConfig, test: Sequence[Question], outputs) -> list[dict[str, Any]]:
+    """One record per question from :func:`_outputs`, judged by ``config.parser``."""
+    records = []
+    for q, out in zip(test, outputs, strict=True):
+        if config.mode == "likelihood":
+            pred = q.labels[int(np.argmax(out))]
+            record = dict(pred=pred, correct=pred == q.answer, failed=False, scores=out.tolist())
+        elif config.mode == "sc_cot":
+            branch = [_judge(config, q, t)[0] for t in out]
+            if config.parser == "parity":  # failed branches vote with their raw text
+                votes = [
+                    p if p is not None else t.lower() for p, t in zip(branch, out, strict=True)
+                ]
+                pred = parsing.parity_vote(votes)
+                pred = pred if pred in parsing.PARITY_ANSWERS else None
+                correct = pred is not None and pred == parsing.parity_gold(_gold_text(config, q))
+            else:
+                pred = parsing.vote(branch)
+                correct = pred is not None and pred == q.answer
+            record = dict(
+                pred=pred, correct=correct, failed=pred is None, output=list(out), branches=branch
             )
-        )
+        else:
+            pred, correct = _judge(config, q, out)
+            record = dict(pred=pred, correct=correct, failed=pred is None, output=out)
+        records.append(dict(id=q.id, gold=q.answer, **record))
     return records
+
+
+def evaluate_seed(
+    model,
+    tokenizer,
+    config: EvalConfig,
+    test: Sequence[Question],
+    train: Sequence[Question],
+    seed: int,
+) -> list[dict[str, Any]]:
+    """One record per test question for one seed: ``{id, gold, pred, correct, failed, output}``
+    (``output``: the generated text(s); ``scores`` in likelihood mode)."""
+    return _records(config, test, _outputs(model, tokenizer, config, test, train, seed))
+
+
+def generation_key(config: EvalConfig) -> EvalConfig:
+    """``config`` with what does not change the model's outputs normalised away: the parser
+    changes only the top-token budget, so CoT, SC-CoT and likelihood runs that differ only in
+    parser share one generation."""
+    if config.mode == "top_token":
+        return config
+    return dataclasses.replace(config, parser=parsing.PARSERS[0])
 
 
 def _summary(values: Sequence[float]) -> dict[str, Any]:
@@ -406,16 +406,51 @@ def evaluate(
     ``accuracy_parsed`` (``{mean, std, per_seed}``), ``parse_failures`` (``{total,
     per_seed}``), ``per_subject`` accuracy (``{subject: {mean, std, per_seed}}``, MMLU only),
     ``seconds`` and ``questions_per_second`` (all seeds, compilation included),
-    and ``predictions`` (``{seed: [record]}``, see :func:`evaluate_seed`).
+    ``reused_outputs`` (False here, see :func:`evaluate_many`) and ``predictions`` (``{seed:
+    [record]}``, see :func:`evaluate_seed`).
     """
+    return evaluate_many(model, tokenizer, [config], test, train)[0]
+
+
+def evaluate_many(
+    model,
+    tokenizer,
+    configs: Sequence[EvalConfig],
+    test: Sequence[Question],
+    train: Sequence[Question] = (),
+) -> list[dict[str, Any]]:
+    """:func:`evaluate` for each of ``configs``, generating once for configs that differ only
+    in what does not change the outputs (:func:`generation_key`, e.g. a CoT run parsed with
+    both parsers). A result that reused an earlier one's outputs says ``reused_outputs: True``;
+    its ``seconds`` still count that generation, so ``questions_per_second`` is the mode's cost
+    alone."""
     if not test:
         raise ValueError("evaluate: test must hold at least one question")
-    if config.shots and not train:
-        raise ValueError(f"evaluate: shots={config.shots} needs train questions, got none")
-    seeds = config.effective_seeds
-    begin = time.perf_counter()
-    per_seed = {seed: evaluate_seed(model, tokenizer, config, test, train, seed) for seed in seeds}
-    seconds = time.perf_counter() - begin
+    generated: dict = {}  # (generation key, seed) -> (outputs, seconds)
+    results = []
+    for config in configs:
+        if config.shots and not train:
+            raise ValueError(f"evaluate: shots={config.shots} needs train questions, got none")
+        seeds = config.effective_seeds
+        key = generation_key(config)
+        reused = all((key, seed) in generated for seed in seeds)
+        seconds = 0.0
+        per_seed = {}
+        for seed in seeds:
+            begin = time.perf_counter()
+            if (key, seed) not in generated:
+                outputs = _outputs(model, tokenizer, config, test, train, seed)
+                generated[key, seed] = (outputs, time.perf_counter() - begin)
+                begin = time.perf_counter()
+            outputs, generation_seconds = generated[key, seed]
+            per_seed[seed] = _records(config, test, outputs)
+            seconds += generation_seconds + time.perf_counter() - begin
+        results.append(_result(config, test, per_seed, seconds, reused))
+    return results
+
+
+def _result(config, test, per_seed, seconds: float, reused: bool) -> dict[str, Any]:
+    seeds = list(per_seed)
     acc, acc_parsed, failures = [], [], []
     for records in per_seed.values():
         correct = sum(r["correct"] for r in records)
@@ -442,7 +477,7 @@ def evaluate(
     }
     return {
         "config": {**dataclasses.asdict(config), "seeds": list(config.seeds)},
-        "seeds": list(seeds),
+        "seeds": seeds,
         "num_questions": len(test),
         "accuracy": _summary(acc),
         "accuracy_parsed": _summary(acc_parsed),
@@ -450,6 +485,7 @@ def evaluate(
         **({"per_subject": per_subject} if per_subject else {}),
         "seconds": seconds,
         "questions_per_second": len(test) * len(seeds) / seconds,
+        "reused_outputs": reused,
         "predictions": {str(seed): records for seed, records in per_seed.items()},
     }
 
