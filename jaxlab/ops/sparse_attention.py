@@ -314,24 +314,23 @@ def hash_xla_work(seq: int, window=None, block: int = 128) -> float:
     return tiles * block * window * block / seq**2
 
 
-def qk_auto_impl(seq: int, capacity=None) -> str:
-    """The implementation ``impl='auto'`` runs: the kernels on GPU and TPU; on CPU the XLA path
-    when its work fraction (:func:`qk_xla_work`) is at most :data:`XLA_MAX_WORK`, else
-    ``'dense'``."""
+def _auto_impl(work: float) -> str:
+    """The kernels on GPU and TPU; on CPU the XLA sparse path when it computes at most
+    :data:`XLA_MAX_WORK` of the dense logits (``work``), else ``'dense'``."""
     impl = _resolve_auto("auto")
-    if impl == "xla" and qk_xla_work(seq, capacity) > XLA_MAX_WORK:
-        return "dense"
-    return impl
+    return "dense" if impl == "xla" and work > XLA_MAX_WORK else impl
+
+
+def qk_auto_impl(seq: int, capacity=None) -> str:
+    """The implementation ``impl='auto'`` runs for QK-sparse attention (:func:`_auto_impl` of
+    :func:`qk_xla_work`)."""
+    return _auto_impl(qk_xla_work(seq, capacity))
 
 
 def hash_auto_impl(seq: int, window=None, block: int = 128) -> str:
-    """The implementation ``impl='auto'`` runs: the kernels on GPU and TPU; on CPU the XLA path
-    when its work fraction (:func:`hash_xla_work`) is at most :data:`XLA_MAX_WORK`, else
-    ``'dense'``."""
-    impl = _resolve_auto("auto")
-    if impl == "xla" and hash_xla_work(seq, window, block) > XLA_MAX_WORK:
-        return "dense"
-    return impl
+    """The implementation ``impl='auto'`` runs for hash-sparse attention (:func:`_auto_impl` of
+    :func:`hash_xla_work`)."""
+    return _auto_impl(hash_xla_work(seq, window, block))
 
 
 def _qk_auto(q, k, v, q_keep, k_keep, *, capacity, **kw):
