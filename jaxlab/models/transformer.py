@@ -43,6 +43,7 @@ from jaxlab.models.layers import (
     RMSNorm,
     RopeScaling,
     apply_rope,
+    matmul,
     param,
     rope_inv_freq,
 )
@@ -414,7 +415,7 @@ class Attention(nnx.Module):
         dt = x.dtype
 
         def project(name):
-            y = jnp.einsum("bse,ehd->bshd", x, getattr(self, f"{name}_proj")[...].astype(dt))
+            y = matmul(x, getattr(self, f"{name}_proj")[...].astype(dt))
             if c.attention_bias:
                 y = y + getattr(self, f"{name}_bias")[...].astype(dt)
             return y
@@ -444,7 +445,7 @@ class Attention(nnx.Module):
             out = ops.masked_attention(q, k, v, mask)
         else:
             out = self._dense(q, k, v, positions, kv_positions, segment_ids, kv_segments)
-        out = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dt))
+        out = matmul(out, self.o_proj[...].astype(dt), in_dims=2)
         if c.attention_bias:
             out = out + self.o_bias[...].astype(dt)
         if not return_attention:
@@ -506,7 +507,7 @@ class MLP(nnx.Module):
         dt = x.dtype
 
         def linear(name, inputs):
-            y = inputs @ getattr(self, f"{name}_proj")[...].astype(dt)
+            y = matmul(inputs, getattr(self, f"{name}_proj")[...].astype(dt))
             if self.use_bias:
                 y = y + getattr(self, f"{name}_bias")[...].astype(dt)
             return y
@@ -711,7 +712,7 @@ class Transformer(LanguageModel):
             head = self.embed[...].astype(x.dtype).T
         else:
             head = self.lm_head[...].astype(x.dtype)
-        logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
+        logits = matmul(x, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         hidden = None
         if collect:
