@@ -130,18 +130,9 @@ def test_bench_optim_quick(tmp_path):
         assert rows[name]["hlo_passes"] >= floor, (name, rows[name]["hlo_passes"])
 
 
-def test_bench_denseformer_quick(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run_module("experiments.bench.denseformer", "--quick", f"--out={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert set(json.loads(out.read_text())["rows_ms"]) == {
-        "Transformer",
-        "DenseFormer 1x1",
-        "DenseFormer 2x2",
-    }
-
-
-def test_bench_denseformer_config_override_changes_the_model(tmp_path):
+def test_bench_denseformer_quick_with_a_config_override_changing_the_model(tmp_path):
+    # One run checks both the quick bench's rows and the override (the rows do not depend on
+    # the depth): each bench run pays its own process start and compilations.
     out = tmp_path / "bench.json"
     result = run_module(
         "experiments.bench.denseformer",
@@ -152,6 +143,7 @@ def test_bench_denseformer_config_override_changes_the_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "depth 3," in result.stdout
     data = json.loads(out.read_text())
+    assert set(data["rows_ms"]) == {"Transformer", "DenseFormer 1x1", "DenseFormer 2x2"}
     assert data["num_layers"] == 3 and data["batch"] == [4, 32]  # the rest still shrunk
     # lm_tiny's Llama, counted by hand: hidden 256, SwiGLU 688, 8 query and 4 key-value heads of
     # 32, two norms per block, the byte vocabulary's 259 tied embeddings and a final norm.
