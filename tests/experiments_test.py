@@ -8,6 +8,16 @@ import pytest
 
 from tests.entrypoints import run_module
 
+# A narrow Llama for the experiment smokes: what they check (outputs written, verdicts that
+# follow from the numbers) does not depend on the width, and lm_tiny's width makes their
+# training and evaluation, not compilation, most of their time.
+TINY_LM = (
+    "--config.model.hidden_size=16",
+    "--config.model.intermediate_size=32",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+)
+
 
 def assert_claims(workdir, results, expected):
     """``results["claims"]`` has the verdicts ``expected`` (recomputed by the caller from the
@@ -94,6 +104,8 @@ def test_ademamix_experiment_smoke(tmp_path):
         "--config.num_steps=12",
         "--lrs=3e-3",
         "--probe_every=2",
+        *TINY_LM,
+        "--config.eval_batches=1",  # as many held-out numbers to check, at a quarter the cost
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -130,18 +142,9 @@ def test_bench_optim_quick(tmp_path):
         assert rows[name]["hlo_passes"] >= floor, (name, rows[name]["hlo_passes"])
 
 
-def test_bench_denseformer_quick(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run_module("experiments.bench.denseformer", "--quick", f"--out={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert set(json.loads(out.read_text())["rows_ms"]) == {
-        "Transformer",
-        "DenseFormer 1x1",
-        "DenseFormer 2x2",
-    }
-
-
-def test_bench_denseformer_config_override_changes_the_model(tmp_path):
+def test_bench_denseformer_quick_with_a_config_override_changing_the_model(tmp_path):
+    # One run checks both the quick bench's rows and the override (the rows do not depend on
+    # the depth): each bench run pays its own process start and compilations.
     out = tmp_path / "bench.json"
     result = run_module(
         "experiments.bench.denseformer",
@@ -152,6 +155,7 @@ def test_bench_denseformer_config_override_changes_the_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "depth 3," in result.stdout
     data = json.loads(out.read_text())
+    assert set(data["rows_ms"]) == {"Transformer", "DenseFormer 1x1", "DenseFormer 2x2"}
     assert data["num_layers"] == 3 and data["batch"] == [4, 32]  # the rest still shrunk
     # lm_tiny's Llama, counted by hand: hidden 256, SwiGLU 688, 8 query and 4 key-value heads of
     # 32, two norms per block, the byte vocabulary's 259 tied embeddings and a final norm.
@@ -209,6 +213,8 @@ def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
         "--config.seq_len=64",
         "--config.batch_size=32",  # the config's 4 x 512 tokens per batch, in 64-token windows
         "--config.model.sparse_attention.keep_rate=0.7",  # the labels follow the config
+        *TINY_LM,
+        "--config.eval_batches=1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -380,6 +386,7 @@ def test_doge_experiment_smoke(tmp_path):
         "--config.corpus.eval_batches=1",
         "--config.corpus.domains=('email','asyncio')",
         "--config.corpus.seeds=(0,)",
+        *(a.replace("--config.", "--config.corpus.lm.") for a in TINY_LM),  # the corpus runs
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -131,8 +131,12 @@ def test_a_llama_teacher_trains_a_mamba_student_on_the_mesh(teacher_dir, tmp_pat
 
     # Independent: each model called on its own, float64 KL and CE in NumPy.
     def logits(model_config, p):
-        graphdef, _ = nnx.split(models.build(model_config, nnx.Rngs(0)), nnx.Param)
-        return np.asarray(model_logits(graphdef, p, jax.tree.map(jnp.asarray, host_batch)))
+        # One compiled forward from the abstract model: op-by-op, the initialisation and the
+        # forward each compile dozens of small programs (the values are the same).
+        abstract = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
+        graphdef, _ = nnx.split(abstract, nnx.Param)
+        forward = jax.jit(model_logits, static_argnums=0)
+        return np.asarray(forward(graphdef, p, jax.tree.map(jnp.asarray, host_batch)))
 
     student = logits(exp.model_config, params)
     teacher = logits(exp.frozen["teacher"].model_config, jax.device_get(frozen["teacher"]))
