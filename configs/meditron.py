@@ -38,16 +38,15 @@ Claims and verdict rules (fixed before any run; experiments/meditron.py CLAIMS):
    errors (sqrt(sum of p (1 - p) / n) over both models, averaged), fails if < -2, else
    inconclusive.
 
-Cost (full run not performed). Estimated from one timed short run of the default sizes
-(6 steps per stage, MedQA only, 16 test questions, one seed; 814 s in all) on this 2-core CPU
-machine while it was shared with other jobs (load average about 10): pretraining and continued
-pretraining about 3.3 s per step of 16 x 256 tokens, so 600 + 400 steps take about 55 minutes;
-finetuning about 25 s per step of 8 x 1,024 tokens, so the 6 runs of 100 steps of 4 sequences
-take about 2 hours; evaluation (compilation included) about 0.5 questions/s by likelihood, 1.5-2.5
-for top-token and CoT, 0.6 for SC-CoT (5 samples), so 60 questions in 7 runs (SC-CoT over 3
-seeds) take about 15 minutes per finetuned model (1.5 hours for 6) and the raw models' likelihood
-runs about 12 minutes. In all about 4.5-5 hours here; an idle machine or an accelerator would be
-several times faster (not measured).
+Cost, measured (2026-12-02, this 2-core CPU machine shared with helper jobs and a test run, load
+average 4-12): the run ``python -m experiments.meditron --workdir=runs/meditron
+"--config.experiment.benchmarks=('medqa', 'pubmedqa')"`` (two benchmarks, four finetuning runs,
+to fit one session) took about 2 h 10 min of wall time: pretraining 600 steps about 33 min (1.9 s
+per step quiet, 3-4.5 s loaded), continued pretraining 400 steps 20 min, the raw models' likelihood
+evaluations 3 min, each finetuning run of 100 steps 9-14 min (5-10 s per step of 4 x 1,024 tokens)
+and each finetuned model's evaluation (60 questions, 7 mode/parser runs sharing generation across
+parsers, SC-CoT over 3 seeds) about 4-6 min. The default three benchmarks add two finetuning runs
+and evaluations (about 35 min more here). Results: runs/meditron/REPORT.md.
 """
 
 import ml_collections

@@ -645,12 +645,17 @@ def write_report(workdir: str, results: dict, e) -> str:
         "the finetuned models are compared with chance and with the same pipeline without "
         "continued pretraining. It does not reproduce the paper's numbers: those are 7B/70B "
         "Llama-2 models on real benchmarks (46.7B tokens of continued pretraining); a byte-level "
-        "model of a few hundred thousand parameters on invented facts says nothing about their "
+        "model of about 3 million parameters on invented facts says nothing about their "
         "size. The raw-model comparison is zero-shot (Table 4 is 3-shot), CoT outputs of a tiny "
         "model are not reasoning, and the synthetic PubMedQA has no 'maybe' answers."
     )
     seconds = results["seconds"]
-    doc.add("Wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
+    doc.add(
+        "Wall-clock of the invocation that wrote this report (s; a resumed finished stage or an "
+        "evaluation read back from evals/ counts about 0): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+        + "."
+    )
     return report.write(workdir, doc, results)
 
 
