@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -326,13 +327,29 @@ def chance(questions) -> float:
     return max(golds.count(g) for g in set(golds)) / len(golds)
 
 
+# Bump when prompts, parsing or scoring change, so that cached evaluations are not read back.
+EVAL_CACHE_VERSION = 1
+
+
+def _read_cache(path: str):
+    """The saved ``{settings, results}`` at ``path``, or None when absent or unreadable (a run
+    killed while writing it)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return saved if {"settings", "results"} <= set(saved) else None
+    except (OSError, ValueError):
+        return None
+
+
 def evaluate_model(
     model, tokenizer, e, benchmark: str, test, *, chat: bool, runs, cache: str, step: int
 ) -> dict:
     """``{mode/parser: accuracy summary}`` of ``model`` (trained ``step`` steps) on ``test`` for
     ``runs`` ((mode, parser) pairs), generating once per mode where the parser does not change
-    the outputs. Every result, predictions included, goes to the JSON file ``cache``; a rerun
-    with the same settings reads it back instead of evaluating again."""
+    the outputs. Every result, predictions included, goes to the JSON file ``cache`` (kept in
+    the model's stage folder, so retraining a deleted stage evaluates again); a rerun with the
+    same settings, step and questions reads it back instead of evaluating again."""
     configs = [
         medical.EvalConfig(
             benchmark=benchmark,
@@ -347,25 +364,22 @@ def evaluate_model(
         )
         for mode, parser in runs
     ]
+    questions = json.dumps([dataclasses.asdict(q) for q in test], sort_keys=True)
     settings = dict(
+        version=EVAL_CACHE_VERSION,
         configs=[dataclasses.asdict(c) for c in configs],
         step=int(step),
-        questions=[q.id for q in test],
+        questions=hashlib.sha256(questions.encode()).hexdigest(),
     )
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
-    if os.path.exists(cache):
-        with open(cache) as f:
-            saved = json.load(f)
-        if saved["settings"] == settings:
-            results = saved["results"]
-        else:
-            results = None
-            print(f"--- {cache} holds other settings: evaluating again")
-    else:
-        results = None
+    saved = _read_cache(cache)
+    results = saved["results"] if saved and saved["settings"] == settings else None
+    if saved and results is None:
+        print(f"--- {cache} holds other settings: evaluating again")
     if results is None:
         results = medical.evaluate_many(model, tokenizer, configs, test)
-        medical.write_json(cache, dict(settings=settings, results=results))
+        medical.write_json(cache + ".tmp", dict(settings=settings, results=results))
+        os.replace(cache + ".tmp", cache)  # never a half-written cache
     return {
         f"{c.mode}/{c.parser}": dict(
             accuracy=r["accuracy"],
@@ -447,7 +461,6 @@ def run(base: ml_collections.ConfigDict, workdir: str) -> dict:
         finetuned={m: {} for m in MODELS},
     )
     start = time.perf_counter()
-    evals = os.path.join(workdir, "evals")
     for name, result in (("baseline", pretrain), ("meditron", cpt)):
         model, tokenizer = trained_model(result)
         results["raw"][name] = {
@@ -459,7 +472,7 @@ def run(base: ml_collections.ConfigDict, workdir: str) -> dict:
                 tests[b],
                 chat=False,
                 runs=[("likelihood", "clean")],
-                cache=os.path.join(evals, f"raw_{name}_{b}.json"),
+                cache=os.path.join(result.workdir, f"medical_eval_raw_{b}.json"),
                 step=result.step,
             )
             for b in e.benchmarks
@@ -484,7 +497,7 @@ def run(base: ml_collections.ConfigDict, workdir: str) -> dict:
                 tests[b],
                 chat=True,
                 runs=eval_runs(e),
-                cache=os.path.join(evals, f"finetuned_{name}_{b}.json"),
+                cache=os.path.join(ft.workdir, f"medical_eval_{b}.json"),
                 step=ft.step,
             )
             timings["finetuned_eval"] += time.perf_counter() - start
@@ -652,7 +665,7 @@ def write_report(workdir: str, results: dict, e) -> str:
     seconds = results["seconds"]
     doc.add(
         "Wall-clock of the invocation that wrote this report (s; a resumed finished stage or an "
-        "evaluation read back from evals/ counts about 0): "
+        "evaluation read back from its stage folder counts about 0): "
         + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         + "."
     )

@@ -143,16 +143,19 @@ def test_experiment_smoke_runs_every_stage_and_reports_claims(tmp_path):
     assert "Verdict rule:" in report_text and "Table 5" in report_text
     assert math.isfinite(results["seconds"]["total"])
     print(f"smoke run: {seconds:.1f} s")
-    # A rerun trains nothing and reads every evaluation back from evals/.
-    evals = sorted((tmp_path / "evals").iterdir())
-    assert [p.name for p in evals] == sorted(
-        f"{kind}_{model}_medqa.json" for kind in ("raw", "finetuned") for model in meditron.MODELS
-    )
-    written = {p.name: p.stat().st_mtime_ns for p in evals}
+    # A rerun trains nothing and reads every evaluation back from its stage folder.
+    evals = sorted(tmp_path.glob("*/medical_eval*.json"))
+    assert [str(p.relative_to(tmp_path)) for p in evals] == [
+        "0_pretrain/medical_eval_raw_medqa.json",
+        "1_cpt/medical_eval_raw_medqa.json",
+        "2_ft_baseline_medqa/medical_eval_medqa.json",
+        "2_ft_meditron_medqa/medical_eval_medqa.json",
+    ]
+    written = {p: p.stat().st_mtime_ns for p in evals}
     again = run_module("experiments.meditron", f"--workdir={tmp_path}", *SMOKE)
     assert again.returncode == 0, again.stderr[-4000:]
     rerun = json.loads((tmp_path / "results.json").read_text())
-    assert {p.name: p.stat().st_mtime_ns for p in evals} == written
+    assert {p: p.stat().st_mtime_ns for p in evals} == written
     for key in ("perplexity", "raw", "finetuned", "claims"):
         assert rerun[key] == results[key], key
 
@@ -183,3 +186,38 @@ def test_a_corpus_too_small_to_hold_out_every_source_is_named(tmp_path):
         meditron.check_held_out(corpus, 3)
     corpus = meditron.write_corpus(meditron.medical_facts(40, seed=0), 2, str(tmp_path), seed=0)
     meditron.check_held_out(corpus, 80)
+
+
+def test_evaluation_cache_reads_back_only_the_same_model_step_and_questions(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_evaluate_many(model, tokenizer, configs, test):
+        calls.append(test[0].question)
+        summary = dict(accuracy={"mean": len(calls)}, parse_failures={"total": 0})
+        return [dict(summary, questions_per_second=1.0) for _ in configs]
+
+    monkeypatch.setattr(meditron.medical, "evaluate_many", fake_evaluate_many)
+    e = meditron_config.get_config().experiment
+    cache = tmp_path / "eval_medqa.json"
+
+    def evaluate(text, step=100):
+        question = meditron.medical.Question("bank.jsonl:1", text, ("a", "b"), "A")
+        return meditron.evaluate_model(
+            None,
+            None,
+            e,
+            "medqa",
+            [question],
+            chat=True,
+            runs=[("top_token", "clean")],
+            cache=str(cache),
+            step=step,
+        )["top_token/clean"]["accuracy"]["mean"]
+
+    assert evaluate("x") == 1
+    assert evaluate("x") == 1 and calls == ["x"]  # read back
+    assert evaluate("y") == 2  # same question id, other content
+    assert evaluate("y", step=101) == 3  # another model
+    cache.write_text('{"settings": {')  # a run killed while writing
+    assert evaluate("y", step=101) == 4
+    assert evaluate("y", step=101) == 4 and len(calls) == 4

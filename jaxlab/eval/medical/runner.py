@@ -89,6 +89,7 @@ class EvalConfig:
     add_bos: bool | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(self.seeds))  # hashable: generation_key
         choices = {
             "benchmark": BENCHMARKS,
             "mode": MODES,
@@ -426,11 +427,12 @@ def evaluate_many(
     alone."""
     if not test:
         raise ValueError("evaluate: test must hold at least one question")
+    for config in configs:  # before anything is generated
+        if config.shots and not train:
+            raise ValueError(f"evaluate: shots={config.shots} needs train questions, got none")
     generated: dict = {}  # (generation key, seed) -> (outputs, seconds)
     results = []
     for config in configs:
-        if config.shots and not train:
-            raise ValueError(f"evaluate: shots={config.shots} needs train questions, got none")
         seeds = config.effective_seeds
         key = generation_key(config)
         reused = all((key, seed) in generated for seed in seeds)
