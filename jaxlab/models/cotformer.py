@@ -53,6 +53,7 @@ from jaxlab.models.layers import (
     RMSNorm,
     RopeScaling,
     apply_rope,
+    matmul,
     param,
     rope_inv_freq,
 )
@@ -282,7 +283,7 @@ def _mid_block(
     dt = h.dtype
 
     def project(name):
-        y = jnp.einsum("bse,ehd->bshd", h, getattr(attn, f"{name}_proj")[...].astype(dt))
+        y = matmul(h, getattr(attn, f"{name}_proj")[...].astype(dt))
         if c.attention_bias:
             y = y + getattr(attn, f"{name}_bias")[...].astype(dt)
         return y
@@ -303,7 +304,7 @@ def _mid_block(
         kv_segment_ids=kv_segments,
         impl=c.attention_impl,
     )
-    out = jnp.einsum("bshd,hde->bse", out, attn.o_proj[...].astype(dt))
+    out = matmul(out, attn.o_proj[...].astype(dt), in_dims=2)
     if c.attention_bias:
         out = out + attn.o_bias[...].astype(dt)
     x = x + out
@@ -464,7 +465,7 @@ class CoTFormer(LanguageModel):
             if c.tie_embeddings
             else self.lm_head[...].astype(x.dtype)
         )
-        logits = jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
+        logits = matmul(x, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         hidden = HiddenStates(tuple(residuals), None, None) if return_hidden else None
         return logits, None if cache is None else Cache(tuple(new_cache)), hidden

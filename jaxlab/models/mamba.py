@@ -64,7 +64,14 @@ from jaxlab.models.interface import (
     checked_positions,
     config_values,
 )
-from jaxlab.models.layers import HiddenStates, RMSNorm, RopeScaling, logical_param, param
+from jaxlab.models.layers import (
+    HiddenStates,
+    RMSNorm,
+    RopeScaling,
+    logical_param,
+    matmul,
+    param,
+)
 from jaxlab.models.partitioning import constrain, mesh_parts, per_shard
 from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
 from jaxlab.ops import scan as scan_ops
@@ -397,7 +404,7 @@ class MambaMixer(nnx.Module):
         f32 = jnp.promote_types(jnp.float32, dt_)
         batch, seq, _ = hidden.shape
         d, n = c.inner_size, c.state_size
-        proj = hidden @ self.in_proj[...].astype(dt_)
+        proj = matmul(hidden, self.in_proj[...].astype(dt_))
         groups = c.num_groups if c.mixer == "mamba2" else c.heads
         xbc_width = d + 2 * groups * n
         if c.mixer == "mamba2":  # [z | x B C | dt]
@@ -487,12 +494,12 @@ class MambaMixer(nnx.Module):
         # float32, or float64 for a float64 call (closed-form tests).
         f32 = jnp.promote_types(jnp.float32, dt_)
         if _is_mamba1(c):
-            proj = hidden @ self.in_proj[...].astype(dt_)
+            proj = matmul(hidden, self.in_proj[...].astype(dt_))
             if c.mixer == "mamba1":
                 x, z = jnp.split(proj, 2, axis=-1)
                 x, conv_state = self._conv(x, conv_cache, lengths)
                 x = jax.nn.silu(x)
-                dbc = x @ self.x_proj[...].astype(dt_)
+                dbc = matmul(x, self.x_proj[...].astype(dt_))
                 dt_low, B, C = jnp.split(dbc, [c.dt_rank, c.dt_rank + n], axis=-1)
                 B, C = B[:, :, None, :], C[:, :, None, :]  # one group shared by all channels
             else:
@@ -510,7 +517,8 @@ class MambaMixer(nnx.Module):
                 B = per_head(B).reshape(batch, seq, d // n, n)
                 C = C.reshape(batch, seq, d // n, n)
             delta = jax.nn.softplus(
-                (dt_low @ self.dt_proj[...].astype(dt_)).astype(f32) + self.dt_bias[...].astype(f32)
+                matmul(dt_low, self.dt_proj[...].astype(dt_)).astype(f32)
+                + self.dt_bias[...].astype(f32)
             )
             delta = delta * valid
             y, new_state = self._selective_scan(
@@ -533,7 +541,7 @@ class MambaMixer(nnx.Module):
                 # The skip connection uses x itself, not the rescaled input.
                 y = y + self.D[...].astype(f32)[:, None] * x.astype(f32)
                 y = y.reshape(batch, seq, d) * jax.nn.silu(z + self.z_bias[...].astype(dt_))
-        out = y.astype(dt_) @ self.out_proj[...].astype(dt_)
+        out = matmul(y.astype(dt_), self.out_proj[...].astype(dt_))
         new_cache = None if cache is None else MixerCache(conv_state, new_state)
         return out, new_cache
 
@@ -665,9 +673,7 @@ class MambaLM(LanguageModel):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum(
-            "bse,ev->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        logits = matmul(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         hidden = None
         if collect:

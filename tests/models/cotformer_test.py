@@ -13,6 +13,7 @@ from jaxlab.infer import generate
 from jaxlab.models import CoTFormer, CoTFormerConfig, Transformer, TransformerConfig
 from jaxlab.models.cotformer import budget_counts, draw_capacities
 from jaxlab.train import loop
+from tests.models.finite_differences import check_gradients
 from tests.train.overrides import configure
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2)
@@ -83,8 +84,9 @@ def rule_mask(seq, n_repeat, repeat, cross_repeat):
     return mask
 
 
-def np_cotformer(model, tokens):
-    c, p = model.config, numpy_params(model)
+def np_cotformer(model, tokens, p=None):
+    """Logits of ``model`` on ``tokens``, with parameters ``p`` (default: the model's)."""
+    c, p = model.config, numpy_params(model) if p is None else p
     seq = tokens.shape[1]
     positions = np.broadcast_to(np.arange(seq), tokens.shape).astype(np.float64)
     causal = np.tril(np.ones((seq, seq), bool))
@@ -182,6 +184,22 @@ def test_adaptive_threshold_forward_equals_float64_numpy():
     # gating were exercised).
     ran = ran_repeat(model, tokens)
     assert all(0 < ran[r].sum() < ran[r].size for r in (1, 2))
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(ADAPTIVE, n_layer_end=1)])
+def test_loss_gradients_match_float64_numpy_finite_differences(fields):
+    """Every parameter's gradient (projections, router and head among them) against central
+    differences of the float64 NumPy model."""
+    model = build(**fields)
+    if model.config.adaptive:
+        model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
+    tokens = random_tokens(7, seq=6)
+    cotangent = np.random.default_rng(8).normal(size=(*tokens.shape, TINY["vocab_size"]))
+
+    def loss(m):
+        return jnp.sum(m(tokens) * cotangent)
+
+    check_gradients(model, loss, lambda p: np.sum(np_cotformer(model, tokens, p) * cotangent))
 
 
 @pytest.mark.parametrize("fields", [dict(), dict(ADAPTIVE, n_layer_end=1)])

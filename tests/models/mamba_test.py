@@ -12,6 +12,7 @@ from configs import lm_smoke, mamba_lm
 from jaxlab import models
 from jaxlab.models.mamba import MambaConfig, init_cache
 from jaxlab.train import loop
+from tests.models.finite_differences import check_gradients
 
 BASE = MambaConfig(
     vocab_size=53,
@@ -120,9 +121,57 @@ def test_generate_with_right_padded_prompts_equals_greedy_on_the_full_forward(va
         assert np.asarray(out.tokens[i]).tolist() == tokens[len(row) :], (variant, i)
 
 
-def test_discrete_mamba2_mixer_is_the_llamba_recurrence_in_float64():
+def np_discrete_mamba2_mixer(p, hidden, config):
     """in_proj -> [x B C | z | a], identity-activation conv, h = exp(-softplus(a)) h + x B^T,
-    y = h C + D x, out = W_o (y * silu(z + z_bias)); one B/C per head."""
+    y = h C + D x, out = W_o (y * silu(z + z_bias)); one B/C per head (float64 NumPy)."""
+    d, n, heads, hd, k = (
+        config.inner_size,
+        config.state_size,
+        config.heads,
+        config.head_dim,
+        config.conv_kernel,
+    )
+    batch, seq, _ = hidden.shape
+    proj = hidden @ p["in_proj"]
+    xbc, z, a = np.split(proj, [d + 2 * heads * n, 2 * d + 2 * heads * n], axis=-1)
+    padded = np.concatenate([np.zeros((batch, k - 1, xbc.shape[-1])), xbc], axis=1)
+    xbc = sum(padded[:, i : i + seq] * p["conv_weight"][i] for i in range(k)) + p["conv_bias"]
+    x, B, C = np.split(xbc, [d, d + heads * n], axis=-1)
+    x = x.reshape(batch, seq, heads, hd)
+    B, C = B.reshape(batch, seq, heads, n), C.reshape(batch, seq, heads, n)
+    h = np.zeros((batch, heads, hd, n))
+    y = np.zeros_like(x)
+    for t in range(seq):
+        decay = np.exp(-np.log1p(np.exp(a[:, t])))  # exp(-softplus(a))
+        h = decay[:, :, None, None] * h + x[:, t, :, :, None] * B[:, t, :, None, :]
+        y[:, t] = np.einsum("bhpn,bhn->bhp", h, C[:, t]) + p["D"][:, None] * x[:, t]
+    gate = z + p["z_bias"]
+    return (y.reshape(batch, seq, d) * gate / (1 + np.exp(-gate))) @ p["out_proj"]
+
+
+def np_mamba1_mixer(p, hidden, config):
+    """in_proj -> (x, z); causal conv + SiLU on x; x_proj -> (dt_low, B, C);
+    delta = softplus(dt_low W_dt + dt_bias); h = exp(delta A) h + delta x B, A = -exp(A_log);
+    y = h C + D x; out = W_o (y * silu(z)) (float64 NumPy)."""
+    d, n, k, r = config.inner_size, config.state_size, config.conv_kernel, config.dt_rank
+    batch, seq, _ = hidden.shape
+    x, z = np.split(hidden @ p["in_proj"], 2, axis=-1)
+    padded = np.concatenate([np.zeros((batch, k - 1, d)), x], axis=1)
+    x = sum(padded[:, i : i + seq] * p["conv_weight"][i] for i in range(k)) + p["conv_bias"]
+    x = x / (1 + np.exp(-x))
+    dt_low, B, C = np.split(x @ p["x_proj"], [r, r + n], axis=-1)
+    delta = np.log1p(np.exp(dt_low @ p["dt_proj"] + p["dt_bias"]))
+    A = -np.exp(p["A_log"])
+    h = np.zeros((batch, d, n))
+    y = np.zeros_like(x)
+    for t in range(seq):
+        inflow = (delta[:, t] * x[:, t])[..., None] * B[:, t, None]
+        h = np.exp(delta[:, t, :, None] * A) * h + inflow
+        y[:, t] = np.einsum("bdn,bn->bd", h, C[:, t]) + p["D"] * x[:, t]
+    return (y * z / (1 + np.exp(-z))) @ p["out_proj"]
+
+
+def test_discrete_mamba2_mixer_is_the_llamba_recurrence_in_float64():
     config = dataclasses.replace(BASE, mixer="discrete_mamba2", intermediate_size=48)
     model = models.build(config, nnx.Rngs(7))
     mixer = model.layers[0].mixer
@@ -131,34 +180,28 @@ def test_discrete_mamba2_mixer_is_the_llamba_recurrence_in_float64():
         value[...] = jax.random.normal(jax.random.key(len(name)), value[...].shape)
     hidden = jax.random.normal(jax.random.key(1), (2, 11, config.hidden_size))
     got, _ = mixer(hidden, None)
-
-    p = {
-        k: np.asarray(getattr(mixer, k)[...], np.float64)
-        for k in ("in_proj", "conv_weight", "conv_bias", "out_proj", "D", "z_bias")
-    }
-    d, n, heads, hd, k = (
-        config.inner_size,
-        config.state_size,
-        config.heads,
-        config.head_dim,
-        config.conv_kernel,
-    )
-    proj = np.asarray(hidden, np.float64) @ p["in_proj"]
-    xbc, z, a = np.split(proj, [d + 2 * heads * n, 2 * d + 2 * heads * n], axis=-1)
-    padded = np.concatenate([np.zeros((2, k - 1, xbc.shape[-1])), xbc], axis=1)
-    xbc = sum(padded[:, i : i + 11] * p["conv_weight"][i] for i in range(k)) + p["conv_bias"]
-    x, B, C = np.split(xbc, [d, d + heads * n], axis=-1)
-    x = x.reshape(2, 11, heads, hd)
-    B, C = B.reshape(2, 11, heads, n), C.reshape(2, 11, heads, n)
-    h = np.zeros((2, heads, hd, n))
-    y = np.zeros_like(x)
-    for t in range(11):
-        decay = np.exp(-np.log1p(np.exp(a[:, t])))  # exp(-softplus(a))
-        h = decay[:, :, None, None] * h + x[:, t, :, :, None] * B[:, t, :, None, :]
-        y[:, t] = np.einsum("bhpn,bhn->bhp", h, C[:, t]) + p["D"][:, None] * x[:, t]
-    gate = z + p["z_bias"]
-    want = (y.reshape(2, 11, d) * gate / (1 + np.exp(-gate))) @ p["out_proj"]
+    p = {k: np.asarray(v, np.float64) for k, v in nnx.to_pure_dict(nnx.state(mixer)).items()}
+    want = np_discrete_mamba2_mixer(p, np.asarray(hidden, np.float64), config)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mixer, reference",
+    [("mamba1", np_mamba1_mixer), ("discrete_mamba2", np_discrete_mamba2_mixer)],
+)
+def test_mixer_gradients_match_float64_numpy_finite_differences(mixer, reference):
+    """Every mixer parameter's gradient (the projections in_proj, x_proj, dt_proj, out_proj
+    among them) against central differences of the float64 NumPy mixer."""
+    config = dataclasses.replace(BASE, mixer=mixer)
+    mixer = models.build(config, nnx.Rngs(2)).layers[0].mixer
+    _randomize(mixer, 4)
+    hidden = np.random.default_rng(5).normal(size=(2, 7, config.hidden_size))
+    cotangent = np.random.default_rng(6).normal(size=(2, 7, config.hidden_size))
+
+    def loss(m):
+        return jnp.sum(m(jnp.asarray(hidden, jnp.float32), None)[0] * cotangent)
+
+    check_gradients(mixer, loss, lambda p: np.sum(reference(p, hidden, config) * cotangent))
 
 
 def _randomize(module, seed):
