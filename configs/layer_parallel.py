@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
             prompt_len=16,
             decode_repeats=3,
             tensor_devices=2,
+            # Take the teacher as it is from --teacher_workdir, a finished run of any
+            # experiment (e.g. MEDITRON's continued pretraining): its stored config.json
+            # replaces every field of this config but this block (model, data, held-out set).
+            teacher_from_run=False,
         )
     )
     return config

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -88,6 +89,25 @@ def teacher_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     config = copy.deepcopy(base)
     with config.unlocked():
         del config["experiment"]
+    return config
+
+
+def with_teacher_run(
+    base: ml_collections.ConfigDict, teacher_dir: str
+) -> ml_collections.ConfigDict:
+    """``base``'s experiment block over the run config stored in ``teacher_dir`` (its
+    ``config.json``): the config of a finished run of another experiment, taken as it is."""
+    path = os.path.join(teacher_dir, "config.json")
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"config.experiment.teacher_from_run: --teacher_workdir must hold a finished run's "
+            f"config.json, could not read {path!r}: {error}"
+        ) from error
+    config = ml_collections.ConfigDict(stored)
+    config.experiment = copy.deepcopy(base.experiment)
     return config
 
 
@@ -414,7 +434,7 @@ def verdict_rule(num_layers: int, width: int) -> str:
         "speedup, on real devices only: on fake CPU devices it is 'not measured'. Our setting "
         f"differs from the paper's: a {num_layers}-layer byte-level Llama of "
         f"width {width} on a {jax.default_backend()} (fake CPU devices for a CPU mesh), "
-        "perplexity and next-token accuracy on held-out embedded-corpus text instead of "
+        "perplexity and next-token accuracy on the teacher run's held-out text instead of "
         "RedPajama and lm-eval tasks."
     )
 
@@ -438,6 +458,13 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
 
     teacher_dir = FLAGS.teacher_workdir or os.path.join(workdir, "teacher")
+    if e.teacher_from_run:
+        if not FLAGS.teacher_workdir:
+            raise ValueError(
+                "config.experiment.teacher_from_run=True takes the teacher from --teacher_workdir "
+                "(a finished run), but --teacher_workdir is not given"
+            )
+        base = with_teacher_run(base, teacher_dir)
     print(f"--- teacher: {teacher_dir}")
     summary = loop.train_and_evaluate(teacher_config(base), teacher_dir)
     exp = summary.experiment
@@ -538,13 +565,21 @@ def speed_cell(speed: float, original: float) -> str:
     return f"{speed:,.0f} ({speed / original:.3f}x)"
 
 
+def teacher_data(base, results: dict) -> str:
+    """What the teacher trained on, for the report."""
+    if base.experiment.teacher_from_run:
+        sources = ", ".join(f"`{s}`" for s in base.data.sources)
+        return f"{sources} (the run in `{results['teacher']['workdir']}`, taken as it is)"
+    return "the embedded corpus (`configs/layer_parallel.py`)"
+
+
 def write_report(workdir: str, base, results: dict, claims) -> None:
     e, L = base.experiment, results["teacher"]["num_layers"]
     decode = results["decode"]
     doc = report.Report("Layer Parallelism vs pruning, merging and shuffling on the tiny LM").add(
         f"Teacher: a {L}-layer byte-level Llama (width {base.model.hidden_size}, MLP "
         f"{base.model.intermediate_size}) trained {base.num_steps} steps of {base.batch_size} x "
-        f"{base.seq_len} tokens of the embedded corpus (`configs/layer_parallel.py`); held-out "
+        f"{base.seq_len} tokens of {teacher_data(base, results)}; held-out "
         f"perplexity {results['original']['perplexity']:.3f}, next-token accuracy "
         f"{results['original']['accuracy']:.4f} on {results['eval_tokens'][0]} held-out batches "
         f"of {results['eval_tokens'][1]} x {results['eval_tokens'][2]} tokens (the reporting "

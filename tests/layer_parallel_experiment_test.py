@@ -179,3 +179,64 @@ def test_bench_quick_reports_lp_over_original_ratios(tmp_path):
     assert all(math.isfinite(r) and r > 0 for r in ratios.values())
     assert len(data["tensor_mesh"]["devices"]) == 2
     assert "| LP delta=2 / original (ideal 1.200x) |" in result.stdout
+
+
+def test_teacher_from_run_takes_a_finished_run_of_another_config_as_it_is(tmp_path):
+    # The run of another experiment: 4 layers on one package of the corpus (the LP config has 12
+    # layers on the whole corpus); the experiment must score this model, not train its own.
+    teacher = tmp_path / "other_run"
+    trained = run_module(
+        "experiments.train_lm",
+        "--config=configs/lm_tiny.py",
+        f"--workdir={teacher}",
+        "--config.num_steps=2",
+        "--config.eval_every=2",
+        "--config.checkpoint_every=2",
+        "--config.log_every=2",
+        "--config.seq_len=16",
+        "--config.batch_size=2",
+        "--config.eval_batches=2",
+        "--config.eval_per_source=False",
+        "--config.model.hidden_size=16",
+        "--config.model.intermediate_size=32",
+        "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=2",
+        "--config.model.num_layers=4",
+        "--config.data.sources=('embedded:email',)",
+        "--config.optim.warmup_steps=1",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoints = sorted(os.listdir(teacher / "checkpoints"))
+    stored = (teacher / "config.json").read_text()
+    lp_args = (
+        "--config.experiment.teacher_from_run=True",
+        "--config.experiment.deltas=2",
+        "--config.experiment.starts=1",
+        "--config.experiment.recovery_deltas=2",
+        "--config.experiment.recovery_steps=1",
+        "--config.experiment.decode_batches=1",
+        "--config.experiment.decode_tokens=4",
+        "--config.experiment.decode_repeats=1",
+        "--config.experiment.tensor_devices=0",
+    )
+    refused = run_module("experiments.layer_parallel", f"--workdir={tmp_path / 'x'}", *lp_args)
+    assert refused.returncode != 0 and "--teacher_workdir is not given" in refused.stderr
+    result = run_module(
+        "experiments.layer_parallel",
+        f"--workdir={tmp_path / 'lp'}",
+        f"--teacher_workdir={teacher}",
+        *lp_args,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "lp" / "results.json").read_text())
+    assert results["teacher"]["workdir"] == str(teacher)
+    assert results["teacher"]["num_layers"] == 4 and results["teacher"]["steps"] == 2
+    assert results["eval_tokens"] == [1, 2, 16]  # half of the run's 2 held-out batches of 2 x 16
+    assert results["teacher"]["held_out_perplexity"] == pytest.approx(
+        results["teacher"]["engine_eval_perplexity"], rel=1e-5
+    )
+    # Taken as it is: not retrained, its config untouched.
+    assert sorted(os.listdir(teacher / "checkpoints")) == checkpoints
+    assert (teacher / "config.json").read_text() == stored
+    assert results["deltas"]["2"]["starts"] == [1]
+    assert "`embedded:email` (the run in" in (tmp_path / "lp" / "REPORT.md").read_text()
