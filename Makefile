@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
+REPRO_WORKDIR ?= runs/repro
 
-.PHONY: install test demo bench bench-gpu aot-check lint format clean
+.PHONY: install test demo repro bench bench-gpu aot-check lint format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +19,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
+# All ten papers: each experiment at its smallest meaningful size (about 25 minutes on 2 CPU
+# cores), then $(WORKDIR)/REPORT.md over them. A rerun skips what finished.
 demo: $(STAMP)
-	$(PY) -m experiments.demo_lm --workdir=$(WORKDIR)
+	$(PY) -m experiments.reproduce --config=configs/reproduce.py:demo --workdir=$(WORKDIR)
+
+# The longer set: the experiments' full configs (hours; the plan with times prints first).
+repro: $(STAMP)
+	$(PY) -m experiments.reproduce --config=configs/reproduce.py:repro --workdir=$(REPRO_WORKDIR)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench.model --out=bench_results/bench_model.json

@@ -219,6 +219,7 @@ def test_sparse_lm_smoke_reports_three_attentions(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     claims = results.pop("claims")
+    assert "perplexity" in results.pop("claims_rule")  # the report's verdict rule, kept beside
     assert set(results) == {"dense", "hash, 8 buckets", "qk, keep 0.7"}
     assert all(math.isfinite(r["eval_loss"]) for r in results.values())
     assert "| qk, keep 0.7 |" in (tmp_path / "REPORT.md").read_text()
@@ -544,6 +545,7 @@ def test_cotformer_experiment_smoke_reports_arms_budgets_and_claims(tmp_path):
         "paper",
         "decode_reference",
         "claims",
+        "claims_rule",
     }
     arms = results["arms"]
     standard, deeper, but, cot = (

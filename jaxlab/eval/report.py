@@ -39,8 +39,10 @@ class Claim:
 
 
 # What a claim's rule decided: it held, it did not, the numbers do not decide (for example a
-# difference within twice its standard error), or the run did not measure it.
-VERDICTS = ("holds", "does not hold", "inconclusive", "not measured")
+# difference within twice its standard error), or the run did not measure it; and what a
+# reproduction set declares before its run (jaxlab.eval.claims): its size cannot decide it.
+NOT_TESTABLE = "not testable at this scale"
+VERDICTS = ("holds", "does not hold", "inconclusive", "not measured", NOT_TESTABLE)
 
 
 def verdict(holds: bool | None) -> str:
@@ -74,6 +76,7 @@ class Report:
 
     def __init__(self, title: str):
         self.lines = [f"# {title}"]
+        self.claims_rules: list[str] = []  # the rule of each claims table, for results.json
 
     def add(self, *lines: str) -> Report:
         """A block of lines as they are (a paragraph: the lines of one sentence or more)."""
@@ -90,6 +93,7 @@ class Report:
     def claims(self, claims: Sequence[Claim], rule: str) -> Report:
         """The claims table, preceded by the verdict rule that decides each verdict."""
         rows = [(c.claim, c.paper, c.ours, c.verdict) for c in claims]
+        self.claims_rules.append(rule)
         self.add(f"Verdict rule: {rule}")
         return self.table(("claim", "paper", "ours", "verdict"), rows)
 
@@ -103,8 +107,11 @@ class Report:
 
 def write(workdir: str, report: Report, results: dict[str, Any] | None = None) -> str:
     """Writes ``workdir/REPORT.md`` and, given ``results``, ``workdir/results.json`` (indented
-    JSON). Returns the Markdown."""
+    JSON; with the report's claims tables' verdict rules as ``claims_rule``, so that a combined
+    report can show each claim with its rule). Returns the Markdown."""
     os.makedirs(workdir, exist_ok=True)
+    if results is not None and report.claims_rules:
+        results = {**results, "claims_rule": " ".join(report.claims_rules)}
     text = report.markdown()
     with open(os.path.join(workdir, REPORT_FILE), "w") as f:
         f.write(text)

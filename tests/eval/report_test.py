@@ -47,8 +47,10 @@ def test_report_writes_the_expected_markdown_and_json(tmp_path):
     text = report.write(str(tmp_path / "run"), built, {"a": {"loss": 1.5}, "seeds": [0, 1]})
     assert text == EXPECTED
     assert (tmp_path / "run" / "REPORT.md").read_text() == EXPECTED
+    # The claims table's verdict rule goes to results.json too, for the combined report.
     assert (tmp_path / "run" / "results.json").read_text() == (
-        '{\n  "a": {\n    "loss": 1.5\n  },\n  "seeds": [\n    0,\n    1\n  ]\n}'
+        '{\n  "a": {\n    "loss": 1.5\n  },\n  "seeds": [\n    0,\n    1\n  ],\n'
+        '  "claims_rule": "holds when ours is within 5% of the paper\'s number."\n}'
     )
     assert json.loads((tmp_path / "run" / "results.json").read_text())["seeds"] == [0, 1]
 

@@ -1,0 +1,214 @@
+"""All ten papers in one command: runs a reproduction set and writes one report over them.
+
+  python -m experiments.reproduce --workdir=runs/demo                       # make demo
+  python -m experiments.reproduce --config=configs/reproduce.py:repro --workdir=runs/repro
+  python -m experiments.reproduce --only=acvi,udp --plan                    # what would run
+
+Each experiment of the set (``configs/reproduce.py``) runs as its own process in
+``WORKDIR/<name>`` with its output in ``WORKDIR/<name>/run.log``, one progress line across them;
+a run that finished with the same arguments is skipped on a rerun (``--force`` reruns it), a run
+that fails is reported as failed and the others go on. ``WORKDIR/REPORT.md`` (rewritten after
+every run) gathers every paper's claims (``jaxlab.eval.claims``): the paper's number, ours, the
+verdict by the rule each experiment fixed before its run, and the plots.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxlab.eval import claims, report
+
+FLAGS = flags.FLAGS
+POLL_SECONDS = 1.0
+QUIET_PROGRESS_SECONDS = 30.0  # how often a non-terminal output gets a progress line
+LOG_FILE = "run.log"
+
+
+def runs_of(config) -> list[claims.Run]:
+    runs = [
+        claims.Run(
+            name=r.name,
+            module=r.module,
+            config=r.config,
+            args=tuple(r.args),
+            minutes=float(r.minutes),
+            after=tuple(r.after),
+            untestable=tuple(tuple(u) for u in r.get("untestable", ())),
+        )
+        for r in config.runs
+    ]
+    claims.check_runs(runs)
+    return runs
+
+
+def selected(runs: list[claims.Run], only: list[str]) -> list[claims.Run]:
+    names = [r.name for r in runs]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"--only must name runs of the set {names}, got unknown {unknown}")
+    return [r for r in runs if not only or r.name in only]
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60:d}:{int(seconds) % 60:02d}"
+
+
+def _last_line(path: str, width: int) -> str:
+    """The last non-empty line of a log (progress bars end lines with carriage returns)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [s.strip() for s in tail.replace("\r", "\n").split("\n") if s.strip()]
+    return lines[-1][:width] if lines else ""
+
+
+def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
+    """Runs ``run`` as a subprocess with a progress line; records how it ended. True if it
+    finished with exit status 0 and wrote its claims."""
+    workdir = os.path.join(root, run.name)
+    os.makedirs(workdir, exist_ok=True)
+    argv = run.argv(root)
+    record = dict(module=run.module, argv=argv, started=time.time(), returncode=None)
+    claims.write_run_record(root, run.name, record)
+    log_path = os.path.join(workdir, LOG_FILE)
+    tty = sys.stdout.isatty()
+    head = f"[{index}/{total}] {run.name} (expected ~{_clock(run.minutes * 60)})"
+    print(f"{head}: python {' '.join(argv)}", flush=True)
+    start = last_print = time.monotonic()
+    with open(log_path, "w") as log:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        while proc.poll() is None:
+            time.sleep(POLL_SECONDS)
+            elapsed = time.monotonic() - start
+            if tty:
+                line = f"{head} {_clock(elapsed)} | {_last_line(log_path, 80)}"
+                print("\r" + line[:150].ljust(150), end="", flush=True)
+            elif elapsed - (last_print - start) >= QUIET_PROGRESS_SECONDS:
+                print(f"{head} {_clock(elapsed)} | {_last_line(log_path, 100)}", flush=True)
+                last_print = time.monotonic()
+    seconds = time.monotonic() - start
+    record.update(seconds=seconds, returncode=proc.returncode)
+    if proc.returncode == 0 and claims.results_of(root, run.name) is None:
+        record["error"] = f"exited 0 without writing {report.RESULTS_FILE}"
+        record["returncode"] = 1
+    claims.write_run_record(root, run.name, record)
+    if tty:
+        print()
+    ok = claims.finished(root, run)
+    print(f"{head}: {'done' if ok else 'FAILED'} in {_clock(seconds)}", flush=True)
+    if not ok:
+        with open(log_path, errors="replace") as f:
+            print("".join(f.readlines()[-20:]), flush=True)
+    return ok
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    backend = jax.default_backend()
+    return f"{model}, {os.cpu_count()} CPU cores, {backend} backend, jax {jax.__version__}"
+
+
+def write_summary(root: str, set_name: str, runs: list[claims.Run]) -> str:
+    records = [claims.run_record(root, r.name) or {} for r in runs]
+    seconds = sum(rec.get("seconds", 0.0) for rec in records if rec.get("returncode") == 0)
+    doc = claims.summary(
+        root,
+        runs,
+        title=f"jaxlab: the ten papers, {set_name} set",
+        preamble=(
+            f"Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}. "
+            f"The finished runs took {_clock(seconds)} (min:s) of wall time in all, each as "
+            f"recorded when it ran. Every run's command, log and full report are in its folder.",
+        ),
+    )
+    report.write(root, doc)
+    return os.path.join(root, report.REPORT_FILE)
+
+
+def main(argv):
+    del argv
+    config, root = FLAGS.config, FLAGS.workdir
+    runs = runs_of(config)
+    todo = selected(runs, FLAGS.only)
+    print(f"{config.set} set: {len(todo)} runs in {root}")
+    plan = [
+        (
+            r.name,
+            r.module,
+            _clock(r.minutes * 60),
+            "done, skipped" if claims.finished(root, r) and not FLAGS.force else "to run",
+        )
+        for r in todo
+    ]
+    print("\n".join(report.table(("run", "module", "expected (min:s)", "state"), plan, "llrl")))
+    expected = sum(r.minutes for r, p in zip(todo, plan, strict=True) if p[-1] == "to run")
+    print(f"expected wall time of what is to run: {_clock(expected * 60)} (on 2 CPU cores)\n")
+    if FLAGS.plan:
+        return
+    failed = []
+    for i, run in enumerate(todo, 1):
+        if claims.finished(root, run) and not FLAGS.force:
+            print(f"[{i}/{len(todo)}] {run.name}: finished before with these arguments, skipped")
+            continue
+        missing = [
+            a for a in run.after if not claims.finished(root, next(r for r in runs if r.name == a))
+        ]
+        if missing:
+            claims.write_run_record(
+                root,
+                run.name,
+                dict(
+                    module=run.module,
+                    argv=run.argv(root),
+                    returncode=1,
+                    seconds=0.0,
+                    error=f"needs {missing}, which did not finish",
+                ),
+            )
+            print(
+                f"[{i}/{len(todo)}] {run.name}: not run, it needs {missing}, which did not finish"
+            )
+            failed.append(run.name)
+            continue
+        if not run_one(root, run, i, len(todo)):
+            failed.append(run.name)
+        write_summary(root, config.set, runs)
+    path = write_summary(root, config.set, runs)
+    print(f"\nwrote {path}")
+    if failed:
+        raise SystemExit(f"runs that did not finish: {failed} (logs: {root}/<name>/{LOG_FILE})")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", "runs/demo", "Directory of the set's runs and its REPORT.md.")
+    flags.DEFINE_list("only", [], "Run only these runs of the set (the report covers all).")
+    flags.DEFINE_bool("force", False, "Rerun runs that finished before.")
+    flags.DEFINE_bool("plan", False, "Print the plan (runs, expected times, state) and stop.")
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(os.path.dirname(__file__), "..", "configs", "reproduce.py"),
+        "The reproduction set: configs/reproduce.py:demo (default) or :repro.",
+        lock_config=True,
+    )
+    app.run(main)
