@@ -25,6 +25,10 @@ in ``--workdir``.
 
   python -m experiments.layer_parallel --workdir=runs/layer_parallel [--config.num_steps=300]
       [--config.experiment.deltas=2,4]
+
+With ``--config.experiment.teacher_from_run=True`` the teacher is ``--teacher_workdir``, a
+finished run of any experiment (its stored config replaces every field but the experiment
+block), e.g. MEDITRON's continued-pretrained model (``configs/reproduce.py``'s composition).
 """
 
 from __future__ import annotations
@@ -96,7 +100,9 @@ def with_teacher_run(
     base: ml_collections.ConfigDict, teacher_dir: str
 ) -> ml_collections.ConfigDict:
     """``base``'s experiment block over the run config stored in ``teacher_dir`` (its
-    ``config.json``): the config of a finished run of another experiment, taken as it is."""
+    ``config.json``): the config of a finished run of another experiment, taken as it is. The
+    engine then trains nothing there; it rewrites the same config.json, appends a line to
+    config_history.jsonl and redraws loss.png."""
     path = os.path.join(teacher_dir, "config.json")
     try:
         with open(path) as f:
@@ -106,6 +112,19 @@ def with_teacher_run(
             f"config.experiment.teacher_from_run: --teacher_workdir must hold a finished run's "
             f"config.json, could not read {path!r}: {error}"
         ) from error
+    checkpoints = os.path.join(teacher_dir, "checkpoints")
+    steps = (
+        [int(d) for d in os.listdir(checkpoints) if d.isdigit()]
+        if os.path.isdir(checkpoints)
+        else []
+    )
+    if max(steps, default=-1) != stored.get("num_steps"):
+        raise ValueError(
+            f"config.experiment.teacher_from_run: the run in {teacher_dir!r} must be finished "
+            f"(a checkpoint at its num_steps={stored.get('num_steps')}), its last checkpoint is "
+            f"at step {max(steps, default=None)}; finish it first (this experiment would "
+            "train inside it)"
+        )
     config = ml_collections.ConfigDict(stored)
     config.experiment = copy.deepcopy(base.experiment)
     return config
@@ -569,7 +588,10 @@ def teacher_data(base, results: dict) -> str:
     """What the teacher trained on, for the report."""
     if base.experiment.teacher_from_run:
         sources = ", ".join(f"`{s}`" for s in base.data.sources)
-        return f"{sources} (the run in `{results['teacher']['workdir']}`, taken as it is)"
+        return (
+            f"{sources} (the last stage of the run in `{results['teacher']['workdir']}`, taken "
+            "as it is)"
+        )
     return "the embedded corpus (`configs/layer_parallel.py`)"
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
+import shutil
 import subprocess
 import sys
 import time
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -74,20 +75,56 @@ def _last_line(path: str, width: int) -> str:
     return lines[-1][:width] if lines else ""
 
 
+def set_aside(root: str, run: claims.Run) -> str | None:
+    """Moves the run's folder to ``NAME.prev-<time>`` when it holds a run of other arguments or
+    of other runs it reads (or, with --force, any run), so the experiment starts afresh instead
+    of resuming or refusing; nothing is deleted. Returns the new path, or None if nothing was
+    moved."""
+    workdir = os.path.join(root, run.name)
+    record = claims.run_record(root, run.name)
+    if not os.path.isdir(workdir) or not os.listdir(workdir):
+        return None
+    same = (
+        record is not None
+        and record.get("argv") == run.argv(root)
+        and record.get("after", {}) == claims.dependency_stamps(root, run)
+    )
+    if same and not FLAGS.force:
+        return None  # an interrupted or failed run of these arguments: the experiment resumes
+    moved = f"{workdir}.prev-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    os.rename(workdir, moved)
+    return moved
+
+
 def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
     """Runs ``run`` as a subprocess with a progress line; records how it ended. True if it
     finished with exit status 0 and wrote its claims."""
+    moved = set_aside(root, run)
     workdir = os.path.join(root, run.name)
     os.makedirs(workdir, exist_ok=True)
+    for name in (report.RESULTS_FILE, report.REPORT_FILE):  # never a previous attempt's results
+        if os.path.exists(os.path.join(workdir, name)):
+            os.remove(os.path.join(workdir, name))
     argv = run.argv(root)
-    record = dict(module=run.module, argv=argv, started=time.time(), returncode=None)
+    record = dict(
+        module=run.module,
+        argv=argv,
+        started=time.time(),
+        returncode=None,
+        after=claims.dependency_stamps(root, run),
+    )
     claims.write_run_record(root, run.name, record)
     log_path = os.path.join(workdir, LOG_FILE)
     tty = sys.stdout.isatty()
     head = f"[{index}/{total}] {run.name} (expected ~{_clock(run.minutes * 60)})"
-    print(f"{head}: python {' '.join(argv)}", flush=True)
+    if moved:
+        print(f"{head}: its earlier run (other arguments, or --force) moved to {moved}")
+    command = shlex.join(["python", *argv])
+    print(f"{head}: {command}", flush=True)
     start = last_print = time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
+        log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: {command}\n")
+        log.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
             [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env
@@ -96,15 +133,17 @@ def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
             time.sleep(POLL_SECONDS)
             elapsed = time.monotonic() - start
             if tty:
-                line = f"{head} {_clock(elapsed)} | {_last_line(log_path, 80)}"
-                print("\r" + line[:150].ljust(150), end="", flush=True)
+                width = shutil.get_terminal_size().columns - 1
+                line = f"{head} {_clock(elapsed)} | {_last_line(log_path, width)}"
+                print("\r" + line[:width].ljust(width), end="", flush=True)
             elif elapsed - (last_print - start) >= QUIET_PROGRESS_SECONDS:
                 print(f"{head} {_clock(elapsed)} | {_last_line(log_path, 100)}", flush=True)
                 last_print = time.monotonic()
     seconds = time.monotonic() - start
     record.update(seconds=seconds, returncode=proc.returncode)
-    if proc.returncode == 0 and claims.results_of(root, run.name) is None:
-        record["error"] = f"exited 0 without writing {report.RESULTS_FILE}"
+    results = claims.results_of(root, run.name)
+    if proc.returncode == 0 and (results is None or "claims" not in results):
+        record["error"] = f"exited 0 without writing claims to {report.RESULTS_FILE}"
         record["returncode"] = 1
     claims.write_run_record(root, run.name, record)
     if tty:
@@ -118,6 +157,9 @@ def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
 
 
 def machine() -> str:
+    """The CPU, core count, and jax's backend and version, asked of a child process: the
+    runner itself never starts a jax backend, which would hold a TPU or most of a GPU's memory
+    while the runs need it."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -125,11 +167,17 @@ def machine() -> str:
         model = names[0] if names else model
     except OSError:
         pass
-    backend = jax.default_backend()
-    return f"{model}, {os.cpu_count()} CPU cores, {backend} backend, jax {jax.__version__}"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; print(jax.default_backend(), jax.__version__)"],
+        capture_output=True,
+        text=True,
+    )
+    backend, _, version = probe.stdout.strip().partition(" ")
+    jax_part = f"{backend} backend, jax {version}" if probe.returncode == 0 else "jax not found"
+    return f"{model}, {os.cpu_count()} CPU cores, {jax_part}"
 
 
-def write_summary(root: str, set_name: str, runs: list[claims.Run]) -> str:
+def write_summary(root: str, set_name: str, runs: list[claims.Run], where: str) -> str:
     records = [claims.run_record(root, r.name) or {} for r in runs]
     seconds = sum(rec.get("seconds", 0.0) for rec in records if rec.get("returncode") == 0)
     doc = claims.summary(
@@ -137,7 +185,7 @@ def write_summary(root: str, set_name: str, runs: list[claims.Run]) -> str:
         runs,
         title=f"jaxlab: the ten papers, {set_name} set",
         preamble=(
-            f"Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}. "
+            f"Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {where}. "
             f"The finished runs took {_clock(seconds)} (min:s) of wall time in all, each as "
             f"recorded when it ran. Every run's command, log and full report are in its folder.",
         ),
@@ -148,7 +196,7 @@ def write_summary(root: str, set_name: str, runs: list[claims.Run]) -> str:
 
 def main(argv):
     del argv
-    config, root = FLAGS.config, FLAGS.workdir
+    config, root = FLAGS.config, os.path.normpath(FLAGS.workdir)
     runs = runs_of(config)
     todo = selected(runs, FLAGS.only)
     print(f"{config.set} set: {len(todo)} runs in {root}")
@@ -166,6 +214,7 @@ def main(argv):
     print(f"expected wall time of what is to run: {_clock(expected * 60)} (on 2 CPU cores)\n")
     if FLAGS.plan:
         return
+    where = machine()
     failed = []
     for i, run in enumerate(todo, 1):
         if claims.finished(root, run) and not FLAGS.force:
@@ -193,8 +242,8 @@ def main(argv):
             continue
         if not run_one(root, run, i, len(todo)):
             failed.append(run.name)
-        write_summary(root, config.set, runs)
-    path = write_summary(root, config.set, runs)
+        write_summary(root, config.set, runs, where)
+    path = write_summary(root, config.set, runs, where)
     print(f"\nwrote {path}")
     if failed:
         raise SystemExit(f"runs that did not finish: {failed} (logs: {root}/<name>/{LOG_FILE})")

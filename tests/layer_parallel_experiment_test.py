@@ -221,6 +221,17 @@ def test_teacher_from_run_takes_a_finished_run_of_another_config_as_it_is(tmp_pa
     )
     refused = run_module("experiments.layer_parallel", f"--workdir={tmp_path / 'x'}", *lp_args)
     assert refused.returncode != 0 and "--teacher_workdir is not given" in refused.stderr
+    unfinished = tmp_path / "unfinished"  # stopped before its last step: never trained in
+    (unfinished / "checkpoints" / "2").mkdir(parents=True)
+    (unfinished / "config.json").write_text(stored.replace('"num_steps": 2', '"num_steps": 4'))
+    refused = run_module(
+        "experiments.layer_parallel",
+        f"--workdir={tmp_path / 'y'}",
+        f"--teacher_workdir={unfinished}",
+        *lp_args,
+    )
+    assert refused.returncode != 0 and "its last checkpoint is at step 2" in refused.stderr
+    assert sorted(os.listdir(unfinished)) == ["checkpoints", "config.json"]
     result = run_module(
         "experiments.layer_parallel",
         f"--workdir={tmp_path / 'lp'}",
@@ -239,4 +250,7 @@ def test_teacher_from_run_takes_a_finished_run_of_another_config_as_it_is(tmp_pa
     assert sorted(os.listdir(teacher / "checkpoints")) == checkpoints
     assert (teacher / "config.json").read_text() == stored
     assert results["deltas"]["2"]["starts"] == [1]
-    assert "`embedded:email` (the run in" in (tmp_path / "lp" / "REPORT.md").read_text()
+    assert (
+        "`embedded:email` (the last stage of the run in"
+        in (tmp_path / "lp" / "REPORT.md").read_text()
+    )

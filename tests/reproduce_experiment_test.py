@@ -1,12 +1,12 @@
 """experiments/reproduce.py runs a set of experiments with one report over them, skips what
 finished on a rerun, reports failures, and configs/reproduce.py's sets name real fields."""
 
-import importlib
-import json
 import os
-import re
+import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import reproduce as sets
 from experiments.reproduce import runs_of
@@ -104,7 +104,7 @@ def test_a_set_runs_reports_every_paper_and_a_rerun_skips_what_finished(tmp_path
         ["value is positive", "> 0", "4", "holds"],
     ]
     (udp,) = rows["10. UDP"]
-    assert udp[0] == "(no results)" and udp[3] == "not measured" and "failed" in udp[2]
+    assert udp[0] == "(no results from udp)" and udp[3] == "not measured" and "failed" in udp[2]
     (composed,) = rows["composed"]
     assert "needs ['udp']" in composed[2] and calls(root, "composed") == 0
     assert "Verdict rule: holds if value > 0" in text
@@ -119,17 +119,20 @@ def test_a_set_runs_reports_every_paper_and_a_rerun_skips_what_finished(tmp_path
     assert "acvi: finished before with these arguments, skipped" in second.stdout
     assert summary_rows(root)[1] == rows
 
-    # Changed arguments rerun that run (and only it); --force reruns a finished one.
+    # Changed arguments rerun that run in a fresh folder (the old one kept aside), and the
+    # runs reading it; --force reruns a finished one the same way.
     config = write_config(tmp_path / "fake_set2.py", fake_runs(distill_value=5.0))
     third = reproduce(config, root, "--only=distill,test_time_scaling,acvi")
     assert third.returncode == 0, third.stderr[-2000:]
-    assert calls(root, "distill") == 2 and calls(root, "test_time_scaling") == 1
-    assert calls(root, "acvi") == 1 and calls(root, "udp") == 2
-    assert summary_rows(root)[1]["5. Thinking Slow, Fast"][0][2] == "5"
-    # test_time_scaling's arguments did not change: it was skipped and still shows 4.
-    assert summary_rows(root)[1]["5. Thinking Slow, Fast"][1][2] == "4"
-    reproduce(config, root, "--only=acvi", "--force")
-    assert calls(root, "acvi") == 2
+    (old_distill,) = root.glob("distill.prev-*")
+    assert calls(root, "distill") == 1 and len((old_distill / "calls.txt").read_text().split()) == 1
+    assert calls(root, "test_time_scaling") == 1 and list(root.glob("test_time_scaling.prev-*"))
+    assert calls(root, "acvi") == 1 and not list(root.glob("acvi.prev-*"))  # unchanged: skipped
+    paper5 = summary_rows(root)[1]["5. Thinking Slow, Fast"]
+    assert [row[2] for row in paper5] == ["5", "6"]  # test_time_scaling read the new distill
+    forced = reproduce(config, root, "--only=acvi", "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert calls(root, "acvi") == 1 and len(list(root.glob("acvi.prev-*"))) == 1
 
 
 def test_plan_prints_expected_times_and_runs_nothing(tmp_path):
@@ -142,29 +145,28 @@ def test_plan_prints_expected_times_and_runs_nothing(tmp_path):
     assert bad.returncode != 0 and "--only must name runs of the set" in bad.stderr
 
 
-def _config_fields(config_arg):
-    """The config a run's experiment loads: its --config file (with its argument)."""
-    path, _, arg = config_arg.partition(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    return module.get_config(arg) if arg else module.get_config()
-
-
 @pytest.mark.parametrize("set_name", sorted(sets.SETS))
-def test_the_sets_name_every_paper_and_only_existing_config_fields(set_name):
+def test_the_sets_name_every_paper_and_their_overrides_parse_to_existing_fields(
+    set_name, monkeypatch
+):
     runs = runs_of(sets.get_config(set_name))  # also checks every paper's runs are there
     for run in runs:
         module_file = os.path.join(REPO, *run.module.split(".")) + ".py"
         assert os.path.exists(module_file), run
         assert run.config, f"{run.name}: the sets name each run's config file"
-        config = _config_fields(run.config)
-        for arg in run.args:
-            match = re.match(r"--config\.([\w.]+)=", arg)
-            if not match:
-                continue
-            node = config
-            for part in match.group(1).split("."):
-                assert part in node, f"{run.name}: {arg} names no field of {run.config}"
+        overrides = [a.replace("{root}", "runs/x") for a in run.args if a.startswith("--config.")]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True)
+        argv = ["prog", f"--config={run.config}", *overrides]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+        values(argv)  # a misspelled field raises
+        for arg in overrides:
+            path, text = arg.removeprefix("--config.").split("=", 1)
+            node = values.config
+            for part in path.split("."):
                 node = node[part]
+            if text.startswith("("):  # tuples parse to tuples (or lists), not strings
+                assert isinstance(node, tuple | list), (run.name, arg, node)
 
 
 def test_a_set_of_another_name_is_refused():

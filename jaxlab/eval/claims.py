@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import json
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -181,15 +182,22 @@ def results_of(root: str, name: str) -> dict[str, Any] | None:
         return None
 
 
+def dependency_stamps(root: str, run: Run) -> dict[str, float | None]:
+    """When each run that ``run`` reads (``after``) started, from their records: a run is
+    stale when one of them ran again since."""
+    return {a: (run_record(root, a) or {}).get("started") for a in run.after}
+
+
 def finished(root: str, run: Run) -> bool:
-    """Whether ``run`` ended well with these same arguments and its results hold claims: a
-    rerun of the set skips it."""
+    """Whether ``run`` ended well with these same arguments, on the current outputs of the runs
+    it reads, and its results hold claims: a rerun of the set skips it."""
     record = run_record(root, run.name)
     results = results_of(root, run.name)
     return (
         record is not None
         and record.get("returncode") == 0
         and record.get("argv") == run.argv(root)
+        and record.get("after", {}) == dependency_stamps(root, run)
         and results is not None
         and "claims" in results
     )
@@ -216,7 +224,12 @@ def run_claims(root: str, run: Run) -> list[report.Claim]:
         return []
     out = []
     for c in results_of(root, run.name).get("claims", []):
-        c = report.Claim(**c)
+        try:
+            c = report.Claim(**c)
+        except (TypeError, ValueError) as error:  # one bad file must not stop the whole report
+            c = report.Claim(
+                str(c), "", f"unreadable claim in results.json: {error}", "not measured"
+            )
         reason = _reason(run, c.claim)
         if reason is not None:
             c = dataclasses.replace(
@@ -236,10 +249,14 @@ def _run_state(root: str, run: Run) -> str:
     record = run_record(root, run.name)
     if record is None:
         return "not run"
+    if finished(root, run):
+        return f"finished in {_minutes(record.get('seconds', 0.0))}"
+    if record.get("returncode") is None:
+        return f"interrupted (log: `{run.name}/run.log`)"
     if record.get("returncode") != 0:
         why = record.get("error") or f"exit status {record.get('returncode')}"
         return f"failed ({why}; log: `{run.name}/run.log`)"
-    return f"finished in {_minutes(record.get('seconds', 0.0))}"
+    return "finished with other arguments or on other outputs of the runs it reads: to rerun"
 
 
 def summary(
@@ -267,16 +284,22 @@ def summary(
     others = [r for r in runs if all(r.name not in p.runs for p in papers)]
     groups = [(f"{p.number}. {_short(p)}", p.runs) for p in papers]
     groups += [(r.name, (r.name,)) for r in others]
-    rows = []
+    rows, missing = [], []
     for label, names in groups:
-        claimed = [c for n in names for c in run_claims(root, by_name[n])]
-        rows += [(label, c.claim, c.paper, c.ours, c.verdict) for c in claimed]
-        if not claimed:
-            states = "; ".join(f"{n}: {_run_state(root, by_name[n])}" for n in names)
-            rows.append((label, "(no results)", "", states, "not measured"))
+        for name in names:
+            claimed = run_claims(root, by_name[name])
+            rows += [(label, c.claim, c.paper, c.ours, c.verdict) for c in claimed]
+            if not claimed:
+                state = f"{name}: {_run_state(root, by_name[name])}"
+                rows.append((label, f"(no results from {name})", "", state, "not measured"))
+                missing.append(name)
     doc.table(("paper", "claim", "paper's number", "ours", "verdict"), rows)
-    counts = {v: sum(r[-1] == v for r in rows) for v in report.VERDICTS}
-    doc.add("Claims by verdict: " + ", ".join(f"{v} {n}" for v, n in counts.items()) + ".")
+    counts = {v: sum(r[-1] == v for r in rows if not r[1].startswith("(")) for v in report.VERDICTS}
+    doc.add(
+        "Claims by verdict: "
+        + ", ".join(f"{v} {n}" for v, n in counts.items())
+        + (f"; runs without results: {', '.join(missing)}." if missing else ".")
+    )
     for paper in papers:
         doc.section(f"{paper.number}. {paper.title}")
         doc.add(paper.result)
@@ -294,7 +317,7 @@ def _run_section(doc: report.Report, root: str, run: Run) -> None:
     """A run's command, state, claims with their rule, and plots."""
     name = run.name
     doc.add(
-        f"Run `{name}`: `python {' '.join(run.argv(root))}`; {_run_state(root, run)}; "
+        f"Run `{name}`: `{shlex.join(['python', *run.argv(root)])}`; {_run_state(root, run)}; "
         f"its full report: [{name}/REPORT.md]({name}/{report.REPORT_FILE})."
     )
     if not finished(root, run):

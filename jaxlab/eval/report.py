@@ -66,8 +66,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "")
         row = list(row)
         if len(row) != len(header):
             raise ValueError(f"table row {row!r} has {len(row)} cells, the header {len(header)}")
-        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return lines
+
+
+def _cell(value: Any) -> str:
+    """A table cell: ``str(value)`` with ``|`` escaped and newlines as ``<br>``, so free text
+    keeps the table's shape."""
+    return str(value).replace("|", r"\|").replace("\n", "<br>")
 
 
 class Report:
