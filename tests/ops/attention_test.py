@@ -1,5 +1,6 @@
 """jaxlab.ops.attention against a float64 NumPy reference written from the definition."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,6 +88,50 @@ def test_non_causal():
     out = ops.attention(*(jnp.asarray(x) for x in (q, k, v)), causal=False)
     ref = reference_attention(q, k, v, pos_q, pos_k, causal=False)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("q_len, kv_len, window", [(9, 9, None), (4, 9, 3)])
+def test_gradients_match_float64_finite_differences(q_len, kv_len, window):
+    """q, k and v gradients of the jitted attention (GQA, packed segments) against central
+    differences of the float64 reference along random directions."""
+    rng = np.random.default_rng(5)
+    q, k, v = _inputs(rng, 2, q_len, kv_len, 6, 2, 8)
+    kv_pos = np.broadcast_to(np.arange(kv_len), (2, kv_len))
+    q_pos = kv_pos[:, kv_len - q_len :]  # the last q_len positions: every query sees a key
+    seg = np.sort(rng.integers(0, 2, (2, kv_len)), axis=1)
+    seg[:, -1] = seg[:, -q_len] = seg.max()  # no query sees only keys of other segments
+    q_seg = seg[:, kv_len - q_len :]
+    weights = rng.standard_normal((2, q_len, 6, 8))
+    masks = dict(causal=True, window=window, q_seg=q_seg, kv_seg=seg)
+
+    def loss(q, k, v):
+        out = ops.attention(
+            q,
+            k,
+            v,
+            q_positions=jnp.asarray(q_pos),
+            kv_positions=jnp.asarray(kv_pos),
+            sliding_window=window,
+            q_segment_ids=jnp.asarray(q_seg),
+            kv_segment_ids=jnp.asarray(seg),
+        )
+        return jnp.sum(out * jnp.asarray(weights, jnp.float32))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    inputs = [np.asarray(x, np.float64) for x in (q, k, v)]
+    eps = 1e-6
+    for i, g in enumerate(grads):
+        direction = rng.standard_normal(inputs[i].shape)
+
+        def reference_loss(step, i=i, direction=direction):
+            moved = list(inputs)
+            moved[i] = inputs[i] + step * direction
+            return np.sum(reference_attention(*moved, q_pos, kv_pos, **masks) * weights)
+
+        numeric = (reference_loss(eps) - reference_loss(-eps)) / (2 * eps)
+        analytic = np.sum(np.asarray(g, np.float64) * direction)
+        scale = np.sum(np.abs(np.asarray(g, np.float64) * direction))
+        assert abs(analytic - numeric) <= 1e-4 * scale, ("qkv"[i], analytic, numeric, scale)
 
 
 def test_bfloat16_inputs_close_to_float64():
