@@ -97,6 +97,11 @@ def test_a_set_runs_reports_every_paper_and_a_rerun_skips_what_finished(tmp_path
     ]
     assert rows["3. CoTFormer"] == [["value is positive", "> 0", "3", "holds"]]
     assert "matching no claim: ['a renamed claim']" in text
+    # At a glance: claims per verdict (holds, does not hold, inconclusive, not measured, not
+    # testable); udp's and composed's placeholders are no claims.
+    assert "| 9. ACVI last iterate | 0 | 1 | 0 | 0 | 0 |" in text
+    assert "| all | 8 | 1 | 0 | 0 | 1 |" in text
+    assert "Runs without results: udp, composed." in text
     assert rows["9. ACVI last iterate"] == [["value is positive", "> 0", "-2", "does not hold"]]
     # Paper 5 has two runs: distill's value, then test_time_scaling's read from it.
     assert rows["5. Thinking Slow, Fast"] == [

@@ -293,13 +293,11 @@ def summary(
                 state = f"{name}: {_run_state(root, by_name[name])}"
                 rows.append((label, f"(no results from {name})", "", state, "not measured"))
                 missing.append(name)
+    doc.add("At a glance, claims per verdict (the table after it has every claim):")
+    doc.table(("paper", *report.VERDICTS), glance(groups, rows), "l" + "r" * len(report.VERDICTS))
+    if missing:
+        doc.add(f"Runs without results: {', '.join(missing)}.")
     doc.table(("paper", "claim", "paper's number", "ours", "verdict"), rows)
-    counts = {v: sum(r[-1] == v for r in rows if not r[1].startswith("(")) for v in report.VERDICTS}
-    doc.add(
-        "Claims by verdict: "
-        + ", ".join(f"{v} {n}" for v, n in counts.items())
-        + (f"; runs without results: {', '.join(missing)}." if missing else ".")
-    )
     for paper in papers:
         doc.section(f"{paper.number}. {paper.title}")
         doc.add(paper.result)
@@ -311,6 +309,17 @@ def summary(
         doc.add(f"### {run.name}")
         _run_section(doc, root, run)
     return doc
+
+
+def glance(groups, rows) -> list[tuple]:
+    """Per paper (or other run) and in all, how many claims got each verdict; placeholder rows
+    of runs without results are not claims."""
+    claims_only = [r for r in rows if not r[1].startswith("(no results")]
+    out = []
+    for label in [g[0] for g in groups] + ["all"]:
+        mine = [r for r in claims_only if label in ("all", r[0])]
+        out.append((label, *(sum(r[-1] == v for r in mine) for v in report.VERDICTS)))
+    return out
 
 
 def _run_section(doc: report.Report, root: str, run: Run) -> None:
