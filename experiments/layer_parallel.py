@@ -46,6 +46,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 
 from configs import lm_tiny
 from configs.layer_parallel import sweep_starts
@@ -482,6 +483,17 @@ def main(argv):
             raise ValueError(
                 "config.experiment.teacher_from_run=True takes the teacher from --teacher_workdir "
                 "(a finished run), but --teacher_workdir is not given"
+            )
+        ignored = sorted(
+            k
+            for k in config_flags.get_override_values(FLAGS["config"])
+            if not k.startswith("experiment.")
+        )
+        if ignored:
+            raise ValueError(
+                f"config.experiment.teacher_from_run=True takes every field but the experiment "
+                f"block from the run in {teacher_dir!r}; these overrides would be ignored: "
+                f"{ignored}"
             )
         base = with_teacher_run(base, teacher_dir)
     print(f"--- teacher: {teacher_dir}")

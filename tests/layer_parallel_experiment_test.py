@@ -232,6 +232,14 @@ def test_teacher_from_run_takes_a_finished_run_of_another_config_as_it_is(tmp_pa
     )
     assert refused.returncode != 0 and "its last checkpoint is at step 2" in refused.stderr
     assert sorted(os.listdir(unfinished)) == ["checkpoints", "config.json"]
+    ignored = run_module(
+        "experiments.layer_parallel",
+        f"--workdir={tmp_path / 'z'}",
+        f"--teacher_workdir={teacher}",
+        "--config.num_steps=7",
+        *lp_args,
+    )
+    assert ignored.returncode != 0 and "would be ignored: ['num_steps']" in ignored.stderr
     result = run_module(
         "experiments.layer_parallel",
         f"--workdir={tmp_path / 'lp'}",
