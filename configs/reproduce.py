@@ -29,6 +29,15 @@ NARROW = (
     "--config.model.num_heads=4",
     "--config.model.num_kv_heads=2",
 )
+# The composition: Layer Parallelism on MEDITRON's continued-pretrained model as it is; its 4
+# layers leave one pair (layers 1-2) between the first and the last.
+LP_ON_MEDITRON = (
+    "--teacher_workdir={root}/meditron/1_cpt",
+    "--config.experiment.teacher_from_run=True",
+    "--config.experiment.deltas=(2,)",
+    "--config.experiment.starts=(1,)",
+    "--config.experiment.recovery_deltas=(2,)",
+)
 TEACHER_AT_CHANCE = (
     "the demo's reasoning teacher (120 steps) is at chance on exact match (a 300-step trial "
     "teacher scored 11-12% against 10% chance)"
@@ -254,11 +263,7 @@ def demo_runs():
             "experiments.layer_parallel",
             "configs/layer_parallel.py",
             1.0,
-            "--teacher_workdir={root}/meditron/1_cpt",
-            "--config.experiment.teacher_from_run=True",
-            "--config.experiment.deltas=(2,)",
-            "--config.experiment.starts=(1,)",
-            "--config.experiment.recovery_deltas=(2,)",
+            *LP_ON_MEDITRON,
             "--config.experiment.recovery_steps=20",
             "--config.experiment.decode_batches=(1,)",
             "--config.experiment.decode_tokens=64",
@@ -295,11 +300,7 @@ def repro_runs():
             "experiments.layer_parallel",
             "configs/layer_parallel.py",
             15,
-            "--teacher_workdir={root}/meditron/1_cpt",
-            "--config.experiment.teacher_from_run=True",
-            "--config.experiment.deltas=(2,)",
-            "--config.experiment.starts=(1,)",
-            "--config.experiment.recovery_deltas=(2,)",
+            *LP_ON_MEDITRON,
             after=("meditron",),
         ),
     )

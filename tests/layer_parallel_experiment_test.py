@@ -53,6 +53,23 @@ def test_frozen_patterns_leave_exactly_the_named_blocks_trainable():
         assert frozen == (not name.startswith(("layers/2/", "layers/3/"))), name
 
 
+# A 2-step run of a 16-wide Llama with two held-out batches (the experiment splits them in two).
+TINY_RUN = (
+    "--config.num_steps=2",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=2",
+    "--config.log_every=2",
+    "--config.seq_len=16",
+    "--config.batch_size=2",
+    "--config.eval_batches=2",
+    "--config.eval_per_source=False",
+    "--config.model.hidden_size=16",
+    "--config.model.intermediate_size=32",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=2",
+)
+
+
 def by_name(tree):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(tree)}
 
@@ -73,18 +90,7 @@ def test_experiment_smoke_reports_methods_recovery_decoding_and_claims(tmp_path)
         "experiments.layer_parallel",
         f"--workdir={tmp_path}",
         f"--teacher_workdir={tmp_path / 'given_teacher'}",
-        "--config.num_steps=2",
-        "--config.eval_every=2",
-        "--config.checkpoint_every=2",
-        "--config.log_every=2",
-        "--config.seq_len=16",
-        "--config.batch_size=2",
-        "--config.eval_batches=2",
-        "--config.eval_per_source=False",
-        "--config.model.hidden_size=16",
-        "--config.model.intermediate_size=32",
-        "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=2",
+        *TINY_RUN,
         "--config.model.num_layers=6",
         "--config.experiment.deltas=2",
         "--config.experiment.recovery_deltas=2",
@@ -189,18 +195,7 @@ def test_teacher_from_run_takes_a_finished_run_of_another_config_as_it_is(tmp_pa
         "experiments.train_lm",
         "--config=configs/lm_tiny.py",
         f"--workdir={teacher}",
-        "--config.num_steps=2",
-        "--config.eval_every=2",
-        "--config.checkpoint_every=2",
-        "--config.log_every=2",
-        "--config.seq_len=16",
-        "--config.batch_size=2",
-        "--config.eval_batches=2",
-        "--config.eval_per_source=False",
-        "--config.model.hidden_size=16",
-        "--config.model.intermediate_size=32",
-        "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=2",
+        *TINY_RUN,
         "--config.model.num_layers=4",
         "--config.data.sources=('embedded:email',)",
         "--config.optim.warmup_steps=1",
