@@ -31,7 +31,6 @@ from jaxlab.eval import claims, report
 FLAGS = flags.FLAGS
 POLL_SECONDS = 1.0
 QUIET_PROGRESS_SECONDS = 30.0  # how often a non-terminal output gets a progress line
-LOG_FILE = "run.log"
 
 
 def runs_of(config) -> list[claims.Run]:
@@ -114,7 +113,7 @@ def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
         after=claims.dependency_stamps(root, run),
     )
     claims.write_run_record(root, run.name, record)
-    log_path = os.path.join(workdir, LOG_FILE)
+    log_path = os.path.join(workdir, claims.RUN_LOG)
     tty = sys.stdout.isatty()
     head = f"[{index}/{total}] {run.name} (expected ~{_clock(run.minutes * 60)})"
     if moved:
@@ -246,7 +245,9 @@ def main(argv):
     path = write_summary(root, config.set, runs, where)
     print(f"\nwrote {path}")
     if failed:
-        raise SystemExit(f"runs that did not finish: {failed} (logs: {root}/<name>/{LOG_FILE})")
+        raise SystemExit(
+            f"runs that did not finish: {failed} (logs: {root}/<name>/{claims.RUN_LOG})"
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 from jaxlab.eval import report
 
 RUN_RECORD = "reproduce.json"  # what the runner ran in a run's directory, and how it ended
+RUN_LOG = "run.log"  # the run's output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,13 +158,18 @@ def check_runs(runs: Sequence[Run], papers: Sequence[Paper] = PAPERS) -> None:
         raise ValueError(f"runs must include every paper's runs; missing {missing}")
 
 
-def run_record(root: str, name: str) -> dict[str, Any] | None:
-    """What the runner recorded for run ``name`` (argv, seconds, returncode), or None."""
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A JSON file's content, or None if it is missing or unreadable."""
     try:
-        with open(os.path.join(root, name, RUN_RECORD)) as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def run_record(root: str, name: str) -> dict[str, Any] | None:
+    """What the runner recorded for run ``name`` (argv, seconds, returncode), or None."""
+    return _read_json(os.path.join(root, name, RUN_RECORD))
 
 
 def write_run_record(root: str, name: str, record: Mapping[str, Any]) -> None:
@@ -175,11 +181,7 @@ def write_run_record(root: str, name: str, record: Mapping[str, Any]) -> None:
 
 
 def results_of(root: str, name: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(root, name, report.RESULTS_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return _read_json(os.path.join(root, name, report.RESULTS_FILE))
 
 
 def dependency_stamps(root: str, run: Run) -> dict[str, float | None]:
@@ -252,10 +254,10 @@ def _run_state(root: str, run: Run) -> str:
     if finished(root, run):
         return f"finished in {_minutes(record.get('seconds', 0.0))}"
     if record.get("returncode") is None:
-        return f"interrupted (log: `{run.name}/run.log`)"
+        return f"interrupted (log: `{run.name}/{RUN_LOG}`)"
     if record.get("returncode") != 0:
         why = record.get("error") or f"exit status {record.get('returncode')}"
-        return f"failed ({why}; log: `{run.name}/run.log`)"
+        return f"failed ({why}; log: `{run.name}/{RUN_LOG}`)"
     return "finished with other arguments or on other outputs of the runs it reads: to rerun"
 
 
