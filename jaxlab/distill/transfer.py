@@ -39,8 +39,11 @@ from jaxlab.models.transformer import Transformer, TransformerConfig
 # The mixers an attention layer maps onto; ``mamba1`` computes x/B/C from its conv output.
 TRANSFER_MIXERS = ("mamba2", "discrete_mamba2", "mamba1_qkv")
 CONV_INITS = ("fresh", "identity")
-# Teacher features a MambaLM student cannot carry (they change what the blocks compute).
-_UNSUPPORTED = ("dwa", "sparse_attention", "layer_widths", "parallel_groups")
+# Teacher features a MambaLM student cannot carry (they change what the blocks compute). A
+# DenseFormer's depth-weighted averages and sparse attention carry over (MambaConfig.dwa and
+# sparse_attention: the averages over the student's blocks, the sparse attention in its kept
+# attention layers).
+_UNSUPPORTED = ("layer_widths", "parallel_groups")
 
 
 def hybrid_layers(num_layers: int, fraction: float) -> tuple[int, ...]:
@@ -106,7 +109,9 @@ def student_config(
     """The :class:`MambaConfig` whose Mamba layers take the teacher's attention weights.
 
     Args:
-      teacher_config: a Llama-family config (no DenseFormer, sparse or parallel layers).
+      teacher_config: a Llama-family config, a DenseFormer's and sparse attention included (the
+        student keeps the depth-weighted averages, and the sparse attention in its attention
+        layers); not Layer Parallelism's parallel layers.
       mixer: one of :data:`TRANSFER_MIXERS`.
       attention_layers: teacher layers kept as attention blocks (e.g. :func:`hybrid_layers`).
       state_size: ``mamba1_qkv`` only (the others' state is the head width): the B/C chunk,
@@ -177,6 +182,8 @@ def student_config(
         attention_bias=t.attention_bias,
         mlp_bias=t.mlp_bias,
         sliding_window=t.sliding_window,
+        sparse_attention=t.sparse_attention if layers else None,
+        dwa=t.dwa,
         max_seq_len=t.max_seq_len,
         rms_norm_eps=t.rms_norm_eps,
         tie_embeddings=t.tie_embeddings,
@@ -215,6 +222,8 @@ def _check_fit(t: TransformerConfig, s: MambaConfig) -> None:
         "rope_theta",
         "rope_scaling",
         "sliding_window",
+        "sparse_attention",
+        "dwa",
         "rms_norm_eps",
     )
     for field in mapped:
@@ -286,8 +295,9 @@ def transfer(
         exactly the mixer's recurrence over the teacher's v, k, q.
 
     Returns:
-      The student: embeddings, MLPs, norms, final norm and head bitwise the teacher's (same
-      ``param_dtype``), the teacher's whole blocks at ``attention_layers``.
+      The student: embeddings, MLPs, norms, final norm, head and a DenseFormer's depth-weighted
+      average weights bitwise the teacher's (same ``param_dtype``), the teacher's whole blocks
+      at ``attention_layers``.
 
     Raises:
       ValueError: a teacher or student the mapping cannot join, naming the field, the
@@ -317,6 +327,8 @@ def transfer(
     _copy_module(student.final_norm, teacher.final_norm)
     if not t.tie_embeddings:
         _set(student.lm_head, teacher.lm_head[...])
+    if t.dwa is not None:
+        _copy_module(student.dwa, teacher.dwa)
     for i, (layer, source) in enumerate(zip(student.layers, teacher.layers, strict=True)):
         if i in student_config.attention_layers:
             _copy_module(layer, source)

@@ -2,7 +2,10 @@
 
 A block is ``x + mixer(rmsnorm(x))`` followed, when ``intermediate_size > 0``, by the Llama SwiGLU
 MLP ``x + mlp(rmsnorm(x))`` (as in the distilled students, which keep their teacher's MLPs).
-Layers listed in ``attention_layers`` are Llama attention blocks instead (a hybrid LM).
+Layers listed in ``attention_layers`` are Llama attention blocks instead (a hybrid LM), with
+the Transformer's dense or sparse attention. With ``dwa`` the blocks are a DenseFormer's:
+depth-weighted averages of the earlier blocks' outputs between them (as a DenseFormer teacher's,
+so that a student distilled from one keeps them).
 
 Mixers (``d = inner_size``, ``N = state_size``):
 * ``mamba1`` (Gu & Dao 2023): ``in_proj -> (x, z)``; causal depthwise conv + SiLU on x;
@@ -56,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
 from jaxlab.models.interface import (
     Cache,
     LanguageModel,
@@ -73,6 +77,7 @@ from jaxlab.models.layers import (
     param,
 )
 from jaxlab.models.partitioning import constrain, mesh_parts, per_shard
+from jaxlab.models.sparse_attention import SparseAttentionConfig
 from jaxlab.models.transformer import DTYPES, Block, TransformerConfig, canonical_dtype
 from jaxlab.ops import scan as scan_ops
 from jaxlab.ops import ssm_matrix
@@ -105,6 +110,11 @@ class MambaConfig:
         sliding_window, max_seq_len: those blocks' attention, as the Transformer's fields (so a
         hybrid made from a Llama teacher computes the teacher's attention exactly).
       mlp_bias: biases on the projections of every SwiGLU MLP (attention and Mamba blocks).
+      sparse_attention: if set, the attention layers' dynamic sparse attention, as the
+        Transformer's field (a hybrid of a sparse-attention teacher keeps its layers' hashes:
+        each attention block keeps its layer index); needs ``attention_layers``.
+      dwa: if set, depth-weighted averages between the blocks (a DenseFormer hybrid, as the
+        Transformer's field; :mod:`jaxlab.models.denseformer`), Mamba and attention blocks alike.
       rms_norm_eps, tie_embeddings, initializer_range, param_dtype, dtype, remat: as the
         Transformer's.
       bos_token_id: beginning-of-sequence id, kept for checkpoint round trips.
@@ -135,6 +145,8 @@ class MambaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    sparse_attention: SparseAttentionConfig | None = None
+    dwa: DWAConfig | None = None
     max_seq_len: int = 2048
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -166,6 +178,16 @@ class MambaConfig:
             raise ValueError(
                 f"MambaConfig.sliding_window must be an int >= 1 or None, got "
                 f"{self.sliding_window!r}"
+            )
+        if self.dwa is not None and not isinstance(self.dwa, DWAConfig):
+            object.__setattr__(self, "dwa", DWAConfig(**dict(self.dwa)))
+        sparse = self.sparse_attention
+        if sparse is not None and not isinstance(sparse, SparseAttentionConfig):
+            object.__setattr__(self, "sparse_attention", SparseAttentionConfig(**dict(sparse)))
+        if self.sparse_attention is not None and not self.attention_layers:
+            raise ValueError(
+                "MambaConfig.sparse_attention applies to attention layers, and attention_layers "
+                f"is empty; got sparse_attention={self.sparse_attention}"
             )
         if self.inner_size is None:
             object.__setattr__(self, "inner_size", self.expand * self.hidden_size)
@@ -263,6 +285,7 @@ class MambaConfig:
             attention_bias=self.attention_bias,
             mlp_bias=self.mlp_bias,
             sliding_window=self.sliding_window,
+            sparse_attention=self.sparse_attention,
             max_seq_len=self.max_seq_len,
             rms_norm_eps=self.rms_norm_eps,
             initializer_range=self.initializer_range,
@@ -616,6 +639,8 @@ class MambaLM(LanguageModel):
                 dtype=c.storage_dtype,
                 std=c.initializer_range,
             )
+        if c.dwa is not None:
+            self.dwa = DepthWeightedAverages(c.num_layers, c.dwa, param_dtype=c.storage_dtype)
 
     def _cache_kinds(self) -> tuple[type, ...]:
         return tuple(
@@ -648,9 +673,9 @@ class MambaLM(LanguageModel):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.compute_dtype)
         axes = ("batch", "seq", "embed")
         x = constrain(x, axes)
-        new_cache = []
         collect = return_hidden or return_attention
         residuals, probs = [x], [None] * c.num_layers
+        new_cache = [None] * c.num_layers
 
         def call_layer(layer, y, layer_cache):
             if isinstance(layer, MambaBlock):
@@ -661,14 +686,30 @@ class MambaLM(LanguageModel):
 
         if c.remat:
             call_layer = nnx.remat(call_layer)
-        for i, layer in enumerate(self.layers):
-            x, layer_cache, *layer_probs = call_layer(layer, x, None if cache is None else cache[i])
-            x = constrain(x, axes)
-            new_cache.append(layer_cache)
-            if collect:
-                residuals.append(x)
-            if layer_probs:
-                probs[i] = layer_probs[0]
+
+        def block(i):
+            def run(y):
+                out, new_cache[i], *layer_probs = call_layer(
+                    self.layers[i], y, None if cache is None else cache[i]
+                )
+                out = constrain(out, axes)
+                if collect:
+                    residuals.append(out)
+                if layer_probs:
+                    probs[i] = layer_probs[0]
+                return out
+
+            return run
+
+        blocks = [block(i) for i in range(c.num_layers)]
+        averaged = None
+        if c.dwa is not None and collect:
+            x, averaged = self.dwa(x, blocks, return_averages=True)
+        elif c.dwa is not None:
+            x = self.dwa(x, blocks)
+        else:
+            for run in blocks:
+                x = run(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
@@ -677,5 +718,7 @@ class MambaLM(LanguageModel):
         logits = constrain(logits, ("batch", "seq", "vocab"))
         hidden = None
         if collect:
-            hidden = HiddenStates(tuple(residuals), tuple(probs) if return_attention else None)
+            hidden = HiddenStates(
+                tuple(residuals), tuple(probs) if return_attention else None, averaged
+            )
         return logits, None if cache is None else Cache(tuple(new_cache)), hidden

@@ -13,7 +13,9 @@ from flax import nnx
 from jaxlab import models
 from jaxlab.distill import TRANSFER_MIXERS, hybrid_layers, student_config, transfer
 from jaxlab.interop.hf import load_hf_llama
-from jaxlab.models.mamba import init_cache
+from jaxlab.models.denseformer import DWAConfig
+from jaxlab.models.mamba import MambaConfig, init_cache
+from jaxlab.models.sparse_attention import SparseAttentionConfig
 from jaxlab.models.transformer import Transformer, TransformerConfig
 from jaxlab.train.checkpoint import Checkpointer
 from jaxlab.train.pretrained import (
@@ -288,6 +290,74 @@ def test_cached_decoding_of_a_transferred_student_equals_its_full_forward(mixer)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
+# A DenseFormer (2x1 DWAs: each average reads every other representation) with hash-bucket
+# sparse attention: what a Mamba student carries over (MambaConfig.dwa, sparse_attention).
+DENSE_SPARSE = dataclasses.replace(
+    TEACHER,
+    dwa=DWAConfig(dilation=2, period=1),
+    sparse_attention=SparseAttentionConfig(kind="hash", num_buckets=4, seed=3),
+)
+
+
+def test_a_densformer_sparse_hybrid_that_keeps_every_attention_layer_is_the_teacher():
+    teacher = _teacher(40, DENSE_SPARSE)
+    config = student_config(DENSE_SPARSE, "mamba2", (0, 1, 2))
+    assert config.dwa == DENSE_SPARSE.dwa
+    assert config.sparse_attention == DENSE_SPARSE.sparse_attention
+    student = transfer(teacher, config, rngs=nnx.Rngs(41))
+    for a, b in zip(student.dwa.weights, teacher.dwa.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+    tokens = jnp.asarray(np.random.default_rng(42).integers(0, 41, (2, SEQ)))
+    want = np.asarray(teacher(tokens))
+    # The sparse attention and the averages change what the teacher computes: without them the
+    # same weights give other logits (so the equality below is not vacuous).
+    plain = Transformer(TEACHER, rngs=nnx.Rngs(0))
+    weights = nnx.state(teacher, nnx.Param)
+    nnx.update(plain, nnx.State({k: v for k, v in weights.items() if k != "dwa"}))
+    assert np.abs(np.asarray(plain(tokens)) - want).max() > 1e-2
+    np.testing.assert_array_equal(np.asarray(student(tokens)), want)
+
+
+def test_a_densformer_hybrid_student_averages_its_blocks_outputs():
+    """Mamba layers 0 and 1, attention (hash-sparse) at 2; the logits against the DWA formula
+    in float64 over the student's own blocks: Y_i = sum_j alpha_ij X_j, X_i = block_i(Y_{i-1})."""
+    teacher = _teacher(43, DENSE_SPARSE)
+    config = student_config(DENSE_SPARSE, "mamba2", (2,), chunk_size=8)
+    assert config.sparse_attention == DENSE_SPARSE.sparse_attention
+    student = transfer(teacher, config, rngs=nnx.Rngs(44))
+    for w in student.dwa.weights:  # random averages, not the identity start
+        _randomize(w, 45 + len(w[...]))
+    tokens = jnp.asarray(np.random.default_rng(46).integers(0, 41, (2, SEQ)))
+    positions = jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ))
+    xs = [_f64(student.embed[...])[np.asarray(tokens)]]
+    y = xs[0]
+    for i, layer in enumerate(student.layers):
+        out = layer(jnp.asarray(y, jnp.float32), positions, None, None)[0]
+        xs.append(_f64(out))
+        weights = _f64(student.dwa.weights[i][...])
+        y = sum(a * xs[j] for a, j in zip(weights, range((i + 1) % 2, i + 2, 2), strict=True))
+    norm = y / np.sqrt(np.mean(y**2, -1, keepdims=True) + config.rms_norm_eps)
+    want = (norm * _f64(student.final_norm.scale[...])) @ _f64(student.lm_head[...])
+    np.testing.assert_allclose(np.asarray(student(tokens)), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ("mamba2", "discrete_mamba2"))
+def test_cached_decoding_of_a_densformer_sparse_hybrid_equals_its_full_forward(mixer):
+    teacher = _teacher(47, DENSE_SPARSE)
+    config = student_config(DENSE_SPARSE, mixer, (1,), chunk_size=8)
+    student = transfer(teacher, config, rngs=nnx.Rngs(48))
+    tokens = jnp.asarray(np.random.default_rng(49).integers(0, 41, (2, SEQ)))
+    full = np.asarray(_logits(student, tokens))
+    decode = nnx.jit(lambda m, x, cache, p: m.decode(x, cache, positions=p))
+    positions = jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ))
+    logits, cache = decode(student, tokens[:, :9], init_cache(config, 2, 32), positions[:, :9])
+    steps = [logits]
+    for t in range(9, SEQ):
+        logits, cache = decode(student, tokens[:, t : t + 1], cache, positions[:, t : t + 1])
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def hf_teacher(tmp_path_factory):
     """A tiny random Hugging Face Llama (tied head, llama3 RoPE, 4 heads on 1 kv head)."""
@@ -359,6 +429,22 @@ def test_bad_inputs_are_named():
     student_config(biased, "mamba2", attention_layers=(0, 1, 2))  # all attention: nothing to map
     with pytest.raises(ValueError, match="teacher layer_widths=.* has no counterpart"):
         student_config(dataclasses.replace(TEACHER, layer_widths=(1, 2, 1)))
+    # A pure student has no attention layer to keep the teacher's sparse attention in.
+    assert student_config(DENSE_SPARSE, "mamba2").sparse_attention is None
+    with pytest.raises(ValueError, match="sparse_attention applies to attention layers"):
+        dataclasses.replace(
+            student_config(DENSE_SPARSE, "mamba2"),
+            sparse_attention=DENSE_SPARSE.sparse_attention,
+        )
+    # A student without the teacher's averages cannot take its weights.
+    dense = student_config(DENSE_SPARSE, "mamba2", (1,))
+    with pytest.raises(ValueError, match=r"student_config.dwa=None .* needs DWAConfig"):
+        transfer(
+            Transformer(DENSE_SPARSE, rngs=nnx.Rngs(0)),
+            dataclasses.replace(dense, dwa=None),
+            rngs=nnx.Rngs(0),
+        )
+    assert MambaConfig.from_dict(dense.to_dict()) == dense  # JSON round trip of the nested configs
 
     teacher = Transformer(TEACHER, rngs=nnx.Rngs(0))
     config = student_config(TEACHER, "mamba2")
