@@ -47,7 +47,7 @@ from flax import nnx
 
 from experiments import run_config
 from jaxlab.data import reasoning
-from jaxlab.data.tokenizers import load_tokenizer
+from jaxlab.data.pipeline import make_tokenizer
 from jaxlab.eval import report
 from jaxlab.eval.plots import figure
 from jaxlab.infer import test_time
@@ -235,14 +235,34 @@ def chance(modulus: int, ks) -> dict[str, list[float]]:
     return dict(coverage=[1.0 - (1.0 - p) ** k for k in ks], majority=[p for _ in ks], per_guess=p)
 
 
-def sample_model(name: str, source: str, tokenizer, problems, e, max_new_tokens: int) -> dict:
+def check_tokenizer(name: str, source: str, tokenizer_name: str) -> None:
+    """A ``run:`` model must have trained with ``config.data.tokenizer``: another tokenizer's ids
+    would be read as other characters, and every sample would be wrong without an error."""
+    spec = pretrained.parse_source(source, f"config.experiment.models[{name!r}]")
+    path = os.path.join(spec.path, "config.json")
+    if spec.kind != "run" or not os.path.exists(path):
+        return
+    with open(path) as f:
+        trained = json.load(f).get("data", {}).get("tokenizer")
+    if trained is not None and trained != tokenizer_name:
+        raise ValueError(
+            f"model {name!r} ({source}) trained with tokenizer {trained!r}, but "
+            f"config.data.tokenizer is {tokenizer_name!r}; set it to the models' tokenizer"
+        )
+
+
+def sample_model(
+    name: str, source: str, tokenizer, tokenizer_name: str, problems, e, max_new_tokens: int
+) -> dict:
     """Draws and scores one model's samples; the per-problem answers stay in the result."""
+    check_tokenizer(name, source, tokenizer_name)
     model = pretrained.load_model(source, f"config.experiment.models[{name!r}]")
     vocab = model.config.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ValueError(
             f"model {name!r} ({source}) has vocab_size {vocab} but the task's tokenizer has "
-            f"{tokenizer.vocab_size} ids: it was not trained on the reasoning task's tokenizer"
+            f"{tokenizer.vocab_size} ids: it was not trained with config.data.tokenizer "
+            f"{tokenizer_name!r}"
         )
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     begin = time.perf_counter()
@@ -516,7 +536,9 @@ def main(argv):
         task = dataclasses.replace(task, num_test=int(e.num_problems))
     problems = task.split("test")[: e.num_problems]
     references = [p.value for p in problems]
-    tokenizer = load_tokenizer("reasoning")
+    # The models' own tokenizer: the reasoning task's in configs/reasoning_lm.py, the byte
+    # tokenizer in a composition whose teacher was pretrained on text first.
+    tokenizer = make_tokenizer(base.data)
     max_new_tokens = int(e.max_new_tokens) or max(len(p.answer) for p in problems) + 1
     ks = k_grid(int(e.num_samples))
     results = dict(
@@ -536,7 +558,9 @@ def main(argv):
     curves = {}
     for name, source in sources.items():
         print(f"--- sampling {name}: {source}", flush=True)
-        drawn = sample_model(name, source, tokenizer, problems, e, max_new_tokens)
+        drawn = sample_model(
+            name, source, tokenizer, base.data.tokenizer, problems, e, max_new_tokens
+        )
         samples = drawn.pop("samples")
         cov, maj = per_problem_curves(samples.answers, references, ks)
         curves[name] = dict(coverage=cov, majority=maj)
