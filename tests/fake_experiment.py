@@ -1,6 +1,7 @@
 """A stand-in experiment for tests/reproduce_experiment_test.py, fast because it imports no jax: it
-counts its calls, then fails (``--fail``) or writes REPORT.md, a PNG and results.json with one
-claim, "value is positive", as a real experiment does through jaxlab.eval.report."""
+counts its calls, then fails (``--fail``), stops there as an engine run without claims does
+(``--no_claims``), or writes REPORT.md, a PNG and results.json with one claim, "value is
+positive", as a real experiment does through jaxlab.eval.report."""
 
 import argparse
 import json
@@ -12,6 +13,7 @@ parser.add_argument("--workdir", required=True)
 parser.add_argument("--value", type=float, default=1.0)
 parser.add_argument("--read", default="", help="A results.json whose value + 1 is ours.")
 parser.add_argument("--fail", action="store_true")
+parser.add_argument("--no_claims", action="store_true")
 args = parser.parse_args()
 os.makedirs(args.workdir, exist_ok=True)
 with open(os.path.join(args.workdir, "calls.txt"), "a") as f:
@@ -19,6 +21,8 @@ with open(os.path.join(args.workdir, "calls.txt"), "a") as f:
 print("step 1/1", flush=True)
 if args.fail:
     sys.exit("fake experiment: failing as asked")
+if args.no_claims:
+    sys.exit(0)
 value = args.value
 if args.read:
     with open(args.read) as f:

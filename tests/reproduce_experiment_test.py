@@ -14,8 +14,9 @@ from jaxlab.eval import claims
 from tests.entrypoints import REPO, run_module
 
 FAKE = "tests.fake_experiment"
-# Every paper's runs, faked: acvi's value is negative (its claim does not hold), udp fails,
-# test_time_scaling reads distill's results (value + 1), and an extra run needs udp.
+# Every paper's and composition's runs, faked: acvi's value is negative (its claim does not
+# hold), udp fails, test_time_scaling reads distill's results (value + 1), composition A's first
+# two runs are engine runs without claims, and an extra run needs udp.
 CONFIG = """
 import ml_collections
 
@@ -29,7 +30,7 @@ def get_config():
 
 
 def fake_runs(distill_value=3.0):
-    names = [n for p in claims.PAPERS for n in p.runs]
+    names = [n for p in claims.PAPERS + claims.COMPOSITIONS for n in p.runs]
     runs = []
     for i, name in enumerate(names):
         args = [f"--value={i + 1}"]
@@ -43,6 +44,8 @@ def fake_runs(distill_value=3.0):
         if name == "test_time_scaling":
             args, after = ["--read={root}/distill/results.json"], ["distill"]
         run = dict(name=name, module=FAKE, config="", args=args, minutes=0.1, after=after)
+        if name in ("compose_mixture", "compose_pretrain"):
+            run.update(args=["--no_claims"], reports=False)
         if name == "ademamix_lm":
             run["untestable"] = [["is positive", "too short a run"]]
         if name == "cotformer_lm":
@@ -85,7 +88,7 @@ def test_a_set_runs_reports_every_paper_and_a_rerun_skips_what_finished(tmp_path
     assert first.returncode != 0  # udp failed
     assert "runs that did not finish: ['udp', 'composed']" in first.stderr
     text, rows = summary_rows(root)
-    assert len(rows) == 11  # ten papers and the extra run
+    assert len(rows) == 13  # ten papers, two compositions and the extra run
     # Declared not testable at this size: shown so, with the rule's verdict and the reason.
     assert rows["1. AdEMAMix"] == [
         [
@@ -100,7 +103,11 @@ def test_a_set_runs_reports_every_paper_and_a_rerun_skips_what_finished(tmp_path
     # At a glance: claims per verdict (holds, does not hold, inconclusive, not measured, not
     # testable); udp's and composed's placeholders are no claims.
     assert "| 9. ACVI last iterate | 0 | 1 | 0 | 0 | 0 |" in text
-    assert "| all | 8 | 1 | 0 | 0 | 1 |" in text
+    assert "| all | 11 | 1 | 0 | 0 | 1 |" in text
+    # Composition A: its engine runs finished without claims, its experiments' claims count.
+    assert "| Composition A | 2 | 0 | 0 | 0 | 0 |" in text
+    assert "an engine run without claims, its outputs in [compose_mixture/]" in text
+    assert [row[0] for row in rows["Composition A"]] == ["value is positive"] * 2
     assert "Runs without results: udp, composed." in text
     assert rows["9. ACVI last iterate"] == [["value is positive", "> 0", "-2", "does not hold"]]
     # Paper 5 has two runs: distill's value, then test_time_scaling's read from it.
@@ -121,6 +128,7 @@ def test_a_set_runs_reports_every_paper_and_a_rerun_skips_what_finished(tmp_path
     second = reproduce(config, root)
     assert second.returncode != 0
     assert calls(root, "acvi") == 1 and calls(root, "udp") == 2
+    assert calls(root, "compose_mixture") == 1  # an engine run that finished is skipped too
     assert "acvi: finished before with these arguments, skipped" in second.stdout
     assert summary_rows(root)[1] == rows
 

@@ -3,9 +3,10 @@
 Each experiment owns its claims: it states them, with the paper's number and a verdict rule fixed
 in its code before the run, and writes them to its ``results.json`` (``claims``, ``claims_rule``;
 see :mod:`jaxlab.eval.report`). This module is the index over them: :data:`PAPERS` says which
-experiment runs test which paper, :func:`run_record` / :func:`finished` keep track of what a
-reproduction has run, and :func:`summary` writes the combined ``REPORT.md``: one table with every
-claim of every paper, then one section per paper with its claims, its verdict rule and its plots.
+experiment runs test which paper (and :data:`COMPOSITIONS` which runs put several papers' parts
+together), :func:`run_record` / :func:`finished` keep track of what a reproduction has run, and
+:func:`summary` writes the combined ``REPORT.md``: one table with every claim of every paper and
+composition, then one section per paper with its claims, its verdict rule and its plots.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ RUN_LOG = "run.log"  # the run's output
 
 @dataclasses.dataclass(frozen=True)
 class Paper:
-    """One of the ten results: ``runs`` names the experiment runs whose claims test it."""
+    """One of the ten results (``number`` 1-10), or a composition of several (a letter):
+    ``runs`` names the runs whose claims test it."""
 
-    number: int
+    number: int | str
     title: str
     result: str
     runs: tuple[str, ...]
@@ -44,6 +46,9 @@ class Run:
     another's outputs; it then names that run in ``after``. ``minutes`` is its expected wall time
     on 2 CPU cores. ``untestable``: ``(text, reason)`` pairs declared before the run: its claims
     whose text holds ``text`` (``"*"``: all) cannot be decided at this size, for ``reason``.
+    ``reports``: the run is an experiment that writes claims to its ``results.json``; False for
+    an engine run (``experiments.train_lm``) whose outputs a later run reads: it has finished
+    when it exited with status 0.
     """
 
     name: str
@@ -53,6 +58,7 @@ class Run:
     minutes: float = 1.0
     after: tuple[str, ...] = ()
     untestable: tuple[tuple[str, str], ...] = ()
+    reports: bool = True
 
     def argv(self, root: str) -> list[str]:
         """The command line, ``--workdir`` included."""
@@ -141,6 +147,27 @@ PAPERS = (
 )
 
 
+COMPOSITIONS = (
+    Paper(
+        "A",
+        "Composition A (DenseFormer with sparse attention and AdEMAMix on a DoGE mixture, "
+        "distilled into Mamba hybrids, with test-time scaling)",
+        "A DenseFormer with hash-bucket sparse attention, trained with AdEMAMix on a DoGE-"
+        "reweighted mixture of the embedded corpus and then on the arithmetic task, distilled "
+        "into Mamba hybrids that keep its depth-weighted averages and sparse attention, then "
+        "sampled under a time budget (configs/composition.py; the first two runs are engine runs "
+        "without claims).",
+        ("compose_mixture", "compose_pretrain", "compose_distill", "compose_tts"),
+    ),
+    Paper(
+        "B",
+        "Composition B (Layer Parallelism on the MEDITRON model)",
+        "Layer Parallelism applied to the MEDITRON run's continued-pretrained model as it is.",
+        ("layer_parallel_meditron",),
+    ),
+)
+
+
 def check_runs(runs: Sequence[Run], papers: Sequence[Paper] = PAPERS) -> None:
     """Raises ValueError unless ``runs`` has unique names, every run named in ``after`` comes
     earlier, and every paper's runs are there."""
@@ -200,8 +227,7 @@ def finished(root: str, run: Run) -> bool:
         and record.get("returncode") == 0
         and record.get("argv") == run.argv(root)
         and record.get("after", {}) == dependency_stamps(root, run)
-        and results is not None
-        and "claims" in results
+        and (not run.reports or (results is not None and "claims" in results))
     )
 
 
@@ -222,7 +248,7 @@ def run_claims(root: str, run: Run) -> list[report.Claim]:
     """The claims of a finished run, with those declared untestable at this size shown as
     ``report.NOT_TESTABLE``, the rule's verdict and the reason kept in ``ours``. Empty if the
     run did not finish."""
-    if not finished(root, run):
+    if not run.reports or not finished(root, run):
         return []
     out = []
     for c in results_of(root, run.name).get("claims", []):
@@ -267,11 +293,15 @@ def summary(
     title: str,
     preamble: Sequence[str] = (),
     papers: Sequence[Paper] = PAPERS,
+    compositions: Sequence[Paper] = COMPOSITIONS,
 ) -> report.Report:
     """The combined report of the runs in ``root``: a table of every paper's claims with the
     paper's number, ours and the verdict, then a section per paper (its runs, claims with their
-    rules, plots). A paper whose runs did not finish says so in the table instead of claims."""
+    rules, plots). A paper whose runs did not finish says so in the table instead of claims.
+    The compositions whose runs are all in ``runs`` follow the papers, as papers do; other runs
+    come last."""
     by_name = {r.name: r for r in runs}
+    papers = [*papers, *(c for c in compositions if all(n in by_name for n in c.runs))]
     doc = report.Report(title)
     if preamble:
         doc.add(*preamble)
@@ -284,14 +314,14 @@ def summary(
         "reason in 'ours'."
     )
     others = [r for r in runs if all(r.name not in p.runs for p in papers)]
-    groups = [(f"{p.number}. {_short(p)}", p.runs) for p in papers]
+    groups = [(_label(p), p.runs) for p in papers]
     groups += [(r.name, (r.name,)) for r in others]
     rows, missing = [], []
     for label, names in groups:
         for name in names:
             claimed = run_claims(root, by_name[name])
             rows += [(label, c.claim, c.paper, c.ours, c.verdict) for c in claimed]
-            if not claimed:
+            if not claimed and (by_name[name].reports or not finished(root, by_name[name])):
                 state = f"{name}: {_run_state(root, by_name[name])}"
                 rows.append((label, f"(no results from {name})", "", state, "not measured"))
                 missing.append(name)
@@ -301,7 +331,9 @@ def summary(
         doc.add(f"Runs without results: {', '.join(missing)}.")
     doc.table(("paper", "claim", "paper's number", "ours", "verdict"), rows)
     for paper in papers:
-        doc.section(f"{paper.number}. {paper.title}")
+        doc.section(
+            paper.title if isinstance(paper.number, str) else f"{paper.number}. {paper.title}"
+        )
         doc.add(paper.result)
         for name in paper.runs:
             _run_section(doc, root, by_name[name])
@@ -327,13 +359,18 @@ def glance(groups, rows) -> list[tuple]:
 def _run_section(doc: report.Report, root: str, run: Run) -> None:
     """A run's command, state, claims with their rule, and plots."""
     name = run.name
+    outputs = (
+        f"its full report: [{name}/REPORT.md]({name}/{report.REPORT_FILE})"
+        if run.reports
+        else f"an engine run without claims, its outputs in [{name}/]({name}/)"
+    )
     doc.add(
         f"Run `{name}`: `{shlex.join(['python', *run.argv(root)])}`; {_run_state(root, run)}; "
-        f"its full report: [{name}/REPORT.md]({name}/{report.REPORT_FILE})."
+        f"{outputs}."
     )
     if not finished(root, run):
         return
-    rule = results_of(root, name).get("claims_rule")
+    rule = (results_of(root, name) or {}).get("claims_rule")
     if rule:
         doc.add(f"Verdict rule: {rule}")
     claimed = run_claims(root, run)
@@ -350,6 +387,8 @@ def _run_section(doc: report.Report, root: str, run: Run) -> None:
         doc.images(*((f"{name}/{os.path.basename(p)}", os.path.basename(p)) for p in plots))
 
 
-def _short(paper: Paper) -> str:
-    """The paper's name without its authors."""
-    return paper.title.split(" (")[0]
+def _label(paper: Paper) -> str:
+    """A paper's number and name without its authors (``3. CoTFormer``); a composition's name
+    without its description (``Composition A``)."""
+    short = paper.title.split(" (")[0]
+    return short if isinstance(paper.number, str) else f"{paper.number}. {short}"
