@@ -96,6 +96,18 @@ def test_distilled_models_reads_a_distill_run_record_even_when_moved(tmp_path):
         tts.distilled_models(str(moved), ("pure",))
 
 
+def test_a_run_trained_with_another_tokenizer_is_refused(tmp_path):
+    for name, tokenizer in (("chars", "reasoning"), ("bytes", "byte")):
+        (tmp_path / name).mkdir()
+        config = dict(data=dict(tokenizer=tokenizer))
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    tts.check_tokenizer("student", f"run:{tmp_path / 'chars'}", "reasoning")
+    tts.check_tokenizer("student", f"run:{tmp_path / 'bytes'}", "byte")
+    with pytest.raises(ValueError, match="trained with tokenizer 'byte', but config.data"):
+        tts.check_tokenizer("student", f"run:{tmp_path / 'bytes'}", "reasoning")
+    tts.check_tokenizer("hf_model", "hf:/some/llama", "reasoning")  # no run config to read
+
+
 def test_k_grid_and_chance_levels():
     assert tts.k_grid(32) == [1, 2, 4, 8, 16, 32]
     assert tts.k_grid(6) == [1, 2, 4, 6]
