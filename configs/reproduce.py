@@ -16,8 +16,12 @@ given; the combined report shows them as "not testable at this scale" beside the
 experiment's rule printed. The demo sizes and these reasons come from trial runs of each
 experiment on this machine (2026-12-02; the numbers quoted in the reasons are theirs).
 
-Compositions: ``layer_parallel_meditron`` applies Layer Parallelism to the MEDITRON run's
-continued-pretrained model, taken as it is (``config.experiment.teacher_from_run``).
+Compositions (``jaxlab.eval.claims.COMPOSITIONS``): A, the ``compose_*`` runs of
+``configs/composition.py`` (a DoGE mixture, a DenseFormer with sparse attention pretrained on it
+with AdEMAMix, then continued on the arithmetic task and distilled into Mamba hybrids, then
+test-time scaling; the first two are engine runs, ``reports=False``); B,
+``layer_parallel_meditron``: Layer Parallelism on the MEDITRON run's continued-pretrained model,
+taken as it is (``config.experiment.teacher_from_run``).
 """
 
 import ml_collections
@@ -44,7 +48,14 @@ TEACHER_AT_CHANCE = (
 )
 
 
-def _run(name, module, config, minutes, *args, after=(), untestable=()):
+# Measured in a trial of composition A at these sizes (2026-12-02, hybrid50_random included).
+COMPOSED_TEACHER = (
+    "the composition's teacher (60 corpus steps, then 120 steps on the task) had 0% greedy exact "
+    "match in a trial run, and 1,763 of its 1,920 samples had no answer"
+)
+
+
+def _run(name, module, config, minutes, *args, after=(), untestable=(), reports=True):
     return ml_collections.ConfigDict(
         dict(
             name=name,
@@ -54,7 +65,56 @@ def _run(name, module, config, minutes, *args, after=(), untestable=()):
             minutes=float(minutes),
             after=tuple(after),
             untestable=tuple(untestable),
+            reports=reports,
         )
+    )
+
+
+def composition_runs(
+    minutes, mixture=(), pretrain=(), distill=(), tts=(), distill_untestable=(), tts_untestable=()
+):
+    """Composition A's four runs (configs/composition.py), each reading the one before; the
+    arguments narrow each run (the set's sizes), ``minutes`` its four expected times."""
+    config = "configs/composition.py:"
+    return (
+        _run(
+            "compose_mixture",
+            "experiments.train_lm",
+            config + "mixture",
+            minutes[0],
+            *mixture,
+            reports=False,
+        ),
+        _run(
+            "compose_pretrain",
+            "experiments.train_lm",
+            config + "pretrain",
+            minutes[1],
+            "--config.data.weights_file={root}/compose_mixture/domain_weights.json",
+            *pretrain,
+            after=("compose_mixture",),
+            reports=False,
+        ),
+        _run(
+            "compose_distill",
+            "experiments.distill",
+            config + "distill",
+            minutes[2],
+            "--config.init_from=run:{root}/compose_pretrain",
+            *distill,
+            after=("compose_pretrain",),
+            untestable=distill_untestable,
+        ),
+        _run(
+            "compose_tts",
+            "experiments.test_time_scaling",
+            config + "tts",
+            minutes[3],
+            "--config.experiment.distill_workdir={root}/compose_distill",
+            *tts,
+            after=("compose_distill",),
+            untestable=tts_untestable,
+        ),
     )
 
 
@@ -270,6 +330,32 @@ def demo_runs():
             "--config.experiment.tensor_devices=0",
             after=("meditron",),
         ),
+        *composition_runs(
+            (1.2, 1.0, 3.0, 1.0),
+            mixture=("--config.num_steps=40", "--config.eval_every=20"),
+            pretrain=("--config.num_steps=60", "--config.eval_every=30"),
+            distill=(
+                "--config.num_steps=120",
+                "--config.eval_batches=2",
+                "--config.experiment.students=('hybrid50',)",
+                "--config.experiment.student_steps=40",
+                "--config.experiment.test_problems=100",
+                "--config.experiment.extra_task=",
+                "--config.experiment.decode_batches=(1,16)",
+                "--config.experiment.decode_lengths=(64,256)",
+                "--config.experiment.decode_repeats=2",
+            ),
+            tts=(
+                "--config.experiment.distill_students=('hybrid50',)",
+                "--config.experiment.num_problems=40",
+                "--config.experiment.num_samples=32",
+                "--config.experiment.bootstrap_resamples=500",
+            ),
+            distill_untestable=(("exact match (difficulty 8) is within", COMPOSED_TEACHER),),
+            tts_untestable=(
+                ("at a fixed time budget", COMPOSED_TEACHER + "; the student's are no better"),
+            ),
+        ),
     )
 
 
@@ -303,6 +389,7 @@ def repro_runs():
             *LP_ON_MEDITRON,
             after=("meditron",),
         ),
+        *composition_runs((10, 20, 60, 10)),
     )
 
 

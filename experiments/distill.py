@@ -409,8 +409,8 @@ def verdict_rule(base) -> str:
         "hybrid50's KL < hybrid25's. (5) holds when the distilled pure student's held-out "
         "perplexity < the from-scratch SSM's. (6, 7) hold when the student's greedy tokens/s at "
         "the largest batch and length of the grid exceeds the teacher's. Our setting differs "
-        f"from the paper's: a {base.model.num_layers}-layer Llama of width "
-        f"{base.model.hidden_size} on a character-level arithmetic task instead of Llama 3.2 "
+        f"from the paper's: {teacher_description(base)} on a {base.data.tokenizer}-tokenized "
+        "arithmetic task instead of Llama 3.2 "
         f"1B/3B on MATH/GSM8K, {base.experiment.student_steps} steps per student (over its "
         f"stages) instead of 8B tokens, on {jax.default_backend()}."
     )
@@ -590,15 +590,33 @@ def start_of(student: dict) -> str:
     return "from the transfer" + ("" if student["transferred"] else ", Mamba mixers random")
 
 
+def teacher_description(base) -> str:
+    """``a 4-layer Llama of width 64 (4 query / 2 kv heads)``, with a DenseFormer's averages and
+    sparse attention named when the teacher has them (the students keep both)."""
+    m = base.model
+    text = (
+        f"a {m.num_layers}-layer Llama of width {m.hidden_size} ({m.num_heads} query / "
+        f"{m.num_kv_heads} kv heads"
+    )
+    if m.get("dwa"):
+        text += f", a {m.dwa.dilation}x{m.dwa.period} DenseFormer"
+    if m.get("sparse_attention"):
+        sparse = m.sparse_attention
+        kind = f"{sparse.num_buckets}-bucket hash" if sparse.kind == "hash" else "query/key-drop"
+        text += f", {kind} sparse attention"
+    return text + ")"
+
+
 def write_report(workdir: str, base, results: dict, claims) -> None:
     e = base.experiment
     m = results["models"]
     steps = sorted(m[TEACHER]["exact_match"], key=int)
     doc = report.Report("Mamba students distilled from a Llama teacher on the reasoning task")
     doc.add(
-        f"Teacher: `configs/reasoning_lm.py`'s {base.model.num_layers}-layer Llama (width "
-        f"{base.model.hidden_size}, {base.model.num_heads} query / {base.model.num_kv_heads} kv "
-        f"heads) trained {base.num_steps} steps on `{base.data.sources[0]}`. Each student trains "
+        f"Teacher: {teacher_description(base)} trained {base.num_steps} steps on "
+        f"`{base.data.sources[0]}`"
+        + (f", starting from `{base.init_from}`" if base.init_from else "")
+        + f". Each student trains "
         f"{e.student_steps} steps through the engine in all. Distilled students start from the "
         "transferred weights (`init_from` of the model `jaxlab.distill.transfer` built, written "
         "with `save_model_source`; a staged student's first stage by `init='source'` of "

@@ -143,3 +143,22 @@ class DepthWeightedAverages(nnx.Module):
         for row, (i, w) in enumerate(zip(positions, self.weights, strict=True)):
             matrix[row, dwa_inputs(i, self.config)] = np.asarray(w[...], np.float64)
         return matrix
+
+
+def run_blocks(
+    x: jax.Array,
+    blocks: Sequence[Callable[[jax.Array], jax.Array]],
+    dwa: DepthWeightedAverages | None,
+    *,
+    return_averages: bool = False,
+) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
+    """``blocks`` one after the other from ``x``, with the depth-weighted averages of ``dwa``
+    between them when it is set: ``(output, the averages Y_0..Y_L or None)`` (averages only with
+    ``return_averages`` and a ``dwa``). Every model family's block loop."""
+    if dwa is None:
+        for block in blocks:
+            x = block(x)
+        return x, None
+    if return_averages:
+        return dwa(x, blocks, return_averages=True)
+    return dwa(x, blocks), None

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
+from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig, run_blocks
 from jaxlab.models.interface import (
     Cache,
     LanguageModel,
@@ -702,14 +702,9 @@ class MambaLM(LanguageModel):
             return run
 
         blocks = [block(i) for i in range(c.num_layers)]
-        averaged = None
-        if c.dwa is not None and collect:
-            x, averaged = self.dwa(x, blocks, return_averages=True)
-        elif c.dwa is not None:
-            x = self.dwa(x, blocks)
-        else:
-            for run in blocks:
-                x = run(x)
+        x, averaged = run_blocks(
+            x, blocks, self.dwa if c.dwa is not None else None, return_averages=collect
+        )
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)

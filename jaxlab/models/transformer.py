@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab import ops
-from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig
+from jaxlab.models.denseformer import DepthWeightedAverages, DWAConfig, run_blocks
 from jaxlab.models.interface import (
     Cache,
     LanguageModel,
@@ -634,7 +634,7 @@ class Transformer(LanguageModel):
         x = constrain(x, residual_axes)
         new_cache: list[LayerCache | None] = [None] * c.num_layers
         collect = return_hidden or return_attention
-        residuals, probs, averaged = [x], [None] * c.num_layers, None
+        residuals, probs = [x], [None] * c.num_layers
 
         def call_layer(layer, y, layer_cache):
             if return_attention:
@@ -698,13 +698,9 @@ class Transformer(LanguageModel):
             blocks = []  # the scan has run them
         else:
             blocks = [block(g[0]) if len(g) == 1 else group(g) for g in c.groups()]
-        if c.dwa is not None and collect:
-            x, averaged = self.dwa(x, blocks, return_averages=True)
-        elif c.dwa is not None:
-            x = self.dwa(x, blocks)
-        else:
-            for run in blocks:
-                x = run(x)
+        x, averaged = run_blocks(
+            x, blocks, self.dwa if c.dwa is not None else None, return_averages=collect
+        )
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)

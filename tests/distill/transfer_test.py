@@ -105,6 +105,19 @@ def _logits(model, tokens):
     return model(tokens)
 
 
+def _decoded(student, tokens):
+    """The logits of a 9-token prefill, then of one token per step (one compiled step)."""
+    decode = nnx.jit(lambda m, x, cache, p: m.decode(x, cache, positions=p))
+    positions = jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ))
+    cache = init_cache(student.config, 2, 32)
+    logits, cache = decode(student, tokens[:, :9], cache, positions[:, :9])
+    steps = [logits]
+    for t in range(9, SEQ):
+        logits, cache = decode(student, tokens[:, t : t + 1], cache, positions[:, t : t + 1])
+        steps.append(logits)
+    return np.concatenate(steps, axis=1)
+
+
 def test_discrete_mamba2_with_zero_steps_is_decayed_linear_attention_of_the_teacher():
     """a = 0 gives the decay exp(-softplus(0)) = 1/2 per step, and with an identity conv
     y_t = sum_s (q_t . k_s) 2^(s-t) v_s + D v_t per head from the teacher's projections."""
@@ -279,15 +292,7 @@ def test_cached_decoding_of_a_transferred_student_equals_its_full_forward(mixer)
     config = student_config(TEACHER, mixer, layers, chunk_size=8)
     student = transfer(teacher, config, rngs=nnx.Rngs(27))
     tokens = jnp.asarray(np.random.default_rng(28).integers(0, 41, (2, SEQ)))
-    full = np.asarray(_logits(student, tokens))
-    decode = nnx.jit(lambda m, x, cache, p: m.decode(x, cache, positions=p))
-    positions = jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ))
-    logits, cache = decode(student, tokens[:, :9], init_cache(config, 2, 32), positions[:, :9])
-    steps = [logits]
-    for t in range(9, SEQ):  # one compiled step, reused
-        logits, cache = decode(student, tokens[:, t : t + 1], cache, positions[:, t : t + 1])
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    np.testing.assert_allclose(_decoded(student, tokens), _logits(student, tokens), atol=1e-5)
 
 
 # A DenseFormer (2x1 DWAs: each average reads every other representation) with hash-bucket
@@ -347,15 +352,7 @@ def test_cached_decoding_of_a_densformer_sparse_hybrid_equals_its_full_forward(m
     config = student_config(DENSE_SPARSE, mixer, (1,), chunk_size=8)
     student = transfer(teacher, config, rngs=nnx.Rngs(48))
     tokens = jnp.asarray(np.random.default_rng(49).integers(0, 41, (2, SEQ)))
-    full = np.asarray(_logits(student, tokens))
-    decode = nnx.jit(lambda m, x, cache, p: m.decode(x, cache, positions=p))
-    positions = jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ))
-    logits, cache = decode(student, tokens[:, :9], init_cache(config, 2, 32), positions[:, :9])
-    steps = [logits]
-    for t in range(9, SEQ):
-        logits, cache = decode(student, tokens[:, t : t + 1], cache, positions[:, t : t + 1])
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    np.testing.assert_allclose(_decoded(student, tokens), _logits(student, tokens), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
