@@ -71,7 +71,7 @@ def _ademamix(config: ml_collections.ConfigDict) -> None:
     lr = config.optim.learning_rate
     config.optim = ademamix_lm.get_config().optim
     config.optim.learning_rate = lr
-    config.optim.warmup_alpha_b3 = config.get_ref("num_steps")
+    config.optim.warmup_alpha_b3 = config.get_oneway_ref("num_steps")
 
 
 def _corpus(num_steps: int, mixer: bool) -> ml_collections.ConfigDict:

@@ -28,6 +28,8 @@ NOT_MAMBA = (
     "post_mixer_norm",
     "mlp",
     "final_norm",
+    "lm_head",  # an untied head
+    "dwa",  # a DenseFormer student's depth-weighted averages (the teacher's)
 )
 
 

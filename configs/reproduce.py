@@ -332,8 +332,17 @@ def demo_runs():
         ),
         *composition_runs(
             (1.2, 1.0, 3.0, 1.0),
-            mixture=("--config.num_steps=40", "--config.eval_every=20"),
-            pretrain=("--config.num_steps=60", "--config.eval_every=30"),
+            # experiments.train_lm takes these as given (no rescaling): warm-ups to match.
+            mixture=(
+                "--config.num_steps=40",
+                "--config.eval_every=20",
+                "--config.optim.warmup_steps=4",
+            ),
+            pretrain=(
+                "--config.num_steps=60",
+                "--config.eval_every=30",
+                "--config.optim.warmup_steps=6",
+            ),
             distill=(
                 "--config.num_steps=120",
                 "--config.eval_batches=2",

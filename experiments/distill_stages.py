@@ -136,6 +136,8 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
                 max(round(warmup_fraction * engine.num_steps), 1 if warmup_fraction else 0),
                 engine.num_steps,
             )
+        if "warmup_alpha_b3" in engine.optim:  # AdEMAMix's alpha/beta3 warm-up spans the stage
+            engine.optim.warmup_alpha_b3 = engine.num_steps
         engine.init_from = init  # a marker until run_stages knows the source's workdir
         staged.append((name, engine))
     return staged

@@ -261,3 +261,29 @@ def test_bench_quick_reports_step_and_decode_ratios(tmp_path):
     assert data["attention_layers"] == {"pure": [], "hybrid50": [1]}
     assert all(math.isfinite(v) and v > 0 for v in ms.values())
     assert "| pure / teacher |" in result.stdout
+
+
+def test_the_scratch_student_never_starts_from_the_teachers_init_from():
+    base = distill_config.get_config()
+    base.init_from = "run:/somewhere/pretrained"  # the teacher continues a pretrained run
+    model = dict(distill.teacher_config(base).model.to_dict(), vocab_size=46)
+    teacher = models.build(model, nnx.Rngs(0))
+    student = distill.initial_student(teacher, "scratch", 0)
+    config = distill.scratch_run_config(base, student)
+    assert (config.init_from, config.init_from_mode, tuple(config.init_from_map)) == (
+        "",
+        "exact",
+        (),
+    )
+
+
+def test_mohawk_students_of_a_densformer_teacher_are_refused_before_training(tmp_path):
+    result = run_module(
+        "experiments.distill",
+        f"--workdir={tmp_path}",
+        "--config=configs/composition.py:distill",
+        "--config.experiment.students=('hybrid50','pure')",
+    )
+    assert result.returncode != 0
+    assert "['pure'] run MOHAWK's alignment stages" in result.stderr
+    assert not (tmp_path / "teacher").exists()

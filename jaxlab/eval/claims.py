@@ -219,7 +219,8 @@ def dependency_stamps(root: str, run: Run) -> dict[str, float | None]:
 
 def finished(root: str, run: Run) -> bool:
     """Whether ``run`` ended well with these same arguments, on the current outputs of the runs
-    it reads, and its results hold claims: a rerun of the set skips it."""
+    it reads, and (an experiment that reports) its results hold claims: a rerun of the set skips
+    it."""
     record = run_record(root, run.name)
     results = results_of(root, run.name)
     return (

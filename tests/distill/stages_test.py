@@ -247,3 +247,43 @@ def test_a_first_stage_starts_from_a_given_run_source(teacher_dir, tmp_path):
     name = "['layers'][0]['mixer']['in_proj']"
     assert not np.array_equal(trained[name], source[name])
     assert os.path.exists(os.path.join(workdir, "REPORT.md"))
+
+
+def test_mambainllama_first_step_freezes_all_but_the_mixers_of_a_densformer_hybrid():
+    """The step with "everything else frozen" freezes the student's depth-weighted averages (the
+    teacher's) and an untied head too: only the mixers' parameters stay trainable."""
+    from jaxlab.models.mamba import MambaConfig
+    from jaxlab.optim import param_path, params_matching
+
+    config = MambaConfig(
+        vocab_size=11,
+        hidden_size=16,
+        num_layers=2,
+        intermediate_size=32,
+        mixer="mamba2",
+        head_dim=8,
+        state_size=8,
+        attention_layers=(1,),
+        num_heads=2,
+        num_kv_heads=1,
+        dwa=dict(dilation=1, period=1),
+    )
+    params = nnx.state(models.build(config, nnx.Rngs(0)), nnx.Param)
+    frozen = params_matching(params, distill_mambainllama.NOT_MAMBA, "frozen")
+    trainable = [
+        param_path(path)
+        for path, is_frozen in jax.tree_util.tree_leaves_with_path(frozen)
+        if not is_frozen
+    ]
+    assert trainable and all("/mixer/" in p for p in trainable), trainable
+    assert any("dwa" in param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
+
+
+def test_each_stage_spans_ademamix_warmup_over_its_own_steps():
+    config = distill_mambainllama.get_config(50)
+    config.optim.update(name="ademamix", b3=0.999, alpha=8.0, warmup_alpha_b3=1500)
+    steps = {name: 7 * (i + 1) for i, name in enumerate(config.stage_order)}
+    for name, n in steps.items():
+        config.stages[name].num_steps = n
+    for name, engine in distill_stages.stage_configs(config):
+        assert engine.optim.warmup_alpha_b3 == engine.num_steps == steps[name]

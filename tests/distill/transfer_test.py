@@ -330,20 +330,29 @@ def test_a_densformer_hybrid_student_averages_its_blocks_outputs():
     config = student_config(DENSE_SPARSE, "mamba2", (2,), chunk_size=8)
     assert config.sparse_attention == DENSE_SPARSE.sparse_attention
     student = transfer(teacher, config, rngs=nnx.Rngs(44))
-    for w in student.dwa.weights:  # random averages, not the identity start
-        _randomize(w, 45 + len(w[...]))
+    for i, w in enumerate(student.dwa.weights):  # random averages, not the identity start
+        _randomize(w, 45 + i)
     tokens = jnp.asarray(np.random.default_rng(46).integers(0, 41, (2, SEQ)))
     positions = jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ))
     xs = [_f64(student.embed[...])[np.asarray(tokens)]]
-    y = xs[0]
+    ys = [xs[0]]
     for i, layer in enumerate(student.layers):
-        out = layer(jnp.asarray(y, jnp.float32), positions, None, None)[0]
+        out = layer(jnp.asarray(ys[-1], jnp.float32), positions, None, None)[0]
         xs.append(_f64(out))
         weights = _f64(student.dwa.weights[i][...])
-        y = sum(a * xs[j] for a, j in zip(weights, range((i + 1) % 2, i + 2, 2), strict=True))
+        ys.append(
+            sum(a * xs[j] for a, j in zip(weights, range((i + 1) % 2, i + 2, 2), strict=True))
+        )
+    y = ys[-1]
     norm = y / np.sqrt(np.mean(y**2, -1, keepdims=True) + config.rms_norm_eps)
     want = (norm * _f64(student.final_norm.scale[...])) @ _f64(student.lm_head[...])
-    np.testing.assert_allclose(np.asarray(student(tokens)), want, rtol=1e-4, atol=1e-4)
+    logits, hidden = student(tokens, return_hidden=True)
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
+    # The hidden states: X_i the blocks' outputs, Y_i the averages the next block reads.
+    for got, ref in ((hidden.residuals, xs), (hidden.averaged, ys)):
+        assert len(got) == len(ref) == config.num_layers + 1
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mixer", ("mamba2", "discrete_mamba2"))
