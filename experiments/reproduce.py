@@ -205,13 +205,13 @@ def main(argv):
     runs = runs_of(config)
     todo = selected(runs, FLAGS.only)
     print(f"{config.set} set: {len(todo)} runs in {root}")
+    # A finished run reruns too when a run it reads reruns first (its stamp will change).
+    rerun: set[str] = set()
+    for r in todo:
+        if FLAGS.force or not claims.finished(root, r) or any(a in rerun for a in r.after):
+            rerun.add(r.name)
     plan = [
-        (
-            r.name,
-            r.module,
-            _clock(r.minutes * 60),
-            "done, skipped" if claims.finished(root, r) and not FLAGS.force else "to run",
-        )
+        (r.name, r.module, _clock(r.minutes * 60), "to run" if r.name in rerun else "done, skipped")
         for r in todo
     ]
     print("\n".join(report.table(("run", "module", "expected (min:s)", "state"), plan, "llrl")))

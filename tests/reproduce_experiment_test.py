@@ -135,6 +135,9 @@ def test_a_set_runs_reports_every_paper_and_a_rerun_skips_what_finished(tmp_path
     # Changed arguments rerun that run in a fresh folder (the old one kept aside), and the
     # runs reading it; --force reruns a finished one the same way.
     config = write_config(tmp_path / "fake_set2.py", fake_runs(distill_value=5.0))
+    plan = reproduce(config, root, "--plan", "--only=distill,test_time_scaling,acvi")
+    for name, state in (("distill", "to run"), ("test_time_scaling", "to run"), ("acvi", "done")):
+        assert f"| {name} | tests.fake_experiment | 0:06 | {state}" in plan.stdout, plan.stdout
     third = reproduce(config, root, "--only=distill,test_time_scaling,acvi")
     assert third.returncode == 0, third.stderr[-2000:]
     (old_distill,) = root.glob("distill.prev-*")
