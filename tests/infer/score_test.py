@@ -74,8 +74,12 @@ def test_greedy_flags_are_the_float64_argmax(model):
     tokens = rng.integers(0, VOCAB, (3, 10))
     # About half of the tokens, left to right, become the argmax after their prefix; the rest
     # stay random (and are almost never the argmax).
+    # (The model is causal: the logits at t - 1 of the whole row are those of the prefix, and one
+    # jitted call shape is compiled once.)
+    forward = nnx.jit(lambda m, x: m(x))
     for t in np.flatnonzero(rng.integers(0, 2, tokens.shape[1])[1:]) + 1:
-        tokens[:, t] = np.asarray(model(jnp.asarray(tokens[:, :t])), np.float64)[:, -1].argmax(-1)
+        logits = np.asarray(forward(model, jnp.asarray(tokens)), np.float64)
+        tokens[:, t] = logits[:, t - 1].argmax(-1)
     logits = np.asarray(model(jnp.asarray(tokens)), np.float64)
     expected = np.zeros(tokens.shape, bool)
     expected[:, 1:] = logits.argmax(-1)[:, :-1] == tokens[:, 1:]
