@@ -1,14 +1,14 @@
 """The reproduction sets of ``experiments/reproduce.py``: every paper's experiment, in order.
 
-``demo`` (``make demo``): each experiment at a size a 2-core CPU runs in minutes. Measured once
-(2026-12-02, 2-core AMD EPYC, shared with test runs for its first half): 33.6 minutes of runs,
-the CoTFormer run the longest at 7.0 (two seeds then; one since, as its claims are declared
-untestable at this size); not yet timed alone or with the install, whose goal is 30 minutes.
+``demo`` (``make demo``): each experiment at a size a 2-core CPU runs in minutes. Measured
+(2026-12-02, a fresh clone on a 2-core AMD EPYC, nothing else running): 25 min 15 s in all with
+the install (1:52), 23:23 of runs; the minutes below are that run's (its goal: under 30 minutes
+with the install).
 ``repro`` (``make repro``): the experiments' own full configs (more steps, seeds and sweeps;
 hours). Each run is ``python -m MODULE --workdir=WORKDIR/NAME --config=CONFIG ARGS``;
 ``{root}`` in ARGS is the set's WORKDIR, so a run can read an earlier run's outputs (it names
 that run in ``after``). ``minutes``: the expected wall time on 2 CPU cores, printed before the
-set starts (demo: the times of the measured run below, CoTFormer halved for its one seed).
+set starts (demo: the times of the measured run above).
 
 ``untestable``: (claim text, reason) pairs declared before the run: the claims whose text holds
 that string ("*": every claim of the run) cannot be decided at this set's size, for the reason
@@ -124,7 +124,7 @@ def demo_runs():
             "acvi",
             "experiments.acvi",
             "configs/acvi.py",
-            1.7,
+            1.0,
             "--config.seeds=(0,)",
             "--config.gan.seeds=(0,1)",
         ),
@@ -132,7 +132,7 @@ def demo_runs():
             "udp",
             "experiments.udp",
             "configs/udp.py",
-            2.5,
+            1.2,
             "--config.margin.seeds=(0,1,2)",
             "--config.margin.steps=3000",
             "--config.margin.long_steps=8000",
@@ -151,7 +151,7 @@ def demo_runs():
             "doge",
             "experiments.doge",
             "configs/doge.py",
-            5.0,
+            2.2,
             "--config.synthetic.proxy_steps=500",
             "--config.synthetic.base_steps=500",
             "--config.corpus.seeds=(0,)",
@@ -163,7 +163,7 @@ def demo_runs():
             "ademamix_lm",
             "experiments.ademamix_lm",
             "configs/ademamix_lm.py",
-            3.4,
+            1.1,
             "--config.num_steps=60",
             "--lrs=2e-3",
             "--probe_every=10",
@@ -181,7 +181,7 @@ def demo_runs():
             "denseformer_lm",
             "experiments.denseformer_lm",
             "configs/denseformer_lm.py",
-            3.0,
+            1.5,
             "--config.num_steps=60",
             "--decode_tokens=32",
             *NARROW,
@@ -198,7 +198,7 @@ def demo_runs():
             "cotformer_lm",
             "experiments.cotformer_lm",
             "configs/cotformer_lm.py",
-            3.5,
+            2.1,
             "--config.num_steps=20",
             "--config.seq_len=64",
             "--config.batch_size=8",
@@ -217,7 +217,7 @@ def demo_runs():
             "sparse_lm",
             "experiments.sparse_lm",
             "configs/sparse_lm.py",
-            1.3,
+            1.0,
             "--config.num_steps=40",
             "--config.seq_len=128",
             "--config.batch_size=16",
@@ -233,7 +233,7 @@ def demo_runs():
             "distill",
             "experiments.distill",
             "configs/distill.py",
-            3.9,
+            3.3,
             "--config.num_steps=120",
             "--config.eval_batches=2",
             "--config.experiment.students=('pure','hybrid50','hybrid50_random')",
@@ -252,7 +252,7 @@ def demo_runs():
             "test_time_scaling",
             "experiments.test_time_scaling",
             "configs/test_time_scaling.py",
-            0.9,
+            0.8,
             "--config.experiment.distill_workdir={root}/distill",
             "--config.experiment.distill_students=('hybrid50','pure')",
             "--config.experiment.num_problems=60",
@@ -299,7 +299,7 @@ def demo_runs():
             "meditron",
             "experiments.meditron",
             "configs/meditron.py",
-            2.4,
+            1.6,
             "--config.num_steps=80",
             "--config.batch_size=8",
             *NARROW,
@@ -322,7 +322,7 @@ def demo_runs():
             "layer_parallel_meditron",
             "experiments.layer_parallel",
             "configs/layer_parallel.py",
-            1.0,
+            0.9,
             *LP_ON_MEDITRON,
             "--config.experiment.recovery_steps=20",
             "--config.experiment.decode_batches=(1,)",
@@ -331,7 +331,7 @@ def demo_runs():
             after=("meditron",),
         ),
         *composition_runs(
-            (1.2, 1.0, 3.0, 1.0),
+            (0.8, 0.6, 2.6, 0.9),
             # experiments.train_lm takes these as given (no rescaling): warm-ups to match.
             mixture=(
                 "--config.num_steps=40",
