@@ -21,9 +21,9 @@ Four runs through the same engine and experiments, each reading the one before
 
 3. ``distill``: ``experiments/distill.py`` continues the pretrained model on the arithmetic task
    (``configs/reasoning_lm.py``'s task, same byte tokenizer as the corpus; AdEMAMix again) as
-   the teacher, then distils the hybrids of ``experiment.students`` (MambaInLlama's recipe;
-   the student carries the DenseFormer averages and keeps the sparse attention in its attention
-   layers: :func:`jaxlab.distill.student_config`)::
+   the teacher, then distils the students of ``experiment.students`` (the pure one by MOHAWK,
+   the hybrids by MambaInLlama's recipe; a student carries the DenseFormer averages and keeps the
+   sparse attention in its attention layers: :func:`jaxlab.distill.student_config`)::
 
      python -m experiments.distill --config=configs/composition.py:distill \
          --workdir=ROOT/compose_distill --config.init_from=run:ROOT/compose_pretrain
@@ -97,16 +97,16 @@ def _distill() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(teacher_model())
     config.data.tokenizer = "byte"
     _ademamix(config)
-    # The hybrids (MambaInLlama's recipe) and the random-init ablation; the pure student's
-    # MOHAWK alignment reads one plain residual stream per layer, which a DenseFormer has not.
-    config.experiment.students = ("hybrid50", "hybrid25", "hybrid50_random")
+    # The pure student (MOHAWK: its blocks aligned on the teacher's averaged inputs), the hybrids
+    # (MambaInLlama's recipe) and the random-init ablation.
+    config.experiment.students = ("pure", "hybrid50", "hybrid25", "hybrid50_random")
     return config
 
 
 def _tts() -> ml_collections.ConfigDict:
     config = test_time_scaling.get_config()
     config.data.tokenizer = "byte"
-    config.experiment.distill_students = ("hybrid50", "hybrid25")
+    config.experiment.distill_students = ("hybrid50", "hybrid25", "pure")
     return config
 
 

@@ -486,13 +486,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     workdir, base = FLAGS.workdir, run_config.from_flag(FLAGS["config"])
     e = base.experiment
-    mohawk = [n for n in selected_students(base) if STUDENTS[n][3] == "mohawk"]
-    if base.model.get("dwa") and mohawk:  # refused before anything trains
-        raise ValueError(
-            f"config.experiment.students {mohawk} run MOHAWK's alignment stages, which read one "
-            "plain residual stream per teacher layer; a DenseFormer teacher (config.model.dwa) "
-            "has averages between its layers: leave them out"
-        )
+    selected_students(base)  # a misspelled student fails before anything trains
     os.makedirs(workdir, exist_ok=True)
 
     teacher_dir = FLAGS.teacher_workdir or os.path.join(workdir, TEACHER)

@@ -41,7 +41,7 @@ SMOKE = sets.composition_runs(
         "--config.batch_size=2",
         "--config.eval_batches=1",
         "--config.eval_per_source=False",
-        "--config.experiment.students=('hybrid50',)",
+        "--config.experiment.students=('pure','hybrid50')",
         "--config.experiment.student_steps=3",
         "--config.experiment.test_problems=4",
         "--config.experiment.extra_task=",
@@ -85,7 +85,16 @@ def test_composition_a_runs_its_four_stages_each_on_the_one_before(tmp_path):
     # 3. The teacher continued from it on the task; the hybrid kept the averages and the sparse
     # attention in its attention layers.
     distill = json.loads((tmp_path / "compose_distill" / "results.json").read_text())
-    assert list(distill["models"]) == ["teacher", "hybrid50"]
+    assert list(distill["models"]) == ["teacher", "pure", "hybrid50"]
+    # The pure student ran MOHAWK's stages on the teacher's averaged inputs.
+    pure = distill["students"]["pure"]
+    assert [s["stage"] for s in pure["stages"]] == ["matrix", "hidden", "kl"]
+    pure_model = json.loads(
+        (tmp_path / "compose_distill" / "student_pure" / "2_kl" / "config.json").read_text()
+    )["model"]
+    assert (
+        pure_model["dwa"] == {"dilation": 1, "period": 1} and pure_model["attention_layers"] == []
+    )
     init = json.loads((tmp_path / "compose_distill" / "teacher" / "init_from.json").read_text())
     assert init["source"].startswith(f"run:{tmp_path / 'compose_pretrain'}")
     student_dir = tmp_path / "compose_distill" / "student_hybrid50"

@@ -275,15 +275,3 @@ def test_the_scratch_student_never_starts_from_the_teachers_init_from():
         "exact",
         (),
     )
-
-
-def test_mohawk_students_of_a_densformer_teacher_are_refused_before_training(tmp_path):
-    result = run_module(
-        "experiments.distill",
-        f"--workdir={tmp_path}",
-        "--config=configs/composition.py:distill",
-        "--config.experiment.students=('hybrid50','pure')",
-    )
-    assert result.returncode != 0
-    assert "['pure'] run MOHAWK's alignment stages" in result.stderr
-    assert not (tmp_path / "teacher").exists()

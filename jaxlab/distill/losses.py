@@ -251,13 +251,19 @@ def aligned_layers(context, *, matrix: bool) -> tuple[int, ...]:
                 f"config.objective.teacher: {name} needs the teacher's {field} "
                 f"({getattr(teacher, field)}) in the student, got {getattr(student, field)}"
             )
-    # Teacher forcing reads the input of every teacher layer: its residual stream must be one
-    # plain block per layer.
-    reshaped = [f for f in ("dwa", "layer_widths", "parallel_groups") if getattr(teacher, f, None)]
+    # Teacher forcing reads the input of every teacher layer: one block per layer (a
+    # DenseFormer's blocks read the averages between them, which the student must have too).
+    reshaped = [f for f in ("layer_widths", "parallel_groups") if getattr(teacher, f, None)]
     if reshaped:
         raise ValueError(
             f"config.objective.teacher: {name} needs one block per teacher layer; the teacher "
             f"sets {reshaped}"
+        )
+    if getattr(teacher, "dwa", None) != student.dwa:
+        raise ValueError(
+            f"config.objective.teacher: {name} feeds each student block its teacher block's "
+            f"input, so the student's depth-weighted averages must be the teacher's: teacher "
+            f"dwa={getattr(teacher, 'dwa', None)}, student dwa={student.dwa}"
         )
     layers = tuple(i for i in range(student.num_layers) if i not in student.attention_layers)
     if not layers:
@@ -284,6 +290,12 @@ def aligned_layers(context, *, matrix: bool) -> tuple[int, ...]:
     return layers
 
 
+def block_inputs(hidden) -> tuple[jax.Array, ...]:
+    """What each block reads in a forward's hidden states: the residual stream, or in a
+    DenseFormer the depth-weighted average before the block (``HiddenStates.averaged``)."""
+    return hidden.residuals if hidden.averaged is None else hidden.averaged
+
+
 def _teacher_hidden(context, frozen, batch, return_attention: bool):
     teacher = nnx.merge(context.frozen["teacher"], frozen["teacher"])
     _, hidden = teacher(
@@ -307,7 +319,7 @@ def mohawk_matrix_objective(context) -> objectives.Objective:
         model = nnx.merge(context.graphdef, params)
         total, metrics = jnp.float32(0), {}
         for i in layers:
-            matrix = layer_mixer_matrix(model, i, hidden.residuals[i])
+            matrix = layer_mixer_matrix(model, i, block_inputs(hidden)[i])
             metrics[f"matrix_{i}"] = jnp.sum(
                 jnp.mean(matrix_alignment(matrix, hidden.attention[i]), axis=1)
             )
@@ -332,7 +344,7 @@ def mohawk_hidden_objective(context) -> objectives.Objective:
         total, metrics = jnp.float32(0), {}
         for i in layers:
             out = layer_output(
-                model, i, hidden.residuals[i], batch["positions"], batch["segment_ids"]
+                model, i, block_inputs(hidden)[i], batch["positions"], batch["segment_ids"]
             )
             metrics[f"hidden_{i}"], count = reduce_tokens(
                 hidden_alignment(out, hidden.residuals[i + 1]), mask

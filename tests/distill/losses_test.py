@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxlab import distill, models, objectives
 from jaxlab.models import TransformerConfig
+from jaxlab.models.denseformer import DWAConfig
 from jaxlab.models.mamba import MambaConfig
 from jaxlab.ops import scan as scan_ops
 
@@ -261,6 +262,44 @@ def test_mohawk_hidden_objective_is_the_teacher_forced_l2_sum():
         assert metrics[f"hidden_{i}"] == pytest.approx(layer, rel=1e-5)
         want += layer
     assert metrics["loss"] == pytest.approx(want, rel=1e-5) and metrics["tokens"] == mask.sum()
+
+
+def test_mohawk_hidden_objective_feeds_a_densformer_students_blocks_the_teachers_averages():
+    """With a DenseFormer teacher each block reads the depth-weighted average before it
+    (``HiddenStates.averaged``), not the previous block's output; the target is still the
+    teacher block's output."""
+    dense = DWAConfig(dilation=1, period=1)
+    teacher_config = dataclasses.replace(TEACHER, dwa=dense)
+    built, (graphdef, params), (teacher_graphdef, teacher_params) = make_objective(
+        "mohawk_hidden", dataclasses.replace(LLAMBA, dwa=dense), teacher_config
+    )
+    rng = np.random.default_rng(9)  # random averages: at their identity start Y_i = X_i
+    teacher_params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            jnp.asarray(rng.normal(0.3, 0.5, x.shape), x.dtype)
+            if "dwa" in jax.tree_util.keystr(path)
+            else x
+        ),
+        teacher_params,
+    )
+    batch = make_batch()
+    metrics = run_loss(built, params, teacher_params, batch)
+
+    hidden = teacher_hidden(teacher_graphdef, teacher_params, batch)
+    averaged, residual = np.asarray(hidden.averaged[1]), np.asarray(hidden.residuals[1])
+    assert np.abs(averaged - residual).max() > 0.1 * np.abs(residual).max()
+    student = nnx.merge(graphdef, params)
+    mask = np.asarray(batch["loss_mask"], np.float64)
+    want = 0.0
+    for i in range(2):
+        out = np.asarray(distill.layer_output(student, i, hidden.averaged[i]), np.float64)
+        norms = np.sqrt(((out - np.asarray(hidden.residuals[i + 1], np.float64)) ** 2).sum(-1))
+        layer = np.sum(norms * mask) / mask.sum()
+        assert metrics[f"hidden_{i}"] == pytest.approx(layer, rel=1e-5)
+        want += layer
+    assert metrics["loss"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="depth-weighted averages must be the teacher's"):
+        make_objective("mohawk_hidden", LLAMBA, teacher_config)
 
 
 def test_mohawk_objectives_name_what_does_not_fit():
