@@ -332,8 +332,10 @@ def mohawk_matrix_objective(context) -> objectives.Objective:
 
 
 def mohawk_hidden_objective(context) -> objectives.Objective:
-    """MOHAWK stage 2: per Mamba layer, ``||block(u_i) - u_{i+1}||_2`` per counted token, summed
-    over layers, mean over counted tokens. Metrics ``hidden_<layer>``."""
+    """MOHAWK stage 2: per Mamba layer, ``||block(u_i) - x_{i+1}||_2`` per counted token, summed
+    over layers, mean over counted tokens, with ``u_i`` what teacher block ``i`` reads (the
+    residual stream, or a DenseFormer's average before it) and ``x_{i+1}`` its output. Metrics
+    ``hidden_<layer>``."""
     layers = aligned_layers(context, matrix=False)
 
     def loss(params, batch, frozen, rng):
