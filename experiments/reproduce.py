@@ -134,8 +134,12 @@ def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
         proc = subprocess.Popen(
             [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env
         )
-        while proc.poll() is None:
-            time.sleep(POLL_SECONDS)
+        while True:
+            try:  # returns as soon as the run exits (a sleep would hold every run a poll longer)
+                proc.wait(timeout=POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                pass
             elapsed = time.monotonic() - start
             if tty:
                 width = shutil.get_terminal_size().columns - 1
