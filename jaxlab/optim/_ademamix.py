@@ -239,7 +239,9 @@ def scale_by_ademamix(
 
         # One function per leaf. XLA:CPU still compiles one loop per stored output (it builds no
         # multi-output loops by default): 14 array passes per parameter against AdamW's 10, as
-        # optax.contrib's; experiments/bench/optim.py reports them.
+        # optax.contrib's; experiments/bench/optim.py reports them. Updating the moments in a
+        # loop over cache-sized blocks was tried: 1.11x AdamW on one core (1.48x without), but
+        # 1.7-2.1x on two, as XLA:CPU runs the fusions inside the loop on one thread.
         m1_tree = state.m1 if state.m1 is not None else jax.tree.map(lambda _: None, updates)
         out = jax.tree.map(leaf, updates, m1_tree, state.m2, state.nu, is_leaf=lambda x: x is None)
 
