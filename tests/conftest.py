@@ -3,11 +3,13 @@
 Most of the suite's time is XLA compiling small programs, many of them more than once (the same
 tiny model in several tests, worker processes and experiment subprocesses). So the tests, and the
 subprocesses they start (through the environment), share jax's persistent compilation cache in
-``.jax_cache/``, and compile with LLVM's optimisation level 0, XLA:CPU's older loop emitters
-(``--xla_cpu_use_fusion_emitters=false``) and without its concurrency-optimised scheduler. None
-of these changes what a program computes; on tests/models/{depth,interface,hidden_states}_test.py
-the first two cut wall time from 155 s to 83 s; on the generate, loop and hidden-state tests the
-emitters cut XLA's compile time from 143 s to 76 s (wall 119 -> 83 s) and the scheduler 72 ->
+``.jax_cache/``, and compile with ``tests.entrypoints.TEST_XLA_FLAGS``: LLVM's optimisation level
+0, XLA:CPU's older loop emitters and no concurrency-optimised scheduler. They change how XLA
+compiles (fusion and code generation: results can differ in the last bits), not the math; tests
+about what users' compiled programs do (compiled passes, XLA workarounds, benchmarks' HLO counts)
+compile with XLA's defaults. Measured: on tests/models/{depth,interface,hidden_states}_test.py the
+cache and level 0 cut wall time from 155 s to 83 s; on the generate, loop and hidden-state tests
+the emitters cut XLA's compile time from 143 s to 76 s (wall 119 -> 83 s) and the scheduler 72 ->
 63 s (wall 78 -> 72 s). These flags in your XLA_FLAGS, or your own JAX_COMPILATION_CACHE_DIR,
 are kept. The cache has no size limit (a limit would make every write scan the folder):
 ``make clean`` empties it.
@@ -15,13 +17,11 @@ are kept. The cache has no size limit (a limit would make every write scan the f
 
 import os
 
+from tests.entrypoints import TEST_XLA_FLAGS
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-for _flag, _value in (
-    ("xla_backend_optimization_level", "0"),
-    ("xla_cpu_use_fusion_emitters", "false"),
-    ("xla_cpu_enable_concurrency_optimized_scheduler", "false"),
-):
+for _flag, _value in TEST_XLA_FLAGS.items():
     if f"--{_flag}" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".jax_cache"))
