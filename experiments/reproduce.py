@@ -124,6 +124,7 @@ def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
     command = shlex.join(["python", *argv])
     print(f"{head}: {command}", flush=True)
     start = last_print = time.monotonic()
+    status_line = False  # a tty's progress line is open (ended below)
     with open(log_path, "a") as log:
         log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: {command}\n")
         log.flush()
@@ -145,6 +146,7 @@ def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
                 width = shutil.get_terminal_size().columns - 1
                 line = f"{head} {_clock(elapsed)} | {_last_line(log_path, width)}"
                 print("\r" + line[:width].ljust(width), end="", flush=True)
+                status_line = True
             elif elapsed - (last_print - start) >= QUIET_PROGRESS_SECONDS:
                 print(f"{head} {_clock(elapsed)} | {_last_line(log_path, 100)}", flush=True)
                 last_print = time.monotonic()
@@ -155,7 +157,7 @@ def run_one(root: str, run: claims.Run, index: int, total: int) -> bool:
         record["error"] = f"exited 0 without writing claims to {report.RESULTS_FILE}"
         record["returncode"] = 1
     claims.write_run_record(root, run.name, record)
-    if tty:
+    if status_line:
         print()
     ok = claims.finished(root, run)
     print(f"{head}: {'done' if ok else 'FAILED'} in {_clock(seconds)}", flush=True)
