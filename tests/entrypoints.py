@@ -23,11 +23,12 @@ XLA_DEFAULT_HLO_OPTIONS = {
 }
 
 
-def without_test_xla_flags(env: dict) -> dict:
-    """``env`` with XLA_FLAGS stripped of :data:`TEST_XLA_FLAGS`' names: XLA's default
-    compilation, for tests about what users' compiled programs do."""
+def without_test_xla_flags(env: dict, *also: str) -> dict:
+    """``env`` with XLA_FLAGS stripped of :data:`TEST_XLA_FLAGS`' names (and the flags named in
+    ``also``): XLA's default compilation, for tests about what users' compiled programs do."""
+    drop = {*TEST_XLA_FLAGS, *also}
     flags = env.get("XLA_FLAGS", "").split()
-    kept = [f for f in flags if f.lstrip("-").split("=")[0] not in TEST_XLA_FLAGS]
+    kept = [f for f in flags if f.lstrip("-").split("=")[0] not in drop]
     return dict(env, XLA_FLAGS=" ".join(kept))
 
 

@@ -33,9 +33,8 @@ print("ERR", float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
 
 def test_jitted_vmapped_multiply_reduce_matches_float64_after_importing_jaxlab():
     # XLA's default compilation (the miscompile is in its default pipeline), no YNN flag given.
-    env = without_test_xla_flags(dict(os.environ, JAX_PLATFORMS="cpu"))
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f
+    env = without_test_xla_flags(
+        dict(os.environ, JAX_PLATFORMS="cpu"), "xla_cpu_experimental_ynn_fusion_type"
     )
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
