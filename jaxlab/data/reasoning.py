@@ -42,6 +42,7 @@ a guessed answer; :func:`is_correct` is True only for an extracted answer equal 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import string
 import urllib.parse
@@ -213,15 +214,22 @@ class ArithmeticTask:
         """The ``"train"`` or ``"test"`` problems (module docstring)."""
         if name not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-        test_prompts: set[str] = set()
-        test = self._draw("test", self.num_test, self.test_steps, test_prompts)
-        if name == "test":
-            return test
-        return self._draw("train", self.num_train, self.train_steps, test_prompts)
+        return list(_generated_split(self, name))
 
     def records(self, name: str) -> list[dict[str, str]]:
         """The split as prompt/answer records."""
         return [p.record() for p in self.split(name)]
+
+
+@functools.lru_cache(maxsize=8)
+def _generated_split(task: ArithmeticTask, name: str) -> tuple[Problem, ...]:
+    # Cached per process: a split is a pure function of the task's fields, drawing 20,000
+    # problems takes about a second, and a distillation run asks for the same split once per
+    # training or evaluation loop (about ten times).
+    test_prompts = {p.prompt for p in _generated_split(task, "test")} if name == "train" else set()
+    if name == "test":
+        return tuple(task._draw("test", task.num_test, task.test_steps, test_prompts))
+    return tuple(task._draw("train", task.num_train, task.train_steps, test_prompts))
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,11 +79,18 @@ def test_answers_and_every_chain_of_thought_line_match_a_separate_interpreter(ta
 
 
 def test_generation_is_a_function_of_the_seed():
+    first = (SMALL.split("train"), SMALL.split("test"))
+    reasoning._generated_split.cache_clear()  # draw them again, not from the process's cache
     again = reasoning.ArithmeticTask(**{**SMALL.__dict__})
-    assert again.split("train") == SMALL.split("train")
-    assert again.split("test") == SMALL.split("test")
+    assert (again.split("train"), again.split("test")) == first
     other = reasoning.ArithmeticTask(**{**SMALL.__dict__, "seed": 4})
     assert [p.prompt for p in other.split("test")] != [p.prompt for p in SMALL.split("test")]
+
+
+def test_a_split_is_a_new_list_each_call():
+    train = SMALL.split("train")
+    train.clear()  # a caller's list, not the cached split
+    assert len(SMALL.split("train")) == SMALL.num_train
 
 
 def test_splits_are_disjoint_even_when_the_difficulties_overlap():
