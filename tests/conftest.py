@@ -10,8 +10,9 @@ about what users' compiled programs do (compiled passes, XLA workarounds, benchm
 compile with XLA's defaults. Measured: on tests/models/{depth,interface,hidden_states}_test.py the
 cache and level 0 cut wall time from 155 s to 83 s; on the generate, loop and hidden-state tests
 the emitters cut XLA's compile time from 143 s to 76 s (wall 119 -> 83 s) and the scheduler 72 ->
-63 s (wall 78 -> 72 s). These flags in your XLA_FLAGS, or your own JAX_COMPILATION_CACHE_DIR,
-are kept. The cache has no size limit (a limit would make every write scan the folder):
+63 s (wall 78 -> 72 s); source lines instead of full tracebacks in MLIR locations, on
+tests/models/transformer_test.py and tests/train/loop_test.py: wall 75-79 s -> 68-71 s. Your
+own settings of these (in XLA_FLAGS or the environment) are kept. The cache has no size limit (a limit would make every write scan the folder):
 ``make clean`` empties it.
 """
 
@@ -29,6 +30,9 @@ for _flag, _value in TEST_XLA_FLAGS.items():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# MLIR locations carry each operation's source line instead of its whole Python traceback (up
+# to 100 frames): debugging metadata only, and lowering and XLA's compile both read less.
+os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
