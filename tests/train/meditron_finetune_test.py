@@ -118,6 +118,7 @@ def test_finetuning_batches_mask_every_prompt_token(benchmark, files):
 
 def test_finetuning_loss_is_the_answer_only_cross_entropy(files):
     config = tiny_config("pubmedqa", files)
+    config.seq_len = 256  # the rows are 243-249 tokens (1024: 14 s of attention at the tests' -O0)
     exp = loop.build_experiment(config)
     params, report = loop.initial_params(exp)
     # The checkpoint had the 12 tokens (271 ids): embedding and head grow by ChatML's two rows.
@@ -155,6 +156,7 @@ def test_finetuning_loss_is_the_answer_only_cross_entropy(files):
 
 def test_tiny_finetuning_run_trains_on_answers_only(files, tmp_path):
     config = tiny_config("medqa", files)
+    config.seq_len = 768  # the rows are 651-656 tokens
     config.num_steps = 2
     config.eval_every = 2
     result = loop.train_and_evaluate(config, str(tmp_path / "run"))
