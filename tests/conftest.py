@@ -12,8 +12,9 @@ cache and level 0 cut wall time from 155 s to 83 s; on the generate, loop and hi
 the emitters cut XLA's compile time from 143 s to 76 s (wall 119 -> 83 s) and the scheduler 72 ->
 63 s (wall 78 -> 72 s); source lines instead of full tracebacks in MLIR locations, on
 tests/models/transformer_test.py and tests/train/loop_test.py: wall 75-79 s -> 68-71 s. Your
-own settings of these (in XLA_FLAGS or the environment) are kept. The cache has no size limit (a limit would make every write scan the folder):
-``make clean`` empties it.
+own settings of these (in XLA_FLAGS or the environment) are kept. The cache has no size limit (a
+limit would make every write scan the folder): ``make clean`` empties it. xdist workers end with
+``os._exit`` once their results are sent (below).
 """
 
 import os
