@@ -42,11 +42,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    # An xdist worker has sent its results to the controller (at session finish); what is left
-    # is freeing: pytest's final garbage collections and jax's atexit clean-up, which drops
-    # every cached executable. At the end of `make test` that took about 40 s before the
-    # controller could print its summary; the operating system frees it all at once instead.
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    # An xdist worker that has sent its results ("workerfinished", with the exit status, at
+    # session finish) has only freeing left: pytest's last garbage collection and the atexit
+    # handlers, among them jax's clean-up that drops every cached executable. At the end of
+    # `make test` that held the controller's summary about 40 s; the operating system frees it
+    # all at once instead. A worker that failed before finishing (or a pytest run inside a test,
+    # which inherits the worker's environment) exits normally, with its error.
+    if "exitstatus" in getattr(config, "workeroutput", {}):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

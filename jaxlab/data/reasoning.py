@@ -223,9 +223,10 @@ class ArithmeticTask:
 
 @functools.lru_cache(maxsize=8)
 def _generated_split(task: ArithmeticTask, name: str) -> tuple[Problem, ...]:
-    # Cached per process: a split is a pure function of the task's fields, drawing 20,000
-    # problems takes about a second, and a distillation run asks for the same split once per
-    # training or evaluation loop (about ten times).
+    # Cached per process: a split is a pure function of the task's fields (and of this module's
+    # code and MAX_RETRIES: patch those, clear the cache), drawing 20,000 problems takes about a
+    # second, and a distillation run asks for the same split once per training or evaluation
+    # loop (about ten times).
     test_prompts = {p.prompt for p in _generated_split(task, "test")} if name == "train" else set()
     if name == "test":
         return tuple(task._draw("test", task.num_test, task.test_steps, test_prompts))

@@ -87,8 +87,12 @@ def test_generation_is_a_function_of_the_seed():
     assert [p.prompt for p in other.split("test")] != [p.prompt for p in SMALL.split("test")]
 
 
-def test_a_split_is_a_new_list_each_call():
+def test_a_split_is_drawn_once_and_is_a_new_list_each_call():
     train = SMALL.split("train")
+    hits = reasoning._generated_split.cache_info().hits
+    again = SMALL.split("train")
+    assert reasoning._generated_split.cache_info().hits == hits + 1
+    assert again is not train and all(a is b for a, b in zip(again, train, strict=True))
     train.clear()  # a caller's list, not the cached split
     assert len(SMALL.split("train")) == SMALL.num_train
 
