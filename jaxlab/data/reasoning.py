@@ -227,9 +227,9 @@ def _generated_split(task: ArithmeticTask, name: str) -> tuple[Problem, ...]:
     # code and MAX_RETRIES: patch those, clear the cache), drawing 20,000 problems takes about a
     # second, and a distillation run asks for the same split once per training or evaluation
     # loop (about ten times).
-    test_prompts = {p.prompt for p in _generated_split(task, "test")} if name == "train" else set()
     if name == "test":
-        return tuple(task._draw("test", task.num_test, task.test_steps, test_prompts))
+        return tuple(task._draw("test", task.num_test, task.test_steps, set()))
+    test_prompts = {p.prompt for p in _generated_split(task, "test")}
     return tuple(task._draw("train", task.num_train, task.train_steps, test_prompts))
 
 
