@@ -18,8 +18,10 @@ clipping the gradient's global norm to 1.0:
   ``torch.nn.utils.clip_grad_norm_`` -> ``torch.optim.AdamW.step``;
 * jaxlab: :func:`jaxlab.train.step.make_train_step` with the optimizer, shardings and abstract
   state of :func:`jaxlab.train.loop.build_experiment` (the config with the optimizer above),
-  jitted as the training loop does (explicit in/out shardings, the state donated); the batch is
-  the dict the step expects (``loss_mask`` and ``segment_ids`` all ones, ``positions`` arange).
+  jitted as the training loop does (explicit in/out shardings, the state donated, and, as the
+  loop, :func:`jaxlab.train.host_memory.trim_after_compiles`: the compiler's freed heap goes back
+  to the operating system); the batch is the dict the step expects (``loss_mask`` and
+  ``segment_ids`` all ones, ``positions`` arange).
 
 Each side runs in its own subprocess (this program re-invoked with ``--side``) so that its peak
 resident memory is its own; the parent only prepares the weights and batches and collects the JSON
@@ -74,7 +76,7 @@ from experiments.bench.common import (
 )
 from jaxlab.data.tokenizers import load_tokenizer
 from jaxlab.interop.hf import load_hf_llama
-from jaxlab.train import sharding
+from jaxlab.train import host_memory, sharding
 from jaxlab.train.loop import build_experiment
 from jaxlab.train.step import TrainState, loss_sums, make_train_step
 
@@ -236,6 +238,7 @@ def run_torch(side_dir: str, optim, repeats: int, breakdown: bool) -> dict[str, 
 
 def run_jaxlab(side_dir: str, config, repeats: int, breakdown: bool):
     memory = {"after_imports": memory_snapshot()}
+    host_memory.trim_after_compiles()  # as train_and_evaluate does
     exp = build_experiment(config)
     model = load_hf_llama(side_dir, dtype="float32")
     graphdef = exp.graphdef  # the config's model (attention_impl, remat, ...), the HF weights

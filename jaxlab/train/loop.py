@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from jaxlab import models
 from jaxlab.data import pipeline
-from jaxlab.train import pretrained
+from jaxlab.train import host_memory, pretrained
 from jaxlab.train import workdir as workdir_lib
 from jaxlab.train.build import (  # noqa: F401  (the public names of the training engine, here)
     SOURCES_FILE,
@@ -113,6 +113,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> T
       NonFiniteLossError: the loss, the gradient or the updated parameters stopped being finite;
         nothing from that step on was saved.
     """
+    host_memory.trim_after_compiles()  # the step's compile garbage is not kept resident
     exp = build_experiment(config)
     os.makedirs(workdir, exist_ok=True)
     with workdir_lib.hold(workdir):  # one trainer per workdir
