@@ -238,8 +238,10 @@ def scale_by_ademamix(
             )
 
         # One function per leaf. XLA:CPU still compiles one loop per stored output (it builds no
-        # multi-output loops by default): 14 array passes per parameter against AdamW's 10, as
-        # optax.contrib's; experiments/bench/optim.py reports them. Updating the moments in a
+        # multi-output loops, and jaxlib 0.10.2 has no option for them: XLA_FLAGS refuses
+        # --xla_cpu_use_multi_output_fusion as unknown, compiler_options as 'No such compile
+        # option'): 14 array passes per parameter against AdamW's 10, as optax.contrib's;
+        # experiments/bench/optim.py reports them. Updating the moments in a
         # loop over cache-sized blocks was tried: 1.11x AdamW on one core (1.48x without), but
         # 1.7-2.1x on two, as XLA:CPU runs the fusions inside the loop on one thread.
         m1_tree = state.m1 if state.m1 is not None else jax.tree.map(lambda _: None, updates)
