@@ -5,24 +5,27 @@ blocks. glibc keeps freed blocks in its arenas, so the resident set stays that m
 the rest of the run, and the buffers the compiled program then allocates (large, so fresh pages)
 come on top. ``malloc_trim(0)`` returns the free pages. Measured on lm_tiny's train step (2-core
 CPU, ``jax.jit(...).lower().compile()`` then two steps): the compile left RSS ~100 MiB higher;
-trimming after it took ~50 ms, lowered RSS by ~170 MiB, and the peak RSS over the first steps
-went from ~820 to ~665 MiB.
+a trim after it took ~50 ms and lowered RSS by ~170 MiB (the compile's garbage and what tracing,
+lowering and initialisation had left before it), and the peak RSS over the first steps went from
+~820 to ~665 MiB.
 
 :func:`trim_after_compiles` hooks this onto jax's backend-compile event (``jax.monitoring``), for
-compiles of at least :data:`MIN_COMPILE_SECONDS`: smaller ones leave little to return, and the
-trim's cost stays under ~5% of the compile it follows. Without glibc (macOS, musl, Windows) it
-does nothing.
+compiles (or persistent-cache reads) of at least :data:`MIN_COMPILE_SECONDS`: smaller ones leave
+little to return, and on lm_tiny the trim cost ~5% of the compile it followed. The hook is
+process-wide and stays (``jax.monitoring.clear_event_listeners`` removes it, after which
+:func:`trim_after_compiles` would not hook it again). Without glibc (macOS, musl, Windows) it does
+nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import threading
 from collections.abc import Callable
 
 import jax
+from absl import logging
 
 # jax records this event (seconds) when an XLA compile (or a persistent-cache read) finishes,
 # before the executable first runs.
@@ -33,15 +36,12 @@ _lock = threading.Lock()
 _listener: Callable[..., None] | None = None
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)
 def malloc_trim() -> Callable[[], int] | None:
     """glibc's ``malloc_trim(0)`` as a function (returns 1 if memory was released), or None
-    where the C library has none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    where the C library loaded in this process has none."""
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: its C library's
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -50,10 +50,14 @@ def malloc_trim() -> Callable[[], int] | None:
 
 
 def _on_event(event: str, duration: float, **_) -> None:
-    if event == BACKEND_COMPILE_EVENT and duration >= MIN_COMPILE_SECONDS:
-        trim = malloc_trim()
-        if trim is not None:
-            trim()
+    # jax calls listeners without a guard, also when the compile failed: never raise here.
+    try:
+        if event == BACKEND_COMPILE_EVENT and duration >= MIN_COMPILE_SECONDS:
+            trim = malloc_trim()
+            if trim is not None:
+                trim()
+    except Exception:  # noqa: BLE001
+        logging.exception("jaxlab.train.host_memory: returning freed memory failed")
 
 
 def trim_after_compiles() -> bool:

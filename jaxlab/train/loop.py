@@ -112,8 +112,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> T
     Raises:
       NonFiniteLossError: the loss, the gradient or the updated parameters stopped being finite;
         nothing from that step on was saved.
+
+    From the first call on, XLA compiles of a second or more in this process are followed by
+    returning freed heap memory to the operating system (:mod:`jaxlab.train.host_memory`).
     """
-    host_memory.trim_after_compiles()  # the step's compile garbage is not kept resident
+    host_memory.trim_after_compiles()  # compile garbage is not kept resident
     exp = build_experiment(config)
     os.makedirs(workdir, exist_ok=True)
     with workdir_lib.hold(workdir):  # one trainer per workdir

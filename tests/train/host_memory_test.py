@@ -1,10 +1,10 @@
 """jaxlab.train.host_memory: the trim runs after long XLA compiles only, and is hooked once."""
 
+import ctypes
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxlab.train import host_memory
@@ -26,9 +26,8 @@ def test_jax_records_the_compile_event_the_hook_listens_to():
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        # A program no other test compiles (its constant), so it is compiled here.
-        scale = float(np.random.default_rng().uniform(2.0, 3.0))
-        jax.jit(lambda x: jnp.sin(x) * scale)(jnp.arange(7.0)).block_until_ready()
+        # A new function misses jax's in-memory cache; a persistent-cache hit records it too.
+        jax.jit(lambda x: jnp.sin(x) * 2.5)(jnp.arange(7.0)).block_until_ready()
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     durations = [d for e, d in events if e == host_memory.BACKEND_COMPILE_EVENT]
@@ -70,3 +69,15 @@ def test_glibc_malloc_trim_is_found_and_runs():
     if trim is None:
         pytest.skip("this Linux's C library has no malloc_trim (not glibc)")
     assert trim() in (0, 1)
+
+
+def test_a_c_library_without_malloc_trim_gives_none(monkeypatch):
+    class NoTrim:
+        pass
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: NoTrim())
+    host_memory.malloc_trim.cache_clear()
+    try:
+        assert host_memory.malloc_trim() is None
+    finally:
+        host_memory.malloc_trim.cache_clear()
