@@ -165,7 +165,7 @@ def test_bad_input_is_named(kwargs, message):
 
 def _masked_problem(rng, dtype=np.float32):
     """GQA with shuffled positions, two segments and one query that sees no key (its segment
-    has no keys): every branch of the mask."""
+    has no keys)."""
     q, k, v = _inputs(rng, 2, 7, 9, 4, 2, 8)
     q_pos = np.stack([rng.permutation(9)[:7] for _ in range(2)])
     kv_pos = np.stack([rng.permutation(9) for _ in range(2)])
