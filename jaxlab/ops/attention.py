@@ -135,9 +135,9 @@ def _attention_core(qh, kh, vh, mask, scale):
     return _attention_core_forward(qh, kh, vh, mask, scale)[0]
 
 
-def _masked_logits(qh, kh, mask, scale):
+def _masked_logits(qh, kh, mask, scale, fill=_MASK_VALUE):
     logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
-    return jnp.where(mask, logits * scale, _MASK_VALUE)
+    return jnp.where(mask, logits * scale, fill)
 
 
 def _attention_core_forward(qh, kh, vh, mask, scale):
@@ -154,8 +154,7 @@ def _attention_core_forward(qh, kh, vh, mask, scale):
 
 def _attention_core_backward(scale, residuals, d_out):
     qh, kh, vh, mask, log_normaliser, out = residuals
-    logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
-    probs = jnp.exp(jnp.where(mask, logits * scale, -jnp.inf) - log_normaliser)
+    probs = jnp.exp(_masked_logits(qh, kh, mask, scale, fill=-jnp.inf) - log_normaliser)
     d_out = d_out.astype(jnp.float32)
     dv = jnp.einsum(
         "bkqs,bkqd->bksd", probs.astype(vh.dtype), d_out, preferred_element_type=jnp.float32
