@@ -155,7 +155,6 @@ def _attention_core_forward(qh, kh, vh, mask, scale):
 def _attention_core_backward(scale, residuals, d_out):
     qh, kh, vh, mask, log_normaliser, out = residuals
     probs = jnp.exp(_masked_logits(qh, kh, mask, scale, fill=-jnp.inf) - log_normaliser)
-    d_out = d_out.astype(jnp.float32)
     dv = jnp.einsum(
         "bkqs,bkqd->bksd", probs.astype(vh.dtype), d_out, preferred_element_type=jnp.float32
     )

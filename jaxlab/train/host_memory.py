@@ -33,7 +33,7 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 MIN_COMPILE_SECONDS = 1.0
 
 _lock = threading.Lock()
-_listener: Callable[..., None] | None = None
+_hooked = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,11 +67,11 @@ def trim_after_compiles() -> bool:
     Returns:
       Whether it is active: False where the C library has no ``malloc_trim``.
     """
-    global _listener
+    global _hooked
     if malloc_trim() is None:
         return False
     with _lock:
-        if _listener is None:
-            _listener = _on_event
-            jax.monitoring.register_event_duration_secs_listener(_listener)
+        if not _hooked:
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _hooked = True
     return True

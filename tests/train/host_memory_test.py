@@ -46,7 +46,7 @@ def test_only_compiles_of_at_least_the_threshold_are_followed_by_a_trim(trims):
 
 def test_hooked_once_however_often_it_is_asked(monkeypatch, trims):
     registered = []
-    monkeypatch.setattr(host_memory, "_listener", None)
+    monkeypatch.setattr(host_memory, "_hooked", False)
     monkeypatch.setattr(jax.monitoring, "register_event_duration_secs_listener", registered.append)
     assert host_memory.trim_after_compiles() is True
     assert host_memory.trim_after_compiles() is True
@@ -55,7 +55,7 @@ def test_hooked_once_however_often_it_is_asked(monkeypatch, trims):
 
 def test_without_malloc_trim_nothing_is_hooked(monkeypatch):
     registered = []
-    monkeypatch.setattr(host_memory, "_listener", None)
+    monkeypatch.setattr(host_memory, "_hooked", False)
     monkeypatch.setattr(host_memory, "malloc_trim", lambda: None)
     monkeypatch.setattr(jax.monitoring, "register_event_duration_secs_listener", registered.append)
     assert host_memory.trim_after_compiles() is False
