@@ -54,6 +54,11 @@ def test_bench_model_quick_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["greedy_tokens"]["b=1"]["identical"] is True
     assert {row["name"] for row in data["rows"]} >= {"decode b=1", "prefill b=1"}
+    for row in data["rows"]:
+        if row["kind"] == "prefill":  # the vocabulary projection alone, at the prefill's tokens
+            head = row["vocab_projection"]
+            assert head["tokens"] == row["tokens_per_call"] and head["hidden"] == 128
+            assert 0 < head["jaxlab_median_s"] and 0 < head["transformers_median_s"]
 
 
 def test_bench_train_quick_writes_json(tmp_path):

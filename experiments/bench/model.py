@@ -7,6 +7,8 @@ One random Llama (4 layers, hidden 256, SwiGLU 688, 4 heads, vocab 32000, float3
 * prefill: one forward over ``[batch, 512]`` random tokens returning full logits
   (``transformers``: ``model(input_ids, use_cache=False)`` under ``torch.no_grad``; jaxlab: a
   ``jax.jit`` of ``nnx.merge(graphdef, state)(tokens)``), reported as prompt tokens per second;
+  beside it, each side's vocabulary projection alone at that shape (most of the prefill's FLOPs
+  at vocabulary 32000) and the prefill ratio it bounds (:func:`time_vocab_projection`);
 * decode: greedy generation of 128 tokens after a 16-token prompt with no early stop
   (``transformers``: ``model.generate``; jaxlab: :func:`jaxlab.infer.generate`), reported as
   generated tokens per second over the whole batch. The whole ``generate`` call is timed for both,
@@ -105,6 +107,34 @@ def make_hf_model(model_kwargs: dict[str, Any], seed: int = 0) -> transformers.L
     return model.eval()
 
 
+def time_vocab_projection(hf_model, head_weight, tokens: int, repeats: int) -> dict[str, Any]:
+    """Median seconds of the prefill's vocabulary projection alone on each side: ``tokens`` rows
+    of random final hidden states times the output matrix, float32 logits, as the models compute
+    it (``lm_head`` for transformers, ``hidden @ head`` jitted for jaxlab). At this benchmark's
+    vocabulary it is most of the prefill's FLOPs, so it bounds the prefill ratio: transformers'
+    prefill time over jaxlab's projection time is the ratio jaxlab would reach if the rest of
+    its forward took no time."""
+    hidden = int(head_weight.shape[0])
+    states = np.random.default_rng(1).standard_normal((tokens, hidden)).astype(np.float32)
+    pt_states, jx_states = torch.from_numpy(states), jnp.asarray(states)
+    project = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32))
+
+    def hf_projection():
+        with torch.no_grad():
+            return hf_model.lm_head(pt_states)
+
+    hf = time_calls(hf_projection, repeats=repeats)
+    jx = time_calls(lambda: project(jx_states, head_weight), repeats=repeats)
+    return dict(
+        hidden=hidden,
+        tokens=tokens,
+        transformers_s=hf.seconds,
+        jaxlab_s=jx.seconds,
+        transformers_median_s=statistics.median(hf.seconds),
+        jaxlab_median_s=statistics.median(jx.seconds),
+    )
+
+
 def main(argv):
     del argv
     wall_start = time.perf_counter()
@@ -131,6 +161,7 @@ def main(argv):
         model = load_hf_llama(tmp, dtype="float32")
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+    head_weight = state["lm_head"][...]  # [hidden, vocab] (the benchmark's model is untied)
     vocab = setup["model"]["vocab_size"]
     rng = np.random.default_rng(0)
 
@@ -187,6 +218,7 @@ def main(argv):
         max_logit_diff = max(max_logit_diff, diff)
         max_abs_logit = max(max_abs_logit, float(hf_logits.abs().max()))
         del hf_logits, jax_logits
+        head = time_vocab_projection(hf_model, head_weight, batch * seq, repeats)
         record(
             f"prefill b={batch}",
             "prefill",
@@ -198,6 +230,14 @@ def main(argv):
             seq_len=seq,
             jaxlab_first_call_s=compile_s,
             max_abs_logit_diff=diff,
+            vocab_projection=head,
+        )
+        print(
+            f"    the vocabulary projection alone ([{batch * seq}, {head['hidden']}] x "
+            f"[{head['hidden']}, {vocab}]): transformers {head['transformers_median_s'] * 1e3:.1f} "
+            f"ms, jaxlab {head['jaxlab_median_s'] * 1e3:.1f} ms; with the rest of jaxlab's "
+            f"forward free the ratio would be {statistics.median(hf_times) / head['jaxlab_median_s']:.2f}x",
+            flush=True,
         )
 
     # ---- Decode: greedy, prompt_len prompt, exactly new_tokens generated tokens per row.
