@@ -59,6 +59,7 @@ def test_bench_model_quick_writes_json(tmp_path):
             head = row["vocab_projection"]
             assert head["tokens"] == row["tokens_per_call"] and head["hidden"] == 128
             assert 0 < head["jaxlab_median_s"] and 0 < head["transformers_median_s"]
+            assert head["prefill_ratio_bound"] > 0
 
 
 def test_bench_train_quick_writes_json(tmp_path):
