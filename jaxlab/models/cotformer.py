@@ -209,9 +209,10 @@ def init_cache(config: CoTFormerConfig, batch: int, max_len: int, dtype=None) ->
     dtype = config.compute_dtype if dtype is None else dtype
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
     repeat_shape = (batch, config.n_repeat, *shape[1:])
+    layer_shape = (batch, config.num_kv_heads, max_len, config.head_dim)  # heads-major
 
     def reserved():
-        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return LayerCache(jnp.zeros(layer_shape, dtype), jnp.zeros(layer_shape, dtype))
 
     mid = RepeatCache(
         jnp.zeros(repeat_shape, dtype),

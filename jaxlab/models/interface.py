@@ -34,9 +34,14 @@ from jaxlab.models.layers import HiddenStates
 class LayerCache:
     """Keys and values of one attention layer for every cache slot.
 
+    Heads-major, the layout dense attention computes in (:func:`jaxlab.ops.attention`'s XLA
+    path), so a decoding step reads the cache without transposing it: stored ``[batch, max_len,
+    kv_heads, head_dim]``, the step copied the whole cache in every layer (on CPU, lm-sized
+    model, batch 16: 8 copies, ~2.2 of ~8 ms per generated token).
+
     Attributes:
-      k: [batch, max_len, kv_heads, head_dim]
-      v: [batch, max_len, kv_heads, head_dim]
+      k: [batch, kv_heads, max_len, head_dim]
+      v: [batch, kv_heads, max_len, head_dim]
     """
 
     k: jax.Array
