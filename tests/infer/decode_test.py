@@ -139,3 +139,46 @@ def test_bad_generate_arguments(models, kwargs, message):
     prompts = jnp.asarray(kwargs.pop("prompts", np.zeros((2, 4), np.int32)))
     with pytest.raises(ValueError, match=message):
         generate(model, prompts, **kwargs)
+
+
+def test_a_decoding_step_reads_the_cache_without_transposing_it():
+    # The cache is heads-major, as the dense attention computes: a step that copied it to
+    # another layout would do so for the whole cache, in every layer, at every token. Compiled
+    # with XLA's default fusion settings, as users' programs are.
+    from flax import nnx
+
+    from jaxlab import models
+    from tests.entrypoints import XLA_DEFAULT_HLO_OPTIONS
+
+    config = models.make_config(
+        dict(
+            name="llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_seq_len=64,
+        )
+    )
+    graphdef, state = nnx.split(models.build(config, nnx.Rngs(0)))
+    batch, max_len, head_dim = 3, 40, config.head_dim
+    cache = init_cache(config, batch, max_len)
+    assert cache[0].k.shape == (batch, config.num_kv_heads, max_len, head_dim)
+    step = jax.jit(lambda s, t, p, c: decode_step(nnx.merge(graphdef, s), t, p, c))
+    hlo = (
+        step.lower(state, jnp.zeros(batch, jnp.int32), jnp.full((batch,), 5), cache)
+        .compile(compiler_options=XLA_DEFAULT_HLO_OPTIONS)
+        .as_text()
+    )
+    cache_shaped = {
+        f"f32[{batch},{config.num_kv_heads},{max_len},{head_dim}]",
+        f"f32[{batch},{max_len},{config.num_kv_heads},{head_dim}]",
+    }
+    transposes = [
+        line.strip()
+        for line in hlo.splitlines()
+        if " transpose(" in line and line.split("=")[1].split("{")[0].strip() in cache_shaped
+    ]
+    assert not transposes, transposes[:2]
