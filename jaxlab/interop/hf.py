@@ -355,8 +355,8 @@ class _Entry:
     hf_key: str
     path: tuple[str | int, ...]  # path in nnx.state(model)
     hf_shape: tuple[int, ...]
-    to_jax: Callable[[jax.Array], jax.Array]  # HF layout -> ours
-    to_hf: Callable[[jax.Array], jax.Array]  # ours -> HF layout
+    to_jax: Callable[[np.ndarray], np.ndarray]  # HF layout -> ours (host NumPy, when reading)
+    to_hf: Callable[[jax.Array], jax.Array]  # ours -> HF layout (jax arrays, when saving)
 
 
 def _weight_table(c: TransformerConfig) -> list[_Entry]:
@@ -638,14 +638,16 @@ def read_hf_llama(
                         f"{file}: tensor {entry.hf_key} has {bad} non-finite values (NaN or "
                         "Inf); expected finite weights"
                     )
-                value = entry.to_jax(tensor).astype(config.storage_dtype)
+                with np.errstate(over="ignore"):  # an overflow is reported just below
+                    # one copy: the layout change, the cast and C order at once
+                    value = np.ascontiguousarray(entry.to_jax(tensor), config.storage_dtype)
                 if not np.isfinite(value).all():
                     raise CheckpointError(
                         f"{file}: tensor {entry.hf_key} ({code}) overflows {config.param_dtype} "
                         f"(largest magnitude {float(np.max(np.abs(tensor)))}); load it in a "
                         "wider dtype"
                     )
-                _set_path(pure, entry.path, np.ascontiguousarray(value))
+                _set_path(pure, entry.path, value)
     return config, pure
 
 

@@ -35,9 +35,10 @@ class LayerCache:
     """Keys and values of one attention layer for every cache slot.
 
     Heads-major, the layout dense attention computes in (:func:`jaxlab.ops.attention`'s XLA
-    path), so a decoding step reads the cache without transposing it: stored ``[batch, max_len,
-    kv_heads, head_dim]``, the step copied the whole cache in every layer (on CPU, lm-sized
-    model, batch 16: 8 copies, ~2.2 of ~8 ms per generated token).
+    path), so a decoding step reads the cache without transposing it. (When the cache was stored
+    ``[batch, max_len, kv_heads, head_dim]``, each step copied all of it in every layer.) The
+    attention is still called with ``[batch, max_len, kv_heads, head_dim]`` views, whose
+    transpose the XLA path's own cancels; an implementation computing in that layout would copy.
 
     Attributes:
       k: [batch, kv_heads, max_len, head_dim]

@@ -1,5 +1,7 @@
 """KV-cache decoding and generation against the full forward and transformers' generate."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,9 +178,10 @@ def test_a_decoding_step_reads_the_cache_without_transposing_it():
         f"f32[{batch},{config.num_kv_heads},{max_len},{head_dim}]",
         f"f32[{batch},{max_len},{config.num_kv_heads},{head_dim}]",
     }
-    transposes = [
-        line.strip()
-        for line in hlo.splitlines()
-        if " transpose(" in line and line.split("=")[1].split("{")[0].strip() in cache_shaped
+    # A transpose, or a copy into another layout than row-major, of a cache-shaped array. (Plain
+    # copies of the cache remain: this jit does not donate it, generate's loop carries it.)
+    moves = re.findall(r"= (f32\[[\d,]+\])\{([\d,]+)\} (transpose|copy)\(", hlo)
+    moved = [
+        m for m in moves if m[0] in cache_shaped and (m[2] == "transpose" or m[1] != "3,2,1,0")
     ]
-    assert not transposes, transposes[:2]
+    assert not moved, moved

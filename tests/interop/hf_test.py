@@ -117,6 +117,21 @@ def test_bfloat16_load(tmp_path):
     assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_a_bfloat16_checkpoint_round_trips(tmp_path):
+    # Stored in bfloat16 (as most published checkpoints are), read as bfloat16 and as float32.
+    model = load_hf_llama(str(_checkpoint(tmp_path / "src")), dtype="bfloat16")
+    save_hf_llama(model, str(tmp_path / "bf16"), dtype="bfloat16")
+    with open(tmp_path / "bf16" / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    saved = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for dtype in ("bfloat16", "float32"):
+        again = nnx.to_pure_dict(nnx.state(load_hf_llama(str(tmp_path / "bf16"), dtype), nnx.Param))
+        for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(saved), strict=True):
+            assert a.dtype == jnp.dtype(dtype)
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def _checkpoint(tmp_path, name="gqa_untied"):
     make_hf_model(name).save_pretrained(str(tmp_path))
     return tmp_path
