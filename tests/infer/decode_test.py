@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jaxlab.infer import SamplingConfig, decode_step, generate, prefill
 from jaxlab.infer import decode as decode_lib
 from jaxlab.interop.hf import load_hf_llama
-from jaxlab.models import init_cache
+from jaxlab.models import build, init_cache, make_config
+from tests.entrypoints import XLA_DEFAULT_HLO_OPTIONS
 from tests.hf_utils import HF_CONFIGS, make_hf_model
 
 
@@ -147,12 +149,7 @@ def test_a_decoding_step_reads_the_cache_without_transposing_it():
     # The cache is heads-major, as the dense attention computes: a step that copied it to
     # another layout would do so for the whole cache, in every layer, at every token. Compiled
     # with XLA's default fusion settings, as users' programs are.
-    from flax import nnx
-
-    from jaxlab import models
-    from tests.entrypoints import XLA_DEFAULT_HLO_OPTIONS
-
-    config = models.make_config(
+    config = make_config(
         dict(
             name="llama",
             vocab_size=64,
@@ -164,7 +161,7 @@ def test_a_decoding_step_reads_the_cache_without_transposing_it():
             max_seq_len=64,
         )
     )
-    graphdef, state = nnx.split(models.build(config, nnx.Rngs(0)))
+    graphdef, state = nnx.split(build(config, nnx.Rngs(0)))
     batch, max_len, head_dim = 3, 40, config.head_dim
     cache = init_cache(config, batch, max_len)
     assert cache[0].k.shape == (batch, config.num_kv_heads, max_len, head_dim)
