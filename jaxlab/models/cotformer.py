@@ -207,12 +207,11 @@ def init_cache(config: CoTFormerConfig, batch: int, max_len: int, dtype=None) ->
             f"init_cache: max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}"
         )
     dtype = config.compute_dtype if dtype is None else dtype
-    # RepeatCache: sequence-major per repeat; the reserved blocks' LayerCache: heads-major.
-    repeat_shape = (batch, config.n_repeat, max_len, config.num_kv_heads, config.head_dim)
-    layer_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    repeat_shape = (batch, config.n_repeat, *shape[1:])
 
     def reserved():
-        return LayerCache(jnp.zeros(layer_shape, dtype), jnp.zeros(layer_shape, dtype))
+        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     mid = RepeatCache(
         jnp.zeros(repeat_shape, dtype),

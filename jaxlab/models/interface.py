@@ -34,15 +34,9 @@ from jaxlab.models.layers import HiddenStates
 class LayerCache:
     """Keys and values of one attention layer for every cache slot.
 
-    Heads-major, the layout dense attention computes in (:func:`jaxlab.ops.attention`'s XLA
-    path), so a decoding step reads the cache without transposing it. (When the cache was stored
-    ``[batch, max_len, kv_heads, head_dim]``, each step copied all of it in every layer.) The
-    attention is still called with ``[batch, max_len, kv_heads, head_dim]`` views, whose
-    transpose the XLA path's own cancels; an implementation computing in that layout would copy.
-
     Attributes:
-      k: [batch, kv_heads, max_len, head_dim]
-      v: [batch, kv_heads, max_len, head_dim]
+      k: [batch, max_len, kv_heads, head_dim]
+      v: [batch, max_len, kv_heads, head_dim]
     """
 
     k: jax.Array

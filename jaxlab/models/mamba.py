@@ -599,7 +599,7 @@ def init_cache(config: MambaConfig, batch: int, max_len: int, dtype=None) -> Cac
     caches = []
     for i in range(config.num_layers):
         if att is not None and i in config.attention_layers:
-            shape = (batch, att.num_kv_heads, max_len, att.head_dim)  # heads-major
+            shape = (batch, max_len, att.num_kv_heads, att.head_dim)
             caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
         else:
             conv = jnp.zeros((batch, config.conv_kernel - 1, _conv_channels(config)), dtype)

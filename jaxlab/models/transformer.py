@@ -310,16 +310,15 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) 
     dtype = config.compute_dtype if dtype is None else dtype
 
     def layer_cache(layer):
-        shape = (batch, config.num_kv_heads * config.width(layer), max_len, config.head_dim)
+        shape = (batch, max_len, config.num_kv_heads * config.width(layer), config.head_dim)
         return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     return Cache(tuple(layer_cache(i) for i in range(config.num_layers)))
 
 
 def _write_rows(buffer: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
-    """Writes ``update[b]: [kv_heads, seq, head_dim]`` into the heads-major cache ``buffer[b]:
-    [kv_heads, max_len, head_dim]`` at slot ``starts[b]``."""
-    return jax.vmap(lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, 1))(
+    """Writes ``update[b]`` into ``buffer[b]`` at slot ``starts[b]`` along axis 0 of each row."""
+    return jax.vmap(lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, 0))(
         buffer, update, starts
     )
 
@@ -431,13 +430,10 @@ class Attention(nnx.Module):
             # Row b's new tokens occupy slots positions[b, 0] .. positions[b, 0] + seq - 1.
             starts = positions[:, 0]
             cache = LayerCache(
-                _write_rows(cache.k, k.astype(cache.k.dtype).transpose(0, 2, 1, 3), starts),
-                _write_rows(cache.v, v.astype(cache.v.dtype).transpose(0, 2, 1, 3), starts),
+                _write_rows(cache.k, k.astype(cache.k.dtype), starts),
+                _write_rows(cache.v, v.astype(cache.v.dtype), starts),
             )
-            # Back to the attention API's [batch, kv_len, kv_heads, head_dim]: the dense XLA
-            # path's own transpose to heads-major cancels this one, so nothing is copied.
-            k = cache.k.astype(dt).transpose(0, 2, 1, 3)
-            v = cache.v.astype(dt).transpose(0, 2, 1, 3)
+            k, v = cache.k.astype(dt), cache.v.astype(dt)
             kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
             kv_segments = None
         sparse = c.sparse_attention

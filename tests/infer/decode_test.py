@@ -1,19 +1,15 @@
 """KV-cache decoding and generation against the full forward and transformers' generate."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from jaxlab.infer import SamplingConfig, decode_step, generate, prefill
 from jaxlab.infer import decode as decode_lib
 from jaxlab.interop.hf import load_hf_llama
-from jaxlab.models import build, init_cache, make_config
-from tests.entrypoints import XLA_DEFAULT_HLO_OPTIONS
+from jaxlab.models import init_cache
 from tests.hf_utils import HF_CONFIGS, make_hf_model
 
 
@@ -143,42 +139,3 @@ def test_bad_generate_arguments(models, kwargs, message):
     prompts = jnp.asarray(kwargs.pop("prompts", np.zeros((2, 4), np.int32)))
     with pytest.raises(ValueError, match=message):
         generate(model, prompts, **kwargs)
-
-
-def test_a_decoding_step_reads_the_cache_without_transposing_it():
-    # The cache is heads-major, as the dense attention computes: a step that copied it to
-    # another layout would do so for the whole cache, in every layer, at every token. Compiled
-    # with XLA's default fusion settings, as users' programs are.
-    config = make_config(
-        dict(
-            name="llama",
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            max_seq_len=64,
-        )
-    )
-    graphdef, state = nnx.split(build(config, nnx.Rngs(0)))
-    batch, max_len, head_dim = 3, 40, config.head_dim
-    cache = init_cache(config, batch, max_len)
-    assert cache[0].k.shape == (batch, config.num_kv_heads, max_len, head_dim)
-    step = jax.jit(lambda s, t, p, c: decode_step(nnx.merge(graphdef, s), t, p, c))
-    hlo = (
-        step.lower(state, jnp.zeros(batch, jnp.int32), jnp.full((batch,), 5), cache)
-        .compile(compiler_options=XLA_DEFAULT_HLO_OPTIONS)
-        .as_text()
-    )
-    cache_shaped = {
-        f"f32[{batch},{config.num_kv_heads},{max_len},{head_dim}]",
-        f"f32[{batch},{max_len},{config.num_kv_heads},{head_dim}]",
-    }
-    # A transpose, or a copy into another layout than row-major, of a cache-shaped array. (Plain
-    # copies of the cache remain: this jit does not donate it, generate's loop carries it.)
-    moves = re.findall(r"= (f32\[[\d,]+\])\{([\d,]+)\} (transpose|copy)\(", hlo)
-    moved = [
-        m for m in moves if m[0] in cache_shaped and (m[2] == "transpose" or m[1] != "3,2,1,0")
-    ]
-    assert not moved, moved
