@@ -79,6 +79,20 @@ def test_bench_train_quick_writes_json(tmp_path):
         3,
     )
     assert data["model"]["num_hidden_layers"] == 3  # the PyTorch side's model is the config's
+    # The compute bound's FLOPs, counted by hand for lm_tiny's width (hidden 256, SwiGLU 688, 8
+    # heads and 4 key-value heads of 32, the byte vocabulary of 259) at 3 layers on [4, 64]:
+    # weights 6 FLOPs per token, causal attention 2 products x 2 FLOPs x 3 passes per pair.
+    weights = 3 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 688) + 256 * 259
+    pairs = 4 * 8 * (64 * 65 // 2)
+    bound = data["compute_bound"]
+    assert bound["step_matmul_flops"] == 6 * 4 * 64 * weights + 3 * 3 * 2 * 2 * pairs * 32
+    assert set(bound["matmul_peak_flop_s"]) == {"xla", "torch"}
+    peak = max(bound["matmul_peak_flop_s"].values())
+    assert bound["step_floor_s"] == pytest.approx(bound["step_matmul_flops"] / peak)
+    assert bound["ratio_bound"] == pytest.approx(
+        data["rows"][0]["transformers_median_s"] / bound["step_floor_s"]
+    )
+    assert "compute bound: " in result.stdout
 
 
 def test_demo_lm_smoke_reports_perplexities(tmp_path):

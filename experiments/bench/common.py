@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -44,6 +45,25 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timin
         out = jax.block_until_ready(fn())
         seconds.append(time.perf_counter() - start)
     return Timing(seconds, out)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """This machine's float32 matrix-product rate in FLOP/s, best of ``repeats``, of a
+    ``[size, size] x [size, size]`` product: XLA's (a jitted ``jnp.matmul``) and, when it is
+    imported, PyTorch's. A product this large is the fastest shape either library runs on a CPU,
+    so the better rate bounds any computation made of matrix products on this machine."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    flops = 2.0 * size**3
+    product = jax.jit(jnp.matmul)
+    xa, xb = jax.device_put(a), jax.device_put(b)
+    rates = {"xla": flops / min(time_calls(lambda: product(xa, xb), repeats=repeats).seconds)}
+    if "torch" in sys.modules:
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        rates["torch"] = flops / min(time_calls(lambda: ta @ tb, repeats=repeats).seconds)
+    return rates
 
 
 def cpu_busy_fraction(interval_s: float = 1.0) -> float | None:

@@ -36,6 +36,12 @@ forward+loss, forward+backward, and clip+optimizer update. The losses of both si
 batches from the same weights should agree to float rounding; their largest absolute difference is
 printed, not asserted.
 
+The compute bound: the step's unavoidable matrix-product FLOPs (:func:`step_matmul_flops`) at
+this machine's best measured float32 matmul rate (a ``[2048, 2048]`` product in XLA and in
+PyTorch, timed in the parent before the sides run) is the shortest time any float32 step could
+take here; transformers' step time over it bounds the tok/s ratio any implementation can reach
+against transformers on this machine. It is printed with each side's fraction of that rate.
+
 ``--quick`` is a smoke run: 2 layers, a ``[4, 64]`` batch, 1 repeat (fields that ``--config.``
 sets explicitly keep their values).
 
@@ -69,6 +75,7 @@ from experiments import run_config
 from experiments.bench.common import (
     cpu_busy_fraction,
     environment,
+    matmul_peak_flops,
     memory_snapshot,
     time_calls,
     time_steps,
@@ -154,6 +161,24 @@ def hf_config(config) -> transformers.LlamaConfig:
     )
 
 
+def step_matmul_flops(hf: transformers.LlamaConfig, batch: int, seq: int) -> float:
+    """The matrix-product FLOPs a training step of ``hf`` on ``[batch, seq]`` tokens cannot avoid:
+    every weight matrix (the vocabulary projection included, tied or not) in 3 products per token
+    (forward, the input's and the weight's gradient: 6 FLOPs per weight and token) and causal
+    attention's two products per head over the s(s+1)/2 allowed query-key pairs only, also three
+    times over. Norms, RoPE, softmax, the loss and the update are left out: a lower bound."""
+    d, heads, kv_heads = hf.head_dim, hf.num_attention_heads, hf.num_key_value_heads
+    per_layer = hf.hidden_size * d * (2 * heads + 2 * kv_heads) + 3 * (
+        hf.hidden_size * hf.intermediate_size
+    )
+    weights = hf.num_hidden_layers * per_layer + hf.hidden_size * hf.vocab_size
+    pairs = batch * heads * seq * (seq + 1) // 2
+    attention = hf.num_hidden_layers * 2 * (2 * pairs * d)
+    return 3.0 * (2 * batch * seq * weights + attention)
+
+
+# --------------------------------------------------------------------------------------------
+# One side, in its own process.
 # --------------------------------------------------------------------------------------------
 # One side, in its own process.
 
@@ -415,6 +440,8 @@ def main(argv):
     hf_model = transformers.LlamaForCausalLM(hf)
     rng = np.random.default_rng(0)
     token_batches = rng.integers(0, hf.vocab_size, (_LOSS_STEPS.value, batch, seq + 1))
+    # Measured before the sides run, while this process alone uses the CPUs.
+    matmul_rates = matmul_peak_flops(size=512 if FLAGS.quick else 2048)
     with tempfile.TemporaryDirectory() as side_dir:
         hf_model.save_pretrained(side_dir)
         del hf_model
@@ -484,6 +511,25 @@ def main(argv):
         f"{[round(v, 6) for v in pt['losses']]}, jaxlab {[round(v, 6) for v in jx['losses']]}; "
         f"max |difference| {max_loss_diff:.3g}"
     )
+    step_flops = step_matmul_flops(hf, batch, seq)
+    peak_rate = max(matmul_rates.values())
+    floor_s = step_flops / peak_rate
+    compute_bound = dict(
+        step_matmul_flops=step_flops,
+        matmul_peak_flop_s=matmul_rates,
+        step_floor_s=floor_s,
+        fraction_of_peak={s: step_flops / r["step_median_s"] / peak_rate for s, r in sides.items()},
+        ratio_bound=pt["step_median_s"] / floor_s,
+    )
+    print(
+        f"compute bound: the step's matrix products (at least {step_flops / 1e9:.1f} GFLOP) at "
+        "this machine's best measured float32 matmul rate ("
+        + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in matmul_rates.items())
+        + f" GFLOP/s) take {floor_s * 1e3:.0f} ms: transformers runs at "
+        f"{compute_bound['fraction_of_peak']['torch']:.0%} of that rate, jaxlab at "
+        f"{compute_bound['fraction_of_peak']['jaxlab']:.0%}; no float32 step can beat "
+        f"transformers' tok/s by more than {compute_bound['ratio_bound']:.2f}x here"
+    )
     if _BREAKDOWN.value:
         print()
         print(
@@ -537,6 +583,7 @@ def main(argv):
             ratio_increase=increase["jaxlab"] / increase["torch"],
         ),
         losses=dict(transformers=pt["losses"], jaxlab=jx["losses"], max_abs_diff=max_loss_diff),
+        compute_bound=compute_bound,
         sides=sides,
         environment=env,
         wall_s=wall,
