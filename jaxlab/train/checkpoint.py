@@ -4,6 +4,12 @@ Each checkpoint is a step directory holding ``state`` (arrays, restored with the
 abstract target), ``data`` (the pipeline's JSON state) and ``config`` (JSON). Orbax writes into a
 temporary directory and renames it when complete, so an interrupted save never shadows the last
 good checkpoint; the newest ``keep`` checkpoints are kept.
+
+Within one process the state is saved without orbax's replica-parallel writing: that splits each
+replicated array among its replicas, which pays only when several processes share the writes, and
+in one process it slices every array on device first, compiling one program per leaf shape at the
+first save (lm_tiny on 8 CPU devices: 58 compiled programs, 2.8 s and +134 MiB RSS, against 0.4 s
+for a later save). The files written are the same.
 """
 
 from __future__ import annotations
@@ -12,11 +18,31 @@ import os
 import traceback
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+# orbax's store of per-array metadata, which its default handler for jax.Array writes with; not
+# exported by orbax.checkpoint (the import fails loudly if it moves).
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written."""
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """orbax's handler for the state's arrays: its default type handlers, with replica-parallel
+    writing of jax.Arrays only when several processes share the writes (see the module doc)."""
+    handlers = ocp.type_handlers
+    pairs = [(ty, handlers.get_type_handler(ty)) for ty in handlers.supported_types()]
+    if jax.process_count() == 1:
+        array = handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+        )
+        pairs = [(ty, array if ty is jax.Array else handler) for ty, handler in pairs]
+    return ocp.PyTreeCheckpointHandler(
+        type_handler_registry=handlers.create_type_handler_registry(*pairs)
+    )
 
 
 class Checkpointer:
@@ -33,7 +59,11 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=create, enable_async_checkpointing=False
             ),
-            item_names=("state", "data", "config"),
+            item_handlers=dict(
+                state=state_handler(),
+                data=ocp.JsonCheckpointHandler(),
+                config=ocp.JsonCheckpointHandler(),
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -69,7 +99,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
             ),
@@ -89,7 +119,10 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.PyTreeRestore(
+                    abstract_state,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                ),
                 data=ocp.args.JsonRestore(),
                 config=ocp.args.JsonRestore(),
             ),

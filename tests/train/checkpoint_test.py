@@ -1,0 +1,89 @@
+"""jaxlab.train.checkpoint's state handler against orbax's standard one."""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlab.train.checkpoint import Checkpointer
+
+
+def sharded_state(seed=0):
+    """Replicated and partly sharded arrays on a 4 x 2 mesh of the 8 test devices, shaped so that
+    orbax's replica-parallel writing would slice them (shards of 1024k elements, 128k columns)."""
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"))
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jax.device_put(
+            rng.standard_normal((8, 256), np.float32), NamedSharding(mesh, P(None, "tensor"))
+        ),
+        "emb": jax.device_put(rng.standard_normal((16, 128), np.float32), NamedSharding(mesh, P())),
+        "step": jax.device_put(np.int32(seed + 3), NamedSharding(mesh, P())),
+    }
+
+
+def abstract(state):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+def files(directory):
+    """Relative paths of the files under ``directory``, OCDBT's data files as their folder (each
+    write names them at random and may split the data among more or fewer of them)."""
+    paths = set()
+    for root, _, names in os.walk(directory):
+        rel = os.path.relpath(root, directory)
+        paths |= {rel + "/*" if os.path.basename(root) == "d" else f"{rel}/{n}" for n in names}
+    return paths
+
+
+def test_a_save_in_one_process_compiles_nothing_and_restores_exactly(tmp_path, caplog):
+    state = sharded_state(seed=1)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        checkpointer.save(1, state, {"pos": 5}, {"lr": 0.1})
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiles == []  # orbax's replica-parallel write compiled a slice per array here
+
+    restored, data, config = checkpointer.restore(1, abstract(state))
+    assert (data, config) == ({"pos": 5}, {"lr": 0.1})
+    for name, value in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
+        assert restored[name].sharding == value.sharding
+
+
+def test_checkpoints_written_by_orbaxs_standard_handler_restore_and_have_the_same_files(
+    tmp_path,
+):
+    # What jaxlab wrote before its own state handler: orbax's StandardSave of the state.
+    state = sharded_state()
+    standard = ocp.CheckpointManager(
+        str(tmp_path / "standard"),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_names=("state", "data", "config"),
+    )
+    standard.save(
+        2,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"pos": 7}),
+            config=ocp.args.JsonSave({"lr": 0.5}),
+        ),
+    )
+    standard.wait_until_finished()
+    standard.close()
+    Checkpointer(str(tmp_path / "ours")).save(2, state, {"pos": 7}, {"lr": 0.5})
+
+    assert files(tmp_path / "standard") == files(tmp_path / "ours")
+    restored, data, config = Checkpointer(str(tmp_path / "standard"), create=False).restore(
+        2, abstract(state)
+    )
+    assert (data, config) == ({"pos": 7}, {"lr": 0.5})
+    for name, value in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
+        assert restored[name].sharding == value.sharding
