@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jaxlab.infer import SamplingConfig, decode_step, generate, prefill
 from jaxlab.infer import decode as decode_lib
@@ -48,8 +49,9 @@ def test_cached_logits_equal_full_forward_at_every_position(models):
             cached[b, positions[b]] = np.asarray(logits[b])
         positions += 1
 
+    forward = nnx.jit(lambda model, tokens: model(tokens))
     for b in range(batch):
-        full = np.asarray(model(jnp.asarray(tokens[b : b + 1, : seq_lens[b]])))[0]
+        full = np.asarray(forward(model, tokens[b : b + 1, : seq_lens[b]].astype(np.int32)))[0]
         np.testing.assert_allclose(cached[b, : seq_lens[b]], full, atol=1e-4)
 
 

@@ -22,9 +22,13 @@ def model(request):
     return models.build(CONFIGS[request.param], nnx.Rngs(1))
 
 
+# The model's full forward, jitted (one compile per shape instead of one per operation).
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
 def _reference_logprobs(model, tokens):
     """[batch, seq] float64: log-softmax of the full logits (NumPy) gathered at the next token."""
-    logits = np.asarray(model(jnp.asarray(tokens)), np.float64)
+    logits = np.asarray(_forward(model, np.asarray(tokens, np.int32)), np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     logsoftmax = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     out = np.zeros(tokens.shape, np.float64)
@@ -74,13 +78,11 @@ def test_greedy_flags_are_the_float64_argmax(model):
     tokens = rng.integers(0, VOCAB, (3, 10))
     # About half of the tokens, left to right, become the argmax after their prefix; the rest
     # stay random (and are almost never the argmax).
-    # (The model is causal: the logits at t - 1 of the whole row are those of the prefix, and one
-    # jitted call shape is compiled once.)
-    forward = nnx.jit(lambda m, x: m(x))
+    # (The model is causal: the logits at t - 1 of the whole row are those of the prefix.)
     for t in np.flatnonzero(rng.integers(0, 2, tokens.shape[1])[1:]) + 1:
-        logits = np.asarray(forward(model, jnp.asarray(tokens)), np.float64)
+        logits = np.asarray(_forward(model, jnp.asarray(tokens)), np.float64)
         tokens[:, t] = logits[:, t - 1].argmax(-1)
-    logits = np.asarray(model(jnp.asarray(tokens)), np.float64)
+    logits = np.asarray(_forward(model, jnp.asarray(tokens)), np.float64)
     expected = np.zeros(tokens.shape, bool)
     expected[:, 1:] = logits.argmax(-1)[:, :-1] == tokens[:, 1:]
     assert 0 < expected.sum() < expected[:, 1:].size

@@ -40,19 +40,24 @@ def test_prefill_then_token_steps_equal_the_full_forward(variant):
     config = dataclasses.replace(BASE, **VARIANTS[variant])
     model = models.build(config, nnx.Rngs(3))
     # Random non-trivial conv weights and decays so that state carried wrongly would show.
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 53, (3, 25)))
-    full = model(tokens)
-    positions = jnp.broadcast_to(jnp.arange(25), (3, 25))
+    tokens = np.random.default_rng(0).integers(0, 53, (3, 25)).astype(np.int32)
+    # Jitted as users call them (and one compile per shape instead of one per operation).
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    decode = nnx.jit(lambda model, tokens, cache, pos: model.decode(tokens, cache, positions=pos))
+    full = forward(model, tokens)
+    positions = np.broadcast_to(np.arange(25, dtype=np.int32), (3, 25))
     cache = init_cache(config, 3, 32)
-    logits, cache = model.decode(tokens[:, :9], cache, positions=positions[:, :9])
+    logits, cache = decode(model, tokens[:, :9], cache, positions[:, :9])
     steps = [logits]
     for t in range(9, 25):
-        logits, cache = model.decode(tokens[:, t : t + 1], cache, positions=positions[:, t : t + 1])
+        logits, cache = decode(model, tokens[:, t : t + 1], cache, positions[:, t : t + 1])
         steps.append(logits)
-    got = jnp.concatenate(steps, axis=1)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-5)
+    got = np.concatenate([np.asarray(s) for s in steps], axis=1)
+    np.testing.assert_allclose(got, np.asarray(full), atol=1e-5)
     # And the model is causal: changing a late token leaves earlier logits alone.
-    changed = model(tokens.at[:, 20].set((tokens[:, 20] + 1) % 53))
+    changed_tokens = tokens.copy()
+    changed_tokens[:, 20] = (tokens[:, 20] + 1) % 53
+    changed = forward(model, changed_tokens)
     np.testing.assert_allclose(np.asarray(changed[:, :20]), np.asarray(full[:, :20]), atol=1e-6)
     assert np.abs(np.asarray(changed[:, 20:] - full[:, 20:])).max() > 1e-4
 

@@ -37,7 +37,7 @@ def test_loss_and_gradients_match_pytorch(tmp_path):
         total, count = loss_sums(graphdef, p, _batch(tokens))
         return total / count
 
-    loss, grads = jax.value_and_grad(mean_loss)(params)
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
     out = hf_model(torch.tensor(tokens), labels=torch.tensor(tokens))
     out.loss.backward()
     assert abs(float(loss) - out.loss.item()) < 1e-5
@@ -64,9 +64,10 @@ def test_masked_tokens_do_not_contribute(tmp_path):
     mask = np.ones((2, 11), np.int32)
     mask[0, 5:] = 0
     batch["loss_mask"] = jnp.asarray(mask)
-    total, count = loss_sums(graphdef, params, batch)
+    sums = jax.jit(lambda p, b: loss_sums(graphdef, p, b))
+    total, count = sums(params, batch)
     changed = dict(batch, targets=batch["targets"].at[0, 5:].set(0))
-    total2, _ = loss_sums(graphdef, params, changed)
+    total2, _ = sums(params, changed)
     assert float(count) == mask.sum()
     assert float(total) == float(total2)
 
