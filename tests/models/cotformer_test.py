@@ -25,6 +25,16 @@ def build(**fields) -> CoTFormer:
     return models.build(config, nnx.Rngs(0))
 
 
+# The model's forward and decoding, jitted (one compile per shape instead of one per operation).
+forward = nnx.jit(lambda model, tokens: model(tokens))
+packed_forward = nnx.jit(
+    lambda model, tokens, positions, segment_ids: model(
+        tokens, positions=positions, segment_ids=segment_ids
+    )
+)
+decode = nnx.jit(lambda model, tokens, cache, pos: model.decode(tokens, cache, positions=pos))
+
+
 def random_tokens(seed, batch=2, seq=9):
     return jnp.asarray(np.random.default_rng(seed).integers(0, TINY["vocab_size"], (batch, seq)))
 
@@ -170,7 +180,7 @@ def test_forward_equals_float64_numpy_rule(fields):
     # Random nonzero embeddings of depth and norms, so that they matter.
     tokens = random_tokens(1)
     np.testing.assert_allclose(
-        np.asarray(model(tokens)), np_cotformer(model, tokens), atol=2e-5, rtol=1e-4
+        np.asarray(forward(model, tokens)), np_cotformer(model, tokens), atol=2e-5, rtol=1e-4
     )
 
 
@@ -179,7 +189,7 @@ def test_adaptive_threshold_forward_equals_float64_numpy():
     model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
     tokens = random_tokens(5, seq=10)
     expected = np_cotformer(model, tokens)
-    np.testing.assert_allclose(np.asarray(model(tokens)), expected, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model, tokens)), expected, atol=2e-5, rtol=1e-4)
     # At each extra repeat some tokens ran and some had stopped (so the hidden keys and the
     # gating were exercised).
     ran = ran_repeat(model, tokens)
@@ -211,9 +221,9 @@ def test_packed_rows_equal_separate_rows(fields):
     packed = jnp.concatenate([first, second], axis=1)
     positions = jnp.concatenate([jnp.arange(6), jnp.arange(5)])[None]
     segment_ids = jnp.asarray([[0] * 6 + [1] * 5])
-    logits = np.asarray(model(packed, positions=positions, segment_ids=segment_ids))
-    np.testing.assert_allclose(logits[:, :6], np.asarray(model(first)), atol=1e-5)
-    np.testing.assert_allclose(logits[:, 6:], np.asarray(model(second)), atol=1e-5)
+    logits = np.asarray(packed_forward(model, packed, positions, segment_ids))
+    np.testing.assert_allclose(logits[:, :6], np.asarray(forward(model, first)), atol=1e-5)
+    np.testing.assert_allclose(logits[:, 6:], np.asarray(forward(model, second)), atol=1e-5)
 
 
 def test_remat_gives_the_same_gradients_and_recomputes():
@@ -226,7 +236,7 @@ def test_remat_gives_the_same_gradients_and_recomputes():
         def loss(p):
             return nnx.merge(graphdef, p)(tokens).mean()
 
-        return jax.grad(loss)(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+        return jax.jit(jax.grad(loss))(params), str(jax.make_jaxpr(jax.grad(loss))(params))
 
     plain, plain_jaxpr = grads_and_jaxpr(False)
     remat, remat_jaxpr = grads_and_jaxpr(True)
@@ -285,10 +295,10 @@ def decode_all(model, tokens, prompt_len):
     batch, seq = tokens.shape
     cache = models.make_cache(model.config, batch, seq + 2)
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    logits, cache = model.decode(tokens[:, :prompt_len], cache, positions=positions[:, :prompt_len])
+    logits, cache = decode(model, tokens[:, :prompt_len], cache, positions[:, :prompt_len])
     steps = [logits]
     for t in range(prompt_len, seq):
-        logits, cache = model.decode(tokens[:, t : t + 1], cache, positions=positions[:, t : t + 1])
+        logits, cache = decode(model, tokens[:, t : t + 1], cache, positions[:, t : t + 1])
         steps.append(logits)
     return np.concatenate([np.asarray(s) for s in steps], axis=1)
 
@@ -308,7 +318,7 @@ def test_cached_decoding_equals_the_full_forward(fields):
         # Routers that send some tokens deeper and stop others (weights around 0.5).
         model.router[...] = 3.0 * jax.random.normal(jax.random.key(5), model.router.shape)
     tokens = random_tokens(5, seq=10)
-    full = np.asarray(model(tokens))
+    full = np.asarray(forward(model, tokens))
     np.testing.assert_allclose(decode_all(model, tokens, 4), full, atol=1e-5)
     if model.config.adaptive:  # the threshold really split the tokens at some repeat
         hidden = model(tokens, return_hidden=True)[1].residuals
@@ -324,7 +334,7 @@ def test_generate_greedy_equals_argmax_of_full_forwards():
     out = generate(model, prompts, max_new_tokens=6, stop_tokens=())
     sequence = prompts
     for _ in range(6):
-        following = jnp.argmax(model(sequence)[:, -1], axis=-1)
+        following = jnp.argmax(forward(model, sequence)[:, -1], axis=-1)
         sequence = jnp.concatenate([sequence, following[:, None].astype(sequence.dtype)], axis=1)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(sequence[:, 5:]))
 
