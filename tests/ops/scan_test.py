@@ -1,5 +1,7 @@
 """jaxlab.ops.scan: every implementation of both scans against the float64 NumPy recurrences."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,9 @@ IMPLS = ["sequential", "associative", "chunked", "pallas", "auto"]
 @pytest.mark.parametrize("impl", IMPLS)
 def test_selective_scan_impls_match_float64(impl):
     rng, args, options = scan_inputs(1, 2, 27, 8, 2, 4)
-    out, h = scan.selective_scan(**args, **options, impl=impl, chunk_size=8)
+    # Jitted as models call it (one compile instead of one per operation).
+    run = jax.jit(functools.partial(scan.selective_scan, **options, impl=impl, chunk_size=8))
+    out, h = run(**args)
     want_out, want_h = numpy_of(args, options)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(h), want_h, atol=2e-4, rtol=1e-4)
@@ -39,7 +43,7 @@ def test_selective_scan_xla_gradients(impl):
         return jnp.sum(out * ct) + jnp.sum(h * ct_state)
 
     values = [args[n] if n in args else options[n] for n in names]
-    got = jax.grad(loss, argnums=tuple(range(len(names))))(*values)
+    got = jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(*values)
     want = reference_grads(args, options, ct, ct_state)
     for name, g in zip(names, got, strict=True):
         scale = max(1.0, float(np.abs(want[name]).max()))
@@ -49,7 +53,7 @@ def test_selective_scan_xla_gradients(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ssd_impls_match_float64(impl):
     rng, args, options = ssd_inputs(3, 2, 23, 4, 4, 2, 5)
-    out, s = scan.ssd(**args, **options, impl=impl, chunk_size=8)
+    out, s = jax.jit(functools.partial(scan.ssd, **options, impl=impl, chunk_size=8))(**args)
     want_out, want_s = numpy_ssd_of(args, options)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(s), want_s, atol=2e-4, rtol=1e-4)
