@@ -50,8 +50,9 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timin
 def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
     """This machine's float32 matrix-product rate in FLOP/s, best of ``repeats``, of a
     ``[size, size] x [size, size]`` product: XLA's (a jitted ``jnp.matmul``) and, when it is
-    imported, PyTorch's. A product this large is the fastest shape either library runs on a CPU,
-    so the better rate bounds any computation made of matrix products on this machine."""
+    imported, PyTorch's. A large square product is about the fastest shape a CPU matmul runs
+    (the smaller and thinner products of a small model run slower), so the better rate is a
+    generous bound for a computation made of matrix products on this machine."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     flops = 2.0 * size**3

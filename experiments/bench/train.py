@@ -37,10 +37,11 @@ batches from the same weights should agree to float rounding; their largest abso
 printed, not asserted.
 
 The compute bound: the step's unavoidable matrix-product FLOPs (:func:`step_matmul_flops`) at
-this machine's best measured float32 matmul rate (a ``[2048, 2048]`` product in XLA and in
-PyTorch, timed in the parent before the sides run) is the shortest time any float32 step could
-take here; transformers' step time over it bounds the tok/s ratio any implementation can reach
-against transformers on this machine. It is printed with each side's fraction of that rate.
+this machine's measured float32 matmul rate (the better of XLA's and PyTorch's, best of 5, on a
+``[2048, 2048]`` product, ``[512, 512]`` with ``--quick``; timed in the parent before the sides
+run) is the shortest time a float32 step could take at that rate; transformers' step time over it
+bounds the tok/s ratio an implementation can reach against transformers here. It is printed with
+each side's fraction of that rate.
 
 ``--quick`` is a smoke run: 2 layers, a ``[4, 64]`` batch, 1 repeat (fields that ``--config.``
 sets explicitly keep their values).
@@ -177,8 +178,6 @@ def step_matmul_flops(hf: transformers.LlamaConfig, batch: int, seq: int) -> flo
     return 3.0 * (2 * batch * seq * weights + attention)
 
 
-# --------------------------------------------------------------------------------------------
-# One side, in its own process.
 # --------------------------------------------------------------------------------------------
 # One side, in its own process.
 
@@ -441,7 +440,8 @@ def main(argv):
     rng = np.random.default_rng(0)
     token_batches = rng.integers(0, hf.vocab_size, (_LOSS_STEPS.value, batch, seq + 1))
     # Measured before the sides run, while this process alone uses the CPUs.
-    matmul_rates = matmul_peak_flops(size=512 if FLAGS.quick else 2048)
+    matmul_size = 512 if FLAGS.quick else 2048
+    matmul_rates = matmul_peak_flops(size=matmul_size)
     with tempfile.TemporaryDirectory() as side_dir:
         hf_model.save_pretrained(side_dir)
         del hf_model
@@ -516,6 +516,7 @@ def main(argv):
     floor_s = step_flops / peak_rate
     compute_bound = dict(
         step_matmul_flops=step_flops,
+        matmul_size=matmul_size,
         matmul_peak_flop_s=matmul_rates,
         step_floor_s=floor_s,
         fraction_of_peak={s: step_flops / r["step_median_s"] / peak_rate for s, r in sides.items()},
@@ -523,12 +524,12 @@ def main(argv):
     )
     print(
         f"compute bound: the step's matrix products (at least {step_flops / 1e9:.1f} GFLOP) at "
-        "this machine's best measured float32 matmul rate ("
+        f"the better measured float32 rate of a [{matmul_size}, {matmul_size}] product ("
         + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in matmul_rates.items())
         + f" GFLOP/s) take {floor_s * 1e3:.0f} ms: transformers runs at "
         f"{compute_bound['fraction_of_peak']['torch']:.0%} of that rate, jaxlab at "
-        f"{compute_bound['fraction_of_peak']['jaxlab']:.0%}; no float32 step can beat "
-        f"transformers' tok/s by more than {compute_bound['ratio_bound']:.2f}x here"
+        f"{compute_bound['fraction_of_peak']['jaxlab']:.0%}; at that rate no float32 step "
+        f"could beat transformers' tok/s by more than {compute_bound['ratio_bound']:.2f}x"
     )
     if _BREAKDOWN.value:
         print()

@@ -30,7 +30,7 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written."""
 
 
-def state_handler() -> ocp.PyTreeCheckpointHandler:
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
     """orbax's handler for the state's arrays: its default type handlers, with replica-parallel
     writing of jax.Arrays only when several processes share the writes (see the module doc)."""
     handlers = ocp.type_handlers
@@ -60,7 +60,7 @@ class Checkpointer:
                 max_to_keep=keep, create=create, enable_async_checkpointing=False
             ),
             item_handlers=dict(
-                state=state_handler(),
+                state=_state_handler(),
                 data=ocp.JsonCheckpointHandler(),
                 config=ocp.JsonCheckpointHandler(),
             ),
@@ -115,7 +115,24 @@ class Checkpointer:
         return restored["config"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """Restores checkpoint ``step`` onto the shardings of ``abstract_state``."""
+        """Restores checkpoint ``step`` onto the shardings of ``abstract_state``.
+
+        Raises:
+          ValueError: a leaf of ``abstract_state`` has no sharding (orbax would silently restore
+            it as a NumPy array on the host).
+        """
+        unsharded = [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+            if getattr(leaf, "sharding", None) is None
+        ]
+        if unsharded:
+            raise ValueError(
+                "Checkpointer.restore: every leaf of abstract_state needs a sharding (a "
+                "jax.ShapeDtypeStruct or jax.Array with one); these have none: "
+                + ", ".join(unsharded[:5])
+                + (f" and {len(unsharded) - 5} more" if len(unsharded) > 5 else "")
+            )
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(

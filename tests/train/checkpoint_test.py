@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -14,7 +15,8 @@ from jaxlab.train.checkpoint import Checkpointer
 
 def sharded_state(seed=0):
     """Replicated and partly sharded arrays on a 4 x 2 mesh of the 8 test devices, shaped so that
-    orbax's replica-parallel writing would slice them (shards of 1024k elements, 128k columns)."""
+    orbax's replica-parallel writing would slice them (shards of a multiple of 1024 elements and
+    of 128 columns)."""
     mesh = jax.make_mesh((4, 2), ("data", "tensor"))
     rng = np.random.default_rng(seed)
     return {
@@ -55,6 +57,7 @@ def test_a_save_in_one_process_compiles_nothing_and_restores_exactly(tmp_path, c
     for name, value in state.items():
         np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
         assert restored[name].sharding == value.sharding
+    checkpointer.close()
 
 
 def test_checkpoints_written_by_orbaxs_standard_handler_restore_and_have_the_same_files(
@@ -77,13 +80,25 @@ def test_checkpoints_written_by_orbaxs_standard_handler_restore_and_have_the_sam
     )
     standard.wait_until_finished()
     standard.close()
-    Checkpointer(str(tmp_path / "ours")).save(2, state, {"pos": 7}, {"lr": 0.5})
+    ours = Checkpointer(str(tmp_path / "ours"))
+    ours.save(2, state, {"pos": 7}, {"lr": 0.5})
+    ours.close()
 
     assert files(tmp_path / "standard") == files(tmp_path / "ours")
-    restored, data, config = Checkpointer(str(tmp_path / "standard"), create=False).restore(
-        2, abstract(state)
-    )
+    reader = Checkpointer(str(tmp_path / "standard"), create=False)
+    restored, data, config = reader.restore(2, abstract(state))
     assert (data, config) == ({"pos": 7}, {"lr": 0.5})
     for name, value in state.items():
         np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
         assert restored[name].sharding == value.sharding
+    reader.close()
+
+
+def test_restoring_onto_a_leaf_without_a_sharding_is_an_error_naming_it(tmp_path):
+    state = sharded_state()
+    checkpointer = Checkpointer(str(tmp_path))
+    checkpointer.save(1, state, {}, {})
+    target = dict(abstract(state), emb=jax.ShapeDtypeStruct((16, 128), np.float32))
+    with pytest.raises(ValueError, match=r"needs a sharding.*none: \['emb'\]$"):
+        checkpointer.restore(1, target)
+    checkpointer.close()
