@@ -44,6 +44,16 @@ def files(directory):
     return paths
 
 
+def assert_restores(checkpointer, step, state, data, config):
+    """Checkpoint ``step`` restores ``state`` bit-exactly onto its shardings, with ``data`` and
+    ``config``."""
+    restored, got_data, got_config = checkpointer.restore(step, abstract(state))
+    assert (got_data, got_config) == (data, config)
+    for name, value in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
+        assert restored[name].sharding == value.sharding
+
+
 def test_a_save_in_one_process_compiles_nothing_and_restores_exactly(tmp_path, caplog):
     state = sharded_state(seed=1)
     checkpointer = Checkpointer(str(tmp_path / "ckpt"))
@@ -52,11 +62,7 @@ def test_a_save_in_one_process_compiles_nothing_and_restores_exactly(tmp_path, c
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiles == []  # orbax's replica-parallel write compiled a slice per array here
 
-    restored, data, config = checkpointer.restore(1, abstract(state))
-    assert (data, config) == ({"pos": 5}, {"lr": 0.1})
-    for name, value in state.items():
-        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
-        assert restored[name].sharding == value.sharding
+    assert_restores(checkpointer, 1, state, {"pos": 5}, {"lr": 0.1})
     checkpointer.close()
 
 
@@ -86,11 +92,7 @@ def test_checkpoints_written_by_orbaxs_standard_handler_restore_and_have_the_sam
 
     assert files(tmp_path / "standard") == files(tmp_path / "ours")
     reader = Checkpointer(str(tmp_path / "standard"), create=False)
-    restored, data, config = reader.restore(2, abstract(state))
-    assert (data, config) == ({"pos": 7}, {"lr": 0.5})
-    for name, value in state.items():
-        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
-        assert restored[name].sharding == value.sharding
+    assert_restores(reader, 2, state, {"pos": 7}, {"lr": 0.5})
     reader.close()
 
 
