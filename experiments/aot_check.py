@@ -529,15 +529,19 @@ def step_flops(
     seq_len: int,
     tokens: int,
     remat: bool,
+    causal: bool = False,
 ) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one train step on ``tokens`` tokens.
 
     Model FLOPs are PaLM's (Chowdhery et al. 2022, App. B): 6 per matmul parameter per token
     (forward 2, backward 4) plus 12 * layers * seq_len * attention width per token for the
     attention scores and their weighted sum (dense: no causal halving, as the XLA attention
-    computes every score; sparse attention skips some). Remat recomputes the forward in the
-    backward pass: the hardware does 8/6 of the parameter work and 16/12 of the attention's."""
-    per_token = 6 * matmul_params + 12 * attention_layers * seq_len * attention_width
+    computes every score; sparse attention skips some). ``causal`` counts only the allowed
+    query-key pairs, (seq_len + 1) / 2 per position on average: the least any exact causal
+    attention computes. Remat recomputes the forward in the backward pass: the hardware does 8/6
+    of the parameter work and 16/12 of the attention's."""
+    attention = 6 * (seq_len + 1) if causal else 12 * seq_len
+    per_token = 6 * matmul_params + attention * attention_layers * attention_width
     model = float(per_token) * tokens
     hardware = model * (8 / 6) if remat else model
     return model, hardware

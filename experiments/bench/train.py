@@ -73,6 +73,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from experiments import run_config
+from experiments.aot_check import step_flops
 from experiments.bench.common import (
     cpu_busy_fraction,
     environment,
@@ -164,18 +165,23 @@ def hf_config(config) -> transformers.LlamaConfig:
 
 def step_matmul_flops(hf: transformers.LlamaConfig, batch: int, seq: int) -> float:
     """The matrix-product FLOPs a training step of ``hf`` on ``[batch, seq]`` tokens cannot avoid:
-    every weight matrix (the vocabulary projection included, tied or not) in 3 products per token
-    (forward, the input's and the weight's gradient: 6 FLOPs per weight and token) and causal
-    attention's two products per head over the s(s+1)/2 allowed query-key pairs only, also three
-    times over. Norms, RoPE, softmax, the loss and the update are left out: a lower bound."""
+    :func:`experiments.aot_check.step_flops`' model FLOPs over the weight matrices only (the
+    vocabulary projection included, tied or not) with causal attention's allowed pairs only.
+    Norms, RoPE, softmax, the loss and the update are left out: a lower bound."""
     d, heads, kv_heads = hf.head_dim, hf.num_attention_heads, hf.num_key_value_heads
     per_layer = hf.hidden_size * d * (2 * heads + 2 * kv_heads) + 3 * (
         hf.hidden_size * hf.intermediate_size
     )
-    weights = hf.num_hidden_layers * per_layer + hf.hidden_size * hf.vocab_size
-    pairs = batch * heads * seq * (seq + 1) // 2
-    attention = hf.num_hidden_layers * 2 * (2 * pairs * d)
-    return 3.0 * (2 * batch * seq * weights + attention)
+    model_flops, _ = step_flops(
+        matmul_params=hf.num_hidden_layers * per_layer + hf.hidden_size * hf.vocab_size,
+        attention_layers=hf.num_hidden_layers,
+        attention_width=heads * d,
+        seq_len=seq,
+        tokens=batch * seq,
+        remat=False,
+        causal=True,
+    )
+    return model_flops
 
 
 # --------------------------------------------------------------------------------------------
