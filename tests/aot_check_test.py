@@ -92,25 +92,11 @@ def test_roofline_of_a_hand_computed_step():
     # devices could do 2e6 FLOPs in it: MFU at most 45%.
     # Causal: 6 x 1 layer x 101 x width 10 = 6,060 per token for the allowed pairs, so
     # (6,000 + 6,060) x 50 = 603,000.
-    causal, _ = aot_check.step_flops(
-        matmul_params=1000,
-        attention_layers=1,
-        attention_width=10,
-        seq_len=100,
-        tokens=50,
-        remat=False,
-        causal=True,
-    )
+    step = dict(matmul_params=1000, attention_layers=1, attention_width=10, seq_len=100, tokens=50)
+    causal, _ = aot_check.step_flops(**step, remat=False, causal=True)
     assert causal == 603_000
     for remat, hardware, compute_s in ((False, 9e5, 4.5), (True, 1.2e6, 6.0)):
-        model, hw = aot_check.step_flops(
-            matmul_params=1000,
-            attention_layers=1,
-            attention_width=10,
-            seq_len=100,
-            tokens=50,
-            remat=remat,
-        )
+        model, hw = aot_check.step_flops(**step, remat=remat)
         assert model == 9e5 and hw == pytest.approx(hardware)
         bound = aot_check.roofline(
             model_flops=model,
